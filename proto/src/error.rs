@@ -1,0 +1,239 @@
+//! Error codes on the wire: classes, gRPC statuses and replies.
+//!
+//! Every error rim returns carries a stable [`ErrorCode`] (docs/protocol.md,
+//! section 6). On the long connection it is `Reply.code`; on gRPC it travels
+//! as the decimal value of the [`CODE_METADATA_KEY`] metadata entry next to the
+//! gRPC status code of [`ErrorCode::grpc_code`], so every crate builds and
+//! reads errors the same way through [`status`] and [`code_of_status`].
+//!
+//! A client may meet a code newer than itself: [`ErrorClass::of`] classifies
+//! any number by its thousands digit, which is what decides the reaction
+//! (retry, fix, authenticate, give up, report).
+
+use crate::v1::{ErrorCode, Reply};
+
+/// gRPC metadata entry holding the decimal [`ErrorCode`] of an error status.
+pub const CODE_METADATA_KEY: &str = "rim-code";
+
+/// gRPC metadata entry holding the leader's address, with
+/// `ERROR_NOT_LEADER` / `ERROR_WRONG_SHARD`, when known.
+pub const LEADER_METADATA_KEY: &str = "rim-leader";
+
+/// What a caller should do about an error, by code range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// 0: success.
+    Ok,
+    /// 1xxx: retry the same request (with backoff, maybe elsewhere).
+    Retry,
+    /// 2xxx: the request is wrong; do not retry it unchanged.
+    BadRequest,
+    /// 3xxx: authenticate again, or the action is not allowed.
+    Auth,
+    /// 4xxx: a state conflict (not found, not a member, ...).
+    Conflict,
+    /// 5xxx and anything unknown: a server fault.
+    Internal,
+}
+
+impl ErrorClass {
+    /// The class of any code number, known to this build or not.
+    pub fn of(code: i32) -> ErrorClass {
+        match code {
+            0 => ErrorClass::Ok,
+            1000..=1999 => ErrorClass::Retry,
+            2000..=2999 => ErrorClass::BadRequest,
+            3000..=3999 => ErrorClass::Auth,
+            4000..=4999 => ErrorClass::Conflict,
+            _ => ErrorClass::Internal,
+        }
+    }
+}
+
+impl ErrorCode {
+    /// The class of this code.
+    pub fn class(self) -> ErrorClass {
+        ErrorClass::of(self as i32)
+    }
+
+    /// Whether retrying the same request (same `client_msg_id`) may succeed.
+    pub fn is_retryable(self) -> bool {
+        self.class() == ErrorClass::Retry
+    }
+
+    /// The gRPC status code sent with this error (docs/protocol.md table).
+    pub fn grpc_code(self) -> tonic::Code {
+        use ErrorCode as E;
+        use tonic::Code as C;
+        match self {
+            E::Ok => C::Ok,
+            E::ErrorUnavailable | E::ErrorNotLeader | E::ErrorWrongShard => C::Unavailable,
+            E::ErrorTimeout => C::DeadlineExceeded,
+            E::ErrorBusy | E::ErrorGroupFull => C::ResourceExhausted,
+            E::ErrorBadRequest
+            | E::ErrorMalformedFrame
+            | E::ErrorFrameTooLarge
+            | E::ErrorInvalidId
+            | E::ErrorContentTooLarge => C::InvalidArgument,
+            E::ErrorUnknownCommand => C::Unimplemented,
+            E::ErrorNotSignedIn
+            | E::ErrorUnauthenticated
+            | E::ErrorTokenExpired
+            | E::ErrorTokenRevoked
+            | E::ErrorKicked => C::Unauthenticated,
+            E::ErrorPermissionDenied | E::ErrorNotGroupMember => C::PermissionDenied,
+            E::ErrorUserNotFound
+            | E::ErrorDeviceNotFound
+            | E::ErrorGroupNotFound
+            | E::ErrorMessageNotFound => C::NotFound,
+            E::ErrorAlreadyExists => C::AlreadyExists,
+            E::ErrorRecallWindowPassed | E::ErrorNotFriend => C::FailedPrecondition,
+            E::ErrorInternal => C::Internal,
+        }
+    }
+
+    /// The best code for a status without `rim-code` (e.g. produced by tonic
+    /// itself: transport failures, deadline, decode errors).
+    pub fn from_grpc_code(code: tonic::Code) -> ErrorCode {
+        use ErrorCode as E;
+        use tonic::Code as C;
+        match code {
+            C::Ok => E::Ok,
+            C::Unavailable | C::Aborted => E::ErrorUnavailable,
+            C::DeadlineExceeded | C::Cancelled => E::ErrorTimeout,
+            C::ResourceExhausted => E::ErrorBusy,
+            C::InvalidArgument | C::OutOfRange | C::FailedPrecondition => E::ErrorBadRequest,
+            C::Unimplemented => E::ErrorUnknownCommand,
+            C::Unauthenticated => E::ErrorUnauthenticated,
+            C::PermissionDenied => E::ErrorPermissionDenied,
+            C::AlreadyExists => E::ErrorAlreadyExists,
+            C::NotFound | C::Unknown | C::Internal | C::DataLoss => E::ErrorInternal,
+        }
+    }
+}
+
+/// A gRPC error status carrying `code` in [`CODE_METADATA_KEY`].
+pub fn status(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(CODE_METADATA_KEY, (code as i32).into());
+    tonic::Status::with_metadata(code.grpc_code(), message, metadata)
+}
+
+/// Like [`status`], with the leader's address in [`LEADER_METADATA_KEY`]
+/// (dropped if it is not valid ASCII metadata).
+pub fn status_with_leader(code: ErrorCode, message: impl Into<String>, leader_addr: &str) -> tonic::Status {
+    let mut status = status(code, message);
+    if let Ok(value) = leader_addr.parse() {
+        status.metadata_mut().insert(LEADER_METADATA_KEY, value);
+    }
+    status
+}
+
+/// The rim error code of a gRPC status: its `rim-code` entry if present and
+/// known, otherwise derived from the gRPC status code. Unknown numbers (from
+/// a newer server) are mapped by class.
+pub fn code_of_status(status: &tonic::Status) -> ErrorCode {
+    let number = status
+        .metadata()
+        .get(CODE_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<i32>().ok());
+    match number {
+        Some(n) => code_from_number(n),
+        None => ErrorCode::from_grpc_code(status.code()),
+    }
+}
+
+/// The [`ErrorCode`] of a number: itself if known to this build, otherwise a
+/// representative of its class (a newer peer's code).
+pub fn code_from_number(number: i32) -> ErrorCode {
+    ErrorCode::try_from(number).unwrap_or(match ErrorClass::of(number) {
+        ErrorClass::Ok => ErrorCode::Ok,
+        ErrorClass::Retry => ErrorCode::ErrorUnavailable,
+        ErrorClass::BadRequest => ErrorCode::ErrorBadRequest,
+        ErrorClass::Auth => ErrorCode::ErrorUnauthenticated,
+        ErrorClass::Conflict | ErrorClass::Internal => ErrorCode::ErrorInternal,
+    })
+}
+
+/// The leader hint of a status, if any.
+pub fn leader_of_status(status: &tonic::Status) -> Option<&str> {
+    status.metadata().get(LEADER_METADATA_KEY).and_then(|v| v.to_str().ok())
+}
+
+impl Reply {
+    /// A success reply carrying `data` (an encoded output message).
+    pub fn ok(data: impl Into<bytes::Bytes>) -> Reply {
+        Reply { code: ErrorCode::Ok as i32, data: data.into(), ..Default::default() }
+    }
+
+    /// An error reply.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Reply {
+        Reply { code: code as i32, message: message.into(), ..Default::default() }
+    }
+
+    /// The reply's code; unknown numbers map by class ([`code_from_number`]).
+    pub fn error_code(&self) -> ErrorCode {
+        code_from_number(self.code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code this build knows (they are all below 6000).
+    fn all_codes() -> Vec<ErrorCode> {
+        (0..6000).filter_map(|n| ErrorCode::try_from(n).ok()).collect()
+    }
+
+    #[test]
+    fn status_round_trips_every_code() {
+        for code in all_codes().into_iter().filter(|c| *c != ErrorCode::Ok) {
+            let s = status(code, "x");
+            assert_eq!(s.code(), code.grpc_code());
+            assert_eq!(code_of_status(&s), code);
+            assert_eq!(Reply::error(code, "x").error_code(), code);
+        }
+    }
+
+    #[test]
+    fn unknown_codes_map_by_class() {
+        assert_eq!(Reply::error(ErrorCode::Ok, "").error_code(), ErrorCode::Ok);
+        let r = Reply { code: 1999, ..Default::default() };
+        assert_eq!(r.error_code(), ErrorCode::ErrorUnavailable);
+        assert!(r.error_code().is_retryable());
+        assert_eq!(Reply { code: 2999, ..Default::default() }.error_code(), ErrorCode::ErrorBadRequest);
+        assert_eq!(Reply { code: -5, ..Default::default() }.error_code(), ErrorCode::ErrorInternal);
+        assert_eq!(ErrorCode::ErrorKicked.class(), ErrorClass::Auth);
+    }
+
+    #[test]
+    fn leader_hint_and_plain_statuses() {
+        let s = status_with_leader(ErrorCode::ErrorNotLeader, "moved", "10.0.0.2:7001");
+        assert_eq!(leader_of_status(&s), Some("10.0.0.2:7001"));
+        assert_eq!(code_of_status(&s), ErrorCode::ErrorNotLeader);
+        let plain = tonic::Status::deadline_exceeded("slow");
+        assert_eq!(code_of_status(&plain), ErrorCode::ErrorTimeout);
+    }
+
+    /// docs/protocol.md's error table lists exactly the codes of error.proto.
+    #[test]
+    fn protocol_doc_lists_every_code() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"))
+            .expect("docs/protocol.md");
+        let rows: Vec<(i32, String)> = doc
+            .lines()
+            .filter_map(|line| {
+                let mut cells = line.split('|').map(str::trim).skip(1);
+                let number = cells.next()?.parse::<i32>().ok()?;
+                let name = cells.next()?.trim_matches('`').to_string();
+                Some((number, name))
+            })
+            .filter(|(_, name)| name == "OK" || name.starts_with("ERROR_"))
+            .collect();
+        let expected: Vec<(i32, String)> =
+            all_codes().into_iter().map(|c| (c as i32, c.as_str_name().to_string())).collect();
+        assert_eq!(rows, expected);
+    }
+}

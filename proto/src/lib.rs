@@ -1,0 +1,51 @@
+//! rim's wire protocol.
+//!
+//! This crate owns every protobuf definition of the system and the Rust code
+//! generated from them:
+//!
+//! * [`v1`]: the message envelope, error codes, the client long-connection
+//!   packets and the client-, gateway- and node-facing gRPC services;
+//! * [`store`]: records and Raft commands of the IM state machine, as written
+//!   to disk by `rim-raft-store`;
+//! * [`codec`]: the TCP framing of [`v1::Packet`]s (varint length prefix, a
+//!   maximum frame size, incremental decoding);
+//! * [`error`]: error classes and the mapping of [`ErrorCode`] to gRPC
+//!   statuses and replies.
+//!
+//! `docs/protocol.md` describes the client protocol in prose: framing, command
+//! table, session rules and the error-code table.
+//!
+//! Compatibility rule for every `.proto` file here: fields, messages, enum
+//! values and methods are only ever added; a removed field's number is
+//! reserved. Old peers and old data therefore always decode.
+
+pub mod codec;
+pub mod error;
+
+/// Generated code, nested the way prost expects (`rim::store::v1` refers to
+/// `rim::v1` as `super::super::v1`); re-exported below under short names.
+mod generated {
+    #![allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
+
+    pub mod rim {
+        pub mod v1 {
+            tonic::include_proto!("rim.v1");
+        }
+        pub mod store {
+            pub mod v1 {
+                tonic::include_proto!("rim.store.v1");
+            }
+        }
+    }
+}
+
+/// Client-visible protocol (package `rim.v1`): messages, errors, packets and
+/// the gRPC services (client-facing, gateway-facing, push, Raft and admin).
+pub use generated::rim::v1;
+
+/// Stored records and Raft commands of the IM state machine (package
+/// `rim.store.v1`).
+pub use generated::rim::store::v1 as store;
+
+pub use codec::{CodecError, FrameDecoder, PacketCodec};
+pub use v1::ErrorCode;

@@ -1,0 +1,256 @@
+//! The IM state machine: what a committed [`Proposal`] does to a shard.
+//!
+//! A shard owns the data of the users and groups whose slots map to it
+//! (design section 3). Applying a proposal runs its operations in order
+//! against a [`Txn`] overlay; the caller commits the overlay atomically with
+//! the entry's log id, so a crash never applies an operation twice.
+//!
+//! # Invariants (kept by this module, checked by the tests)
+//!
+//! * A list's seqs start at 1 and grow by exactly 1 per append: gap-free.
+//!   An entry never moves or changes seq; trimming (rooms) only advances the
+//!   head's `first_seq`.
+//! * A send is recorded under `(sender, scope, client_msg_id)`; a retry gets
+//!   the recorded result and writes nothing.
+//! * A relayed message lands in a recipient's list at most once: `Deliver`
+//!   dedups by message id.
+//! * A device's ack cursor never moves backwards and never passes the head.
+//! * Apply is deterministic: it reads no clock (time is the proposal's
+//!   `now_ms`), no randomness, no configuration that may differ between
+//!   replicas except [`Limits`], which the cluster fixes at bootstrap.
+//! * A rejected operation (a typed [`Error::Rejected`]) writes nothing; the
+//!   other operations of the same proposal are unaffected.
+//!
+//! # Cross-shard effects
+//!
+//! Whatever must happen in another shard (a 1:1 message to a remote user, a
+//! group message to remote members) is written to this shard's **outbox** in
+//! the same batch. The relay (in `rim-node`) proposes it as `Deliver` to the
+//! destination and removes it with `AckOutbox` once confirmed. Notifications
+//! carried that way also update the recipient's own records (its list of
+//! groups), so every cross-shard side effect is exactly-once.
+
+mod group;
+pub mod read;
+mod txn;
+mod user;
+
+use rim_proto::store::{self, op::Op as O};
+use rim_proto::store::{ListHead, OpResult, Proposal, ProposalResult, ShardCounters};
+use rim_proto::v1::Message;
+
+use crate::error::{Error, Result, reject};
+use crate::ids::{MessageId, Seq, ShardId, UserId};
+use crate::keys::{self, MetaTag};
+pub use txn::Txn;
+
+/// Limits every replica of a cluster applies identically (fixed at bootstrap).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message content in bytes.
+    pub max_content_bytes: usize,
+    /// Longest `client_msg_id` in bytes.
+    pub max_client_msg_id: usize,
+    /// Longest name, nickname, URL or remark in bytes.
+    pub max_name_bytes: usize,
+    /// Largest `extra` blob in bytes.
+    pub max_extra_bytes: usize,
+    /// Groups with more members use read diffusion (0: every group does).
+    pub small_group_limit: u32,
+    /// Most members a group may have.
+    pub max_group_members: u32,
+    /// Most user ids in one membership operation.
+    pub max_members_per_op: usize,
+    /// Retention of rooms created without one.
+    pub room_retention: store::Retention,
+    /// Most entries one append trims from a list (keeps apply bounded).
+    pub max_trim_per_op: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_content_bytes: 64 << 10,
+            max_client_msg_id: 64,
+            max_name_bytes: 256,
+            max_extra_bytes: 4 << 10,
+            small_group_limit: 500,
+            max_group_members: 100_000,
+            max_members_per_op: 1_000,
+            room_retention: store::Retention { max_count: 1_000, max_age_ms: 24 * 3600 * 1000 },
+            max_trim_per_op: 64,
+        }
+    }
+}
+
+/// Applies operations of one shard into a [`Txn`].
+pub struct Applier<'a> {
+    /// Pending writes of the current `apply` call.
+    pub txn: Txn<'a>,
+    /// The shard being applied to (key prefix, message id high bits).
+    pub shard: ShardId,
+    limits: &'a Limits,
+    /// The current proposal's time.
+    now_ms: i64,
+}
+
+impl<'a> Applier<'a> {
+    /// An applier writing into `txn` for `shard`.
+    pub fn new(txn: Txn<'a>, shard: ShardId, limits: &'a Limits) -> Applier<'a> {
+        Applier { txn, shard, limits, now_ms: 0 }
+    }
+
+    /// Applies every operation of a proposal; one result per operation.
+    /// Err only for faults (I/O, corruption), never for rejections.
+    pub fn apply(&mut self, proposal: &Proposal) -> Result<ProposalResult> {
+        self.now_ms = proposal.now_ms;
+        let mut results = Vec::with_capacity(proposal.ops.len());
+        for op in &proposal.ops {
+            let res = self.apply_op(op);
+            match res {
+                Ok(r) => {
+                    self.txn.commit_op();
+                    results.push(r);
+                }
+                Err(e) if e.is_deterministic() => {
+                    self.txn.abort_op();
+                    results.push(OpResult { code: e.code() as i32, message: e.to_string(), value: None });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ProposalResult { results })
+    }
+
+    fn apply_op(&mut self, op: &store::Op) -> Result<OpResult> {
+        use store::op_result::Value as V;
+        let Some(op) = &op.op else { reject!(ErrorBadRequest, "empty operation") };
+        let value = match op {
+            O::CreateUser(c) => V::User(self.create_user(c)?),
+            O::UpdateUser(c) => V::User(self.update_user(c)?),
+            O::ClaimAccount(c) => {
+                self.claim_account(c)?;
+                return Ok(OpResult::default());
+            }
+            O::RegisterDevice(c) => V::Device(self.register_device(c)?),
+            O::RevokeDevice(c) => V::Device(self.revoke_device(c)?),
+            O::SendToUser(c) => V::Sent(self.send_to_user(c)?),
+            O::Deliver(c) => V::Delivered(self.deliver(c)?),
+            O::AckOutbox(c) => {
+                for id in &c.outbox_ids {
+                    self.txn.delete(keys::outbox(self.shard, *id));
+                }
+                return Ok(OpResult::default());
+            }
+            O::AckSeq(c) => V::AckSeq(self.ack_seq(c)?),
+            O::SetFriend(c) => {
+                self.set_friend(c)?;
+                return Ok(OpResult::default());
+            }
+            O::DeleteFriend(c) => {
+                self.delete_friend(c)?;
+                return Ok(OpResult::default());
+            }
+            O::CreateGroup(c) => V::Group(self.create_group(c)?),
+            O::UpdateGroup(c) => V::Group(self.update_group(c)?),
+            O::AddMembers(c) => V::Group(self.add_members(c)?),
+            O::RemoveMembers(c) => V::Group(self.remove_members(c)?),
+            O::SetMember(c) => V::Group(self.set_member(c)?),
+            O::DissolveGroup(c) => V::Group(self.dissolve_group(c)?),
+            O::SendToGroup(c) => V::Sent(self.send_to_group(c)?),
+        };
+        Ok(OpResult { code: 0, message: String::new(), value: Some(value) })
+    }
+
+    // ------------------------------------------------------------ shared helpers
+
+    fn counters(&self) -> Result<ShardCounters> {
+        Ok(self.txn.get_msg(&keys::meta(self.shard, MetaTag::Counters))?.unwrap_or_default())
+    }
+
+    /// Assigns the next message id of this shard.
+    fn next_message_id(&mut self) -> Result<MessageId> {
+        let mut c = self.counters()?;
+        c.next_message += 1;
+        self.txn.put_msg(keys::meta(self.shard, MetaTag::Counters), &c);
+        Ok(MessageId::compose(self.shard, c.next_message))
+    }
+
+    /// Records a delivery owed to other shards.
+    fn push_outbox(&mut self, message: Message, recipients: Vec<u64>) -> Result<()> {
+        if recipients.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.counters()?;
+        c.next_outbox += 1;
+        self.txn.put_msg(keys::meta(self.shard, MetaTag::Counters), &c);
+        let rec = store::OutboxRecord { outbox_id: c.next_outbox, message: Some(message), recipients };
+        self.txn.put_msg(keys::outbox(self.shard, c.next_outbox), &rec);
+        Ok(())
+    }
+
+    /// Whether `user` lives in this shard.
+    fn is_local_user(&self, user: UserId) -> Result<bool> {
+        self.txn.exists(&keys::user(self.shard, user))
+    }
+
+    /// Appends `msg` to a local user's list at the next seq and applies the
+    /// side effects of notifications. Returns the seq.
+    fn append_to_user(&mut self, user: UserId, mut msg: Message) -> Result<Seq> {
+        let head_key = keys::user_head(self.shard, user);
+        let mut head: ListHead = self.txn.get_msg(&head_key)?.unwrap_or_default();
+        let seq = Seq(head.last_seq).next();
+        head.last_seq = seq.0;
+        msg.seq = seq.0;
+        self.notification_effects(user, &msg)?;
+        self.txn.put_msg(keys::user_msg(self.shard, user, seq), &msg);
+        self.txn.put_msg(head_key, &head);
+        Ok(seq)
+    }
+
+    /// Checks the parts of a send common to every conversation kind.
+    fn check_send(&self, client_msg_id: &str, content_type: i32, content: &[u8]) -> Result<()> {
+        if client_msg_id.is_empty() || client_msg_id.len() > self.limits.max_client_msg_id {
+            reject!(
+                ErrorBadRequest,
+                "client_msg_id must be 1..={} bytes, got {}",
+                self.limits.max_client_msg_id,
+                client_msg_id.len()
+            );
+        }
+        if content.len() > self.limits.max_content_bytes {
+            reject!(
+                ErrorContentTooLarge,
+                "content is {} bytes, the limit is {}",
+                content.len(),
+                self.limits.max_content_bytes
+            );
+        }
+        use rim_proto::v1::ContentType as C;
+        match C::try_from(content_type) {
+            Ok(C::Notification) => reject!(ErrorBadRequest, "clients cannot send notifications"),
+            Ok(_) => Ok(()),
+            // Business-defined types are free above 1000.
+            Err(_) if content_type > 1000 => Ok(()),
+            Err(_) => reject!(ErrorBadRequest, "unknown content type {content_type}"),
+        }
+    }
+
+    fn check_len(&self, what: &str, len: usize, max: usize) -> Result<()> {
+        if len > max {
+            return Err(Error::rejected(
+                rim_proto::ErrorCode::ErrorBadRequest,
+                format!("{what} is {len} bytes, the limit is {max}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that an id is not 0 (0 never names anything).
+fn check_id(what: &str, id: u64) -> Result<()> {
+    if id == 0 {
+        reject!(ErrorInvalidId, "{what} must not be 0");
+    }
+    Ok(())
+}

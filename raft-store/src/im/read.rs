@@ -1,0 +1,191 @@
+//! Reads of a shard's IM state, straight from RocksDB.
+//!
+//! These do not go through Raft: the caller decides the consistency (a
+//! linearizable read first confirms leadership with openraft's read index,
+//! then reads here once the state machine has applied up to it).
+
+use rim_proto::store::{self, DeviceRecord, GroupRecord, ListHead, MemberRecord, OutboxRecord, UserRecord};
+use rim_proto::v1::Message;
+use sha2::{Digest, Sha256};
+
+use crate::db::{self, CF_SM, Db};
+use crate::error::Result;
+use crate::ids::{DeviceId, GroupId, Seq, ShardId, UserId};
+use crate::keys;
+
+/// Raw `(key, value)` rows.
+type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A page of a list.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Page {
+    /// Entries in seq order.
+    pub messages: Vec<Message>,
+    /// More entries follow the last one returned.
+    pub has_more: bool,
+}
+
+/// Read access to one shard's state.
+#[derive(Clone, Debug)]
+pub struct Reader {
+    db: Db,
+    shard: ShardId,
+}
+
+impl Reader {
+    /// Reads `shard` in `db`.
+    pub fn new(db: Db, shard: ShardId) -> Reader {
+        Reader { db, shard }
+    }
+
+    fn get<M: prost::Message + Default>(&self, key: &[u8]) -> Result<Option<M>> {
+        let cf = self.db.cf(CF_SM);
+        self.db.raw().get_pinned_cf(cf, key)?.map(|v| db::decode(&v)).transpose()
+    }
+
+    /// `(key, value)` pairs from `start` (inclusive) while they share `prefix`,
+    /// at most `limit` (+1 to learn whether more follow).
+    fn range(&self, prefix: &[u8], start: Vec<u8>, limit: usize) -> Result<(Rows, bool)> {
+        let cf = self.db.cf(CF_SM);
+        let mut out = Vec::new();
+        let iter =
+            self.db.raw().iterator_cf(cf, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok((out, false))
+    }
+
+    /// A user's profile.
+    pub fn user(&self, u: UserId) -> Result<Option<UserRecord>> {
+        self.get(&keys::user(self.shard, u))
+    }
+
+    /// The user id that claimed a login name.
+    pub fn account(&self, name: &str) -> Result<Option<UserId>> {
+        Ok(self.get::<store::AccountRecord>(&keys::account(self.shard, name))?.map(|a| UserId(a.user_id)))
+    }
+
+    /// One device.
+    pub fn device(&self, u: UserId, d: DeviceId) -> Result<Option<DeviceRecord>> {
+        self.get(&keys::device(self.shard, u, d))
+    }
+
+    /// All devices of a user.
+    pub fn devices(&self, u: UserId) -> Result<Vec<DeviceRecord>> {
+        let prefix = keys::devices_of(self.shard, u);
+        let (rows, _) = self.range(&prefix, prefix.clone(), usize::MAX)?;
+        rows.iter().map(|(_, v)| db::decode(v)).collect()
+    }
+
+    /// Head of a user's list (0 = empty).
+    pub fn user_head(&self, u: UserId) -> Result<ListHead> {
+        Ok(self.get(&keys::user_head(self.shard, u))?.unwrap_or_default())
+    }
+
+    /// Entries of a user's list after `after`, at most `limit`.
+    pub fn sync(&self, u: UserId, after: Seq, limit: usize) -> Result<Page> {
+        let prefix = keys::Key::new(self.shard, keys::Table::UserMsg).u64(u.0).into_vec();
+        let start = keys::user_msg(self.shard, u, after.next());
+        self.page(&prefix, start, limit)
+    }
+
+    /// Head of a group list.
+    pub fn group_head(&self, g: GroupId) -> Result<ListHead> {
+        Ok(self.get(&keys::group_head(self.shard, g))?.unwrap_or_default())
+    }
+
+    /// Entries of a group list after `after`, at most `limit`. Entries trimmed
+    /// by retention are skipped (the page starts at the oldest retained one).
+    pub fn sync_group(&self, g: GroupId, after: Seq, limit: usize) -> Result<Page> {
+        let prefix = keys::Key::new(self.shard, keys::Table::GroupMsg).u64(g.0).into_vec();
+        let start = keys::group_msg(self.shard, g, after.next());
+        self.page(&prefix, start, limit)
+    }
+
+    fn page(&self, prefix: &[u8], start: Vec<u8>, limit: usize) -> Result<Page> {
+        let (rows, has_more) = self.range(prefix, start, limit)?;
+        let messages = rows.iter().map(|(_, v)| db::decode(v)).collect::<Result<_>>()?;
+        Ok(Page { messages, has_more })
+    }
+
+    /// A group (dissolved ones included, flagged).
+    pub fn group(&self, g: GroupId) -> Result<Option<GroupRecord>> {
+        self.get(&keys::group(self.shard, g))
+    }
+
+    /// One member record.
+    pub fn member(&self, g: GroupId, u: UserId) -> Result<Option<MemberRecord>> {
+        self.get(&keys::member(self.shard, g, u))
+    }
+
+    /// Members with user id greater than `after`, at most `limit`.
+    pub fn members(&self, g: GroupId, after: UserId, limit: usize) -> Result<(Vec<MemberRecord>, bool)> {
+        let prefix = keys::members_of(self.shard, g);
+        let start = keys::member(self.shard, g, UserId(after.0.saturating_add(1)));
+        let (rows, more) = self.range(&prefix, start, limit)?;
+        Ok((rows.iter().map(|(_, v)| db::decode(v)).collect::<Result<_>>()?, more))
+    }
+
+    /// The groups a user belongs to.
+    pub fn user_groups(&self, u: UserId) -> Result<Vec<store::UserGroupRecord>> {
+        let prefix = keys::groups_of(self.shard, u);
+        let (rows, _) = self.range(&prefix, prefix.clone(), usize::MAX)?;
+        rows.iter().map(|(_, v)| db::decode(v)).collect()
+    }
+
+    /// A user's friends.
+    pub fn friends(&self, u: UserId) -> Result<Vec<store::FriendRecord>> {
+        let prefix = keys::friends_of(self.shard, u);
+        let (rows, _) = self.range(&prefix, prefix.clone(), usize::MAX)?;
+        rows.iter().map(|(_, v)| db::decode(v)).collect()
+    }
+
+    /// Outbox records with id greater than `after`, oldest first.
+    pub fn outbox(&self, after: u64, limit: usize) -> Result<Vec<OutboxRecord>> {
+        let prefix = keys::outbox_all(self.shard);
+        let start = keys::outbox(self.shard, after.saturating_add(1));
+        let (rows, _) = self.range(&prefix, start, limit)?;
+        rows.iter().map(|(_, v)| db::decode(v)).collect()
+    }
+
+    /// SHA-256 over every `sm` key and value of the shard, in key order: two
+    /// replicas that applied the same log have the same digest.
+    pub fn digest(&self) -> Result<[u8; 32]> {
+        self.digest_filtered(|_| true)
+    }
+
+    /// Like [`Reader::digest`] but without the `last_applied` row, which every
+    /// entry moves: equal before and after an entry that changed no data.
+    pub fn data_digest(&self) -> Result<[u8; 32]> {
+        let applied = keys::meta(self.shard, keys::MetaTag::Applied);
+        self.digest_filtered(|k| k != applied.as_slice())
+    }
+
+    fn digest_filtered(&self, keep: impl Fn(&[u8]) -> bool) -> Result<[u8; 32]> {
+        let cf = self.db.cf(CF_SM);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::shard_end(self.shard).to_vec());
+        let prefix = keys::shard_prefix(self.shard);
+        let mode = rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        let mut h = Sha256::new();
+        for item in self.db.raw().iterator_cf_opt(cf, opts, mode) {
+            let (k, v) = item?;
+            if !keep(&k) {
+                continue;
+            }
+            h.update((k.len() as u64).to_be_bytes());
+            h.update(&k);
+            h.update((v.len() as u64).to_be_bytes());
+            h.update(&v);
+        }
+        Ok(h.finalize().into())
+    }
+}

@@ -1,0 +1,287 @@
+//! User-keyed operations: accounts, devices, friends, 1:1 sends, relayed
+//! deliveries and ack cursors.
+
+use prost::Message as _;
+use rim_proto::store::{self, DeliverResult, DeviceRecord, SendResult, UserRecord};
+use rim_proto::v1::{ConversationKind, Message};
+
+use super::{Applier, check_id};
+use crate::error::{Result, reject};
+use crate::ids::{DeviceId, GroupId, MessageId, UserId};
+use crate::keys;
+
+impl Applier<'_> {
+    pub(super) fn create_user(&mut self, c: &store::CreateUser) -> Result<UserRecord> {
+        check_id("user_id", c.user_id)?;
+        let m = self.limits.max_name_bytes;
+        self.check_len("username", c.username.len(), m)?;
+        self.check_len("nickname", c.nickname.len(), m)?;
+        self.check_len("phone", c.phone.len(), m)?;
+        self.check_len("avatar_url", c.avatar_url.len(), m)?;
+        self.check_len("extra", c.extra.len(), self.limits.max_extra_bytes)?;
+        let key = keys::user(self.shard, UserId(c.user_id));
+        if self.txn.exists(&key)? {
+            reject!(ErrorAlreadyExists, "user {} already exists", c.user_id);
+        }
+        let rec = UserRecord {
+            user_id: c.user_id,
+            username: c.username.clone(),
+            password_hash: c.password_hash.clone(),
+            phone: c.phone.clone(),
+            nickname: c.nickname.clone(),
+            avatar_url: c.avatar_url.clone(),
+            extra: c.extra.clone(),
+            created_ms: self.now_ms,
+            updated_ms: self.now_ms,
+        };
+        self.txn.put_msg(key, &rec);
+        Ok(rec)
+    }
+
+    pub(super) fn update_user(&mut self, c: &store::UpdateUser) -> Result<UserRecord> {
+        let key = keys::user(self.shard, UserId(c.user_id));
+        let Some(mut rec) = self.txn.get_msg::<UserRecord>(&key)? else {
+            reject!(ErrorUserNotFound, "user {} not found", c.user_id);
+        };
+        let m = self.limits.max_name_bytes;
+        if let Some(v) = &c.nickname {
+            self.check_len("nickname", v.len(), m)?;
+            rec.nickname = v.clone();
+        }
+        if let Some(v) = &c.avatar_url {
+            self.check_len("avatar_url", v.len(), m)?;
+            rec.avatar_url = v.clone();
+        }
+        if let Some(v) = &c.extra {
+            self.check_len("extra", v.len(), self.limits.max_extra_bytes)?;
+            rec.extra = v.clone();
+        }
+        if let Some(v) = &c.password_hash {
+            rec.password_hash = v.clone();
+        }
+        rec.updated_ms = self.now_ms;
+        self.txn.put_msg(key, &rec);
+        Ok(rec)
+    }
+
+    pub(super) fn claim_account(&mut self, c: &store::ClaimAccount) -> Result<()> {
+        check_id("user_id", c.user_id)?;
+        if c.name.is_empty() {
+            reject!(ErrorBadRequest, "account name must not be empty");
+        }
+        self.check_len("account name", c.name.len(), self.limits.max_name_bytes)?;
+        let key = keys::account(self.shard, &c.name);
+        match self.txn.get_msg::<store::AccountRecord>(&key)? {
+            Some(a) if a.user_id == c.user_id => Ok(()),
+            Some(_) => reject!(ErrorAlreadyExists, "account name {:?} is taken", c.name),
+            None => {
+                self.txn.put_msg(key, &store::AccountRecord { user_id: c.user_id });
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn register_device(&mut self, c: &store::RegisterDevice) -> Result<DeviceRecord> {
+        check_id("device_id", c.device_id)?;
+        let user = UserId(c.user_id);
+        if !self.is_local_user(user)? {
+            reject!(ErrorUserNotFound, "user {} not found", c.user_id);
+        }
+        let m = self.limits.max_name_bytes;
+        for (what, v) in [
+            ("brand", &c.brand),
+            ("model", &c.model),
+            ("system_version", &c.system_version),
+            ("sdk_version", &c.sdk_version),
+        ] {
+            self.check_len(what, v.len(), m)?;
+        }
+        let key = keys::device(self.shard, user, DeviceId(c.device_id));
+        // Re-registering keeps the token version and the ack cursor.
+        let old = self.txn.get_msg::<DeviceRecord>(&key)?.unwrap_or_default();
+        let rec = DeviceRecord {
+            device_id: c.device_id,
+            user_id: c.user_id,
+            device_type: c.device_type,
+            brand: c.brand.clone(),
+            model: c.model.clone(),
+            system_version: c.system_version.clone(),
+            sdk_version: c.sdk_version.clone(),
+            token_version: old.token_version,
+            ack_seq: old.ack_seq,
+            created_ms: if old.created_ms == 0 { self.now_ms } else { old.created_ms },
+            updated_ms: self.now_ms,
+        };
+        self.txn.put_msg(key, &rec);
+        Ok(rec)
+    }
+
+    pub(super) fn revoke_device(&mut self, c: &store::RevokeDevice) -> Result<DeviceRecord> {
+        let key = keys::device(self.shard, UserId(c.user_id), DeviceId(c.device_id));
+        let Some(mut rec) = self.txn.get_msg::<DeviceRecord>(&key)? else {
+            reject!(ErrorDeviceNotFound, "device {} of user {} not found", c.device_id, c.user_id);
+        };
+        rec.token_version += 1;
+        rec.updated_ms = self.now_ms;
+        self.txn.put_msg(key, &rec);
+        Ok(rec)
+    }
+
+    pub(super) fn set_friend(&mut self, c: &store::SetFriend) -> Result<()> {
+        check_id("friend_id", c.friend_id)?;
+        if c.user_id == c.friend_id {
+            reject!(ErrorBadRequest, "a user cannot befriend themselves");
+        }
+        if !self.is_local_user(UserId(c.user_id))? {
+            reject!(ErrorUserNotFound, "user {} not found", c.user_id);
+        }
+        let key = keys::friend(self.shard, UserId(c.user_id), UserId(c.friend_id));
+        let mut rec = self.txn.get_msg::<store::FriendRecord>(&key)?.unwrap_or(store::FriendRecord {
+            friend_id: c.friend_id,
+            created_ms: self.now_ms,
+            ..Default::default()
+        });
+        rec.status = c.status;
+        if let Some(r) = &c.remarks {
+            self.check_len("remarks", r.len(), self.limits.max_name_bytes)?;
+            rec.remarks = r.clone();
+        }
+        if let Some(e) = &c.extra {
+            self.check_len("extra", e.len(), self.limits.max_extra_bytes)?;
+            rec.extra = e.clone();
+        }
+        rec.updated_ms = self.now_ms;
+        self.txn.put_msg(key, &rec);
+        Ok(())
+    }
+
+    pub(super) fn delete_friend(&mut self, c: &store::DeleteFriend) -> Result<()> {
+        let key = keys::friend(self.shard, UserId(c.user_id), UserId(c.friend_id));
+        if !self.txn.exists(&key)? {
+            reject!(ErrorNotFriend, "user {} has no friend {}", c.user_id, c.friend_id);
+        }
+        self.txn.delete(key);
+        Ok(())
+    }
+
+    /// A 1:1 send: one entry in the sender's list and, in the same batch, the
+    /// recipient's copy (local recipient) or an outbox record (remote one).
+    pub(super) fn send_to_user(&mut self, c: &store::SendToUser) -> Result<SendResult> {
+        let sender = UserId(c.sender_user_id);
+        check_id("recipient_user_id", c.recipient_user_id)?;
+        self.check_send(&c.client_msg_id, c.content_type, &c.content)?;
+        if !self.is_local_user(sender)? {
+            reject!(ErrorUserNotFound, "sender {} not found", c.sender_user_id);
+        }
+        let idem_key = keys::idempotency(self.shard, sender, 0, &c.client_msg_id);
+        if let Some(done) = self.txn.get_msg::<SendResult>(&idem_key)? {
+            return Ok(done);
+        }
+
+        let message_id = self.next_message_id()?;
+        let msg = Message {
+            message_id: message_id.0,
+            sender_user_id: c.sender_user_id,
+            sender_device_id: c.sender_device_id,
+            conversation_kind: ConversationKind::User as i32,
+            conversation_id: c.recipient_user_id,
+            seq: 0,
+            client_msg_id: c.client_msg_id.clone(),
+            send_time_ms: self.now_ms,
+            content_type: c.content_type,
+            content: c.content.clone(),
+            status: 0,
+            group_seq: 0,
+            refers_to: c.refers_to,
+            mentions: Vec::new(),
+        };
+        let seq = self.append_to_user(sender, msg.clone())?;
+        let recipient = UserId(c.recipient_user_id);
+        if recipient != sender {
+            if self.is_local_user(recipient)? {
+                self.append_to_user(recipient, msg.clone())?;
+            } else {
+                self.push_outbox(msg, vec![recipient.0])?;
+            }
+        }
+        let result =
+            SendResult { seq: seq.0, message_id: message_id.0, send_time_ms: self.now_ms, group_seq: 0 };
+        self.txn.put_msg(idem_key, &result);
+        Ok(result)
+    }
+
+    /// Appends relayed messages, each at most once per recipient.
+    pub(super) fn deliver(&mut self, c: &store::Deliver) -> Result<DeliverResult> {
+        let mut out = DeliverResult::default();
+        for item in &c.items {
+            let Some(msg) = &item.message else { reject!(ErrorBadRequest, "delivery without a message") };
+            check_id("message_id", msg.message_id)?;
+            for &r in &item.recipients {
+                let user = UserId(r);
+                if !self.is_local_user(user)? {
+                    out.missing_users.push(r);
+                    out.seqs.push(0);
+                    continue;
+                }
+                let mark_key = keys::delivered(self.shard, user, MessageId(msg.message_id));
+                if let Some(mark) = self.txn.get_msg::<store::DeliveredMark>(&mark_key)? {
+                    out.seqs.push(mark.seq);
+                    continue;
+                }
+                let seq = self.append_to_user(user, msg.clone())?;
+                self.txn.put_msg(mark_key, &store::DeliveredMark { seq: seq.0 });
+                out.seqs.push(seq.0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves a device's ack cursor forward (never back, never past the head).
+    pub(super) fn ack_seq(&mut self, c: &store::AckSeq) -> Result<u64> {
+        let user = UserId(c.user_id);
+        let key = keys::device(self.shard, user, DeviceId(c.device_id));
+        let Some(mut dev) = self.txn.get_msg::<DeviceRecord>(&key)? else {
+            reject!(ErrorDeviceNotFound, "device {} of user {} not found", c.device_id, c.user_id);
+        };
+        let head: store::ListHead = self.txn.get_msg(&keys::user_head(self.shard, user))?.unwrap_or_default();
+        let target = c.seq.min(head.last_seq);
+        if target > dev.ack_seq {
+            dev.ack_seq = target;
+            self.txn.put_msg(key, &dev);
+        }
+        Ok(dev.ack_seq)
+    }
+
+    /// Side effects of a notification landing in `user`'s list: the user's
+    /// own records follow the change (its list of groups).
+    pub(super) fn notification_effects(&mut self, user: UserId, msg: &Message) -> Result<()> {
+        use store::notification::Event;
+        if msg.content_type != rim_proto::v1::ContentType::Notification as i32 {
+            return Ok(());
+        }
+        let Ok(n) = store::Notification::decode(msg.content.as_ref()) else {
+            // Notifications are produced by apply itself; a bad one is stored
+            // as is and has no effect.
+            return Ok(());
+        };
+        match n.event {
+            Some(Event::GroupMembersAdded(e)) if e.user_ids.contains(&user.0) => {
+                let rec = store::UserGroupRecord {
+                    group_id: e.group_id,
+                    kind: e.kind,
+                    joined_ms: msg.send_time_ms,
+                    joined_group_seq: e.group_seq,
+                };
+                self.txn.put_msg(keys::user_group(self.shard, user, GroupId(e.group_id)), &rec);
+            }
+            Some(Event::GroupMembersRemoved(e)) if e.user_ids.contains(&user.0) => {
+                self.txn.delete(keys::user_group(self.shard, user, GroupId(e.group_id)));
+            }
+            Some(Event::GroupDissolved(e)) => {
+                self.txn.delete(keys::user_group(self.shard, user, GroupId(e.group_id)));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

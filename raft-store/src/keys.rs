@@ -1,0 +1,289 @@
+//! Key layout.
+//!
+//! One RocksDB instance holds every Raft group (shard) a node hosts. Three
+//! column families keep the data apart by lifetime:
+//!
+//! | CF     | key                                 | value                          |
+//! |--------|-------------------------------------|--------------------------------|
+//! | `log`  | `shard u32 ‖ index u64`             | version ‖ postcard `Entry`     |
+//! | `raft` | `shard u32 ‖ tag u8`                | version ‖ postcard (vote, ...) |
+//! | `sm`   | `shard u32 ‖ table u8 ‖ fields...`  | version ‖ prost record         |
+//!
+//! All integers are big-endian, so RocksDB's byte order is numeric order: a
+//! range scan over `(shard, USER_MSG, user, ..)` returns that user's list in
+//! seq order, and everything of one shard sits under one 4-byte prefix
+//! (which is how snapshots and "two shards never see each other" work).
+//!
+//! The `sm` tables are listed in [`Table`]. The meta rows of the state
+//! machine (last applied log id, membership, counters) live in `sm` too, so
+//! a snapshot of the shard's `sm` range carries them along.
+
+use crate::ids::{DeviceId, GroupId, MessageId, Seq, ShardId, UserId};
+
+/// Tables inside the `sm` column family (the byte after the shard prefix).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// State-machine meta: `META ‖ MetaTag`.
+    Meta = 0x00,
+    /// `user` → UserRecord.
+    User = 0x10,
+    /// `name bytes` → AccountRecord (unique login names).
+    Account = 0x11,
+    /// `user ‖ device` → DeviceRecord.
+    Device = 0x12,
+    /// `user` → ListHead of the user's message list.
+    UserHead = 0x13,
+    /// `user ‖ seq` → Message.
+    UserMsg = 0x14,
+    /// `user ‖ message_id` → DeliveredMark (dedup of relayed messages).
+    Delivered = 0x15,
+    /// `user ‖ scope ‖ client_msg_id` → SendResult (idempotency).
+    Idempotency = 0x16,
+    /// `user ‖ friend` → FriendRecord.
+    Friend = 0x17,
+    /// `user ‖ group` → UserGroupRecord.
+    UserGroup = 0x18,
+    /// `group` → GroupRecord.
+    Group = 0x20,
+    /// `group ‖ user` → MemberRecord.
+    Member = 0x21,
+    /// `group` → ListHead of the group list.
+    GroupHead = 0x22,
+    /// `group ‖ group_seq` → Message.
+    GroupMsg = 0x23,
+    /// `outbox_id` → OutboxRecord.
+    Outbox = 0x30,
+}
+
+/// Rows of [`Table::Meta`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetaTag {
+    /// Last applied log id (postcard).
+    Applied = 1,
+    /// Last applied membership (postcard `StoredMembership`).
+    Membership = 2,
+    /// ShardCounters (prost).
+    Counters = 3,
+}
+
+/// Rows of the `raft` column family.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RaftTag {
+    /// The vote.
+    Vote = 1,
+    /// The last committed log id.
+    Committed = 2,
+    /// The last purged log id.
+    LastPurged = 3,
+    /// Meta of the current snapshot (postcard) and its file name.
+    Snapshot = 4,
+    /// Set while a snapshot install is in progress (the file to redo it from).
+    Installing = 5,
+}
+
+/// Builds keys; every key starts with the shard prefix.
+#[derive(Debug)]
+pub struct Key(Vec<u8>);
+
+impl Key {
+    /// A key of `shard` starting with `table`.
+    pub fn new(shard: ShardId, table: Table) -> Key {
+        let mut v = Vec::with_capacity(32);
+        v.extend_from_slice(&shard.0.to_be_bytes());
+        v.push(table as u8);
+        Key(v)
+    }
+
+    /// Appends a big-endian u64.
+    pub fn u64(mut self, x: u64) -> Key {
+        self.0.extend_from_slice(&x.to_be_bytes());
+        self
+    }
+
+    /// Appends one byte.
+    pub fn u8(mut self, x: u8) -> Key {
+        self.0.push(x);
+        self
+    }
+
+    /// Appends raw bytes (only as the last component: they are not delimited).
+    pub fn bytes(mut self, b: &[u8]) -> Key {
+        self.0.extend_from_slice(b);
+        self
+    }
+
+    /// The encoded key.
+    pub fn into_vec(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+/// The 4-byte prefix of everything `shard` owns in a column family.
+pub fn shard_prefix(shard: ShardId) -> [u8; 4] {
+    shard.0.to_be_bytes()
+}
+
+/// The exclusive upper bound of `shard`'s key range: the next shard's prefix.
+/// Shard ids are u32 and `u32::MAX` is reserved, so this never overflows.
+pub fn shard_end(shard: ShardId) -> [u8; 4] {
+    (shard.0 + 1).to_be_bytes()
+}
+
+/// The smallest key strictly greater than every key starting with `prefix`,
+/// or `None` if the prefix is all `0xff`.
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// `log` CF key of a log index.
+pub fn log_key(shard: ShardId, index: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12);
+    v.extend_from_slice(&shard.0.to_be_bytes());
+    v.extend_from_slice(&index.to_be_bytes());
+    v
+}
+
+/// The log index in a `log` CF key.
+pub fn log_index(key: &[u8]) -> Option<u64> {
+    key.get(4..12).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
+}
+
+/// `raft` CF key of a tag.
+pub fn raft_key(shard: ShardId, tag: RaftTag) -> Vec<u8> {
+    let mut v = shard.0.to_be_bytes().to_vec();
+    v.push(tag as u8);
+    v
+}
+
+// Typed constructors for the `sm` tables, so callers never assemble bytes.
+
+/// Meta row.
+pub fn meta(shard: ShardId, tag: MetaTag) -> Vec<u8> {
+    Key::new(shard, Table::Meta).u8(tag as u8).into_vec()
+}
+/// User profile.
+pub fn user(shard: ShardId, u: UserId) -> Vec<u8> {
+    Key::new(shard, Table::User).u64(u.0).into_vec()
+}
+/// Unique login name claim.
+pub fn account(shard: ShardId, name: &str) -> Vec<u8> {
+    Key::new(shard, Table::Account).bytes(name.as_bytes()).into_vec()
+}
+/// One device of a user.
+pub fn device(shard: ShardId, u: UserId, d: DeviceId) -> Vec<u8> {
+    Key::new(shard, Table::Device).u64(u.0).u64(d.0).into_vec()
+}
+/// Prefix of all devices of a user.
+pub fn devices_of(shard: ShardId, u: UserId) -> Vec<u8> {
+    Key::new(shard, Table::Device).u64(u.0).into_vec()
+}
+/// Head of a user's list.
+pub fn user_head(shard: ShardId, u: UserId) -> Vec<u8> {
+    Key::new(shard, Table::UserHead).u64(u.0).into_vec()
+}
+/// One entry of a user's list.
+pub fn user_msg(shard: ShardId, u: UserId, seq: Seq) -> Vec<u8> {
+    Key::new(shard, Table::UserMsg).u64(u.0).u64(seq.0).into_vec()
+}
+/// Dedup mark of a relayed message in a user's list.
+pub fn delivered(shard: ShardId, u: UserId, m: MessageId) -> Vec<u8> {
+    Key::new(shard, Table::Delivered).u64(u.0).u64(m.0).into_vec()
+}
+/// Idempotency record of a send. `scope` is 0 for 1:1, the group id otherwise.
+pub fn idempotency(shard: ShardId, sender: UserId, scope: u64, client_msg_id: &str) -> Vec<u8> {
+    Key::new(shard, Table::Idempotency).u64(sender.0).u64(scope).bytes(client_msg_id.as_bytes()).into_vec()
+}
+/// One side of a friendship.
+pub fn friend(shard: ShardId, u: UserId, f: UserId) -> Vec<u8> {
+    Key::new(shard, Table::Friend).u64(u.0).u64(f.0).into_vec()
+}
+/// Prefix of all friends of a user.
+pub fn friends_of(shard: ShardId, u: UserId) -> Vec<u8> {
+    Key::new(shard, Table::Friend).u64(u.0).into_vec()
+}
+/// A group in a user's list of groups.
+pub fn user_group(shard: ShardId, u: UserId, g: GroupId) -> Vec<u8> {
+    Key::new(shard, Table::UserGroup).u64(u.0).u64(g.0).into_vec()
+}
+/// Prefix of a user's groups.
+pub fn groups_of(shard: ShardId, u: UserId) -> Vec<u8> {
+    Key::new(shard, Table::UserGroup).u64(u.0).into_vec()
+}
+/// Group profile.
+pub fn group(shard: ShardId, g: GroupId) -> Vec<u8> {
+    Key::new(shard, Table::Group).u64(g.0).into_vec()
+}
+/// One member of a group.
+pub fn member(shard: ShardId, g: GroupId, u: UserId) -> Vec<u8> {
+    Key::new(shard, Table::Member).u64(g.0).u64(u.0).into_vec()
+}
+/// Prefix of all members of a group.
+pub fn members_of(shard: ShardId, g: GroupId) -> Vec<u8> {
+    Key::new(shard, Table::Member).u64(g.0).into_vec()
+}
+/// Head of a group list.
+pub fn group_head(shard: ShardId, g: GroupId) -> Vec<u8> {
+    Key::new(shard, Table::GroupHead).u64(g.0).into_vec()
+}
+/// One entry of a group list.
+pub fn group_msg(shard: ShardId, g: GroupId, seq: Seq) -> Vec<u8> {
+    Key::new(shard, Table::GroupMsg).u64(g.0).u64(seq.0).into_vec()
+}
+/// One outbox record.
+pub fn outbox(shard: ShardId, id: u64) -> Vec<u8> {
+    Key::new(shard, Table::Outbox).u64(id).into_vec()
+}
+/// Prefix of the whole outbox.
+pub fn outbox_all(shard: ShardId) -> Vec<u8> {
+    Key::new(shard, Table::Outbox).into_vec()
+}
+
+/// The trailing big-endian u64 of a key (seq, member id, ...).
+pub fn last_u64(key: &[u8]) -> Option<u64> {
+    key.len().checked_sub(8).and_then(|i| key[i..].try_into().ok()).map(u64::from_be_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn user_msg_keys_sort_like_seqs(u in any::<u64>(), a in any::<u64>(), b in any::<u64>()) {
+            let ka = user_msg(ShardId(3), UserId(u), Seq(a));
+            let kb = user_msg(ShardId(3), UserId(u), Seq(b));
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            prop_assert_eq!(last_u64(&ka), Some(a));
+        }
+
+        #[test]
+        fn shards_never_overlap(s in 0u32..u32::MAX - 1, u in any::<u64>(), q in any::<u64>()) {
+            let k = user_msg(ShardId(s), UserId(u), Seq(q));
+            prop_assert!(k.as_slice() >= &shard_prefix(ShardId(s))[..]);
+            prop_assert!(k.as_slice() < &shard_end(ShardId(s))[..]);
+        }
+
+        #[test]
+        fn log_keys_round_trip(s in any::<u32>(), i in any::<u64>()) {
+            prop_assert_eq!(log_index(&log_key(ShardId(s), i)), Some(i));
+        }
+    }
+
+    #[test]
+    fn prefix_end_skips_ff() {
+        assert_eq!(prefix_end(&[1, 2]), Some(vec![1, 3]));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+    }
+}

@@ -1,0 +1,56 @@
+//! rim's storage: Raft logs and the IM state machine on one RocksDB.
+//!
+//! A logic node hosts the meta group and several data shards, each an
+//! openraft group. This crate gives each of them a log store and a state
+//! machine, all inside the node's single RocksDB instance (one WAL, one fsync
+//! for everything pending), and implements what a committed command does to
+//! the IM data model of design section 3. It has no networking.
+//!
+//! # Layout
+//!
+//! * [`db`]: opening the shared database; versioned value encodings.
+//! * [`keys`]: the key layout (shard prefix, tables, big-endian integers).
+//! * [`raft`]: the openraft adapter (type config, log store, state machine,
+//!   snapshot files). The only module that names openraft types.
+//! * [`im`]: the IM apply logic (users, devices, sends, deliveries, groups)
+//!   and reads of the resulting state.
+//! * [`ids`]: domain identifiers.
+//!
+//! # Guarantees
+//!
+//! * A log append is reported durable only after RocksDB fsynced it; votes,
+//!   truncations and purges are synced as well.
+//! * State-machine effects and `last_applied` commit in one write batch: a
+//!   crash never applies an entry twice or half.
+//! * Two shards in one database never see each other's keys.
+//! * Two replicas that apply the same log reach byte-identical state
+//!   ([`im::read::Reader::digest`]).
+//!
+//! # Not (yet) provided
+//!
+//! * Retention of the idempotency table and of relay dedup marks: both grow
+//!   with the number of messages. A bounded window is planned.
+//! * Slot migration between shards (moving a user's keys) is not implemented.
+
+pub mod db;
+pub mod error;
+pub mod ids;
+pub mod im;
+pub mod keys;
+pub mod raft;
+
+pub use db::{Db, DbOptions};
+pub use error::{Error, Result};
+pub use ids::{DeviceId, GroupId, MessageId, NodeId, Seq, ShardId, UserId};
+pub use im::Limits;
+pub use im::read::{Page, Reader};
+pub use raft::{LogStore, Request, Response, StateMachine, TypeConfig};
+
+/// Opens the log store and state machine of `shard` in `db`.
+pub fn open_shard(
+    db: &Db,
+    shard: ShardId,
+    limits: std::sync::Arc<Limits>,
+) -> Result<(LogStore, StateMachine)> {
+    Ok((LogStore::new(db.clone(), shard), StateMachine::open(db.clone(), shard, limits)?))
+}

@@ -1,0 +1,359 @@
+//! `RaftStateMachine` for one shard: the IM apply logic on the `sm` CF.
+//!
+//! To ensure correctness:
+//!
+//! * Each `apply` call writes its operations' effects **and** `last_applied`
+//!   (and the membership, if an entry changed it) in one `WriteBatch`: after a
+//!   crash either the whole call is visible or none of it, so no operation is
+//!   ever applied twice (seq counters are not idempotent).
+//! * That batch is not fsynced on its own. It shares the write-ahead log with
+//!   the synced log appends, and every later synced write (the next append,
+//!   vote or purge of any shard) persists it. If it is lost in a crash, the
+//!   log still holds the entries and openraft re-applies them from
+//!   `last_applied + 1`. A purge is synced, so the log is never purged past a
+//!   durable state.
+//! * A snapshot reads a RocksDB point-in-time view taken when the builder is
+//!   created, so it is consistent with the `last_applied` inside it even while
+//!   apply goes on.
+//! * Install is crash-safe: the received file is made durable first, an
+//!   `Installing` marker names it, the shard's range is replaced, and the
+//!   marker is cleared in the final synced batch. Opening a shard whose
+//!   marker is set redoes the install from the file.
+
+use std::io::{Seek, SeekFrom};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
+};
+use tokio::sync::oneshot;
+
+use super::snapshot::{INSTALL_BATCH_BYTES, SnapshotDir, SnapshotReader, SnapshotWriter};
+use super::{Entry, LogId, Response, StorageError, TypeConfig, sm_err};
+use crate::db::{self, CF_RAFT, CF_SM, Db};
+use crate::error::{Error, Result};
+use crate::ids::ShardId;
+use crate::im::{Applier, Limits, Txn};
+use crate::keys::{self, MetaTag, RaftTag};
+
+type Meta = SnapshotMeta<u64, openraft::BasicNode>;
+type Membership = StoredMembership<u64, openraft::BasicNode>;
+
+/// Distinguishes snapshots built in the same process at the same index.
+static SNAPSHOT_NONCE: AtomicU64 = AtomicU64::new(0);
+
+/// The state machine of one shard.
+#[derive(Debug)]
+pub struct StateMachine {
+    db: Db,
+    shard: ShardId,
+    limits: Arc<Limits>,
+    snapshots: SnapshotDir,
+    /// Cache of the stored `last_applied`.
+    applied: Option<LogId>,
+    /// Cache of the stored membership.
+    membership: Membership,
+}
+
+impl StateMachine {
+    /// Opens the state machine of `shard`, finishing an interrupted snapshot
+    /// install first.
+    pub fn open(db: Db, shard: ShardId, limits: Arc<Limits>) -> Result<StateMachine> {
+        let snapshots = SnapshotDir::new(db.dir(), shard.0)?;
+        let mut sm =
+            StateMachine { db, shard, limits, snapshots, applied: None, membership: Membership::default() };
+        if let Some((meta, name)) = sm.read_raft::<(Meta, String)>(RaftTag::Installing)? {
+            tracing::warn!(shard = %shard, file = %name, "finishing an interrupted snapshot install");
+            load_snapshot_file(&sm.db, shard, &sm.snapshots, &meta, &name)?;
+        }
+        sm.applied = sm.read_meta(MetaTag::Applied)?.flatten();
+        sm.membership = sm.read_meta(MetaTag::Membership)?.unwrap_or_default();
+        Ok(sm)
+    }
+
+    /// The shard this state machine holds.
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// Read access to the shard's IM state.
+    pub fn reader(&self) -> crate::im::read::Reader {
+        crate::im::read::Reader::new(self.db.clone(), self.shard)
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, tag: MetaTag) -> Result<Option<T>> {
+        let v = self.db.raw().get_pinned_cf(self.db.cf(CF_SM), keys::meta(self.shard, tag))?;
+        v.map(|v| db::decode_serde(&v)).transpose()
+    }
+
+    fn read_raft<T: serde::de::DeserializeOwned>(&self, tag: RaftTag) -> Result<Option<T>> {
+        let v = self.db.raw().get_pinned_cf(self.db.cf(CF_RAFT), keys::raft_key(self.shard, tag))?;
+        v.map(|v| db::decode_serde(&v)).transpose()
+    }
+
+    /// Applies entries; see the module doc for the atomicity argument.
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<Vec<Response>> {
+        let Some(last) = entries.last().map(|e| e.log_id) else { return Ok(Vec::new()) };
+        let mut applier = Applier::new(Txn::new(self.db.raw()), self.shard, &self.limits);
+        let mut replies = Vec::with_capacity(entries.len());
+        let mut membership = None;
+        for entry in entries {
+            match entry.payload {
+                EntryPayload::Blank => replies.push(Response::default()),
+                EntryPayload::Normal(req) => replies.push(Response(applier.apply(&req.0)?)),
+                EntryPayload::Membership(m) => {
+                    membership = Some(Membership::new(Some(entry.log_id), m));
+                    replies.push(Response::default());
+                }
+            }
+        }
+        let mut txn = applier.txn;
+        txn.put(keys::meta(self.shard, MetaTag::Applied), db::encode_serde(&Some(last))?);
+        if let Some(m) = &membership {
+            txn.put(keys::meta(self.shard, MetaTag::Membership), db::encode_serde(m)?);
+        }
+        txn.commit_op();
+        self.db.raw().write(txn.into_batch())?;
+        self.applied = Some(last);
+        if let Some(m) = membership {
+            self.membership = m;
+        }
+        Ok(replies)
+    }
+
+    fn current_snapshot(&self) -> Result<Option<(Meta, std::fs::File)>> {
+        let Some((meta, name)) = self.read_raft::<(Meta, String)>(RaftTag::Snapshot)? else {
+            return Ok(None);
+        };
+        Ok(Some((meta, std::fs::File::open(self.snapshots.path(&name))?)))
+    }
+}
+
+/// Replaces the shard's `sm` range with the records of a snapshot file and
+/// clears the install marker, all ending in one synced batch.
+fn load_snapshot_file(db: &Db, shard: ShardId, dir: &SnapshotDir, meta: &Meta, name: &str) -> Result<()> {
+    let file = std::fs::File::open(dir.path(name))?;
+    let mut reader = SnapshotReader::open(file)?;
+    let cf = db.cf(CF_SM);
+    let prefix = keys::shard_prefix(shard);
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.delete_range_cf(cf, prefix, keys::shard_end(shard));
+    while let Some((k, v)) = reader.next_record()? {
+        let mut key = prefix.to_vec();
+        key.extend_from_slice(&k);
+        batch.put_cf(cf, key, v);
+        if batch.size_in_bytes() >= INSTALL_BATCH_BYTES {
+            db.raw().write(std::mem::take(&mut batch))?;
+        }
+    }
+    // The records carry the applied log id and membership rows the meta was
+    // read from, so the installed state is byte-identical to the source.
+    let raft = db.cf(CF_RAFT);
+    batch.delete_cf(raft, keys::raft_key(shard, RaftTag::Installing));
+    batch.put_cf(raft, keys::raft_key(shard, RaftTag::Snapshot), db::encode_serde(&(meta, name))?);
+    db.raw().write_opt(batch, &db.durable())?;
+    dir.remove_all_but(name)?;
+    Ok(())
+}
+
+/// Copies a received snapshot into the shard's directory durably, checks it,
+/// marks the install, then loads it.
+fn install_file(
+    db: &Db,
+    shard: ShardId,
+    dir: &SnapshotDir,
+    meta: &Meta,
+    mut received: std::fs::File,
+) -> Result<()> {
+    received.seek(SeekFrom::Start(0))?;
+    let name = file_name(meta);
+    let tmp = dir.path(&format!("{name}.tmp"));
+    {
+        let mut out = std::fs::File::create(&tmp)?;
+        std::io::copy(&mut received, &mut out)?;
+        out.sync_all()?;
+    }
+    // Check the whole file before touching the shard's state.
+    let mut check = SnapshotReader::open(std::fs::File::open(&tmp)?)?;
+    while check.next_record()?.is_some() {}
+    std::fs::rename(&tmp, dir.path(&name))?;
+    dir.sync()?;
+
+    let mut batch = rocksdb::WriteBatch::default();
+    let marker = db::encode_serde(&(meta, &name))?;
+    batch.put_cf(db.cf(CF_RAFT), keys::raft_key(shard, RaftTag::Installing), marker);
+    db.raw().write_opt(batch, &db.durable())?;
+    load_snapshot_file(db, shard, dir, meta, &name)
+}
+
+fn file_name(meta: &Meta) -> String {
+    let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+    format!("snap-{index:020}-{}.bin", meta.snapshot_id.replace(['/', '\\'], "_"))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.apply_entries(entries).map_err(|e| {
+            tracing::error!(shard = %self.shard, error = %e, "apply failed; stopping the group");
+            sm_err(e)
+        })
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder::start(self.db.clone(), self.shard, self.snapshots.clone()).await
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let n = SNAPSHOT_NONCE.fetch_add(1, Ordering::Relaxed);
+        let path = self.snapshots.path(&format!("recv-{}-{n}.tmp", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        let file = snapshot.into_std().await;
+        let (db, shard, dir, m) = (self.db.clone(), self.shard, self.snapshots.clone(), meta.clone());
+        let res = tokio::task::spawn_blocking(move || install_file(&db, shard, &dir, &m, file))
+            .await
+            .unwrap_or_else(|e| Err(Error::Corrupt(format!("install task failed: {e}"))));
+        res.map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e)))?;
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let cur = self.current_snapshot().map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(cur.map(|(meta, file)| Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
+    }
+}
+
+/// Builds a snapshot from a point-in-time view taken when it was created.
+///
+/// A dedicated thread owns the RocksDB snapshot (it borrows the database, so
+/// it cannot be stored in a `'static` builder); creating the builder waits
+/// only until the view exists, and `build_snapshot` tells the thread to write.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    go: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Receiver<Result<(Meta, String)>>>,
+    snapshots: SnapshotDir,
+}
+
+impl SnapshotBuilder {
+    async fn start(db: Db, shard: ShardId, snapshots: SnapshotDir) -> SnapshotBuilder {
+        let (taken_tx, taken_rx) = oneshot::channel();
+        let (go_tx, go_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel();
+        let dir = snapshots.clone();
+        let spawned = std::thread::Builder::new().name(format!("snap-{shard}")).spawn(move || {
+            let raw = db.arc();
+            let view = raw.snapshot();
+            let _ = taken_tx.send(());
+            if go_rx.blocking_recv().is_err() {
+                return; // builder dropped unused
+            }
+            let _ = done_tx.send(write_snapshot(&db, &view, shard, &dir));
+        });
+        if spawned.is_ok() {
+            let _ = taken_rx.await;
+        }
+        SnapshotBuilder { go: Some(go_tx), done: Some(done_rx), snapshots }
+    }
+}
+
+/// Writes the file for `view` and makes it the shard's current snapshot.
+fn write_snapshot(
+    db: &Db,
+    view: &rocksdb::SnapshotWithThreadMode<'_, rocksdb::DB>,
+    shard: ShardId,
+    dir: &SnapshotDir,
+) -> Result<(Meta, String)> {
+    let cf = db.cf(CF_SM);
+    let get = |tag| -> Result<Option<Vec<u8>>> { Ok(view.get_cf(cf, keys::meta(shard, tag))?) };
+    let last_log_id: Option<LogId> =
+        get(MetaTag::Applied)?.map(|v| db::decode_serde(&v)).transpose()?.flatten();
+    let last_membership: Membership =
+        get(MetaTag::Membership)?.map(|v| db::decode_serde(&v)).transpose()?.unwrap_or_default();
+    let nonce = SNAPSHOT_NONCE.fetch_add(1, Ordering::Relaxed);
+    let snapshot_id = match last_log_id {
+        Some(l) => format!("{}-{}-{}-{nonce}", l.leader_id.term, l.index, std::process::id()),
+        None => format!("0-0-{}-{nonce}", std::process::id()),
+    };
+    let meta = Meta { last_log_id, last_membership, snapshot_id };
+    let name = file_name(&meta);
+    let tmp = dir.path(&format!("{name}.tmp"));
+
+    let mut w = SnapshotWriter::create(&tmp, &db::encode_serde(&meta)?)?;
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(keys::shard_end(shard).to_vec());
+    let prefix = keys::shard_prefix(shard);
+    let iter =
+        view.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+    for item in iter {
+        let (k, v) = item?;
+        w.record(&k[prefix.len()..], &v)?;
+    }
+    w.finish()?;
+    std::fs::rename(&tmp, dir.path(&name))?;
+    dir.sync()?;
+
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.put_cf(
+        db.cf(CF_RAFT),
+        keys::raft_key(shard, RaftTag::Snapshot),
+        db::encode_serde(&(&meta, &name))?,
+    );
+    db.raw().write_opt(batch, &db.durable())?;
+    dir.remove_all_but(&name)?;
+    Ok((meta, name))
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let fail = |e: Error| -> StorageError { StorageIOError::write_snapshot(None, &e).into() };
+        if let Some(go) = self.go.take() {
+            let _ = go.send(());
+        }
+        let done = self.done.take().ok_or_else(|| fail(Error::Corrupt("snapshot builder reused".into())))?;
+        let (meta, name) =
+            done.await.map_err(|_| fail(Error::Corrupt("snapshot thread died".into())))?.map_err(fail)?;
+        let file = std::fs::File::open(self.snapshots.path(&name)).map_err(|e| fail(e.into()))?;
+        Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
+    }
+}
+
+impl StateMachine {
+    /// `(last applied "term-index", voter ids)` as text, for operators.
+    pub fn applied_summary(&self) -> (String, String) {
+        let applied = match self.applied {
+            Some(l) => format!("{}-{}", l.leader_id.term, l.index),
+            None => "-".into(),
+        };
+        let voters: Vec<String> = self.membership.membership().voter_ids().map(|v| v.to_string()).collect();
+        (applied, format!("[{}]", voters.join(",")))
+    }
+}
