@@ -54,6 +54,10 @@ pub enum Table {
     GroupMsg = 0x23,
     /// `outbox_id` → OutboxRecord.
     Outbox = 0x30,
+    /// Meta group: the cluster map (`rim.v1.ClusterMap`), one row.
+    ClusterMap = 0x40,
+    /// Meta group: id allocators (`IdAllocators`), one row.
+    IdAllocators = 0x41,
 }
 
 /// Rows of [`Table::Meta`].
@@ -246,6 +250,15 @@ pub fn outbox(shard: ShardId, id: u64) -> Vec<u8> {
 /// Prefix of the whole outbox.
 pub fn outbox_all(shard: ShardId) -> Vec<u8> {
     Key::new(shard, Table::Outbox).into_vec()
+}
+
+/// The cluster map row (meta group).
+pub fn cluster_map(shard: ShardId) -> Vec<u8> {
+    Key::new(shard, Table::ClusterMap).into_vec()
+}
+/// The id allocators row (meta group).
+pub fn id_allocators(shard: ShardId) -> Vec<u8> {
+    Key::new(shard, Table::IdAllocators).into_vec()
 }
 
 /// The trailing big-endian u64 of a key (seq, member id, ...).

@@ -42,9 +42,9 @@ pub mod raft;
 pub use db::{Db, DbOptions};
 pub use error::{Error, Result};
 pub use ids::{DeviceId, GroupId, MessageId, NodeId, Seq, ShardId, UserId};
-pub use im::Limits;
 pub use im::read::{Page, Reader};
-pub use raft::{LogStore, Request, Response, StateMachine, TypeConfig};
+pub use im::{Appended, ApplyEffects, Limits, ListRef};
+pub use raft::{AppliedEvent, LogStore, Request, Response, StateMachine, TypeConfig};
 
 /// Opens the log store and state machine of `shard` in `db`.
 pub fn open_shard(

@@ -376,3 +376,59 @@ async fn groups_convert_to_read_diffusion_past_the_limit_and_rooms_trim() {
     assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![8, 9, 10, 11, 12]);
     assert_eq!(n.reader(1).group_head(GroupId(10)).unwrap().first_seq, 8);
 }
+
+#[tokio::test]
+async fn meta_group_allocates_fresh_ids_and_versions_the_cluster_map() {
+    let mut n = Node::new(&[0]);
+    let alloc =
+        |kind: store::IdKind, count| op(O::AllocateIds(store::AllocateIds { kind: kind as i32, count }));
+    let range = |r: store::OpResult| match r.value {
+        Some(store::op_result::Value::Ids(ids)) => (ids.first, ids.count),
+        v => panic!("{v:?} {}", r.message),
+    };
+    assert_eq!(range(n.apply1(0, alloc(store::IdKind::User, 100)).await), (1, 100));
+    assert_eq!(range(n.apply1(0, alloc(store::IdKind::User, 10)).await), (101, 10));
+    assert_eq!(range(n.apply1(0, alloc(store::IdKind::Device, 5)).await), (1, 5), "kinds are independent");
+    assert_eq!(code(&n.apply1(0, alloc(store::IdKind::User, 0)).await), ErrorCode::ErrorBadRequest);
+    let mut n = n.reopen();
+    assert_eq!(
+        range(n.apply1(0, alloc(store::IdKind::User, 1)).await),
+        (111, 1),
+        "never reused after restart"
+    );
+
+    let map = |version| {
+        op(O::SetClusterMap(store::SetClusterMap {
+            map: Some(rim_proto::v1::ClusterMap { version, slots: 4, ..Default::default() }),
+        }))
+    };
+    assert_eq!(code(&n.apply1(0, map(2)).await), ErrorCode::ErrorBadRequest, "must start at 1");
+    assert_eq!(code(&n.apply1(0, map(1)).await), ErrorCode::Ok);
+    assert_eq!(code(&n.apply1(0, map(1)).await), ErrorCode::ErrorBadRequest, "stale version refused");
+    assert_eq!(code(&n.apply1(0, map(2)).await), ErrorCode::Ok);
+    assert_eq!(n.reader(0).cluster_map().unwrap().unwrap().version, 2);
+}
+
+#[tokio::test]
+async fn applied_effects_are_published_after_the_write() {
+    let (tx, mut rx) = tokio::sync::broadcast::channel(16);
+    let mut n = Node::new(&[]);
+    let sm = rim_raft_store::StateMachine::open(n.db.clone(), rim_raft_store::ShardId(1), n.limits.clone())
+        .unwrap()
+        .with_events(tx);
+    n.sms.insert(1, sm);
+    n.open_shard_index(1);
+    n.apply(1, vec![create_user(A), create_user(B), register_device(B, 1)]).await;
+    assert!(rx.try_recv().is_err(), "no list changed yet");
+    n.apply(1, vec![send(A, B, "x", "hi"), send(A, C, "y", "remote")]).await;
+    let ev = rx.try_recv().unwrap();
+    let lists: Vec<_> = ev.effects.appended.iter().map(|a| (a.list, a.message.seq)).collect();
+    use rim_raft_store::ListRef::User;
+    assert_eq!(lists, vec![(User(UserId(A)), 1), (User(UserId(B)), 1), (User(UserId(A)), 2)]);
+    assert!(ev.effects.outbox, "the send to C went to the outbox");
+    // A rejected operation publishes nothing.
+    n.apply1(1, send(A, 0, "bad", "x")).await;
+    assert!(rx.try_recv().is_err());
+    n.apply1(1, op(O::RevokeDevice(store::RevokeDevice { user_id: B, device_id: 1 }))).await;
+    assert_eq!(rx.try_recv().unwrap().effects.revoked, vec![(UserId(B), rim_raft_store::DeviceId(1))]);
+}

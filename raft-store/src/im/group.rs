@@ -74,6 +74,9 @@ impl Applier<'_> {
         msg.group_seq = seq.0;
         msg.seq = seq.0;
         self.txn.put_msg(keys::group_msg(self.shard, gid, seq), &msg);
+        self.op_effects
+            .appended
+            .push(super::Appended { list: super::ListRef::Group(gid), message: msg.clone() });
         self.trim(gid, group.retention.as_ref(), &mut head)?;
         self.txn.put_msg(head_key, &head);
 

@@ -31,6 +31,7 @@
 //! groups), so every cross-shard side effect is exactly-once.
 
 mod group;
+mod meta;
 pub mod read;
 mod txn;
 mod user;
@@ -83,10 +84,43 @@ impl Default for Limits {
     }
 }
 
+/// A list that received an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ListRef {
+    /// A user's own list.
+    User(UserId),
+    /// A group, super group or room list.
+    Group(crate::ids::GroupId),
+}
+
+/// An entry appended to a list by apply (for push streams).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Appended {
+    /// The list.
+    pub list: ListRef,
+    /// The entry, with its seq in that list.
+    pub message: Message,
+}
+
+/// What one `apply` call changed that others may want to react to.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ApplyEffects {
+    /// Entries appended to lists, in apply order.
+    pub appended: Vec<Appended>,
+    /// Whether outbox records were written (the relay has work).
+    pub outbox: bool,
+    /// Devices whose token version changed (logout, revoke): `(user, device)`.
+    pub revoked: Vec<(UserId, crate::ids::DeviceId)>,
+}
+
 /// Applies operations of one shard into a [`Txn`].
 pub struct Applier<'a> {
     /// Pending writes of the current `apply` call.
     pub txn: Txn<'a>,
+    /// Effects of committed operations (valid once the batch is written).
+    pub effects: ApplyEffects,
+    /// Effects of the operation in progress.
+    op_effects: ApplyEffects,
     /// The shard being applied to (key prefix, message id high bits).
     pub shard: ShardId,
     limits: &'a Limits,
@@ -97,7 +131,14 @@ pub struct Applier<'a> {
 impl<'a> Applier<'a> {
     /// An applier writing into `txn` for `shard`.
     pub fn new(txn: Txn<'a>, shard: ShardId, limits: &'a Limits) -> Applier<'a> {
-        Applier { txn, shard, limits, now_ms: 0 }
+        Applier {
+            txn,
+            shard,
+            limits,
+            now_ms: 0,
+            effects: ApplyEffects::default(),
+            op_effects: ApplyEffects::default(),
+        }
     }
 
     /// Applies every operation of a proposal; one result per operation.
@@ -110,10 +151,15 @@ impl<'a> Applier<'a> {
             match res {
                 Ok(r) => {
                     self.txn.commit_op();
+                    let op = std::mem::take(&mut self.op_effects);
+                    self.effects.appended.extend(op.appended);
+                    self.effects.outbox |= op.outbox;
+                    self.effects.revoked.extend(op.revoked);
                     results.push(r);
                 }
                 Err(e) if e.is_deterministic() => {
                     self.txn.abort_op();
+                    self.op_effects = ApplyEffects::default();
                     results.push(OpResult { code: e.code() as i32, message: e.to_string(), value: None });
                 }
                 Err(e) => return Err(e),
@@ -158,6 +204,11 @@ impl<'a> Applier<'a> {
             O::SetMember(c) => V::Group(self.set_member(c)?),
             O::DissolveGroup(c) => V::Group(self.dissolve_group(c)?),
             O::SendToGroup(c) => V::Sent(self.send_to_group(c)?),
+            O::SetClusterMap(c) => {
+                self.set_cluster_map(c)?;
+                return Ok(OpResult::default());
+            }
+            O::AllocateIds(c) => V::Ids(self.allocate_ids(c)?),
         };
         Ok(OpResult { code: 0, message: String::new(), value: Some(value) })
     }
@@ -186,6 +237,7 @@ impl<'a> Applier<'a> {
         self.txn.put_msg(keys::meta(self.shard, MetaTag::Counters), &c);
         let rec = store::OutboxRecord { outbox_id: c.next_outbox, message: Some(message), recipients };
         self.txn.put_msg(keys::outbox(self.shard, c.next_outbox), &rec);
+        self.op_effects.outbox = true;
         Ok(())
     }
 
@@ -205,6 +257,7 @@ impl<'a> Applier<'a> {
         self.notification_effects(user, &msg)?;
         self.txn.put_msg(keys::user_msg(self.shard, user, seq), &msg);
         self.txn.put_msg(head_key, &head);
+        self.op_effects.appended.push(Appended { list: ListRef::User(user), message: msg });
         Ok(seq)
     }
 

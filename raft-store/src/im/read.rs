@@ -148,6 +148,11 @@ impl Reader {
         rows.iter().map(|(_, v)| db::decode(v)).collect()
     }
 
+    /// The cluster map stored in this (meta) shard.
+    pub fn cluster_map(&self) -> Result<Option<rim_proto::v1::ClusterMap>> {
+        self.get(&keys::cluster_map(self.shard))
+    }
+
     /// Outbox records with id greater than `after`, oldest first.
     pub fn outbox(&self, after: u64, limit: usize) -> Result<Vec<OutboxRecord>> {
         let prefix = keys::outbox_all(self.shard);

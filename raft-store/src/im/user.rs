@@ -124,6 +124,7 @@ impl Applier<'_> {
         rec.token_version += 1;
         rec.updated_ms = self.now_ms;
         self.txn.put_msg(key, &rec);
+        self.op_effects.revoked.push((UserId(c.user_id), DeviceId(c.device_id)));
         Ok(rec)
     }
 

@@ -25,7 +25,7 @@ use serde::de::{self, Visitor};
 use serde::{Deserializer, Serializer};
 
 pub use log_store::LogStore;
-pub use state_machine::{SnapshotBuilder, StateMachine};
+pub use state_machine::{AppliedEvent, SnapshotBuilder, StateMachine};
 
 openraft::declare_raft_types!(
     /// Raft types of every rim group (the meta group and data shards).

@@ -35,7 +35,7 @@ use super::{Entry, LogId, Response, StorageError, TypeConfig, sm_err};
 use crate::db::{self, CF_RAFT, CF_SM, Db};
 use crate::error::{Error, Result};
 use crate::ids::ShardId;
-use crate::im::{Applier, Limits, Txn};
+use crate::im::{Applier, ApplyEffects, Limits, Txn};
 use crate::keys::{self, MetaTag, RaftTag};
 
 type Meta = SnapshotMeta<u64, openraft::BasicNode>;
@@ -55,6 +55,19 @@ pub struct StateMachine {
     applied: Option<LogId>,
     /// Cache of the stored membership.
     membership: Membership,
+    /// Where effects of applied entries are published (push hub, relay).
+    events: Option<tokio::sync::broadcast::Sender<Arc<AppliedEvent>>>,
+}
+
+/// Effects of one `apply` call, published after they are written.
+#[derive(Debug)]
+pub struct AppliedEvent {
+    /// The shard that applied them.
+    pub shard: ShardId,
+    /// Log index of the last entry of the call.
+    pub index: u64,
+    /// What changed.
+    pub effects: ApplyEffects,
 }
 
 impl StateMachine {
@@ -62,8 +75,15 @@ impl StateMachine {
     /// install first.
     pub fn open(db: Db, shard: ShardId, limits: Arc<Limits>) -> Result<StateMachine> {
         let snapshots = SnapshotDir::new(db.dir(), shard.0)?;
-        let mut sm =
-            StateMachine { db, shard, limits, snapshots, applied: None, membership: Membership::default() };
+        let mut sm = StateMachine {
+            db,
+            shard,
+            limits,
+            snapshots,
+            applied: None,
+            membership: Membership::default(),
+            events: None,
+        };
         if let Some((meta, name)) = sm.read_raft::<(Meta, String)>(RaftTag::Installing)? {
             tracing::warn!(shard = %shard, file = %name, "finishing an interrupted snapshot install");
             load_snapshot_file(&sm.db, shard, &sm.snapshots, &meta, &name)?;
@@ -71,6 +91,13 @@ impl StateMachine {
         sm.applied = sm.read_meta(MetaTag::Applied)?.flatten();
         sm.membership = sm.read_meta(MetaTag::Membership)?.unwrap_or_default();
         Ok(sm)
+    }
+
+    /// Publishes the effects of every later `apply` call on `events`. A slow
+    /// receiver misses events (`RecvError::Lagged`) and must re-read state.
+    pub fn with_events(mut self, events: tokio::sync::broadcast::Sender<Arc<AppliedEvent>>) -> StateMachine {
+        self.events = Some(events);
+        self
     }
 
     /// The shard this state machine holds.
@@ -109,6 +136,7 @@ impl StateMachine {
                 }
             }
         }
+        let effects = std::mem::take(&mut applier.effects);
         let mut txn = applier.txn;
         txn.put(keys::meta(self.shard, MetaTag::Applied), db::encode_serde(&Some(last))?);
         if let Some(m) = &membership {
@@ -119,6 +147,11 @@ impl StateMachine {
         self.applied = Some(last);
         if let Some(m) = membership {
             self.membership = m;
+        }
+        let busy = !effects.appended.is_empty() || effects.outbox || !effects.revoked.is_empty();
+        if let (Some(tx), true) = (&self.events, busy) {
+            // No receiver is fine: nobody is watching this shard.
+            let _ = tx.send(Arc::new(AppliedEvent { shard: self.shard, index: last.index, effects }));
         }
         Ok(replies)
     }

@@ -42,6 +42,11 @@ impl Node {
         self.next_index.entry(s).or_insert(1);
     }
 
+    /// Starts the log index of a shard whose state machine was inserted by hand.
+    pub fn open_shard_index(&mut self, s: u32) {
+        self.next_index.entry(s).or_insert(1);
+    }
+
     /// Closes the database and opens it again from disk.
     pub fn reopen(self) -> Node {
         let Node { dir, db, limits, sms, next_index } = self;
