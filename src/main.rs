@@ -1,16 +1,17 @@
 //! The `rim` binary: a thin command line over the library crates.
 //!
 //! Each subcommand parses its flags into the typed options of a library and
-//! calls it. The cluster itself (logic nodes, gateways, chat client) arrives
-//! with the following issues; until then `rim dev` checks that the storage
-//! engine works on this machine and says what it will start.
+//! calls it: `rim node` runs a logic node (`rim-node`), `rim admin` talks to
+//! a node's admin service, `rim dev` starts a local cluster.
+
+mod admin;
+mod dev;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use rim_raft_store::{Db, DbOptions, Limits, ShardId};
+use clap::{Args, Parser, Subcommand};
+use rim_node::NodeConfig;
 
 #[derive(Parser, Debug)]
 #[command(name = "rim", version, about = "rim: a Raft-replicated instant-messaging backend")]
@@ -21,61 +22,139 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Local development cluster: 3 logic nodes and a gateway in one process.
-    Dev {
-        /// Data directory of the local cluster.
-        #[arg(long, default_value = "rim-data", env = "RIM_DATA")]
-        data: PathBuf,
-    },
-    /// Print the Raft state of every shard stored in a node's data directory.
-    Inspect {
-        /// The node's data directory.
-        #[arg(long)]
-        data: PathBuf,
-        /// Shards to show (the meta group is 0).
-        #[arg(long, value_delimiter = ',', default_value = "0,1,2,3,4")]
-        shards: Vec<u32>,
-    },
+    /// Run a logic node.
+    Node(NodeArgs),
+    /// Inspect and change a running cluster.
+    Admin(admin::AdminArgs),
+    /// Local development cluster: 3 logic nodes in one process, data in ./rim-data.
+    Dev(dev::DevArgs),
+}
+
+/// Flags of `rim node`. Precedence: `RIM_*` environment > flags > `--config`
+/// file > defaults.
+#[derive(Args, Debug, Default)]
+struct NodeArgs {
+    /// TOML configuration file (keys as in `NodeConfig`, see docs/operations.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Node id (≥ 1, unique, never reused).
+    #[arg(long)]
+    id: Option<u64>,
+    /// Data directory.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Internal listener (Raft, gateways, admin).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Client gRPC listener.
+    #[arg(long)]
+    client_listen: Option<String>,
+    /// HTTP listener (/metrics, /healthz).
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// Create a new cluster from --peers.
+    #[arg(long)]
+    bootstrap: bool,
+    /// Initial members: id=internal_addr,...
+    #[arg(long)]
+    peers: Option<String>,
+    /// Join the cluster of this running node (internal address).
+    #[arg(long)]
+    join: Option<String>,
+    /// Data shards of a new cluster.
+    #[arg(long)]
+    shards: Option<u32>,
+    /// Shared cluster secret (also RIM_CLUSTER_SECRET).
+    #[arg(long)]
+    cluster_secret: Option<String>,
+    /// Development: accept this fixed phone sign-in code (logged loudly).
+    #[arg(long)]
+    dev_code: Option<String>,
+    /// Serve reads from the local replica without a read barrier (weaker).
+    #[arg(long)]
+    follower_reads: bool,
+}
+
+impl NodeArgs {
+    fn into_config(self) -> anyhow::Result<NodeConfig> {
+        let mut c = match &self.config {
+            Some(p) => NodeConfig::from_toml(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )?,
+            None => NodeConfig::default(),
+        };
+        if let Some(v) = self.id {
+            c.id = v;
+        }
+        if let Some(v) = self.data {
+            c.data = v;
+        }
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.client_listen {
+            c.client_listen = v;
+        }
+        if let Some(v) = self.http_listen {
+            c.http_listen = v;
+        }
+        if self.bootstrap {
+            c.bootstrap = true;
+        }
+        if let Some(v) = self.peers {
+            c.peers = rim_node::config::parse_peers(&v)?;
+        }
+        if let Some(v) = self.join {
+            c.join = Some(v);
+        }
+        if let Some(v) = self.shards {
+            c.shards = v;
+        }
+        if let Some(v) = self.cluster_secret {
+            c.cluster_secret = v;
+        }
+        if let Some(v) = self.dev_code {
+            c.dev_code = Some(v);
+        }
+        if self.follower_reads {
+            c.follower_reads = true;
+        }
+        c.apply_env(std::env::vars())?;
+        c.validate()?;
+        Ok(c)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("RIM_LOG")
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Dev { data } => dev(data),
-        Command::Inspect { data, shards } => inspect(data, &shards),
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Node(args) => rt.block_on(run_node(args.into_config()?)),
+        Command::Admin(args) => rt.block_on(admin::run(args)),
+        Command::Dev(args) => rt.block_on(dev::run(args)),
     }
 }
 
-fn dev(data: PathBuf) -> anyhow::Result<()> {
-    let node_dir = data.join("node-1");
-    let db =
-        Db::open(&DbOptions::new(&node_dir)).with_context(|| format!("opening {}", node_dir.display()))?;
-    drop(db);
-    println!("rim dev: storage is ready in {}", node_dir.display());
-    println!();
-    println!("This build has the storage layer only (RocksDB + openraft state machine).");
-    println!("`rim dev` will start, in one process, with data under {}:", data.display());
-    println!("  - logic nodes 1..3 (meta group + 4 shards, Raft on 127.0.0.1:7101..7103)");
-    println!("  - a gateway: TCP on 127.0.0.1:8002, WebSocket on ws://127.0.0.1:8003/ws");
-    println!("and print the `rim chat` commands for two demo users.");
+async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
+    let node = rim_node::Node::start(config, rim_node::NodeOptions::default()).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
     Ok(())
 }
 
-fn inspect(data: PathBuf, shards: &[u32]) -> anyhow::Result<()> {
-    let db = Db::open(&DbOptions::new(&data)).with_context(|| format!("opening {}", data.display()))?;
-    let limits = Arc::new(Limits::default());
-    println!("{:>5}  {:>12}  {:>20}  digest", "shard", "applied", "membership");
-    for &s in shards {
-        let sm = rim_raft_store::StateMachine::open(db.clone(), ShardId(s), limits.clone())?;
-        let (applied, membership) = sm.applied_summary();
-        let digest = sm.reader().digest()?;
-        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-        println!("{s:>5}  {applied:>12}  {membership:>20}  {hex}");
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
     }
-    Ok(())
 }

@@ -1,8 +1,43 @@
-//! rim logic node (planned).
+//! rim logic node.
 //!
-//! Will own: hosting the meta group and data shards as openraft groups over
-//! one RocksDB (`rim-raft-store`), the Raft network over gRPC, the client-,
-//! gateway- and business-facing gRPC services, proposal batching (group
-//! commit), the outbox relay that delivers cross-shard messages exactly once,
-//! the push hub streaming applied entries to gateways, `/metrics` and
-//! `/healthz`.
+//! A node hosts the meta group (shard 0: the cluster map and id allocators)
+//! and data shards, each an openraft group over the node's single RocksDB
+//! (`rim-raft-store`). It serves three listeners:
+//!
+//! * **internal** (cluster secret required): Raft traffic between nodes,
+//!   forwarded proposals and read-index barriers, the gateway-facing service
+//!   with push subscriptions, and the admin service;
+//! * **client**: sign-in, users and messages over gRPC, authenticated by
+//!   device tokens in the metadata;
+//! * **http**: `/metrics` and `/healthz`.
+//!
+//! # Write path
+//!
+//! Any node accepts a write and routes it to the owning shard's leader
+//! ([`core`]); the leader's proposer batches concurrent operations into one
+//! Raft entry ([`group`]); the reply is sent after the entry is committed on
+//! a quorum (fsynced) and applied. Cross-shard effects go through the
+//! outbox [`relay`], exactly once.
+//!
+//! # Guarantees (docs/consistency.md)
+//!
+//! * An acknowledged send is committed on a quorum and survives any minority
+//!   of crashes; a partitioned minority cannot acknowledge anything.
+//! * Reads are linearizable unless `follower_reads` is on.
+//! * Every operation is idempotent under retry, so a timeout (unknown
+//!   outcome) is resolved by retrying with the same `client_msg_id`.
+
+pub mod auth;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod group;
+pub mod http;
+pub mod net;
+mod node;
+pub mod relay;
+pub mod service;
+
+pub use config::NodeConfig;
+pub use error::{Error, Result};
+pub use node::{Node, NodeOptions};

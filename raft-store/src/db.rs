@@ -105,6 +105,11 @@ impl Db {
         self.inner.clone()
     }
 
+    /// How many handles share the database (it closes when the last drops).
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     /// The node's data directory.
     pub fn dir(&self) -> &Path {
         &self.dir

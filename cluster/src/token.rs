@@ -1,0 +1,359 @@
+//! Signed device tokens (design section 8), verifiable without a round trip.
+//!
+//! `SignIn` hands a device a token; the device presents it on every
+//! long-connection sign-in and in the metadata of client gRPC calls. Any
+//! gateway or node holding the cluster secret checks it locally: no shard is
+//! asked whether the token is authentic or fresh.
+//!
+//! # Format
+//!
+//! A token is printable ASCII, at most [`MAX_TOKEN_LEN`] bytes:
+//!
+//! ```text
+//! v1.<user_id>.<device_id>.<expires_at_ms>.<token_version>.<mac>
+//! ```
+//!
+//! * the four numbers are canonical decimal: no sign (except a leading `-` on a
+//!   negative expiry), no leading zeros, no `-0`; so each [`Claims`] value has
+//!   exactly one token text under a key;
+//! * `<mac>` is the lowercase hex HMAC-SHA256, under the [`TokenKey`], of the
+//!   exact text before the last `.` (the `v1` prefix included, so a future
+//!   format cannot be confused with this one).
+//!
+//! The key is `SHA-256("rim token key v1\0" ‖ secret)`: the same cluster
+//! secret also authenticates internal gRPC calls, and the domain prefix keeps
+//! the two uses apart.
+//!
+//! # Verification and its limits
+//!
+//! [`TokenKey::verify`] checks, in this order: the shape
+//! ([`TokenError::Malformed`]), the MAC in constant time
+//! ([`TokenError::BadSignature`]), then the expiry ([`TokenError::Expired`]:
+//! expired once `now_ms >= expires_at_ms`). Claims are only returned, and
+//! expiry only reported, for authentic tokens. It never panics, whatever the
+//! input.
+//!
+//! What `verify` does **not** check, and the caller must:
+//!
+//! * that `user_id` / `device_id` are those the connection claims to be;
+//! * **revocation**: logout and "kick device" bump the device's token version
+//!   in the user's shard; at connection sign-in the caller compares
+//!   [`Claims::token_version`] with the stored version and refuses a mismatch
+//!   with `ERROR_TOKEN_REVOKED`. A revoked token therefore stays
+//!   cryptographically valid until it expires; keep expiries finite.
+//!
+//! There is one key per cluster; rotating the secret invalidates every token
+//! (devices sign in again).
+
+use std::fmt;
+
+use hmac::{Hmac, Mac};
+use rim_proto::ErrorCode;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// First field of every token of this format.
+pub const TOKEN_FORMAT: &str = "v1";
+
+/// Longest well-formed token, in bytes: `v1`, four numbers of at most 20
+/// characters, five dots and 64 hex digits. Longer input is refused as
+/// malformed before any parsing.
+pub const MAX_TOKEN_LEN: usize = 2 + 4 * 20 + 5 + 64;
+
+/// Domain separation prefix of the key derivation.
+const KEY_DOMAIN: &[u8] = b"rim token key v1\0";
+
+/// Length of the MAC in bytes (SHA-256).
+const MAC_LEN: usize = 32;
+
+/// What a token asserts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Claims {
+    /// The signed-in user.
+    pub user_id: u64,
+    /// The user's device the token was issued to.
+    pub device_id: u64,
+    /// Expiry, Unix milliseconds; the token is refused from this instant on.
+    pub expires_at_ms: i64,
+    /// The device's token version when the token was issued; the caller must
+    /// compare it with the device's stored version (revocation).
+    pub token_version: u64,
+}
+
+impl Claims {
+    /// Whether the claims are expired at `now_ms` (Unix milliseconds).
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        now_ms >= self.expires_at_ms
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum TokenError {
+    /// Not a token of this format (wrong shape, bad number, bad hex).
+    #[error("malformed token")]
+    Malformed,
+    /// Well-formed, but not signed with this cluster's key (forged, altered,
+    /// or from another cluster).
+    #[error("bad token signature")]
+    BadSignature,
+    /// Authentic but past its expiry.
+    #[error("token expired")]
+    Expired,
+}
+
+impl TokenError {
+    /// The wire code: `ERROR_UNAUTHENTICATED` for malformed or forged tokens,
+    /// `ERROR_TOKEN_EXPIRED` for expired ones.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            TokenError::Malformed | TokenError::BadSignature => ErrorCode::ErrorUnauthenticated,
+            TokenError::Expired => ErrorCode::ErrorTokenExpired,
+        }
+    }
+}
+
+/// The cluster's token signing key, derived from the cluster secret.
+///
+/// `Debug` never prints the key.
+#[derive(Clone)]
+pub struct TokenKey {
+    key: [u8; 32],
+}
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenKey(..)")
+    }
+}
+
+impl TokenKey {
+    /// Derives the key from the cluster secret (see the module docs).
+    ///
+    /// Refuses an empty or all-whitespace secret with
+    /// [`Error::InvalidInput`]. Anything else is accepted, but a secret that
+    /// can be guessed lets anyone mint tokens: use at least 16 random bytes.
+    pub fn from_secret(secret: &str) -> Result<TokenKey> {
+        if secret.trim().is_empty() {
+            return Err(Error::InvalidInput("the cluster secret must not be empty".into()));
+        }
+        let mut h = Sha256::new();
+        h.update(KEY_DOMAIN);
+        h.update(secret.as_bytes());
+        Ok(TokenKey { key: h.finalize().into() })
+    }
+
+    /// Signs `claims` into a token (format in the module docs).
+    pub fn sign(&self, claims: &Claims) -> String {
+        let mut token = format!(
+            "{TOKEN_FORMAT}.{}.{}.{}.{}",
+            claims.user_id, claims.device_id, claims.expires_at_ms, claims.token_version
+        );
+        let tag = self.mac_of(token.as_bytes()).finalize().into_bytes();
+        token.push('.');
+        push_hex(&mut token, &tag);
+        token
+    }
+
+    /// Checks `token` at time `now_ms` (Unix milliseconds) and returns its
+    /// claims. Revocation and identity are the caller's checks (module docs).
+    pub fn verify(&self, token: &str, now_ms: i64) -> Result<Claims, TokenError> {
+        let (body, claims, tag) = parse(token).ok_or(TokenError::Malformed)?;
+        self.mac_of(body.as_bytes()).verify_slice(&tag).map_err(|_| TokenError::BadSignature)?;
+        if claims.is_expired(now_ms) {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+
+    fn mac_of(&self, body: &[u8]) -> HmacSha256 {
+        #[allow(clippy::expect_used)]
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        mac.update(body);
+        mac
+    }
+}
+
+/// Splits a token into (signed text, claims, MAC) if it has the right shape.
+fn parse(token: &str) -> Option<(&str, Claims, [u8; MAC_LEN])> {
+    if token.len() > MAX_TOKEN_LEN {
+        return None;
+    }
+    let (body, hex) = token.rsplit_once('.')?;
+    let tag = decode_hex(hex)?;
+    let mut fields = body.split('.');
+    if fields.next()? != TOKEN_FORMAT {
+        return None;
+    }
+    let claims = Claims {
+        user_id: parse_u64(fields.next()?)?,
+        device_id: parse_u64(fields.next()?)?,
+        expires_at_ms: parse_i64(fields.next()?)?,
+        token_version: parse_u64(fields.next()?)?,
+    };
+    if fields.next().is_some() {
+        return None;
+    }
+    Some((body, claims, tag))
+}
+
+/// Canonical unsigned decimal: digits only, no leading zero unless "0".
+fn parse_u64(s: &str) -> Option<u64> {
+    if !canonical_digits(s) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Canonical signed decimal: an optional `-`, canonical digits, never `-0`.
+fn parse_i64(s: &str) -> Option<i64> {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if !canonical_digits(digits) || (digits.len() < s.len() && digits == "0") {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn canonical_digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'))
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+}
+
+/// Decodes exactly `MAC_LEN` bytes of lowercase hex.
+fn decode_hex(s: &str) -> Option<[u8; MAC_LEN]> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    let bytes = s.as_bytes();
+    if bytes.len() != 2 * MAC_LEN {
+        return None;
+    }
+    let mut out = [0u8; MAC_LEN];
+    for (o, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> TokenKey {
+        TokenKey::from_secret("test cluster secret").unwrap()
+    }
+
+    fn claims() -> Claims {
+        Claims { user_id: 42, device_id: 7, expires_at_ms: 2_000, token_version: 3 }
+    }
+
+    #[test]
+    fn round_trip() {
+        let t = key().sign(&claims());
+        assert!(t.starts_with("v1.42.7.2000.3."), "{t}");
+        assert_eq!(t.len(), "v1.42.7.2000.3.".len() + 64);
+        assert_eq!(key().verify(&t, 1_999), Ok(claims()));
+    }
+
+    #[test]
+    fn extremes_round_trip() {
+        for c in [
+            Claims { user_id: 0, device_id: 0, expires_at_ms: i64::MIN, token_version: 0 },
+            Claims {
+                user_id: u64::MAX,
+                device_id: u64::MAX,
+                expires_at_ms: i64::MAX,
+                token_version: u64::MAX,
+            },
+            Claims { user_id: 1, device_id: 2, expires_at_ms: -5, token_version: 9 },
+        ] {
+            let t = key().sign(&c);
+            assert!(t.len() <= MAX_TOKEN_LEN, "{t}");
+            assert_eq!(
+                key().verify(&t, i64::MIN),
+                if c.expires_at_ms == i64::MIN { Err(TokenError::Expired) } else { Ok(c) }
+            );
+        }
+    }
+
+    #[test]
+    fn expiry_boundary() {
+        let t = key().sign(&claims());
+        assert_eq!(key().verify(&t, 2_000), Err(TokenError::Expired));
+        assert_eq!(key().verify(&t, i64::MAX), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn other_key_is_bad_signature() {
+        let t = key().sign(&claims());
+        let other = TokenKey::from_secret("another secret").unwrap();
+        assert_eq!(other.verify(&t, 0), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn expired_forgery_is_bad_signature_not_expired() {
+        let t = key().sign(&claims());
+        let forged = t.replace("v1.42.", "v1.43.");
+        assert_eq!(key().verify(&forged, 5_000), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn malformed_shapes() {
+        let good = key().sign(&claims());
+        let mac = good.rsplit_once('.').unwrap().1.to_string();
+        for bad in [
+            String::new(),
+            ".".into(),
+            "v1".into(),
+            format!("v2.42.7.2000.3.{mac}"),
+            format!("v1.42.7.2000.{mac}"),
+            format!("v1.42.7.2000.3.4.{mac}"),
+            format!("v1.042.7.2000.3.{mac}"),
+            format!("v1.+42.7.2000.3.{mac}"),
+            format!("v1.42.7.-0.3.{mac}"),
+            format!("v1.42.7.--1.3.{mac}"),
+            format!("v1.42.-7.2000.3.{mac}"),
+            format!("v1.18446744073709551616.7.2000.3.{mac}"),
+            format!("v1.42.7.2000.3.{}", mac.to_uppercase()),
+            format!("v1.42.7.2000.3.{}", &mac[..62]),
+            format!("v1.42.7.2000.3.{mac}00"),
+            format!("v1..7.2000.3.{mac}"),
+            format!("{good}."),
+        ] {
+            assert_eq!(key().verify(&bad, 0), Err(TokenError::Malformed), "{bad}");
+        }
+    }
+
+    #[test]
+    fn empty_secret_refused() {
+        assert!(matches!(TokenKey::from_secret(""), Err(Error::InvalidInput(_))));
+        assert!(matches!(TokenKey::from_secret(" \t\n"), Err(Error::InvalidInput(_))));
+    }
+
+    #[test]
+    fn debug_hides_key() {
+        assert_eq!(format!("{:?}", key()), "TokenKey(..)");
+    }
+
+    #[test]
+    fn codes() {
+        assert_eq!(TokenError::Malformed.code(), ErrorCode::ErrorUnauthenticated);
+        assert_eq!(TokenError::BadSignature.code(), ErrorCode::ErrorUnauthenticated);
+        assert_eq!(TokenError::Expired.code(), ErrorCode::ErrorTokenExpired);
+    }
+}

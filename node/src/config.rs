@@ -1,0 +1,280 @@
+//! Node configuration: one typed struct, layered from defaults, a TOML file,
+//! command-line flags and `RIM_*` environment variables (each overriding the
+//! previous), then checked by [`NodeConfig::validate`].
+//!
+//! Every field has a default suited to a local 3-node cluster on a loaded
+//! 2-core machine (elections slow enough not to flap at idle, still well
+//! inside the 2 s failover goal).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Configuration of one logic node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id (≥ 1, unique in the cluster, never reused).
+    pub id: u64,
+    /// Data directory (RocksDB and snapshots).
+    pub data: PathBuf,
+    /// Internal listener: Raft, gateway and admin gRPC (cluster secret required).
+    pub listen: String,
+    /// Client-facing gRPC listener.
+    pub client_listen: String,
+    /// HTTP listener for `/metrics` and `/healthz`.
+    pub http_listen: String,
+    /// Create a new cluster from `peers` (ignored once the data dir is initialised).
+    pub bootstrap: bool,
+    /// Initial members for `bootstrap`: node id → internal address.
+    pub peers: BTreeMap<u64, String>,
+    /// Internal address of a running node to join (new node, empty data dir).
+    pub join: Option<String>,
+    /// Data shards of a new cluster.
+    pub shards: u32,
+    /// Slots of a new cluster (fixed forever).
+    pub slots: u32,
+    /// Replicas per shard.
+    pub replication: usize,
+    /// Shared secret of internal listeners and the token signing key.
+    pub cluster_secret: String,
+    /// Raft heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the election timeout.
+    pub election_min_ms: u64,
+    /// Upper bound of the election timeout.
+    pub election_max_ms: u64,
+    /// Build a snapshot (and purge the log) after this many applied entries.
+    pub snapshot_after: u64,
+    /// Lifetime of issued device tokens.
+    pub token_ttl_secs: u64,
+    /// Development mode: phone sign-in accepts this fixed code (logged loudly).
+    pub dev_code: Option<String>,
+    /// Serve reads from the local replica without a read barrier (weaker:
+    /// may miss the latest writes; see docs/consistency.md).
+    pub follower_reads: bool,
+    /// Fsync log writes. Turning this off breaks durability; for benchmarks only.
+    pub fsync: bool,
+    /// Most operations batched into one Raft entry.
+    pub max_batch_ops: usize,
+    /// Most proposals in flight per shard.
+    pub max_inflight_proposals: usize,
+    /// Deadline of a client request inside the node.
+    pub request_timeout_ms: u64,
+    /// Groups with more members use read diffusion (0: all of them).
+    pub small_group_limit: u32,
+}
+
+impl Default for NodeConfig {
+    fn default() -> NodeConfig {
+        NodeConfig {
+            id: 0,
+            data: PathBuf::from("rim-data"),
+            listen: "127.0.0.1:7101".into(),
+            client_listen: "127.0.0.1:7201".into(),
+            http_listen: "127.0.0.1:7301".into(),
+            bootstrap: false,
+            peers: BTreeMap::new(),
+            join: None,
+            shards: 4,
+            slots: 256,
+            replication: 3,
+            cluster_secret: String::new(),
+            heartbeat_ms: 100,
+            election_min_ms: 600,
+            election_max_ms: 1200,
+            snapshot_after: 20_000,
+            token_ttl_secs: 30 * 24 * 3600,
+            dev_code: None,
+            follower_reads: false,
+            fsync: true,
+            max_batch_ops: 512,
+            max_inflight_proposals: 4,
+            request_timeout_ms: 5_000,
+            small_group_limit: 500,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads a TOML file over the defaults.
+    pub fn from_toml(text: &str) -> Result<NodeConfig> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Overrides fields from `RIM_<FIELD>` variables (e.g. `RIM_ID=2`,
+    /// `RIM_PEERS=1=a:1,2=b:2`, `RIM_FOLLOWER_READS=true`).
+    pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<()> {
+        let mut table = toml::Table::try_from(&*self).map_err(|e| Error::Config(e.to_string()))?;
+        let defaults =
+            toml::Table::try_from(NodeConfig::default()).map_err(|e| Error::Config(e.to_string()))?;
+        for (k, v) in vars {
+            let Some(field) = k.strip_prefix("RIM_").map(str::to_ascii_lowercase) else { continue };
+            if field == "peers" {
+                let peers = parse_peers(&v)?;
+                let value = toml::Value::try_from(peers).map_err(|e| Error::Config(e.to_string()))?;
+                table.insert(field, value);
+                continue;
+            }
+            let kind = table.get(&field).or_else(|| defaults.get(&field));
+            let value = match kind {
+                Some(toml::Value::Integer(_)) => v
+                    .parse::<i64>()
+                    .map(toml::Value::Integer)
+                    .map_err(|_| Error::Config(format!("{k}: expected an integer, got {v:?}")))?,
+                Some(toml::Value::Boolean(_)) => v
+                    .parse::<bool>()
+                    .map(toml::Value::Boolean)
+                    .map_err(|_| Error::Config(format!("{k}: expected true or false, got {v:?}")))?,
+                // Strings, and optional fields absent from the table (dev_code).
+                _ if field == "dev_code" || field == "join" || kind.is_some() => toml::Value::String(v),
+                _ => continue, // not ours (e.g. RIM_LOG)
+            };
+            table.insert(field, value);
+        }
+        *self = table.try_into().map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Checks the configuration; the error names the broken rule.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.id == 0 {
+            return bad("id must be ≥ 1".into());
+        }
+        for (name, addr) in [
+            ("listen", &self.listen),
+            ("client_listen", &self.client_listen),
+            ("http_listen", &self.http_listen),
+        ] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return bad(format!("{name}: {addr:?} is not an ip:port address"));
+            }
+        }
+        if self.bootstrap {
+            if self.peers.is_empty() {
+                return bad("bootstrap needs peers (id=addr,...)".into());
+            }
+            match self.peers.get(&self.id) {
+                Some(a) if *a == self.listen => {}
+                Some(a) => {
+                    return bad(format!("peers lists this node at {a}, but listen is {}", self.listen));
+                }
+                None => return bad(format!("peers must include this node ({})", self.id)),
+            }
+            if self.peers.contains_key(&0) {
+                return bad("node ids must be ≥ 1".into());
+            }
+        }
+        if self.shards == 0 || self.shards > 4096 {
+            return bad(format!("shards must be 1..=4096, got {}", self.shards));
+        }
+        if self.slots < self.shards {
+            return bad(format!("slots ({}) must be ≥ shards ({})", self.slots, self.shards));
+        }
+        if self.replication == 0 {
+            return bad("replication must be ≥ 1".into());
+        }
+        if self.cluster_secret.len() < 16 {
+            return bad("cluster_secret must be at least 16 characters".into());
+        }
+        if self.heartbeat_ms == 0 || self.election_min_ms <= 2 * self.heartbeat_ms {
+            return bad(format!(
+                "election_min_ms ({}) must exceed twice heartbeat_ms ({})",
+                self.election_min_ms, self.heartbeat_ms
+            ));
+        }
+        if self.election_max_ms <= self.election_min_ms {
+            return bad("election_max_ms must exceed election_min_ms".into());
+        }
+        if self.max_batch_ops == 0 || self.max_inflight_proposals == 0 || self.request_timeout_ms == 0 {
+            return bad("max_batch_ops, max_inflight_proposals and request_timeout_ms must be ≥ 1".into());
+        }
+        if self.token_ttl_secs == 0 {
+            return bad("token_ttl_secs must be ≥ 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses `1=127.0.0.1:7101,2=127.0.0.1:7102`.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) =
+            part.split_once('=').ok_or_else(|| Error::Config(format!("peer {part:?}: expected id=addr")))?;
+        let id: u64 = id.trim().parse().map_err(|_| Error::Config(format!("peer {part:?}: bad node id")))?;
+        if out.insert(id, addr.trim().to_string()).is_some() {
+            return Err(Error::Config(format!("peer {id} listed twice")));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> NodeConfig {
+        NodeConfig {
+            id: 1,
+            bootstrap: true,
+            peers: parse_peers("1=127.0.0.1:7101,2=127.0.0.1:7102").unwrap(),
+            cluster_secret: "0123456789abcdef".into(),
+            ..NodeConfig::default()
+        }
+    }
+
+    #[test]
+    fn layers_file_then_env() {
+        let mut c = NodeConfig::from_toml("id = 3\nshards = 8\n[peers]\n1 = \"a:1\"\n").unwrap();
+        assert_eq!((c.id, c.shards, c.peers.len()), (3, 8, 1));
+        c.apply_env([
+            ("RIM_SHARDS".to_string(), "16".to_string()),
+            ("RIM_FOLLOWER_READS".into(), "true".into()),
+            ("RIM_DEV_CODE".into(), "000000".into()),
+            ("RIM_PEERS".into(), "1=x:1,2=y:2".into()),
+            ("RIM_LOG".into(), "debug".into()),
+            ("PATH".into(), "/bin".into()),
+        ])
+        .unwrap();
+        assert_eq!(c.shards, 16);
+        assert!(c.follower_reads);
+        assert_eq!(c.dev_code.as_deref(), Some("000000"));
+        assert_eq!(c.peers.get(&2).map(String::as_str), Some("y:2"));
+        assert_eq!(c.id, 3, "untouched fields keep the file's value");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut c = NodeConfig::default();
+        let e = c.apply_env([("RIM_SHARDS".to_string(), "many".to_string())]).unwrap_err();
+        assert!(e.to_string().contains("RIM_SHARDS"), "{e}");
+        assert!(NodeConfig::from_toml("nope = 1").is_err(), "unknown keys are refused");
+        assert!(parse_peers("1=a,1=b").is_err());
+        assert!(parse_peers("x=a").is_err());
+    }
+
+    #[test]
+    fn validate_names_the_broken_rule() {
+        valid().validate().unwrap();
+        let cases: Vec<(NodeConfig, &str)> = vec![
+            (NodeConfig { id: 0, ..valid() }, "id"),
+            (NodeConfig { listen: "nowhere".into(), ..valid() }, "listen"),
+            (NodeConfig { peers: BTreeMap::new(), ..valid() }, "peers"),
+            (NodeConfig { id: 3, ..valid() }, "include this node"),
+            (NodeConfig { shards: 0, ..valid() }, "shards"),
+            (NodeConfig { slots: 2, shards: 4, ..valid() }, "slots"),
+            (NodeConfig { cluster_secret: "short".into(), ..valid() }, "cluster_secret"),
+            (NodeConfig { election_min_ms: 150, heartbeat_ms: 100, ..valid() }, "election_min_ms"),
+            (NodeConfig { election_max_ms: 600, ..valid() }, "election_max_ms"),
+        ];
+        for (c, want) in cases {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} should mention {want:?}");
+        }
+    }
+}

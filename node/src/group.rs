@@ -1,0 +1,234 @@
+//! One Raft group hosted by this node, and its proposal batcher.
+//!
+//! # Group commit at the proposal layer
+//!
+//! Every write to a group goes through its [`Proposer`]: a bounded queue
+//! drained by one task that packs whatever is waiting (up to
+//! `max_batch_ops`) into one Raft entry. At most `max_inflight_proposals`
+//! entries are in flight; while they are, new operations accumulate, so
+//! under load batches grow and one fsync round commits many messages. Idle,
+//! a lone operation is proposed at once. Entries are handed to openraft in
+//! queue order, so operations keep their submission order in the log.
+//!
+//! # Reads
+//!
+//! [`Group::read_index`] is openraft's read index on the leader: it confirms
+//! leadership with a quorum and waits until the leader applied everything
+//! committed before the read. A follower can use the returned index as a
+//! barrier ([`Group::wait_applied`]) and then read its own replica; the read
+//! is still linearizable.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, Raft};
+use rim_proto::store::{Op, OpResult, Proposal};
+use rim_raft_store::{AppliedEvent, Db, Limits, Reader, Request, ShardId, TypeConfig};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::net::{GroupNetwork, Peers};
+
+/// Capacity of a group's proposal queue; beyond it writes get `ERROR_BUSY`.
+const PROPOSAL_QUEUE: usize = 16_384;
+/// Capacity of a group's applied-effects channel.
+const EVENT_CHANNEL: usize = 4_096;
+
+/// Tuning of a group's proposer.
+#[derive(Clone, Copy, Debug)]
+pub struct ProposerOptions {
+    /// Most operations per Raft entry.
+    pub max_batch_ops: usize,
+    /// Most entries in flight.
+    pub max_inflight: usize,
+}
+
+type Reply = oneshot::Sender<Result<OpResult>>;
+
+/// A Raft group on this node.
+pub struct Group {
+    /// The group (0 = meta group).
+    pub shard: ShardId,
+    /// The openraft instance.
+    pub raft: Raft<TypeConfig>,
+    /// Reads of the local replica's state.
+    pub reader: Reader,
+    /// Effects of applied entries (push hub, relay).
+    pub events: broadcast::Sender<Arc<AppliedEvent>>,
+    proposals: mpsc::Sender<(Op, Reply)>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group").field("shard", &self.shard).finish()
+    }
+}
+
+/// Milliseconds since the Unix epoch (the proposer's clock).
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Group {
+    /// Opens the group's storage and starts its Raft instance and proposer.
+    pub async fn start(
+        node_id: u64,
+        db: &Db,
+        shard: ShardId,
+        limits: Arc<Limits>,
+        config: Arc<openraft::Config>,
+        peers: Peers,
+        opts: ProposerOptions,
+    ) -> Result<Arc<Group>> {
+        let (events, _) = broadcast::channel(EVENT_CHANNEL);
+        let (log, sm) = rim_raft_store::open_shard(db, shard, limits)?;
+        let reader = sm.reader();
+        let sm = sm.with_events(events.clone());
+        let network = GroupNetwork { group: shard.0, peers };
+        let raft = Raft::new(node_id, config, network, log, sm)
+            .await
+            .map_err(|e| Error::Internal(format!("starting group {shard}: {e}")))?;
+        let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE);
+        tokio::spawn(run_proposer(raft.clone(), rx, opts, shard));
+        Ok(Arc::new(Group { shard, raft, reader, events, proposals: tx }))
+    }
+
+    /// This node's id in the group.
+    pub fn raft_id(&self) -> u64 {
+        self.raft.metrics().borrow().id
+    }
+
+    /// Whether this replica is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.raft_id())
+    }
+
+    /// The current leader as this replica knows it.
+    pub fn leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// The internal address of a member of this group.
+    pub fn member_addr(&self, node: u64) -> Option<String> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&node).map(|n: &BasicNode| n.addr.clone())
+    }
+
+    /// Proposes one operation; resolves when it is committed and applied.
+    ///
+    /// A follower refuses with `NotLeader` before submitting anything. Once
+    /// submitted, a lost leadership also reports `NotLeader`, although the
+    /// entry may still commit: every operation is therefore idempotent under
+    /// retry (sends by client_msg_id, deliveries by message id, ...).
+    pub async fn propose(&self, op: Op, timeout: Duration) -> Result<OpResult> {
+        if self.leader() != Some(self.raft_id()) {
+            return Err(Error::NotLeader { shard: self.shard.0, leader: self.leader() });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.proposals.try_send((op, tx)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                Error::rejected(rim_proto::ErrorCode::ErrorBusy, "proposal queue full")
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                Error::Unavailable(format!("group {} stopped", self.shard))
+            }
+        })?;
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => Err(Error::Timeout(format!("group {} did not commit within {timeout:?}", self.shard))),
+            Ok(Err(_)) => Err(Error::Unavailable(format!("group {} stopped", self.shard))),
+            Ok(Ok(r)) => r,
+        }
+    }
+
+    /// Confirms leadership and returns the index reads must wait for.
+    pub async fn read_index(&self, timeout: Duration) -> Result<u64> {
+        let res = tokio::time::timeout(timeout, self.raft.ensure_linearizable())
+            .await
+            .map_err(|_| Error::Timeout(format!("read index of group {}", self.shard)))?;
+        match res {
+            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(Error::NotLeader { shard: self.shard.0, leader: f.leader_id })
+            }
+            Err(e) => Err(Error::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Waits until this replica applied `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<()> {
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Timeout(format!("group {} applying up to {index}: {e}", self.shard)))
+    }
+}
+
+/// Drains the proposal queue into Raft entries (see the module doc).
+async fn run_proposer(
+    raft: Raft<TypeConfig>,
+    mut rx: mpsc::Receiver<(Op, Reply)>,
+    opts: ProposerOptions,
+    shard: ShardId,
+) {
+    let inflight = Arc::new(Semaphore::new(opts.max_inflight));
+    while let Some(first) = rx.recv().await {
+        // Wait for capacity first: operations arriving meanwhile join this batch.
+        let Ok(permit) = inflight.clone().acquire_owned().await else { return };
+        let mut ops = vec![first.0];
+        let mut replies = vec![first.1];
+        while ops.len() < opts.max_batch_ops {
+            match rx.try_recv() {
+                Ok((op, reply)) => {
+                    ops.push(op);
+                    replies.push(reply);
+                }
+                Err(_) => break,
+            }
+        }
+        metrics::counter!("rim_proposals_total").increment(1);
+        metrics::histogram!("rim_proposal_batch_ops").record(ops.len() as f64);
+        let proposal = Proposal { now_ms: now_ms(), ops };
+        match raft.client_write_ff(Request(proposal)).await {
+            Err(fatal) => {
+                for r in replies {
+                    let _ = r.send(Err(Error::Unavailable(format!("raft stopped: {fatal}"))));
+                }
+            }
+            Ok(done) => {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let outcome = done.await;
+                    match outcome {
+                        Ok(Ok(resp)) => {
+                            metrics::counter!("rim_commits_total").increment(1);
+                            let mut results = resp.data.0.results.into_iter();
+                            for r in replies {
+                                let res =
+                                    results.next().ok_or_else(|| Error::Internal("missing op result".into()));
+                                let _ = r.send(res);
+                            }
+                        }
+                        Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                            for r in replies {
+                                let _ = r.send(Err(Error::NotLeader { shard: shard.0, leader: f.leader_id }));
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            for r in replies {
+                                let _ = r.send(Err(Error::Internal(e.to_string())));
+                            }
+                        }
+                        Err(_) => {
+                            for r in replies {
+                                let _ = r.send(Err(Error::Unavailable("raft dropped the proposal".into())));
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! `/metrics` (Prometheus text) and `/healthz` over HTTP.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::core::Core;
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may be installed already (tests); then ours only
+        // renders what it sees, which is nothing, and that is fine.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Serves the HTTP endpoints on `listener` until the task is dropped.
+pub async fn serve(core: Arc<Core>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let handle = prometheus();
+    let metrics_core = core.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let core = metrics_core.clone();
+                async move {
+                    record_raft_gauges(&core);
+                    handle.render()
+                }
+            }),
+        )
+        .route("/healthz", get(move || async move { health(&core) }));
+    axum::serve(listener, app).await
+}
+
+fn record_raft_gauges(core: &Core) {
+    for g in core.all_groups() {
+        let m = g.raft.metrics().borrow().clone();
+        let shard = g.shard.0.to_string();
+        metrics::gauge!("rim_raft_term", "group" => shard.clone()).set(m.current_term as f64);
+        metrics::gauge!("rim_raft_is_leader", "group" => shard.clone())
+            .set(if m.current_leader == Some(core.id()) { 1.0 } else { 0.0 });
+        metrics::gauge!("rim_raft_last_log_index", "group" => shard.clone())
+            .set(m.last_log_index.unwrap_or(0) as f64);
+        metrics::gauge!("rim_raft_applied_index", "group" => shard)
+            .set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+    }
+}
+
+fn health(core: &Core) -> (StatusCode, String) {
+    let leaderless: Vec<u32> =
+        core.all_groups().iter().filter(|g| g.leader().is_none()).map(|g| g.shard.0).collect();
+    if leaderless.is_empty() && !core.all_groups().is_empty() {
+        (StatusCode::OK, "ok\n".into())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("groups without a leader: {leaderless:?}\n"))
+    }
+}

@@ -1,0 +1,259 @@
+//! The Raft network over gRPC, both ends.
+//!
+//! One tonic `Channel` per peer node is shared by every group (a channel is
+//! a cheap, cloneable, multiplexed HTTP/2 connection). Each request names its
+//! group (`group_id`) and carries the openraft request encoded with postcard;
+//! the reply carries `Result<response, RaftError>` the same way. Snapshots
+//! travel in openraft's chunks (`snapshot_max_chunk_size`), each chunk one
+//! message of the `Snapshot` stream.
+//!
+//! Every call has a deadline (openraft's `RPCOption::hard_ttl`, or the
+//! request timeout for forwarded proposals). Transport failures become
+//! `Unreachable` so openraft backs off instead of spinning.
+//!
+//! [`LinkFilter`] lets tests cut links between nodes (a partition) without
+//! touching sockets: a blocked link fails like an unreachable peer.
+
+// openraft's RPC error types are large and fixed by its traits.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use rim_proto::v1::raft_service_client::RaftServiceClient;
+use rim_proto::v1::{RaftReply, RaftRequest, SnapshotChunk};
+use rim_raft_store::TypeConfig;
+use tonic::transport::{Channel, Endpoint};
+
+/// Metadata key carrying the cluster secret on internal calls.
+pub const SECRET_METADATA_KEY: &str = "rim-cluster-secret";
+
+/// Decides whether the link `from → to` is cut (tests only).
+pub type LinkFilter = Arc<dyn Fn(u64, u64) -> bool + Send + Sync>;
+
+/// Connections to peer nodes, shared by all groups of this node.
+#[derive(Clone)]
+pub struct Peers {
+    inner: Arc<PeersInner>,
+}
+
+struct PeersInner {
+    me: u64,
+    secret: String,
+    channels: Mutex<HashMap<String, Channel>>,
+    filter: Option<LinkFilter>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers").field("me", &self.inner.me).finish()
+    }
+}
+
+/// Why a call to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The link is cut, the peer is down or the call timed out.
+    #[error("peer {0} unreachable: {1}")]
+    Unreachable(u64, String),
+    /// The peer answered with an error status.
+    #[error("peer {0} refused: {1}")]
+    Status(u64, tonic::Status),
+}
+
+impl Peers {
+    /// Connections from node `me`, authenticated with `secret`.
+    pub fn new(me: u64, secret: String, filter: Option<LinkFilter>) -> Peers {
+        Peers { inner: Arc::new(PeersInner { me, secret, channels: Mutex::new(HashMap::new()), filter }) }
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> u64 {
+        self.inner.me
+    }
+
+    /// Whether the link to `to` is usable (not cut by a test filter).
+    pub fn link_up(&self, to: u64) -> bool {
+        self.inner.filter.as_ref().is_none_or(|f| !f(self.inner.me, to))
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut map = self.inner.channels.lock().expect("peer map lock");
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10));
+        let ch = ep.connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// A Raft-service client for the node at `addr`.
+    pub fn raft_client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, String> {
+        Ok(RaftServiceClient::new(self.channel(addr)?).max_decoding_message_size(64 << 20))
+    }
+
+    /// A request carrying the secret and a deadline.
+    pub fn request<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(timeout);
+        if let Ok(v) = self.inner.secret.parse() {
+            req.metadata_mut().insert(SECRET_METADATA_KEY, v);
+        }
+        req
+    }
+
+    /// Sends `req` to node `to` at `addr` with `call`, honouring cut links.
+    pub async fn call<F, Fut>(
+        &self,
+        to: u64,
+        addr: &str,
+        timeout: Duration,
+        call: F,
+    ) -> Result<RaftReply, CallError>
+    where
+        F: FnOnce(RaftServiceClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<RaftReply>, tonic::Status>>,
+    {
+        if !self.link_up(to) {
+            return Err(CallError::Unreachable(to, "link cut".into()));
+        }
+        let client = self.raft_client(addr).map_err(|e| CallError::Unreachable(to, e))?;
+        match tokio::time::timeout(timeout, call(client, timeout)).await {
+            Err(_) => Err(CallError::Unreachable(to, format!("no answer within {timeout:?}"))),
+            Ok(Err(s)) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => {
+                Err(CallError::Unreachable(to, s.message().to_string()))
+            }
+            Ok(Err(s)) => Err(CallError::Status(to, s)),
+            Ok(Ok(r)) => Ok(r.into_inner()),
+        }
+    }
+}
+
+/// Creates per-target network clients for one group.
+#[derive(Clone, Debug)]
+pub struct GroupNetwork {
+    /// The group.
+    pub group: u32,
+    /// Shared connections.
+    pub peers: Peers,
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
+    type Network = PeerLink;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerLink {
+        PeerLink { target, addr: node.addr.clone(), group: self.group, peers: self.peers.clone() }
+    }
+}
+
+/// The Raft client of one group towards one peer.
+#[derive(Debug)]
+pub struct PeerLink {
+    target: u64,
+    addr: String,
+    group: u32,
+    peers: Peers,
+}
+
+type RpcErr<E> = RPCError<u64, BasicNode, RaftError<u64, E>>;
+
+impl PeerLink {
+    fn request(&self, payload: Vec<u8>) -> RaftRequest {
+        RaftRequest {
+            group_id: self.group,
+            payload: payload.into(),
+            target_node_id: self.target,
+            from_node_id: self.peers.me(),
+        }
+    }
+
+    /// Decodes a reply of `Result<R, RaftError<E>>`.
+    fn decode<R, E>(&self, reply: Result<RaftReply, CallError>) -> Result<R, RpcErr<E>>
+    where
+        R: serde::de::DeserializeOwned,
+        E: std::error::Error + serde::de::DeserializeOwned,
+    {
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e @ CallError::Unreachable(..)) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e @ CallError::Status(..)) => return Err(RPCError::Network(NetworkError::new(&e))),
+        };
+        if reply.code != 0 {
+            let e =
+                std::io::Error::other(format!("peer {}: code {} {}", self.target, reply.code, reply.message));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        }
+        let res: Result<R, RaftError<u64, E>> =
+            postcard::from_bytes(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    fn encode<T: serde::Serialize, E: std::error::Error>(&self, t: &T) -> Result<Vec<u8>, RpcErr<E>> {
+        postcard::to_allocvec(t).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerLink {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcErr<openraft::error::Infallible>> {
+        let req = self.request(self.encode(&rpc)?);
+        let msg = self.peers.request(req, option.hard_ttl());
+        let reply = self
+            .peers
+            .call(self.target, &self.addr, option.hard_ttl(), |mut c, _| async move { c.append(msg).await })
+            .await;
+        self.decode(reply)
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
+        let chunk = SnapshotChunk {
+            group_id: self.group,
+            header: self.encode(&rpc)?.into(),
+            offset: rpc.offset,
+            payload: Default::default(),
+            done: rpc.done,
+            target_node_id: self.target,
+            from_node_id: self.peers.me(),
+        };
+        let msg = self.peers.request(tokio_stream::iter(vec![chunk]), option.hard_ttl());
+        let reply = self
+            .peers
+            .call(self.target, &self.addr, option.hard_ttl(), |mut c, _| async move { c.snapshot(msg).await })
+            .await;
+        self.decode(reply)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcErr<openraft::error::Infallible>> {
+        let req = self.request(self.encode(&rpc)?);
+        let msg = self.peers.request(req, option.hard_ttl());
+        let reply = self
+            .peers
+            .call(self.target, &self.addr, option.hard_ttl(), |mut c, _| async move { c.vote(msg).await })
+            .await;
+        self.decode(reply)
+    }
+}

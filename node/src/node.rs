@@ -1,0 +1,384 @@
+//! Starting and stopping a logic node.
+//!
+//! Start-up order: open the database, open the meta group, learn which
+//! groups to host (from the local meta replica's cluster map; for a new
+//! cluster from the bootstrap peers; for a joining node from a seed), start
+//! those groups, bind and serve the listeners, then background tasks: the
+//! bootstrap of a new cluster, the cluster-map refresher, one outbox relay
+//! per data shard, and the HTTP endpoints.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::BasicNode;
+use rim_cluster::{Placement, TokenKey};
+use rim_proto::store::{self, op::Op as O};
+use rim_proto::v1::admin_service_client::AdminServiceClient;
+use rim_proto::v1::admin_service_server::AdminServiceServer;
+use rim_proto::v1::auth_service_server::AuthServiceServer;
+use rim_proto::v1::gateway_service_server::GatewayServiceServer;
+use rim_proto::v1::message_service_server::MessageServiceServer;
+use rim_proto::v1::raft_service_server::RaftServiceServer;
+use rim_proto::v1::user_service_server::UserServiceServer;
+use rim_proto::v1::{ClusterMap, GetClusterMapRequest, NodeInfo, NodeState};
+use rim_raft_store::{Db, DbOptions, Limits, ShardId};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::auth::{CodeVerifier, FixedCodeVerifier, NoCodeVerifier};
+use crate::config::NodeConfig;
+use crate::core::{Core, META};
+use crate::error::{Error, Result};
+use crate::group::{Group, ProposerOptions};
+use crate::net::{LinkFilter, Peers, SECRET_METADATA_KEY};
+use crate::service::{AdminSvc, ClientSvc, GatewaySvc, RaftSvc};
+
+/// Options of [`Node::start`] beyond the configuration.
+#[derive(Clone, Default)]
+pub struct NodeOptions {
+    /// Cuts links between nodes (tests only).
+    pub link_filter: Option<LinkFilter>,
+}
+
+/// A running logic node. Dropping it does not stop it; call [`Node::shutdown`].
+pub struct Node {
+    /// Shared state (for tests and embedding).
+    pub core: Arc<Core>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.core.id()).finish()
+    }
+}
+
+fn raft_config(c: &NodeConfig) -> Result<Arc<openraft::Config>> {
+    let cfg = openraft::Config {
+        cluster_name: "rim".into(),
+        heartbeat_interval: c.heartbeat_ms,
+        election_timeout_min: c.election_min_ms,
+        election_timeout_max: c.election_max_ms,
+        install_snapshot_timeout: 5_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_after),
+        max_in_snapshot_log_to_keep: 1_000,
+        purge_batch_size: 256,
+        ..Default::default()
+    };
+    Ok(Arc::new(cfg.validate().map_err(|e| Error::Config(e.to_string()))?))
+}
+
+async fn bind(addr: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))
+}
+
+/// The map a new cluster starts with, from the bootstrap peers.
+fn bootstrap_map(c: &NodeConfig) -> Result<ClusterMap> {
+    let nodes: Vec<NodeInfo> = c
+        .peers
+        .iter()
+        .map(|(id, addr)| NodeInfo {
+            node_id: *id,
+            state: NodeState::Active as i32,
+            internal_addr: addr.clone(),
+            ..Default::default()
+        })
+        .collect();
+    rim_cluster::bootstrap_map(&nodes, c.shards, c.slots, c.replication)
+        .map_err(|e| Error::Config(e.to_string()))
+}
+
+impl Node {
+    /// Starts a node; returns once its listeners accept connections.
+    pub async fn start(config: NodeConfig, opts: NodeOptions) -> Result<Node> {
+        config.validate()?;
+        let db = Db::open(&DbOptions { sync: config.fsync, ..DbOptions::new(&config.data) })?;
+        if !config.fsync {
+            tracing::warn!("fsync is OFF: acknowledged writes can be lost on a crash");
+        }
+        let tokens =
+            TokenKey::from_secret(&config.cluster_secret).map_err(|e| Error::Config(e.to_string()))?;
+        let codes: Arc<dyn CodeVerifier> = match &config.dev_code {
+            Some(code) => Arc::new(FixedCodeVerifier::new(code.clone())),
+            None => Arc::new(NoCodeVerifier),
+        };
+        let peers = Peers::new(config.id, config.cluster_secret.clone(), opts.link_filter.clone());
+        let core = Arc::new(Core::new(config.clone(), db, peers, tokens, codes));
+        let internal = bind(&config.listen).await?;
+        let client = bind(&config.client_listen).await?;
+        let http = bind(&config.http_listen).await?;
+
+        let raft = raft_config(&config)?;
+        let limits = Arc::new(Limits { small_group_limit: config.small_group_limit, ..Limits::default() });
+        let popts = ProposerOptions {
+            max_batch_ops: config.max_batch_ops,
+            max_inflight: config.max_inflight_proposals,
+        };
+        let start_group = |shard: u32| {
+            let (core, raft, limits) = (core.clone(), raft.clone(), limits.clone());
+            async move {
+                let g = Group::start(
+                    core.id(),
+                    &core.db,
+                    ShardId(shard),
+                    limits,
+                    raft,
+                    core.peers.clone(),
+                    popts,
+                )
+                .await?;
+                core.groups.write().expect("groups lock").insert(shard, g.clone());
+                Ok::<_, Error>(g)
+            }
+        };
+        start_group(META.0).await?;
+        core.refresh_placement()?;
+
+        // Which groups live here, and the membership of a new cluster.
+        let mut init: Option<ClusterMap> = None;
+        let shards: Vec<u32> = if let Ok(p) = core.placement() {
+            p.shards_on_node(core.id())
+        } else if config.bootstrap {
+            let map = bootstrap_map(&config)?;
+            let p = Placement::new(map.clone()).map_err(|e| Error::Config(e.to_string()))?;
+            init = Some(map);
+            p.shards_on_node(core.id())
+        } else if let Some(seed) = &config.join {
+            let map = fetch_map(&core, seed).await?;
+            map.shards.iter().map(|s| s.shard_id).collect()
+        } else {
+            return Err(Error::Config(format!(
+                "{} holds no cluster yet: start with --bootstrap --peers ... or --join SEED",
+                config.data.display()
+            )));
+        };
+        for s in shards.into_iter().filter(|s| *s != META.0) {
+            start_group(s).await?;
+        }
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(serve_internal(core.clone(), internal)));
+        tasks.push(tokio::spawn(serve_client(core.clone(), client)));
+        let http_core = core.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(http_core, http).await {
+                tracing::error!(error = %e, "http server stopped");
+            }
+        }));
+        if let Some(map) = init {
+            initialize(&core, &map).await?;
+            tasks.push(tokio::spawn(publish_initial_map(core.clone(), map)));
+        }
+        tasks.push(tokio::spawn(maintain_map(core.clone())));
+        for g in core.all_groups() {
+            tasks.push(tokio::spawn(watch_leader(g.clone())));
+            if g.shard != META {
+                tasks.push(tokio::spawn(crate::relay::run(core.clone(), g)));
+            }
+        }
+        tracing::info!(
+            node = core.id(),
+            internal = %config.listen,
+            client = %config.client_listen,
+            http = %config.http_listen,
+            groups = core.all_groups().len(),
+            "node started"
+        );
+        Ok(Node { core, tasks })
+    }
+
+    /// Stops every server, task and group of the node, and returns once the
+    /// database is closed (so the data directory can be reopened at once).
+    pub async fn shutdown(self) {
+        let Node { core, mut tasks } = self;
+        core.stopping.send_replace(true);
+        // Servers drain (graceful), background loops are aborted.
+        let servers: Vec<_> = tasks.drain(..2).collect();
+        for t in &tasks {
+            t.abort();
+        }
+        for t in servers {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        for g in core.all_groups() {
+            let _ = g.raft.shutdown().await;
+        }
+        core.groups.write().expect("groups lock").clear();
+        let db = core.db.clone();
+        drop(core);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while db.handles() > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if db.handles() > 1 {
+            tracing::warn!(handles = db.handles(), "database still referenced after shutdown");
+        }
+    }
+
+    /// Waits until every hosted group has a leader (or the timeout passes).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let groups = self.core.all_groups();
+            let _ = self.core.refresh_placement();
+            if groups.iter().all(|g| g.leader().is_some()) && self.core.placement().is_ok() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout("groups without a leader".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Initializes every group of a new cluster with its replicas (idempotent:
+/// an already initialized group is left alone).
+async fn initialize(core: &Core, map: &ClusterMap) -> Result<()> {
+    let addr = |id: u64| {
+        map.nodes.iter().find(|n| n.node_id == id).map(|n| n.internal_addr.clone()).unwrap_or_default()
+    };
+    for shard in &map.shards {
+        let Some(g) = core.group(shard.shard_id) else { continue };
+        let members: BTreeMap<u64, BasicNode> =
+            shard.replicas.iter().map(|r| (r.node_id, BasicNode { addr: addr(r.node_id) })).collect();
+        match g.raft.initialize(members).await {
+            Ok(()) => tracing::info!(group = shard.shard_id, "initialized"),
+            Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+            Err(e) => return Err(Error::Internal(format!("initializing group {}: {e}", shard.shard_id))),
+        }
+    }
+    Ok(())
+}
+
+/// Writes the bootstrap map into the meta group (once; later attempts lose
+/// the compare-and-set harmlessly).
+async fn publish_initial_map(core: Arc<Core>, map: ClusterMap) {
+    loop {
+        if core.placement().is_ok() {
+            return;
+        }
+        let op = store::Op { op: Some(O::SetClusterMap(store::SetClusterMap { map: Some(map.clone()) })) };
+        match core.propose_raw(META.0, op).await {
+            Ok(_) => {
+                let _ = core.refresh_placement();
+                if core.placement().is_ok() {
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "publishing the initial cluster map"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Keeps the cached map fresh and this node's addresses in it current.
+async fn maintain_map(core: Arc<Core>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if let Err(e) = core.refresh_placement() {
+            tracing::warn!(error = %e, "reading the cluster map");
+            continue;
+        }
+        let Ok(p) = core.placement() else { continue };
+        let c = &core.config;
+        let me = NodeInfo {
+            node_id: c.id,
+            state: NodeState::Active as i32,
+            internal_addr: c.listen.clone(),
+            client_addr: c.client_listen.clone(),
+            http_addr: c.http_listen.clone(),
+        };
+        if p.node(c.id) == Some(&me) {
+            continue;
+        }
+        let mut map = p.into_map();
+        map.nodes.retain(|n| n.node_id != c.id);
+        map.nodes.push(me);
+        map.nodes.sort_by_key(|n| n.node_id);
+        map.version += 1;
+        let op = store::Op { op: Some(O::SetClusterMap(store::SetClusterMap { map: Some(map) })) };
+        if let Err(e) = core.propose(META.0, op).await {
+            tracing::debug!(error = %e, "registering this node's addresses");
+        }
+    }
+}
+
+/// Counts leader changes of a group.
+async fn watch_leader(g: Arc<Group>) {
+    let mut rx = g.raft.metrics();
+    let mut last = rx.borrow().current_leader;
+    while rx.changed().await.is_ok() {
+        let now = rx.borrow().current_leader;
+        if now != last {
+            metrics::counter!("rim_leader_changes_total", "group" => g.shard.0.to_string()).increment(1);
+            tracing::info!(group = %g.shard, leader = ?now, "leader changed");
+            last = now;
+        }
+    }
+}
+
+async fn fetch_map(core: &Core, seed: &str) -> Result<ClusterMap> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{seed}"))
+        .map_err(|e| Error::Config(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| Error::Unavailable(format!("seed {seed}: {e}")))?;
+    let mut client = AdminServiceClient::new(ch);
+    let req = core.peers.request(GetClusterMapRequest { known_version: 0 }, core.timeout);
+    let map =
+        client.get_cluster_map(req).await.map_err(|e| Error::Unavailable(format!("seed {seed}: {e}")))?;
+    map.into_inner().map.ok_or_else(|| Error::Unavailable("seed has no cluster map".into()))
+}
+
+fn check_secret(
+    expected: String,
+) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req: tonic::Request<()>| {
+        let ok =
+            req.metadata().get(SECRET_METADATA_KEY).and_then(|v| v.to_str().ok()) == Some(expected.as_str());
+        if ok {
+            Ok(req)
+        } else {
+            Err(rim_proto::error::status(
+                rim_proto::ErrorCode::ErrorPermissionDenied,
+                "cluster secret required",
+            ))
+        }
+    }
+}
+
+async fn serve_internal(core: Arc<Core>, listener: TcpListener) {
+    let check = check_secret(core.config.cluster_secret.clone());
+    let raft = RaftServiceServer::with_interceptor(RaftSvc { core: core.clone() }, check.clone());
+    let gateway = GatewayServiceServer::with_interceptor(GatewaySvc { core: core.clone() }, check.clone());
+    let admin = AdminServiceServer::with_interceptor(AdminSvc { core: core.clone() }, check);
+    let res = tonic::transport::Server::builder()
+        .add_service(raft)
+        .add_service(gateway)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { core.stopped().await })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "internal listener stopped");
+    }
+}
+
+async fn serve_client(core: Arc<Core>, listener: TcpListener) {
+    let svc = ClientSvc { core: core.clone() };
+    let res = tonic::transport::Server::builder()
+        .add_service(AuthServiceServer::new(svc.clone()))
+        .add_service(UserServiceServer::new(svc.clone()))
+        .add_service(MessageServiceServer::new(svc))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { core.stopped().await })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "client listener stopped");
+    }
+}

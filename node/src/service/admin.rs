@@ -1,0 +1,189 @@
+//! The admin service (internal listener): cluster status, the cluster map,
+//! and replica changes.
+//!
+//! Replica changes follow openraft's safe path: a new node joins each group
+//! as a learner, the call blocks until it caught up, then the voter set is
+//! changed with joint consensus. A removal that would leave a group without a
+//! reachable majority is refused.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use openraft::BasicNode;
+use rim_proto::ErrorCode;
+use rim_proto::v1::admin_service_server::AdminService;
+use rim_proto::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::core::Core;
+use crate::error::Error;
+use crate::group::Group;
+
+/// The admin service of a node.
+#[derive(Debug, Clone)]
+pub struct AdminSvc {
+    /// Shared node state.
+    pub core: Arc<Core>,
+}
+
+/// Status of one hosted group, from its Raft metrics.
+pub fn group_status(g: &Group) -> GroupStatus {
+    let m = g.raft.metrics().borrow().clone();
+    let last = m.last_log_index.unwrap_or(0);
+    let mut replicas = Vec::new();
+    let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+    for (id, _) in m.membership_config.membership().nodes() {
+        let matched = m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
+        let matched = if *id == m.id { Some(last) } else { matched };
+        replicas.push(ReplicaStatus {
+            node_id: *id,
+            role: if voters.contains(id) { ReplicaRole::Voter } else { ReplicaRole::Learner } as i32,
+            matched_index: matched.unwrap_or(0),
+            lag: matched.map(|x| last.saturating_sub(x)).unwrap_or(0),
+        });
+    }
+    GroupStatus {
+        group_id: g.shard.0,
+        leader_node_id: m.current_leader.unwrap_or(0),
+        term: m.current_term,
+        last_log_index: last,
+        committed_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+        applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+        snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+        replicas,
+    }
+}
+
+impl AdminSvc {
+    async fn add_to_group(&self, g: &Group, node: u64, addr: &str) -> Result<(), Error> {
+        let m = g.raft.metrics().borrow().membership_config.clone();
+        if m.membership().voter_ids().any(|v| v == node) {
+            return Ok(());
+        }
+        g.raft
+            .add_learner(node, BasicNode { addr: addr.to_string() }, true)
+            .await
+            .map_err(|e| Error::Unavailable(format!("group {}: adding learner {node}: {e}", g.shard)))?;
+        let mut voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+        voters.insert(node);
+        g.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| Error::Unavailable(format!("group {}: promoting {node}: {e}", g.shard)))?;
+        Ok(())
+    }
+
+    async fn remove_from_group(&self, g: &Group, node: u64) -> Result<(), Error> {
+        let m = g.raft.metrics().borrow().clone();
+        let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+        if !voters.contains(&node) {
+            return Ok(());
+        }
+        let remaining: BTreeSet<u64> = voters.iter().copied().filter(|v| *v != node).collect();
+        if remaining.is_empty() {
+            return Err(Error::rejected(
+                ErrorCode::ErrorBadRequest,
+                format!("group {}: cannot remove the last voter", g.shard),
+            ));
+        }
+        // Reachable = acknowledged recently by this leader (or the leader itself).
+        let last = m.last_log_index.unwrap_or(0);
+        let reachable = remaining
+            .iter()
+            .filter(|v| {
+                **v == m.id
+                    || m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(*v).cloned().flatten())
+                        .is_some_and(|l| last.saturating_sub(l.index) < 1_000)
+            })
+            .count();
+        if reachable * 2 <= remaining.len() {
+            return Err(Error::rejected(
+                ErrorCode::ErrorBadRequest,
+                format!("group {}: removing node {node} would leave no reachable majority", g.shard),
+            ));
+        }
+        g.raft
+            .change_membership(remaining, false)
+            .await
+            .map_err(|e| Error::Unavailable(format!("group {}: removing {node}: {e}", g.shard)))?;
+        Ok(())
+    }
+
+    /// The groups a request applies to, each on its leader (this node).
+    fn led_groups(&self, ids: &[u32]) -> Result<Vec<Arc<Group>>, Error> {
+        let groups = if ids.is_empty() {
+            self.core.all_groups()
+        } else {
+            ids.iter().filter_map(|id| self.core.group(*id)).collect()
+        };
+        for g in &groups {
+            if !g.is_leader() {
+                return Err(Error::NotLeader { shard: g.shard.0, leader: g.leader() });
+            }
+        }
+        Ok(groups)
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminSvc {
+    async fn cluster_status(
+        &self,
+        _req: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusReply>, Status> {
+        self.core.refresh_placement()?;
+        Ok(Response::new(ClusterStatusReply {
+            node_id: self.core.id(),
+            map: self.core.placement().ok().map(|p| p.into_map()),
+            groups: self.core.all_groups().iter().map(|g| group_status(g)).collect(),
+            unreachable_node_ids: Vec::new(),
+        }))
+    }
+
+    async fn add_node(&self, req: Request<AddNodeRequest>) -> Result<Response<AddNodeReply>, Status> {
+        let r = req.into_inner();
+        if r.node_id == 0 || r.internal_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Error::rejected(
+                ErrorCode::ErrorBadRequest,
+                "node_id and an ip:port internal_addr are required",
+            )
+            .into());
+        }
+        for g in self.led_groups(&r.group_ids)? {
+            self.add_to_group(&g, r.node_id, &r.internal_addr).await?;
+        }
+        Ok(Response::new(AddNodeReply {
+            cluster_map_version: self.core.placement().map(|p| p.version()).unwrap_or(0),
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeReply>, Status> {
+        let r = req.into_inner();
+        for g in self.led_groups(&r.group_ids)? {
+            self.remove_from_group(&g, r.node_id).await?;
+        }
+        Ok(Response::new(RemoveNodeReply {
+            cluster_map_version: self.core.placement().map(|p| p.version()).unwrap_or(0),
+        }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        _req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderReply>, Status> {
+        Err(Status::unimplemented("leader transfer needs openraft 0.10; not available"))
+    }
+
+    async fn get_cluster_map(
+        &self,
+        _req: Request<GetClusterMapRequest>,
+    ) -> Result<Response<GetClusterMapReply>, Status> {
+        self.core.refresh_placement()?;
+        Ok(Response::new(GetClusterMapReply { map: Some(self.core.placement()?.into_map()) }))
+    }
+}

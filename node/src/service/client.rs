@@ -1,0 +1,335 @@
+//! Client-facing gRPC: sign-in and accounts, users, messages.
+//!
+//! Every call except `Register`, `SignIn` and `SignInByPhone` carries
+//! `user_id`, `device_id` and `token` in its metadata; the token is checked
+//! (signature, expiry, and the device's token version on a local replica)
+//! before anything else happens.
+
+use std::sync::Arc;
+
+use rim_proto::ErrorCode;
+use rim_proto::store::{self, IdKind, op::Op as O};
+use rim_proto::v1::auth_service_server::AuthService;
+use rim_proto::v1::message_service_server::MessageService;
+use rim_proto::v1::user_service_server::UserService;
+use rim_proto::v1::*;
+use rim_raft_store::UserId;
+use tonic::{Request, Response, Status};
+
+use super::ops::{self, check_id};
+use crate::core::Core;
+use crate::error::{Error, Result};
+
+/// The client-facing services of a node.
+#[derive(Debug, Clone)]
+pub struct ClientSvc {
+    /// Shared node state.
+    pub core: Arc<Core>,
+}
+
+/// Who is calling, from verified metadata.
+#[derive(Clone, Copy, Debug)]
+struct Caller {
+    user: u64,
+    device: u64,
+}
+
+fn meta_u64<T>(req: &Request<T>, key: &str) -> Result<u64> {
+    req.metadata().get(key).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).ok_or_else(|| {
+        Error::rejected(ErrorCode::ErrorUnauthenticated, format!("metadata {key} missing or invalid"))
+    })
+}
+
+impl ClientSvc {
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller> {
+        let user = meta_u64(req, "user_id")?;
+        let device = meta_u64(req, "device_id")?;
+        let token = req
+            .metadata()
+            .get("token")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::rejected(ErrorCode::ErrorUnauthenticated, "metadata token missing"))?;
+        self.core.verify_token(user, device, token)?;
+        Ok(Caller { user, device })
+    }
+
+    async fn hash(password: String) -> Result<String> {
+        tokio::task::spawn_blocking(move || crate::auth::hash_password(&password))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(Error::Internal)
+    }
+
+    async fn password_ok(password: String, phc: String) -> bool {
+        tokio::task::spawn_blocking(move || crate::auth::verify_password(&password, &phc))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Looks up the user that claimed `name`, linearizably.
+    async fn account(&self, name: &str) -> Result<Option<u64>> {
+        let shard = self.core.placement()?.shard_of_account(name);
+        let g = self.core.read_barrier(shard).await?;
+        Ok(g.reader.account(name)?.map(|u| u.0))
+    }
+
+    /// Creates a user owning the login `name`.
+    async fn create_user(&self, name: &str, user: store::CreateUser) -> Result<u64> {
+        let id = self.core.allocate_id(IdKind::User).await?;
+        let shard = self.core.placement()?.shard_of_account(name);
+        let claim = O::ClaimAccount(store::ClaimAccount { name: name.to_string(), user_id: id });
+        self.core.propose(shard, store::Op { op: Some(claim) }).await?;
+        let create = O::CreateUser(store::CreateUser { user_id: id, ..user });
+        match self.core.propose(self.core.shard_of_user(id)?, store::Op { op: Some(create) }).await {
+            // A retried creation of this fresh id already happened.
+            Ok(_) | Err(Error::Rejected { code: ErrorCode::ErrorAlreadyExists, .. }) => Ok(id),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn sign_in_device(&self, user: u64, device: u64, info: Option<DeviceInfo>) -> Result<SignInReply> {
+        let (device, is_new_device) = match device {
+            0 => (self.core.allocate_id(IdKind::Device).await?, true),
+            d => (d, ops::get_device(&self.core, user, d).await?.is_none()),
+        };
+        let (_, token, token_expires_ms) = ops::register_device(&self.core, user, device, info).await?;
+        Ok(SignInReply {
+            user_id: user,
+            device_id: device,
+            token,
+            token_expires_ms,
+            is_new_user: false,
+            is_new_device,
+        })
+    }
+}
+
+fn valid_username(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+#[tonic::async_trait]
+impl AuthService for ClientSvc {
+    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
+        let r = req.into_inner();
+        if !valid_username(&r.username) {
+            return Err(
+                Error::rejected(ErrorCode::ErrorBadRequest, "username: 1-64 of [A-Za-z0-9_.-]").into()
+            );
+        }
+        if r.password.len() < 6 || r.password.len() > 256 {
+            return Err(Error::rejected(ErrorCode::ErrorBadRequest, "password: 6-256 bytes").into());
+        }
+        let name = format!("u:{}", r.username);
+        if self.account(&name).await?.is_some() {
+            return Err(Error::rejected(ErrorCode::ErrorAlreadyExists, "username taken").into());
+        }
+        let password_hash = Self::hash(r.password).await?;
+        let user = store::CreateUser {
+            username: r.username,
+            password_hash,
+            nickname: r.nickname,
+            avatar_url: r.avatar_url,
+            extra: r.extra,
+            ..Default::default()
+        };
+        let user_id = self.create_user(&name, user).await?;
+        Ok(Response::new(RegisterReply { user_id }))
+    }
+
+    async fn sign_in(&self, req: Request<SignInRequest>) -> Result<Response<SignInReply>, Status> {
+        let r = req.into_inner();
+        let denied =
+            || Status::from(Error::rejected(ErrorCode::ErrorUnauthenticated, "wrong username or password"));
+        let Some(user) = self.account(&format!("u:{}", r.username)).await? else { return Err(denied()) };
+        let rec = ops::get_user(&self.core, user).await?;
+        if rec.password_hash.is_empty() || !Self::password_ok(r.password, rec.password_hash).await {
+            return Err(denied());
+        }
+        Ok(Response::new(self.sign_in_device(user, r.device_id, r.device).await?))
+    }
+
+    async fn sign_in_by_phone(
+        &self,
+        req: Request<SignInByPhoneRequest>,
+    ) -> Result<Response<SignInReply>, Status> {
+        let r = req.into_inner();
+        if r.phone.is_empty() || r.phone.len() > 32 || !self.core.codes.verify(&r.phone, &r.code) {
+            return Err(Error::rejected(ErrorCode::ErrorUnauthenticated, "wrong phone or code").into());
+        }
+        let name = format!("p:{}", r.phone);
+        let (user, is_new_user) = match self.account(&name).await? {
+            Some(u) => (u, false),
+            None => {
+                let u = store::CreateUser {
+                    phone: r.phone.clone(),
+                    nickname: r.phone.clone(),
+                    ..Default::default()
+                };
+                (self.create_user(&name, u).await?, true)
+            }
+        };
+        let mut reply = self.sign_in_device(user, r.device_id, r.device).await?;
+        reply.is_new_user = is_new_user;
+        Ok(Response::new(reply))
+    }
+
+    async fn register_device(
+        &self,
+        req: Request<RegisterDeviceRequest>,
+    ) -> Result<Response<RegisterDeviceReply>, Status> {
+        let c = self.caller(&req)?;
+        let device = self.core.allocate_id(IdKind::Device).await?;
+        let (_, token, token_expires_ms) =
+            ops::register_device(&self.core, c.user, device, req.into_inner().device).await?;
+        Ok(Response::new(RegisterDeviceReply { device_id: device, token, token_expires_ms }))
+    }
+
+    async fn list_devices(
+        &self,
+        req: Request<ListDevicesRequest>,
+    ) -> Result<Response<ListDevicesReply>, Status> {
+        let c = self.caller(&req)?;
+        let g = self.core.read_barrier(self.core.shard_of_user(c.user)?).await?;
+        let devices = g.reader.devices(UserId(c.user)).map_err(Error::from)?;
+        Ok(Response::new(ListDevicesReply { devices: devices.into_iter().map(ops::device_view).collect() }))
+    }
+
+    async fn logout(&self, req: Request<LogoutRequest>) -> Result<Response<LogoutReply>, Status> {
+        let c = self.caller(&req)?;
+        ops::revoke(&self.core, c.user, c.device).await?;
+        Ok(Response::new(LogoutReply {}))
+    }
+
+    async fn revoke_device(
+        &self,
+        req: Request<RevokeDeviceRequest>,
+    ) -> Result<Response<RevokeDeviceReply>, Status> {
+        let c = self.caller(&req)?;
+        let device = req.into_inner().device_id;
+        check_id("device_id", device)?;
+        ops::revoke(&self.core, c.user, device).await?;
+        Ok(Response::new(RevokeDeviceReply {}))
+    }
+}
+
+#[tonic::async_trait]
+impl UserService for ClientSvc {
+    async fn get_user(&self, req: Request<GetUserRequest>) -> Result<Response<GetUserReply>, Status> {
+        self.caller(&req)?;
+        let u = ops::get_user(&self.core, req.into_inner().user_id).await?;
+        Ok(Response::new(GetUserReply { user: Some(ops::user_view(u)) }))
+    }
+
+    async fn get_users(&self, req: Request<GetUsersRequest>) -> Result<Response<GetUsersReply>, Status> {
+        self.caller(&req)?;
+        let ids = req.into_inner().user_ids;
+        if ids.len() > 100 {
+            return Err(Error::rejected(ErrorCode::ErrorBadRequest, "at most 100 users per call").into());
+        }
+        let mut users = Vec::new();
+        for id in ids {
+            match ops::get_user(&self.core, id).await {
+                Ok(u) => users.push(ops::user_view(u)),
+                Err(Error::Rejected {
+                    code: ErrorCode::ErrorUserNotFound | ErrorCode::ErrorInvalidId,
+                    ..
+                }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Response::new(GetUsersReply { users }))
+    }
+
+    async fn update_user(
+        &self,
+        req: Request<UpdateUserRequest>,
+    ) -> Result<Response<UpdateUserReply>, Status> {
+        let c = self.caller(&req)?;
+        let r = req.into_inner();
+        let password_hash = match r.new_password {
+            Some(pw) => {
+                let rec = ops::get_user(&self.core, c.user).await?;
+                if !rec.password_hash.is_empty()
+                    && !Self::password_ok(r.old_password, rec.password_hash).await
+                {
+                    return Err(
+                        Error::rejected(ErrorCode::ErrorUnauthenticated, "old password is wrong").into()
+                    );
+                }
+                if pw.len() < 6 || pw.len() > 256 {
+                    return Err(Error::rejected(ErrorCode::ErrorBadRequest, "password: 6-256 bytes").into());
+                }
+                Some(Self::hash(pw).await?)
+            }
+            None => None,
+        };
+        let o = O::UpdateUser(store::UpdateUser {
+            user_id: c.user,
+            nickname: r.nickname,
+            avatar_url: r.avatar_url,
+            extra: r.extra,
+            password_hash,
+        });
+        let res = self.core.propose(self.core.shard_of_user(c.user)?, store::Op { op: Some(o) }).await?;
+        let Some(store::op_result::Value::User(u)) = res.value else {
+            return Err(Error::Internal("update returned no user".into()).into());
+        };
+        Ok(Response::new(UpdateUserReply { user: Some(ops::user_view(u)) }))
+    }
+}
+
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!("{what} is not available in this version"))
+}
+
+#[tonic::async_trait]
+impl MessageService for ClientSvc {
+    async fn send_message(&self, req: Request<SendInput>) -> Result<Response<SendOutput>, Status> {
+        let c = self.caller(&req)?;
+        let mut input = req.into_inner();
+        if input.conversation_kind == ConversationKind::Unspecified as i32 {
+            input.conversation_kind = ConversationKind::User as i32;
+        }
+        Ok(Response::new(ops::send(&self.core, c.user, c.device, input).await?))
+    }
+
+    async fn send_group_message(&self, req: Request<SendInput>) -> Result<Response<SendOutput>, Status> {
+        let c = self.caller(&req)?;
+        let mut input = req.into_inner();
+        if input.conversation_kind == ConversationKind::Unspecified as i32 {
+            input.conversation_kind = ConversationKind::Group as i32;
+        }
+        Ok(Response::new(ops::send(&self.core, c.user, c.device, input).await?))
+    }
+
+    async fn sync(&self, req: Request<SyncInput>) -> Result<Response<SyncOutput>, Status> {
+        let c = self.caller(&req)?;
+        Ok(Response::new(ops::sync(&self.core, c.user, req.into_inner()).await?))
+    }
+
+    async fn sync_group(&self, req: Request<SyncGroupInput>) -> Result<Response<SyncGroupOutput>, Status> {
+        let c = self.caller(&req)?;
+        Ok(Response::new(ops::sync_group(&self.core, c.user, req.into_inner()).await?))
+    }
+
+    async fn ack(&self, req: Request<AckInput>) -> Result<Response<AckOutput>, Status> {
+        let c = self.caller(&req)?;
+        Ok(Response::new(ops::ack(&self.core, c.user, c.device, req.into_inner().seq).await?))
+    }
+
+    async fn recall(&self, _req: Request<RecallInput>) -> Result<Response<SendOutput>, Status> {
+        Err(unimplemented("recall"))
+    }
+
+    async fn list_conversations(
+        &self,
+        _req: Request<ListConversationsRequest>,
+    ) -> Result<Response<ListConversationsReply>, Status> {
+        Err(unimplemented("the conversation view"))
+    }
+
+    async fn mark_read(&self, _req: Request<ReadInput>) -> Result<Response<ReadOutput>, Status> {
+        Err(unimplemented("read receipts"))
+    }
+}

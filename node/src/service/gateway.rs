@@ -1,0 +1,265 @@
+//! Gateway-facing gRPC (internal listener, cluster secret required).
+//!
+//! Gateways speak for their connections: the identity comes from the
+//! connection context the gateway established at `ConnSignIn`, where the
+//! token is checked strictly (signature, expiry, and the device's token
+//! version read linearizably, so a logout is effective at once).
+//!
+//! # Push subscriptions
+//!
+//! A gateway opens one `Subscribe` stream per shard, to that shard's leader,
+//! and keeps it told which user and group ids it has connections for. The
+//! leader streams every entry applied to those lists, with its seq. The
+//! stream ends (with `StreamEnd` and the leader hint) when this node stops
+//! leading the shard, when the gateway falls too far behind (its queue is
+//! bounded), or when the node lags behind its own apply events; the gateway
+//! then re-subscribes and syncs its connections from their last seq, so a
+//! break never loses a message (seqs are gap-free).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::Stream;
+use rim_proto::ErrorCode;
+use rim_proto::v1::gateway_service_server::GatewayService;
+use rim_proto::v1::subscribe_event::Event;
+use rim_proto::v1::*;
+use rim_raft_store::{ListRef, UserId};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::ops;
+use crate::core::Core;
+use crate::error::Error;
+
+/// Pushes queued per subscription stream before the stream is ended.
+const PUSH_QUEUE: usize = 4_096;
+/// Heartbeat interval clients are told to use.
+pub const HEARTBEAT_MS: u32 = 30_000;
+
+/// The gateway-facing service of a node.
+#[derive(Debug, Clone)]
+pub struct GatewaySvc {
+    /// Shared node state.
+    pub core: Arc<Core>,
+}
+
+fn conn(c: Option<ConnContext>) -> Result<ConnContext, Status> {
+    let c = c.ok_or_else(|| {
+        Status::from(Error::rejected(ErrorCode::ErrorBadRequest, "connection context missing"))
+    })?;
+    ops::check_id("user_id", c.user_id)?;
+    Ok(c)
+}
+
+#[tonic::async_trait]
+impl GatewayService for GatewaySvc {
+    async fn conn_sign_in(
+        &self,
+        req: Request<ConnSignInRequest>,
+    ) -> Result<Response<ConnSignInReply>, Status> {
+        let r = req.into_inner();
+        let input = r.input.unwrap_or_default();
+        ops::check_id("user_id", input.user_id)?;
+        ops::check_id("device_id", input.device_id)?;
+        let shard = self.core.shard_of_user(input.user_id)?;
+        // Linearizable: a logout acknowledged before this sign-in is seen.
+        let g = self.core.read_barrier(shard).await?;
+        let claims = self.core.verify_token(input.user_id, input.device_id, &input.token)?;
+        let user = g
+            .reader
+            .user(UserId(input.user_id))
+            .map_err(Error::from)?
+            .ok_or_else(|| Error::rejected(ErrorCode::ErrorUserNotFound, "user not found"))?;
+        let dev = g
+            .reader
+            .device(UserId(input.user_id), rim_raft_store::DeviceId(input.device_id))
+            .map_err(Error::from)?;
+        let head = g.reader.user_head(UserId(input.user_id)).map_err(Error::from)?;
+        Ok(Response::new(ConnSignInReply {
+            user: Some(ops::user_view(user)),
+            output: Some(SignInOutput {
+                user_id: input.user_id,
+                device_id: input.device_id,
+                last_seq: head.last_seq,
+                ack_seq: dev.map(|d| d.ack_seq).unwrap_or(0),
+                server_time_ms: crate::group::now_ms(),
+                heartbeat_interval_ms: HEARTBEAT_MS,
+            }),
+            token_version: claims.token_version,
+            shard_id: shard,
+        }))
+    }
+
+    async fn sync(&self, req: Request<ConnSyncRequest>) -> Result<Response<SyncOutput>, Status> {
+        let r = req.into_inner();
+        let c = conn(r.conn)?;
+        Ok(Response::new(ops::sync(&self.core, c.user_id, r.input.unwrap_or_default()).await?))
+    }
+
+    async fn sync_group(
+        &self,
+        req: Request<ConnSyncGroupRequest>,
+    ) -> Result<Response<SyncGroupOutput>, Status> {
+        let r = req.into_inner();
+        let c = conn(r.conn)?;
+        Ok(Response::new(ops::sync_group(&self.core, c.user_id, r.input.unwrap_or_default()).await?))
+    }
+
+    async fn ack(&self, req: Request<ConnAckRequest>) -> Result<Response<AckOutput>, Status> {
+        let r = req.into_inner();
+        let c = conn(r.conn)?;
+        Ok(Response::new(
+            ops::ack(&self.core, c.user_id, c.device_id, r.input.unwrap_or_default().seq).await?,
+        ))
+    }
+
+    async fn send(&self, req: Request<ConnSendRequest>) -> Result<Response<SendOutput>, Status> {
+        let r = req.into_inner();
+        let c = conn(r.conn)?;
+        let mut input = r.input.unwrap_or_default();
+        if input.conversation_kind == ConversationKind::Unspecified as i32 {
+            let kind = if r.group { ConversationKind::Group } else { ConversationKind::User };
+            input.conversation_kind = kind as i32;
+        }
+        Ok(Response::new(ops::send(&self.core, c.user_id, c.device_id, input).await?))
+    }
+
+    async fn recall(&self, _req: Request<ConnRecallRequest>) -> Result<Response<SendOutput>, Status> {
+        Err(Status::unimplemented("recall is not available in this version"))
+    }
+
+    async fn mark_read(&self, _req: Request<ConnReadRequest>) -> Result<Response<ReadOutput>, Status> {
+        Err(Status::unimplemented("read receipts are not available in this version"))
+    }
+
+    async fn logout(&self, req: Request<ConnLogoutRequest>) -> Result<Response<ConnLogoutReply>, Status> {
+        let c = conn(req.into_inner().conn)?;
+        ops::revoke(&self.core, c.user_id, c.device_id).await?;
+        Ok(Response::new(ConnLogoutReply {}))
+    }
+
+    async fn offline(&self, req: Request<ConnOfflineRequest>) -> Result<Response<ConnOfflineReply>, Status> {
+        // Presence is soft state held by gateways and push subscriptions;
+        // nothing durable changes when a connection goes away.
+        let c = conn(req.into_inner().conn)?;
+        tracing::debug!(user = c.user_id, device = c.device_id, "connection offline");
+        Ok(Response::new(ConnOfflineReply {}))
+    }
+
+    type SubscribeStream = std::pin::Pin<Box<dyn Stream<Item = Result<SubscribeEvent, Status>> + Send>>;
+
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound.next().await.ok_or_else(|| Status::invalid_argument("empty subscription"))??;
+        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            let end = serve_subscription(&core, first, inbound, &tx).await;
+            metrics::counter!("rim_push_streams_ended_total").increment(1);
+            let _ = tx.try_send(Ok(SubscribeEvent { event: Some(Event::End(end)) }));
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Runs one subscription until it must end; returns why.
+async fn serve_subscription(
+    core: &Core,
+    first: SubscribeRequest,
+    mut inbound: Streaming<SubscribeRequest>,
+    tx: &mpsc::Sender<Result<SubscribeEvent, Status>>,
+) -> StreamEnd {
+    let shard = first.shard_id;
+    let end = |code: ErrorCode, leader: Option<u64>| StreamEnd {
+        code: code as i32,
+        leader_node_id: leader.unwrap_or(0),
+        leader_addr: leader.and_then(|l| core.node_addr(shard, l)).unwrap_or_default(),
+        cluster_map_version: core.placement().map(|p| p.version()).unwrap_or(0),
+    };
+    let Some(group) = core.group(shard) else { return end(ErrorCode::ErrorWrongShard, None) };
+    if !group.is_leader() {
+        return end(ErrorCode::ErrorNotLeader, group.leader());
+    }
+    let mut events = group.events.subscribe();
+    let mut metrics_rx = group.raft.metrics();
+    let (mut users, mut groups) = (HashSet::new(), HashSet::new());
+    apply_request(&first, &mut users, &mut groups);
+    if tx.send(Ok(SubscribeEvent { event: Some(Event::Subscribed(users.len() as u64)) })).await.is_err() {
+        return end(ErrorCode::Ok, None);
+    }
+    loop {
+        tokio::select! {
+            req = inbound.next() => match req {
+                Some(Ok(r)) => apply_request(&r, &mut users, &mut groups),
+                _ => return end(ErrorCode::Ok, None),
+            },
+            changed = metrics_rx.changed() => {
+                let leader = metrics_rx.borrow().current_leader;
+                if changed.is_err() || leader != Some(core.id()) {
+                    return end(ErrorCode::ErrorNotLeader, leader);
+                }
+            }
+            ev = events.recv() => match ev {
+                Ok(ev) => {
+                    for a in &ev.effects.appended {
+                        let (kind, owner, hit) = match a.list {
+                            ListRef::User(u) => (ListKind::User, u.0, users.contains(&u.0)),
+                            ListRef::Group(g) => (ListKind::Group, g.0, groups.contains(&g.0)),
+                        };
+                        if !hit {
+                            continue;
+                        }
+                        let push = PushedMessage {
+                            list_kind: kind as i32,
+                            owner_id: owner,
+                            seq: a.message.seq,
+                            message: Some(a.message.clone()),
+                            priority: 0,
+                            persisted: true,
+                            skip_device_id: 0,
+                        };
+                        if tx.try_send(Ok(SubscribeEvent { event: Some(Event::Message(push)) })).is_err() {
+                            // The gateway is too slow: end the stream; it resyncs.
+                            return end(ErrorCode::ErrorBusy, Some(core.id()));
+                        }
+                    }
+                    for (u, d) in &ev.effects.revoked {
+                        if users.contains(&u.0) {
+                            let kick = KickDevice { user_id: u.0, device_id: d.0, ..Default::default() };
+                            if tx.try_send(Ok(SubscribeEvent { event: Some(Event::Kick(kick)) })).is_err() {
+                                return end(ErrorCode::ErrorBusy, Some(core.id()));
+                            }
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(shard, missed = n, "push stream lagged behind apply; ending it");
+                    return end(ErrorCode::ErrorUnavailable, Some(core.id()));
+                }
+                Err(broadcast::error::RecvError::Closed) => return end(ErrorCode::ErrorUnavailable, None),
+            },
+            _ = core.stopped() => return end(ErrorCode::ErrorUnavailable, None),
+        }
+    }
+}
+
+fn apply_request(r: &SubscribeRequest, users: &mut HashSet<u64>, groups: &mut HashSet<u64>) {
+    if r.reset {
+        users.clear();
+        groups.clear();
+    }
+    users.extend(&r.add_user_ids);
+    groups.extend(&r.add_group_ids);
+    for u in &r.remove_user_ids {
+        users.remove(u);
+    }
+    for g in &r.remove_group_ids {
+        groups.remove(g);
+    }
+}

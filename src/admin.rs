@@ -1,0 +1,154 @@
+//! `rim admin`: cluster status and replica changes through a node's admin
+//! service (internal listener, cluster secret).
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use rim_proto::v1::admin_service_client::AdminServiceClient;
+use rim_proto::v1::*;
+
+/// Flags of `rim admin`.
+#[derive(Args, Debug)]
+pub struct AdminArgs {
+    /// Internal address of any node.
+    #[arg(long, default_value = "127.0.0.1:7101", env = "RIM_ADMIN_ADDR")]
+    addr: String,
+    /// Cluster secret.
+    #[arg(long, env = "RIM_CLUSTER_SECRET")]
+    cluster_secret: String,
+    #[command(subcommand)]
+    cmd: AdminCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCmd {
+    /// Nodes, groups, leaders, terms, applied indexes and replica lag.
+    Status,
+    /// Add a node as a voter of every group (learner first, then promoted).
+    AddNode {
+        /// The new node's id.
+        #[arg(long)]
+        id: u64,
+        /// The new node's internal address.
+        #[arg(long)]
+        internal_addr: String,
+    },
+    /// Remove a node from every group (refused if a group would lose its majority).
+    RemoveNode {
+        /// The node to remove.
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+fn request<T>(secret: &str, msg: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(Duration::from_secs(120));
+    r.metadata_mut().insert(rim_node::net::SECRET_METADATA_KEY, secret.parse().context("bad secret")?);
+    Ok(r)
+}
+
+async fn client(addr: &str) -> anyhow::Result<AdminServiceClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    Ok(AdminServiceClient::new(ch))
+}
+
+/// Runs an admin command.
+pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let mut c = client(&args.addr).await?;
+    match args.cmd {
+        AdminCmd::Status => {
+            let s = c
+                .cluster_status(request(&args.cluster_secret, ClusterStatusRequest::default())?)
+                .await?
+                .into_inner();
+            print_status(&s);
+        }
+        AdminCmd::AddNode { id, internal_addr } => {
+            for g in groups_by_leader(&mut c, &args.cluster_secret).await? {
+                let mut leader = client(&g.1).await?;
+                let req = AddNodeRequest {
+                    node_id: id,
+                    internal_addr: internal_addr.clone(),
+                    group_ids: vec![g.0],
+                    ..Default::default()
+                };
+                leader
+                    .add_node(request(&args.cluster_secret, req)?)
+                    .await
+                    .with_context(|| format!("group {}", g.0))?;
+                println!("group {:>3}: node {id} added", g.0);
+            }
+        }
+        AdminCmd::RemoveNode { id } => {
+            for g in groups_by_leader(&mut c, &args.cluster_secret).await? {
+                let mut leader = client(&g.1).await?;
+                let req = RemoveNodeRequest { node_id: id, group_ids: vec![g.0] };
+                leader
+                    .remove_node(request(&args.cluster_secret, req)?)
+                    .await
+                    .with_context(|| format!("group {}", g.0))?;
+                println!("group {:>3}: node {id} removed", g.0);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every group with its leader's internal address.
+async fn groups_by_leader(
+    c: &mut AdminServiceClient<tonic::transport::Channel>,
+    secret: &str,
+) -> anyhow::Result<Vec<(u32, String)>> {
+    let s = c.cluster_status(request(secret, ClusterStatusRequest::default())?).await?.into_inner();
+    let map = s.map.context("node has no cluster map")?;
+    let mut out = Vec::new();
+    for g in &s.groups {
+        let Some(leader) = map.nodes.iter().find(|n| n.node_id == g.leader_node_id) else {
+            bail!("group {} has no known leader; retry", g.group_id);
+        };
+        out.push((g.group_id, leader.internal_addr.clone()));
+    }
+    Ok(out)
+}
+
+fn print_status(s: &ClusterStatusReply) {
+    if let Some(map) = &s.map {
+        println!("cluster map v{} ({} slots)", map.version, map.slots);
+        println!("{:>5}  {:<22} {:<22} {:<22}", "node", "internal", "client", "http");
+        for n in &map.nodes {
+            println!("{:>5}  {:<22} {:<22} {:<22}", n.node_id, n.internal_addr, n.client_addr, n.http_addr);
+        }
+        println!();
+    }
+    println!("as seen by node {}:", s.node_id);
+    println!(
+        "{:>5}  {:>6}  {:>6}  {:>9}  {:>9}  {:>9}  replicas (node:lag)",
+        "group", "leader", "term", "last_log", "applied", "snapshot"
+    );
+    for g in &s.groups {
+        let reps: Vec<String> = g
+            .replicas
+            .iter()
+            .map(|r| {
+                let learner = if r.role == ReplicaRole::Learner as i32 { "L" } else { "" };
+                format!("{}{learner}:{}", r.node_id, r.lag)
+            })
+            .collect();
+        println!(
+            "{:>5}  {:>6}  {:>6}  {:>9}  {:>9}  {:>9}  {}",
+            g.group_id,
+            g.leader_node_id,
+            g.term,
+            g.last_log_index,
+            g.applied_index,
+            g.snapshot_index,
+            reps.join(" ")
+        );
+    }
+}
