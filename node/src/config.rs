@@ -49,6 +49,9 @@ pub struct NodeConfig {
     pub election_max_ms: u64,
     /// Build a snapshot (and purge the log) after this many applied entries.
     pub snapshot_after: u64,
+    /// Log entries kept behind a snapshot (lets slightly lagging followers
+    /// catch up from the log instead of a snapshot).
+    pub keep_logs_after_snapshot: u64,
     /// Lifetime of issued device tokens.
     pub token_ttl_secs: u64,
     /// Development mode: phone sign-in accepts this fixed code (logged loudly).
@@ -87,6 +90,7 @@ impl Default for NodeConfig {
             election_min_ms: 600,
             election_max_ms: 1200,
             snapshot_after: 20_000,
+            keep_logs_after_snapshot: 1_000,
             token_ttl_secs: 30 * 24 * 3600,
             dev_code: None,
             follower_reads: false,

@@ -63,8 +63,8 @@ fn raft_config(c: &NodeConfig) -> Result<Arc<openraft::Config>> {
         election_timeout_max: c.election_max_ms,
         install_snapshot_timeout: 5_000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_after),
-        max_in_snapshot_log_to_keep: 1_000,
-        purge_batch_size: 256,
+        max_in_snapshot_log_to_keep: c.keep_logs_after_snapshot,
+        purge_batch_size: (c.snapshot_after / 4).clamp(1, 256),
         ..Default::default()
     };
     Ok(Arc::new(cfg.validate().map_err(|e| Error::Config(e.to_string()))?))

@@ -1,0 +1,260 @@
+//! In-process fault tests: partitions, snapshots, relay under leader
+//! changes, push streams, health endpoints.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use rim_proto::store::{self, op::Op as O};
+use rim_proto::v1::gateway_service_client::GatewayServiceClient;
+use rim_proto::v1::subscribe_event::Event;
+use rim_proto::v1::{SubscribeEvent, SubscribeRequest};
+use rim_raft_store::{Seq, UserId};
+
+async fn users_on_two_shards(c: &Cluster, client: &Client, prefix: &str) -> (Session, Session) {
+    client.register(&format!("{prefix}a")).await;
+    let a = client.sign_in(&format!("{prefix}a")).await;
+    for i in 0..50 {
+        let name = format!("{prefix}b{i}");
+        let id = client.register(&name).await;
+        if c.shard_of_user(id) != c.shard_of_user(a.user) {
+            return (a, client.sign_in(&name).await);
+        }
+    }
+    panic!("no user on another shard");
+}
+
+async fn send_until_acked(client: &Client, s: &Session, to: u64, cmid: &str) -> rim_proto::v1::SendOutput {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.send(s, to, cmid, "payload").await {
+            Ok(o) => return o,
+            Err(e) => {
+                assert!(code(&e).is_retryable(), "unexpected error {e:?}");
+                assert!(std::time::Instant::now() < deadline, "send {cmid} never acknowledged");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn shutdown(c: Cluster) {
+    for n in c.nodes.into_values() {
+        n.shutdown().await;
+    }
+}
+
+fn send_op(from: u64, to: u64, cmid: &str) -> store::Op {
+    store::Op {
+        op: Some(O::SendToUser(store::SendToUser {
+            sender_user_id: from,
+            sender_device_id: 1,
+            recipient_user_id: to,
+            client_msg_id: cmid.into(),
+            content_type: rim_proto::v1::ContentType::Text as i32,
+            content: b"x".to_vec().into(),
+            refers_to: 0,
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_minority_leader_cannot_acknowledge() {
+    let _g = serial().await;
+    let c = Cluster::start(3, 4, |_| {}).await;
+    let client = c.client(1).await;
+    let (alice, bob) = users_on_two_shards(&c, &client, "p").await;
+    let shard = c.shard_of_user(alice.user);
+    let old = c.leader(shard).await;
+    c.isolate(old);
+
+    // The old leader is alone: its write must not be acknowledged.
+    let g = c.node(old).core.group(shard).unwrap();
+    let res = g.propose(send_op(alice.user, bob.user, "minority"), Duration::from_secs(3)).await;
+    assert!(res.is_err(), "a minority leader acknowledged a write: {res:?}");
+
+    // The majority elects a new leader and takes writes.
+    let majority: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
+    let new = wait_for(Duration::from_secs(20), || {
+        let l = c.node(majority[0]).core.group(shard).unwrap().leader()?;
+        (l != old && c.node(l).core.group(shard).unwrap().is_leader()).then_some(l)
+    })
+    .await;
+    let via = c.client(majority[0]).await;
+    let ok = send_until_acked(&via, &alice, bob.user, "majority").await;
+
+    c.heal();
+    // Everyone converges on the majority's history; the minority write is gone.
+    let target = c.node(new).core.group(shard).unwrap().raft.metrics().borrow().last_applied.unwrap().index;
+    for id in 1..=3 {
+        let g = c.node(id).core.group(shard).unwrap();
+        g.wait_applied(target, Duration::from_secs(30)).await.unwrap();
+        let list = texts(&g.reader.sync(UserId(alice.user), Seq(0), 100).unwrap().messages);
+        assert_eq!(list, vec![(ok.seq, "majority".to_string())], "node {id}");
+    }
+    shutdown(c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_far_behind_catches_up_by_snapshot() {
+    let _g = serial().await;
+    let mut c = Cluster::start(3, 2, |cfg| {
+        cfg.snapshot_after = 20;
+        cfg.keep_logs_after_snapshot = 0;
+    })
+    .await;
+    let client = c.client(1).await;
+    let (alice, bob) = users_on_two_shards(&c, &client, "s").await;
+    let shard = c.shard_of_user(alice.user);
+    let leader = c.leader(shard).await;
+    let lagger = (1..=3).find(|i| *i != leader && *i != 1).unwrap();
+    c.stop_node(lagger).await;
+
+    let mut acked = Vec::new();
+    for i in 0..80 {
+        let o = send_until_acked(&client, &alice, bob.user, &format!("m{i}")).await;
+        acked.push((o.seq, format!("m{i}")));
+    }
+    // The log behind the leader's snapshot is gone.
+    let lg = c.node(leader).core.group(shard).unwrap();
+    let purged = wait_for(Duration::from_secs(20), || lg.raft.metrics().borrow().purged).await;
+    assert!(purged.index > 10, "log purged up to {purged:?}");
+
+    c.start_node(lagger).await;
+    let g = c.node(lagger).core.group(shard).unwrap();
+    let target = lg.raft.metrics().borrow().last_applied.unwrap().index;
+    g.wait_applied(target, Duration::from_secs(30)).await.unwrap();
+    let snap = g.raft.metrics().borrow().snapshot;
+    assert!(snap.is_some_and(|s| s.index >= purged.index), "caught up without a snapshot? {snap:?}");
+    assert_eq!(texts(&g.reader.sync(UserId(alice.user), Seq(0), 500).unwrap().messages), acked);
+    assert_eq!(g.reader.data_digest().unwrap(), lg.reader.data_digest().unwrap(), "replicas identical");
+    shutdown(c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_delivers_exactly_once_across_a_destination_leader_change() {
+    let _g = serial().await;
+    let mut c = Cluster::start(3, 4, |_| {}).await;
+    let client = c.client(1).await;
+    let (alice, bob) = users_on_two_shards(&c, &client, "r").await;
+    let dest = c.shard_of_user(bob.user);
+    let victim = c.leader(dest).await;
+    let via_id = (1..=3).find(|i| *i != victim).unwrap();
+    let via = c.client(via_id).await;
+    for i in 0..40 {
+        if i == 10 {
+            c.stop_node(victim).await;
+        }
+        send_until_acked(&via, &alice, bob.user, &format!("d{i}")).await;
+    }
+    let list = wait_for_async(Duration::from_secs(30), || async {
+        Some(via.sync_all(&bob).await).filter(|l| l.len() >= 40)
+    })
+    .await;
+    let got: Vec<String> = list.iter().map(|m| m.client_msg_id.clone()).collect();
+    let want: Vec<String> = (0..40).map(|i| format!("d{i}")).collect();
+    assert_eq!(got, want, "every message once, in the sender's order");
+    c.start_node(victim).await;
+    shutdown(c).await;
+}
+
+async fn wait_for_async<T, F, Fut>(timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "condition not met within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_leaders_push_applied_entries_to_subscribed_gateways() {
+    let _g = serial().await;
+    let mut c = Cluster::start(3, 4, |_| {}).await;
+    let client = c.client(1).await;
+    let (alice, bob) = users_on_two_shards(&c, &client, "u").await;
+    let shard = c.shard_of_user(bob.user);
+    let leader = c.leader(shard).await;
+
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.configs[&leader].listen))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut gw = GatewayServiceClient::new(ch);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(SubscribeRequest {
+        gateway_id: "gw-test".into(),
+        shard_id: shard,
+        add_user_ids: vec![bob.user],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut().insert(rim_node::net::SECRET_METADATA_KEY, SECRET.parse().unwrap());
+    let mut stream = gw.subscribe(req).await.unwrap().into_inner();
+    assert!(matches!(next(&mut stream).await.unwrap().unwrap().event, Some(Event::Subscribed(1))));
+
+    let sent = send_until_acked(&client, &alice, bob.user, "pushed").await;
+    let ev = next(&mut stream).await.unwrap().unwrap();
+    match ev.event {
+        Some(Event::Message(m)) => {
+            assert_eq!(m.owner_id, bob.user);
+            assert_eq!(m.seq, 1);
+            assert_eq!(m.message.unwrap().message_id, sent.message_id);
+        }
+        other => panic!("expected a push, got {other:?}"),
+    }
+    // A stream is not a subscription to everything: alice's own list is not pushed here.
+    // When the leader goes away the stream ends, so the gateway re-subscribes and syncs.
+    c.stop_node(leader).await;
+    let end = next(&mut stream).await;
+    assert!(
+        matches!(&end, None | Some(Err(_)) | Some(Ok(SubscribeEvent { event: Some(Event::End(_)) }))),
+        "stream must end when the leader stops: {end:?}"
+    );
+    shutdown(c).await;
+}
+
+async fn next(s: &mut tonic::Streaming<SubscribeEvent>) -> Option<Result<SubscribeEvent, tonic::Status>> {
+    tokio::time::timeout(Duration::from_secs(20), s.next()).await.expect("stream event within 20 s")
+}
+
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body)).await.unwrap().unwrap();
+    let status = body.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_serve_health_and_prometheus_metrics() {
+    let _g = serial().await;
+    let c = Cluster::start(3, 2, |_| {}).await;
+    let client = c.client(1).await;
+    let (alice, bob) = users_on_two_shards(&c, &client, "h").await;
+    send_until_acked(&client, &alice, bob.user, "m").await;
+    let (status, body) = http_get(&c.configs[&1].http_listen, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http_get(&c.configs[&1].http_listen, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in ["rim_proposals_total", "rim_raft_term", "rim_raft_applied_index", "rim_send_seconds"] {
+        assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
+    }
+    let ids: BTreeSet<u64> = [alice.user, bob.user].into();
+    assert_eq!(ids.len(), 2);
+    shutdown(c).await;
+}
