@@ -319,29 +319,27 @@ impl Core {
 
     /// Verifies a device token: signature and expiry, then (when this node
     /// holds a replica of the user's shard) the device's token version, so
-    /// logout and revoke take effect.
-    pub fn verify_token(&self, user: u64, device: u64, token: &str) -> Result<rim_cluster::Claims> {
-        let claims = self
-            .tokens
-            .verify(token, now_ms())
-            .map_err(|e| Error::rejected(e.code(), format!("token refused: {e}")))?;
+    /// logout and revoke take effect. Versions only grow, so a local replica
+    /// that is ahead settles a revocation at once; one that lacks the device
+    /// or is behind the token is first brought up to date (read barrier).
+    pub async fn verify_token(&self, user: u64, device: u64, token: &str) -> Result<rim_cluster::Claims> {
+        let claims =
+            self.tokens.verify(token, now_ms()).map_err(|e| Error::rejected(e.code(), format!("token refused: {e}")))?;
         if claims.user_id != user || claims.device_id != device {
-            return Err(Error::rejected(
-                ErrorCode::ErrorUnauthenticated,
-                "token belongs to another user or device",
-            ));
+            return Err(Error::rejected(ErrorCode::ErrorUnauthenticated, "token belongs to another user or device"));
         }
-        if let Ok(shard) = self.shard_of_user(user)
-            && let Some(g) = self.group(shard)
-        {
-            let dev = g.reader.device(rim_raft_store::UserId(user), rim_raft_store::DeviceId(device))?;
-            match dev {
-                Some(d) if d.token_version == claims.token_version => {}
-                Some(_) => return Err(Error::rejected(ErrorCode::ErrorTokenRevoked, "device signed out")),
-                None => return Err(Error::rejected(ErrorCode::ErrorDeviceNotFound, "unknown device")),
-            }
+        let Ok(shard) = self.shard_of_user(user) else { return Ok(claims) };
+        let Some(local) = self.group(shard) else { return Ok(claims) };
+        let (u, d) = (rim_raft_store::UserId(user), rim_raft_store::DeviceId(device));
+        let mut dev = local.reader.device(u, d)?;
+        if dev.as_ref().is_none_or(|d| d.token_version < claims.token_version) {
+            dev = self.read_barrier(shard).await?.reader.device(u, d)?;
         }
-        Ok(claims)
+        match dev {
+            Some(d) if d.token_version == claims.token_version => Ok(claims),
+            Some(_) => Err(Error::rejected(ErrorCode::ErrorTokenRevoked, "device signed out")),
+            None => Err(Error::rejected(ErrorCode::ErrorDeviceNotFound, "unknown device")),
+        }
     }
 
     /// Issues a token for a device at its current token version.

@@ -55,9 +55,23 @@ fn record_raft_gauges(core: &Core) {
     }
 }
 
+/// Healthy when every hosted group has a leader and every group this node
+/// leads heard from a quorum within the election timeout (an isolated
+/// leader in openraft 0.9 does not step down by itself).
 fn health(core: &Core) -> (StatusCode, String) {
-    let leaderless: Vec<u32> =
-        core.all_groups().iter().filter(|g| g.leader().is_none()).map(|g| g.shard.0).collect();
+    let stale_after = core.config.election_max_ms;
+    let leaderless: Vec<u32> = core
+        .all_groups()
+        .iter()
+        .filter(|g| {
+            let m = g.raft.metrics().borrow().clone();
+            let isolated_leader = m.current_leader == Some(core.id())
+                && m.membership_config.membership().voter_ids().count() > 1
+                && m.millis_since_quorum_ack.is_none_or(|ms| ms > stale_after);
+            m.current_leader.is_none() || isolated_leader
+        })
+        .map(|g| g.shard.0)
+        .collect();
     if leaderless.is_empty() && !core.all_groups().is_empty() {
         (StatusCode::OK, "ok\n".into())
     } else {

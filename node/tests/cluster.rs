@@ -148,7 +148,19 @@ async fn bad_requests_get_documented_codes() {
     client.send(&carol, dave.user, "ok-before", "x").await.unwrap();
     let mut auth = rim_proto::v1::auth_service_client::AuthServiceClient::new(client.channel.clone());
     auth.logout(Client::authed(&carol, rim_proto::v1::LogoutRequest {})).await.unwrap();
-    let err = client.send(&carol, dave.user, "after-logout", "x").await.unwrap_err();
+    // Each node refuses the token once its replica applied the logout
+    // (milliseconds; gateway sign-in checks linearizably).
+    let mut attempt = 0;
+    let err = loop {
+        attempt += 1;
+        match client.send(&carol, dave.user, &format!("after-logout-{attempt}"), "x").await {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(attempt < 200, "revoked token still accepted");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
     assert_eq!(code(&err), ErrorCode::ErrorTokenRevoked);
     let again = client.sign_in("carol").await;
     client.send(&again, dave.user, "after-sign-in", "x").await.unwrap();

@@ -41,7 +41,7 @@ fn meta_u64<T>(req: &Request<T>, key: &str) -> Result<u64> {
 }
 
 impl ClientSvc {
-    fn caller<T>(&self, req: &Request<T>) -> Result<Caller> {
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller> {
         let user = meta_u64(req, "user_id")?;
         let device = meta_u64(req, "device_id")?;
         let token = req
@@ -49,7 +49,7 @@ impl ClientSvc {
             .get("token")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| Error::rejected(ErrorCode::ErrorUnauthenticated, "metadata token missing"))?;
-        self.core.verify_token(user, device, token)?;
+        self.core.verify_token(user, device, token).await?;
         Ok(Caller { user, device })
     }
 
@@ -178,7 +178,7 @@ impl AuthService for ClientSvc {
         &self,
         req: Request<RegisterDeviceRequest>,
     ) -> Result<Response<RegisterDeviceReply>, Status> {
-        let c = self.caller(&req)?;
+        let c = self.caller(&req).await?;
         let device = self.core.allocate_id(IdKind::Device).await?;
         let (_, token, token_expires_ms) =
             ops::register_device(&self.core, c.user, device, req.into_inner().device).await?;
@@ -189,14 +189,14 @@ impl AuthService for ClientSvc {
         &self,
         req: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesReply>, Status> {
-        let c = self.caller(&req)?;
+        let c = self.caller(&req).await?;
         let g = self.core.read_barrier(self.core.shard_of_user(c.user)?).await?;
         let devices = g.reader.devices(UserId(c.user)).map_err(Error::from)?;
         Ok(Response::new(ListDevicesReply { devices: devices.into_iter().map(ops::device_view).collect() }))
     }
 
     async fn logout(&self, req: Request<LogoutRequest>) -> Result<Response<LogoutReply>, Status> {
-        let c = self.caller(&req)?;
+        let c = self.caller(&req).await?;
         ops::revoke(&self.core, c.user, c.device).await?;
         Ok(Response::new(LogoutReply {}))
     }
@@ -205,7 +205,7 @@ impl AuthService for ClientSvc {
         &self,
         req: Request<RevokeDeviceRequest>,
     ) -> Result<Response<RevokeDeviceReply>, Status> {
-        let c = self.caller(&req)?;
+        let c = self.caller(&req).await?;
         let device = req.into_inner().device_id;
         check_id("device_id", device)?;
         ops::revoke(&self.core, c.user, device).await?;
@@ -216,13 +216,13 @@ impl AuthService for ClientSvc {
 #[tonic::async_trait]
 impl UserService for ClientSvc {
     async fn get_user(&self, req: Request<GetUserRequest>) -> Result<Response<GetUserReply>, Status> {
-        self.caller(&req)?;
+        self.caller(&req).await?;
         let u = ops::get_user(&self.core, req.into_inner().user_id).await?;
         Ok(Response::new(GetUserReply { user: Some(ops::user_view(u)) }))
     }
 
     async fn get_users(&self, req: Request<GetUsersRequest>) -> Result<Response<GetUsersReply>, Status> {
-        self.caller(&req)?;
+        self.caller(&req).await?;
         let ids = req.into_inner().user_ids;
         if ids.len() > 100 {
             return Err(Error::rejected(ErrorCode::ErrorBadRequest, "at most 100 users per call").into());
@@ -245,7 +245,7 @@ impl UserService for ClientSvc {
         &self,
         req: Request<UpdateUserRequest>,
     ) -> Result<Response<UpdateUserReply>, Status> {
-        let c = self.caller(&req)?;
+        let c = self.caller(&req).await?;
         let r = req.into_inner();
         let password_hash = match r.new_password {
             Some(pw) => {
@@ -286,7 +286,7 @@ fn unimplemented(what: &str) -> Status {
 #[tonic::async_trait]
 impl MessageService for ClientSvc {
     async fn send_message(&self, req: Request<SendInput>) -> Result<Response<SendOutput>, Status> {
-        let c = self.caller(&req)?;
+        let c = self.caller(&req).await?;
         let mut input = req.into_inner();
         if input.conversation_kind == ConversationKind::Unspecified as i32 {
             input.conversation_kind = ConversationKind::User as i32;
@@ -295,7 +295,7 @@ impl MessageService for ClientSvc {
     }
 
     async fn send_group_message(&self, req: Request<SendInput>) -> Result<Response<SendOutput>, Status> {
-        let c = self.caller(&req)?;
+        let c = self.caller(&req).await?;
         let mut input = req.into_inner();
         if input.conversation_kind == ConversationKind::Unspecified as i32 {
             input.conversation_kind = ConversationKind::Group as i32;
@@ -304,17 +304,17 @@ impl MessageService for ClientSvc {
     }
 
     async fn sync(&self, req: Request<SyncInput>) -> Result<Response<SyncOutput>, Status> {
-        let c = self.caller(&req)?;
+        let c = self.caller(&req).await?;
         Ok(Response::new(ops::sync(&self.core, c.user, req.into_inner()).await?))
     }
 
     async fn sync_group(&self, req: Request<SyncGroupInput>) -> Result<Response<SyncGroupOutput>, Status> {
-        let c = self.caller(&req)?;
+        let c = self.caller(&req).await?;
         Ok(Response::new(ops::sync_group(&self.core, c.user, req.into_inner()).await?))
     }
 
     async fn ack(&self, req: Request<AckInput>) -> Result<Response<AckOutput>, Status> {
-        let c = self.caller(&req)?;
+        let c = self.caller(&req).await?;
         Ok(Response::new(ops::ack(&self.core, c.user, c.device, req.into_inner().seq).await?))
     }
 

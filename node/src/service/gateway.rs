@@ -67,7 +67,7 @@ impl GatewayService for GatewaySvc {
         let shard = self.core.shard_of_user(input.user_id)?;
         // Linearizable: a logout acknowledged before this sign-in is seen.
         let g = self.core.read_barrier(shard).await?;
-        let claims = self.core.verify_token(input.user_id, input.device_id, &input.token)?;
+        let claims = self.core.verify_token(input.user_id, input.device_id, &input.token).await?;
         let user = g
             .reader
             .user(UserId(input.user_id))

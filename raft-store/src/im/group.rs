@@ -408,13 +408,14 @@ impl Applier<'_> {
     pub(super) fn send_to_group(&mut self, c: &store::SendToGroup) -> Result<SendResult> {
         self.check_send(&c.client_msg_id, c.content_type, &c.content)?;
         check_id("sender_user_id", c.sender_user_id)?;
-        let group = self.load_group(c.group_id)?;
-        if group.kind() != GroupKind::Room && self.member(c.group_id, c.sender_user_id)?.is_none() {
-            reject!(ErrorNotGroupMember, "user {} is not a member of group {}", c.sender_user_id, c.group_id);
-        }
+        // A retry returns the original result even if the sender left since.
         let idem_key = keys::idempotency(self.shard, UserId(c.sender_user_id), c.group_id, &c.client_msg_id);
         if let Some(done) = self.txn.get_msg::<SendResult>(&idem_key)? {
             return Ok(done);
+        }
+        let group = self.load_group(c.group_id)?;
+        if group.kind() != GroupKind::Room && self.member(c.group_id, c.sender_user_id)?.is_none() {
+            reject!(ErrorNotGroupMember, "user {} is not a member of group {}", c.sender_user_id, c.group_id);
         }
         let message_id = self.next_message_id()?;
         let msg = Message {
