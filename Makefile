@@ -7,9 +7,9 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/rim-target
 CARGO ?= cargo
 
-.PHONY: dev test lint fmt prereqs bench-store
+.PHONY: dev test lint fmt prereqs bench-store bench-send
 
-## Start a local cluster (3 logic nodes + a gateway) with data in ./rim-data.
+## Start a local cluster (3 logic nodes) with data in ./rim-data.
 dev: prereqs
 	$(CARGO) run --bin rim -- dev
 
@@ -28,6 +28,11 @@ fmt:
 prereqs:
 	@scripts/prereqs.sh
 
-## Storage micro-benchmarks (docs/benchmarks.md).
+## Storage micro-benchmarks (docs/benchmarks.md). The dev profile builds
+## dependencies (RocksDB) at -O2 and shares the test build.
 bench-store: prereqs
-	$(CARGO) bench -p rim-raft-store --bench store
+	$(CARGO) bench -p rim-raft-store --bench store --profile dev
+
+## 1:1 sends through client gRPC on an in-process 3-node cluster, fsync on.
+bench-send: prereqs
+	$(CARGO) run -p rim-node --example send_bench -- 64 10 64
