@@ -80,8 +80,12 @@ async fn main() -> anyhow::Result<()> {
     let mut auth = AuthServiceClient::new(channels[0].clone());
     for i in 0..users {
         let name = format!("bench{i}");
-        auth.register(RegisterRequest { username: name.clone(), password: "bench-pw".into(), ..Default::default() })
-            .await?;
+        auth.register(RegisterRequest {
+            username: name.clone(),
+            password: "bench-pw".into(),
+            ..Default::default()
+        })
+        .await?;
         let r = auth
             .sign_in(SignInRequest { username: name, password: "bench-pw".into(), ..Default::default() })
             .await?

@@ -122,7 +122,9 @@ impl NodeConfig {
             let Some(field) = k.strip_prefix("RIM_").map(str::to_ascii_lowercase) else { continue };
             if field == "peers" {
                 let peers = parse_peers(&v)?;
-                let value = toml::Value::Table(peers.into_iter().map(|(k, v)| (k.to_string(), toml::Value::String(v))).collect());
+                let value = toml::Value::Table(
+                    peers.into_iter().map(|(k, v)| (k.to_string(), toml::Value::String(v))).collect(),
+                );
                 table.insert(field, value);
                 continue;
             }
@@ -220,7 +222,9 @@ mod peers_serde {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, String>, D::Error> {
         let raw = BTreeMap::<String, String>::deserialize(d)?;
         raw.into_iter()
-            .map(|(k, v)| k.parse().map(|k| (k, v)).map_err(|_| serde::de::Error::custom(format!("bad node id {k:?}"))))
+            .map(|(k, v)| {
+                k.parse().map(|k| (k, v)).map_err(|_| serde::de::Error::custom(format!("bad node id {k:?}")))
+            })
             .collect()
     }
 }

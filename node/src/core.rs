@@ -24,7 +24,7 @@ use rim_cluster::{Placement, TokenKey};
 use rim_proto::ErrorCode;
 use rim_proto::store::{self, Op, OpResult, Proposal, ProposalResult, op::Op as O};
 use rim_proto::v1::RaftRequest;
-use rim_raft_store::{Db, ShardId};
+use rim_raft_store::ShardId;
 
 use crate::auth::CodeVerifier;
 use crate::config::NodeConfig;
@@ -46,8 +46,6 @@ struct IdBlock {
 pub struct Core {
     /// Validated configuration.
     pub config: NodeConfig,
-    /// The node's database.
-    pub db: Db,
     /// Connections to peers.
     pub peers: Peers,
     /// Hosted groups by shard id.
@@ -73,17 +71,10 @@ impl std::fmt::Debug for Core {
 
 impl Core {
     /// A core over opened storage.
-    pub fn new(
-        config: NodeConfig,
-        db: Db,
-        peers: Peers,
-        tokens: TokenKey,
-        codes: Arc<dyn CodeVerifier>,
-    ) -> Core {
+    pub fn new(config: NodeConfig, peers: Peers, tokens: TokenKey, codes: Arc<dyn CodeVerifier>) -> Core {
         let timeout = Duration::from_millis(config.request_timeout_ms);
         Core {
             config,
-            db,
             peers,
             groups: RwLock::new(BTreeMap::new()),
             placement: RwLock::new(None),
@@ -323,10 +314,15 @@ impl Core {
     /// that is ahead settles a revocation at once; one that lacks the device
     /// or is behind the token is first brought up to date (read barrier).
     pub async fn verify_token(&self, user: u64, device: u64, token: &str) -> Result<rim_cluster::Claims> {
-        let claims =
-            self.tokens.verify(token, now_ms()).map_err(|e| Error::rejected(e.code(), format!("token refused: {e}")))?;
+        let claims = self
+            .tokens
+            .verify(token, now_ms())
+            .map_err(|e| Error::rejected(e.code(), format!("token refused: {e}")))?;
         if claims.user_id != user || claims.device_id != device {
-            return Err(Error::rejected(ErrorCode::ErrorUnauthenticated, "token belongs to another user or device"));
+            return Err(Error::rejected(
+                ErrorCode::ErrorUnauthenticated,
+                "token belongs to another user or device",
+            ));
         }
         let Ok(shard) = self.shard_of_user(user) else { return Ok(claims) };
         let Some(local) = self.group(shard) else { return Ok(claims) };

@@ -72,6 +72,9 @@ fn health(core: &Core) -> (StatusCode, String) {
         })
         .map(|g| g.shard.0)
         .collect();
+    if core.placement().is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "cluster map not known yet\n".into());
+    }
     if leaderless.is_empty() && !core.all_groups().is_empty() {
         (StatusCode::OK, "ok\n".into())
     } else {

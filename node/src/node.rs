@@ -46,6 +46,8 @@ pub struct NodeOptions {
 pub struct Node {
     /// Shared state (for tests and embedding).
     pub core: Arc<Core>,
+    /// The database; closed when the last group using it is gone.
+    db: Db,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -105,7 +107,7 @@ impl Node {
             None => Arc::new(NoCodeVerifier),
         };
         let peers = Peers::new(config.id, config.cluster_secret.clone(), opts.link_filter.clone());
-        let core = Arc::new(Core::new(config.clone(), db, peers, tokens, codes));
+        let core = Arc::new(Core::new(config.clone(), peers, tokens, codes));
         let internal = bind(&config.listen).await?;
         let client = bind(&config.client_listen).await?;
         let http = bind(&config.http_listen).await?;
@@ -117,18 +119,10 @@ impl Node {
             max_inflight: config.max_inflight_proposals,
         };
         let start_group = |shard: u32| {
-            let (core, raft, limits) = (core.clone(), raft.clone(), limits.clone());
+            let (core, raft, limits, db) = (core.clone(), raft.clone(), limits.clone(), db.clone());
             async move {
-                let g = Group::start(
-                    core.id(),
-                    &core.db,
-                    ShardId(shard),
-                    limits,
-                    raft,
-                    core.peers.clone(),
-                    popts,
-                )
-                .await?;
+                let g = Group::start(core.id(), &db, ShardId(shard), limits, raft, core.peers.clone(), popts)
+                    .await?;
                 core.groups.write().expect("groups lock").insert(shard, g.clone());
                 Ok::<_, Error>(g)
             }
@@ -154,6 +148,10 @@ impl Node {
                 config.data.display()
             )));
         };
+        // Plus every group this node holds Raft state for (e.g. replicas
+        // added by `admin add-node`, which the map does not list).
+        let mut shards: std::collections::BTreeSet<u32> = shards.into_iter().collect();
+        shards.extend(db.shards_with_state()?);
         for s in shards.into_iter().filter(|s| *s != META.0) {
             start_group(s).await?;
         }
@@ -186,13 +184,15 @@ impl Node {
             groups = core.all_groups().len(),
             "node started"
         );
-        Ok(Node { core, tasks })
+        Ok(Node { core, db, tasks })
     }
 
     /// Stops every server, task and group of the node, and returns once the
-    /// database is closed (so the data directory can be reopened at once).
+    /// database is closed (so the data directory can be reopened at once),
+    /// or after 10 s if an embedder still holds a group (then it closes when
+    /// that handle drops).
     pub async fn shutdown(self) {
-        let Node { core, mut tasks } = self;
+        let Node { core, db, mut tasks } = self;
         core.stopping.send_replace(true);
         // Servers drain (graceful), background loops are aborted.
         let servers: Vec<_> = tasks.drain(..2).collect();
@@ -209,7 +209,6 @@ impl Node {
             let _ = g.raft.shutdown().await;
         }
         core.groups.write().expect("groups lock").clear();
-        let db = core.db.clone();
         drop(core);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while db.handles() > 1 && tokio::time::Instant::now() < deadline {

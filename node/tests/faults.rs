@@ -230,6 +230,11 @@ async fn next(s: &mut tonic::Streaming<SubscribeEvent>) -> Option<Result<Subscri
     tokio::time::timeout(Duration::from_secs(20), s.next()).await.expect("stream event within 20 s")
 }
 
+fn secret<T>(mut r: tonic::Request<T>) -> tonic::Request<T> {
+    r.metadata_mut().insert(rim_node::net::SECRET_METADATA_KEY, SECRET.parse().unwrap());
+    r
+}
+
 async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -256,5 +261,108 @@ async fn nodes_serve_health_and_prometheus_metrics() {
     }
     let ids: BTreeSet<u64> = [alice.user, bob.user].into();
     assert_eq!(ids.len(), 2);
+    shutdown(c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_and_remove_a_node_safely() {
+    let _g = serial().await;
+    let mut c = Cluster::start(3, 2, |_| {}).await;
+    let client = c.client(1).await;
+    let (alice, bob) = users_on_two_shards(&c, &client, "n").await;
+    for i in 0..10 {
+        send_until_acked(&client, &alice, bob.user, &format!("before{i}")).await;
+    }
+    // A fourth node joins through node 1.
+    let mut cfg = c.configs[&1].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    cfg.id = 4;
+    cfg.data = dir.path().to_path_buf();
+    cfg.listen = free();
+    cfg.client_listen = free();
+    cfg.http_listen = free();
+    cfg.bootstrap = false;
+    cfg.join = Some(c.configs[&1].listen.clone());
+    c.dirs.insert(4, dir);
+    c.configs.insert(4, cfg.clone());
+    c.start_node(4).await;
+
+    let addrs: std::collections::BTreeMap<u64, String> =
+        c.configs.iter().map(|(k, v)| (*k, v.listen.clone())).collect();
+    let admin = |id: u64| {
+        let addr = addrs[&id].clone();
+        async move {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            rim_proto::v1::admin_service_client::AdminServiceClient::new(ch)
+        }
+    };
+    for shard in [0u32, 1, 2] {
+        let leader = c.leader(shard).await;
+        let req = rim_proto::v1::AddNodeRequest {
+            node_id: 4,
+            internal_addr: cfg.listen.clone(),
+            group_ids: vec![shard],
+            ..Default::default()
+        };
+        admin(leader).await.add_node(secret(tonic::Request::new(req))).await.unwrap();
+    }
+    // Node 4 is a voter everywhere and holds the data.
+    let shard = c.shard_of_user(alice.user);
+    let g4 = c.node(4).core.group(shard).unwrap();
+    let target = c
+        .node(c.leader(shard).await)
+        .core
+        .group(shard)
+        .unwrap()
+        .raft
+        .metrics()
+        .borrow()
+        .last_applied
+        .unwrap()
+        .index;
+    g4.wait_applied(target, Duration::from_secs(30)).await.unwrap();
+    let voters: BTreeSet<u64> =
+        g4.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+    assert_eq!(voters, [1, 2, 3, 4].into());
+    assert_eq!(texts(&g4.reader.sync(UserId(alice.user), Seq(0), 100).unwrap().messages).len(), 10);
+
+    // Node 4 restarts and hosts its replicas again.
+    drop(g4);
+    c.stop_node(4).await;
+    c.start_node(4).await;
+    assert!(c.node(4).core.group(shard).is_some(), "replica reopened after restart");
+
+    // With nodes 3 and 4 down, removing node 2 would leave {1} of {1,3,4}: refused.
+    c.stop_node(3).await;
+    c.stop_node(4).await;
+    let leader = c.leader(shard).await;
+    let req =
+        rim_proto::v1::RemoveNodeRequest { node_id: if leader == 2 { 1 } else { 2 }, group_ids: vec![shard] };
+    let err = admin(leader).await.remove_node(secret(tonic::Request::new(req))).await.unwrap_err();
+    assert_eq!(code(&err), rim_proto::ErrorCode::ErrorBadRequest, "{err:?}");
+    // Removing a down node is fine while a majority of the rest is up.
+    c.start_node(3).await;
+    let leader = c.leader(shard).await;
+    let req = rim_proto::v1::RemoveNodeRequest { node_id: 4, group_ids: vec![shard] };
+    admin(leader).await.remove_node(secret(tonic::Request::new(req))).await.unwrap();
+    let voters: BTreeSet<u64> = c
+        .node(leader)
+        .core
+        .group(shard)
+        .unwrap()
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    assert_eq!(voters, [1, 2, 3].into());
+    send_until_acked(&client, &alice, bob.user, "after-remove").await;
     shutdown(c).await;
 }

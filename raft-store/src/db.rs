@@ -128,6 +128,27 @@ impl Db {
         w
     }
 
+    /// Shards that have Raft state (a vote or log) in this database: the
+    /// groups this node hosted before a restart.
+    pub fn shards_with_state(&self) -> Result<Vec<u32>> {
+        let cf = self.cf(CF_RAFT);
+        let mut out = Vec::new();
+        let mut it = self.inner.raw_iterator_cf(cf);
+        it.seek_to_first();
+        while let Some(k) = it.key() {
+            let Some(shard) = k.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes) else {
+                break;
+            };
+            out.push(shard);
+            match shard.checked_add(1) {
+                Some(next) => it.seek(next.to_be_bytes()),
+                None => break,
+            }
+        }
+        it.status()?;
+        Ok(out)
+    }
+
     /// Whether durable writes are fsynced.
     pub fn syncs(&self) -> bool {
         self.sync

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::BasicNode;
 use rim_proto::ErrorCode;
@@ -86,29 +87,47 @@ impl AdminSvc {
                 format!("group {}: cannot remove the last voter", g.shard),
             ));
         }
-        // Reachable = acknowledged recently by this leader (or the leader itself).
-        let last = m.last_log_index.unwrap_or(0);
-        let reachable = remaining
-            .iter()
-            .filter(|v| {
-                **v == m.id
-                    || m.replication
-                        .as_ref()
-                        .and_then(|r| r.get(*v).cloned().flatten())
-                        .is_some_and(|l| last.saturating_sub(l.index) < 1_000)
-            })
-            .count();
+        // Reachable = answers a ping now (or is this node).
+        let mut reachable = 0;
+        for v in &remaining {
+            if *v == m.id || self.ping(g.shard.0, *v).await {
+                reachable += 1;
+            }
+        }
         if reachable * 2 <= remaining.len() {
             return Err(Error::rejected(
                 ErrorCode::ErrorBadRequest,
-                format!("group {}: removing node {node} would leave no reachable majority", g.shard),
+                format!(
+                    "group {}: removing node {node} would leave {reachable} reachable of {} voters, no majority",
+                    g.shard,
+                    remaining.len()
+                ),
             ));
         }
-        g.raft
-            .change_membership(remaining, false)
+        let change = g.raft.change_membership(remaining, false);
+        tokio::time::timeout(4 * self.core.timeout, change)
             .await
+            .map_err(|_| Error::Timeout(format!("group {}: removing {node} did not commit", g.shard)))?
             .map_err(|e| Error::Unavailable(format!("group {}: removing {node}: {e}", g.shard)))?;
         Ok(())
+    }
+
+    /// Whether node `node` answers on its internal listener within a second.
+    async fn ping(&self, shard: u32, node: u64) -> bool {
+        let Some(addr) = self.core.node_addr(shard, node) else { return false };
+        let req = RaftRequest {
+            group_id: u32::MAX,
+            payload: Default::default(),
+            target_node_id: node,
+            from_node_id: self.core.id(),
+        };
+        let msg = self.core.peers.request(req, Duration::from_secs(1));
+        let reply = self
+            .core
+            .peers
+            .call(node, &addr, Duration::from_secs(1), |mut c, _| async move { c.read_index(msg).await })
+            .await;
+        reply.is_ok()
     }
 
     /// The groups a request applies to, each on its leader (this node).

@@ -1,0 +1,498 @@
+//! Harness for real-process tests: `rim node` processes with temp data dirs,
+//! free loopback ports and per-process log files, plus a small gRPC client
+//! that retries retryable errors under a deadline.
+#![allow(dead_code, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rim_proto::ErrorCode;
+use rim_proto::v1::admin_service_client::AdminServiceClient;
+use rim_proto::v1::auth_service_client::AuthServiceClient;
+use rim_proto::v1::message_service_client::MessageServiceClient;
+use rim_proto::v1::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+/// Cluster secret of every test cluster (≥ 16 characters).
+pub const SECRET: &str = "process-test-secret-0123456789";
+/// Fixed phone sign-in code of the test nodes.
+pub const DEV_CODE: &str = "123456";
+/// Password of every registered test user.
+pub const PASSWORD: &str = "secret-pw";
+
+/// The built `rim` binary.
+pub fn rim_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_rim")
+}
+
+/// The tests start whole clusters: run them one at a time (2 cores).
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// A loopback address that was free a moment ago.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").to_string()
+}
+
+/// A `rim` command with no inherited `RIM_*` settings, in its own process group.
+pub fn rim_command() -> Command {
+    let mut cmd = Command::new(rim_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RIM_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("NO_COLOR", "1").stdin(Stdio::null()).process_group(0);
+    cmd
+}
+
+/// The last `n` lines of a file (or why it cannot be read).
+pub fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+/// One `rim node` process (running or not) with its temp dir, which holds
+/// `data/` and `node.log` (stdout and stderr of every run, appended).
+pub struct NodeProc {
+    pub id: u64,
+    pub internal: String,
+    pub client: String,
+    pub http: String,
+    args: Vec<String>,
+    child: Option<Child>,
+    runs: u32,
+    dir: tempfile::TempDir,
+}
+
+impl NodeProc {
+    fn new(id: u64, internal: String, peers: &str, shards: u32) -> NodeProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, http) = (free_addr(), free_addr());
+        let data = dir.path().join("data");
+        let args: Vec<String> = vec![
+            "node".into(),
+            "--id".into(),
+            id.to_string(),
+            "--data".into(),
+            data.display().to_string(),
+            "--listen".into(),
+            internal.clone(),
+            "--client-listen".into(),
+            client.clone(),
+            "--http-listen".into(),
+            http.clone(),
+            "--bootstrap".into(),
+            "--peers".into(),
+            peers.into(),
+            "--shards".into(),
+            shards.to_string(),
+            "--cluster-secret".into(),
+            SECRET.into(),
+            "--dev-code".into(),
+            DEV_CODE.into(),
+        ];
+        NodeProc { id, internal, client, http, args, child: None, runs: 0, dir }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("node.log")
+    }
+
+    /// Starts the process with the same flags and data dir as before.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "node {} is already running", self.id);
+        self.runs += 1;
+        let mut log = OpenOptions::new().create(true).append(true).open(self.log_path()).expect("open log");
+        use std::io::Write;
+        writeln!(log, "===== run {} of node {}: rim {} =====", self.runs, self.id, self.args.join(" "))
+            .expect("write log");
+        let err: File = log.try_clone().expect("clone log");
+        let child = rim_command()
+            .args(&self.args)
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn rim node");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL (`Child::kill` on unix), then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Panics (with the log tail) if the process has exited on its own.
+    fn check_alive(&mut self) {
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            self.child = None;
+            panic!(
+                "node {} exited on its own with {status}; log tail:\n{}",
+                self.id,
+                tail(&self.log_path(), 40)
+            );
+        }
+    }
+
+    pub fn log_tail(&self, n: usize) -> String {
+        tail(&self.log_path(), n)
+    }
+
+    /// Polls `/healthz` until it answers 200 (every group has a leader).
+    pub async fn wait_healthy(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive();
+            let last = match http_get(&self.http, "/healthz").await {
+                Ok((200, _)) => return,
+                Ok((code, body)) => format!("{code} {}", body.trim()),
+                Err(e) => e,
+            };
+            assert!(
+                Instant::now() < deadline,
+                "node {} not healthy within {timeout:?} (last: {last}); log tail:\n{}",
+                self.id,
+                self.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A minimal HTTP/1.0 GET: (status, body).
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        Ok::<_, String>(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text =
+        tokio::time::timeout(Duration::from_secs(2), io).await.map_err(|_| "timeout".to_string())??;
+    let status = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| format!("bad response {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// N `rim node` processes bootstrapped together.
+pub struct ProcCluster {
+    pub nodes: BTreeMap<u64, NodeProc>,
+}
+
+impl ProcCluster {
+    /// Starts `n` nodes with `--bootstrap --peers ...` and waits until each is healthy.
+    pub async fn start(n: u64, shards: u32) -> ProcCluster {
+        let internal: BTreeMap<u64, String> = (1..=n).map(|id| (id, free_addr())).collect();
+        let peers = internal.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
+        let mut c = ProcCluster {
+            nodes: internal.into_iter().map(|(id, a)| (id, NodeProc::new(id, a, &peers, shards))).collect(),
+        };
+        for p in c.nodes.values_mut() {
+            p.spawn();
+        }
+        c.wait_all_healthy(Duration::from_secs(40)).await;
+        c
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut NodeProc {
+        self.nodes.get_mut(&id).expect("no such node")
+    }
+
+    /// Waits until every running node is healthy.
+    pub async fn wait_all_healthy(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for p in self.nodes.values_mut().filter(|p| p.is_running()) {
+            p.wait_healthy(deadline.saturating_duration_since(Instant::now())).await;
+        }
+    }
+
+    pub fn kill(&mut self, id: u64) {
+        self.node(id).kill();
+    }
+
+    pub fn kill_all(&mut self) {
+        for p in self.nodes.values_mut() {
+            p.kill();
+        }
+    }
+
+    pub fn client(&self, id: u64) -> Client {
+        Client::connect(&self.nodes[&id].client)
+    }
+
+    /// The admin view of node `id` (internal listener, cluster secret).
+    pub async fn status(&self, id: u64) -> Result<ClusterStatusReply, tonic::Status> {
+        let ch = endpoint(&self.nodes[&id].internal).connect_lazy();
+        let mut r = tonic::Request::new(ClusterStatusRequest::default());
+        r.set_timeout(Duration::from_secs(5));
+        r.metadata_mut().insert("rim-cluster-secret", SECRET.parse().expect("secret metadata"));
+        AdminServiceClient::new(ch).cluster_status(r).await.map(|r| r.into_inner())
+    }
+
+    /// The placement as node `id` knows it, waiting until it has a cluster
+    /// map (a healthy node may not have one yet).
+    pub async fn placement(&self, id: u64) -> rim_cluster::Placement {
+        let map = eventually(Duration::from_secs(20), &format!("node {id} has a cluster map"), || async {
+            retry(Duration::from_secs(20), "cluster_status", || self.status(id)).await.map
+        })
+        .await;
+        rim_cluster::Placement::new(map).expect("valid map")
+    }
+
+    /// The leader of `shard` that every running node agrees on.
+    pub async fn leader(&self, shard: u32, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut seen = Vec::new();
+            for (id, p) in &self.nodes {
+                if !p.is_running() {
+                    continue;
+                }
+                let l = match self.status(*id).await {
+                    Ok(s) => s.groups.iter().find(|g| g.group_id == shard).map(|g| g.leader_node_id),
+                    Err(_) => None,
+                };
+                seen.push(l.unwrap_or(0));
+            }
+            if let Some(&l) = seen.first()
+                && l != 0
+                && seen.iter().all(|x| *x == l)
+                && self.nodes.get(&l).is_some_and(NodeProc::is_running)
+            {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader of shard {shard} within {timeout:?}: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        self.kill_all();
+        if std::thread::panicking() {
+            for p in self.nodes.values() {
+                eprintln!(
+                    "----- node {} log tail ({}) -----\n{}",
+                    p.id,
+                    p.log_path().display(),
+                    p.log_tail(60)
+                );
+            }
+        }
+    }
+}
+
+fn endpoint(addr: &str) -> tonic::transport::Endpoint {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(2))
+}
+
+/// The `rim-code` of a failed call.
+pub fn code(s: &tonic::Status) -> ErrorCode {
+    rim_proto::error::code_of_status(s)
+}
+
+/// Runs `f` until it succeeds; retryable errors are retried until `timeout`,
+/// any other error fails the test.
+pub async fn retry<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(code(&e).is_retryable(), "{what}: non-retryable error {:?}: {e:?}", code(&e));
+                assert!(Instant::now() < deadline, "{what}: still failing after {timeout:?}: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Polls the async probe `f` until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A signed-in device.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub user: u64,
+    pub device: u64,
+    pub token: String,
+}
+
+/// A gRPC client of one node's client listener.
+#[derive(Clone)]
+pub struct Client {
+    pub channel: Channel,
+}
+
+impl Client {
+    pub fn connect(addr: &str) -> Client {
+        Client { channel: endpoint(addr).connect_lazy() }
+    }
+
+    pub fn authed<T>(s: &Session, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(Duration::from_secs(10));
+        r.metadata_mut().insert("user_id", s.user.to_string().parse().expect("metadata"));
+        r.metadata_mut().insert("device_id", s.device.to_string().parse().expect("metadata"));
+        r.metadata_mut().insert("token", s.token.parse().expect("metadata"));
+        r
+    }
+
+    /// Registers `username` (a retry that finds it already registered is
+    /// fine: the first attempt went through) and signs in a new device.
+    pub async fn register_and_sign_in(&self, username: &str) -> Session {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut a = AuthServiceClient::new(self.channel.clone());
+            let mut req = tonic::Request::new(RegisterRequest {
+                username: username.into(),
+                password: PASSWORD.into(),
+                ..Default::default()
+            });
+            req.set_timeout(Duration::from_secs(10));
+            match a.register(req).await {
+                Ok(_) => break,
+                Err(e) if attempts > 1 && code(&e) == ErrorCode::ErrorAlreadyExists => break,
+                Err(e) => {
+                    assert!(code(&e).is_retryable(), "register {username}: {e:?}");
+                    assert!(Instant::now() < deadline, "register {username}: still failing: {e:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let r = retry(Duration::from_secs(30), "sign_in", || {
+            let mut a = AuthServiceClient::new(self.channel.clone());
+            let mut req = tonic::Request::new(SignInRequest {
+                username: username.into(),
+                password: PASSWORD.into(),
+                ..Default::default()
+            });
+            req.set_timeout(Duration::from_secs(10));
+            async move { a.sign_in(req).await.map(|r| r.into_inner()) }
+        })
+        .await;
+        Session { user: r.user_id, device: r.device_id, token: r.token }
+    }
+
+    pub async fn send(
+        &self,
+        s: &Session,
+        to: u64,
+        cmid: &str,
+        text: &str,
+    ) -> Result<SendOutput, tonic::Status> {
+        let mut m = MessageServiceClient::new(self.channel.clone());
+        let input = SendInput {
+            conversation_kind: ConversationKind::User as i32,
+            conversation_id: to,
+            client_msg_id: cmid.into(),
+            content_type: ContentType::Text as i32,
+            content: text.as_bytes().to_vec().into(),
+            ..Default::default()
+        };
+        m.send_message(Self::authed(s, input)).await.map(|r| r.into_inner())
+    }
+
+    /// Sends until acknowledged, retrying with the same `client_msg_id`.
+    pub async fn send_acked(&self, s: &Session, to: u64, cmid: &str, text: &str) -> SendOutput {
+        retry(Duration::from_secs(30), &format!("send {cmid}"), || self.send(s, to, cmid, text)).await
+    }
+
+    /// The whole list of `s.user`, page by page.
+    pub async fn sync_all(&self, s: &Session) -> Result<Vec<Message>, tonic::Status> {
+        let mut m = MessageServiceClient::new(self.channel.clone());
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let r = m.sync(Self::authed(s, SyncInput { after_seq: after, limit: 200 })).await?.into_inner();
+            after = r.messages.last().map(|x| x.seq).unwrap_or(after);
+            out.extend(r.messages);
+            if !r.has_more {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// `sync_all`, retrying retryable errors.
+    pub async fn sync_all_retry(&self, s: &Session) -> Vec<Message> {
+        retry(Duration::from_secs(30), "sync", || self.sync_all(s)).await
+    }
+}
+
+/// Text messages of a list, as `(seq, client_msg_id)`.
+pub fn texts(list: &[Message]) -> Vec<(u64, String)> {
+    list.iter()
+        .filter(|m| m.content_type == ContentType::Text as i32)
+        .map(|m| (m.seq, m.client_msg_id.clone()))
+        .collect()
+}
