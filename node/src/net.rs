@@ -131,7 +131,10 @@ impl Peers {
             return Err(CallError::Unreachable(to, "link cut".into()));
         }
         let client = self.raft_client(addr).map_err(|e| CallError::Unreachable(to, e))?;
-        match tokio::time::timeout(timeout, call(client, timeout)).await {
+        let t0 = std::time::Instant::now();
+        let res = tokio::time::timeout(timeout, call(client, timeout)).await;
+        metrics::histogram!("rim_peer_rpc_seconds").record(t0.elapsed().as_secs_f64());
+        match res {
             Err(_) => Err(CallError::Unreachable(to, format!("no answer within {timeout:?}"))),
             Ok(Err(s)) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => {
                 Err(CallError::Unreachable(to, s.message().to_string()))

@@ -9,27 +9,12 @@ use common::*;
 use rim_proto::ErrorCode;
 use rim_raft_store::UserId;
 
-/// Registers users until two of them live on different shards.
-async fn two_users_on_different_shards(c: &Cluster, client: &Client, prefix: &str) -> (Session, Session) {
-    let a_name = format!("{prefix}a");
-    client.register(&a_name).await;
-    let a = client.sign_in(&a_name).await;
-    for i in 0..50 {
-        let name = format!("{prefix}b{i}");
-        let id = client.register(&name).await;
-        if c.shard_of_user(id) != c.shard_of_user(a.user) {
-            return (a, client.sign_in(&name).await);
-        }
-    }
-    panic!("no user landed on another shard");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_on_different_shards_exchange_messages_exactly_once() {
     let _g = serial().await;
     let c = Cluster::start(3, 4, |_| {}).await;
     let client = c.client(1).await;
-    let (alice, bob) = two_users_on_different_shards(&c, &client, "x").await;
+    let (alice, bob) = users_on_two_shards(&c, &client, "x").await;
 
     let other = c.client(2).await; // any node accepts writes
     let mut acked = Vec::new();
@@ -72,25 +57,7 @@ async fn users_on_different_shards_exchange_messages_exactly_once() {
     let alice2 = client.sign_in("xa").await;
     assert_ne!(alice2.device, alice.device);
     assert_eq!(client.sync_all(&alice2).await.len(), 20);
-    for n in c.nodes.into_values() {
-        n.shutdown().await;
-    }
-}
-
-/// `wait_for` for async probes.
-async fn wait_for_async<T, F, Fut>(timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(std::time::Instant::now() < deadline, "condition not met within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,9 +152,7 @@ async fn bad_requests_get_documented_codes() {
         ..Default::default()
     };
     assert_eq!(code(&auth2.register(dup).await.unwrap_err()), ErrorCode::ErrorAlreadyExists);
-    for n in c.nodes.into_values() {
-        n.shutdown().await;
-    }
+    c.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,7 +160,7 @@ async fn leader_kill_during_sends_loses_nothing_acked() {
     let _g = serial().await;
     let mut c = Cluster::start(3, 4, |_| {}).await;
     let client = c.client(1).await;
-    let (alice, bob) = two_users_on_different_shards(&c, &client, "k").await;
+    let (alice, bob) = users_on_two_shards(&c, &client, "k").await;
     let shard = c.shard_of_user(alice.user);
     let victim = c.leader(shard).await;
     // Send through a node that survives.
@@ -211,16 +176,7 @@ async fn leader_kill_during_sends_loses_nothing_acked() {
         }
         let cmid = format!("s{i}");
         // Retry with the same id until acknowledged: never a duplicate.
-        let out = loop {
-            match via.send(&alice, bob.user, &cmid, "payload").await {
-                Ok(o) => break o,
-                Err(e) => {
-                    let code = code(&e);
-                    assert!(code.is_retryable(), "unexpected error {e:?}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        };
+        let out = send_until_acked(&via, &alice, bob.user, &cmid).await;
         acked.push((cmid, out.seq));
     }
     assert!(killed);
@@ -254,7 +210,5 @@ async fn leader_kill_during_sends_loses_nothing_acked() {
     .await;
     let ids: BTreeSet<String> = bob_list.iter().map(|m| m.client_msg_id.clone()).collect();
     assert_eq!((bob_list.len(), ids.len()), (60, 60));
-    for n in c.nodes.into_values() {
-        n.shutdown().await;
-    }
+    c.shutdown().await;
 }

@@ -37,22 +37,34 @@ fn encode<T: serde::Serialize>(t: &T) -> Result<Vec<u8>, Status> {
     postcard::to_allocvec(t).map_err(|e| Status::internal(e.to_string()))
 }
 
+/// Serves a request's group here, or says why not.
+type Routed = Result<Arc<Group>, Result<Response<RaftReply>, Status>>;
+
 impl RaftSvc {
-    fn group(&self, group_id: u32, target: u64) -> Result<Arc<Group>, Response<RaftReply>> {
+    /// The group a request is for, after checking the link it came over
+    /// (tests cut links) and that it was meant for this node.
+    fn route(&self, group_id: u32, target: u64, from: u64) -> Routed {
+        if from != 0 && !self.core.peers.link_up(from) {
+            return Err(Err(Status::unavailable("link cut")));
+        }
         if target != 0 && target != self.core.id() {
-            return Err(refuse(
-                ErrorCode::ErrorBadRequest,
-                format!("this is node {}, not {target}", self.core.id()),
-            ));
+            let msg = format!("this is node {}, not {target}", self.core.id());
+            return Err(Ok(refuse(ErrorCode::ErrorBadRequest, msg)));
         }
         self.core.group(group_id).ok_or_else(|| {
-            refuse(ErrorCode::ErrorUnavailable, format!("group {group_id} is not hosted here"))
+            Ok(refuse(ErrorCode::ErrorUnavailable, format!("group {group_id} is not hosted here")))
         })
     }
+}
 
-    fn link_cut(&self, from: u64) -> bool {
-        from != 0 && !self.core.peers.link_up(from)
-    }
+/// `let g = route!(self, request)`: the group, or return the refusal.
+macro_rules! route {
+    ($svc:expr, $r:expr) => {
+        match $svc.route($r.group_id, $r.target_node_id, $r.from_node_id) {
+            Ok(g) => g,
+            Err(refusal) => return refusal,
+        }
+    };
 }
 
 fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
@@ -63,26 +75,14 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
 impl RaftService for RaftSvc {
     async fn append(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let r = req.into_inner();
-        if self.link_cut(r.from_node_id) {
-            return Err(Status::unavailable("link cut"));
-        }
-        let g = match self.group(r.group_id, r.target_node_id) {
-            Ok(g) => g,
-            Err(resp) => return Ok(resp),
-        };
+        let g = route!(self, r);
         let res = g.raft.append_entries(decode(&r.payload)?).await;
         Ok(reply(encode(&res)?))
     }
 
     async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let r = req.into_inner();
-        if self.link_cut(r.from_node_id) {
-            return Err(Status::unavailable("link cut"));
-        }
-        let g = match self.group(r.group_id, r.target_node_id) {
-            Ok(g) => g,
-            Err(resp) => return Ok(resp),
-        };
+        let g = route!(self, r);
         let res = g.raft.vote(decode(&r.payload)?).await;
         Ok(reply(encode(&res)?))
     }
@@ -92,13 +92,7 @@ impl RaftService for RaftSvc {
         let mut last = None;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
-            if self.link_cut(chunk.from_node_id) {
-                return Err(Status::unavailable("link cut"));
-            }
-            let g = match self.group(chunk.group_id, chunk.target_node_id) {
-                Ok(g) => g,
-                Err(resp) => return Ok(resp),
-            };
+            let g = route!(self, chunk);
             last = Some(g.raft.install_snapshot(decode(&chunk.header)?).await);
         }
         let res = last.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
@@ -107,13 +101,7 @@ impl RaftService for RaftSvc {
 
     async fn propose(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let r = req.into_inner();
-        if self.link_cut(r.from_node_id) {
-            return Err(Status::unavailable("link cut"));
-        }
-        let g = match self.group(r.group_id, r.target_node_id) {
-            Ok(g) => g,
-            Err(resp) => return Ok(resp),
-        };
+        let g = route!(self, r);
         let proposal =
             Proposal::decode(r.payload.as_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut results = Vec::with_capacity(proposal.ops.len());
@@ -132,13 +120,7 @@ impl RaftService for RaftSvc {
 
     async fn read_index(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let r = req.into_inner();
-        if self.link_cut(r.from_node_id) {
-            return Err(Status::unavailable("link cut"));
-        }
-        let g = match self.group(r.group_id, r.target_node_id) {
-            Ok(g) => g,
-            Err(resp) => return Ok(resp),
-        };
+        let g = route!(self, r);
         match g.read_index(self.core.timeout).await {
             Ok(index) => Ok(reply(index.to_be_bytes().to_vec())),
             Err(Error::NotLeader { leader, .. }) => {

@@ -245,3 +245,57 @@ pub fn texts(list: &[Message]) -> Vec<(u64, String)> {
         .map(|m| (m.seq, m.client_msg_id.clone()))
         .collect()
 }
+
+/// `wait_for` for async probes.
+pub async fn wait_for_async<T, F, Fut>(timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Registers `{prefix}a`, then users until one lives on another shard.
+pub async fn users_on_two_shards(c: &Cluster, client: &Client, prefix: &str) -> (Session, Session) {
+    client.register(&format!("{prefix}a")).await;
+    let a = client.sign_in(&format!("{prefix}a")).await;
+    for i in 0..50 {
+        let name = format!("{prefix}b{i}");
+        let id = client.register(&name).await;
+        if c.shard_of_user(id) != c.shard_of_user(a.user) {
+            return (a, client.sign_in(&name).await);
+        }
+    }
+    panic!("no user landed on another shard");
+}
+
+/// Sends, retrying with the same client_msg_id on retryable errors.
+pub async fn send_until_acked(client: &Client, s: &Session, to: u64, cmid: &str) -> SendOutput {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.send(s, to, cmid, "payload").await {
+            Ok(o) => return o,
+            Err(e) => {
+                assert!(code(&e).is_retryable(), "unexpected error {e:?}");
+                assert!(Instant::now() < deadline, "send {cmid} never acknowledged");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// Stops every node.
+    pub async fn shutdown(self) {
+        for n in self.nodes.into_values() {
+            n.shutdown().await;
+        }
+    }
+}

@@ -239,7 +239,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        self.apply_entries(entries).map_err(|e| {
+        let (t0, n) = (std::time::Instant::now(), entries.len());
+        let res = self.apply_entries(entries);
+        let shard = self.shard.0.to_string();
+        metrics::histogram!("rim_apply_seconds", "group" => shard.clone()).record(t0.elapsed().as_secs_f64());
+        metrics::counter!("rim_applied_entries_total", "group" => shard).increment(n as u64);
+        res.map_err(|e| {
             tracing::error!(shard = %self.shard, error = %e, "apply failed; stopping the group");
             sm_err(e)
         })
