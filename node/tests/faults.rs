@@ -296,18 +296,20 @@ async fn add_and_remove_a_node_safely() {
     c.start_node(4).await;
     assert!(c.node(4).core.group(shard).is_some(), "replica reopened after restart");
 
-    // With nodes 3 and 4 down, removing node 2 would leave {1} of {1,3,4}: refused.
-    c.stop_node(3).await;
-    c.stop_node(4).await;
+    // Stop two followers; removing the third would leave the leader alone
+    // among {leader, stopped, stopped}: refused.
     let leader = c.leader(shard).await;
-    let req =
-        rim_proto::v1::RemoveNodeRequest { node_id: if leader == 2 { 1 } else { 2 }, group_ids: vec![shard] };
+    let others: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|n| *n != leader).collect();
+    let (keep, down_a, down_b) = (others[0], others[1], others[2]);
+    c.stop_node(down_a).await;
+    c.stop_node(down_b).await;
+    let req = rim_proto::v1::RemoveNodeRequest { node_id: keep, group_ids: vec![shard] };
     let err = admin(leader).await.remove_node(secret(tonic::Request::new(req))).await.unwrap_err();
     assert_eq!(code(&err), rim_proto::ErrorCode::ErrorBadRequest, "{err:?}");
     // Removing a down node is fine while a majority of the rest is up.
-    c.start_node(3).await;
+    c.start_node(down_a).await;
     let leader = c.leader(shard).await;
-    let req = rim_proto::v1::RemoveNodeRequest { node_id: 4, group_ids: vec![shard] };
+    let req = rim_proto::v1::RemoveNodeRequest { node_id: down_b, group_ids: vec![shard] };
     admin(leader).await.remove_node(secret(tonic::Request::new(req))).await.unwrap();
     let voters: BTreeSet<u64> = c
         .node(leader)
@@ -321,8 +323,10 @@ async fn add_and_remove_a_node_safely() {
         .membership()
         .voter_ids()
         .collect();
-    assert_eq!(voters, [1, 2, 3].into());
-    send_until_acked(&client, &alice, bob.user, "after-remove").await;
+    let expected: BTreeSet<u64> = [1, 2, 3, 4].into_iter().filter(|n| *n != down_b).collect();
+    assert_eq!(voters, expected);
+    let via = c.client(leader).await;
+    send_until_acked(&via, &alice, bob.user, "after-remove").await;
     c.shutdown().await;
 }
 
