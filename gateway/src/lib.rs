@@ -1,7 +1,54 @@
-//! rim gateways (planned).
+//! rim gateways: where clients hold their long-lived connections.
 //!
-//! Will own: the TCP transport on mio (epoll event loops, a slab of
-//! connections, bounded per-connection queues, heartbeat and sign-in timers),
-//! the WebSocket transport on tokio-tungstenite (`/ws`, binary protobuf and
-//! JSON text frames), the session state machine both transports share, and
-//! routing requests and push subscriptions to shard leaders.
+//! A gateway is stateless: it keeps connections and soft routing state, and
+//! every durable fact lives on the logic nodes. Any number of gateways can
+//! serve one cluster; a client that loses its gateway reconnects to another
+//! and syncs (design sections 6 and 7, `docs/protocol.md`).
+//!
+//! # Design
+//!
+//! * **Sessions** ([`session`]): one [`Session`] per connection, a sans-IO
+//!   state machine holding the whole client protocol: the sign-in deadline,
+//!   heartbeats and the idle timeout, mapping requests to node calls and
+//!   their answers back to replies, in-order and gap-free delivery of pushed
+//!   entries (the `delivery` module, gim issue #46), the bounded send queue, kicks and
+//!   closing. It owns no socket, task or clock: inputs carry the time,
+//!   effects come out as [`Action`]s. So it is tested without a network,
+//!   and every transport behaves the same.
+//! * **Transports** (planned): adapters that turn bytes into
+//!   [`Session::on_packet`] calls and [`Action::Send`] into bytes. The TCP
+//!   transport runs a few mio (epoll) event loops, each owning its
+//!   connections in a slab with per-connection read buffers
+//!   ([`rim_proto::FrameDecoder`]) and write queues, and timers from
+//!   [`Session::next_deadline`]; no thread or task per connection. The
+//!   WebSocket transport (tokio-tungstenite, `/ws`) carries one `Packet` per
+//!   binary message, or its JSON form in text messages.
+//! * **Node calls** (planned): [`Action::Call`] is carried out on a tokio
+//!   runtime against the shard leaders (cached cluster map, `NotLeader`
+//!   hints followed) and the outcome comes back to the connection's event
+//!   loop through a channel and a waker, as [`Session::on_reply`].
+//! * **Push router** (planned): maps `(user, device)` to the connection that
+//!   serves it ([`Action::Register`], [`Action::Unregister`]; a second
+//!   sign-in of a device kicks the older connection with
+//!   [`Session::on_kick`], and the older one's unregister never removes the
+//!   newer route). Per shard it keeps one `Subscribe` stream to the leader
+//!   carrying the user and group ids it has connections for, hands each
+//!   `PushedMessage` to the sessions of its owner ([`Session::on_push`]),
+//!   and after a stream break or a new subscription calls
+//!   [`Session::on_resync_needed`] so that sessions sync from the last seq
+//!   they delivered.
+//!
+//! # What exists so far
+//!
+//! The session state machine ([`session`]), the user-list delivery logic it
+//! uses (`delivery`, crate-private) and the call types ([`call`]).
+//! Transports, the node client and the push router are still to come.
+
+mod action;
+pub mod call;
+mod config;
+mod delivery;
+pub mod session;
+
+pub use call::{Call, CallError, CallId, NodeCall, NodeReply};
+pub use session::{Action, Identity, Phase, Session, SessionConfig};

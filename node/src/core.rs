@@ -130,6 +130,29 @@ impl Core {
         Ok(())
     }
 
+    /// Changes the cluster map with `edit` and stores it as the next version
+    /// (compare-and-set on the version, retried a few times on conflicts).
+    pub async fn update_map(&self, edit: impl Fn(&mut rim_proto::v1::ClusterMap)) -> Result<u64> {
+        for _ in 0..5 {
+            self.refresh_placement()?;
+            let mut map = self.placement()?.into_map();
+            edit(&mut map);
+            map.version += 1;
+            Placement::new(map.clone())
+                .map_err(|e| Error::rejected(ErrorCode::ErrorBadRequest, e.to_string()))?;
+            let op = Op { op: Some(O::SetClusterMap(store::SetClusterMap { map: Some(map.clone()) })) };
+            match self.propose(META.0, op).await {
+                Ok(_) => {
+                    self.refresh_placement()?;
+                    return Ok(map.version);
+                }
+                Err(Error::Rejected { code: ErrorCode::ErrorBadRequest, .. }) => continue, // lost the race
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Unavailable("the cluster map kept changing; retry".into()))
+    }
+
     /// The shard of a user.
     pub fn shard_of_user(&self, user: u64) -> Result<u32> {
         Ok(self.placement()?.shard_of_user(user))

@@ -289,6 +289,13 @@ async fn add_and_remove_a_node_safely() {
         g4.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
     assert_eq!(voters, [1, 2, 3, 4].into());
     assert_eq!(texts(&g4.reader.sync(UserId(alice.user), Seq(0), 100).unwrap().messages).len(), 10);
+    // The cluster map records the new replica.
+    let map = wait_for(Duration::from_secs(10), || {
+        let _ = c.node(1).core.refresh_placement();
+        c.node(1).core.placement().ok().filter(|p| p.replicas_of(shard).contains(&4))
+    })
+    .await;
+    assert!(map.node(4).is_some(), "node 4 registered its addresses");
 
     // Node 4 restarts and hosts its replicas again.
     drop(g4);

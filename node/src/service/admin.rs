@@ -56,6 +56,31 @@ pub fn group_status(g: &Group) -> GroupStatus {
 }
 
 impl AdminSvc {
+    /// Records a group's current voters in the cluster map, registering a
+    /// newly added node first if the map does not know it yet.
+    async fn record_replicas(&self, g: &Group, added: Option<&NodeInfo>) -> Result<u64, Error> {
+        let voters: Vec<u64> = g.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let shard = g.shard.0;
+        self.core
+            .update_map(|map| {
+                if let Some(n) = added
+                    && !map.nodes.iter().any(|x| x.node_id == n.node_id)
+                {
+                    map.nodes.push(n.clone());
+                    map.nodes.sort_by_key(|x| x.node_id);
+                }
+                let known: BTreeSet<u64> = map.nodes.iter().map(|n| n.node_id).collect();
+                if let Some(s) = map.shards.iter_mut().find(|s| s.shard_id == shard) {
+                    s.replicas = voters
+                        .iter()
+                        .filter(|v| known.contains(v))
+                        .map(|v| Replica { node_id: *v, role: ReplicaRole::Voter as i32 })
+                        .collect();
+                }
+            })
+            .await
+    }
+
     async fn add_to_group(&self, g: &Group, node: u64, addr: &str) -> Result<(), Error> {
         let m = g.raft.metrics().borrow().membership_config.clone();
         if m.membership().voter_ids().any(|v| v == node) {
@@ -170,12 +195,19 @@ impl AdminService for AdminSvc {
             )
             .into());
         }
+        let info = NodeInfo {
+            node_id: r.node_id,
+            state: NodeState::Active as i32,
+            internal_addr: r.internal_addr.clone(),
+            client_addr: r.client_addr.clone(),
+            http_addr: r.http_addr.clone(),
+        };
+        let mut version = 0;
         for g in self.led_groups(&r.group_ids)? {
             self.add_to_group(&g, r.node_id, &r.internal_addr).await?;
+            version = self.record_replicas(&g, Some(&info)).await?;
         }
-        Ok(Response::new(AddNodeReply {
-            cluster_map_version: self.core.placement().map(|p| p.version()).unwrap_or(0),
-        }))
+        Ok(Response::new(AddNodeReply { cluster_map_version: version }))
     }
 
     async fn remove_node(
@@ -183,12 +215,12 @@ impl AdminService for AdminSvc {
         req: Request<RemoveNodeRequest>,
     ) -> Result<Response<RemoveNodeReply>, Status> {
         let r = req.into_inner();
+        let mut version = 0;
         for g in self.led_groups(&r.group_ids)? {
             self.remove_from_group(&g, r.node_id).await?;
+            version = self.record_replicas(&g, None).await?;
         }
-        Ok(Response::new(RemoveNodeReply {
-            cluster_map_version: self.core.placement().map(|p| p.version()).unwrap_or(0),
-        }))
+        Ok(Response::new(RemoveNodeReply { cluster_map_version: version }))
     }
 
     async fn transfer_leader(

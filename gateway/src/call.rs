@@ -1,0 +1,149 @@
+//! What a session asks logic nodes for, and what comes back.
+//!
+//! A [`Session`](crate::Session) never talks to a node itself. When it needs
+//! one (a client request, its own gap-repair sync, the `Offline` notice) it
+//! emits an [`Action::Call`](crate::Action::Call) holding a [`Call`]; the
+//! gateway runs the matching `GatewayService` RPC (following leader hints,
+//! with a timeout) and hands the outcome back with
+//! [`Session::on_reply`](crate::Session::on_reply) under the same
+//! [`CallId`]. Outcomes of calls the session no longer waits for (it closed,
+//! or the call was fire-and-forget) are ignored.
+
+use bytes::Bytes;
+use prost::Message as _;
+use rim_proto::ErrorCode;
+use rim_proto::v1::{
+    AckInput, AckOutput, ConnSignInReply, ReadInput, ReadOutput, RecallInput, SendInput, SendOutput,
+    SignInInput, SubscribeRoomInput, SubscribeRoomOutput, SyncGroupInput, SyncGroupOutput, SyncInput,
+    SyncOutput, UnsubscribeRoomInput,
+};
+
+/// Identifies one call of one session. Ids are assigned by the session,
+/// from 1, increasing; they are unique within the session only, so the
+/// gateway keys outstanding calls by `(conn_id, CallId)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallId(pub u64);
+
+/// A call the gateway must make to a logic node on behalf of a connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    /// Echo this id in [`Session::on_reply`](crate::Session::on_reply).
+    pub id: CallId,
+    /// The connection (`ConnContext.conn_id`).
+    pub conn_id: u64,
+    /// The user: the signed-in one, or the one claimed by `SIGN_IN`.
+    pub user_id: u64,
+    /// The device: the signed-in one, or the one claimed by `SIGN_IN`.
+    pub device_id: u64,
+    /// What to ask.
+    pub request: NodeCall,
+}
+
+/// The node request of a [`Call`]; each variant names the `GatewayService`
+/// method to use and the reply variant expected ([`NodeReply`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeCall {
+    /// `ConnSignIn`; reply [`NodeReply::SignIn`].
+    SignIn(SignInInput),
+    /// `Sync` (a client `SYNC`, or the session's own gap repair); reply
+    /// [`NodeReply::Sync`].
+    Sync(SyncInput),
+    /// `SyncGroup`; reply [`NodeReply::SyncGroup`].
+    SyncGroup(SyncGroupInput),
+    /// `Ack`; reply [`NodeReply::Ack`].
+    Ack(AckInput),
+    /// `Send`; reply [`NodeReply::Send`].
+    Send {
+        /// The client's content.
+        input: SendInput,
+        /// `true` for `SEND_GROUP`, `false` for `SEND`.
+        group: bool,
+    },
+    /// `Recall`; reply [`NodeReply::Send`].
+    Recall(RecallInput),
+    /// `MarkRead`; reply [`NodeReply::Read`].
+    MarkRead(ReadInput),
+    /// `SUBSCRIBE_ROOM`: the gateway subscribes the connection to the room
+    /// in its push router (and the room's shard stream) and pushes the
+    /// retained backlog after `after_seq`; reply [`NodeReply::SubscribeRoom`].
+    SubscribeRoom(SubscribeRoomInput),
+    /// `UNSUBSCRIBE_ROOM`: the gateway's push router drops the room (0: all
+    /// rooms) for this connection; reply [`NodeReply::Empty`].
+    UnsubscribeRoom(UnsubscribeRoomInput),
+    /// `Logout`; reply [`NodeReply::Empty`]. The session closes after a
+    /// successful logout.
+    Logout,
+    /// `Offline`, sent once when a signed-in connection ends. Fire and
+    /// forget: its outcome is ignored.
+    Offline {
+        /// Why the connection ended (`OK` for a clean close).
+        reason: ErrorCode,
+    },
+}
+
+/// A node's successful answer to a [`NodeCall`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeReply {
+    /// Of [`NodeCall::SignIn`].
+    SignIn(ConnSignInReply),
+    /// Of [`NodeCall::Sync`].
+    Sync(SyncOutput),
+    /// Of [`NodeCall::SyncGroup`].
+    SyncGroup(SyncGroupOutput),
+    /// Of [`NodeCall::Ack`].
+    Ack(AckOutput),
+    /// Of [`NodeCall::Send`] and [`NodeCall::Recall`].
+    Send(SendOutput),
+    /// Of [`NodeCall::MarkRead`].
+    Read(ReadOutput),
+    /// Of [`NodeCall::SubscribeRoom`].
+    SubscribeRoom(SubscribeRoomOutput),
+    /// Of calls whose reply carries nothing ([`NodeCall::Logout`],
+    /// [`NodeCall::UnsubscribeRoom`], [`NodeCall::Offline`]).
+    Empty,
+}
+
+impl NodeReply {
+    /// The encoded output message, as it goes into `Reply.data`.
+    pub fn encode_data(&self) -> Bytes {
+        let bytes = match self {
+            NodeReply::SignIn(r) => r.output.unwrap_or_default().encode_to_vec(),
+            NodeReply::Sync(o) => o.encode_to_vec(),
+            NodeReply::SyncGroup(o) => o.encode_to_vec(),
+            NodeReply::Ack(o) => o.encode_to_vec(),
+            NodeReply::Send(o) => o.encode_to_vec(),
+            NodeReply::Read(o) => o.encode_to_vec(),
+            NodeReply::SubscribeRoom(o) => o.encode_to_vec(),
+            NodeReply::Empty => Vec::new(),
+        };
+        Bytes::from(bytes)
+    }
+}
+
+/// A failed [`NodeCall`]: the error the node returned (`rim-code` of the
+/// gRPC status), or one the gateway produced (`ERROR_TIMEOUT` when the
+/// call timed out, `ERROR_UNAVAILABLE` when no node answered).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallError {
+    /// The error code relayed to the client.
+    pub code: ErrorCode,
+    /// Detail for logs, relayed as `Reply.message`.
+    pub message: String,
+    /// Retry hint relayed as `Reply.retry_after_ms` (0: none).
+    pub retry_after_ms: u32,
+}
+
+impl CallError {
+    /// An error without a retry hint.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> CallError {
+        CallError { code, message: message.into(), retry_after_ms: 0 }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.code.as_str_name(), self.code as i32, self.message)
+    }
+}
+
+impl std::error::Error for CallError {}
