@@ -432,3 +432,52 @@ async fn applied_effects_are_published_after_the_write() {
     n.apply1(1, op(O::RevokeDevice(store::RevokeDevice { user_id: B, device_id: 1 }))).await;
     assert_eq!(rx.try_recv().unwrap().effects.revoked, vec![(UserId(B), rim_raft_store::DeviceId(1))]);
 }
+
+#[tokio::test]
+async fn dedup_tables_stay_bounded_by_the_window() {
+    let limits = Limits {
+        dedup_window: 5,
+        room_retention: store::Retention { max_count: 5, max_age_ms: 0 },
+        ..Limits::default()
+    };
+    let mut n = Node::with_limits(&[1, 2], limits);
+    n.apply(1, vec![create_user(A), create_user(B)]).await;
+    n.apply1(2, create_user(C)).await;
+    let mut results = Vec::new();
+    for i in 0..12 {
+        results.push(sent(&n.apply1(1, send(A, B, &format!("m{i}"), "x")).await));
+    }
+    // Inside the window a retry is recognised and writes nothing ...
+    let before = n.reader(1).data_digest().unwrap();
+    assert_eq!(sent(&n.apply1(1, send(A, B, "m11", "x")).await), results[11]);
+    assert_eq!(n.reader(1).data_digest().unwrap(), before);
+    // ... outside it, it is a new message (the documented limit of the window).
+    assert_eq!(sent(&n.apply1(1, send(A, B, "m0", "x")).await).seq, 13);
+
+    // Delivery marks expire the same way in the recipient's list.
+    let item = |i: u64| store::OutboxRecord {
+        outbox_id: i,
+        message: Some(rim_proto::v1::Message {
+            message_id: 1000 + i,
+            client_msg_id: format!("d{i}"),
+            ..Default::default()
+        }),
+        recipients: vec![C],
+    };
+    for i in 1..=12 {
+        n.apply1(2, op(O::Deliver(store::Deliver { items: vec![item(i)] }))).await;
+    }
+    n.apply1(2, op(O::Deliver(store::Deliver { items: vec![item(12), item(1)] }))).await;
+    let list = list(&n.reader(2), C);
+    assert_eq!(list.len(), 13, "d12 deduplicated, d1 outside the window delivered again");
+    assert_eq!(list.last().unwrap().client_msg_id, "d1");
+
+    // Group sends: a room entry trimmed by retention takes its dedup record along.
+    n.apply1(1, create_group(10, GroupKind::Room, 0, &[])).await;
+    for i in 0..12 {
+        n.apply1(1, send_group(10, A, &format!("r{i}"), "x")).await;
+    }
+    let again = sent(&n.apply1(1, send_group(10, A, "r11", "x")).await);
+    assert_eq!(again.group_seq, 12, "recent room send recognised");
+    assert_eq!(sent(&n.apply1(1, send_group(10, A, "r0", "x")).await).group_seq, 13);
+}

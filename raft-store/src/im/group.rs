@@ -73,6 +73,12 @@ impl Applier<'_> {
         head.first_seq = head.first_seq.max(1);
         msg.group_seq = seq.0;
         msg.seq = seq.0;
+        if let Some(old) =
+            seq.0.checked_sub(self.limits.dedup_window).filter(|o| self.limits.dedup_window > 0 && *o > 0)
+            && let Some(m) = self.txn.get_msg::<Message>(&keys::group_msg(self.shard, gid, Seq(old)))?
+        {
+            self.forget_group_send(gid, &m)?;
+        }
         self.txn.put_msg(keys::group_msg(self.shard, gid, seq), &msg);
         self.op_effects
             .appended
@@ -114,8 +120,24 @@ impl Applier<'_> {
             if !over_count && !too_old {
                 break;
             }
+            if let Some(m) = self.txn.get_msg::<Message>(&oldest_key)? {
+                self.forget_group_send(g, &m)?;
+            }
             self.txn.delete(oldest_key);
             head.first_seq += 1;
+        }
+        Ok(())
+    }
+
+    /// Drops the idempotency record of a group-list entry leaving the dedup
+    /// window (or trimmed by retention).
+    fn forget_group_send(&mut self, g: GroupId, m: &Message) -> Result<()> {
+        if m.client_msg_id.is_empty() {
+            return Ok(());
+        }
+        let idem = keys::idempotency(self.shard, UserId(m.sender_user_id), g.0, &m.client_msg_id);
+        if self.txn.get_msg::<SendResult>(&idem)?.is_some_and(|r| r.group_seq == m.group_seq) {
+            self.txn.delete(idem);
         }
         Ok(())
     }

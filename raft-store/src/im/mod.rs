@@ -66,6 +66,11 @@ pub struct Limits {
     pub room_retention: store::Retention,
     /// Most entries one append trims from a list (keeps apply bounded).
     pub max_trim_per_op: u64,
+    /// Dedup window, in entries of a list: a send retried after its list grew
+    /// by this many entries, or a relayed message re-delivered that late, is
+    /// no longer recognised. Keeps the idempotency and delivery-mark tables
+    /// bounded (0: keep forever).
+    pub dedup_window: u64,
 }
 
 impl Default for Limits {
@@ -80,6 +85,7 @@ impl Default for Limits {
             max_members_per_op: 1_000,
             room_retention: store::Retention { max_count: 1_000, max_age_ms: 24 * 3600 * 1000 },
             max_trim_per_op: 64,
+            dedup_window: 100_000,
         }
     }
 }
@@ -255,10 +261,37 @@ impl<'a> Applier<'a> {
         head.last_seq = seq.0;
         msg.seq = seq.0;
         self.notification_effects(user, &msg)?;
+        self.expire_dedup(user, seq)?;
         self.txn.put_msg(keys::user_msg(self.shard, user, seq), &msg);
         self.txn.put_msg(head_key, &head);
         self.op_effects.appended.push(Appended { list: ListRef::User(user), message: msg });
         Ok(seq)
+    }
+
+    /// Bounds the dedup tables: when `seq` is appended to `user`'s list, the
+    /// entry `dedup_window` positions back leaves them (its delivery mark, and
+    /// its idempotency record if the user sent it). Every append retires
+    /// exactly one old position, so nothing is left behind.
+    fn expire_dedup(&mut self, user: UserId, seq: Seq) -> Result<()> {
+        let window = self.limits.dedup_window;
+        let Some(old) = seq.0.checked_sub(window).filter(|o| window > 0 && *o > 0) else { return Ok(()) };
+        let Some(m) = self.txn.get_msg::<Message>(&keys::user_msg(self.shard, user, Seq(old)))? else {
+            return Ok(());
+        };
+        let mark = keys::delivered(self.shard, user, MessageId(m.message_id));
+        if self.txn.get_msg::<store::DeliveredMark>(&mark)?.is_some_and(|d| d.seq == old) {
+            self.txn.delete(mark);
+        }
+        if m.sender_user_id == user.0
+            && m.conversation_kind == rim_proto::v1::ConversationKind::User as i32
+            && !m.client_msg_id.is_empty()
+        {
+            let idem = keys::idempotency(self.shard, user, 0, &m.client_msg_id);
+            if self.txn.get_msg::<store::SendResult>(&idem)?.is_some_and(|r| r.seq == old) {
+                self.txn.delete(idem);
+            }
+        }
+        Ok(())
     }
 
     /// Checks the parts of a send common to every conversation kind.
