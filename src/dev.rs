@@ -49,12 +49,14 @@ fn config(args: &DevArgs, id: u64, peers: &BTreeMap<u64, String>) -> NodeConfig 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let peers: BTreeMap<u64, String> =
         (1..=3u64).map(|id| (id, format!("127.0.0.1:{}", args.base_port + id as u16))).collect();
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        let c = config(&args, id, &peers);
+    let configs: Vec<NodeConfig> = (1..=3).map(|id| config(&args, id, &peers)).collect();
+    for c in &configs {
         c.validate()?;
-        nodes.push(Node::start(c, NodeOptions::default()).await?);
     }
+    // Start the three together, so no node spends long calling peers that do not exist yet.
+    let [a, b, c] = [0, 1, 2].map(|i| Node::start(configs[i].clone(), NodeOptions::default()));
+    let (a, b, c) = tokio::try_join!(a, b, c)?;
+    let nodes = vec![a, b, c];
     for n in &nodes {
         n.wait_ready(Duration::from_secs(60)).await?;
     }
