@@ -23,11 +23,11 @@
 //!   [`Session::next_deadline`]; no thread or task per connection. The
 //!   WebSocket transport (tokio-tungstenite, `/ws`) carries one `Packet` per
 //!   binary message, or its JSON form in text messages.
-//! * **Node calls** (planned): [`Action::Call`] is carried out on a tokio
+//! * **Node calls** ([`upstream`]): [`Action::Call`] is carried out on a tokio
 //!   runtime against the shard leaders (cached cluster map, `NotLeader`
 //!   hints followed) and the outcome comes back to the connection's event
 //!   loop through a channel and a waker, as [`Session::on_reply`].
-//! * **Push router** (planned): maps `(user, device)` to the connection that
+//! * **Push router** ([`router`]): maps `(user, device)` to the connection that
 //!   serves it ([`Action::Register`], [`Action::Unregister`]; a second
 //!   sign-in of a device kicks the older connection with
 //!   [`Session::on_kick`], and the older one's unregister never removes the
@@ -41,14 +41,20 @@
 //! # What exists so far
 //!
 //! The session state machine ([`session`]), the user-list delivery logic it
-//! uses (`delivery`, crate-private) and the call types ([`call`]).
-//! Transports, the node client and the push router are still to come.
+//! uses (`delivery`, crate-private), the call types ([`call`]), the node
+//! client ([`upstream`]: cluster map, leader routing, retries within a
+//! deadline) and the push router ([`router`]: per-shard subscription
+//! streams, kicks, resync signals), tested against an in-process cluster.
+//! The TCP and WebSocket transports, the `rim gateway` command and room or
+//! super-group push routing are still to come.
 
 mod action;
 pub mod call;
 mod config;
 mod delivery;
+pub mod router;
 pub mod session;
+pub mod upstream;
 
 pub use call::{Call, CallError, CallId, NodeCall, NodeReply};
 pub use session::{Action, Identity, Phase, Session, SessionConfig};
