@@ -54,7 +54,9 @@ mod config;
 mod delivery;
 pub mod router;
 pub mod session;
+pub mod tcp;
 pub mod upstream;
+pub mod ws;
 
 pub use call::{Call, CallError, CallId, NodeCall, NodeReply};
 pub use session::{Action, Identity, Phase, Session, SessionConfig};
