@@ -11,8 +11,8 @@ use rim_proto::ErrorCode;
 use rim_proto::v1::*;
 use tokio::sync::mpsc;
 
-mod common;
-use common::{Cluster, Device, SECRET, free_addr, register, serial, wait_for};
+mod cluster;
+use cluster::{Cluster, Device, SECRET, free_addr, register, serial, wait_for};
 
 fn upstream(c: &Cluster) -> Upstream {
     let mut opts = UpstreamOptions::new(c.seeds(), SECRET, "gw-test");

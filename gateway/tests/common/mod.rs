@@ -1,128 +1,147 @@
-//! Test support shared by the gateway's integration tests: a real
-//! in-process 3-node cluster (real gRPC on loopback, temp data dirs) and
-//! registered devices.
-#![allow(dead_code, missing_docs)]
+//! Helpers shared by the session tests: building packets, driving a session
+//! through sign-in, and picking apart its actions.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+#![allow(dead_code)]
 
-use rim_node::{Node, NodeConfig, NodeOptions};
-use rim_proto::v1::auth_service_client::AuthServiceClient;
-use rim_proto::v1::*;
+use std::time::Instant;
 
-pub const SECRET: &str = "test-cluster-secret-0123456789";
+use prost::Message as _;
+use rim_gateway::{Action, Call, CallId, NodeCall, NodeReply, Session, SessionConfig};
+use rim_proto::ErrorCode;
+use rim_proto::v1::{
+    Command, ConnSignInReply, ListKind, Message, MessagePush, Packet, PushPriority, PushedMessage, Reply,
+    SignInInput, SignInOutput,
+};
 
-/// Cluster tests run one at a time.
-pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
+pub const CONN: u64 = 7;
+pub const USER: u64 = 10001;
+pub const DEVICE: u64 = 20001;
+pub const SHARD: u32 = 3;
+
+/// A request packet with `content` encoded.
+pub fn packet(request_id: u64, command: Command, content: impl prost::Message) -> Packet {
+    Packet { request_id, command: command as i32, content: content.encode_to_vec().into(), seq: 0 }
 }
 
-pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+/// A SIGN_IN packet for USER/DEVICE.
+pub fn sign_in_packet(request_id: u64) -> Packet {
+    packet(request_id, Command::SignIn, SignInInput { user_id: USER, device_id: DEVICE, token: "tk".into() })
 }
 
-pub struct Cluster {
-    pub _dirs: Vec<tempfile::TempDir>,
-    pub configs: BTreeMap<u64, NodeConfig>,
-    pub nodes: BTreeMap<u64, Node>,
+/// The node's successful ConnSignIn answer.
+pub fn sign_in_reply(last_seq: u64) -> NodeReply {
+    NodeReply::SignIn(ConnSignInReply {
+        user: None,
+        output: Some(SignInOutput {
+            user_id: USER,
+            device_id: DEVICE,
+            last_seq,
+            ack_seq: 0,
+            server_time_ms: 1,
+            heartbeat_interval_ms: 0,
+        }),
+        token_version: 1,
+        shard_id: SHARD,
+    })
 }
 
-impl Cluster {
-    pub async fn start(n: u64, shards: u32) -> Cluster {
-        let addrs: BTreeMap<u64, String> = (1..=n).map(|id| (id, free_addr())).collect();
-        let mut c = Cluster { _dirs: Vec::new(), configs: BTreeMap::new(), nodes: BTreeMap::new() };
-        for id in 1..=n {
-            let dir = tempfile::tempdir().unwrap();
-            let cfg = NodeConfig {
-                id,
-                data: dir.path().to_path_buf(),
-                listen: addrs[&id].clone(),
-                client_listen: free_addr(),
-                http_listen: free_addr(),
-                bootstrap: true,
-                peers: addrs.clone(),
-                shards,
-                cluster_secret: SECRET.into(),
-                heartbeat_ms: 100,
-                election_min_ms: 500,
-                election_max_ms: 1000,
-                dev_code: Some("123456".into()),
-                ..NodeConfig::default()
-            };
-            c._dirs.push(dir);
-            c.configs.insert(id, cfg);
-        }
-        for id in 1..=n {
-            let node = Node::start(c.configs[&id].clone(), NodeOptions::default()).await.unwrap();
-            c.nodes.insert(id, node);
-        }
-        for node in c.nodes.values() {
-            node.wait_ready(Duration::from_secs(30)).await.unwrap();
-        }
-        c
-    }
+/// Every queued action.
+pub fn drain(s: &mut Session) -> Vec<Action> {
+    s.drain_actions().collect()
+}
 
-    pub fn seeds(&self) -> Vec<String> {
-        self.configs.values().map(|c| c.listen.clone()).collect()
-    }
-
-    pub async fn stop_node(&mut self, id: u64) {
-        if let Some(n) = self.nodes.remove(&id) {
-            n.shutdown().await;
-        }
-    }
-
-    /// The leader of `shard` among running nodes, waiting for one.
-    pub async fn leader(&self, shard: u32) -> u64 {
-        wait_for(Duration::from_secs(20), || {
-            self.nodes
-                .iter()
-                .find(|(_, n)| n.core.group(shard).is_some_and(|g| g.is_leader()))
-                .map(|(id, _)| *id)
+/// The calls among `actions`.
+pub fn calls(actions: &[Action]) -> Vec<Call> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Call(c) => Some(c.clone()),
+            _ => None,
         })
-        .await
-    }
+        .collect()
+}
 
-    pub fn shard_of_user(&self, user: u64) -> u32 {
-        self.nodes.values().next().unwrap().core.shard_of_user(user).unwrap()
-    }
+/// The packets among `actions`.
+pub fn sent(actions: &[Action]) -> Vec<Packet> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
 
-    pub async fn shutdown(self) {
-        for n in self.nodes.into_values() {
-            n.shutdown().await;
-        }
+/// The single call among `actions`.
+pub fn only_call(actions: &[Action]) -> Call {
+    let calls = calls(actions);
+    assert_eq!(calls.len(), 1, "expected one call in {actions:?}");
+    calls.into_iter().next().unwrap()
+}
+
+/// The reply carried by a reply packet.
+pub fn reply_of(p: &Packet) -> Reply {
+    Reply::decode(p.content.clone()).expect("reply content")
+}
+
+/// Seqs of the MESSAGE pushes among `actions`, checking each push's content
+/// agrees with its `Packet.seq`.
+pub fn pushed_seqs(actions: &[Action]) -> Vec<u64> {
+    sent(actions)
+        .iter()
+        .filter(|p| p.command == Command::Message as i32)
+        .map(|p| {
+            let push = MessagePush::decode(p.content.clone()).expect("MessagePush");
+            let m = push.message.expect("message");
+            assert_eq!(m.seq, p.seq, "content seq matches packet seq");
+            assert_eq!(m.message_id, p.seq * 10, "content is the entry's");
+            assert_eq!(p.request_id, 0);
+            p.seq
+        })
+        .collect()
+}
+
+/// The entry with `seq` of USER's list.
+pub fn entry(seq: u64) -> Message {
+    Message { seq, message_id: seq * 10, sender_user_id: 1, ..Default::default() }
+}
+
+/// A push of USER's list entry `seq`.
+pub fn user_push(seq: u64) -> PushedMessage {
+    PushedMessage {
+        list_kind: ListKind::User as i32,
+        owner_id: USER,
+        seq,
+        message: Some(entry(seq)),
+        priority: PushPriority::Normal as i32,
+        persisted: true,
+        skip_device_id: 0,
     }
 }
 
-/// Polls `f` until it returns `Some`, or panics after `timeout`.
-pub async fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// A session that signed in at `now` with the user's list at `last_seq`;
+/// its actions are drained and its send queue is empty.
+pub fn signed_in(config: SessionConfig, now: Instant, last_seq: u64) -> Session {
+    let mut s = Session::new(CONN, config, now);
+    s.on_packet(now, sign_in_packet(1));
+    let call = only_call(&drain(&mut s));
+    assert!(matches!(call.request, NodeCall::SignIn(_)));
+    s.on_reply(now, call.id, Ok(sign_in_reply(last_seq)));
+    let actions = drain(&mut s);
+    assert!(actions.iter().any(|a| matches!(a, Action::Register { .. })), "{actions:?}");
+    s.on_written(usize::MAX); // the sign-in reply went out
+    s
 }
 
-/// A registered, signed-in device.
-#[derive(Debug, Clone)]
-pub struct Device {
-    pub user: u64,
-    pub device: u64,
-    pub token: String,
+/// The gap-repair sync call among `actions`: its id and `after_seq`.
+pub fn sync_call(actions: &[Action]) -> Option<(CallId, u64)> {
+    calls(actions).into_iter().find_map(|c| match c.request {
+        NodeCall::Sync(input) => Some((c.id, input.after_seq)),
+        _ => None,
+    })
 }
 
-pub async fn register(c: &Cluster, name: &str) -> Device {
-    let addr = &c.configs.values().next().unwrap().client_listen;
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    let mut auth = AuthServiceClient::new(ch);
-    let req = RegisterRequest { username: name.into(), password: "secret-pw".into(), ..Default::default() };
-    auth.register(req).await.unwrap();
-    let req = SignInRequest { username: name.into(), password: "secret-pw".into(), ..Default::default() };
-    let r = auth.sign_in(req).await.unwrap().into_inner();
-    Device { user: r.user_id, device: r.device_id, token: r.token }
+/// Whether `actions` end with a Close of `code`.
+pub fn closes_with(actions: &[Action], code: ErrorCode) -> bool {
+    matches!(actions.last(), Some(Action::Close { code: c, .. }) if *c == code)
 }
