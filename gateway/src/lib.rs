@@ -15,7 +15,7 @@
 //!   closing. It owns no socket, task or clock: inputs carry the time,
 //!   effects come out as [`Action`]s. So it is tested without a network,
 //!   and every transport behaves the same.
-//! * **Transports** (planned): adapters that turn bytes into
+//! * **Transports** ([`tcp`], [`ws`]): adapters that turn bytes into
 //!   [`Session::on_packet`] calls and [`Action::Send`] into bytes. The TCP
 //!   transport runs a few mio (epoll) event loops, each owning its
 //!   connections in a slab with per-connection read buffers
@@ -43,10 +43,13 @@
 //! The session state machine ([`session`]), the user-list delivery logic it
 //! uses (`delivery`, crate-private), the call types ([`call`]), the node
 //! client ([`upstream`]: cluster map, leader routing, retries within a
-//! deadline) and the push router ([`router`]: per-shard subscription
-//! streams, kicks, resync signals), tested against an in-process cluster.
-//! The TCP and WebSocket transports, the `rim gateway` command and room or
-//! super-group push routing are still to come.
+//! deadline), the push router ([`router`]: per-shard subscription streams,
+//! kicks, resync signals), the mio TCP transport ([`tcp`]) and the WebSocket
+//! transport ([`ws`]), each tested end to end against an in-process cluster.
+//! When both transports serve one router they must share one connection-id
+//! counter (`TcpGateway::start_with_conn_ids`, `WsGateway::with_conn_ids`).
+//! Still to come: the `rim gateway` command wiring them together, the client
+//! SDK, `rim chat`, and room / super-group push routing.
 
 mod action;
 pub mod call;

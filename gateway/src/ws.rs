@@ -1,1 +1,781 @@
-//! WebSocket transport (tokio-tungstenite): in progress.
+//! The WebSocket transport (tokio-tungstenite): `GET /ws`, one tokio task
+//! per connection, each owning one [`Session`].
+//!
+//! # Messages
+//!
+//! * **Binary messages** carry exactly one protobuf `Packet` each, without
+//!   a length prefix (`docs/protocol.md` section 5). A body above
+//!   [`SessionConfig::max_frame`] gets `ERROR_FRAME_TOO_LARGE`, one that is
+//!   not a `Packet` `ERROR_MALFORMED_FRAME`; both then close.
+//! * **Text messages** carry the same `Packet` as a JSON object (see
+//!   [JSON form](#json-form)). Invalid JSON gets `ERROR_MALFORMED_FRAME` and
+//!   closes, as an invalid binary body does.
+//! * The server answers in the form of the client's most recent message:
+//!   replies and pushes are binary messages until the client sends a text
+//!   message, then text messages until it sends a binary one again.
+//! * WebSocket pings are answered with pongs (by tungstenite). They do not
+//!   count as activity: the session only sees packets, so a client must
+//!   send `HEARTBEAT`s.
+//! * Other paths than [`WS_PATH`] are refused with HTTP 404 during the
+//!   handshake.
+//!
+//! # JSON form
+//!
+//! A deliberately small mapping of `Packet`, one object per text message:
+//!
+//! ```json
+//! {"request_id": 7, "command": 2, "content": "", "seq": 0}
+//! ```
+//!
+//! * The server always writes exactly these four fields: `request_id`,
+//!   `command` and `seq` as JSON numbers, `content` (the protobuf-encoded
+//!   input, `Reply` or push message, as in binary packets) as standard
+//!   base64 with padding. This is also valid input for protobuf's canonical
+//!   JSON parsers (they accept original field names and numeric int64 and
+//!   enum values).
+//! * The server reads leniently: every field is optional (default 0 or
+//!   empty); `requestId` is accepted for `request_id`; integers may be JSON
+//!   numbers or decimal strings; `command` may also be a name
+//!   (`"COMMAND_HEARTBEAT"` or `"HEARTBEAT"`); `content` may be base64
+//!   (standard or URL-safe alphabet, padding optional) or an array of byte
+//!   values (`[8, 1]`); unknown fields are ignored.
+//!
+//! # Driving the session
+//!
+//! The connection task feeds its [`Session`] with decoded packets, decode
+//! errors, timer ticks ([`Session::next_deadline`]), call outcomes and push
+//! router events, and carries out its [`Action`]s in order:
+//!
+//! * `Send`: queued to the connection's writer task (bounded queue); once
+//!   flushed, [`Session::on_written`] gets `encoded_frame_len` of each
+//!   packet. A client that stops reading makes the session's send-queue
+//!   limit close the connection; if the writer queue itself fills, the
+//!   connection is dropped at once.
+//! * `Call`: [`Upstream::call`] on a spawned task, its outcome fed back with
+//!   [`Session::on_reply`] (the `Offline` call after a close is fire and
+//!   forget).
+//! * `Register` / `Unregister`: [`PushRouter::register`] with a bounded
+//!   channel sink whose [`ConnEvent`]s become [`Session::on_push`],
+//!   [`Session::on_kick`] and [`Session::on_resync_needed`];
+//!   [`PushRouter::unregister`]. If the router drops the sink (the
+//!   connection's push queue overflowed), the session is kicked with
+//!   `ERROR_BUSY`: the client reconnects and syncs.
+//! * `Close`: a close frame after everything queued before it, then a short
+//!   linger for the client's close reply.
+//!
+//! Close frames carry `1000` (normal) for `OK`, `1001` (going away) for
+//! `ERROR_UNAVAILABLE`, `1009` (too big) for `ERROR_FRAME_TOO_LARGE`, and
+//! `1008` (policy) otherwise; the reason is the error code's name.
+//!
+//! # Shutdown
+//!
+//! When the shutdown future resolves, the gateway stops accepting, calls
+//! [`Session::on_shutdown`] on every session (a `KICK` with
+//! `ERROR_UNAVAILABLE`, then close) and returns once every connection task
+//! ended. The [`PushRouter`] is left running; its owner shuts it down.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt as _, StreamExt as _};
+use prost::Message as _;
+use rim_proto::codec::{decode_unframed, encoded_frame_len};
+use rim_proto::v1::{Command, Packet};
+use rim_proto::{CodecError, ErrorCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use crate::call::{CallError, CallId, NodeReply};
+use crate::router::{ConnEvent, PushRouter};
+use crate::session::{Action, Session, SessionConfig};
+use crate::upstream::Upstream;
+
+/// The only path at which WebSocket upgrades are accepted.
+pub const WS_PATH: &str = "/ws";
+
+/// Router events queued for one connection before the router drops it.
+const PUSH_QUEUE: usize = 1024;
+/// WebSocket messages queued for one connection's writer before the
+/// connection is dropped (the session's byte limit usually closes it first).
+const OUT_QUEUE: usize = 4096;
+/// Longest time for the WebSocket handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection may take to write what it queued, and
+/// then to receive the client's close reply.
+const LINGER: Duration = Duration::from_secs(2);
+/// Bytes the writer batches before flushing.
+const FLUSH_BATCH: usize = 64 * 1024;
+
+/// Connection ids handed out by gateways built with [`WsGateway::new`].
+static CONN_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A WebSocket gateway: accepts connections at [`WS_PATH`] and runs one
+/// session per connection. See the [module documentation](self).
+#[derive(Debug, Clone)]
+pub struct WsGateway {
+    upstream: Upstream,
+    router: PushRouter,
+    config: SessionConfig,
+    conn_ids: ConnIds,
+}
+
+/// Where connection ids come from.
+#[derive(Debug, Clone)]
+enum ConnIds {
+    /// The process-wide counter of this module.
+    Global,
+    /// A counter shared with the caller (e.g. with another transport on the
+    /// same push router).
+    Shared(Arc<AtomicU64>),
+}
+
+impl ConnIds {
+    fn next(&self) -> u64 {
+        match self {
+            ConnIds::Global => CONN_IDS.fetch_add(1, Ordering::Relaxed),
+            ConnIds::Shared(c) => c.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+impl WsGateway {
+    /// A gateway whose sessions call the nodes through `upstream`, register
+    /// with `router` and use `config`. Connection ids come from a
+    /// process-wide counter of this module.
+    pub fn new(upstream: Upstream, router: PushRouter, config: SessionConfig) -> WsGateway {
+        WsGateway { upstream, router, config, conn_ids: ConnIds::Global }
+    }
+
+    /// Takes connection ids from `counter` (`fetch_add(1)`) instead. Every
+    /// transport registering with the same [`PushRouter`] must draw its ids
+    /// from one counter, so that they never collide.
+    pub fn with_conn_ids(mut self, counter: Arc<AtomicU64>) -> WsGateway {
+        self.conn_ids = ConnIds::Shared(counter);
+        self
+    }
+
+    /// Accepts connections on `listener` until `shutdown` resolves, then
+    /// kicks every session ([`Session::on_shutdown`]) and returns once all
+    /// connection tasks ended. Must run on a tokio runtime.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let max_message = self.config.max_frame.saturating_mul(4).saturating_add(4096);
+        let ws_config =
+            WebSocketConfig::default().max_message_size(Some(max_message)).max_frame_size(Some(max_message));
+        let shared =
+            Arc::new(Shared { upstream: self.upstream, router: self.router, config: self.config, ws_config });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        let conn_id = self.conn_ids.next();
+                        tasks.spawn(connection(shared.clone(), tcp, peer, conn_id, stop_rx.clone()));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off a little.
+                        tracing::warn!(error = %e, "websocket accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => log_join(done),
+            }
+        }
+        drop(listener);
+        tracing::info!(connections = tasks.len(), "websocket gateway shutting down");
+        let _ = stop_tx.send(true);
+        while let Some(done) = tasks.join_next().await {
+            log_join(done);
+        }
+    }
+}
+
+/// Runs a WebSocket gateway on `listener` until `shutdown` resolves; see
+/// [`WsGateway::serve`]. Connection ids come from this module's
+/// process-wide counter ([`WsGateway::with_conn_ids`] to share one).
+pub async fn serve_ws(
+    listener: TcpListener,
+    upstream: Upstream,
+    router: PushRouter,
+    config: SessionConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    WsGateway::new(upstream, router, config).serve(listener, shutdown).await;
+}
+
+fn log_join(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        tracing::error!(error = %e, "websocket connection task panicked");
+    }
+}
+
+/// What every connection task of a gateway shares.
+struct Shared {
+    upstream: Upstream,
+    router: PushRouter,
+    config: SessionConfig,
+    ws_config: WebSocketConfig,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Handshake callback: only [`WS_PATH`] is upgraded.
+#[allow(clippy::result_large_err, reason = "the signature is tungstenite's `Callback`")]
+fn check_path(request: &Request, response: Response) -> Result<Response, ErrorResponse> {
+    if request.uri().path() == WS_PATH {
+        return Ok(response);
+    }
+    let mut refused = ErrorResponse::new(Some(format!("no websocket endpoint here; use {WS_PATH}")));
+    *refused.status_mut() = http::StatusCode::NOT_FOUND;
+    Err(refused)
+}
+
+/// One connection, from the handshake to the end.
+async fn connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(tcp, check_path, Some(shared.ws_config));
+    let ws = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match r {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(e)) => {
+                tracing::debug!(conn = conn_id, %peer, error = %e, "websocket handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(conn = conn_id, %peer, "websocket handshake timed out");
+                return;
+            }
+        },
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    tracing::debug!(conn = conn_id, %peer, "websocket connection open");
+    let (sink, stream) = ws.split();
+    let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn(write_loop(sink, out_rx, written.clone()));
+    let reply_queue = shared.config.max_inflight_requests + shared.config.max_pending_before_sign_in + 8;
+    let (reply_tx, reply_rx) = mpsc::channel(reply_queue);
+    let session = Session::new(conn_id, shared.config.clone(), Instant::now());
+    let mut conn = Conn {
+        shared,
+        session,
+        json: false,
+        out: Some(out_tx),
+        written,
+        reply_tx,
+        events: None,
+        ending: Ending::Open,
+    };
+    let stream = conn.run(stream, reply_rx, stop).await;
+    conn.finish(stream, writer).await;
+    tracing::debug!(conn = conn_id, %peer, "websocket connection ended");
+}
+
+/// The outcome of one node call.
+type CallOutcome = (CallId, Result<NodeReply, CallError>);
+
+/// How a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Still open.
+    Open,
+    /// The session closed: a close frame is queued.
+    Closing,
+    /// The client closed (or its stream ended): flush the close reply.
+    PeerClosed,
+    /// The peer went away, or the connection must be dropped at once.
+    Dropped,
+}
+
+/// What the writer task is asked to do.
+enum Out {
+    /// Write a message; the `usize` is the bytes to report as written.
+    Message(Message, usize),
+    /// Write a close frame, then stop.
+    Close(CloseFrame),
+}
+
+/// The connection task's state around its session.
+struct Conn {
+    shared: Arc<Shared>,
+    session: Session,
+    /// Whether the client's most recent message was text (JSON).
+    json: bool,
+    /// To the writer task; `None` once dropped.
+    out: Option<mpsc::Sender<Out>>,
+    /// Bytes flushed by the writer, not yet reported to the session.
+    written: Arc<AtomicUsize>,
+    reply_tx: mpsc::Sender<CallOutcome>,
+    /// Events from the push router, once registered.
+    events: Option<mpsc::Receiver<ConnEvent>>,
+    ending: Ending,
+}
+
+impl Conn {
+    /// Drives the session until it closes; returns the read half.
+    async fn run(
+        &mut self,
+        mut stream: SplitStream<Ws>,
+        mut replies: mpsc::Receiver<CallOutcome>,
+        mut stop: watch::Receiver<bool>,
+    ) -> SplitStream<Ws> {
+        let mut stopping = false;
+        while !self.session.is_closed() {
+            let deadline = self.session.next_deadline();
+            let sleep_to = deadline.map_or_else(far_future, tokio::time::Instant::from_std);
+            tokio::select! {
+                msg = stream.next() => self.on_message(msg),
+                Some((id, result)) = replies.recv() => {
+                    self.sync_written();
+                    self.session.on_reply(Instant::now(), id, result);
+                }
+                event = next_event(&mut self.events) => self.on_event(event),
+                () = tokio::time::sleep_until(sleep_to), if deadline.is_some() => {
+                    self.sync_written();
+                    self.session.on_tick(Instant::now());
+                }
+                _ = stop.wait_for(|s| *s), if !stopping => {
+                    stopping = true;
+                    self.session.on_shutdown(Instant::now());
+                }
+            }
+            self.run_actions();
+        }
+        stream
+    }
+
+    /// Reports bytes the writer flushed.
+    fn sync_written(&mut self) {
+        let bytes = self.written.swap(0, Ordering::AcqRel);
+        if bytes > 0 {
+            self.session.on_written(bytes);
+        }
+    }
+
+    fn on_message(&mut self, msg: Option<Result<Message, WsError>>) {
+        self.sync_written();
+        let now = Instant::now();
+        let max_frame = self.shared.config.max_frame;
+        match msg {
+            Some(Ok(Message::Binary(data))) => {
+                self.json = false;
+                match decode_unframed(data, max_frame) {
+                    Ok(packet) => self.session.on_packet(now, packet),
+                    Err(e) => self.session.on_decode_error(now, &e),
+                }
+            }
+            Some(Ok(Message::Text(text))) => {
+                self.json = true;
+                match packet_from_json(text.as_str()) {
+                    Ok(packet) if packet.encoded_len() > max_frame => {
+                        let e =
+                            CodecError::FrameTooLarge { len: packet.encoded_len() as u64, max: max_frame };
+                        self.session.on_decode_error(now, &e);
+                    }
+                    Ok(packet) => self.session.on_packet(now, packet),
+                    Err(e) => {
+                        self.session.on_decode_error(now, &CodecError::BadPacket(e.into_decode_error()))
+                    }
+                }
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, .. }))) => {
+                let e = CodecError::FrameTooLarge { len: size as u64, max: max_frame };
+                self.session.on_decode_error(now, &e);
+            }
+            Some(Ok(Message::Close(_))) | None => {
+                self.session.on_close(now);
+                self.ending = Ending::PeerClosed;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(conn = self.session.conn_id(), error = %e, "websocket read failed");
+                self.session.on_close(now);
+                self.ending = Ending::Dropped;
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Option<ConnEvent>) {
+        self.sync_written();
+        let now = Instant::now();
+        match event {
+            Some(ConnEvent::Push(push)) => self.session.on_push(now, push),
+            Some(ConnEvent::Kick(kick)) => self.session.on_kick(now, kick),
+            Some(ConnEvent::ResyncNeeded) => self.session.on_resync_needed(now),
+            None => {
+                // The router dropped this connection: its push queue
+                // overflowed (or the router stopped). Pushes were lost.
+                self.events = None;
+                let kick = rim_proto::v1::KickPush {
+                    code: ErrorCode::ErrorBusy as i32,
+                    reason: "too many pushes queued for this connection; reconnect and sync".into(),
+                };
+                self.session.on_kick(now, kick);
+            }
+        }
+    }
+
+    /// Carries out the session's actions, in order.
+    fn run_actions(&mut self) {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                Action::Send(packet) => self.send(packet),
+                Action::Call(call) => {
+                    let upstream = self.shared.upstream.clone();
+                    let replies = self.reply_tx.clone();
+                    tokio::spawn(async move {
+                        let result = upstream.call(&call).await;
+                        let _ = replies.send((call.id, result)).await;
+                    });
+                }
+                Action::Register { conn_id, user_id, device_id, shard_id } => {
+                    let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+                    self.events = Some(rx);
+                    self.shared.router.register(conn_id, user_id, device_id, shard_id, tx);
+                }
+                Action::Unregister { conn_id, user_id, device_id } => {
+                    self.shared.router.unregister(conn_id, user_id, device_id);
+                }
+                Action::Close { code, reason } => {
+                    tracing::debug!(
+                        conn = self.session.conn_id(),
+                        code = code.as_str_name(),
+                        %reason,
+                        "closing websocket"
+                    );
+                    if self.ending == Ending::Open {
+                        self.ending = Ending::Closing;
+                        self.queue(Out::Close(close_frame(code)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, packet: Packet) {
+        if self.ending == Ending::Dropped {
+            return;
+        }
+        let len = encoded_frame_len(&packet);
+        let message = if self.json {
+            Message::Text(Utf8Bytes::from(packet_to_json(&packet)))
+        } else {
+            Message::Binary(Bytes::from(packet.encode_to_vec()))
+        };
+        self.queue(Out::Message(message, len));
+    }
+
+    /// Hands `out` to the writer; drops the connection if its queue is full.
+    fn queue(&mut self, out: Out) {
+        let Some(tx) = &self.out else {
+            return;
+        };
+        if let Err(e) = tx.try_send(out) {
+            let why = match e {
+                mpsc::error::TrySendError::Full(_) => "writer queue full",
+                mpsc::error::TrySendError::Closed(_) => "write failed",
+            };
+            tracing::debug!(conn = self.session.conn_id(), why, "dropping the websocket connection");
+            self.out = None;
+            self.ending = Ending::Dropped;
+            self.session.on_close(Instant::now());
+        }
+    }
+
+    /// After the session closed: lets the writer finish (close frame
+    /// included) and waits briefly for the client's close reply.
+    async fn finish(mut self, mut stream: SplitStream<Ws>, mut writer: tokio::task::JoinHandle<()>) {
+        // Late actions (none are expected after the close) are still honoured.
+        self.run_actions();
+        self.events = None;
+        let ending = if self.out.is_none() { Ending::Dropped } else { self.ending };
+        // Dropping the queue's sender lets the writer finish: after a close
+        // frame, or by closing the sink (which flushes a close reply).
+        self.out = None;
+        if ending == Ending::Dropped {
+            writer.abort();
+            return;
+        }
+        if tokio::time::timeout(LINGER, &mut writer).await.is_err() {
+            writer.abort();
+            return;
+        }
+        if ending != Ending::Closing {
+            return;
+        }
+        let drain = async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if msg.is_close() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+}
+
+/// The next router event, or never if not registered.
+async fn next_event(events: &mut Option<mpsc::Receiver<ConnEvent>>) -> Option<ConnEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
+}
+
+/// Writes what the connection queues, flushing in batches, and counts the
+/// bytes flushed.
+async fn write_loop(
+    mut sink: SplitSink<Ws, Message>,
+    mut rx: mpsc::Receiver<Out>,
+    written: Arc<AtomicUsize>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = 0usize;
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match out {
+                Out::Message(message, len) => {
+                    if sink.feed(message).await.is_err() {
+                        return;
+                    }
+                    batch += len;
+                }
+                Out::Close(frame) => {
+                    let _ = sink.feed(Message::Close(Some(frame))).await;
+                    let _ = sink.flush().await;
+                    written.fetch_add(batch, Ordering::AcqRel);
+                    return;
+                }
+            }
+            if batch < FLUSH_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+        written.fetch_add(batch, Ordering::AcqRel);
+    }
+    let _ = sink.close().await;
+}
+
+/// The close frame ending a session closed with `code`.
+fn close_frame(code: ErrorCode) -> CloseFrame {
+    let ws_code = match code {
+        ErrorCode::Ok => CloseCode::Normal,
+        ErrorCode::ErrorUnavailable => CloseCode::Away,
+        ErrorCode::ErrorFrameTooLarge => CloseCode::Size,
+        _ => CloseCode::Policy,
+    };
+    CloseFrame { code: ws_code, reason: Utf8Bytes::from_static(code.as_str_name()) }
+}
+
+// ------------------------------------------------------------------ JSON
+
+/// Why a text message is not a `Packet` in the [JSON form](self#json-form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonPacketError(pub String);
+
+impl std::fmt::Display for JsonPacketError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bad JSON packet: {}", self.0)
+    }
+}
+
+impl std::error::Error for JsonPacketError {}
+
+impl JsonPacketError {
+    /// As the decode error of a [`CodecError::BadPacket`].
+    fn into_decode_error(self) -> prost::DecodeError {
+        // prost offers no other way to build a DecodeError with a message.
+        #[allow(deprecated)]
+        prost::DecodeError::new(self.to_string())
+    }
+}
+
+/// `packet` in the [JSON form](self#json-form) the server writes:
+/// `{"request_id":…,"command":…,"content":"<base64>","seq":…}`.
+pub fn packet_to_json(packet: &Packet) -> String {
+    serde_json::json!({
+        "request_id": packet.request_id,
+        "command": packet.command,
+        "content": base64_encode(&packet.content),
+        "seq": packet.seq,
+    })
+    .to_string()
+}
+
+/// Reads a `Packet` from its [JSON form](self#json-form) (leniently, as
+/// documented there).
+pub fn packet_from_json(text: &str) -> Result<Packet, JsonPacketError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| JsonPacketError(format!("not JSON: {e}")))?;
+    let serde_json::Value::Object(obj) = value else {
+        return Err(JsonPacketError("not a JSON object".into()));
+    };
+    let field = |names: &[&str]| names.iter().find_map(|n| obj.get(*n)).filter(|v| !v.is_null());
+    let request_id = field(&["request_id", "requestId"]).map(|v| json_u64(v, "request_id")).transpose()?;
+    let seq = field(&["seq"]).map(|v| json_u64(v, "seq")).transpose()?;
+    let command = field(&["command"]).map(json_command).transpose()?;
+    let content = match field(&["content"]) {
+        None => Bytes::new(),
+        Some(serde_json::Value::String(s)) => Bytes::from(
+            base64_decode(s).ok_or_else(|| JsonPacketError("content is not valid base64".into()))?,
+        ),
+        Some(serde_json::Value::Array(items)) => {
+            let bytes: Option<Vec<u8>> =
+                items.iter().map(|v| v.as_u64().and_then(|b| u8::try_from(b).ok())).collect();
+            Bytes::from(bytes.ok_or_else(|| JsonPacketError("content array holds a non-byte".into()))?)
+        }
+        Some(_) => return Err(JsonPacketError("content must be a base64 string or a byte array".into())),
+    };
+    Ok(Packet {
+        request_id: request_id.unwrap_or(0),
+        command: command.unwrap_or(0),
+        content,
+        seq: seq.unwrap_or(0),
+    })
+}
+
+fn json_u64(value: &serde_json::Value, name: &str) -> Result<u64, JsonPacketError> {
+    let parsed = match value {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    };
+    parsed.ok_or_else(|| JsonPacketError(format!("{name} must be an unsigned integer")))
+}
+
+fn json_command(value: &serde_json::Value) -> Result<i32, JsonPacketError> {
+    let parsed = match value {
+        serde_json::Value::Number(n) => n.as_i64().and_then(|c| i32::try_from(c).ok()),
+        serde_json::Value::String(s) => s
+            .parse::<i32>()
+            .ok()
+            .or_else(|| Command::from_str_name(s).map(|c| c as i32))
+            .or_else(|| Command::from_str_name(&format!("COMMAND_{s}")).map(|c| c as i32)),
+        _ => None,
+    };
+    parsed.ok_or_else(|| JsonPacketError("command must be a number or a command name".into()))
+}
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding.
+fn base64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(BASE64[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Base64 in the standard or URL-safe alphabet, padding optional.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=');
+    if text.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0u32;
+    for c in text.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips() {
+        for len in 0..40 {
+            let data: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let text = base64_encode(&data);
+            assert_eq!(text.len() % 4, 0);
+            assert_eq!(base64_decode(&text).unwrap(), data);
+            assert_eq!(base64_decode(text.trim_end_matches('=')).unwrap(), data);
+        }
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert_eq!(base64_decode("-_8").unwrap(), [0xfb, 0xff]);
+        assert!(base64_decode("a").is_none());
+        assert!(base64_decode("a*bc").is_none());
+    }
+
+    #[test]
+    fn json_packets_round_trip_and_read_leniently() {
+        let p = Packet { request_id: 9, command: 7, content: Bytes::from_static(&[8, 1, 0xff]), seq: 3 };
+        let text = packet_to_json(&p);
+        assert_eq!(packet_from_json(&text).unwrap(), p);
+        let loose = r#"{"requestId":"9","command":"SEND","content":[8,1,255],"seq":"3","extra":1}"#;
+        assert_eq!(packet_from_json(loose).unwrap(), p);
+        let named = r#"{"request_id":9,"command":"COMMAND_SEND","content":"CAH_","seq":3}"#;
+        assert_eq!(packet_from_json(named).unwrap(), p);
+        assert_eq!(packet_from_json("{}").unwrap(), Packet::default());
+        assert!(packet_from_json("[1]").is_err());
+        assert!(packet_from_json(r#"{"command":"NOPE"}"#).is_err());
+        assert!(packet_from_json(r#"{"content":[256]}"#).is_err());
+        assert!(packet_from_json(r#"{"request_id":-1}"#).is_err());
+    }
+
+    #[test]
+    fn only_the_ws_path_is_upgraded() {
+        let req = |uri: &str| Request::builder().uri(uri).body(()).unwrap();
+        assert!(check_path(&req("/ws"), Response::default()).is_ok());
+        assert!(check_path(&req("/ws?x=1"), Response::default()).is_ok());
+        let refused = check_path(&req("/other"), Response::default()).unwrap_err();
+        assert_eq!(refused.status(), http::StatusCode::NOT_FOUND);
+    }
+}

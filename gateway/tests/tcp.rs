@@ -1,0 +1,463 @@
+//! The mio TCP transport end to end: real sockets speaking the varint
+//! framing, against a real in-process 3-node cluster where nodes are
+//! needed.
+#![allow(missing_docs)]
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use prost::Message as _;
+use rim_gateway::SessionConfig;
+use rim_gateway::router::{PushRouter, RouterOptions};
+use rim_gateway::tcp::{DEFAULT_FIRST_CONN_ID, TcpGateway, TcpOptions};
+use rim_gateway::upstream::{Upstream, UpstreamOptions};
+use rim_proto::ErrorCode;
+use rim_proto::codec::{FrameDecoder, encode_frame};
+use rim_proto::v1::auth_service_client::AuthServiceClient;
+use rim_proto::v1::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+mod cluster;
+use cluster::{Cluster, Device, SECRET, free_addr, register, serial};
+
+/// How long any single wait may take.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A gateway over `seeds`, with its router.
+struct Gateway {
+    tcp: Option<TcpGateway>,
+    router: PushRouter,
+}
+
+impl Gateway {
+    fn start(seeds: Vec<String>, config: SessionConfig, options: TcpOptions) -> Gateway {
+        Gateway::start_with(seeds, config, options, None)
+    }
+
+    fn start_with(
+        seeds: Vec<String>,
+        config: SessionConfig,
+        options: TcpOptions,
+        conn_ids: Option<Arc<AtomicU64>>,
+    ) -> Gateway {
+        let mut opts = UpstreamOptions::new(seeds, SECRET, "gw-tcp-test");
+        opts.request_timeout = Duration::from_secs(10);
+        let upstream = Upstream::new(opts).unwrap();
+        let router_opts = RouterOptions {
+            subscribe_timeout: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(500),
+            request_queue: 16,
+        };
+        let router = PushRouter::new(upstream.clone(), router_opts);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let runtime = tokio::runtime::Handle::current();
+        let tcp = match conn_ids {
+            None => TcpGateway::start(listener, upstream, router.clone(), config, runtime, options),
+            Some(ids) => TcpGateway::start_with_conn_ids(
+                listener,
+                upstream,
+                router.clone(),
+                config,
+                runtime,
+                options,
+                ids,
+            ),
+        }
+        .unwrap();
+        Gateway { tcp: Some(tcp), router }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.tcp.as_ref().unwrap().local_addr()
+    }
+
+    async fn shutdown(mut self) {
+        let tcp = self.tcp.take().unwrap();
+        tokio::task::spawn_blocking(move || tcp.shutdown()).await.unwrap();
+        self.router.shutdown().await;
+    }
+}
+
+/// A client speaking the framing over a plain tokio socket.
+struct Client {
+    stream: TcpStream,
+    decoder: FrameDecoder,
+    /// Packets received while waiting for something else.
+    unread: VecDeque<Packet>,
+    next_request: u64,
+}
+
+impl Client {
+    async fn connect(addr: std::net::SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client { stream, decoder: FrameDecoder::default(), unread: VecDeque::new(), next_request: 0 }
+    }
+
+    fn frame(packet: &Packet) -> BytesMut {
+        let mut wire = BytesMut::new();
+        encode_frame(packet, &mut wire);
+        wire
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Sends a request; returns its request id.
+    async fn send(&mut self, command: Command, content: Vec<u8>) -> u64 {
+        self.next_request += 1;
+        let packet = Packet {
+            request_id: self.next_request,
+            command: command as i32,
+            content: content.into(),
+            seq: 0,
+        };
+        self.write(&Self::frame(&packet)).await;
+        self.next_request
+    }
+
+    /// The next packet from the wire; `None` at end of stream (or a reset).
+    async fn read_packet(&mut self, deadline: Instant) -> Option<Packet> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(p) = self.decoder.next_frame().expect("well-formed frames from the gateway") {
+                return Some(p);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
+                Err(_) => panic!("no packet from the gateway in time"),
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    assert_eq!(self.decoder.buffered(), 0, "the stream ended inside a frame");
+                    return None;
+                }
+                Ok(Ok(n)) => self.decoder.push(&buf[..n]),
+            }
+        }
+    }
+
+    /// The next packet, unread ones first; panics at end of stream.
+    async fn next(&mut self) -> Packet {
+        if let Some(p) = self.unread.pop_front() {
+            return p;
+        }
+        let deadline = Instant::now() + WAIT;
+        self.read_packet(deadline).await.expect("a packet, not the end of the stream")
+    }
+
+    /// Waits for the reply to `request_id`, keeping other packets.
+    async fn reply(&mut self, request_id: u64) -> Reply {
+        if let Some(i) = self.unread.iter().position(|p| p.request_id == request_id && is_reply(p)) {
+            let p = self.unread.remove(i).unwrap();
+            return Reply::decode(p.content).unwrap();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let p = self.read_packet(deadline).await.expect("a reply, not the end of the stream");
+            if p.request_id == request_id && is_reply(&p) {
+                return Reply::decode(p.content).unwrap();
+            }
+            self.unread.push_back(p);
+        }
+    }
+
+    async fn request(&mut self, command: Command, content: Vec<u8>) -> Reply {
+        let id = self.send(command, content).await;
+        self.reply(id).await
+    }
+
+    /// Waits for a `MESSAGE` push of `seq`, keeping other packets.
+    async fn push(&mut self, seq: u64) -> MessagePush {
+        if let Some(i) = self.unread.iter().position(|p| p.command == Command::Message as i32 && p.seq == seq)
+        {
+            let p = self.unread.remove(i).unwrap();
+            return MessagePush::decode(p.content).unwrap();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let p = self.read_packet(deadline).await.expect("a push, not the end of the stream");
+            if p.command == Command::Message as i32 && p.seq == seq {
+                return MessagePush::decode(p.content).unwrap();
+            }
+            self.unread.push_back(p);
+        }
+    }
+
+    /// Expects the end of the stream (after any packets already read).
+    async fn eof(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        if let Some(p) = self.read_packet(deadline).await {
+            panic!("expected the end of the stream, got {p:?}");
+        }
+    }
+
+    async fn sign_in(&mut self, d: &Device) -> SignInOutput {
+        let input = SignInInput { user_id: d.user, device_id: d.device, token: d.token.clone() };
+        let reply = self.request(Command::SignIn, input.encode_to_vec()).await;
+        assert_eq!(reply.code, ErrorCode::Ok as i32, "sign-in: {}", reply.message);
+        SignInOutput::decode(reply.data).unwrap()
+    }
+
+    /// Sends a text to `to`, retrying retryable errors with the same
+    /// client_msg_id.
+    async fn send_text(&mut self, to: u64, cmid: &str) -> SendOutput {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let input = SendInput {
+                conversation_kind: ConversationKind::User as i32,
+                conversation_id: to,
+                client_msg_id: cmid.into(),
+                content_type: ContentType::Text as i32,
+                content: cmid.as_bytes().to_vec().into(),
+                ..Default::default()
+            };
+            let reply = self.request(Command::Send, input.encode_to_vec()).await;
+            if reply.code == ErrorCode::Ok as i32 {
+                return SendOutput::decode(reply.data).unwrap();
+            }
+            let code = ErrorCode::try_from(reply.code).unwrap();
+            assert!(code.is_retryable(), "send {cmid}: {} {}", code.as_str_name(), reply.message);
+            assert!(Instant::now() < deadline, "send {cmid} never acknowledged: {}", reply.message);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn is_reply(p: &Packet) -> bool {
+    p.command != Command::Message as i32 && p.command != Command::Kick as i32
+}
+
+/// Signs `name` in again through the auth service, as a new device.
+async fn new_device(c: &Cluster, name: &str) -> Device {
+    let addr = &c.configs.values().next().unwrap().client_listen;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    let mut auth = AuthServiceClient::new(ch);
+    let req = SignInRequest { username: name.into(), password: "secret-pw".into(), ..Default::default() };
+    let r = auth.sign_in(req).await.unwrap().into_inner();
+    Device { user: r.user_id, device: r.device_id, token: r.token }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_clients_sign_in_send_and_receive_pushes() {
+    let _g = serial().await;
+    let c = Cluster::start(3, 2).await;
+    let alice = register(&c, "alice").await;
+    let bob = register(&c, "bob").await;
+    let bob2 = new_device(&c, "bob").await;
+    assert_eq!(bob2.user, bob.user);
+    assert_ne!(bob2.device, bob.device);
+    let gw = Gateway::start(c.seeds(), SessionConfig::default(), TcpOptions::default());
+
+    let mut a = Client::connect(gw.addr()).await;
+    let mut b = Client::connect(gw.addr()).await;
+    let mut b2 = Client::connect(gw.addr()).await;
+    let out = a.sign_in(&alice).await;
+    assert_eq!((out.user_id, out.device_id), (alice.user, alice.device));
+    assert_eq!(out.heartbeat_interval_ms, 30_000);
+    assert_eq!(b.sign_in(&bob).await.last_seq, 0);
+    assert_eq!(b2.sign_in(&bob2).await.last_seq, 0);
+    assert_eq!(gw.tcp.as_ref().unwrap().connections(), 3);
+    let conns = gw.router.user_conns(bob.user);
+    assert_eq!(conns.len(), 2);
+    assert!(conns.iter().all(|&id| id >= DEFAULT_FIRST_CONN_ID), "{conns:?}");
+
+    let heartbeat = a.request(Command::Heartbeat, Vec::new()).await;
+    assert_eq!(heartbeat.code, ErrorCode::Ok as i32);
+
+    let sent = a.send_text(bob.user, "hello-bob").await;
+    assert_eq!(sent.seq, 1, "the entry's seq in alice's own list");
+    for client in [&mut b, &mut b2] {
+        let push = client.push(1).await;
+        assert!(push.persisted);
+        let m = push.message.unwrap();
+        assert_eq!(m.client_msg_id, "hello-bob");
+        assert_eq!(m.sender_user_id, alice.user);
+        assert_eq!(m.message_id, sent.message_id);
+    }
+    // A reply to bob reaches alice as a push of her own list (seq 2).
+    b.send_text(alice.user, "hi-alice").await;
+    let m = a.push(2).await.message.unwrap();
+    assert_eq!(m.client_msg_id, "hi-alice");
+
+    // A clean close unregisters the connection.
+    drop(b2);
+    cluster::wait_for(WAIT, || (gw.router.user_conns(bob.user).len() == 1).then_some(())).await;
+    cluster::wait_for(WAIT, || (gw.tcp.as_ref().unwrap().connections() == 2).then_some(())).await;
+
+    // Shutdown kicks every connection with ERROR_UNAVAILABLE, then closes.
+    gw.shutdown().await;
+    for client in [&mut a, &mut b] {
+        let kick = loop {
+            let p = client.next().await;
+            if p.command == Command::Kick as i32 {
+                break KickPush::decode(p.content).unwrap();
+            }
+        };
+        assert_eq!(kick.code, ErrorCode::ErrorUnavailable as i32);
+        client.eof().await;
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_frames_sent_byte_by_byte_are_reassembled() {
+    let _g = serial().await;
+    let c = Cluster::start(3, 2).await;
+    let alice = register(&c, "alice").await;
+    let gw = Gateway::start(c.seeds(), SessionConfig::default(), TcpOptions::default());
+
+    let mut a = Client::connect(gw.addr()).await;
+    let input = SignInInput { user_id: alice.user, device_id: alice.device, token: alice.token.clone() };
+    let sign_in = Packet {
+        request_id: 1,
+        command: Command::SignIn as i32,
+        content: input.encode_to_vec().into(),
+        seq: 0,
+    };
+    let wire = Client::frame(&sign_in);
+    assert!(wire.len() > 20);
+    for byte in wire.iter() {
+        a.write(&[*byte]).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let reply = a.reply(1).await;
+    assert_eq!(reply.code, ErrorCode::Ok as i32, "{}", reply.message);
+    assert_eq!(SignInOutput::decode(reply.data).unwrap().user_id, alice.user);
+
+    // Two frames in one write, the second split over a further write.
+    let hb = |id| Packet { request_id: id, command: Command::Heartbeat as i32, ..Default::default() };
+    let mut wire = Client::frame(&hb(2));
+    wire.extend_from_slice(&Client::frame(&hb(3)));
+    wire.extend_from_slice(&Client::frame(&hb(4)));
+    let cut = wire.len() - 2;
+    a.write(&wire[..cut]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    a.write(&wire[cut..]).await;
+    for id in 2..=4 {
+        let p = a.next().await;
+        assert_eq!((p.request_id, p.command), (id, Command::Heartbeat as i32));
+        assert_eq!(Reply::decode(p.content).unwrap().code, ErrorCode::Ok as i32);
+    }
+    gw.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_frame_above_the_maximum_gets_an_error_and_a_close() {
+    let _g = serial().await;
+    // No node is needed: the seed is never contacted.
+    let config = SessionConfig { max_frame: 1024, ..SessionConfig::default() };
+    let gw = Gateway::start(vec![free_addr()], config, TcpOptions::default());
+
+    let mut client = Client::connect(gw.addr()).await;
+    // A heartbeat first: answered (before sign-in it gets NOT_SIGNED_IN).
+    client.request(Command::Heartbeat, Vec::new()).await;
+    // The prefix announces 4096 bytes; only a few follow.
+    let mut wire = BytesMut::new();
+    prost::encoding::encode_varint(4096, &mut wire);
+    wire.extend_from_slice(&[0u8; 16]);
+    client.write(&wire).await;
+    let p = client.next().await;
+    assert_eq!((p.request_id, p.command), (0, Command::Unspecified as i32));
+    let reply = Reply::decode(p.content).unwrap();
+    assert_eq!(reply.code, ErrorCode::ErrorFrameTooLarge as i32, "{}", reply.message);
+    client.eof().await;
+    cluster::wait_for(WAIT, || (gw.tcp.as_ref().unwrap().connections() == 0).then_some(())).await;
+
+    // A frame of exactly the maximum is fine (and not a sign-in).
+    let mut client = Client::connect(gw.addr()).await;
+    let mut packet = Packet { request_id: 9, command: Command::Heartbeat as i32, ..Default::default() };
+    packet.content = vec![0u8; 1024 - packet.encoded_len() - 3].into();
+    assert_eq!(packet.encoded_len(), 1024);
+    client.write(&Client::frame(&packet)).await;
+    let reply = client.reply(9).await;
+    assert_eq!(reply.code, ErrorCode::ErrorNotSignedIn as i32);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_second_sign_in_of_a_device_kicks_the_first() {
+    let _g = serial().await;
+    let c = Cluster::start(3, 2).await;
+    let alice = register(&c, "alice").await;
+    let bob = register(&c, "bob").await;
+    // Connection ids from a counter shared with another transport.
+    let ids = Arc::new(AtomicU64::new(1_000));
+    let gw = Gateway::start_with(c.seeds(), SessionConfig::default(), TcpOptions::default(), Some(ids));
+
+    let mut a = Client::connect(gw.addr()).await;
+    a.sign_in(&alice).await;
+    assert_eq!(gw.router.device_conn(alice.user, alice.device), Some(1_000));
+    let mut first = Client::connect(gw.addr()).await;
+    first.sign_in(&bob).await;
+    let mut second = Client::connect(gw.addr()).await;
+    second.sign_in(&bob).await;
+
+    let p = first.next().await;
+    assert_eq!(p.command, Command::Kick as i32, "got {p:?}");
+    let kick = KickPush::decode(p.content).unwrap();
+    assert!(
+        kick.code == ErrorCode::ErrorKicked as i32 || kick.code == ErrorCode::ErrorTokenRevoked as i32,
+        "kick code {}",
+        kick.code
+    );
+    first.eof().await;
+
+    // The second connection keeps working: heartbeats and pushes.
+    let hb = second.request(Command::Heartbeat, Vec::new()).await;
+    assert_eq!(hb.code, ErrorCode::Ok as i32);
+    a.send_text(bob.user, "after-kick").await;
+    let m = second.push(1).await.message.unwrap();
+    assert_eq!(m.client_msg_id, "after-kick");
+    assert_eq!(gw.router.device_conn(bob.user, bob.device), Some(1_002), "the second connection");
+    assert_eq!(gw.router.user_conns(bob.user).len(), 1);
+    gw.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_request_before_sign_in_gets_not_signed_in() {
+    let _g = serial().await;
+    let gw = Gateway::start(vec![free_addr()], SessionConfig::default(), TcpOptions::default());
+
+    let mut client = Client::connect(gw.addr()).await;
+    let input = SendInput { conversation_id: 1, client_msg_id: "x".into(), ..Default::default() };
+    let reply = client.request(Command::Send, input.encode_to_vec()).await;
+    assert_eq!(reply.code, ErrorCode::ErrorNotSignedIn as i32, "{}", reply.message);
+    // The connection stays open (docs/protocol.md).
+    let reply = client.request(Command::Heartbeat, Vec::new()).await;
+    assert_eq!(reply.code, ErrorCode::ErrorNotSignedIn as i32);
+    assert_eq!(gw.tcp.as_ref().unwrap().connections(), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_beyond_the_limit_are_refused_and_timers_fire() {
+    let _g = serial().await;
+    let config = SessionConfig { sign_in_timeout: Duration::from_millis(300), ..SessionConfig::default() };
+    let options = TcpOptions { max_connections: 2, event_loop_threads: 2 };
+    let gw = Gateway::start(vec![free_addr()], config, options);
+
+    let mut one = Client::connect(gw.addr()).await;
+    let mut two = Client::connect(gw.addr()).await;
+    for client in [&mut one, &mut two] {
+        let reply = client.request(Command::Heartbeat, Vec::new()).await;
+        assert_eq!(reply.code, ErrorCode::ErrorNotSignedIn as i32);
+    }
+    let mut three = Client::connect(gw.addr()).await;
+    three.eof().await;
+    assert_eq!(gw.tcp.as_ref().unwrap().connections(), 2);
+
+    // No sign-in within the deadline: both are closed by their timers.
+    let started = Instant::now();
+    one.eof().await;
+    two.eof().await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    cluster::wait_for(WAIT, || (gw.tcp.as_ref().unwrap().connections() == 0).then_some(())).await;
+    gw.shutdown().await;
+}
