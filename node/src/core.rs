@@ -51,7 +51,7 @@ pub struct Core {
     /// Hosted groups by shard id.
     pub groups: RwLock<BTreeMap<u32, Arc<Group>>>,
     /// Latest cluster map known here.
-    pub placement: RwLock<Option<Placement>>,
+    pub placement: RwLock<Option<Arc<Placement>>>,
     /// Token signing key (from the cluster secret).
     pub tokens: TokenKey,
     /// Phone sign-in code verifier.
@@ -107,8 +107,8 @@ impl Core {
         self.groups.read().expect("groups lock").values().cloned().collect()
     }
 
-    /// The cached cluster map.
-    pub fn placement(&self) -> Result<Placement> {
+    /// The cached cluster map (shared: reading it on every request is cheap).
+    pub fn placement(&self) -> Result<Arc<Placement>> {
         self.placement
             .read()
             .expect("placement lock")
@@ -123,7 +123,7 @@ impl Core {
         let mut cur = self.placement.write().expect("placement lock");
         if cur.as_ref().is_none_or(|p| p.version() < map.version) {
             match Placement::new(map) {
-                Ok(p) => *cur = Some(p),
+                Ok(p) => *cur = Some(Arc::new(p)),
                 Err(e) => tracing::error!(error = %e, "ignoring an invalid cluster map"),
             }
         }
@@ -135,7 +135,7 @@ impl Core {
     pub async fn update_map(&self, edit: impl Fn(&mut rim_proto::v1::ClusterMap)) -> Result<u64> {
         for _ in 0..5 {
             self.refresh_placement()?;
-            let mut map = self.placement()?.into_map();
+            let mut map = self.placement()?.map().clone();
             edit(&mut map);
             map.version += 1;
             Placement::new(map.clone())

@@ -297,7 +297,7 @@ async fn maintain_map(core: Arc<Core>) {
         if p.node(c.id) == Some(&me) {
             continue;
         }
-        let mut map = p.into_map();
+        let mut map = p.map().clone();
         map.nodes.retain(|n| n.node_id != c.id);
         map.nodes.push(me);
         map.nodes.sort_by_key(|n| n.node_id);

@@ -180,7 +180,7 @@ impl AdminService for AdminSvc {
         self.core.refresh_placement()?;
         Ok(Response::new(ClusterStatusReply {
             node_id: self.core.id(),
-            map: self.core.placement().ok().map(|p| p.into_map()),
+            map: self.core.placement().ok().map(|p| p.map().clone()),
             groups: self.core.all_groups().iter().map(|g| group_status(g)).collect(),
             unreachable_node_ids: Vec::new(),
         }))
@@ -235,6 +235,6 @@ impl AdminService for AdminSvc {
         _req: Request<GetClusterMapRequest>,
     ) -> Result<Response<GetClusterMapReply>, Status> {
         self.core.refresh_placement()?;
-        Ok(Response::new(GetClusterMapReply { map: Some(self.core.placement()?.into_map()) }))
+        Ok(Response::new(GetClusterMapReply { map: Some(self.core.placement()?.map().clone()) }))
     }
 }
