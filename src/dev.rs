@@ -1,18 +1,26 @@
-//! `rim dev`: a local 3-node cluster in one process.
+//! `rim dev`: a local 3-node cluster and a gateway in one process.
 //!
 //! Data lives in `./rim-data/node-{1,2,3}`; a second run resumes it. The
-//! cluster secret and the phone sign-in code are fixed, public development
-//! values: never expose these ports.
+//! cluster secret, the phone sign-in code and the two demo accounts (alice
+//! and bob) are fixed, public development values: never expose these ports.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use rim_gateway::{Gateway, GatewayConfig};
 use rim_node::{Node, NodeConfig, NodeOptions};
+use rim_proto::ErrorCode;
+use rim_proto::v1::RegisterRequest;
+use rim_proto::v1::auth_service_client::AuthServiceClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Development cluster secret (public; development only).
 pub const DEV_SECRET: &str = "rim-dev-secret-do-not-use-in-production";
+
+/// Demo accounts created by `rim dev` (login, password).
+pub const DEMO_USERS: [(&str, &str); 2] = [("alice", "alice-dev-pw"), ("bob", "bob-dev-pw")];
 
 /// Flags of `rim dev`.
 #[derive(Args, Debug)]
@@ -23,7 +31,8 @@ pub struct DevArgs {
     /// Data shards.
     #[arg(long, default_value_t = 4)]
     shards: u32,
-    /// First port; nodes use base+1..3 (internal), base+101..103 (client), base+201..203 (http).
+    /// First port; nodes use base+1..3 (internal), base+101..103 (client gRPC),
+    /// base+201..203 (http); the gateway base+300 (TCP), base+301 (WebSocket), base+204 (http).
     #[arg(long, default_value_t = 7100)]
     base_port: u16,
 }
@@ -56,10 +65,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // Start the three together, so no node spends long calling peers that do not exist yet.
     let [a, b, c] = [0, 1, 2].map(|i| Node::start(configs[i].clone(), NodeOptions::default()));
     let (a, b, c) = tokio::try_join!(a, b, c)?;
-    let nodes = vec![a, b, c];
-    for n in &nodes {
+    let mut nodes: BTreeMap<u64, Option<Node>> = BTreeMap::from([(1, Some(a)), (2, Some(b)), (3, Some(c))]);
+    for n in nodes.values().flatten() {
         n.wait_ready(Duration::from_secs(60)).await?;
     }
+    let local = |port: u16| format!("127.0.0.1:{port}");
+    let gateway = Gateway::start(GatewayConfig {
+        tcp_listen: Some(local(args.base_port + 300)),
+        ws_listen: Some(local(args.base_port + 301)),
+        http_listen: Some(local(args.base_port + 204)),
+        seeds: peers.values().cloned().collect(),
+        cluster_secret: DEV_SECRET.into(),
+        gateway_id: "dev-gateway".into(),
+        ..GatewayConfig::default()
+    })
+    .await?;
+    gateway.wait_ready(Duration::from_secs(30)).await?;
+    create_demo_users(&configs[0].client_listen).await?;
     let p = |off: u16| {
         (1..=3).map(|id| format!("127.0.0.1:{}", args.base_port + off + id)).collect::<Vec<_>>().join(", ")
     };
@@ -68,16 +90,99 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  client gRPC : {}", p(100));
     println!("  internal    : {}   (cluster secret: {DEV_SECRET})", p(0));
     println!("  metrics     : http://127.0.0.1:{}/metrics  (/healthz)", args.base_port + 201);
+    println!(
+        "  gateway     : tcp {}   ws ws://{}/ws   metrics http://{}/metrics",
+        local(args.base_port + 300),
+        local(args.base_port + 301),
+        local(args.base_port + 204)
+    );
     println!("  phone sign-in code (dev only): 123456");
     println!();
+    let chat_flags = if args.base_port == 7100 {
+        String::new()
+    } else {
+        format!(" --gateway {} --api {}", local(args.base_port + 300), configs[0].client_listen)
+    };
+    let [(a, a_pw), (b, b_pw)] = DEMO_USERS;
+    let rim = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "rim".into());
+    println!("chat (two terminals):");
+    println!("  {rim} chat{chat_flags} --user {a} --password {a_pw} --to {b}");
+    println!("  {rim} chat{chat_flags} --user {b} --password {b_pw} --to {a}");
     println!(
         "status:  rim admin --addr 127.0.0.1:{} --cluster-secret {DEV_SECRET} status",
         args.base_port + 1
     );
+    println!(
+        "Type `stop 2` to stop node 2 (chat on: nothing acknowledged is lost), `start 2` to bring it back."
+    );
     println!("Ctrl-C stops the cluster; running `rim dev` again resumes it.");
-    crate::shutdown_signal().await;
-    for n in nodes {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    let stop = crate::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            line = lines.next_line(), if stdin_open => match line {
+                Ok(Some(line)) => control(&line, &mut nodes, &configs).await,
+                // No terminal (e.g. run in the background): Ctrl-C / SIGTERM only.
+                Ok(None) | Err(_) => stdin_open = false,
+            },
+        }
+    }
+    println!("stopping...");
+    gateway.shutdown().await;
+    for n in nodes.into_values().flatten() {
         n.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Handles one `stop N` / `start N` line typed into `rim dev`.
+async fn control(line: &str, nodes: &mut BTreeMap<u64, Option<Node>>, configs: &[NodeConfig]) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (verb, id) = match words.as_slice() {
+        [] => return,
+        [verb, id] => (*verb, id.parse::<u64>().ok().filter(|id| nodes.contains_key(id))),
+        _ => ("?", None),
+    };
+    match (verb, id) {
+        ("stop", Some(id)) => match nodes.get_mut(&id).and_then(Option::take) {
+            Some(node) => {
+                node.shutdown().await;
+                println!("node {id} stopped");
+            }
+            None => println!("node {id} is not running"),
+        },
+        ("start", Some(id)) if nodes[&id].is_some() => println!("node {id} is already running"),
+        ("start", Some(id)) => {
+            let config = configs[id as usize - 1].clone();
+            match Node::start(config, NodeOptions::default()).await {
+                Ok(node) => {
+                    nodes.insert(id, Some(node));
+                    println!("node {id} started");
+                }
+                Err(e) => println!("node {id} failed to start: {e}"),
+            }
+        }
+        _ => println!("commands: stop N | start N   (N = 1, 2 or 3)"),
+    }
+}
+
+/// Registers the demo accounts; an account that exists already is fine.
+async fn create_demo_users(client_addr: &str) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{client_addr}"))?
+        .timeout(Duration::from_secs(10))
+        .connect_lazy();
+    let mut auth = AuthServiceClient::new(channel);
+    for (username, password) in DEMO_USERS {
+        let req =
+            RegisterRequest { username: username.into(), password: password.into(), ..Default::default() };
+        match auth.register(req).await {
+            Ok(_) => {}
+            Err(s) if rim_proto::error::code_of_status(&s) == ErrorCode::ErrorAlreadyExists => {}
+            Err(s) => anyhow::bail!("creating demo user {username}: {}", s.message()),
+        }
     }
     Ok(())
 }

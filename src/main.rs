@@ -2,10 +2,14 @@
 //!
 //! Each subcommand parses its flags into the typed options of a library and
 //! calls it: `rim node` runs a logic node (`rim-node`), `rim admin` talks to
-//! a node's admin service, `rim dev` starts a local cluster.
+//! a node's admin service, `rim gateway` runs a gateway (`rim-gateway`),
+//! `rim dev` starts a local cluster with a gateway.
 
 mod admin;
+mod bench;
+mod chat;
 mod dev;
+mod gateway;
 
 use std::path::PathBuf;
 
@@ -24,9 +28,15 @@ struct Cli {
 enum Command {
     /// Run a logic node.
     Node(NodeArgs),
+    /// Run a stateless gateway (TCP and/or WebSocket) in front of a cluster.
+    Gateway(gateway::GatewayArgs),
     /// Inspect and change a running cluster.
     Admin(admin::AdminArgs),
-    /// Local development cluster: 3 logic nodes in one process, data in ./rim-data.
+    /// Interactive terminal chat client (through a gateway).
+    Chat(chat::ChatArgs),
+    /// Load generation and performance figures against a cluster.
+    Bench(bench::BenchArgs),
+    /// Local development cluster: 3 logic nodes and a gateway in one process, data in ./rim-data.
     Dev(dev::DevArgs),
 }
 
@@ -135,11 +145,18 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
-    match cli.command {
+    let result = match cli.command {
         Command::Node(args) => rt.block_on(run_node(args.into_config()?)),
+        Command::Gateway(args) => rt.block_on(gateway::run(args)),
         Command::Admin(args) => rt.block_on(admin::run(args)),
         Command::Dev(args) => rt.block_on(dev::run(args)),
-    }
+        Command::Chat(args) => rt.block_on(chat::run(args)),
+        Command::Bench(args) => rt.block_on(bench::run(args)),
+    };
+    // A blocking stdin read (`rim chat`, `rim dev`) would keep a plain
+    // runtime drop waiting for a line that never comes.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 async fn run_node(config: NodeConfig) -> anyhow::Result<()> {

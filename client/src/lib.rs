@@ -1,6 +1,94 @@
-//! rim client SDK (planned).
+//! rim's Rust client SDK (tokio).
 //!
-//! Will own: connecting over TCP or WebSocket to any of several gateways,
-//! sign-in, a sync loop that buffers pushes while syncing and detects seq
-//! gaps, acks, sends with automatic retry under the same `client_msg_id`, and
-//! reconnect with backoff. Used by `rim chat`, `rim bench`, jepsen and tests.
+//! ```no_run
+//! # async fn demo() -> Result<(), rim_client::ClientError> {
+//! use rim_client::{Client, ClientConfig, Endpoint, Event, NodeApi};
+//! use rim_proto::v1::ContentType;
+//!
+//! // Accounts and tokens come from a node's gRPC listener.
+//! let api = NodeApi::new("127.0.0.1:7100")?;
+//! api.register("alice", "correct horse").await?;
+//! let me = api.sign_in("alice", "correct horse", 0).await?; // new device
+//!
+//! // The long connection goes to any gateway, TCP or WebSocket.
+//! let gateways = vec![Endpoint::tcp("127.0.0.1:7200"), "ws://127.0.0.1:7201/ws".parse()?];
+//! let (client, mut events) = Client::connect(ClientConfig::new(gateways), me);
+//! client.send(10002, ContentType::Text, "hello").await?;
+//! while let Some(event) = events.recv().await {
+//!     match event {
+//!         Event::Message(m) => println!("#{} from {}", m.seq, m.sender_user_id),
+//!         Event::Kicked { .. } => break,
+//!         _ => {}
+//!     }
+//! }
+//! client.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Design
+//!
+//! * **Transports** ([`transport`]): a TCP link carries varint-length
+//!   prefixed `Packet` frames ([`rim_proto::codec`]); a WebSocket link
+//!   (`ws://host:port/ws`) one `Packet` per binary message. Both are one
+//!   reader/writer pair; nothing above them knows which one is in use.
+//! * **The connection task** (one per [`Client`]) owns the link, the
+//!   timeline and the event queue. [`Client`] handles (cheap clones) talk
+//!   to it through a bounded channel; replies are matched by `request_id`
+//!   and every request has a deadline. It signs in (`SIGN_IN` first),
+//!   heartbeats at the interval the server announces, treats three silent
+//!   intervals as a dead link, and acknowledges delivered seqs (`ACK`,
+//!   batched every [`ClientConfig::ack_interval`], and once more on
+//!   [`Client::close`]).
+//! * **The timeline** ([`timeline::Timeline`], sans-IO): merges pushes and
+//!   syncs of the user's list. After every sign-in it syncs from the last
+//!   delivered seq, paging while `has_more`; pushes that arrive meanwhile
+//!   are held (bounded). A push at or below the last delivered seq is a
+//!   duplicate; one beyond `last + 1` is a gap and triggers a sync (gim
+//!   issue #46).
+//! * **Sends** ([`Client::send`]) get a random `client_msg_id` and are
+//!   retried with that same id on timeouts, lost connections and retryable
+//!   codes (1xxx) until [`ClientConfig::send_deadline`]; the server stores
+//!   an id once, so a retry never duplicates. Other errors return at once.
+//! * **Reconnects** rotate through [`ClientConfig::gateways`] with
+//!   exponential, jittered, capped backoff ([`Backoff`]), then sign in and
+//!   sync again. A `KICK` of the auth class (another sign-in of the same
+//!   device, a logout) stops the client instead ([`Event::Kicked`]):
+//!   reconnecting would kick the other session in turn. A `KICK` saying the
+//!   gateway shuts down (`ERROR_UNAVAILABLE`) or the client was too slow
+//!   (`ERROR_BUSY`) reconnects. A sign-in refused with a bad-request, auth
+//!   or conflict code stops ([`Event::SignInRejected`]).
+//! * **gRPC** ([`NodeApi`]): register, sign in (password or phone code),
+//!   devices, profiles, history pages, over a node's public listener.
+//!
+//! # Invariants
+//!
+//! * [`Event::Message`]s carry the user's list in seq order, each seq
+//!   exactly once and without gaps, from the start cursor
+//!   ([`Resume`]: the device's server-side ack cursor by default) on, across
+//!   any number of reconnects of one [`Client`].
+//! * Only seqs handed to the event channel are acknowledged, so a new
+//!   client of the same device resuming from the ack cursor misses nothing.
+//! * Every wait has a timeout and every queue a bound. The connection is
+//!   always read, so replies get through even if the application does not
+//!   read its events; when it falls behind, list entries are left to a later
+//!   sync (nothing is lost), and group and online-only pushes are dropped.
+//! * One error type, [`ClientError`], whose [`code`](ClientError::code) is
+//!   the stable numeric [`ErrorCode`](rim_proto::ErrorCode) of
+//!   `docs/protocol.md`.
+
+pub mod api;
+mod client;
+pub mod config;
+mod driver;
+pub mod error;
+pub mod event;
+mod link;
+pub mod timeline;
+pub mod transport;
+
+pub use api::NodeApi;
+pub use client::{Client, new_client_msg_id};
+pub use config::{Backoff, ClientConfig, Credentials, Resume};
+pub use error::{ClientError, Result};
+pub use event::{Event, LinkState};
+pub use transport::Endpoint;

@@ -56,10 +56,12 @@ pub mod call;
 mod config;
 mod delivery;
 pub mod router;
+pub mod server;
 pub mod session;
 pub mod tcp;
 pub mod upstream;
 pub mod ws;
 
 pub use call::{Call, CallError, CallId, NodeCall, NodeReply};
+pub use server::{Gateway, GatewayConfig, GatewayError};
 pub use session::{Action, Identity, Phase, Session, SessionConfig};

@@ -152,6 +152,17 @@ async fn bad_requests_get_documented_codes() {
         ..Default::default()
     };
     assert_eq!(code(&auth2.register(dup).await.unwrap_err()), ErrorCode::ErrorAlreadyExists);
+
+    // Users are found by login name; unknown and malformed names are not found.
+    let mut users = rim_proto::v1::user_service_client::UserServiceClient::new(client.channel.clone());
+    let find = |name: &str| Client::authed(&dave, rim_proto::v1::FindUserRequest { username: name.into() });
+    let found = users.find_user(find("carol")).await.unwrap().into_inner().user.unwrap();
+    assert_eq!((found.user_id, found.username.as_str()), (carol.user, "carol"));
+    assert_eq!(code(&users.find_user(find("nobody")).await.unwrap_err()), ErrorCode::ErrorUserNotFound);
+    assert_eq!(code(&users.find_user(find("bad name!")).await.unwrap_err()), ErrorCode::ErrorUserNotFound);
+    let me =
+        users.get_user(Client::authed(&dave, rim_proto::v1::GetUserRequest { user_id: 0 })).await.unwrap();
+    assert_eq!(me.into_inner().user.unwrap().user_id, dave.user, "user_id 0 means the caller");
     c.shutdown().await;
 }
 

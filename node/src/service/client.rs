@@ -216,8 +216,12 @@ impl AuthService for ClientSvc {
 #[tonic::async_trait]
 impl UserService for ClientSvc {
     async fn get_user(&self, req: Request<GetUserRequest>) -> Result<Response<GetUserReply>, Status> {
-        self.caller(&req).await?;
-        let u = ops::get_user(&self.core, req.into_inner().user_id).await?;
+        let c = self.caller(&req).await?;
+        let id = match req.into_inner().user_id {
+            0 => c.user,
+            id => id,
+        };
+        let u = ops::get_user(&self.core, id).await?;
         Ok(Response::new(GetUserReply { user: Some(ops::user_view(u)) }))
     }
 
@@ -276,6 +280,19 @@ impl UserService for ClientSvc {
             return Err(Error::Internal("update returned no user".into()).into());
         };
         Ok(Response::new(UpdateUserReply { user: Some(ops::user_view(u)) }))
+    }
+
+    async fn find_user(&self, req: Request<FindUserRequest>) -> Result<Response<FindUserReply>, Status> {
+        self.caller(&req).await?;
+        let name = req.into_inner().username;
+        let not_found =
+            || Status::from(Error::rejected(ErrorCode::ErrorUserNotFound, "no user has this name"));
+        if !valid_username(&name) {
+            return Err(not_found());
+        }
+        let Some(user) = self.account(&format!("u:{name}")).await? else { return Err(not_found()) };
+        let u = ops::get_user(&self.core, user).await?;
+        Ok(Response::new(FindUserReply { user: Some(ops::user_view(u)) }))
     }
 }
 

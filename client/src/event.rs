@@ -1,0 +1,77 @@
+//! What the client tells the application: [`Event`]s, and the connection
+//! state ([`LinkState`]).
+
+use rim_proto::ErrorCode;
+use rim_proto::v1::Message;
+
+use crate::transport::Endpoint;
+
+/// One thing that happened, delivered in order through the bounded event
+/// channel returned by [`Client::connect`](crate::Client::connect).
+///
+/// The channel ends (`recv` returns `None`) once the client stopped: after
+/// [`Client::close`](crate::Client::close), [`Event::Kicked`] or
+/// [`Event::SignInRejected`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Signed in at `gateway`; a sync from the last delivered seq follows.
+    Connected {
+        /// The gateway.
+        gateway: Endpoint,
+        /// The user's list head at sign-in.
+        last_seq: u64,
+    },
+    /// The sync after a (re)connect or a gap is complete: every entry up to
+    /// `last_seq` has been delivered.
+    Synced {
+        /// Highest seq delivered.
+        last_seq: u64,
+    },
+    /// An entry of the user's own list (1:1 messages, small-group messages,
+    /// notifications, the user's own sends from any device). Each seq is
+    /// delivered exactly once, in seq order, without gaps.
+    Message(Message),
+    /// A pushed entry of a super group's or room's list (`seq` is the group
+    /// seq). Deduplicated per group, but not gap-checked: repair gaps with
+    /// `SYNC_GROUP` if needed.
+    GroupMessage(Message),
+    /// An online-only push (not stored; seq 0).
+    Ephemeral(Message),
+    /// The connection was lost; the client reconnects by itself.
+    Disconnected {
+        /// Why, for logs.
+        reason: String,
+    },
+    /// Another sign-in of this device (or a logout or revocation) replaced
+    /// this session. The client stopped and does not reconnect: reconnecting
+    /// would kick the other session in turn.
+    Kicked {
+        /// `ERROR_KICKED`, `ERROR_TOKEN_REVOKED`, ...
+        code: ErrorCode,
+        /// The server's detail.
+        reason: String,
+    },
+    /// The gateway refused the sign-in with a non-retryable error (bad or
+    /// expired token, unknown device, ...). The client stopped.
+    SignInRejected {
+        /// The error code.
+        code: ErrorCode,
+        /// The server's detail.
+        message: String,
+    },
+}
+
+/// Where the client's connection stands (see
+/// [`Client::state`](crate::Client::state)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    /// Connecting, signing in, or waiting to reconnect.
+    Connecting,
+    /// Signed in at a gateway; requests can be sent.
+    Online {
+        /// The gateway.
+        gateway: Endpoint,
+    },
+    /// Stopped for good (closed, kicked or sign-in rejected).
+    Stopped,
+}

@@ -1,0 +1,322 @@
+//! A whole gateway process: both transports over one router, plus HTTP.
+//!
+//! [`Gateway::start`] builds one [`Upstream`] (the node client, knowing only
+//! seed addresses) and one [`PushRouter`] (per-shard push streams), then
+//! starts whichever transports are configured: the mio TCP transport
+//! ([`TcpGateway`], its own event-loop threads) and the WebSocket transport
+//! ([`WsGateway`], tasks on the tokio runtime), plus `/metrics` and
+//! `/healthz` over HTTP.
+//!
+//! # Invariants
+//!
+//! * Both transports register with the same router, so they draw connection
+//!   ids from **one** counter: ids never collide, and a device signing in
+//!   over WebSocket kicks its older TCP connection and vice versa.
+//! * [`Gateway::shutdown`] stops accepting first, then tells every client
+//!   (`KICK` with `ERROR_UNAVAILABLE`, so SDKs reconnect elsewhere), drains
+//!   what is queued within a short linger, and only then closes the push
+//!   streams. A gateway holds no durable state, so nothing is lost: clients
+//!   sync from their last seq wherever they reconnect.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::router::{PushRouter, RouterOptions};
+use crate::tcp::{DEFAULT_FIRST_CONN_ID, TcpGateway, TcpOptions};
+use crate::upstream::{Upstream, UpstreamError, UpstreamOptions};
+use crate::ws::WsGateway;
+use crate::{CallError, SessionConfig};
+
+/// Everything a gateway process needs. [`Default`] listens nowhere and
+/// knows no seeds: set at least one listener and the seeds.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// TCP (framed protobuf) listener, e.g. `0.0.0.0:7400`.
+    pub tcp_listen: Option<String>,
+    /// WebSocket listener (path `/ws`), e.g. `0.0.0.0:7500`.
+    pub ws_listen: Option<String>,
+    /// HTTP listener for `/metrics` and `/healthz`.
+    pub http_listen: Option<String>,
+    /// Internal addresses of some logic nodes (any one that answers is
+    /// enough).
+    pub seeds: Vec<String>,
+    /// The shared cluster secret.
+    pub cluster_secret: String,
+    /// This gateway's id (stable for the process's life; shown by nodes).
+    pub gateway_id: String,
+    /// Deadline of one node call, retries included.
+    pub request_timeout: Duration,
+    /// Session limits and timers (both transports).
+    pub session: SessionConfig,
+    /// TCP event loops and connection limit.
+    pub tcp: TcpOptions,
+    /// Push-stream timers.
+    pub router: RouterOptions,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        GatewayConfig {
+            tcp_listen: None,
+            ws_listen: None,
+            http_listen: None,
+            seeds: Vec::new(),
+            cluster_secret: String::new(),
+            gateway_id: format!("gw-{}", std::process::id()),
+            request_timeout: Duration::from_secs(5),
+            session: SessionConfig::default(),
+            tcp: TcpOptions { event_loop_threads: threads, ..TcpOptions::default() },
+            router: RouterOptions::default(),
+        }
+    }
+}
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration cannot work (no listener, no seeds, ...).
+    #[error("invalid gateway configuration: {0}")]
+    Config(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The node client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The cluster could not be reached in time.
+    #[error("cluster not reachable: {0}")]
+    Unreachable(CallError),
+}
+
+/// A running gateway. Stop it with [`shutdown`](Self::shutdown).
+pub struct Gateway {
+    upstream: Upstream,
+    router: PushRouter,
+    tcp: Arc<Mutex<Option<TcpGateway>>>,
+    tcp_addr: Option<SocketAddr>,
+    ws: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+    ws_addr: Option<SocketAddr>,
+    http: Option<JoinHandle<()>>,
+    http_addr: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("tcp", &self.tcp_addr)
+            .field("ws", &self.ws_addr)
+            .field("http", &self.http_addr)
+            .finish()
+    }
+}
+
+impl Gateway {
+    /// Binds the configured listeners and starts serving. Must be called on
+    /// a tokio runtime (node calls and the WebSocket transport run on it).
+    /// Does not wait for the cluster: see [`wait_ready`](Self::wait_ready).
+    pub async fn start(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+        if config.tcp_listen.is_none() && config.ws_listen.is_none() {
+            return Err(GatewayError::Config("neither a TCP nor a WebSocket listener is set".into()));
+        }
+        if config.seeds.is_empty() {
+            return Err(GatewayError::Config("no seed node addresses".into()));
+        }
+        let mut options = UpstreamOptions::new(
+            config.seeds.clone(),
+            config.cluster_secret.clone(),
+            config.gateway_id.clone(),
+        );
+        options.request_timeout = config.request_timeout;
+        let upstream = Upstream::new(options)?;
+        let router = PushRouter::new(upstream.clone(), config.router.clone());
+        let conn_ids = Arc::new(AtomicU64::new(DEFAULT_FIRST_CONN_ID));
+        let mut gw = Gateway {
+            upstream: upstream.clone(),
+            router: router.clone(),
+            tcp: Arc::new(Mutex::new(None)),
+            tcp_addr: None,
+            ws: None,
+            ws_addr: None,
+            http: None,
+            http_addr: None,
+        };
+
+        if let Some(addr) = &config.tcp_listen {
+            let listener = std::net::TcpListener::bind(addr.as_str())
+                .map_err(|source| GatewayError::Bind { addr: addr.clone(), source })?;
+            let tcp = TcpGateway::start_with_conn_ids(
+                listener,
+                upstream.clone(),
+                router.clone(),
+                config.session.clone(),
+                tokio::runtime::Handle::current(),
+                config.tcp.clone(),
+                conn_ids.clone(),
+            )
+            .map_err(|source| GatewayError::Bind { addr: addr.clone(), source })?;
+            gw.tcp_addr = Some(tcp.local_addr());
+            *lock(&gw.tcp) = Some(tcp);
+        }
+        if let Some(addr) = &config.ws_listen {
+            let listener = bind_tokio(addr).await?;
+            gw.ws_addr = listener.local_addr().ok();
+            tracing::info!(addr = ?gw.ws_addr, "WebSocket gateway listening on /ws");
+            let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            let ws = WsGateway::new(upstream.clone(), router.clone(), config.session.clone())
+                .with_conn_ids(conn_ids.clone());
+            let task = tokio::spawn(ws.serve(listener, async move {
+                let _ = stop_rx.await;
+            }));
+            gw.ws = Some((stop_tx, task));
+        }
+        if let Some(addr) = &config.http_listen {
+            let listener = bind_tokio(addr).await?;
+            gw.http_addr = listener.local_addr().ok();
+            let app = http_app(upstream, router, gw.tcp.clone());
+            gw.http = Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::warn!(error = %e, "gateway HTTP server stopped");
+                }
+            }));
+        }
+        Ok(gw)
+    }
+
+    /// Waits until the cluster map has been loaded from a seed, so that
+    /// sign-ins can be routed.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), GatewayError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.upstream.ensure_map().await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(GatewayError::Unreachable(e));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// The bound TCP address, if serving TCP.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// The bound WebSocket address, if serving WebSocket.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
+    }
+
+    /// The bound HTTP address, if serving `/metrics`.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// The push router (tests and metrics).
+    pub fn router(&self) -> &PushRouter {
+        &self.router
+    }
+
+    /// Open TCP connections.
+    pub fn tcp_connections(&self) -> usize {
+        lock(&self.tcp).as_ref().map_or(0, TcpGateway::connections)
+    }
+
+    /// Stops accepting, tells every client to go elsewhere, drains within a
+    /// short linger, closes the push streams. Returns when all is stopped.
+    pub async fn shutdown(mut self) {
+        if let Some((stop, task)) = self.ws.take() {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
+        let tcp = lock(&self.tcp).take();
+        if let Some(tcp) = tcp {
+            // Joins event-loop threads: keep it off the async workers.
+            let _ = tokio::task::spawn_blocking(move || tcp.shutdown()).await;
+        }
+        self.router.shutdown().await;
+        if let Some(http) = self.http.take() {
+            http.abort();
+        }
+        tracing::info!("gateway stopped");
+    }
+}
+
+async fn bind_tokio(addr: &str) -> Result<tokio::net::TcpListener, GatewayError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { addr: addr.to_string(), source })
+}
+
+fn http_app(upstream: Upstream, router: PushRouter, tcp: Arc<Mutex<Option<TcpGateway>>>) -> Router {
+    let health_upstream = upstream.clone();
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let (router, upstream) = (router.clone(), upstream.clone());
+                let tcp_open = lock(&tcp).as_ref().map(TcpGateway::connections);
+                async move { render_metrics(&router, &upstream, tcp_open) }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let upstream = health_upstream.clone();
+                async move {
+                    if upstream.cluster_map().is_some() {
+                        (StatusCode::OK, "ok\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "cluster map not loaded yet\n")
+                    }
+                }
+            }),
+        )
+}
+
+/// Prometheus text exposition of the gateway's counters.
+fn render_metrics(router: &PushRouter, upstream: &Upstream, tcp_open: Option<usize>) -> String {
+    use std::fmt::Write;
+    let s = router.stats();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    if let Some(open) = tcp_open {
+        metric("rim_gateway_tcp_connections", "gauge", "Open TCP client connections.", open as u64);
+    }
+    metric("rim_gateway_push_subscriptions_total", "counter", "Push streams established.", s.subscriptions);
+    metric("rim_gateway_push_stream_breaks_total", "counter", "Push streams that broke.", s.stream_breaks);
+    metric(
+        "rim_gateway_slow_connection_drops_total",
+        "counter",
+        "Connections closed because their send queue was full.",
+        s.overflows,
+    );
+    metric("rim_gateway_kicks_total", "counter", "Connections kicked by a newer sign-in.", s.kicks);
+    metric(
+        "rim_gateway_cluster_map_loaded",
+        "gauge",
+        "1 once the cluster map is known.",
+        u64::from(upstream.cluster_map().is_some()),
+    );
+    out
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,121 @@
+//! `rim bench`: load generation against a cluster, with figures written to
+//! a JSON result file and a one-line summary on stdout.
+//!
+//! ```text
+//! rim bench connections --spawn --connections 10000
+//! rim bench latency --spawn --rate 500 --duration 30s
+//! rim bench latency --gateway 127.0.0.1:7400 --api 127.0.0.1:7101 --rate 1000
+//! ```
+//!
+//! Scenarios (clap subcommands):
+//!
+//! * [`connections`]: idle signed-in TCP connections; the gateway's resident
+//!   memory per connection and the sign-in rate.
+//! * [`latency`]: 1:1 messages between pairs of connected users at a target
+//!   rate; send → ack and send → delivered latency percentiles.
+//!
+//! Every scenario runs either against a cluster it spawns itself
+//! (`--spawn`: 3 × `rim node` + 1 × `rim gateway` as child processes, see
+//! [`target`]) or against given addresses. Accounts are made over gRPC
+//! ([`accounts`]); the long connections speak the framed protocol of
+//! `docs/protocol.md` directly on tokio sockets ([`wire`]), one small task
+//! per connection, so the client side stays light.
+//!
+//! The result file holds the parameters, the figures, the machine (cores,
+//! memory, load average at start and end), the build profile, the cluster
+//! shape and the git revision. Every wait has a timeout, every queue and
+//! every tally a bound; latencies go to fixed-size histograms ([`hist`]).
+//! Ctrl-C stops the run and kills spawned processes.
+
+mod accounts;
+mod connections;
+mod hist;
+mod json;
+mod latency;
+mod progress;
+mod sys;
+mod target;
+mod wire;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Subcommand};
+
+use self::json::Json;
+use self::target::Target;
+
+/// Flags of `rim bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// Idle signed-in TCP connections: gateway RSS per connection and sign-in rate.
+    Connections(connections::ConnectionsArgs),
+    /// 1:1 messages at a target rate: send→ack and send→delivered latency.
+    #[command(alias = "delivery-latency")]
+    Latency(latency::LatencyArgs),
+}
+
+/// What a scenario measured.
+pub struct Outcome {
+    /// The scenario's parameters.
+    pub params: Json,
+    /// The figures.
+    pub results: Json,
+    /// One line for stdout.
+    pub summary: String,
+}
+
+/// Runs a scenario, writes its result file and prints its summary.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let (name, target_args, out) = match &args.scenario {
+        Scenario::Connections(a) => ("connections", &a.target, &a.out),
+        Scenario::Latency(a) => ("latency", &a.target, &a.out),
+    };
+    let out = out.clone().unwrap_or_else(|| PathBuf::from(format!("bench-{name}.json")));
+    let started = sys::unix_now();
+    let machine = sys::machine();
+    let t0 = Instant::now();
+    let target = tokio::select! {
+        t = Target::resolve(target_args) => t.context("preparing the cluster")?,
+        () = crate::shutdown_signal() => return Err(anyhow!("interrupted")),
+    };
+    if let Some(sp) = &target.spawned {
+        eprintln!(
+            "rim bench: cluster up (data and logs in {}), gateway {}",
+            sp.dir().display(),
+            target.gateway
+        );
+    }
+    let run = async {
+        match &args.scenario {
+            Scenario::Connections(a) => connections::run(a, &target).await,
+            Scenario::Latency(a) => latency::run(a, &target).await,
+        }
+    };
+    let outcome = tokio::select! {
+        r = run => r?,
+        () = crate::shutdown_signal() => return Err(anyhow!("interrupted")),
+    };
+    let result = Json::obj()
+        .with("scenario", name)
+        .with("started_unix", started)
+        .with("wall_seconds", t0.elapsed().as_secs_f64())
+        .with("git_revision", sys::git_revision())
+        .with("build_profile", sys::build_profile())
+        .with("machine", machine)
+        .with("loadavg_end", sys::loadavg())
+        .with("cluster", target.shape.clone())
+        .with("params", outcome.params)
+        .with("results", outcome.results);
+    drop(target);
+    std::fs::write(&out, result.pretty()).with_context(|| format!("writing {}", out.display()))?;
+    println!("{} (details: {})", outcome.summary, out.display());
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! What a scenario runs against: a cluster the bench spawns as child
+//! processes (`--spawn`), or an existing one given by addresses.
+//!
+//! A spawned cluster is three `rim node` processes (this same binary,
+//! bootstrapped together, data in a temp directory) and one `rim gateway`,
+//! each in its own process group with its output in a log file next to the
+//! data. [`Spawned`] kills (SIGKILL) and reaps them when dropped, which
+//! happens on success, on error and on Ctrl-C (the scenario future is
+//! dropped first); only a SIGKILL of the bench itself leaves them running.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use rim_proto::v1::ClusterStatusRequest;
+use rim_proto::v1::admin_service_client::AdminServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::json::Json;
+
+/// Cluster secret of a spawned cluster when none is given.
+const SPAWN_SECRET: &str = "rim-bench-secret-local-only";
+
+/// Flags choosing the cluster (shared by every scenario).
+#[derive(Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// Start 3 `rim node` and 1 `rim gateway` child processes on loopback
+    /// (temp data, killed when the bench ends).
+    #[arg(long)]
+    pub spawn: bool,
+    /// Gateway TCP address (without --spawn).
+    #[arg(long, required_unless_present = "spawn", conflicts_with = "spawn")]
+    pub gateway: Option<String>,
+    /// Client gRPC address(es) of logic nodes, comma-separated (without --spawn).
+    #[arg(long, value_delimiter = ',', required_unless_present = "spawn", conflicts_with = "spawn")]
+    pub api: Vec<String>,
+    /// PID of the gateway process, to read its RSS (without --spawn).
+    #[arg(long, conflicts_with = "spawn")]
+    pub gateway_pid: Option<u32>,
+    /// Internal address of a node: with --cluster-secret, the cluster shape
+    /// is read from its admin service and recorded (without --spawn).
+    #[arg(long, conflicts_with = "spawn")]
+    pub admin: Option<String>,
+    /// Cluster secret (of the spawned cluster, or for --admin).
+    #[arg(long, env = "RIM_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Data shards of a spawned cluster.
+    #[arg(long, default_value_t = 4)]
+    pub shards: u32,
+    /// Event-loop threads of a spawned gateway (default: one per core).
+    #[arg(long)]
+    pub gateway_threads: Option<usize>,
+    /// `RIM_LOG` filter of the spawned processes (default: their own default).
+    #[arg(long)]
+    pub child_log: Option<String>,
+    /// Parent directory of a spawned cluster's data and logs (default: the
+    /// system temp dir); the run's own subdirectory is removed afterwards
+    /// unless --keep.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Keep a spawned cluster's data and logs.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// A resolved target.
+pub struct Target {
+    /// Gateway TCP address.
+    pub gateway: SocketAddr,
+    /// Client gRPC addresses of logic nodes.
+    pub apis: Vec<String>,
+    /// The gateway's PID, if known (RSS).
+    pub gateway_pid: Option<u32>,
+    /// The cluster shape, for the result file.
+    pub shape: Json,
+    /// The child processes, when spawned (kept alive by this field).
+    pub spawned: Option<Spawned>,
+}
+
+impl Target {
+    /// Spawns a cluster or resolves the given addresses.
+    pub async fn resolve(args: &TargetArgs) -> anyhow::Result<Target> {
+        if args.spawn {
+            return spawn(args).await;
+        }
+        let gw = args.gateway.as_deref().context("--gateway is required without --spawn")?;
+        let gateway = tokio::net::lookup_host(gw)
+            .await
+            .with_context(|| format!("resolving --gateway {gw}"))?
+            .find(SocketAddr::is_ipv4)
+            .with_context(|| format!("--gateway {gw}: no IPv4 address"))?;
+        anyhow::ensure!(!args.api.is_empty(), "--api is required without --spawn");
+        let mut shape = Json::obj().with("spawned", false).with("gateway", gw).with("api", args.api.clone());
+        if let (Some(admin), Some(secret)) = (&args.admin, &args.cluster_secret) {
+            shape.set("map", map_shape(admin, secret).await);
+        }
+        Ok(Target { gateway, apis: args.api.clone(), gateway_pid: args.gateway_pid, shape, spawned: None })
+    }
+}
+
+/// Running child processes and their directory.
+pub struct Spawned {
+    dir: PathBuf,
+    remove_dir: bool,
+    children: Vec<(String, Child, PathBuf)>,
+}
+
+impl Spawned {
+    /// Fails (with the log tail) if a child exited on its own.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for (name, child, log) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("{name} exited with {status}; log tail ({}):\n{}", log.display(), tail(log, 30));
+            }
+        }
+        Ok(())
+    }
+
+    /// The directory with the data and the logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn start(&mut self, name: &str, args: &[String], rim_log: Option<&str>) -> anyhow::Result<u32> {
+        let log_path = self.dir.join(format!("{name}.log"));
+        let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = Command::new(std::env::current_exe().context("locating the rim binary")?);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("RIM_") {
+                cmd.env_remove(k);
+            }
+        }
+        if let Some(filter) = rim_log {
+            cmd.env("RIM_LOG", filter);
+        }
+        cmd.args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .process_group(0);
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        let pid = child.id();
+        self.children.push((name.to_string(), child, log_path));
+        Ok(pid)
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        for (_, child, _) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.remove_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("rim bench: cluster data and logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// A loopback address that was free a moment ago.
+fn free_addr() -> anyhow::Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
+    let secret = args.cluster_secret.clone().unwrap_or_else(|| SPAWN_SECRET.to_string());
+    anyhow::ensure!(secret.len() >= 16, "the cluster secret must be at least 16 bytes");
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
+    let parent = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let (dir, remove_dir) = (parent.join(format!("rim-bench-{}-{nanos}", std::process::id())), !args.keep);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut sp = Spawned { dir: dir.clone(), remove_dir, children: Vec::new() };
+    let log = args.child_log.as_deref();
+    let internal: Vec<String> = (0..3).map(|_| free_addr()).collect::<anyhow::Result<_>>()?;
+    let peers =
+        internal.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+    let mut apis = Vec::new();
+    let mut https = Vec::new();
+    for (i, listen) in internal.iter().enumerate() {
+        let (client, http) = (free_addr()?, free_addr()?);
+        let id = (i + 1).to_string();
+        let node_args: Vec<String> = [
+            "node",
+            "--id",
+            &id,
+            "--data",
+            &dir.join(format!("node-{id}")).display().to_string(),
+            "--listen",
+            listen,
+            "--client-listen",
+            &client,
+            "--http-listen",
+            &http,
+            "--bootstrap",
+            "--peers",
+            &peers,
+            "--shards",
+            &args.shards.to_string(),
+            "--cluster-secret",
+            &secret,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        sp.start(&format!("node-{id}"), &node_args, log)?;
+        apis.push(client);
+        https.push(http);
+    }
+    for h in &https {
+        wait_healthy(&mut sp, h, Duration::from_secs(60)).await.context("waiting for the nodes")?;
+    }
+    let (tcp, http) = (free_addr()?, free_addr()?);
+    let mut gw_args: Vec<String> = [
+        "gateway",
+        "--tcp",
+        &tcp,
+        "--http",
+        &http,
+        "--seeds",
+        &internal.join(","),
+        "--cluster-secret",
+        &secret,
+        "--id",
+        "bench-gateway",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(t) = args.gateway_threads {
+        gw_args.extend(["--threads".to_string(), t.to_string()]);
+    }
+    let gateway_pid = sp.start("gateway", &gw_args, log)?;
+    wait_healthy(&mut sp, &http, Duration::from_secs(30)).await.context("waiting for the gateway")?;
+    let shape = Json::obj()
+        .with("spawned", true)
+        .with("nodes", 3u64)
+        .with("shards", args.shards)
+        .with("gateways", 1u64)
+        .with(
+            "gateway_threads",
+            args.gateway_threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        )
+        .with("map", map_shape(&internal[0], &secret).await)
+        .with("processes", "3 × rim node, 1 × rim gateway and the bench on this machine, over loopback");
+    Ok(Target { gateway: tcp.parse()?, apis, gateway_pid: Some(gateway_pid), shape, spawned: Some(sp) })
+}
+
+/// Polls `http://addr/healthz` until it answers 200.
+async fn wait_healthy(sp: &mut Spawned, addr: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        sp.check_alive()?;
+        let last = match http_get(addr, "/healthz").await {
+            Ok((200, _)) => return Ok(()),
+            Ok((code, body)) => format!("{code} {}", body.trim()),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            let logs: Vec<String> =
+                sp.children.iter().map(|(n, _, l)| format!("--- {n} ---\n{}", tail(l, 15))).collect();
+            bail!("{addr} not healthy within {timeout:?} (last: {last}); log tails:\n{}", logs.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A minimal HTTP/1.0 GET with a 2 s timeout: (status, body).
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(2), io).await.context("timeout")??;
+    let status = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse::<u16>().ok())
+        .with_context(|| format!("bad response {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The last `n` lines of a file.
+fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+/// Nodes, data shards and replicas per shard as the cluster map says
+/// (`null` if the admin service cannot be asked within 5 s).
+async fn map_shape(internal: &str, secret: &str) -> Json {
+    let ask = async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{internal}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        let mut r = tonic::Request::new(ClusterStatusRequest::default());
+        r.set_timeout(Duration::from_secs(5));
+        r.metadata_mut().insert("rim-cluster-secret", secret.parse()?);
+        let reply = AdminServiceClient::new(ch).cluster_status(r).await?.into_inner();
+        let map = reply.map.context("no cluster map yet")?;
+        let data: Vec<_> = map.shards.iter().filter(|s| s.shard_id != 0).collect();
+        anyhow::Ok(
+            Json::obj()
+                .with("version", map.version)
+                .with("nodes", map.nodes.len())
+                .with("data_shards", data.len())
+                .with("replicas_per_shard", data.iter().map(|s| s.replicas.len()).max().unwrap_or(0)),
+        )
+    };
+    match tokio::time::timeout(Duration::from_secs(6), ask).await {
+        Ok(Ok(j)) => j,
+        Ok(Err(e)) => Json::Str(format!("unavailable: {e:#}")),
+        Err(_) => Json::Str("unavailable: timeout".into()),
+    }
+}

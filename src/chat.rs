@@ -1,0 +1,361 @@
+//! `rim chat`: an interactive terminal client built on `rim-client`.
+//!
+//! It signs in over gRPC (a node's client listener, `--api`), holds one
+//! long connection to a gateway (`--gateway`, several for failover; TCP or
+//! `ws://`), and prints every entry of the user's list as it arrives:
+//! messages from others and the user's own sends from any device, each once
+//! and in seq order (the SDK syncs after every reconnect and on seq gaps).
+//!
+//! Input lines: plain text goes to the current peer (`--to NAME` or
+//! `/to NAME`); `@NAME text` sends to NAME once; `/history [N]`,
+//! `/devices`, `/help`, `/quit`. A sent message is shown when it comes back
+//! through the user's own list, which is proof that it was stored.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use rim_client::{Client, ClientConfig, ClientError, Credentials, Endpoint, Event, NodeApi, Resume};
+use rim_proto::ErrorCode;
+use rim_proto::v1::{ContentType, Message};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Flags of `rim chat`. The defaults match `rim dev`.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// Login name.
+    #[arg(long)]
+    user: String,
+    /// Password (also RIM_PASSWORD).
+    #[arg(long, env = "RIM_PASSWORD", hide_env_values = true)]
+    password: String,
+    /// Create the account first if it does not exist.
+    #[arg(long)]
+    register: bool,
+    /// Whom plain lines are sent to (login name).
+    #[arg(long)]
+    to: Option<String>,
+    /// Gateways, comma-separated: host:port (TCP) or ws://host:port/ws.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7400")]
+    gateway: Vec<String>,
+    /// A node's client gRPC listener (sign-in, history, devices).
+    #[arg(long, default_value = "127.0.0.1:7201")]
+    api: String,
+    /// Sign in as this existing device instead of registering a new one.
+    #[arg(long, default_value_t = 0)]
+    device: u64,
+    /// Entries of recent history shown at start.
+    #[arg(long, default_value_t = 10)]
+    recent: usize,
+}
+
+/// One parsed input line.
+#[derive(Debug, PartialEq, Eq)]
+enum Input {
+    /// Text to the current peer.
+    Say(String),
+    /// Text to a named user.
+    SayTo(String, String),
+    /// Change the current peer.
+    To(String),
+    /// Show the last N entries.
+    History(usize),
+    /// List devices.
+    Devices,
+    /// Show help.
+    Help,
+    /// Leave.
+    Quit,
+    /// Nothing to do (empty line).
+    Nothing,
+    /// Not understood; the text says why.
+    Invalid(String),
+}
+
+fn parse_line(line: &str) -> Input {
+    let line = line.trim();
+    if line.is_empty() {
+        return Input::Nothing;
+    }
+    if let Some(rest) = line.strip_prefix('@') {
+        return match rest.split_once(char::is_whitespace) {
+            Some((name, text)) if !name.is_empty() && !text.trim().is_empty() => {
+                Input::SayTo(name.to_string(), text.trim().to_string())
+            }
+            _ => Input::Invalid("usage: @name message".into()),
+        };
+    }
+    let Some(command) = line.strip_prefix('/') else { return Input::Say(line.to_string()) };
+    let mut words = command.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("to"), Some(name), None) => Input::To(name.to_string()),
+        (Some("history"), None, None) => Input::History(20),
+        (Some("history"), Some(n), None) => match n.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => Input::History(n),
+            _ => Input::Invalid("usage: /history [1..1000]".into()),
+        },
+        (Some("devices"), None, None) => Input::Devices,
+        (Some("help"), None, None) => Input::Help,
+        (Some("quit" | "exit"), None, None) => Input::Quit,
+        _ => Input::Invalid(format!("unknown command /{command} (try /help)")),
+    }
+}
+
+const HELP: &str = "\
+  text            send to the current peer (/to NAME sets it)
+  @NAME text      send to NAME
+  /to NAME        talk to NAME from now on
+  /history [N]    the last N entries of your list (default 20)
+  /devices        your devices
+  /quit           leave (Ctrl-D too)";
+
+/// `HH:MM:SS` (UTC) of a time in ms since the Unix epoch.
+fn clock(ms: i64) -> String {
+    let secs = ms.div_euclid(1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// What the chat knows: who is who, and who it talks to.
+struct Chat {
+    api: NodeApi,
+    me: Credentials,
+    my_name: String,
+    names: HashMap<u64, String>,
+    ids: HashMap<String, u64>,
+    peer: Option<(String, u64)>,
+}
+
+impl Chat {
+    async fn name_of(&mut self, user_id: u64) -> String {
+        if let Some(n) = self.names.get(&user_id) {
+            return n.clone();
+        }
+        let name = match self.api.get_user(user_id).await {
+            Ok(u) if !u.username.is_empty() => u.username,
+            Ok(u) if !u.nickname.is_empty() => u.nickname,
+            _ => format!("user-{user_id}"),
+        };
+        self.names.insert(user_id, name.clone());
+        self.ids.insert(name.clone(), user_id);
+        name
+    }
+
+    async fn id_of(&mut self, name: &str) -> Result<u64, ClientError> {
+        if let Some(id) = self.ids.get(name) {
+            return Ok(*id);
+        }
+        let user = self.api.find_user(name).await?;
+        self.names.insert(user.user_id, name.to_string());
+        self.ids.insert(name.to_string(), user.user_id);
+        Ok(user.user_id)
+    }
+
+    /// One line for an entry of the user's list.
+    async fn render(&mut self, m: &Message) -> String {
+        let text = match ContentType::try_from(m.content_type) {
+            Ok(ContentType::Text) => String::from_utf8_lossy(&m.content).into_owned(),
+            _ => format!("<{} bytes of content type {}>", m.content.len(), m.content_type),
+        };
+        let time = clock(m.send_time_ms);
+        if m.sender_user_id == self.me.user_id {
+            let to = self.name_of(m.conversation_id).await;
+            format!("[{time}] #{} you → {to}: {text}", m.seq)
+        } else {
+            let from = self.name_of(m.sender_user_id).await;
+            format!("[{time}] #{} {from}: {text}", m.seq)
+        }
+    }
+}
+
+/// Runs the chat client until `/quit`, end of input or Ctrl-C.
+pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
+    let gateways =
+        args.gateway.iter().map(|g| g.trim().parse::<Endpoint>()).collect::<Result<Vec<_>, _>>()?;
+    anyhow::ensure!(!gateways.is_empty(), "--gateway needs at least one address");
+    let api = NodeApi::new(&args.api)?;
+    if args.register {
+        match api.register(&args.user, &args.password).await {
+            Ok(_) => println!("registered {}", args.user),
+            Err(e) if e.code() == ErrorCode::ErrorAlreadyExists => {}
+            Err(e) => return Err(e).context("registering"),
+        }
+    }
+    let me = api.sign_in(&args.user, &args.password, args.device).await.context("signing in")?;
+    let api = api.authenticated(me.clone());
+
+    // Show recent history, then follow the list live from its head.
+    let head = api.sync_page(u64::MAX - 1, 1).await.map(|p| p.last_seq).unwrap_or(0);
+    let mut chat = Chat {
+        api: api.clone(),
+        me: me.clone(),
+        my_name: args.user.clone(),
+        names: HashMap::from([(me.user_id, args.user.clone())]),
+        ids: HashMap::from([(args.user.clone(), me.user_id)]),
+        peer: None,
+    };
+    println!(
+        "signed in as {} (user {}, device {}; reuse it with --device {})",
+        chat.my_name, me.user_id, me.device_id, me.device_id
+    );
+    if args.recent > 0 && head > 0 {
+        let from = head.saturating_sub(args.recent as u64);
+        for m in api.history(from, args.recent).await.unwrap_or_default() {
+            println!("{}", chat.render(&m).await);
+        }
+    }
+    if let Some(name) = &args.to {
+        set_peer(&mut chat, name).await;
+    }
+    println!("type /help for commands");
+
+    let mut config = ClientConfig::new(gateways);
+    config.resume = Resume::After(head);
+    let (client, mut events) = Client::connect(config, me);
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let stop = crate::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(e) => if !on_event(&mut chat, e).await { break },
+                None => break,
+            },
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => if !on_line(&mut chat, &client, &line).await { break },
+                Ok(None) | Err(_) => break,
+            },
+            () = &mut stop => break,
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+async fn set_peer(chat: &mut Chat, name: &str) {
+    match chat.id_of(name).await {
+        Ok(id) => {
+            chat.peer = Some((name.to_string(), id));
+            println!("talking to {name}");
+        }
+        Err(e) => println!("! {name}: {}", describe(&e)),
+    }
+}
+
+/// Handles a client event; `false` ends the chat.
+async fn on_event(chat: &mut Chat, event: Event) -> bool {
+    match event {
+        Event::Message(m) | Event::GroupMessage(m) | Event::Ephemeral(m) => {
+            println!("{}", chat.render(&m).await)
+        }
+        Event::Connected { gateway, .. } => println!("* connected to {gateway}"),
+        Event::Synced { .. } => {}
+        Event::Disconnected { reason } => println!("* disconnected ({reason}); reconnecting..."),
+        Event::Kicked { code, reason } => {
+            println!("* signed out by the server: {} ({reason})", code.as_str_name());
+            return false;
+        }
+        Event::SignInRejected { code, message } => {
+            println!("* sign-in refused: {} ({message})", code.as_str_name());
+            return false;
+        }
+    }
+    true
+}
+
+/// Handles an input line; `false` ends the chat.
+async fn on_line(chat: &mut Chat, client: &Client, line: &str) -> bool {
+    match parse_line(line) {
+        Input::Nothing => {}
+        Input::Quit => return false,
+        Input::Help => println!("{HELP}"),
+        Input::Invalid(why) => println!("! {why}"),
+        Input::To(name) => set_peer(chat, &name).await,
+        Input::Say(text) => match chat.peer.clone() {
+            Some((_, id)) => send(client, id, text).await,
+            None => println!("! nobody to talk to yet: /to NAME, or @NAME text"),
+        },
+        Input::SayTo(name, text) => match chat.id_of(&name).await {
+            Ok(id) => send(client, id, text).await,
+            Err(e) => println!("! {name}: {}", describe(&e)),
+        },
+        Input::History(n) => {
+            let head = chat.api.sync_page(u64::MAX - 1, 1).await.map(|p| p.last_seq).unwrap_or(0);
+            match chat.api.history(head.saturating_sub(n as u64), n).await {
+                Ok(list) if list.is_empty() => println!("(no messages yet)"),
+                Ok(list) => {
+                    for m in list {
+                        println!("{}", chat.render(&m).await);
+                    }
+                }
+                Err(e) => println!("! history: {}", describe(&e)),
+            }
+        }
+        Input::Devices => match chat.api.list_devices().await {
+            Ok(devices) => {
+                for d in devices {
+                    let this = if d.device_id == chat.me.device_id { " (this one)" } else { "" };
+                    let info = d.info.unwrap_or_default();
+                    let what = [info.brand, info.model, info.system_version].join(" ");
+                    let revoked = if d.revoked { ", revoked" } else { "" };
+                    println!(
+                        "  device {}{this}: {} acked #{}, since {}{revoked}",
+                        d.device_id,
+                        if what.trim().is_empty() { "(no description)" } else { what.trim() },
+                        d.ack_seq,
+                        clock(d.created_ms)
+                    );
+                }
+            }
+            Err(e) => println!("! devices: {}", describe(&e)),
+        },
+    }
+    true
+}
+
+/// Sends in the background, so the terminal keeps printing what arrives;
+/// the message shows up once it is stored (it comes back through the list).
+async fn send(client: &Client, to: u64, text: String) {
+    let client = client.clone();
+    tokio::spawn(async move {
+        if let Err(e) = client.send(to, ContentType::Text, text.into_bytes()).await {
+            println!("! not sent: {}", describe(&e));
+        }
+    });
+    // Yield so an immediate failure prints before the next prompt.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+fn describe(e: &ClientError) -> String {
+    format!("{e} [{}]", e.code().as_str_name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_parse_into_inputs() {
+        assert_eq!(parse_line("  hello there "), Input::Say("hello there".into()));
+        assert_eq!(parse_line("@bob hi bob"), Input::SayTo("bob".into(), "hi bob".into()));
+        assert!(matches!(parse_line("@bob"), Input::Invalid(_)));
+        assert!(matches!(parse_line("@ hi"), Input::Invalid(_)));
+        assert_eq!(parse_line("/to alice"), Input::To("alice".into()));
+        assert_eq!(parse_line("/history"), Input::History(20));
+        assert_eq!(parse_line("/history 5"), Input::History(5));
+        assert!(matches!(parse_line("/history 0"), Input::Invalid(_)));
+        assert!(matches!(parse_line("/history lots"), Input::Invalid(_)));
+        assert_eq!(parse_line("/devices"), Input::Devices);
+        assert_eq!(parse_line("/quit"), Input::Quit);
+        assert_eq!(parse_line(""), Input::Nothing);
+        assert!(matches!(parse_line("/frobnicate"), Input::Invalid(_)));
+        assert!(matches!(parse_line("/to"), Input::Invalid(_)));
+    }
+
+    #[test]
+    fn clock_shows_utc_time_of_day() {
+        assert_eq!(clock(0), "00:00:00");
+        assert_eq!(clock(1_767_225_600_000 + 3_723_000), "01:02:03");
+        assert_eq!(clock(86_399_999), "23:59:59");
+    }
+}
