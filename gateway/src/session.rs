@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`on_packet`](Session::on_packet) | a decoded client packet |
 //! | [`on_decode_error`](Session::on_decode_error) | the framing decoder failed |
+//! | [`on_activity`](Session::on_activity) | a WebSocket ping or pong (no packet) |
 //! | [`on_tick`](Session::on_tick) | time passed ([`next_deadline`](Session::next_deadline) says when) |
 //! | [`on_reply`](Session::on_reply) | the outcome of a [`Call`] the session asked for |
 //! | [`on_push`](Session::on_push) | the push router: an entry for this connection |
@@ -36,10 +37,14 @@
 //!   arrive while the sign-in call is in flight are held (bounded) and
 //!   handled after it succeeds. A failed sign-in is replied to, then the
 //!   session closes. No sign-in within [`SessionConfig::sign_in_timeout`]
-//!   closes it.
+//!   closes it; a `SIGN_IN` whose node call is still out by then is first
+//!   answered with `ERROR_TIMEOUT` (retryable).
 //! * `HEARTBEAT` is answered with `Reply{OK}` (empty content). A connection
-//!   from which no packet arrived for `max_missed_heartbeats` ×
-//!   `heartbeat_interval` is closed.
+//!   from which no packet (nor WebSocket ping or pong,
+//!   [`on_activity`](Session::on_activity)) arrived for
+//!   `max_missed_heartbeats` × `heartbeat_interval` is closed. The idle
+//!   timer pauses while the sign-in call is out (the client is waiting for
+//!   the server) and restarts when the sign-in succeeds.
 //! * Requests map to node calls; replies echo `request_id` and `command`.
 //!   Unknown commands get `ERROR_UNKNOWN_COMMAND`, undecodable content
 //!   `ERROR_BAD_REQUEST`, too many requests in flight `ERROR_BUSY`; the
@@ -202,11 +207,12 @@ impl Session {
     /// to do; `None` once closed.
     pub fn next_deadline(&self) -> Option<Instant> {
         let idle = self.last_activity + self.config.idle_timeout();
+        let sign_in = self.created + self.config.sign_in_timeout;
         match &self.state {
             State::Closed => None,
-            State::AwaitingSignIn | State::SigningIn { .. } => {
-                Some(idle.min(self.created + self.config.sign_in_timeout))
-            }
+            State::AwaitingSignIn => Some(idle.min(sign_in)),
+            // The client waits for the node: only the sign-in deadline runs.
+            State::SigningIn { .. } => Some(sign_in),
             State::SignedIn(s) => Some(s.list.deadline().map_or(idle, |at| at.min(idle))),
         }
     }
@@ -264,6 +270,17 @@ impl Session {
         }
     }
 
+    /// Transport-level activity that carries no packet: a WebSocket ping or
+    /// pong from the client. It resets the idle timer as a packet does
+    /// (`docs/protocol.md` section 5: ping/pong frames count as activity),
+    /// but nothing else: the sign-in deadline still runs from the
+    /// connection's start.
+    pub fn on_activity(&mut self, now: Instant) {
+        if !self.is_closed() {
+            self.last_activity = now;
+        }
+    }
+
     /// The framing decoder failed. Every codec error closes the connection;
     /// all but transport errors are first answered with an error reply
     /// (`request_id` 0, `COMMAND_UNSPECIFIED`), as `docs/protocol.md` says.
@@ -290,10 +307,27 @@ impl Session {
         let signed_in = matches!(self.state, State::SignedIn(_));
         if !signed_in && now >= self.created + self.config.sign_in_timeout {
             let secs = self.config.sign_in_timeout.as_secs_f64();
+            // A SIGN_IN whose node call is still out is answered before the
+            // close: every SIGN_IN gets a reply, and this one is retryable
+            // (the node was slow, the client did nothing wrong). Closing
+            // without it left the client with a bare close.
+            let in_flight = self.pending.values().find_map(|p| match p {
+                Pending::SignIn { request_id } => Some(*request_id),
+                _ => None,
+            });
+            if let Some(request_id) = in_flight {
+                let reason = format!("sign-in did not complete within {secs} s");
+                let reply = Reply::error(ErrorCode::ErrorTimeout, reason.clone());
+                self.reply_to(request_id, Command::SignIn as i32, reply);
+                return self.close(ErrorCode::ErrorTimeout, reason);
+            }
             self.close(ErrorCode::ErrorNotSignedIn, format!("no sign-in within {secs} s"));
             return;
         }
-        if now >= self.last_activity + self.config.idle_timeout() {
+        // While the sign-in call is out the client is waiting for us, not
+        // silent: the idle timer does not run (see `next_deadline`).
+        let idle_timer = !matches!(self.state, State::SigningIn { .. });
+        if idle_timer && now >= self.last_activity + self.config.idle_timeout() {
             let secs = self.config.idle_timeout().as_secs_f64();
             self.close(ErrorCode::ErrorTimeout, format!("no packet from the client for {secs} s"));
             return;
@@ -315,7 +349,7 @@ impl Session {
             return;
         };
         match pending {
-            Pending::SignIn { request_id } => self.finish_sign_in(request_id, result),
+            Pending::SignIn { request_id } => self.finish_sign_in(now, request_id, result),
             Pending::Request { request_id, command } => {
                 let reply = match result {
                     Ok(reply) => Reply::ok(reply.encode_data()),
@@ -467,7 +501,7 @@ impl Session {
         self.pending.insert(id, Pending::SignIn { request_id: packet.request_id });
     }
 
-    fn finish_sign_in(&mut self, request_id: u64, result: Result<NodeReply, CallError>) {
+    fn finish_sign_in(&mut self, now: Instant, request_id: u64, result: Result<NodeReply, CallError>) {
         let command = Command::SignIn as i32;
         let reply = match result {
             Ok(NodeReply::SignIn(reply)) => reply,
@@ -492,18 +526,26 @@ impl Session {
             State::SigningIn { held } => held,
             _ => VecDeque::new(),
         };
+        // The idle clock starts now: the client learns its heartbeat
+        // interval from this reply, however long the sign-in call took.
+        self.last_activity = self.last_activity.max(now);
         self.state = State::SignedIn(Box::new(Signed {
             id,
             list: UserList::new(output.last_seq, self.config.push_buffer_limit),
             groups: HashMap::new(),
         }));
-        self.reply_to(request_id, command, Reply::ok(output.encode_to_vec()));
+        // Register before the reply: a transport that writes on another
+        // task (WebSocket) could otherwise let the client see its sign-in
+        // succeed, and sign the device in again elsewhere, before this route
+        // exists, so that this older connection would kick the newer one.
+        // Once the client has the reply, the route is in place.
         self.push_action(Action::Register {
             conn_id: self.conn_id,
             user_id: id.user_id,
             device_id: id.device_id,
             shard_id: reply.shard_id,
         });
+        self.reply_to(request_id, command, Reply::ok(output.encode_to_vec()));
         for packet in held {
             if self.is_closed() {
                 break;

@@ -13,9 +13,11 @@
 //! * The server answers in the form of the client's most recent message:
 //!   replies and pushes are binary messages until the client sends a text
 //!   message, then text messages until it sends a binary one again.
-//! * WebSocket pings are answered with pongs (by tungstenite). They do not
-//!   count as activity: the session only sees packets, so a client must
-//!   send `HEARTBEAT`s.
+//! * WebSocket pings are answered with pongs (by tungstenite). Pings and
+//!   pongs from the client count as activity ([`Session::on_activity`]):
+//!   they reset the idle timer, as `docs/protocol.md` section 5 says, so a
+//!   browser or proxy that keeps the socket alive with pings is not timed
+//!   out. They are not packets: the server sends no `HEARTBEAT` reply.
 //! * Other paths than [`WS_PATH`] are refused with HTTP 404 during the
 //!   handshake.
 //!
@@ -401,7 +403,11 @@ impl Conn {
                     }
                 }
             }
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            // Control frames are activity too (protocol section 5); without
+            // this a client keeping the socket alive with pings only was
+            // closed after the idle timeout.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => self.session.on_activity(now),
+            Some(Ok(Message::Frame(_))) => {}
             Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, .. }))) => {
                 let e = CodecError::FrameTooLarge { len: size as u64, max: max_frame };
                 self.session.on_decode_error(now, &e);

@@ -74,8 +74,9 @@ fn successful_sign_in_replies_registers_and_calls_with_identity() {
     let out = SignInOutput::decode(reply.data).unwrap();
     assert_eq!((out.user_id, out.device_id, out.last_seq), (USER, DEVICE, 42));
     assert_eq!(out.heartbeat_interval_ms, 30_000, "the gateway announces its own interval");
+    // The route first: once the client has the reply, it is routed.
     assert_eq!(
-        actions[1],
+        actions[0],
         Action::Register { conn_id: CONN, user_id: USER, device_id: DEVICE, shard_id: SHARD }
     );
     assert_eq!(actions.len(), 2);
@@ -158,10 +159,39 @@ fn the_deadline_also_covers_a_slow_sign_in_call() {
     s.on_packet(t0 + Duration::from_secs(9), sign_in_packet(1));
     let call = only_call(&drain(&mut s));
     s.on_tick(t0 + Duration::from_secs(10));
-    assert!(closes_with(&drain(&mut s), ErrorCode::ErrorNotSignedIn));
+    // The SIGN_IN still gets its (retryable) answer before the close.
+    let actions = drain(&mut s);
+    let replies = sent(&actions);
+    assert_eq!(replies.len(), 1, "{actions:?}");
+    assert_eq!((replies[0].request_id, replies[0].command), (1, Command::SignIn as i32));
+    assert_eq!(reply_of(&replies[0]).code, ErrorCode::ErrorTimeout as i32);
+    assert!(closes_with(&actions, ErrorCode::ErrorTimeout));
     // The late answer is ignored.
     s.on_reply(t0 + Duration::from_secs(11), call.id, Ok(sign_in_reply(0)));
     assert!(drain(&mut s).is_empty());
+}
+
+#[test]
+fn the_idle_timer_waits_for_a_slow_sign_in_call_and_restarts_after_it() {
+    let t0 = Instant::now();
+    // Idle timeout 3 s, sign-in deadline 10 s.
+    let config = SessionConfig { heartbeat_interval: Duration::from_secs(1), ..cfg() };
+    let mut s = Session::new(CONN, config, t0);
+    s.on_packet(t0, sign_in_packet(1));
+    let call = only_call(&drain(&mut s));
+    assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(10)));
+    // The node takes 5 s: the silent client is not timed out meanwhile.
+    s.on_tick(t0 + Duration::from_secs(4));
+    assert!(drain(&mut s).is_empty());
+    let signed = t0 + Duration::from_secs(5);
+    s.on_reply(signed, call.id, Ok(sign_in_reply(0)));
+    assert_eq!(reply_of(&sent(&drain(&mut s))[0]).code, ErrorCode::Ok as i32);
+    // It gets the whole idle timeout from the reply on.
+    assert_eq!(s.next_deadline(), Some(signed + Duration::from_secs(3)));
+    s.on_tick(signed + Duration::from_millis(2_999));
+    assert!(drain(&mut s).is_empty());
+    s.on_tick(signed + Duration::from_secs(3));
+    assert!(closes_with(&drain(&mut s), ErrorCode::ErrorTimeout));
 }
 
 #[test]
@@ -238,6 +268,29 @@ fn silent_connection_is_closed_after_three_intervals() {
     assert_eq!(actions[0], Action::Unregister { conn_id: CONN, user_id: USER, device_id: DEVICE });
     assert!(matches!(&calls(&actions)[0].request, NodeCall::Offline { reason: ErrorCode::ErrorTimeout }));
     assert!(closes_with(&actions, ErrorCode::ErrorTimeout));
+}
+
+#[test]
+fn transport_activity_resets_the_idle_timer_only() {
+    let t0 = Instant::now();
+    let mut s = signed_in(cfg(), t0, 0);
+    // A WebSocket ping at 60 s moves the idle deadline, and sends nothing.
+    s.on_activity(t0 + Duration::from_secs(60));
+    assert!(drain(&mut s).is_empty());
+    assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(150)));
+    s.on_tick(t0 + Duration::from_secs(149));
+    assert!(drain(&mut s).is_empty());
+    s.on_tick(t0 + Duration::from_secs(150));
+    assert!(closes_with(&drain(&mut s), ErrorCode::ErrorTimeout));
+    s.on_activity(t0 + Duration::from_secs(151));
+    assert!(drain(&mut s).is_empty(), "ignored once closed");
+
+    // Before sign-in it does not extend the sign-in deadline.
+    let mut s = Session::new(CONN, cfg(), t0);
+    s.on_activity(t0 + Duration::from_secs(9));
+    assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(10)));
+    s.on_tick(t0 + Duration::from_secs(10));
+    assert!(closes_with(&drain(&mut s), ErrorCode::ErrorNotSignedIn));
 }
 
 #[test]

@@ -55,7 +55,7 @@ impl Gateway {
 
     async fn connect(&self) -> Client {
         let url = format!("ws://{}/ws", self.addr);
-        let (ws, _) = tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url))
+        let (ws, _) = tokio::time::timeout(Duration::from_secs(20), tokio_tungstenite::connect_async(url))
             .await
             .expect("connected in time")
             .expect("websocket handshake");
@@ -313,7 +313,7 @@ async fn ws_silent_connection_is_closed_by_the_server() {
 
     // Then silence: closed after about 600 ms.
     let silent = Instant::now();
-    let (code, packets) = wait_closed(&mut ws, Duration::from_secs(5)).await;
+    let (code, packets) = wait_closed(&mut ws, Duration::from_secs(20)).await;
     let waited = silent.elapsed();
     assert!(waited >= Duration::from_millis(400), "closed too early: {waited:?}");
     assert!(packets.iter().all(|p| p.command == Command::Heartbeat as i32), "{packets:?}");
@@ -372,7 +372,7 @@ async fn ws_text_frames_get_json_replies() {
 
     // A binary request switches replies back to binary.
     send_packet(&mut ws, packet(8, Command::Heartbeat, ())).await;
-    let p = next_packet(&mut ws, Duration::from_secs(5)).await;
+    let p = next_packet(&mut ws, Duration::from_secs(20)).await;
     assert_eq!((p.request_id, p.command), (8, Command::Heartbeat as i32));
 
     // Invalid JSON: ERROR_MALFORMED_FRAME as JSON, then the connection closes.
@@ -380,7 +380,7 @@ async fn ws_text_frames_get_json_replies() {
     let v = read_json(&mut ws).await;
     assert_eq!((v["request_id"].as_u64(), v["command"].as_u64()), (Some(0), Some(0)));
     assert_eq!(Reply::decode(&content_of(&v)[..]).unwrap().code, ErrorCode::ErrorMalformedFrame as i32);
-    assert!(matches!(read(&mut ws, Instant::now() + Duration::from_secs(5)).await, Read::Closed(_)));
+    assert!(matches!(read(&mut ws, Instant::now() + Duration::from_secs(20)).await, Read::Closed(_)));
     gw.shutdown().await;
     c.shutdown().await;
 }
@@ -406,14 +406,14 @@ async fn ws_refuses_other_paths_and_bad_binary_frames() {
 
     // A body above the maximum frame: ERROR_FRAME_TOO_LARGE, then closed.
     ws.send(WsMessage::Binary(Bytes::from(vec![0u8; 2048]))).await.unwrap();
-    let (code, packets) = wait_closed(&mut ws, Duration::from_secs(5)).await;
+    let (code, packets) = wait_closed(&mut ws, Duration::from_secs(20)).await;
     assert_eq!(Reply::decode(packets[0].content.clone()).unwrap().code, ErrorCode::ErrorFrameTooLarge as i32);
     assert_eq!(code, Some(1009));
 
     // Garbage: ERROR_MALFORMED_FRAME, then closed.
     let mut ws = gw.connect().await;
     ws.send(WsMessage::Binary(Bytes::from_static(&[0xff, 0xff, 0xff]))).await.unwrap();
-    let (_, packets) = wait_closed(&mut ws, Duration::from_secs(5)).await;
+    let (_, packets) = wait_closed(&mut ws, Duration::from_secs(20)).await;
     assert_eq!(
         Reply::decode(packets[0].content.clone()).unwrap().code,
         ErrorCode::ErrorMalformedFrame as i32

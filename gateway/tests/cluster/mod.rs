@@ -30,7 +30,26 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Starts `n` nodes with `shards` data shards and waits until every
+    /// group has a leader. The ports are picked before the nodes bind them,
+    /// so another socket (an outgoing connection's ephemeral port, another
+    /// test process) may take one meanwhile: such a start is retried from
+    /// scratch with new ports and data directories.
     pub async fn start(n: u64, shards: u32) -> Cluster {
+        let mut attempt = 1;
+        loop {
+            match Cluster::try_start(n, shards).await {
+                Ok(c) => return c,
+                Err(e) if attempt < 5 && e.contains("cannot listen") => {
+                    eprintln!("cluster start attempt {attempt} failed ({e}); retrying with new ports");
+                    attempt += 1;
+                }
+                Err(e) => panic!("cluster start failed: {e}"),
+            }
+        }
+    }
+
+    async fn try_start(n: u64, shards: u32) -> Result<Cluster, String> {
         let addrs: BTreeMap<u64, String> = (1..=n).map(|id| (id, free_addr())).collect();
         let mut c = Cluster { _dirs: Vec::new(), configs: BTreeMap::new(), nodes: BTreeMap::new() };
         for id in 1..=n {
@@ -55,13 +74,20 @@ impl Cluster {
             c.configs.insert(id, cfg);
         }
         for id in 1..=n {
-            let node = Node::start(c.configs[&id].clone(), NodeOptions::default()).await.unwrap();
-            c.nodes.insert(id, node);
+            match Node::start(c.configs[&id].clone(), NodeOptions::default()).await {
+                Ok(node) => {
+                    c.nodes.insert(id, node);
+                }
+                Err(e) => {
+                    c.shutdown().await;
+                    return Err(e.to_string());
+                }
+            }
         }
         for node in c.nodes.values() {
             node.wait_ready(Duration::from_secs(30)).await.unwrap();
         }
-        c
+        Ok(c)
     }
 
     pub fn seeds(&self) -> Vec<String> {
