@@ -55,6 +55,7 @@ mod action;
 pub mod call;
 mod config;
 mod delivery;
+mod notice;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -309,6 +309,12 @@ fn render_metrics(router: &PushRouter, upstream: &Upstream, tcp_open: Option<usi
     );
     metric("rim_gateway_kicks_total", "counter", "Connections kicked by a newer sign-in.", s.kicks);
     metric(
+        "rim_gateway_offline_notices_dropped_total",
+        "counter",
+        "Best-effort offline notices dropped because too many were in flight.",
+        crate::notice::dropped_total(),
+    );
+    metric(
         "rim_gateway_cluster_map_loaded",
         "gauge",
         "1 once the cluster map is known.",

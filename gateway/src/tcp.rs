@@ -69,6 +69,7 @@ use slab::Slab;
 use tokio::sync::mpsc;
 
 use crate::call::{Call, CallError, CallId, NodeCall, NodeReply};
+use crate::notice::Notices;
 use crate::router::{ConnEvent, ConnSink, PushRouter};
 use crate::session::{Action, Session, SessionConfig};
 use crate::upstream::Upstream;
@@ -165,6 +166,7 @@ impl TcpGateway {
         let local_addr = listener.local_addr()?;
         let open = Arc::new(AtomicUsize::new(0));
         let threads = options.event_loop_threads.max(1);
+        let notices = Notices::default();
         let mut gateway = TcpGateway { local_addr, loops: Vec::with_capacity(threads), open: open.clone() };
         for i in 0..threads {
             let poll = Poll::new()?;
@@ -195,6 +197,7 @@ impl TcpGateway {
                     open: open.clone(),
                     max_connections: options.max_connections,
                     conn_ids: conn_ids.clone(),
+                    notices: notices.clone(),
                 },
                 stopping: None,
             };
@@ -362,6 +365,8 @@ struct Ctx {
     max_connections: usize,
     /// Where connection ids come from.
     conn_ids: Arc<AtomicU64>,
+    /// Bounded best-effort `Offline` notices (shared by all loops).
+    notices: Notices,
 }
 
 impl Ctx {
@@ -371,14 +376,14 @@ impl Ctx {
         let upstream = self.upstream.clone();
         let tx = self.tx.clone();
         let shared = self.shared.clone();
+        if matches!(call.request, NodeCall::Offline { .. }) {
+            // Best effort and bounded: a mass disconnect must not become
+            // one concurrent node call per closed connection.
+            self.notices.send(&self.runtime, &upstream, call);
+            return;
+        }
         self.runtime.spawn(async move {
             let result = upstream.call(&call).await;
-            if matches!(call.request, NodeCall::Offline { .. }) {
-                if let Err(e) = result {
-                    tracing::debug!(conn = conn_id, error = %e, "offline notice failed");
-                }
-                return;
-            }
             // Waits for room rather than lose the outcome the session waits for.
             if tx.send(Inbound::Reply { key, conn_id, id: call.id, result }).await.is_ok() {
                 shared.wake();

@@ -54,8 +54,8 @@
 //!   limit close the connection; if the writer queue itself fills, the
 //!   connection is dropped at once.
 //! * `Call`: [`Upstream::call`] on a spawned task, its outcome fed back with
-//!   [`Session::on_reply`] (the `Offline` call after a close is fire and
-//!   forget).
+//!   [`Session::on_reply`] (the `Offline` call after a close is a bounded,
+//!   best-effort notice: see the `notice` module).
 //! * `Register` / `Unregister`: [`PushRouter::register`] with a bounded
 //!   channel sink whose [`ConnEvent`]s become [`Session::on_push`],
 //!   [`Session::on_kick`] and [`Session::on_resync_needed`];
@@ -100,7 +100,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::call::{CallError, CallId, NodeReply};
+use crate::call::{CallError, CallId, NodeCall, NodeReply};
+use crate::notice::Notices;
 use crate::router::{ConnEvent, PushRouter};
 use crate::session::{Action, Session, SessionConfig};
 use crate::upstream::Upstream;
@@ -176,8 +177,13 @@ impl WsGateway {
         let max_message = self.config.max_frame.saturating_mul(4).saturating_add(4096);
         let ws_config =
             WebSocketConfig::default().max_message_size(Some(max_message)).max_frame_size(Some(max_message));
-        let shared =
-            Arc::new(Shared { upstream: self.upstream, router: self.router, config: self.config, ws_config });
+        let shared = Arc::new(Shared {
+            upstream: self.upstream,
+            router: self.router,
+            config: self.config,
+            ws_config,
+            notices: Notices::default(),
+        });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
@@ -235,6 +241,7 @@ struct Shared {
     router: PushRouter,
     config: SessionConfig,
     ws_config: WebSocketConfig,
+    notices: Notices,
 }
 
 type Ws = WebSocketStream<TcpStream>;
@@ -449,6 +456,10 @@ impl Conn {
         while let Some(action) = self.session.poll_action() {
             match action {
                 Action::Send(packet) => self.send(packet),
+                Action::Call(call) if matches!(call.request, NodeCall::Offline { .. }) => {
+                    // Best effort and bounded (see the notice module).
+                    self.shared.notices.send(&tokio::runtime::Handle::current(), &self.shared.upstream, call);
+                }
                 Action::Call(call) => {
                     let upstream = self.shared.upstream.clone();
                     let replies = self.reply_tx.clone();
