@@ -7,9 +7,9 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/rim-target
 CARGO ?= cargo
 
-.PHONY: dev test lint fmt prereqs bench-store bench-send
+.PHONY: dev test lint fmt prereqs bench-store bench-send bench-connections bench-latency
 
-## Start a local cluster (3 logic nodes) with data in ./rim-data.
+## Start a local cluster (3 logic nodes and a gateway) with data in ./rim-data.
 dev: prereqs
 	$(CARGO) run --bin rim -- dev
 
@@ -36,3 +36,11 @@ bench-store: prereqs
 ## 1:1 sends through client gRPC on an in-process 3-node cluster, fsync on.
 bench-send: prereqs
 	$(CARGO) run -p rim-node --example send_bench -- 64 10 64
+
+## Idle TCP connections on a spawned cluster + gateway: gateway RSS per connection.
+bench-connections: prereqs
+	$(CARGO) run -q --bin rim -- bench connections --spawn --connections 10000
+
+## Send -> ack and send -> delivered latency through a spawned gateway.
+bench-latency: prereqs
+	$(CARGO) run -q --bin rim -- bench latency --spawn --rate 1000
