@@ -1,0 +1,269 @@
+//! The IM checker: a pure function from a history to [`Results`], re-runnable
+//! on a saved `history.jsonl`.
+//!
+//! # Model
+//!
+//! Every user owns one list with gap-free seqs from 1. A 1:1 send from `a`
+//! to `b` is appended once to `a`'s list and once to `b`'s (once in total
+//! when `a == b`); its ack carries the seq in the sender's list. A send is
+//! *acked* when any attempt with its payload id (`client_msg_id`) completed
+//! `ok`, *failed* when every attempt completed `fail` (rim then guarantees it
+//! was never proposed), and *indeterminate* otherwise: it may appear or not,
+//! but at most once, and in all of its lists or in none. *Final reads* are
+//! complete reads of every list through every node after healing.
+//!
+//! # Invariants (reference/jepsen.md §2.3) and anomaly kinds
+//!
+//! | ID | kind(s) | rule |
+//! |---|---|---|
+//! | IM-1 | `divergence`, `final-read-mismatch` | each (list, seq) holds one message across acks, syncs, devices and nodes; final reads of a list through every node are identical |
+//! | IM-2 | `duplicate` | a message occurs at most once per list and has one message id |
+//! | IM-3 | `gap` | every response is contiguous from `after + 1`; a final read is exactly `1..=len` (and ends at its `last_seq`); a sync with `has_more = false` reaches its `last_seq` |
+//! | IM-4 | `non-monotonic-read` | a device's later sync never shows a shorter list than its earlier ones |
+//! | IM-5 | `phantom`, `aborted-read` | every entry comes from an invoked send with the same sender and recipient, only in those users' lists, read no earlier than the send was invoked; never from a definitely failed send |
+//! | IM-6 | `lost-ack`, `lost-entry` | every acked send is in every final read of both participants; every entry a sync returned is in every final read of its list |
+//! | IM-7 | `partial-fanout` | an indeterminate send is in both participants' final lists or in neither |
+//! | IM-8 / IM-8s | `stale-read` | a sync invoked after an ack reaches the acked seq (for whom: see [`Consistency`]) |
+//! | IM-9 | `order` | seq order respects real time for entries written by the acked entry; a sender's order is kept in each recipient's list |
+//! | IM-10 | `conversation-order` | both participants order a 1:1 conversation identically (only with [`CheckOptions::single_shard`]) |
+//! | IM-11 | `causal` | a message sent after its device saw another message of the conversation is placed after it in both lists |
+//! | IM-12 | (stats) | liveness figures, never part of the verdict: [`Stats`] |
+//!
+//! The private modules state each rule precisely: `lists` (IM-1, 2, 3, 5),
+//! `durability` (final reads: IM-1, 6, 7), `reads` (IM-4, 8), `order`
+//! (IM-9, 10, 11), `liveness` (IM-12).
+//!
+//! # Verdict
+//!
+//! * `Invalid` if any anomaly was found;
+//! * else `Unknown` if something could not be verified: no final read
+//!   completed, a final read failed or timed out, a list with acked messages
+//!   has no final read, a list lacks a final read through some node that
+//!   served others, or the history breaks the invoke/complete pairing rules;
+//! * else `Valid`.
+//!
+//! Cost: one pass to index, hash maps keyed by payload id and (list, seq),
+//! sorting per list for order checks: O(n log n) in the history size.
+
+mod anomaly;
+mod durability;
+mod index;
+mod lists;
+mod liveness;
+mod order;
+mod reads;
+mod report;
+
+pub use anomaly::{Anomaly, AnomalyGroup, AnomalyKind, MAX_EXAMPLES};
+pub use liveness::{IndeterminateFates, OutcomeCounts, Percentiles, Stats, Window};
+pub use report::render_text;
+
+use crate::history::{HistoryError, LoadedHistory, Op, read_history};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Which read guarantee IM-8 checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// IM-8: any device's sync invoked after an ack reaches the acked seq of
+    /// the sender's list (and of the recipient's list with `single_shard`).
+    #[default]
+    Linearizable,
+    /// IM-8s: only the sending device's own later syncs must reach it.
+    Session,
+    /// No read-recency check (e.g. `follower_reads = true`).
+    Eventual,
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "linearizable" => Ok(Consistency::Linearizable),
+            "session" => Ok(Consistency::Session),
+            "eventual" => Ok(Consistency::Eventual),
+            other => Err(format!("unknown consistency {other:?} (linearizable, session, eventual)")),
+        }
+    }
+}
+
+/// Checker options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CheckOptions {
+    /// IM-8 strength.
+    pub consistency: Consistency,
+    /// Every user lives in one shard, so a recipient's copy is written by the
+    /// acked entry itself: enables IM-8 and real-time IM-9 on recipients'
+    /// lists, and IM-10 for 1:1 conversations. Off by default, because rim's
+    /// cross-shard relay promises neither (docs/consistency.md §5).
+    pub single_shard: bool,
+}
+
+/// The verdict. Serialised like Jepsen's `valid?`: `true`, `false` or `"unknown"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validity {
+    /// Checked, nothing found.
+    Valid,
+    /// Anomalies found.
+    Invalid,
+    /// Nothing found, but something could not be checked.
+    Unknown,
+}
+
+impl Validity {
+    /// Process exit code: 0 valid, 1 anomalies, 2 unknown.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Validity::Valid => 0,
+            Validity::Invalid => 1,
+            Validity::Unknown => 2,
+        }
+    }
+}
+
+impl Serialize for Validity {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Validity::Valid => s.serialize_bool(true),
+            Validity::Invalid => s.serialize_bool(false),
+            Validity::Unknown => s.serialize_str("unknown"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Validity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Bool(true) => Ok(Validity::Valid),
+            serde_json::Value::Bool(false) => Ok(Validity::Invalid),
+            serde_json::Value::String(s) if s == "unknown" => Ok(Validity::Unknown),
+            other => Err(serde::de::Error::custom(format!("bad valid value {other}"))),
+        }
+    }
+}
+
+/// What the checker found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    /// The verdict.
+    pub valid: Validity,
+    /// The kinds found, in report order.
+    pub anomaly_types: Vec<String>,
+    /// Per kind name: invariant, count and up to [`MAX_EXAMPLES`] examples.
+    pub anomalies: BTreeMap<String, AnomalyGroup>,
+    /// Why the verdict is (at best) Unknown.
+    pub unknown: Vec<String>,
+    /// Tolerated problems of the history (pairing, truncated tail, ...).
+    pub warnings: Vec<String>,
+    /// Invariants the options left out.
+    pub not_checked: Vec<String>,
+    /// The options used.
+    pub options: CheckOptions,
+    /// IM-12 liveness figures and counts.
+    pub stats: Stats,
+}
+
+impl Results {
+    /// The count of `kind` (0 when not found).
+    pub fn count(&self, kind: AnomalyKind) -> u64 {
+        self.anomalies.get(kind.name()).map_or(0, |g| g.count)
+    }
+}
+
+/// Checks a history.
+pub fn check(ops: &[Op], options: &CheckOptions) -> Results {
+    let ix = index::Index::build(ops);
+    let mut sink = anomaly::Sink::default();
+    let mut unknown = Vec::new();
+    let positions = lists::agreement(&ix, &mut sink);
+    lists::contiguity(&ix, &mut sink);
+    lists::phantoms(&ix, &mut sink);
+    let fates = durability::check(&ix, &mut sink, &mut unknown);
+    reads::check(&ix, &positions, options, &mut sink);
+    order::check(&ix, &positions, options, &mut sink);
+    let stats = liveness::stats(&ix, fates);
+
+    if ix.malformed {
+        unknown.push("the history breaks the invoke/completion pairing rules (see warnings)".to_string());
+    }
+    let mut not_checked = Vec::new();
+    match options.consistency {
+        Consistency::Linearizable => {}
+        Consistency::Session => {
+            not_checked.push("IM-8 for other devices (session: only read-your-writes, IM-8s)".to_string())
+        }
+        Consistency::Eventual => not_checked.push("IM-8 / IM-8s (consistency eventual)".to_string()),
+    }
+    if !options.single_shard {
+        not_checked.push(
+            "IM-10 for 1:1 conversations, and IM-8 / real-time IM-9 on recipients' lists (not single-shard)"
+                .to_string(),
+        );
+    }
+    let anomaly_types: Vec<String> = AnomalyKind::ALL
+        .iter()
+        .filter(|k| sink.groups.contains_key(k))
+        .map(|k| k.name().to_string())
+        .collect();
+    let valid = if !anomaly_types.is_empty() {
+        Validity::Invalid
+    } else if !unknown.is_empty() {
+        Validity::Unknown
+    } else {
+        Validity::Valid
+    };
+    Results {
+        valid,
+        anomaly_types,
+        anomalies: sink.groups.into_iter().map(|(k, g)| (k.name().to_string(), g)).collect(),
+        unknown,
+        warnings: ix.warnings,
+        not_checked,
+        options: *options,
+        stats,
+    }
+}
+
+/// Checks a loaded history, carrying its reader warnings into the results.
+pub fn check_loaded(history: &LoadedHistory, options: &CheckOptions) -> Results {
+    let mut results = check(&history.ops, options);
+    let mut warnings = history.warnings.clone();
+    warnings.append(&mut results.warnings);
+    results.warnings = warnings;
+    results
+}
+
+/// Errors of [`check_dir`].
+#[derive(Debug, thiserror::Error)]
+pub enum CheckDirError {
+    /// `history.jsonl` could not be read.
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    /// A results file could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Reads `dir/history.jsonl`, checks it, writes `dir/results.json` and
+/// `dir/results.txt`, and returns the results.
+pub fn check_dir(dir: &Path, options: &CheckOptions) -> Result<Results, CheckDirError> {
+    let history = read_history(dir.join("history.jsonl"))?;
+    let results = check_loaded(&history, options);
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text)
+            .map_err(|source| CheckDirError::Write { path: path.display().to_string(), source })
+    };
+    let json = serde_json::to_string_pretty(&results).expect("results serialise");
+    write("results.json", json + "\n")?;
+    write("results.txt", render_text(&results))?;
+    Ok(results)
+}
