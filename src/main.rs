@@ -83,6 +83,10 @@ struct NodeArgs {
     /// Serve reads from the local replica without a read barrier (weaker).
     #[arg(long)]
     follower_reads: bool,
+    /// TEST ONLY: deliberately break safety for the consistency self-test
+    /// (ack-before-commit,stale-reads,skip-fsync,no-relay-dedup; also RIM_SABOTAGE).
+    #[arg(long, value_name = "FLAGS")]
+    sabotage: Option<String>,
 }
 
 impl NodeArgs {
@@ -128,6 +132,9 @@ impl NodeArgs {
         }
         if self.follower_reads {
             c.follower_reads = true;
+        }
+        if let Some(v) = self.sabotage {
+            c.sabotage = rim_node::Sabotage::parse(&v)?;
         }
         c.apply_env(std::env::vars())?;
         c.validate()?;

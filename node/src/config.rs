@@ -72,6 +72,73 @@ pub struct NodeConfig {
     pub request_timeout_ms: u64,
     /// Groups with more members use read diffusion (0: all of them).
     pub small_group_limit: u32,
+    /// Deliberately broken behaviour for the consistency harness's self-test
+    /// (`[sabotage]` in TOML, `--sabotage` / `RIM_SABOTAGE=a,b`). All off by
+    /// default; never turn one on outside tests (docs/consistency.md,
+    /// "Deliberately broken builds").
+    pub sabotage: Sabotage,
+}
+
+/// Switches that deliberately break a safety property, so that a consistency
+/// checker can be shown to catch the resulting anomaly. Test-only: a node
+/// with any of them on logs an error at start-up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sabotage {
+    /// A send is answered with a predicted seq and message id as soon as the
+    /// shard leader queued its proposal, before it commits: a leader that is
+    /// cut off or dies right then loses acked sends.
+    pub ack_before_commit: bool,
+    /// Reads skip the read barrier and serve the local replica as it is
+    /// (a lagging or partitioned follower misses acked writes).
+    pub stale_reads: bool,
+    /// Log appends (and state-machine writes) bypass the write-ahead log: no
+    /// fsync, reported flushed at once, and lost by a process crash as by a
+    /// power cut. A crash of a majority loses acked entries.
+    pub skip_fsync: bool,
+    /// `Deliver` ignores the "already holds this message id" check: a relay
+    /// retry duplicates messages in recipients' lists.
+    pub no_relay_dedup: bool,
+}
+
+impl Sabotage {
+    /// Flag names as on the command line, in field order.
+    pub const NAMES: [&'static str; 4] = ["ack-before-commit", "stale-reads", "skip-fsync", "no-relay-dedup"];
+
+    /// Parses `ack-before-commit,stale-reads,...` (underscores accepted;
+    /// empty or `none`: nothing).
+    pub fn parse(s: &str) -> Result<Sabotage> {
+        let mut out = Sabotage::default();
+        for name in s.split(',').map(str::trim).filter(|p| !p.is_empty() && *p != "none") {
+            match name.replace('_', "-").as_str() {
+                "ack-before-commit" => out.ack_before_commit = true,
+                "stale-reads" => out.stale_reads = true,
+                "skip-fsync" => out.skip_fsync = true,
+                "no-relay-dedup" => out.no_relay_dedup = true,
+                _ => {
+                    return Err(Error::Config(format!(
+                        "sabotage: unknown flag {name:?} (known: {})",
+                        Sabotage::NAMES.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether any flag is on.
+    pub fn any(&self) -> bool {
+        self.ack_before_commit || self.stale_reads || self.skip_fsync || self.no_relay_dedup
+    }
+}
+
+impl std::fmt::Display for Sabotage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on = [self.ack_before_commit, self.stale_reads, self.skip_fsync, self.no_relay_dedup];
+        let names: Vec<&str> =
+            Sabotage::NAMES.iter().zip(on).filter(|(_, on)| *on).map(|(n, _)| *n).collect();
+        if names.is_empty() { f.write_str("none") } else { f.write_str(&names.join(",")) }
+    }
 }
 
 impl Default for NodeConfig {
@@ -102,6 +169,7 @@ impl Default for NodeConfig {
             max_inflight_proposals: 4,
             request_timeout_ms: 5_000,
             small_group_limit: 500,
+            sabotage: Sabotage::default(),
         }
     }
 }
@@ -113,7 +181,8 @@ impl NodeConfig {
     }
 
     /// Overrides fields from `RIM_<FIELD>` variables (e.g. `RIM_ID=2`,
-    /// `RIM_PEERS=1=a:1,2=b:2`, `RIM_FOLLOWER_READS=true`).
+    /// `RIM_PEERS=1=a:1,2=b:2`, `RIM_FOLLOWER_READS=true`,
+    /// `RIM_SABOTAGE=stale-reads,skip-fsync`).
     pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<()> {
         let mut table = toml::Table::try_from(&*self).map_err(|e| Error::Config(e.to_string()))?;
         let defaults =
@@ -125,6 +194,12 @@ impl NodeConfig {
                 let value = toml::Value::Table(
                     peers.into_iter().map(|(k, v)| (k.to_string(), toml::Value::String(v))).collect(),
                 );
+                table.insert(field, value);
+                continue;
+            }
+            if field == "sabotage" {
+                let value = toml::Value::try_from(Sabotage::parse(&v)?)
+                    .map_err(|e| Error::Config(format!("{k}: {e}")))?;
                 table.insert(field, value);
                 continue;
             }
@@ -275,6 +350,24 @@ mod tests {
         assert_eq!(c.dev_code.as_deref(), Some("000000"));
         assert_eq!(c.peers.get(&2).map(String::as_str), Some("y:2"));
         assert_eq!(c.id, 3, "untouched fields keep the file's value");
+        assert!(!c.sabotage.any(), "sabotage is off by default");
+    }
+
+    #[test]
+    fn sabotage_flags_parse_from_toml_and_env() {
+        let c = NodeConfig::from_toml("[sabotage]\nskip_fsync = true\n").unwrap();
+        assert_eq!(c.sabotage, Sabotage { skip_fsync: true, ..Sabotage::default() });
+        let mut c = NodeConfig::default();
+        c.apply_env([("RIM_SABOTAGE".to_string(), "ack-before-commit, no_relay_dedup".to_string())]).unwrap();
+        assert!(c.sabotage.ack_before_commit && c.sabotage.no_relay_dedup);
+        assert!(!c.sabotage.stale_reads && !c.sabotage.skip_fsync);
+        assert_eq!(c.sabotage.to_string(), "ack-before-commit,no-relay-dedup");
+        let all = Sabotage::parse(&Sabotage::NAMES.join(",")).unwrap();
+        assert_eq!(all.to_string(), Sabotage::NAMES.join(","));
+        assert_eq!(Sabotage::parse("none").unwrap(), Sabotage::default());
+        let e = c.apply_env([("RIM_SABOTAGE".to_string(), "lose-everything".to_string())]).unwrap_err();
+        assert!(e.to_string().contains("lose-everything"), "{e}");
+        assert!(NodeConfig::from_toml("[sabotage]\nnope = true\n").is_err());
     }
 
     #[test]

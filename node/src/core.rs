@@ -13,7 +13,8 @@
 //!
 //! A linearizable read first obtains a read index from the leader (locally
 //! or via `ReadIndex`), waits until the local replica applied it, then reads
-//! locally. With `follower_reads` the barrier is skipped.
+//! locally. With `follower_reads` (or the test-only `stale_reads` sabotage)
+//! the barrier is skipped.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -242,12 +243,12 @@ impl Core {
 
     /// Returns the local replica of `shard` once it reflects every write
     /// acknowledged before this call (a linearizable read), or at once with
-    /// follower reads on.
+    /// follower reads (or the `stale_reads` sabotage) on.
     pub async fn read_barrier(&self, shard: u32) -> Result<Arc<Group>> {
         let group = self
             .group(shard)
             .ok_or_else(|| Error::Unavailable(format!("group {shard} is not hosted here")))?;
-        if self.config.follower_reads {
+        if self.config.follower_reads || self.config.sabotage.stale_reads {
             return Ok(group);
         }
         let deadline = Instant::now() + self.timeout;

@@ -17,14 +17,23 @@
 //! committed before the read. A follower can use the returned index as a
 //! barrier ([`Group::wait_applied`]) and then read its own replica; the read
 //! is still linearizable.
+//!
+//! # Sabotage
+//!
+//! With `ack_before_commit` (test-only, see `Sabotage`), a send is answered
+//! as soon as it is queued for Raft, with a seq and message id predicted from
+//! the local replica; the real entry may never commit.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft};
-use rim_proto::store::{Op, OpResult, Proposal};
-use rim_raft_store::{AppliedEvent, Db, Limits, Reader, Request, ShardId, TypeConfig};
+use rim_proto::store::{self, Op, OpResult, Proposal, op::Op as O};
+use rim_raft_store::{
+    AppliedEvent, Db, GroupId, Limits, MessageId, Reader, Request, ShardId, TypeConfig, UserId,
+};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -42,6 +51,18 @@ pub struct ProposerOptions {
     pub max_batch_ops: usize,
     /// Most entries in flight.
     pub max_inflight: usize,
+    /// Sabotage (tests only): answer sends before they commit.
+    pub ack_before_commit: bool,
+}
+
+/// State of the `ack_before_commit` sabotage: the last values handed out, so
+/// that predictions keep growing while the real entries are in flight.
+#[derive(Debug, Default)]
+struct Predictions {
+    /// Last predicted message counter of the shard.
+    message: u64,
+    /// Last predicted seq per list: `(false, user)` or `(true, group)`.
+    seqs: HashMap<(bool, u64), u64>,
 }
 
 type Reply = oneshot::Sender<Result<OpResult>>;
@@ -57,6 +78,8 @@ pub struct Group {
     /// Effects of applied entries (push hub, relay).
     pub events: broadcast::Sender<Arc<AppliedEvent>>,
     proposals: mpsc::Sender<(Op, Reply)>,
+    /// `Some` only with the `ack_before_commit` sabotage.
+    early_acks: Option<Mutex<Predictions>>,
 }
 
 impl std::fmt::Debug for Group {
@@ -91,7 +114,8 @@ impl Group {
             .map_err(|e| Error::Internal(format!("starting group {shard}: {e}")))?;
         let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE);
         tokio::spawn(run_proposer(raft.clone(), rx, opts, shard));
-        Ok(Arc::new(Group { shard, raft, reader, events, proposals: tx }))
+        let early_acks = opts.ack_before_commit.then(Mutex::default);
+        Ok(Arc::new(Group { shard, raft, reader, events, proposals: tx, early_acks }))
     }
 
     /// This node's id in the group.
@@ -126,6 +150,10 @@ impl Group {
             return Err(Error::NotLeader { shard: self.shard.0, leader: self.leader() });
         }
         let (tx, rx) = oneshot::channel();
+        let early = match &self.early_acks {
+            None => None,
+            Some(p) => self.predict(p, &op)?,
+        };
         self.proposals.try_send((op, tx)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 Error::rejected(rim_proto::ErrorCode::ErrorBusy, "proposal queue full")
@@ -134,11 +162,48 @@ impl Group {
                 Error::Unavailable(format!("group {} stopped", self.shard))
             }
         })?;
+        if let Some(r) = early {
+            // Sabotage: answered before the entry commits (or even reaches Raft).
+            return Ok(r);
+        }
         match tokio::time::timeout(timeout, rx).await {
             Err(_) => Err(Error::Timeout(format!("group {} did not commit within {timeout:?}", self.shard))),
             Ok(Err(_)) => Err(Error::Unavailable(format!("group {} stopped", self.shard))),
             Ok(Ok(r)) => r,
         }
+    }
+
+    /// The `ack_before_commit` sabotage: a plausible result for a send,
+    /// predicted from the local replica's heads and counters (`None`: not a
+    /// send, answered normally).
+    fn predict(&self, p: &Mutex<Predictions>, op: &Op) -> Result<Option<OpResult>> {
+        let (list, head) = match &op.op {
+            Some(O::SendToUser(s)) => {
+                ((false, s.sender_user_id), self.reader.user_head(UserId(s.sender_user_id))?.last_seq)
+            }
+            Some(O::SendToGroup(s)) => {
+                ((true, s.group_id), self.reader.group_head(GroupId(s.group_id))?.last_seq)
+            }
+            _ => return Ok(None),
+        };
+        let counter = self.reader.counters()?.next_message;
+        let mut p = p.lock().expect("predictions lock");
+        p.message = p.message.max(counter) + 1;
+        let message_id = MessageId::compose(self.shard, p.message).0;
+        let last = p.seqs.entry(list).or_default();
+        *last = (*last).max(head) + 1;
+        let seq = *last;
+        let sent = store::SendResult {
+            seq: if list.0 { 0 } else { seq },
+            message_id,
+            send_time_ms: now_ms(),
+            group_seq: if list.0 { seq } else { 0 },
+        };
+        Ok(Some(OpResult {
+            code: rim_proto::ErrorCode::Ok as i32,
+            value: Some(store::op_result::Value::Sent(sent)),
+            ..Default::default()
+        }))
     }
 
     /// Confirms leadership and returns the index reads must wait for.

@@ -38,6 +38,6 @@ mod node;
 pub mod relay;
 pub mod service;
 
-pub use config::NodeConfig;
+pub use config::{NodeConfig, Sabotage};
 pub use error::{Error, Result};
 pub use node::{Node, NodeOptions};

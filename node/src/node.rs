@@ -96,7 +96,19 @@ impl Node {
     /// Starts a node; returns once its listeners accept connections.
     pub async fn start(config: NodeConfig, opts: NodeOptions) -> Result<Node> {
         config.validate()?;
-        let db = Db::open(&DbOptions { sync: config.fsync, ..DbOptions::new(&config.data) })?;
+        if config.sabotage.any() {
+            tracing::error!(
+                node = config.id,
+                sabotage = %config.sabotage,
+                "SABOTAGE ON: this node deliberately breaks safety (consistency self-test only); \
+                 acknowledged writes can be lost, duplicated or read stale. Never use it for real data."
+            );
+        }
+        let db = Db::open(&DbOptions {
+            sync: config.fsync,
+            skip_fsync: config.sabotage.skip_fsync,
+            ..DbOptions::new(&config.data)
+        })?;
         if !config.fsync {
             tracing::warn!("fsync is OFF: acknowledged writes can be lost on a crash");
         }
@@ -113,10 +125,15 @@ impl Node {
         let http = bind(&config.http_listen).await?;
 
         let raft = raft_config(&config)?;
-        let limits = Arc::new(Limits { small_group_limit: config.small_group_limit, ..Limits::default() });
+        let limits = Arc::new(Limits {
+            small_group_limit: config.small_group_limit,
+            no_relay_dedup: config.sabotage.no_relay_dedup,
+            ..Limits::default()
+        });
         let popts = ProposerOptions {
             max_batch_ops: config.max_batch_ops,
             max_inflight: config.max_inflight_proposals,
+            ack_before_commit: config.sabotage.ack_before_commit,
         };
         let start_group = |shard: u32| {
             let (core, raft, limits, db) = (core.clone(), raft.clone(), limits.clone(), db.clone());

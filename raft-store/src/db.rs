@@ -38,12 +38,17 @@ pub struct DbOptions {
     /// only setting under which acks are durable). `false` exists for
     /// benchmarks and for the jepsen self-test of a deliberately broken build.
     pub sync: bool,
+    /// Sabotage, for the consistency harness's self-test only: log appends,
+    /// the committed marker and state-machine writes bypass the write-ahead
+    /// log (no fsync; a process crash loses them as a power cut would lose
+    /// unsynced writes). A clean shutdown still flushes them.
+    pub skip_fsync: bool,
 }
 
 impl DbOptions {
     /// Defaults for a data directory.
     pub fn new(dir: impl Into<PathBuf>) -> DbOptions {
-        DbOptions { dir: dir.into(), block_cache_bytes: 64 << 20, sync: true }
+        DbOptions { dir: dir.into(), block_cache_bytes: 64 << 20, sync: true, skip_fsync: false }
     }
 }
 
@@ -53,11 +58,16 @@ pub struct Db {
     inner: Arc<rocksdb::DB>,
     dir: PathBuf,
     sync: bool,
+    skip_fsync: bool,
 }
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Db").field("dir", &self.dir).field("sync", &self.sync).finish()
+        f.debug_struct("Db")
+            .field("dir", &self.dir)
+            .field("sync", &self.sync)
+            .field("skip_fsync", &self.skip_fsync)
+            .finish()
     }
 }
 
@@ -92,7 +102,7 @@ impl Db {
             ColumnFamilyDescriptor::new(CF_SM, sm_opts),
         ];
         let db = rocksdb::DB::open_cf_descriptors(&db_opts, opts.dir.join("db"), cfs)?;
-        Ok(Db { inner: Arc::new(db), dir: opts.dir.clone(), sync: opts.sync })
+        Ok(Db { inner: Arc::new(db), dir: opts.dir.clone(), sync: opts.sync, skip_fsync: opts.skip_fsync })
     }
 
     /// The raw RocksDB handle.
@@ -152,6 +162,19 @@ impl Db {
     /// Whether durable writes are fsynced.
     pub fn syncs(&self) -> bool {
         self.sync
+    }
+
+    /// Whether the `skip_fsync` sabotage is on (see [`DbOptions::skip_fsync`]).
+    pub fn skips_fsync(&self) -> bool {
+        self.skip_fsync
+    }
+
+    /// Write options of the `skip_fsync` sabotage: no WAL, no sync.
+    pub fn volatile(&self) -> WriteOptions {
+        let mut w = WriteOptions::default();
+        w.disable_wal(true);
+        w.set_sync(false);
+        w
     }
 }
 

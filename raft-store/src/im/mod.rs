@@ -71,6 +71,10 @@ pub struct Limits {
     /// no longer recognised. Keeps the idempotency and delivery-mark tables
     /// bounded (0: keep forever).
     pub dedup_window: u64,
+    /// Sabotage, for the consistency harness's self-test only: `Deliver`
+    /// appends a message even when the recipient's list already holds its
+    /// id, so a relay retry duplicates it.
+    pub no_relay_dedup: bool,
 }
 
 impl Default for Limits {
@@ -86,6 +90,7 @@ impl Default for Limits {
             room_retention: store::Retention { max_count: 1_000, max_age_ms: 24 * 3600 * 1000 },
             max_trim_per_op: 64,
             dedup_window: 100_000,
+            no_relay_dedup: false,
         }
     }
 }

@@ -85,6 +85,12 @@ impl Reader {
         rows.iter().map(|(_, v)| db::decode(v)).collect()
     }
 
+    /// The shard's id and outbox counters (the last assigned message id is
+    /// `MessageId::compose(shard, next_message)`).
+    pub fn counters(&self) -> Result<store::ShardCounters> {
+        Ok(self.get(&keys::meta(self.shard, keys::MetaTag::Counters))?.unwrap_or_default())
+    }
+
     /// Head of a user's list (0 = empty).
     pub fn user_head(&self, u: UserId) -> Result<ListHead> {
         Ok(self.get(&keys::user_head(self.shard, u))?.unwrap_or_default())

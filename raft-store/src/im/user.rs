@@ -225,7 +225,9 @@ impl Applier<'_> {
                     continue;
                 }
                 let mark_key = keys::delivered(self.shard, user, MessageId(msg.message_id));
-                if let Some(mark) = self.txn.get_msg::<store::DeliveredMark>(&mark_key)? {
+                if !self.limits.no_relay_dedup
+                    && let Some(mark) = self.txn.get_msg::<store::DeliveredMark>(&mark_key)?
+                {
                     out.seqs.push(mark.seq);
                     continue;
                 }

@@ -50,11 +50,27 @@ impl LogStore {
         v.map(|v| db::decode_serde(&v)).transpose().map_err(read)
     }
 
-    /// Writes a batch on a blocking thread, synced when `durable`.
+    /// Writes a batch on a blocking thread, synced when `durable`; with the
+    /// `skip_fsync` sabotage, `volatile` writes bypass the WAL instead.
     async fn write(&self, batch: rocksdb::WriteBatch, durable: bool) -> Result<(), rocksdb::Error> {
+        self.write_as(batch, durable, false).await
+    }
+
+    async fn write_as(
+        &self,
+        batch: rocksdb::WriteBatch,
+        durable: bool,
+        volatile: bool,
+    ) -> Result<(), rocksdb::Error> {
         let db = self.db.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let opts = if durable { db.durable() } else { rocksdb::WriteOptions::default() };
+            let opts = if volatile && db.skips_fsync() {
+                db.volatile()
+            } else if durable {
+                db.durable()
+            } else {
+                rocksdb::WriteOptions::default()
+            };
             db.raw().write_opt(batch, &opts)
         });
         // A panic in the write closure is a bug; surface it as one.
@@ -63,7 +79,8 @@ impl LogStore {
 
     /// Writes `entries` in one batch and returns once it is durable (fsynced,
     /// unless the database was opened with `sync = false`). This is what
-    /// `append` does before it reports the entries flushed.
+    /// `append` does before it reports the entries flushed. With the
+    /// `skip_fsync` sabotage the batch bypasses the WAL: "durable" is a lie.
     pub async fn append_durable(&self, entries: impl IntoIterator<Item = Entry>) -> Result<(), StorageError> {
         let cf = self.db.cf(CF_LOG);
         let mut batch = rocksdb::WriteBatch::default();
@@ -71,7 +88,7 @@ impl LogStore {
             let v = db::encode_serde(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
             batch.put_cf(cf, keys::log_key(self.shard, e.log_id.index), v);
         }
-        self.write(batch, true).await.map_err(write)
+        self.write_as(batch, true, true).await.map_err(write)
     }
 
     fn last_entry(&self) -> Result<Option<LogId>, StorageError> {
@@ -171,8 +188,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let v = db::encode_serde(&committed).map_err(write)?;
         batch.put_cf(self.db.cf(CF_RAFT), keys::raft_key(self.shard, RaftTag::Committed), v);
         // Not synced: losing it only means re-applying from last_applied,
-        // which waits for the leader to re-confirm the commit index.
-        self.write(batch, false).await.map_err(write)
+        // which waits for the leader to re-confirm the commit index. (Under
+        // `skip_fsync` it must not outlive the entries it points at.)
+        self.write_as(batch, false, true).await.map_err(write)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {

@@ -143,7 +143,11 @@ impl StateMachine {
             txn.put(keys::meta(self.shard, MetaTag::Membership), db::encode_serde(m)?);
         }
         txn.commit_op();
-        self.db.raw().write(txn.into_batch())?;
+        if self.db.skips_fsync() {
+            self.db.raw().write_opt(txn.into_batch(), &self.db.volatile())?;
+        } else {
+            self.db.raw().write(txn.into_batch())?;
+        }
         self.applied = Some(last);
         if let Some(m) = membership {
             self.membership = m;
