@@ -37,19 +37,14 @@
 //!   and after a stream break or a new subscription calls
 //!   [`Session::on_resync_needed`] so that sessions sync from the last seq
 //!   they delivered.
-//!
-//! # What exists so far
-//!
-//! The session state machine ([`session`]), the user-list delivery logic it
-//! uses (`delivery`, crate-private), the call types ([`call`]), the node
-//! client ([`upstream`]: cluster map, leader routing, retries within a
-//! deadline), the push router ([`router`]: per-shard subscription streams,
-//! kicks, resync signals), the mio TCP transport ([`tcp`]) and the WebSocket
-//! transport ([`ws`]), each tested end to end against an in-process cluster.
-//! When both transports serve one router they must share one connection-id
-//! counter (`TcpGateway::start_with_conn_ids`, `WsGateway::with_conn_ids`).
-//! Still to come: the `rim gateway` command wiring them together, the client
-//! SDK, `rim chat`, and room / super-group push routing.
+//! * **The process** ([`server`]): [`Gateway::start`] wires both transports
+//!   to one router and one connection-id counter, serves `/metrics` and
+//!   `/healthz`, and shuts down cleanly (stop accepting, `KICK` every client
+//!   with `ERROR_UNAVAILABLE`, drain, close the push streams). `rim gateway`
+//!   is a thin command over it; operations are in `docs/gateway.md`.
+//! * **Best-effort notices** (`notice`): `Offline` calls when a connection
+//!   ends are bounded (a mass disconnect must not become one node call per
+//!   connection) and dropped beyond the bound: nothing durable needs them.
 
 mod action;
 pub mod call;
