@@ -63,12 +63,19 @@ pub enum NodeCall {
     Recall(RecallInput),
     /// `MarkRead`; reply [`NodeReply::Read`].
     MarkRead(ReadInput),
-    /// `SUBSCRIBE_ROOM`: the gateway subscribes the connection to the room
-    /// in its push router (and the room's shard stream) and pushes the
-    /// retained backlog after `after_seq`; reply [`NodeReply::SubscribeRoom`].
+    /// `SUBSCRIBE_ROOM` (room id not 0): served by the gateway itself, not
+    /// relayed. [`Upstream::call`](crate::upstream::Upstream::call) reads
+    /// the room's head on a node (`SyncGroup`; an unknown room fails with
+    /// the node's `ERROR_GROUP_NOT_FOUND`) and subscribes the connection
+    /// in its push router (and so the room's shard stream); reply
+    /// [`NodeReply::SubscribeRoom`] with the room's `last_seq` and
+    /// `first_seq`. The session then syncs the retained backlog after
+    /// `after_seq` itself (`SyncGroup` calls) and pushes it.
     SubscribeRoom(SubscribeRoomInput),
-    /// `UNSUBSCRIBE_ROOM`: the gateway's push router drops the room (0: all
-    /// rooms) for this connection; reply [`NodeReply::Empty`].
+    /// `UNSUBSCRIBE_ROOM` (or `SUBSCRIBE_ROOM` of room 0): the gateway's
+    /// push router drops the room (0: all rooms) for this connection;
+    /// reply [`NodeReply::Empty`]. Also sent, fire and forget, when a
+    /// subscription fails or its room cannot be read any more.
     UnsubscribeRoom(UnsubscribeRoomInput),
     /// `Logout`; reply [`NodeReply::Empty`]. The session closes after a
     /// successful logout.

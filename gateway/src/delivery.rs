@@ -1,4 +1,5 @@
-//! In-order, gap-free delivery of one user's list to one connection.
+//! In-order, gap-free delivery of one list (the user's own list, or a
+//! subscribed room's list) to one connection.
 //!
 //! The push stream from the shard leader carries every entry appended to the
 //! user's list, each with its seq. Seqs are gap-free (design section 3), so a
@@ -11,7 +12,9 @@
 //!
 //! [`UserList`] is the pure bookkeeping: it knows nothing of packets, calls
 //! or sockets. The session feeds it pushes and sync outcomes and turns its
-//! decisions into `MESSAGE` packets and `Sync` calls.
+//! decisions into `MESSAGE` packets and `Sync` calls (`SyncGroup` calls for
+//! a room, whose entries carry the room seq; [`UserList::restart_at`] skips
+//! what the room's retention trimmed).
 //!
 //! # Invariant
 //!
@@ -81,6 +84,15 @@ impl UserList {
     /// Highest seq delivered.
     pub(crate) fn last(&self) -> u64 {
         self.last
+    }
+
+    /// Continues after `seq` from now on, forwards or backwards: entries up
+    /// to `seq` count as delivered (a room's retention trimmed them, or the
+    /// client asked to start there), and held-back entries at or below it
+    /// are dropped. The sync state is kept.
+    pub(crate) fn restart_at(&mut self, seq: u64) {
+        self.last = seq;
+        self.buffer = self.buffer.split_off(&seq.saturating_add(1));
     }
 
     /// Pushes currently held back.

@@ -12,6 +12,23 @@
 //! route; the older connection's [`PushRouter::unregister`] then removes
 //! nothing, as it no longer owns the route.
 //!
+//! # Rooms
+//!
+//! A connection may also read rooms ([`PushRouter::subscribe_room`], at
+//! most [`MAX_ROOMS_PER_CONNECTION`], reached through
+//! [`Upstream::call`](crate::upstream::Upstream::call) of a
+//! [`NodeCall::SubscribeRoom`](crate::NodeCall::SubscribeRoom)). The router
+//! keeps room → connections; the room's shard (`shard_of_group` of the
+//! cluster map) carries the room id in its stream's group ids while some
+//! connection here reads it, and each `PushedMessage` of a group list
+//! (`LIST_KIND_GROUP`, owner = the room) goes to the room's connections.
+//! Room changes of one connection are ordered by the session's call ids (the
+//! calls run concurrently): a subscribe older than a later unsubscribe of
+//! the same room (or of every room) is ignored, and so is an unsubscribe
+//! older than a later subscribe. A connection's rooms go with it when it is
+//! unregistered, kicked or dropped; a room no connection reads any more is
+//! removed from its stream.
+//!
 //! # Streams
 //!
 //! Per data shard the router runs one task holding one `Subscribe` stream
@@ -25,12 +42,14 @@
 //! `KickDevice` to that device's connections.
 //!
 //! Whenever a stream is (re)established, every connection of the shard's
-//! users gets [`ConnEvent::ResyncNeeded`] (feed it to
+//! users and of the shard's rooms gets [`ConnEvent::ResyncNeeded`] (feed it to
 //! [`Session::on_resync_needed`](crate::Session::on_resync_needed)): pushes
 //! may have been lost while no stream was up, and seqs are gap-free, so a
 //! sync from the last delivered seq finds them. A newly registered
 //! connection gets one too once its user is on the stream (at once if the
-//! user already was).
+//! user already was), and the connections of a room once the room is on
+//! the stream (not if it already was: the session reads the room's backlog
+//! after subscribing anyway).
 //!
 //! Caveat: the node acknowledges only a stream's first request, so after
 //! an add on a live stream the resync is signalled once the add is handed
@@ -58,7 +77,13 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::call::{CallError, CallId};
+use crate::session::MAX_ROOMS_PER_CONNECTION;
 use crate::upstream::Upstream;
+
+/// Rooms a connection left whose leaving call is remembered (to ignore a
+/// subscribe call overtaken by it); beyond it the oldest are forgotten.
+const LEFT_ROOMS_REMEMBERED: usize = 128;
 
 /// What the router tells one connection.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,8 +94,8 @@ pub enum ConnEvent {
     /// The connection is kicked: [`Session::on_kick`](crate::Session::on_kick).
     /// The router has already dropped its routes.
     Kick(KickPush),
-    /// Pushes may have been missed:
-    /// [`Session::on_resync_needed`](crate::Session::on_resync_needed).
+    /// Pushes of the user's list or of a subscribed room may have been
+    /// missed: [`Session::on_resync_needed`](crate::Session::on_resync_needed).
     ResyncNeeded,
 }
 
@@ -146,7 +171,7 @@ impl std::fmt::Debug for PushRouter {
     }
 }
 
-struct Inner {
+pub(crate) struct Inner {
     upstream: Upstream,
     runtime: tokio::runtime::Handle,
     options: RouterOptions,
@@ -159,6 +184,25 @@ struct Conn {
     device_id: u64,
     shard_id: u32,
     sink: Box<dyn ConnSink>,
+    rooms: ConnRooms,
+}
+
+/// The rooms of one connection, with the session call ids that changed
+/// them (calls of one session have increasing ids).
+#[derive(Default)]
+struct ConnRooms {
+    /// Subscribed rooms, each with the call that subscribed it.
+    rooms: HashMap<u64, u64>,
+    /// Rooms left, each with the call that left it (bounded).
+    left: HashMap<u64, u64>,
+    /// The last call that left every room.
+    left_all: u64,
+}
+
+/// The connections reading one room.
+struct Room {
+    shard_id: u32,
+    conns: BTreeSet<u64>,
 }
 
 #[derive(Default)]
@@ -167,6 +211,10 @@ struct ShardState {
     members: HashSet<u64>,
     /// Users in the subscription of the live stream (empty while none).
     subscribed: HashSet<u64>,
+    /// Rooms with at least one connection here.
+    rooms: HashSet<u64>,
+    /// Rooms in the subscription of the live stream (empty while none).
+    subscribed_rooms: HashSet<u64>,
     /// Wakes the shard's task when `members` changed.
     notify: Arc<Notify>,
     task: Option<JoinHandle<()>>,
@@ -179,6 +227,7 @@ struct State {
     conns: HashMap<u64, Conn>,
     devices: HashMap<(u64, u64), u64>,
     users: HashMap<u64, BTreeSet<u64>>,
+    rooms: HashMap<u64, Room>,
     shards: HashMap<u32, ShardState>,
     stats: RouterStats,
     stopped: bool,
@@ -203,7 +252,29 @@ impl State {
                 }
             }
         }
+        for &room in conn.rooms.rooms.keys() {
+            self.remove_room(conn_id, room);
+        }
         Some(conn)
+    }
+
+    /// Takes `conn_id` off `room`'s readers; wakes the room's shard task if
+    /// no connection reads it any more.
+    fn remove_room(&mut self, conn_id: u64, room: u64) {
+        let Some(r) = self.rooms.get_mut(&room) else { return };
+        r.conns.remove(&conn_id);
+        if r.conns.is_empty() {
+            let shard_id = r.shard_id;
+            self.rooms.remove(&room);
+            if let Some(shard) = self.shards.get_mut(&shard_id) {
+                shard.rooms.remove(&room);
+                shard.notify.notify_one();
+            }
+        }
+    }
+
+    fn room_conns(&self, room: u64) -> Vec<u64> {
+        self.rooms.get(&room).map(|r| r.conns.iter().copied().collect()).unwrap_or_default()
     }
 
     /// Delivers `event` to each of `conns`; drops those that refuse it.
@@ -253,7 +324,13 @@ impl PushRouter {
         let (stop, _) = watch::channel(false);
         let runtime = tokio::runtime::Handle::current();
         let state = Mutex::new(State::default());
-        PushRouter { inner: Arc::new(Inner { upstream, runtime, options, state, stop }) }
+        let inner = Arc::new(Inner { upstream, runtime, options, state, stop });
+        inner.upstream.set_router(Arc::downgrade(&inner));
+        PushRouter { inner }
+    }
+
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> PushRouter {
+        PushRouter { inner }
     }
 
     /// The upstream it uses.
@@ -286,7 +363,8 @@ impl PushRouter {
             };
             st.kick(old, push);
         }
-        st.conns.insert(conn_id, Conn { user_id, device_id, shard_id, sink: Box::new(sink) });
+        let conn = Conn { user_id, device_id, shard_id, sink: Box::new(sink), rooms: ConnRooms::default() };
+        st.conns.insert(conn_id, conn);
         st.devices.insert((user_id, device_id), conn_id);
         st.users.entry(user_id).or_default().insert(conn_id);
         let shard = st.shards.entry(shard_id).or_default();
@@ -311,6 +389,97 @@ impl PushRouter {
         let matches =
             st.conns.get(&conn_id).is_some_and(|c| c.user_id == user_id && c.device_id == device_id);
         matches && st.remove_conn(conn_id).is_some()
+    }
+
+    /// Connection `conn_id` (registered) now reads room `room_id`, whose
+    /// list lives on shard `shard_id`; `call` is the session's call that
+    /// asked. A stale call (the connection left the room, or every room,
+    /// in a later call) changes nothing. Fails with `ERROR_UNAVAILABLE` if
+    /// the connection is not registered (it is closing) or the router
+    /// stopped, and with `ERROR_BAD_REQUEST` beyond
+    /// [`MAX_ROOMS_PER_CONNECTION`] rooms.
+    pub fn subscribe_room(
+        &self,
+        conn_id: u64,
+        room_id: u64,
+        shard_id: u32,
+        call: CallId,
+    ) -> Result<(), CallError> {
+        let mut st = self.state();
+        if st.stopped {
+            return Err(CallError::new(ErrorCode::ErrorUnavailable, "the gateway is shutting down"));
+        }
+        let Some(conn) = st.conns.get_mut(&conn_id) else {
+            return Err(CallError::new(ErrorCode::ErrorUnavailable, "the connection is closing"));
+        };
+        let rooms = &mut conn.rooms;
+        let left = rooms.left.get(&room_id).copied().unwrap_or(0).max(rooms.left_all);
+        let subscribed = rooms.rooms.get(&room_id).copied();
+        if call.0 <= left.max(subscribed.unwrap_or(0)) {
+            return Ok(());
+        }
+        if subscribed.is_none() && rooms.rooms.len() >= MAX_ROOMS_PER_CONNECTION {
+            let reason = format!("at most {MAX_ROOMS_PER_CONNECTION} rooms per connection");
+            return Err(CallError::new(ErrorCode::ErrorBadRequest, reason));
+        }
+        rooms.rooms.insert(room_id, call.0);
+        rooms.left.remove(&room_id);
+        let room = st.rooms.entry(room_id).or_insert_with(|| Room { shard_id, conns: BTreeSet::new() });
+        room.conns.insert(conn_id);
+        let shard_id = room.shard_id;
+        let shard = st.shards.entry(shard_id).or_default();
+        if shard.rooms.insert(room_id) {
+            shard.notify.notify_one();
+        }
+        if shard.task.is_none() {
+            let task = shard_task(self.inner.clone(), shard_id, shard.notify.clone());
+            shard.task = Some(self.inner.runtime.spawn(task));
+            shard.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Connection `conn_id` no longer reads room `room_id` (0: any room);
+    /// `call` is the session's call that asked. Rooms subscribed by a
+    /// later call stay.
+    pub fn unsubscribe_room(&self, conn_id: u64, room_id: u64, call: CallId) {
+        let mut st = self.state();
+        let Some(conn) = st.conns.get_mut(&conn_id) else { return };
+        let rooms = &mut conn.rooms;
+        let gone: Vec<u64> = if room_id == 0 {
+            rooms.left_all = rooms.left_all.max(call.0);
+            let gone: Vec<u64> =
+                rooms.rooms.iter().filter(|(_, id)| **id < call.0).map(|(r, _)| *r).collect();
+            for r in &gone {
+                rooms.rooms.remove(r);
+            }
+            gone
+        } else {
+            if rooms.rooms.get(&room_id).is_some_and(|id| *id > call.0) {
+                return;
+            }
+            let left = rooms.left.entry(room_id).or_insert(0);
+            *left = (*left).max(call.0);
+            if rooms.left.len() > LEFT_ROOMS_REMEMBERED
+                && let Some((&oldest, _)) = rooms.left.iter().min_by_key(|(_, id)| **id)
+            {
+                rooms.left.remove(&oldest);
+            }
+            rooms.rooms.remove(&room_id).map(|_| room_id).into_iter().collect()
+        };
+        for room in gone {
+            st.remove_room(conn_id, room);
+        }
+    }
+
+    /// The connections reading room `room_id`, ascending.
+    pub fn room_conns(&self, room_id: u64) -> Vec<u64> {
+        self.state().room_conns(room_id)
+    }
+
+    /// Whether a live stream's subscription includes room `room_id`.
+    pub fn is_room_subscribed(&self, room_id: u64) -> bool {
+        self.state().shards.values().any(|s| s.subscribed_rooms.contains(&room_id))
     }
 
     /// The connection currently registered for a device.
@@ -349,6 +518,7 @@ impl PushRouter {
             st.conns.clear();
             st.devices.clear();
             st.users.clear();
+            st.rooms.clear();
             st.shards.values_mut().filter_map(|s| s.task.take()).collect()
         };
         let _ = self.inner.stop.send(true);
@@ -403,6 +573,7 @@ async fn shard_task(inner: Arc<Inner>, shard_id: u32, notify: Arc<Notify>) {
             let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = st.shards.get_mut(&shard_id) {
                 s.subscribed.clear();
+                s.subscribed_rooms.clear();
                 s.leader = None;
             }
         }
@@ -448,16 +619,20 @@ async fn run_stream(
         Ok(ch) => ch,
         Err(_) => return StreamOutcome::Retry,
     };
-    let mut sent: HashSet<u64> = {
+    let mut sent = {
         let st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.shards.get(&shard_id).map(|s| s.members.clone()).unwrap_or_default()
+        st.shards
+            .get(&shard_id)
+            .map(|s| Sent { users: s.members.clone(), rooms: s.rooms.clone() })
+            .unwrap_or_default()
     };
     let (tx, rx) = mpsc::channel::<SubscribeRequest>(opts.request_queue.max(1));
     let first = SubscribeRequest {
         gateway_id: gateway_id.clone(),
         shard_id,
         reset: true,
-        add_user_ids: sent.iter().copied().collect(),
+        add_user_ids: sent.users.iter().copied().collect(),
+        add_group_ids: sent.rooms.iter().copied().collect(),
         ..Default::default()
     };
     if tx.try_send(first).is_err() {
@@ -498,21 +673,31 @@ async fn run_stream(
     // Live: everyone of this shard resyncs (pushes may have been missed).
     *backoff = opts.backoff_min;
     upstream.note_leader(shard_id, addr);
-    tracing::info!(shard = shard_id, node = addr, users = sent.len(), "push stream subscribed");
+    tracing::info!(
+        shard = shard_id,
+        node = addr,
+        users = sent.users.len(),
+        rooms = sent.rooms.len(),
+        "push stream subscribed"
+    );
     {
         let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
         st.stats.subscriptions += 1;
-        let members: Vec<u64> = match st.shards.get_mut(&shard_id) {
+        let (members, rooms): (Vec<u64>, Vec<u64>) = match st.shards.get_mut(&shard_id) {
             Some(s) => {
-                s.subscribed = sent.clone();
+                s.subscribed = sent.users.clone();
+                s.subscribed_rooms = sent.rooms.clone();
                 s.leader = Some(addr.to_string());
-                s.members.iter().copied().collect()
+                (s.members.iter().copied().collect(), s.rooms.iter().copied().collect())
             }
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
-        // Members added since the snapshot are handled by the diff below.
-        let conns: Vec<u64> =
-            members.iter().filter(|u| sent.contains(u)).flat_map(|u| st.conns_of(*u)).collect();
+        // Members and rooms added since the snapshot are handled by the
+        // diff below.
+        let mut conns: BTreeSet<u64> =
+            members.iter().filter(|u| sent.users.contains(u)).flat_map(|u| st.conns_of(*u)).collect();
+        conns.extend(rooms.iter().filter(|r| sent.rooms.contains(r)).flat_map(|r| st.room_conns(*r)));
+        let conns: Vec<u64> = conns.into_iter().collect();
         st.deliver(&conns, &ConnEvent::ResyncNeeded);
     }
     notify.notify_one();
@@ -548,22 +733,32 @@ async fn run_stream(
     outcome
 }
 
-/// Sends the difference between the shard's members and what the stream
-/// carries; signals a resync to the connections of users just added.
+/// What a stream's subscription carries.
+#[derive(Default)]
+struct Sent {
+    users: HashSet<u64>,
+    rooms: HashSet<u64>,
+}
+
+/// Sends the difference between the shard's members and rooms and what the
+/// stream carries; signals a resync to the connections of users and rooms
+/// just added.
 async fn sync_members(
     inner: &Arc<Inner>,
     shard_id: u32,
     gateway_id: &str,
     tx: &mpsc::Sender<SubscribeRequest>,
-    sent: &mut HashSet<u64>,
+    sent: &mut Sent,
 ) -> Result<(), ()> {
-    let members = {
+    let (members, rooms) = {
         let st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.shards.get(&shard_id).map(|s| s.members.clone()).unwrap_or_default()
+        st.shards.get(&shard_id).map(|s| (s.members.clone(), s.rooms.clone())).unwrap_or_default()
     };
-    let add: Vec<u64> = members.difference(sent).copied().collect();
-    let remove: Vec<u64> = sent.difference(&members).copied().collect();
-    if add.is_empty() && remove.is_empty() {
+    let add: Vec<u64> = members.difference(&sent.users).copied().collect();
+    let remove: Vec<u64> = sent.users.difference(&members).copied().collect();
+    let add_rooms: Vec<u64> = rooms.difference(&sent.rooms).copied().collect();
+    let remove_rooms: Vec<u64> = sent.rooms.difference(&rooms).copied().collect();
+    if add.is_empty() && remove.is_empty() && add_rooms.is_empty() && remove_rooms.is_empty() {
         return Ok(());
     }
     let req = SubscribeRequest {
@@ -572,21 +767,29 @@ async fn sync_members(
         reset: false,
         add_user_ids: add.clone(),
         remove_user_ids: remove.clone(),
-        ..Default::default()
+        add_group_ids: add_rooms.clone(),
+        remove_group_ids: remove_rooms.clone(),
     };
     let timeout = inner.options.subscribe_timeout;
     if tokio::time::timeout(timeout, tx.send(req)).await.map_or(true, |r| r.is_err()) {
         return Err(());
     }
     for u in &remove {
-        sent.remove(u);
+        sent.users.remove(u);
     }
-    sent.extend(add.iter().copied());
+    sent.users.extend(add.iter().copied());
+    for r in &remove_rooms {
+        sent.rooms.remove(r);
+    }
+    sent.rooms.extend(add_rooms.iter().copied());
     let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(s) = st.shards.get_mut(&shard_id) {
-        s.subscribed = sent.clone();
+        s.subscribed = sent.users.clone();
+        s.subscribed_rooms = sent.rooms.clone();
     }
-    let conns: Vec<u64> = add.iter().flat_map(|u| st.conns_of(*u)).collect();
+    let mut conns: BTreeSet<u64> = add.iter().flat_map(|u| st.conns_of(*u)).collect();
+    conns.extend(add_rooms.iter().flat_map(|r| st.room_conns(*r)));
+    let conns: Vec<u64> = conns.into_iter().collect();
     st.deliver(&conns, &ConnEvent::ResyncNeeded);
     Ok(())
 }
@@ -621,8 +824,8 @@ fn route_push(inner: &Inner, push: PushedMessage) {
     let conns: Vec<u64> = if push.owner_id == 0 && push.list_kind != ListKind::Group as i32 {
         st.conns.keys().copied().collect()
     } else if push.list_kind == ListKind::Group as i32 {
-        // Group and room subscriptions are not routed yet.
-        Vec::new()
+        // Rooms; super groups are not routed yet.
+        st.room_conns(push.owner_id)
     } else {
         st.conns_of(push.owner_id)
     };

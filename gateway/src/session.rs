@@ -54,6 +54,19 @@
 //!   or duplicates (see the crate-private `delivery` module): a gap, or a resync request, makes
 //!   the session sync from the last delivered seq while it holds back newer
 //!   pushes.
+//! * Rooms (`SUBSCRIBE_ROOM` / `UNSUBSCRIBE_ROOM`): a connection may be
+//!   subscribed to at most [`MAX_ROOMS_PER_CONNECTION`] rooms. The
+//!   subscription is kept by the push router (the [`Call`] of the request
+//!   goes to it, see [`NodeCall::SubscribeRoom`]); once it is in place the
+//!   client gets `SubscribeRoomOutput`, then the room's retained entries
+//!   after `after_seq` (`after_seq` 0: live only), then live entries, each
+//!   once and in room-seq order: every room has its own gap-repaired list
+//!   (the `delivery` module, synced with `SyncGroup`), held back while its
+//!   backlog is read and repaired after a resync request. A room id 0 in
+//!   `SUBSCRIBE_ROOM` leaves every room (gim), as does `UNSUBSCRIBE_ROOM`
+//!   with room 0. A failed `SUBSCRIBE_ROOM` leaves the connection
+//!   unsubscribed from that room; a room that stops existing (a non
+//!   retryable `SyncGroup` error) is dropped silently.
 //! * The session counts the bytes it queued for the client (TCP frame
 //!   lengths) minus those the transport reports written; above
 //!   [`SessionConfig::send_queue_limit`] it closes with `ERROR_BUSY` rather
@@ -70,7 +83,7 @@ use rim_proto::ErrorCode;
 use rim_proto::codec::encoded_frame_len;
 use rim_proto::v1::{
     AckInput, Command, KickPush, ListKind, MessagePush, Packet, PushPriority, PushedMessage, ReadInput,
-    RecallInput, Reply, SendInput, SignInInput, SubscribeRoomInput, SyncGroupInput, SyncInput,
+    RecallInput, Reply, SendInput, SignInInput, SubscribeRoomInput, SyncGroupInput, SyncInput, SyncOutput,
     UnsubscribeRoomInput,
 };
 use rim_proto::{CodecError, v1::Message};
@@ -91,16 +104,27 @@ enum Pending {
     Logout { request_id: u64 },
     /// The session's own gap-repair sync.
     GapSync,
+    /// A client `SUBSCRIBE_ROOM`: replied to, then the room's backlog is
+    /// synced.
+    SubscribeRoom { request_id: u64, room_id: u64 },
+    /// The backlog or gap-repair sync of a subscribed room.
+    RoomSync { room_id: u64 },
 }
+
+/// Most rooms one connection may be subscribed to at once; a
+/// `SUBSCRIBE_ROOM` of another room beyond it gets `ERROR_BAD_REQUEST`.
+pub const MAX_ROOMS_PER_CONNECTION: usize = 16;
 
 /// State that exists once signed in.
 #[derive(Debug)]
 struct Signed {
     id: Identity,
     list: UserList,
-    /// Highest seq sent per super group or room (pushes of group lists are
-    /// only deduplicated; the client repairs their gaps with SYNC_GROUP).
+    /// Highest seq sent per super group (pushes of group lists are only
+    /// deduplicated; the client repairs their gaps with SYNC_GROUP).
     groups: HashMap<u64, u64>,
+    /// Subscribed rooms: delivery state of each room's list (room seqs).
+    rooms: HashMap<u64, UserList>,
 }
 
 #[derive(Debug)]
@@ -198,6 +222,25 @@ impl Session {
         }
     }
 
+    /// The rooms the connection is subscribed to, ascending.
+    pub fn rooms(&self) -> Vec<u64> {
+        let mut rooms: Vec<u64> = match &self.state {
+            State::SignedIn(s) => s.rooms.keys().copied().collect(),
+            _ => Vec::new(),
+        };
+        rooms.sort_unstable();
+        rooms
+    }
+
+    /// Highest seq of a subscribed room's list delivered to the client (or
+    /// skipped: before `after_seq`, or trimmed by the room's retention).
+    pub fn last_room_seq(&self, room_id: u64) -> Option<u64> {
+        match &self.state {
+            State::SignedIn(s) => s.rooms.get(&room_id).map(UserList::last),
+            _ => None,
+        }
+    }
+
     /// Bytes queued for the client and not yet reported written.
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes
@@ -213,7 +256,13 @@ impl Session {
             State::AwaitingSignIn => Some(idle.min(sign_in)),
             // The client waits for the node: only the sign-in deadline runs.
             State::SigningIn { .. } => Some(sign_in),
-            State::SignedIn(s) => Some(s.list.deadline().map_or(idle, |at| at.min(idle))),
+            State::SignedIn(s) => Some(
+                s.rooms
+                    .values()
+                    .filter_map(UserList::deadline)
+                    .chain(s.list.deadline())
+                    .fold(idle, Instant::min),
+            ),
         }
     }
 
@@ -332,10 +381,15 @@ impl Session {
             self.close(ErrorCode::ErrorTimeout, format!("no packet from the client for {secs} s"));
             return;
         }
-        if let State::SignedIn(s) = &mut self.state
-            && s.list.tick(now)
-        {
-            self.start_gap_sync();
+        if let State::SignedIn(s) = &mut self.state {
+            let user = s.list.tick(now);
+            let rooms: Vec<u64> = s.rooms.iter_mut().filter_map(|(r, l)| l.tick(now).then_some(*r)).collect();
+            if user {
+                self.start_gap_sync();
+            }
+            for room_id in rooms {
+                self.start_room_sync(room_id);
+            }
         }
     }
 
@@ -365,6 +419,10 @@ impl Session {
                 Err(e) => self.reply_to(request_id, Command::Logout as i32, error_reply(&e)),
             },
             Pending::GapSync => self.finish_gap_sync(now, id, result),
+            Pending::SubscribeRoom { request_id, room_id } => {
+                self.finish_subscribe_room(id, request_id, room_id, result)
+            }
+            Pending::RoomSync { room_id } => self.finish_room_sync(now, id, room_id, result),
         }
     }
 
@@ -372,7 +430,11 @@ impl Session {
     ///
     /// * The user's own list (`LIST_KIND_USER`, persisted, seq > 0): in
     ///   order, gap-repaired, deduplicated.
-    /// * A super group's or room's list (`LIST_KIND_GROUP`): deduplicated
+    /// * A subscribed room's list (`LIST_KIND_GROUP`, owner = the room): in
+    ///   room-seq order, gap-repaired, deduplicated, as the user's list; a
+    ///   normal-priority one is skipped (counted as delivered) rather than
+    ///   overflow the send queue.
+    /// * Another group's list (`LIST_KIND_GROUP`, a super group): deduplicated
     ///   per group; a normal-priority one is dropped rather than overflow
     ///   the send queue.
     /// * Online-only pushes (seq 0 or not persisted) and broadcasts: sent
@@ -410,6 +472,17 @@ impl Session {
                     self.start_gap_sync();
                 }
             }
+            Ok(ListKind::Group) if signed.rooms.contains_key(&push.owner_id) => {
+                let room_id = push.owner_id;
+                let Some(list) = signed.rooms.get_mut(&room_id) else { return };
+                let mut out = Vec::new();
+                let sync = list.push(Entry { seq: push.seq, message, send: !skip }, &mut out);
+                let droppable = push.priority != PushPriority::High as i32;
+                self.deliver_entries(out, droppable);
+                if sync {
+                    self.start_room_sync(room_id);
+                }
+            }
             Ok(ListKind::Group) => {
                 let last = signed.groups.entry(push.owner_id).or_insert(0);
                 if push.seq <= *last {
@@ -429,15 +502,22 @@ impl Session {
         }
     }
 
-    /// The push stream of the user's shard broke (or was just
-    /// re-established, or just took the user's subscription): pushes may
-    /// have been lost, so sync from the last delivered seq. Ignored before
-    /// sign-in.
+    /// The push stream of the user's shard or of a subscribed room's shard
+    /// broke (or was just re-established, or just took the user's or a
+    /// room's subscription): pushes may have been lost, so sync the user's
+    /// list and every subscribed room from the last delivered seq. Ignored
+    /// before sign-in.
     pub fn on_resync_needed(&mut self, _now: Instant) {
-        if let State::SignedIn(s) = &mut self.state
-            && s.list.resync()
-        {
+        let State::SignedIn(s) = &mut self.state else {
+            return;
+        };
+        let user = s.list.resync();
+        let rooms: Vec<u64> = s.rooms.iter_mut().filter_map(|(r, l)| l.resync().then_some(*r)).collect();
+        if user {
             self.start_gap_sync();
+        }
+        for room_id in rooms {
+            self.start_room_sync(room_id);
         }
     }
 
@@ -533,6 +613,7 @@ impl Session {
             id,
             list: UserList::new(output.last_seq, self.config.push_buffer_limit),
             groups: HashMap::new(),
+            rooms: HashMap::new(),
         }));
         // Register before the reply: a transport that writes on another
         // task (WebSocket) could otherwise let the client see its sign-in
@@ -569,9 +650,7 @@ impl Session {
         match command {
             Command::SignIn => self.reply_error(&packet, ErrorCode::ErrorBadRequest, "already signed in"),
             Command::Heartbeat => self.reply(&packet, Reply::ok(Bytes::new())),
-            Command::SubscribeRoom => {
-                self.request(packet, |i: SubscribeRoomInput| NodeCall::SubscribeRoom(i))
-            }
+            Command::SubscribeRoom => self.subscribe_room(packet),
             Command::Sync => self.request(packet, |i: SyncInput| NodeCall::Sync(i)),
             Command::Ack => self.request(packet, |i: AckInput| NodeCall::Ack(i)),
             Command::Send => self.request(packet, |input: SendInput| NodeCall::Send { input, group: false }),
@@ -579,9 +658,10 @@ impl Session {
                 self.request(packet, |input: SendInput| NodeCall::Send { input, group: true })
             }
             Command::SyncGroup => self.request(packet, |i: SyncGroupInput| NodeCall::SyncGroup(i)),
-            Command::UnsubscribeRoom => {
-                self.request(packet, |i: UnsubscribeRoomInput| NodeCall::UnsubscribeRoom(i))
-            }
+            Command::UnsubscribeRoom => match UnsubscribeRoomInput::decode(packet.content.clone()) {
+                Ok(input) => self.leave_rooms(&packet, input.room_id),
+                Err(e) => self.reply_error(&packet, ErrorCode::ErrorBadRequest, format!("bad content: {e}")),
+            },
             Command::Recall => self.request(packet, |i: RecallInput| NodeCall::Recall(i)),
             Command::Read => self.request(packet, |i: ReadInput| NodeCall::MarkRead(i)),
             Command::Logout => self.request(packet, |()| NodeCall::Logout),
@@ -601,8 +681,7 @@ impl Session {
                 return self.reply_error(&packet, ErrorCode::ErrorBadRequest, format!("bad content: {e}"));
             }
         };
-        let inflight = self.pending.values().filter(|p| !matches!(p, Pending::GapSync)).count();
-        if inflight >= self.config.max_inflight_requests {
+        if self.requests_full() {
             return self.reply_error(&packet, ErrorCode::ErrorBusy, "too many requests in flight");
         }
         let call = make(input);
@@ -613,6 +692,211 @@ impl Session {
         };
         let id = self.call(call);
         self.pending.insert(id, pending);
+    }
+
+    /// Whether [`SessionConfig::max_inflight_requests`] client requests
+    /// are waiting for a node (the session's own syncs do not count).
+    fn requests_full(&self) -> bool {
+        let own = |p: &&Pending| matches!(p, Pending::GapSync | Pending::RoomSync { .. });
+        let inflight = self.pending.values().filter(|p| !own(p)).count();
+        inflight >= self.config.max_inflight_requests
+    }
+
+    // ------------------------------------------------------------- rooms
+
+    /// `SUBSCRIBE_ROOM`: the call goes to the push router (through the
+    /// upstream); live pushes of the room are held back from now until its
+    /// backlog has been read.
+    fn subscribe_room(&mut self, packet: Packet) {
+        let input = match SubscribeRoomInput::decode(packet.content.clone()) {
+            Ok(input) => input,
+            Err(e) => {
+                return self.reply_error(&packet, ErrorCode::ErrorBadRequest, format!("bad content: {e}"));
+            }
+        };
+        if input.room_id == 0 {
+            // gim: SUBSCRIBE_ROOM of room 0 leaves every room
+            // (`SubscribeRoomInput.room_id`); the reply carries an empty
+            // SubscribeRoomOutput.
+            return self.leave_rooms(&packet, 0);
+        }
+        if self.requests_full() {
+            return self.reply_error(&packet, ErrorCode::ErrorBusy, "too many requests in flight");
+        }
+        let State::SignedIn(s) = &self.state else {
+            return;
+        };
+        if !s.rooms.contains_key(&input.room_id) && s.rooms.len() >= MAX_ROOMS_PER_CONNECTION {
+            let reason = format!("at most {MAX_ROOMS_PER_CONNECTION} rooms per connection");
+            return self.reply_error(&packet, ErrorCode::ErrorBadRequest, reason);
+        }
+        let id = self.call(NodeCall::SubscribeRoom(input));
+        let mut list = UserList::new(input.after_seq, self.config.push_buffer_limit);
+        // Held back until the backlog is read (see `finish_subscribe_room`).
+        list.sync_started(id);
+        if let State::SignedIn(s) = &mut self.state {
+            s.rooms.insert(input.room_id, list);
+        }
+        let pending = Pending::SubscribeRoom { request_id: packet.request_id, room_id: input.room_id };
+        self.pending.insert(id, pending);
+    }
+
+    /// `UNSUBSCRIBE_ROOM` (or `SUBSCRIBE_ROOM` of room 0): the room (0:
+    /// every room) is dropped here at once and from the push router by the
+    /// call, whose outcome is the reply.
+    fn leave_rooms(&mut self, packet: &Packet, room_id: u64) {
+        if self.requests_full() {
+            return self.reply_error(packet, ErrorCode::ErrorBusy, "too many requests in flight");
+        }
+        if let State::SignedIn(s) = &mut self.state {
+            if room_id == 0 {
+                s.rooms.clear();
+            } else {
+                s.rooms.remove(&room_id);
+            }
+        }
+        let id = self.call(NodeCall::UnsubscribeRoom(UnsubscribeRoomInput { room_id }));
+        self.pending.insert(id, Pending::Request { request_id: packet.request_id, command: packet.command });
+    }
+
+    /// Drops a room here and, fire and forget, from the push router.
+    fn drop_room(&mut self, room_id: u64) {
+        if let State::SignedIn(s) = &mut self.state {
+            s.rooms.remove(&room_id);
+        }
+        self.call(NodeCall::UnsubscribeRoom(UnsubscribeRoomInput { room_id }));
+    }
+
+    fn finish_subscribe_room(
+        &mut self,
+        id: CallId,
+        request_id: u64,
+        room_id: u64,
+        result: Result<NodeReply, CallError>,
+    ) {
+        let command = Command::SubscribeRoom as i32;
+        // Not current if the room was left or subscribed again meanwhile.
+        let current = matches!(&self.state, State::SignedIn(s) if s.rooms.get(&room_id).is_some_and(|l| l.is_sync_call(id)));
+        let output = match result {
+            Ok(NodeReply::SubscribeRoom(output)) => output,
+            Ok(other) => {
+                let e = CallError::new(ErrorCode::ErrorInternal, format!("SUBSCRIBE_ROOM got {other:?}"));
+                self.reply_to(request_id, command, error_reply(&e));
+                if current {
+                    self.drop_room(room_id);
+                }
+                return;
+            }
+            Err(e) => {
+                self.reply_to(request_id, command, error_reply(&e));
+                if current {
+                    self.drop_room(room_id);
+                }
+                return;
+            }
+        };
+        self.reply_to(request_id, command, Reply::ok(output.encode_to_vec()));
+        if !current {
+            return;
+        }
+        if let State::SignedIn(s) = &mut self.state
+            && let Some(list) = s.rooms.get_mut(&room_id)
+        {
+            // after_seq 0: live only. Never past the room's end, never
+            // before its oldest retained entry.
+            let after = list.last();
+            let start = if after == 0 { output.last_seq } else { after.min(output.last_seq) };
+            list.restart_at(start.max(output.first_seq.saturating_sub(1)));
+        }
+        // The backlog, and whatever was appended while subscribing (the
+        // held-back pushes are released once it has caught up).
+        self.start_room_sync(room_id);
+    }
+
+    fn start_room_sync(&mut self, room_id: u64) {
+        let State::SignedIn(s) = &self.state else {
+            return;
+        };
+        let Some(list) = s.rooms.get(&room_id) else {
+            return;
+        };
+        let input = SyncGroupInput {
+            group_id: room_id,
+            after_group_seq: list.last(),
+            limit: self.config.resync_batch,
+        };
+        let id = self.call(NodeCall::SyncGroup(input));
+        self.pending.insert(id, Pending::RoomSync { room_id });
+        if let State::SignedIn(s) = &mut self.state
+            && let Some(list) = s.rooms.get_mut(&room_id)
+        {
+            list.sync_started(id);
+        }
+    }
+
+    fn finish_room_sync(
+        &mut self,
+        now: Instant,
+        id: CallId,
+        room_id: u64,
+        result: Result<NodeReply, CallError>,
+    ) {
+        let delay = self.config.resync_retry_delay;
+        let State::SignedIn(s) = &mut self.state else {
+            return;
+        };
+        let Some(list) = s.rooms.get_mut(&room_id) else {
+            return;
+        };
+        if !list.is_sync_call(id) {
+            return;
+        }
+        let mut out = Vec::new();
+        let again = match result {
+            Ok(NodeReply::SyncGroup(output)) => {
+                // Entries trimmed by the room's retention are skipped.
+                let floor = output.first_group_seq.saturating_sub(1);
+                if list.last() < floor {
+                    list.restart_at(floor);
+                }
+                let output = SyncOutput {
+                    messages: output.messages,
+                    has_more: output.has_more,
+                    last_seq: output.last_group_seq,
+                };
+                list.sync_ok(now, delay, output, &mut out)
+            }
+            Ok(other) => {
+                tracing::warn!(
+                    conn = self.conn_id,
+                    room = room_id,
+                    ?other,
+                    "room sync got a reply of the wrong kind"
+                );
+                list.sync_failed(now, delay);
+                false
+            }
+            Err(e) if !e.code.is_retryable() => {
+                tracing::info!(conn = self.conn_id, room = room_id, error = %e, "room cannot be read; unsubscribed");
+                self.drop_room(room_id);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(conn = self.conn_id, room = room_id, error = %e, "room sync failed; retrying");
+                list.sync_failed(now, delay);
+                false
+            }
+        };
+        let failures = list.failures();
+        self.deliver(out);
+        if failures >= self.config.max_resync_failures {
+            self.close(
+                ErrorCode::ErrorUnavailable,
+                format!("cannot sync room {room_id} ({failures} attempts)"),
+            );
+        } else if again {
+            self.start_room_sync(room_id);
+        }
     }
 
     // ----------------------------------------------------- push delivery
@@ -664,12 +948,16 @@ impl Session {
     }
 
     fn deliver(&mut self, entries: Vec<Entry>) {
+        self.deliver_entries(entries, false);
+    }
+
+    fn deliver_entries(&mut self, entries: Vec<Entry>, droppable: bool) {
         for entry in entries {
             if self.is_closed() {
                 return;
             }
             if entry.send {
-                self.send_push(entry.seq, entry.message, true, false);
+                self.send_push(entry.seq, entry.message, true, droppable);
             }
         }
     }

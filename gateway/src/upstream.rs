@@ -17,10 +17,20 @@
 //! deadline ([`UpstreamOptions::request_timeout`]). Then the call fails
 //! with `ERROR_TIMEOUT` if some attempt was cut off by the deadline, or
 //! `ERROR_UNAVAILABLE` if no node answered.
+//!
+//! Room subscriptions are the exception: they live in the gateway's
+//! [`PushRouter`] (the one created over this upstream, see
+//! [`PushRouter::new`]), not on a node. [`NodeCall::SubscribeRoom`] reads
+//! the room's head with a `SyncGroup` call (so an unknown room fails with
+//! the node's `ERROR_GROUP_NOT_FOUND`, a group the user may not read with
+//! `ERROR_NOT_GROUP_MEMBER`, another group that is not a room with
+//! `ERROR_BAD_REQUEST`), then subscribes the connection in the router;
+//! [`NodeCall::UnsubscribeRoom`] only tells the router. Without a router
+//! both fail with `ERROR_UNKNOWN_COMMAND`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use rim_cluster::Placement;
@@ -29,13 +39,14 @@ use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::gateway_service_client::GatewayServiceClient;
 use rim_proto::v1::{
     ConnAckRequest, ConnContext, ConnLogoutRequest, ConnOfflineRequest, ConnReadRequest, ConnRecallRequest,
-    ConnSendRequest, ConnSignInRequest, ConnSyncGroupRequest, ConnSyncRequest, GetClusterMapRequest,
-    NodeState,
+    ConnSendRequest, ConnSignInRequest, ConnSyncGroupRequest, ConnSyncRequest, ConversationKind,
+    GetClusterMapRequest, NodeState, SubscribeRoomInput, SubscribeRoomOutput, SyncGroupInput,
 };
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::call::{Call, CallError, NodeCall, NodeReply};
+use crate::router::{self, PushRouter};
 
 /// gRPC metadata entry carrying the shared cluster secret on every internal
 /// call (the same key as `rim_node::net::SECRET_METADATA_KEY`).
@@ -110,6 +121,9 @@ struct Inner {
     leaders: Mutex<HashMap<u32, LeaderHint>>,
     /// Spreads calls without a known leader over the nodes.
     next: AtomicUsize,
+    /// The push router keeping this gateway's room subscriptions (the
+    /// latest one created over this upstream).
+    router: Mutex<Option<Weak<router::Inner>>>,
 }
 
 /// What the upstream learned about a shard's leader.
@@ -156,6 +170,7 @@ impl Upstream {
                 map: RwLock::new(None),
                 leaders: Mutex::new(HashMap::new()),
                 next: AtomicUsize::new(0),
+                router: Mutex::new(None),
             }),
         })
     }
@@ -355,14 +370,71 @@ impl Upstream {
         nodes
     }
 
+    /// Makes `router` the push router serving room subscriptions.
+    pub(crate) fn set_router(&self, router: Weak<router::Inner>) {
+        *self.inner.router.lock().unwrap_or_else(|e| e.into_inner()) = Some(router);
+    }
+
+    /// The push router serving room subscriptions, while it exists.
+    fn router(&self) -> Result<PushRouter, CallError> {
+        let weak = self.inner.router.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        weak.and_then(|w| w.upgrade()).map(PushRouter::from_inner).ok_or_else(|| {
+            CallError::new(ErrorCode::ErrorUnknownCommand, "rooms are not available: no push router")
+        })
+    }
+
     /// Carries out `call` (see the [module documentation](self)).
     pub async fn call(&self, call: &Call) -> Result<NodeReply, CallError> {
-        if matches!(call.request, NodeCall::SubscribeRoom(_) | NodeCall::UnsubscribeRoom(_)) {
-            return Err(CallError::new(
-                ErrorCode::ErrorUnknownCommand,
-                "rooms are not available at this gateway yet",
-            ));
+        match &call.request {
+            NodeCall::SubscribeRoom(input) => self.subscribe_room(call, *input).await,
+            NodeCall::UnsubscribeRoom(input) => {
+                self.router()?.unsubscribe_room(call.conn_id, input.room_id, call.id);
+                Ok(NodeReply::Empty)
+            }
+            _ => self.call_node(call).await,
         }
+    }
+
+    /// `SUBSCRIBE_ROOM`: the room's head from a node, then the router's
+    /// subscription (see the [module documentation](self)).
+    async fn subscribe_room(&self, call: &Call, input: SubscribeRoomInput) -> Result<NodeReply, CallError> {
+        if input.room_id == 0 {
+            return Err(CallError::new(ErrorCode::ErrorInvalidId, "room_id must not be 0"));
+        }
+        let router = self.router()?;
+        let probe = Call {
+            request: NodeCall::SyncGroup(SyncGroupInput {
+                group_id: input.room_id,
+                after_group_seq: 0,
+                limit: 1,
+            }),
+            ..call.clone()
+        };
+        let head = match self.call_node(&probe).await? {
+            NodeReply::SyncGroup(output) => output,
+            other => {
+                return Err(CallError::new(
+                    ErrorCode::ErrorInternal,
+                    format!("room head read got {other:?}"),
+                ));
+            }
+        };
+        // Every entry of a room is a room message; other groups start with
+        // their creation notice (rooms may be empty).
+        if head.messages.first().is_some_and(|m| m.conversation_kind != ConversationKind::Room as i32) {
+            let reason = format!("group {} is not a room", input.room_id);
+            return Err(CallError::new(ErrorCode::ErrorBadRequest, reason));
+        }
+        let shard = self.ensure_map().await?.shard_of_group(input.room_id);
+        router.subscribe_room(call.conn_id, input.room_id, shard, call.id)?;
+        Ok(NodeReply::SubscribeRoom(SubscribeRoomOutput {
+            last_seq: head.last_group_seq,
+            first_seq: head.first_group_seq,
+        }))
+    }
+
+    /// Carries out a call served by a node.
+    async fn call_node(&self, call: &Call) -> Result<NodeReply, CallError> {
         let deadline = Instant::now() + self.inner.options.request_timeout;
         if self.cluster_map().is_none() {
             // Without the map every node is still a candidate (the seeds),
@@ -518,7 +590,7 @@ impl Upstream {
                 NodeReply::Empty
             }
             NodeCall::SubscribeRoom(_) | NodeCall::UnsubscribeRoom(_) => {
-                return Err(tonic::Status::unimplemented("rooms are not available at this gateway yet"));
+                return Err(tonic::Status::internal("room subscriptions are kept by the push router"));
             }
         })
     }

@@ -363,7 +363,13 @@ fn requests_map_to_node_calls_and_replies_echo_request_and_command() {
         let call = only_call(&drain(&mut s));
         assert_eq!(call.request, expected_call);
         s.on_reply(t0, call.id, Ok(node_reply.clone()));
-        let actions = drain(&mut s);
+        let mut actions = drain(&mut s);
+        if command == Command::SubscribeRoom as i32 {
+            // After the reply the session syncs the room's backlog (tests/rooms.rs).
+            let backlog = SyncGroupInput { group_id: 4, after_group_seq: 2, limit: cfg().resync_batch };
+            assert_eq!(only_call(&actions[1..]).request, NodeCall::SyncGroup(backlog));
+            actions.truncate(1);
+        }
         assert_eq!(actions.len(), 1, "{actions:?}");
         let p = &sent(&actions)[0];
         assert_eq!((p.request_id, p.command, p.seq), (request_id, command, 0));
