@@ -10,9 +10,21 @@
 //!   (verdict, anomalies by kind with examples, liveness figures), plus
 //!   [`checker::check_dir`] behind `rim-jepsen check DIR`.
 //!
-//! Still planned: starting real `rim node` processes with fault injection
-//! (kill, pause, per-link proxies for partitions, clock offsets) and the
-//! client workload that writes the history (`rim-jepsen test`).
+//! * [`proxy`]: per-link TCP proxies (pass, delay, hold, reset, per
+//!   direction) and the partition shapes (isolate, halves, bridge,
+//!   majorities ring) as Jepsen-style grudges over a [`proxy::ProxyMesh`];
+//! * [`control`]: real `rim node` / `rim gateway` processes in their own
+//!   process groups (kill, pause, resume, restart, health), optionally
+//!   wired through the proxy mesh: each node gets its own `--peers` with
+//!   the proxy address of every other node, so Raft traffic crosses the
+//!   proxies (see the module for the start-up race the harness avoids and
+//!   the node-side leaks: snapshots and membership changes carry the
+//!   leader's address view).
+//!
+//! Still planned: the nemesis schedule, clock offsets (faketime) and the
+//! client workload that writes the history (`rim-jepsen test`), reports.
 
 pub mod checker;
+pub mod control;
 pub mod history;
+pub mod proxy;

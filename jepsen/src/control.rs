@@ -1,0 +1,881 @@
+//! Real `rim node` and `rim gateway` processes under the harness's control
+//! (`reference/jepsen.md` §6.2 "Cluster (db)").
+//!
+//! * [`rim_bin`] finds the built `rim` binary (`RIM_BIN`, then the cargo
+//!   target dir), or explains how to build it.
+//! * [`Cluster::start`] spawns N nodes bootstrapped together, each with its
+//!   own data dir and `node.log` (stdout and stderr of every run, appended)
+//!   under one root dir (a temp dir by default, kept and printed when the
+//!   harness panics), each in its own process group.
+//! * With [`ClusterOptions::proxied`], Raft traffic goes through a
+//!   [`ProxyMesh`]: node `i` is started with `--peers` listing its own real
+//!   listen address and the proxy `i→j` for every other node `j`. This works
+//!   because a node dials a peer at the address in its *own* copy of the
+//!   group membership, which `initialize` builds from its own `--peers` (the
+//!   membership entry at log index 0 has the same log id on every node, so
+//!   replication never overwrites it). Caveats are in the module docs of
+//!   [`crate::proxy`] users: see [`Cluster::mesh`].
+//! * Faults: [`Cluster::kill`] (SIGKILL), [`Cluster::pause`] (SIGSTOP),
+//!   [`Cluster::resume`] (SIGCONT), [`Cluster::restart`]; signals go to the
+//!   whole process group through the `kill` command (no `unsafe`, no libc).
+//! * [`NodeProcess::wait_healthy`] polls `/healthz` on the node's HTTP
+//!   listener under a deadline; [`NodeProcess::raft`] reads the Raft gauges
+//!   from `/metrics`.
+//! * [`GatewayProcess`]: a `rim gateway` seeded with the nodes' real
+//!   internal addresses (clients and gateways are never partitioned).
+//!
+//! No process outlives the harness: [`Drop`] SIGKILLs every process group,
+//! and each process runs under a tiny `sh` watchdog that SIGKILLs it when
+//! the harness's end of its stdin pipe closes, which also covers a harness
+//! that dies without unwinding.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::proxy::ProxyMesh;
+
+/// Default cluster secret of harness clusters (≥ 16 characters).
+pub const SECRET: &str = "jepsen-harness-secret-0123456789";
+/// Default fixed phone sign-in code of harness nodes.
+pub const DEV_CODE: &str = "123456";
+
+/// What went wrong controlling a process.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The `rim` binary was not found.
+    #[error("{0}")]
+    Binary(String),
+    /// An I/O error (spawn, log file, listener, signal).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A process is not healthy within the deadline.
+    #[error("{name} not healthy within {within:?} (last: {last}); log tail:\n{log_tail}")]
+    Unhealthy {
+        /// `node 2`, `gateway`.
+        name: String,
+        /// The deadline.
+        within: Duration,
+        /// The last answer or error.
+        last: String,
+        /// The end of its log.
+        log_tail: String,
+    },
+    /// A process exited on its own.
+    #[error("{name} exited on its own with {status}; log tail:\n{log_tail}")]
+    Exited {
+        /// `node 2`, `gateway`.
+        name: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// The end of its log.
+        log_tail: String,
+    },
+    /// The operation needs a running process.
+    #[error("{0} is not running")]
+    NotRunning(String),
+}
+
+/// Results of this module.
+pub type Result<T> = std::result::Result<T, ControlError>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
+    let what = what.into();
+    move |source| ControlError::Io { what, source }
+}
+
+/// The built `rim` binary: `$RIM_BIN`, else `debug/rim` (then `release/rim`)
+/// in `$CARGO_TARGET_DIR`, in the target dir holding the running executable
+/// (a test binary lives in `<target>/debug/deps/`), or in
+/// `/root/.cache/rim-target`. The error says how to build it.
+pub fn rim_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("RIM_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(ControlError::Binary(format!("RIM_BIN={} is not a file", p.display())))
+        };
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        dirs.push(PathBuf::from(t));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        // <target>/<profile>/deps/<test> or <target>/<profile>/<bin>
+        for a in exe.ancestors().skip(1).take(3) {
+            if a.join("debug").is_dir() || a.join("release").is_dir() {
+                dirs.push(a.to_path_buf());
+            }
+        }
+    }
+    dirs.push(PathBuf::from("/root/.cache/rim-target"));
+    let mut tried = Vec::new();
+    for d in &dirs {
+        for profile in ["debug", "release"] {
+            let p = d.join(profile).join("rim");
+            if p.is_file() {
+                return Ok(p);
+            }
+            tried.push(p.display().to_string());
+        }
+    }
+    Err(ControlError::Binary(format!(
+        "the rim binary was not found (tried {}); build it with `cargo build -p rim` \
+         or point RIM_BIN at it",
+        tried.join(", ")
+    )))
+}
+
+/// A loopback address that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr")
+}
+
+/// The last `n` lines of a file (or why it cannot be read).
+pub fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+/// Sends `sig` (`KILL`, `STOP`, `CONT`, `TERM`) to process group `pgid`.
+pub fn signal_group(pgid: u32, sig: &str) -> Result<()> {
+    signal(&format!("-{pgid}"), sig)
+}
+
+/// Sends `sig` to `target` (a pid, or `-pgid`) with the `kill` command.
+fn signal(target: &str, sig: &str) -> Result<()> {
+    let what = format!("kill -s {sig} -- {target}");
+    let status = Command::new("kill")
+        .args(["-s", sig, "--", target])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(io_err(what.clone()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(ControlError::Io { what, source: std::io::Error::other(format!("exited with {status}")) })
+    }
+}
+
+/// The watchdog: runs `"$@"` in the background, SIGKILLs it when stdin
+/// (the harness's pipe) reaches EOF, forwards SIGTERM to it, and exits
+/// with its status. A background list's stdin is /dev/null unless
+/// redirected, hence fd 3.
+const WATCHDOG: &str = r#"exec 3<&0
+"$@" </dev/null 3<&- &
+child=$!
+( read -r line <&3; kill -9 "$child" 2>/dev/null ) &
+exec 3<&-
+trap 'kill -TERM "$child" 2>/dev/null' TERM
+wait "$child"; st=$?
+while kill -0 "$child" 2>/dev/null; do wait "$child"; st=$?; done
+exit $st
+"#;
+
+/// One process (running or not) with its log file, in its own process group.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    bin: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+    guard: Option<ChildStdin>,
+    exited: Option<ExitStatus>,
+    paused: bool,
+    runs: u32,
+}
+
+impl Proc {
+    /// A process description; nothing is started yet.
+    pub fn new(name: &str, bin: &Path, args: Vec<String>, env: Vec<(String, String)>, log: PathBuf) -> Proc {
+        Proc {
+            name: name.into(),
+            bin: bin.to_path_buf(),
+            args,
+            env,
+            log,
+            child: None,
+            guard: None,
+            exited: None,
+            paused: false,
+            runs: 0,
+        }
+    }
+
+    /// `node 2`, `gateway`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The log file (stdout and stderr of every run, appended).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last `n` lines of the log.
+    pub fn log_tail(&self, n: usize) -> String {
+        tail(&self.log, n)
+    }
+
+    /// The command-line arguments after the binary.
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// Starts the process (no inherited `RIM_*` variables), with the same
+    /// arguments as any earlier run.
+    pub fn spawn(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        self.runs += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(io_err(format!("opening {}", self.log.display())))?;
+        let _ = writeln!(
+            log,
+            "===== run {} of {}: {} {} =====",
+            self.runs,
+            self.name,
+            self.bin.display(),
+            self.args.join(" ")
+        );
+        let err = log.try_clone().map_err(io_err("cloning the log handle"))?;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(WATCHDOG).arg("rim-watchdog").arg(&self.bin).args(&self.args);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("RIM_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.env("NO_COLOR", "1").stdin(Stdio::piped()).stdout(Stdio::from(log)).stderr(Stdio::from(err));
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn().map_err(io_err(format!("spawning {}", self.name)))?;
+        self.guard = child.stdin.take();
+        self.child = Some(child);
+        self.exited = None;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// The process group id (the watchdog's pid) while running.
+    pub fn pgid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is running (paused counts as running); reaps
+    /// it if it exited on its own.
+    pub fn is_running(&mut self) -> bool {
+        self.check().is_ok() && self.child.is_some()
+    }
+
+    /// Whether it is paused by [`Proc::pause`].
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// How the last run ended, if it exited on its own.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exited
+    }
+
+    /// An error if the process exited on its own (it is then reaped).
+    pub fn check(&mut self) -> Result<()> {
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            let _ = self.kill_group();
+            self.child = None;
+            self.guard = None;
+            self.exited = Some(status);
+        }
+        match self.exited {
+            Some(status) if self.child.is_none() => {
+                Err(ControlError::Exited { name: self.name.clone(), status, log_tail: self.log_tail(40) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn kill_group(&self) -> Result<()> {
+        match self.pgid() {
+            Some(pg) => signal_group(pg, "KILL"),
+            None => Ok(()),
+        }
+    }
+
+    /// SIGKILL to the process group, then reap. A no-op when not running.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = signal_group(c.id(), "KILL");
+            self.guard = None;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.paused = false;
+        self.exited = None;
+    }
+
+    /// SIGTERM (a graceful stop), then SIGKILL if it is still running
+    /// after `grace`. Returns the exit status if it stopped by itself.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let c = self.child.as_mut()?;
+        if self.paused {
+            let _ = signal_group(c.id(), "CONT");
+        }
+        // To the watchdog only, which forwards it to the process.
+        let _ = signal(&c.id().to_string(), "TERM");
+        let deadline = Instant::now() + grace;
+        let mut status = None;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = c.try_wait() {
+                status = Some(s);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        status
+    }
+
+    /// SIGSTOP to the process group.
+    pub fn pause(&mut self) -> Result<()> {
+        self.check()?;
+        let pg = self.pgid().ok_or_else(|| ControlError::NotRunning(self.name.clone()))?;
+        signal_group(pg, "STOP")?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// SIGCONT to the process group.
+    pub fn resume(&mut self) -> Result<()> {
+        let pg = self.pgid().ok_or_else(|| ControlError::NotRunning(self.name.clone()))?;
+        signal_group(pg, "CONT")?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Polls `http://{addr}{path}` until it answers 200, the process exits,
+    /// or `timeout` passes.
+    pub async fn wait_http_ok(&mut self, addr: SocketAddr, path: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check()?;
+            if self.child.is_none() {
+                return Err(ControlError::NotRunning(self.name.clone()));
+            }
+            let last = match http_get(addr, path, Duration::from_secs(2)).await {
+                Ok((200, _)) => return Ok(()),
+                Ok((code, body)) => format!("{code} {}", body.trim()),
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                return Err(ControlError::Unhealthy {
+                    name: self.name.clone(),
+                    within: timeout,
+                    last,
+                    log_tail: self.log_tail(40),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A minimal HTTP/1.0 GET with a deadline: (status, body).
+pub async fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::result::Result<(u16, String), String> {
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        Ok::<_, String>(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let text = tokio::time::timeout(timeout, io).await.map_err(|_| "timeout".to_string())??;
+    let status = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| format!("bad response {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// One Raft group as a node's `/metrics` shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupGauges {
+    /// Whether this node believes it leads the group.
+    pub is_leader: bool,
+    /// The current term.
+    pub term: u64,
+    /// The last log index.
+    pub last_log_index: u64,
+    /// The last applied index.
+    pub applied_index: u64,
+}
+
+/// Parses the `rim_raft_*{group="G"}` gauges of a Prometheus text page.
+pub fn parse_raft_gauges(text: &str) -> BTreeMap<u32, GroupGauges> {
+    let mut out: BTreeMap<u32, GroupGauges> = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("rim_raft_")) {
+        let Some((name, rest)) = line.split_once("{group=\"") else { continue };
+        let Some((group, rest)) = rest.split_once('"') else { continue };
+        let (Ok(group), Some(value)) = (group.parse::<u32>(), rest.rsplit(' ').next()) else { continue };
+        let Ok(v) = value.trim().parse::<f64>() else { continue };
+        let g = out.entry(group).or_default();
+        let v = v.max(0.0) as u64;
+        match name {
+            "rim_raft_is_leader" => g.is_leader = v == 1,
+            "rim_raft_term" => g.term = v,
+            "rim_raft_last_log_index" => g.last_log_index = v,
+            "rim_raft_applied_index" => g.applied_index = v,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// One `rim node` process: its addresses, data dir and log.
+#[derive(Debug)]
+pub struct NodeProcess {
+    /// Node id (≥ 1).
+    pub id: u64,
+    /// The real internal listener (Raft, gateways, admin).
+    pub listen: SocketAddr,
+    /// The client gRPC listener.
+    pub client: SocketAddr,
+    /// The HTTP listener (`/healthz`, `/metrics`).
+    pub http: SocketAddr,
+    /// The node's directory: `data/` and `node.log`.
+    pub dir: PathBuf,
+    proc: Proc,
+}
+
+impl NodeProcess {
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The process (signals, log).
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> &Path {
+        self.proc.log_path()
+    }
+
+    /// Whether it is running (paused counts).
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
+    }
+
+    /// Waits until the current run logged `node started` (after it
+    /// initialized its groups and opened its listeners).
+    pub async fn wait_started(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let marker = format!("===== run {} of {}:", self.proc.runs, self.proc.name);
+        loop {
+            self.proc.check()?;
+            let log = std::fs::read_to_string(self.proc.log_path()).unwrap_or_default();
+            let run = log.rfind(&marker).map_or("", |i| &log[i..]);
+            if run.contains("node started") {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ControlError::Unhealthy {
+                    name: self.proc.name.clone(),
+                    within: timeout,
+                    last: "no `node started` line in its log".into(),
+                    log_tail: self.proc.log_tail(40),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls `/healthz` until 200 (every hosted group has a leader and a
+    /// leader hears from a quorum), failing fast if the process exits.
+    pub async fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let http = self.http;
+        self.proc.wait_http_ok(http, "/healthz", timeout).await
+    }
+
+    /// One `/healthz` probe: (status, body), or why it failed.
+    pub async fn healthz(&self) -> std::result::Result<(u16, String), String> {
+        http_get(self.http, "/healthz", Duration::from_secs(2)).await
+    }
+
+    /// The Raft gauges of every hosted group, from `/metrics`.
+    pub async fn raft(&self) -> std::result::Result<BTreeMap<u32, GroupGauges>, String> {
+        match http_get(self.http, "/metrics", Duration::from_secs(2)).await? {
+            (200, body) => Ok(parse_raft_gauges(&body)),
+            (code, body) => Err(format!("/metrics: {code} {}", body.trim())),
+        }
+    }
+}
+
+/// How to start a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// The `rim` binary (see [`rim_bin`]).
+    pub bin: PathBuf,
+    /// Number of nodes (ids 1..=n).
+    pub nodes: u64,
+    /// Data shards (`--shards`).
+    pub shards: u32,
+    /// Route Raft traffic through a [`ProxyMesh`].
+    pub proxied: bool,
+    /// Root of the node dirs (`n1/`, `n2/`, ...); `None`: a temp dir,
+    /// removed on drop unless the harness is panicking.
+    pub dir: Option<PathBuf>,
+    /// `--cluster-secret`.
+    pub secret: String,
+    /// `--dev-code`.
+    pub dev_code: Option<String>,
+    /// Extra `rim node` flags for every node.
+    pub extra_args: Vec<String>,
+    /// Extra environment for every node, e.g. `RIM_ELECTION_MIN_MS` (the
+    /// harness's own `RIM_*` variables are never inherited).
+    pub env: Vec<(String, String)>,
+    /// Proxied start: how long to wait for every node to initialize.
+    pub start_timeout: Duration,
+}
+
+impl ClusterOptions {
+    /// `nodes` nodes of `bin`, 2 shards, direct links, defaults otherwise.
+    pub fn new(bin: PathBuf, nodes: u64) -> ClusterOptions {
+        ClusterOptions {
+            bin,
+            nodes,
+            shards: 2,
+            proxied: false,
+            dir: None,
+            secret: SECRET.into(),
+            dev_code: Some(DEV_CODE.into()),
+            extra_args: Vec::new(),
+            env: Vec::new(),
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// N `rim node` processes bootstrapped together, optionally behind a
+/// [`ProxyMesh`]. Dropping it kills every process.
+#[derive(Debug)]
+pub struct Cluster {
+    nodes: BTreeMap<u64, NodeProcess>,
+    mesh: Option<ProxyMesh>,
+    opts: ClusterOptions,
+    root: PathBuf,
+    tmp: Option<tempfile::TempDir>,
+    gateways: u32,
+}
+
+impl Cluster {
+    /// Spawns every node (without waiting for health: see
+    /// [`Cluster::wait_healthy`]). Proxied, it holds every link until each
+    /// node logged `node started` (see [`NodeProcess::wait_started`]), so
+    /// that each initializes its groups with its own address view. Needs a
+    /// tokio runtime when proxied.
+    pub async fn start(opts: ClusterOptions) -> Result<Cluster> {
+        if !opts.bin.is_file() {
+            return Err(ControlError::Binary(format!("{} is not a file", opts.bin.display())));
+        }
+        let (root, tmp) = match &opts.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
+                (d.clone(), None)
+            }
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("rim-jepsen-")
+                    .tempdir()
+                    .map_err(io_err("creating a temp dir"))?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let listen: BTreeMap<u64, SocketAddr> = (1..=opts.nodes).map(|id| (id, free_addr())).collect();
+        let mesh = if opts.proxied {
+            Some(ProxyMesh::start(&listen).await.map_err(io_err("starting the proxy mesh"))?)
+        } else {
+            None
+        };
+        let direct = listen.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
+        let mut nodes = BTreeMap::new();
+        for (&id, &addr) in &listen {
+            let dir = root.join(format!("n{id}"));
+            std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+            let (client, http) = (free_addr(), free_addr());
+            let peers = mesh.as_ref().map_or_else(|| direct.clone(), |m| m.peers_arg(id));
+            let mut args: Vec<String> = vec![
+                "node".into(),
+                "--id".into(),
+                id.to_string(),
+                "--data".into(),
+                dir.join("data").display().to_string(),
+                "--listen".into(),
+                addr.to_string(),
+                "--client-listen".into(),
+                client.to_string(),
+                "--http-listen".into(),
+                http.to_string(),
+                "--bootstrap".into(),
+                "--peers".into(),
+                peers,
+                "--shards".into(),
+                opts.shards.to_string(),
+                "--cluster-secret".into(),
+                opts.secret.clone(),
+            ];
+            if let Some(code) = &opts.dev_code {
+                args.extend(["--dev-code".into(), code.clone()]);
+            }
+            args.extend(opts.extra_args.iter().cloned());
+            let proc =
+                Proc::new(&format!("node {id}"), &opts.bin, args, opts.env.clone(), dir.join("node.log"));
+            nodes.insert(id, NodeProcess { id, listen: addr, client, http, dir, proc });
+        }
+        let mut c = Cluster { nodes, mesh, opts, root, tmp, gateways: 0 };
+        // Proxied: hold every link until each node has initialized its
+        // groups from its own `--peers`. A node that receives a vote or an
+        // append before its own `initialize` runs (its listeners open
+        // first) adopts the leader's membership entry, i.e. the leader's
+        // address view, and would then dial some peers past its own links.
+        if let Some(m) = &c.mesh {
+            m.set_all(crate::proxy::Mode::Hold);
+        }
+        for n in c.nodes.values_mut() {
+            n.proc.spawn()?;
+        }
+        if c.mesh.is_some() {
+            let deadline = Instant::now() + c.opts.start_timeout;
+            for n in c.nodes.values_mut() {
+                n.wait_started(deadline.saturating_duration_since(Instant::now())).await?;
+            }
+        }
+        if let Some(m) = &c.mesh {
+            m.heal();
+        }
+        Ok(c)
+    }
+
+    /// The node ids, ascending.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// Node `id` (panics on an unknown id).
+    pub fn node(&self, id: u64) -> &NodeProcess {
+        self.nodes.get(&id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    /// Node `id`, mutably.
+    pub fn node_mut(&mut self, id: u64) -> &mut NodeProcess {
+        self.nodes.get_mut(&id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeProcess> {
+        self.nodes.values()
+    }
+
+    /// The proxies between the nodes, when started with `proxied`.
+    ///
+    /// Raft RPCs and forwarded proposals and read-index calls follow the
+    /// per-node addresses. Known leaks (node-side, see the crate report):
+    /// a snapshot installed from the leader, or any later membership change,
+    /// carries the *leader's* address view, and `leader_addr` hints given to
+    /// gateways come from the answering node's view.
+    pub fn mesh(&self) -> Option<&ProxyMesh> {
+        self.mesh.as_ref()
+    }
+
+    /// The root dir of the node dirs.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The cluster secret.
+    pub fn secret(&self) -> &str {
+        &self.opts.secret
+    }
+
+    /// The real internal addresses (for gateways and admin clients).
+    pub fn internal_addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.values().map(|n| n.listen).collect()
+    }
+
+    /// Waits until every running, unpaused node is healthy.
+    pub async fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for n in self.nodes.values_mut() {
+            if n.proc.is_running() && !n.proc.is_paused() {
+                n.wait_healthy(deadline.saturating_duration_since(Instant::now())).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL node `id` (no-op when it is not running).
+    pub fn kill(&mut self, id: u64) {
+        self.node_mut(id).proc.kill();
+    }
+
+    /// SIGSTOP node `id`.
+    pub fn pause(&mut self, id: u64) -> Result<()> {
+        self.node_mut(id).proc.pause()
+    }
+
+    /// SIGCONT node `id`.
+    pub fn resume(&mut self, id: u64) -> Result<()> {
+        self.node_mut(id).proc.resume()
+    }
+
+    /// Starts node `id` again with its data dir (no-op when running).
+    pub fn start_node(&mut self, id: u64) -> Result<()> {
+        self.node_mut(id).proc.spawn()
+    }
+
+    /// SIGKILL, then start again with the same data dir and flags.
+    pub fn restart(&mut self, id: u64) -> Result<()> {
+        self.kill(id);
+        self.start_node(id)
+    }
+
+    /// Kills every node.
+    pub fn kill_all(&mut self) {
+        for n in self.nodes.values_mut() {
+            n.proc.kill();
+        }
+    }
+
+    /// The last `n` log lines of every node.
+    pub fn log_tails(&self, n: usize) -> String {
+        let mut out = String::new();
+        for p in self.nodes.values() {
+            out.push_str(&format!(
+                "----- node {} log tail ({}) -----\n{}\n",
+                p.id,
+                p.log_path().display(),
+                p.proc.log_tail(n)
+            ));
+        }
+        out
+    }
+
+    /// Starts a `rim gateway` seeded with every node's real internal
+    /// address; its log goes to `gw<k>/gateway.log` under the root dir.
+    pub fn start_gateway(&mut self) -> Result<GatewayProcess> {
+        self.gateways += 1;
+        let dir = self.root.join(format!("gw{}", self.gateways));
+        GatewayProcess::start(&self.opts.bin, &self.internal_addrs(), &self.opts.secret, &dir)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_all();
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tails(60));
+            if let Some(t) = self.tmp.take() {
+                eprintln!("keeping the cluster dir {}", t.keep().display());
+            }
+        }
+    }
+}
+
+/// A `rim gateway` process. Dropping it kills it.
+#[derive(Debug)]
+pub struct GatewayProcess {
+    /// The TCP (framed protobuf) listener.
+    pub tcp: SocketAddr,
+    /// The HTTP listener (`/healthz`, `/metrics`).
+    pub http: SocketAddr,
+    proc: Proc,
+}
+
+impl GatewayProcess {
+    /// Spawns a gateway with TCP and HTTP listeners on free loopback ports,
+    /// logging to `dir/gateway.log`.
+    pub fn start(bin: &Path, seeds: &[SocketAddr], secret: &str, dir: &Path) -> Result<GatewayProcess> {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let (tcp, http) = (free_addr(), free_addr());
+        let seeds = seeds.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        let args = vec![
+            "gateway".into(),
+            "--tcp".into(),
+            tcp.to_string(),
+            "--http".into(),
+            http.to_string(),
+            "--seeds".into(),
+            seeds,
+            "--cluster-secret".into(),
+            secret.into(),
+        ];
+        let mut proc = Proc::new("gateway", bin, args, Vec::new(), dir.join("gateway.log"));
+        proc.spawn()?;
+        Ok(GatewayProcess { tcp, http, proc })
+    }
+
+    /// The process (signals, log).
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// Polls `/healthz` until 200.
+    pub async fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let http = self.http;
+        self.proc.wait_http_ok(http, "/healthz", timeout).await
+    }
+
+    /// SIGTERM (drain), then SIGKILL after `grace`; the exit status if it
+    /// stopped by itself.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        self.proc.stop(grace)
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+}

@@ -1,0 +1,204 @@
+//! Real `rim node` / `rim gateway` processes under `rim_jepsen::control`.
+//!
+//! Needs the built binary (`cargo build -p rim`, or `RIM_BIN`); without it
+//! the tests fail with a message saying so. Cluster tests run one at a time.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rim_jepsen::control::{Cluster, ClusterOptions, GroupGauges, NodeProcess, parse_raft_gauges, rim_bin};
+
+/// Start-up and recovery bound on a loaded 2-core machine.
+const SLOW: Duration = Duration::from_secs(60);
+
+/// The cluster tests start real processes: one at a time.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+fn bin() -> std::path::PathBuf {
+    rim_bin().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Polls `probe` until it returns `Some`, or panics after `timeout`.
+async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn healthy(n: &NodeProcess) -> bool {
+    matches!(n.healthz().await, Ok((200, _)))
+}
+
+async fn gauges(n: &NodeProcess) -> Option<BTreeMap<u32, GroupGauges>> {
+    n.raft().await.ok().filter(|g| !g.is_empty())
+}
+
+#[test]
+fn finds_the_binary_and_parses_gauges() {
+    let b = bin();
+    assert!(b.is_file(), "{}", b.display());
+    let text = "# TYPE rim_raft_term gauge\nrim_raft_term{group=\"0\"} 3\nrim_raft_is_leader{group=\"0\"} 1\n\
+                rim_raft_applied_index{group=\"2\"} 17\nrim_raft_last_log_index{group=\"2\"} 18\nother 1\n";
+    let g = parse_raft_gauges(text);
+    assert_eq!(g[&0], GroupGauges { is_leader: true, term: 3, ..Default::default() });
+    assert_eq!(g[&2], GroupGauges { applied_index: 17, last_log_index: 18, ..Default::default() });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_pause_resume_restart_and_gateway() {
+    let _serial = serial().await;
+    let mut c = Cluster::start(ClusterOptions::new(bin(), 3)).await.unwrap();
+    c.wait_healthy(SLOW).await.unwrap();
+    assert!(c.mesh().is_none());
+
+    // Pause: the process stops answering (but runs), resume: it answers.
+    c.pause(2).unwrap();
+    assert!(c.node_mut(2).is_running() && c.node_mut(2).proc().is_paused());
+    let e = c.node(2).healthz().await.expect_err("a paused node does not answer");
+    assert!(e.contains("timeout"), "{e}");
+    c.resume(2).unwrap();
+    c.node_mut(2).wait_healthy(SLOW).await.unwrap();
+
+    // Kill: gone at once; restart from its data dir.
+    let pgid = c.node_mut(3).proc().pgid().unwrap();
+    c.kill(3);
+    assert!(!c.node_mut(3).is_running());
+    assert!(c.node(3).healthz().await.is_err(), "a killed node does not answer");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pgid}")).exists(),
+        "the killed process group leader is reaped"
+    );
+    c.restart(3).unwrap();
+    c.node_mut(3).wait_healthy(SLOW).await.unwrap();
+    // A paused node can be killed too.
+    c.pause(1).unwrap();
+    c.restart(1).unwrap();
+    c.wait_healthy(SLOW).await.unwrap();
+    let log = std::fs::read_to_string(c.node(1).log_path()).unwrap();
+    assert!(log.contains("===== run 2 of node 1"), "the log is appended across runs");
+
+    // A gateway seeded with the real addresses; SIGTERM drains it.
+    let mut gw = c.start_gateway().unwrap();
+    gw.wait_healthy(SLOW).await.unwrap();
+    let status = gw.stop(Duration::from_secs(15));
+    assert!(status.is_some(), "the gateway stopped on SIGTERM within the grace period");
+    assert!(!gw.proc().is_running());
+
+    // Drop kills every node: their HTTP listeners go away.
+    let https: Vec<_> = c.nodes().map(|n| n.http).collect();
+    drop(c);
+    for h in https {
+        assert!(
+            rim_jepsen::control::http_get(h, "/healthz", Duration::from_secs(2)).await.is_err(),
+            "{h} still answers after drop"
+        );
+    }
+}
+
+/// Raft traffic really flows through the per-link proxies: isolating a node
+/// with them deposes it and stops it from committing; healing lets it catch up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_isolation_deposes_and_heal_catches_up() {
+    let _serial = serial().await;
+    let mut opts = ClusterOptions::new(bin(), 3);
+    opts.proxied = true;
+    let mut c = Cluster::start(opts).await.unwrap();
+    c.wait_healthy(SLOW).await.unwrap();
+    let ids = c.ids();
+    let nodes: Vec<&NodeProcess> = ids.iter().map(|id| c.node(*id)).collect();
+    // Every node initialized its groups itself (with its own address view)
+    // rather than adopting a leader's membership entry.
+    for n in &nodes {
+        let log = std::fs::read_to_string(n.log_path()).unwrap();
+        assert!(!log.contains("Can not initialize"), "node {} did not initialize itself", n.id);
+    }
+
+    // The leader of the meta group (0), as every node reports it.
+    let leader = eventually(SLOW, "an agreed leader of group 0", || async {
+        let mut leaders = Vec::new();
+        for n in &nodes {
+            if gauges(n).await?.get(&0)?.is_leader {
+                leaders.push(n.id);
+            }
+        }
+        (leaders.len() == 1).then(|| leaders[0])
+    })
+    .await;
+    let mesh = c.mesh().unwrap();
+    // Its Raft RPCs (heartbeats at least) went through its outgoing proxies.
+    for &to in ids.iter().filter(|&&i| i != leader) {
+        let st = mesh.link(leader, to).stats();
+        assert!(st.forward_bytes > 0 && st.backward_bytes > 0, "link {leader}→{to}: {st:?}");
+    }
+    let others: Vec<&NodeProcess> = nodes.iter().copied().filter(|n| n.id != leader).collect();
+    let isolated = c.node(leader);
+
+    mesh.isolate(leader);
+    // The majority elects a new leader of group 0 and commits (at least
+    // the new term's blank entry) past what the isolated node has applied.
+    let (new_leader, majority_applied) =
+        eventually(SLOW, "a new leader of group 0 in the majority", || async {
+            let mut new = None;
+            let mut applied = BTreeMap::new();
+            for n in &others {
+                if !healthy(n).await {
+                    return None;
+                }
+                let g = gauges(n).await?;
+                if g.get(&0)?.is_leader {
+                    new = Some(n.id);
+                }
+                for (group, gg) in g {
+                    let a = applied.entry(group).or_insert(gg.applied_index);
+                    *a = (*a).min(gg.applied_index);
+                }
+            }
+            Some((new?, applied))
+        })
+        .await;
+    // The deposed leader cannot commit: it reports itself unhealthy (no
+    // quorum), and its meta group stays behind the majority.
+    eventually(SLOW, "the isolated node reports no quorum", || async {
+        (!healthy(isolated).await).then_some(())
+    })
+    .await;
+    let cut = gauges(isolated).await.expect("the isolated node answers /metrics");
+    assert!(
+        cut[&0].applied_index < majority_applied[&0],
+        "isolated node applied {} of group 0, the majority {}",
+        cut[&0].applied_index,
+        majority_applied[&0]
+    );
+    // Nothing reaches it: a while later it has still applied nothing new.
+    let before = mesh.link(new_leader, leader).stats();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(gauges(isolated).await.unwrap()[&0].applied_index, cut[&0].applied_index);
+    let after = mesh.link(new_leader, leader).stats();
+    assert_eq!(before.forward_bytes, after.forward_bytes, "the held link forwarded bytes");
+
+    mesh.heal();
+    eventually(SLOW, "the healed node catches up", || async {
+        if !healthy(isolated).await {
+            return None;
+        }
+        let g = gauges(isolated).await?;
+        majority_applied
+            .iter()
+            .all(|(group, a)| g.get(group).is_some_and(|x| x.applied_index >= *a))
+            .then_some(())
+    })
+    .await;
+    c.wait_healthy(SLOW).await.unwrap();
+}
