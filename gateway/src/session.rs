@@ -549,7 +549,8 @@ impl Session {
 
     /// The transport wrote `bytes` of what the session queued (TCP: bytes
     /// written to the socket; WebSocket: `encoded_frame_len` of each packet
-    /// flushed).
+    /// the writer hands to the socket, counted before the write so that a
+    /// client's answer to a packet never finds it still queued).
     pub fn on_written(&mut self, bytes: usize) {
         self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
     }

@@ -48,11 +48,13 @@
 //! errors, timer ticks ([`Session::next_deadline`]), call outcomes and push
 //! router events, and carries out its [`Action`]s in order:
 //!
-//! * `Send`: queued to the connection's writer task (bounded queue); once
-//!   flushed, [`Session::on_written`] gets `encoded_frame_len` of each
-//!   packet. A client that stops reading makes the session's send-queue
-//!   limit close the connection; if the writer queue itself fills, the
-//!   connection is dropped at once.
+//! * `Send`: queued to the connection's writer task (bounded queue); as the
+//!   writer hands each packet to the socket, [`Session::on_written`] gets
+//!   its `encoded_frame_len` (counted just before the write, so that a
+//!   client answering a packet never finds it still counted as queued).
+//!   A client that stops reading makes the session's send-queue limit close
+//!   the connection; if the writer queue itself fills, the connection is
+//!   dropped at once.
 //! * `Call`: [`Upstream::call`] on a spawned task, its outcome fed back with
 //!   [`Session::on_reply`] (the `Offline` call after a close is a bounded,
 //!   best-effort notice: see the `notice` module).
@@ -567,18 +569,37 @@ fn far_future() -> tokio::time::Instant {
 }
 
 /// Writes what the connection queues, flushing in batches, and counts the
-/// bytes flushed.
-async fn write_loop(
-    mut sink: SplitSink<Ws, Message>,
+/// bytes handed to the socket in `written`.
+///
+/// Invariant: a message is counted in `written` *before* any of its bytes
+/// are written (fed to the sink, which may write at once, or flushed), so
+/// that by the time the client can have read a message, and so send a
+/// request in answer to it, the session will see it as written
+/// ([`Conn::sync_written`] runs before every client message is handled).
+/// Counting after the flush, as this did, left a window (the writer task
+/// descheduled between the socket write and the count) in which a client
+/// syncing page by page got its next page refused as over the send-queue
+/// limit, the previous page, already read, being still counted: a
+/// reconnected device was closed as a slow consumer while reading
+/// promptly. The price is that the batch being written (at most
+/// [`FLUSH_BATCH`] plus one message) is not counted while a slow client
+/// keeps it from leaving; everything queued behind it is, so a client that
+/// stops reading still hits the limit.
+async fn write_loop<S>(
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
     mut rx: mpsc::Receiver<Out>,
     written: Arc<AtomicUsize>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     while let Some(first) = rx.recv().await {
         let mut batch = 0usize;
         let mut next = Some(first);
         while let Some(out) = next.take() {
             match out {
                 Out::Message(message, len) => {
+                    // Before the bytes can reach the client: see above.
+                    written.fetch_add(len, Ordering::AcqRel);
                     if sink.feed(message).await.is_err() {
                         return;
                     }
@@ -587,7 +608,6 @@ async fn write_loop(
                 Out::Close(frame) => {
                     let _ = sink.feed(Message::Close(Some(frame))).await;
                     let _ = sink.flush().await;
-                    written.fetch_add(batch, Ordering::AcqRel);
                     return;
                 }
             }
@@ -598,7 +618,6 @@ async fn write_loop(
         if sink.flush().await.is_err() {
             return;
         }
-        written.fetch_add(batch, Ordering::AcqRel);
     }
     let _ = sink.close().await;
 }
@@ -785,6 +804,98 @@ mod tests {
         assert!(packet_from_json(r#"{"command":"NOPE"}"#).is_err());
         assert!(packet_from_json(r#"{"content":[256]}"#).is_err());
         assert!(packet_from_json(r#"{"request_id":-1}"#).is_err());
+    }
+
+    /// A server socket that notes, at each write, how many bytes the
+    /// writer had counted as written by then.
+    struct Watched {
+        inner: tokio::io::DuplexStream,
+        written: Arc<AtomicUsize>,
+        credited_at_writes: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl tokio::io::AsyncRead for Watched {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Watched {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let credited = self.written.load(Ordering::Acquire);
+            let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+            if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+                self.credited_at_writes.lock().unwrap().push(credited);
+            }
+            r
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// The race behind a flaky slow-reader test: a client syncing page by
+    /// page answers each page as soon as it has read it, and the session
+    /// must by then count that page as written, or two pages (each under
+    /// the send-queue limit, together over it) close the connection as a
+    /// slow one. So every byte of a message leaves with the message already
+    /// counted.
+    #[tokio::test]
+    async fn messages_are_counted_written_before_their_bytes_leave() {
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        let (server, client) = tokio::io::duplex(4096);
+        let written = Arc::new(AtomicUsize::new(0));
+        let credited_at_writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let watched = Watched {
+            inner: server,
+            written: written.clone(),
+            credited_at_writes: credited_at_writes.clone(),
+        };
+        let (sink, _stream) = WebSocketStream::from_raw_socket(watched, Role::Server, None).await.split();
+        let (tx, rx) = mpsc::channel(8);
+        let writer = tokio::spawn(write_loop(sink, rx, written.clone()));
+        let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+
+        let mut total = 0;
+        for (i, size) in [100_000usize, 10, 70_000].into_iter().enumerate() {
+            let packet =
+                Packet { request_id: i as u64 + 1, content: vec![7u8; size].into(), ..Default::default() };
+            let len = encoded_frame_len(&packet);
+            tx.send(Out::Message(Message::Binary(packet.encode_to_vec().into()), len)).await.unwrap();
+            let got = client.next().await.unwrap().unwrap();
+            assert_eq!(Packet::decode(got.into_data()).unwrap(), packet);
+            total += len;
+            // The client has the message: it is counted, and was before
+            // any of its bytes were written.
+            assert_eq!(written.load(Ordering::Acquire), total);
+            let writes = std::mem::take(&mut *credited_at_writes.lock().unwrap());
+            assert!(!writes.is_empty());
+            assert!(
+                writes.iter().all(|&c| c == total),
+                "message {i}: counted {writes:?} at its writes, want {total} at each"
+            );
+        }
+        drop(tx);
+        writer.await.unwrap();
     }
 
     #[test]

@@ -346,7 +346,9 @@ async fn slow_reader_is_disconnected(kind: Kind) {
     let alice = register(&c, "alice").await;
     let bob = register(&c, "bob").await;
     let bob2 = another_device(&c, "bob").await;
-    let config = SessionConfig { send_queue_limit: 4 * SIZE, ..SessionConfig::default() };
+    // Gap-repair pages must fit the small send queue too: a resync signal
+    // (e.g. the router re-subscribing) makes the session sync by itself.
+    let config = SessionConfig { send_queue_limit: 4 * SIZE, resync_batch: 2, ..SessionConfig::default() };
     let gw = Gateway::start(c.seeds(), config).await;
     let (mut a, _) = gw.signed_in(Kind::Tcp, &alice).await;
     let (mut slow, _) = gw.signed_in_with(kind, &bob, Some(4096)).await;

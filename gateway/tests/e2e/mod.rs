@@ -228,6 +228,9 @@ pub struct Client {
     next_request: u64,
     /// Set once the server closed: the WebSocket close code, if any.
     pub closed: Option<Option<u16>>,
+    /// The reason text of the WebSocket close frame, if one came (the
+    /// gateway puts the error code's name there).
+    pub close_reason: Option<String>,
     /// The TCP stream ended inside a frame.
     pub truncated: bool,
     /// Text (JSON) messages received.
@@ -264,6 +267,7 @@ impl Client {
             unread: VecDeque::new(),
             next_request: 0,
             closed: None,
+            close_reason: None,
             truncated: false,
             texts: 0,
         }
@@ -340,6 +344,7 @@ impl Client {
                         break Read::Packet(packet_from_json(t.as_str()).expect("a JSON Packet"));
                     }
                     Ok(Some(Ok(WsMessage::Close(frame)))) => {
+                        self.close_reason = frame.as_ref().map(|f| f.reason.as_str().to_owned());
                         break Read::Closed(frame.map(|f| u16::from(f.code)));
                     }
                     Ok(Some(Ok(_))) => {} // ping, pong
@@ -378,8 +383,8 @@ impl Client {
                 Read::Packet(p) => self.unread.push_back(p),
                 Read::Closed(code) => {
                     panic!(
-                        "{:?}: closed ({code:?}) while waiting for {what}; read {:?}",
-                        self.kind, self.unread
+                        "{:?}: closed ({code:?}, reason {:?}) while waiting for {what}; read {:?}",
+                        self.kind, self.close_reason, self.unread
                     )
                 }
                 Read::Timeout => panic!("{:?}: no {what} in time; read {:?}", self.kind, self.unread),
@@ -447,7 +452,10 @@ impl Client {
                     out.push(message_of(&p));
                 }
                 Read::Packet(p) => self.unread.push_back(p),
-                other => panic!("{:?}: {other:?} while waiting for the push of seq {seq}", self.kind),
+                other => panic!(
+                    "{:?}: {other:?} (close reason {:?}) while waiting for the push of seq {seq}",
+                    self.kind, self.close_reason
+                ),
             }
         }
         out
