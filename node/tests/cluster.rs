@@ -163,6 +163,9 @@ async fn bad_requests_get_documented_codes() {
     let me =
         users.get_user(Client::authed(&dave, rim_proto::v1::GetUserRequest { user_id: 0 })).await.unwrap();
     assert_eq!(me.into_inner().user.unwrap().user_id, dave.user, "user_id 0 means the caller");
+    let many = rim_proto::v1::GetUsersRequest { user_ids: (1..=101).collect() };
+    let err = users.get_users(Client::authed(&dave, many)).await.unwrap_err();
+    assert_eq!(code(&err), ErrorCode::ErrorBadRequest, "at most 100 ids per GetUsers");
     c.shutdown().await;
 }
 
