@@ -185,7 +185,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let api = api.authenticated(me.clone());
 
     // Show recent history, then follow the list live from its head.
-    let head = api.sync_page(u64::MAX - 1, 1).await.map(|p| p.last_seq).unwrap_or(0);
+    let head = list_head(&api).await;
     let mut chat = Chat {
         api: api.clone(),
         me: me.clone(),
@@ -230,6 +230,12 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     }
     client.close().await;
     Ok(())
+}
+
+/// The seq of the newest entry of the caller's list (0 if unknown): a
+/// sync after the end returns no entries, only the head.
+async fn list_head(api: &NodeApi) -> u64 {
+    api.sync_page(u64::MAX - 1, 1).await.map(|p| p.last_seq).unwrap_or(0)
 }
 
 async fn set_peer(chat: &mut Chat, name: &str) {
@@ -280,7 +286,7 @@ async fn on_line(chat: &mut Chat, client: &Client, line: &str) -> bool {
             Err(e) => println!("! {name}: {}", describe(&e)),
         },
         Input::History(n) => {
-            let head = chat.api.sync_page(u64::MAX - 1, 1).await.map(|p| p.last_seq).unwrap_or(0);
+            let head = list_head(&chat.api).await;
             match chat.api.history(head.saturating_sub(n as u64), n).await {
                 Ok(list) if list.is_empty() => println!("(no messages yet)"),
                 Ok(list) => {

@@ -19,8 +19,9 @@
 //!   sync from their last seq wherever they reconnect.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -106,7 +107,9 @@ pub enum GatewayError {
 pub struct Gateway {
     upstream: Upstream,
     router: PushRouter,
-    tcp: Arc<Mutex<Option<TcpGateway>>>,
+    tcp: Option<TcpGateway>,
+    /// Open TCP connections (shared with the TCP transport).
+    tcp_open: Option<Arc<AtomicUsize>>,
     tcp_addr: Option<SocketAddr>,
     ws: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     ws_addr: Option<SocketAddr>,
@@ -147,7 +150,8 @@ impl Gateway {
         let mut gw = Gateway {
             upstream: upstream.clone(),
             router: router.clone(),
-            tcp: Arc::new(Mutex::new(None)),
+            tcp: None,
+            tcp_open: None,
             tcp_addr: None,
             ws: None,
             ws_addr: None,
@@ -169,7 +173,8 @@ impl Gateway {
             )
             .map_err(|source| GatewayError::Bind { addr: addr.clone(), source })?;
             gw.tcp_addr = Some(tcp.local_addr());
-            *lock(&gw.tcp) = Some(tcp);
+            gw.tcp_open = Some(tcp.connection_counter());
+            gw.tcp = Some(tcp);
         }
         if let Some(addr) = &config.ws_listen {
             let listener = bind_tokio(addr).await?;
@@ -186,7 +191,7 @@ impl Gateway {
         if let Some(addr) = &config.http_listen {
             let listener = bind_tokio(addr).await?;
             gw.http_addr = listener.local_addr().ok();
-            let app = http_app(upstream, router, gw.tcp.clone());
+            let app = http_app(upstream, router, gw.tcp_open.clone());
             gw.http = Some(tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {
                     tracing::warn!(error = %e, "gateway HTTP server stopped");
@@ -233,7 +238,7 @@ impl Gateway {
 
     /// Open TCP connections.
     pub fn tcp_connections(&self) -> usize {
-        lock(&self.tcp).as_ref().map_or(0, TcpGateway::connections)
+        self.tcp_open.as_ref().map_or(0, |n| n.load(Ordering::Acquire))
     }
 
     /// Stops accepting, tells every client to go elsewhere, drains within a
@@ -243,8 +248,7 @@ impl Gateway {
             let _ = stop.send(());
             let _ = task.await;
         }
-        let tcp = lock(&self.tcp).take();
-        if let Some(tcp) = tcp {
+        if let Some(tcp) = self.tcp.take() {
             // Joins event-loop threads: keep it off the async workers.
             let _ = tokio::task::spawn_blocking(move || tcp.shutdown()).await;
         }
@@ -262,14 +266,14 @@ async fn bind_tokio(addr: &str) -> Result<tokio::net::TcpListener, GatewayError>
         .map_err(|source| GatewayError::Bind { addr: addr.to_string(), source })
 }
 
-fn http_app(upstream: Upstream, router: PushRouter, tcp: Arc<Mutex<Option<TcpGateway>>>) -> Router {
+fn http_app(upstream: Upstream, router: PushRouter, tcp_open: Option<Arc<AtomicUsize>>) -> Router {
     let health_upstream = upstream.clone();
     Router::new()
         .route(
             "/metrics",
             get(move || {
                 let (router, upstream) = (router.clone(), upstream.clone());
-                let tcp_open = lock(&tcp).as_ref().map(TcpGateway::connections);
+                let tcp_open = tcp_open.as_ref().map(|n| n.load(Ordering::Acquire));
                 async move { render_metrics(&router, &upstream, tcp_open) }
             }),
         )
@@ -321,8 +325,4 @@ fn render_metrics(router: &PushRouter, upstream: &Upstream, tcp_open: Option<usi
         u64::from(upstream.cluster_map().is_some()),
     );
     out
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -219,6 +219,12 @@ impl TcpGateway {
         self.open.load(Ordering::Acquire)
     }
 
+    /// The live count behind [`connections`](Self::connections), for
+    /// readers that outlive this handle (metrics).
+    pub fn connection_counter(&self) -> Arc<AtomicUsize> {
+        self.open.clone()
+    }
+
     /// Stops accepting, kicks every session with `ERROR_UNAVAILABLE`
     /// ([`Session::on_shutdown`]), flushes (within a short linger), closes
     /// every connection and joins the event-loop threads. Blocks the
