@@ -7,15 +7,31 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/rim-target
 CARGO ?= cargo
 
-.PHONY: dev test lint fmt prereqs bench-store bench-send bench-connections bench-latency
+.PHONY: dev test jepsen-smoke jepsen-long lint fmt prereqs bench-store bench-send bench-connections bench-latency
 
 ## Start a local cluster (3 logic nodes and a gateway) with data in ./rim-data.
 dev: prereqs
 	$(CARGO) run --bin rim -- dev
 
-## Run every test of the workspace.
+## Run every test of the workspace, then a 60 s consistency run of the real
+## cluster under partitions, crashes and pauses (must be valid).
 test: prereqs
 	$(CARGO) test --workspace --all-targets
+	$(MAKE) --no-print-directory jepsen-smoke
+
+JEPSEN_STORE ?= $(CARGO_TARGET_DIR)/jepsen-store
+
+## The CI consistency run: 3 nodes, 60 s, partition/kill/pause; exit 0 = valid.
+jepsen-smoke: prereqs
+	$(CARGO) build -q -p rim -p rim-jepsen
+	$(CARGO) run -q -p rim-jepsen -- test --nodes 3 --time-limit 60 \
+		--nemesis partition,kill,pause --min-acked 300 --store $(JEPSEN_STORE)
+
+## The long run of docs/jepsen.md: 10 minutes, every nemesis.
+jepsen-long: prereqs
+	$(CARGO) build -q -p rim -p rim-jepsen
+	$(CARGO) run -q -p rim-jepsen -- test --nodes 3 --time-limit 600 \
+		--nemesis all --min-acked 1000 --store $(JEPSEN_STORE)
 
 ## Formatting and lints, as CI checks them.
 lint: prereqs

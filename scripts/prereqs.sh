@@ -14,6 +14,17 @@ have_libclang() {
 have_libclang || need+=(libclang-dev clang)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
+# Optional: libfaketime for the jepsen harness's clock nemesis (skipped
+# with a printed reason without it). Installed only where we may.
+optional=()
+compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || optional+=(faketime)
+if [ ${#optional[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    need+=("${optional[@]}")
+  else
+    echo "rim: optional: sudo apt-get install -y ${optional[*]} (jepsen clock faults)" >&2
+  fi
+fi
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "rim needs a Rust toolchain: https://rustup.rs (then re-run)" >&2

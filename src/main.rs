@@ -68,6 +68,10 @@ struct NodeArgs {
     /// Initial members: id=internal_addr,...
     #[arg(long)]
     peers: Option<String>,
+    /// Dial peers at these addresses instead of their cluster addresses:
+    /// id=addr,... (test harnesses: one proxy per link; also RIM_PEER_VIA).
+    #[arg(long, value_name = "ID=ADDR,...")]
+    peer_via: Option<String>,
     /// Join the cluster of this running node (internal address).
     #[arg(long)]
     join: Option<String>,
@@ -117,6 +121,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.peers {
             c.peers = rim_node::config::parse_peers(&v)?;
+        }
+        if let Some(v) = self.peer_via {
+            c.peer_via = rim_node::config::parse_peers(&v)?;
         }
         if let Some(v) = self.join {
             c.join = Some(v);

@@ -82,17 +82,11 @@ impl Terminal {
     }
 }
 
-/// A base port whose `rim dev` ports are all free right now.
+/// A base port whose `rim dev` ports (offsets 1 to 301) are all free now and
+/// outside the kernel's ephemeral range, so no outgoing connection can take one
+/// before `rim dev` binds it (see `rim_testkit`).
 fn free_base_port() -> u16 {
-    let offsets = [1u16, 2, 3, 101, 102, 103, 201, 202, 203, 204, 300, 301];
-    for attempt in 0..200u16 {
-        let base = 20_000 + (std::process::id() as u16 % 500) * 40 + attempt * 7;
-        let all_free = offsets.iter().all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
-        if all_free {
-            return base;
-        }
-    }
-    panic!("no free port range for rim dev");
+    rim_testkit::free_ports(302)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,14 +7,12 @@
 //!   own data dir and `node.log` (stdout and stderr of every run, appended)
 //!   under one root dir (a temp dir by default, kept and printed when the
 //!   harness panics), each in its own process group.
-//! * With [`ClusterOptions::proxied`], Raft traffic goes through a
-//!   [`ProxyMesh`]: node `i` is started with `--peers` listing its own real
-//!   listen address and the proxy `i→j` for every other node `j`. This works
-//!   because a node dials a peer at the address in its *own* copy of the
-//!   group membership, which `initialize` builds from its own `--peers` (the
-//!   membership entry at log index 0 has the same log id on every node, so
-//!   replication never overwrites it). Caveats are in the module docs of
-//!   [`crate::proxy`] users: see [`Cluster::mesh`].
+//! * With [`ClusterOptions::proxied`], node-to-node traffic (Raft RPCs,
+//!   forwarded proposals, read-index calls) goes through a [`ProxyMesh`]:
+//!   every node gets the same `--peers` (the real addresses, which end up in
+//!   the Raft membership and the cluster map, so gateways and leader hints
+//!   use them) and its own `--peer-via j=<proxy i→j>,...`, which only its
+//!   outgoing internal calls follow.
 //! * Faults: [`Cluster::kill`] (SIGKILL), [`Cluster::pause`] (SIGSTOP),
 //!   [`Cluster::resume`] (SIGCONT), [`Cluster::restart`]; signals go to the
 //!   whole process group through the `kill` command (no `unsafe`, no libc).
@@ -43,6 +41,21 @@ use crate::proxy::ProxyMesh;
 
 /// Default cluster secret of harness clusters (≥ 16 characters).
 pub const SECRET: &str = "jepsen-harness-secret-0123456789";
+/// The per-node libfaketime offset file, in the node's dir.
+pub const FAKETIME_FILE: &str = "faketime";
+
+/// Where Debian's `faketime` package puts the library, if installed.
+pub fn find_faketime() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+}
+
 /// Default fixed phone sign-in code of harness nodes.
 pub const DEV_CODE: &str = "123456";
 
@@ -138,10 +151,11 @@ pub fn rim_bin() -> Result<PathBuf> {
     )))
 }
 
-/// A loopback address that was free a moment ago.
+/// A loopback address that was free a moment ago, from below the kernel's
+/// ephemeral port range (see `rim-testkit`), so no outgoing connection can
+/// take it before the process it is meant for binds it.
 pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr")
+    rim_testkit::free_addr()
 }
 
 /// The last `n` lines of a file (or why it cannot be read).
@@ -577,8 +591,11 @@ pub struct ClusterOptions {
     /// Extra environment for every node, e.g. `RIM_ELECTION_MIN_MS` (the
     /// harness's own `RIM_*` variables are never inherited).
     pub env: Vec<(String, String)>,
-    /// Proxied start: how long to wait for every node to initialize.
-    pub start_timeout: Duration,
+    /// libfaketime's library: when set, every node runs under it with a
+    /// per-node offset file (see [`Cluster::set_clock_offset`]), monotonic
+    /// clocks untouched (`FAKETIME_DONT_FAKE_MONOTONIC=1`: faking them
+    /// stalls tokio timers).
+    pub faketime: Option<PathBuf>,
 }
 
 impl ClusterOptions {
@@ -594,7 +611,7 @@ impl ClusterOptions {
             dev_code: Some(DEV_CODE.into()),
             extra_args: Vec::new(),
             env: Vec::new(),
-            start_timeout: Duration::from_secs(60),
+            faketime: None,
         }
     }
 }
@@ -613,10 +630,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// Spawns every node (without waiting for health: see
-    /// [`Cluster::wait_healthy`]). Proxied, it holds every link until each
-    /// node logged `node started` (see [`NodeProcess::wait_started`]), so
-    /// that each initializes its groups with its own address view. Needs a
-    /// tokio runtime when proxied.
+    /// [`Cluster::wait_healthy`]). Needs a tokio runtime when proxied.
     pub async fn start(opts: ClusterOptions) -> Result<Cluster> {
         if !opts.bin.is_file() {
             return Err(ControlError::Binary(format!("{} is not a file", opts.bin.display())));
@@ -640,13 +654,12 @@ impl Cluster {
         } else {
             None
         };
-        let direct = listen.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
+        let peers = listen.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
         let mut nodes = BTreeMap::new();
         for (&id, &addr) in &listen {
             let dir = root.join(format!("n{id}"));
             std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
             let (client, http) = (free_addr(), free_addr());
-            let peers = mesh.as_ref().map_or_else(|| direct.clone(), |m| m.peers_arg(id));
             let mut args: Vec<String> = vec![
                 "node".into(),
                 "--id".into(),
@@ -661,7 +674,7 @@ impl Cluster {
                 http.to_string(),
                 "--bootstrap".into(),
                 "--peers".into(),
-                peers,
+                peers.clone(),
                 "--shards".into(),
                 opts.shards.to_string(),
                 "--cluster-secret".into(),
@@ -670,31 +683,27 @@ impl Cluster {
             if let Some(code) = &opts.dev_code {
                 args.extend(["--dev-code".into(), code.clone()]);
             }
+            if let Some(m) = &mesh {
+                args.extend(["--peer-via".into(), m.via_arg(id)]);
+            }
             args.extend(opts.extra_args.iter().cloned());
-            let proc =
-                Proc::new(&format!("node {id}"), &opts.bin, args, opts.env.clone(), dir.join("node.log"));
+            let mut env = opts.env.clone();
+            if let Some(lib) = &opts.faketime {
+                let file = dir.join(FAKETIME_FILE);
+                std::fs::write(&file, "+0\n").map_err(io_err(format!("writing {}", file.display())))?;
+                env.extend([
+                    ("LD_PRELOAD".to_string(), lib.display().to_string()),
+                    ("FAKETIME_DONT_FAKE_MONOTONIC".to_string(), "1".to_string()),
+                    ("FAKETIME_TIMESTAMP_FILE".to_string(), file.display().to_string()),
+                    ("FAKETIME_CACHE_DURATION".to_string(), "1".to_string()),
+                ]);
+            }
+            let proc = Proc::new(&format!("node {id}"), &opts.bin, args, env, dir.join("node.log"));
             nodes.insert(id, NodeProcess { id, listen: addr, client, http, dir, proc });
         }
         let mut c = Cluster { nodes, mesh, opts, root, tmp, gateways: 0 };
-        // Proxied: hold every link until each node has initialized its
-        // groups from its own `--peers`. A node that receives a vote or an
-        // append before its own `initialize` runs (its listeners open
-        // first) adopts the leader's membership entry, i.e. the leader's
-        // address view, and would then dial some peers past its own links.
-        if let Some(m) = &c.mesh {
-            m.set_all(crate::proxy::Mode::Hold);
-        }
         for n in c.nodes.values_mut() {
             n.proc.spawn()?;
-        }
-        if c.mesh.is_some() {
-            let deadline = Instant::now() + c.opts.start_timeout;
-            for n in c.nodes.values_mut() {
-                n.wait_started(deadline.saturating_duration_since(Instant::now())).await?;
-            }
-        }
-        if let Some(m) = &c.mesh {
-            m.heal();
         }
         Ok(c)
     }
@@ -720,12 +729,6 @@ impl Cluster {
     }
 
     /// The proxies between the nodes, when started with `proxied`.
-    ///
-    /// Raft RPCs and forwarded proposals and read-index calls follow the
-    /// per-node addresses. Known leaks (node-side, see the crate report):
-    /// a snapshot installed from the leader, or any later membership change,
-    /// carries the *leader's* address view, and `leader_addr` hints given to
-    /// gateways come from the answering node's view.
     pub fn mesh(&self) -> Option<&ProxyMesh> {
         self.mesh.as_ref()
     }
@@ -782,6 +785,17 @@ impl Cluster {
         self.start_node(id)
     }
 
+    /// Shifts node `id`'s wall clock by `offset_secs` from real time (takes
+    /// effect within a second; needs [`ClusterOptions::faketime`]).
+    pub fn set_clock_offset(&mut self, id: u64, offset_secs: i64) -> Result<()> {
+        if self.opts.faketime.is_none() {
+            return Err(ControlError::Binary("the cluster was started without faketime".into()));
+        }
+        let file = self.node(id).dir.join(FAKETIME_FILE);
+        std::fs::write(&file, format!("{offset_secs:+}\n"))
+            .map_err(io_err(format!("writing {}", file.display())))
+    }
+
     /// Kills every node.
     pub fn kill_all(&mut self) {
         for n in self.nodes.values_mut() {
@@ -829,22 +843,26 @@ impl Drop for Cluster {
 pub struct GatewayProcess {
     /// The TCP (framed protobuf) listener.
     pub tcp: SocketAddr,
+    /// The WebSocket listener (`/ws`).
+    pub ws: SocketAddr,
     /// The HTTP listener (`/healthz`, `/metrics`).
     pub http: SocketAddr,
     proc: Proc,
 }
 
 impl GatewayProcess {
-    /// Spawns a gateway with TCP and HTTP listeners on free loopback ports,
+    /// Spawns a gateway with TCP, WebSocket and HTTP listeners on free loopback ports,
     /// logging to `dir/gateway.log`.
     pub fn start(bin: &Path, seeds: &[SocketAddr], secret: &str, dir: &Path) -> Result<GatewayProcess> {
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let (tcp, http) = (free_addr(), free_addr());
+        let (tcp, ws, http) = (free_addr(), free_addr(), free_addr());
         let seeds = seeds.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
         let args = vec![
             "gateway".into(),
             "--tcp".into(),
             tcp.to_string(),
+            "--ws".into(),
+            ws.to_string(),
             "--http".into(),
             http.to_string(),
             "--seeds".into(),
@@ -854,7 +872,7 @@ impl GatewayProcess {
         ];
         let mut proc = Proc::new("gateway", bin, args, Vec::new(), dir.join("gateway.log"));
         proc.spawn()?;
-        Ok(GatewayProcess { tcp, http, proc })
+        Ok(GatewayProcess { tcp, ws, http, proc })
     }
 
     /// The process (signals, log).

@@ -33,8 +33,17 @@
 //! * `final-read` ([`FinalReadValue`]): the complete list of `user`, read
 //!   through `node` (all pages) after healing; `ok` adds `entries` and
 //!   optionally `last_seq`.
-//! * anything else ([`OpBody::Other`]): nemesis operations (process
-//!   `"nemesis"`, usually type `info`) and unknown functions, kept as raw JSON.
+//! * `push` (kept as [`OpBody::Other`], type `ok`, no invoke): a device
+//!   received entries of its user's list as a live push over its gateway
+//!   connection: `{"user":9,"device":91,"entries":[..]}`. The checker ignores
+//!   pushes; reports use them for delivery lag (ack to first observation).
+//! * nemesis operations (process `"nemesis"`, type `info`, kept as
+//!   [`OpBody::Other`]): `start-<fault>` opens a fault window and
+//!   `stop-<fault>` closes it (`fault` = `partition`, `kill`, `pause`,
+//!   `clock`), with `value` naming the targets, e.g.
+//!   `{"nodes":[2],"shape":"isolate"}`; the final phase logs `final-heal`
+//!   and `recovered`.
+//! * anything else ([`OpBody::Other`]): unknown functions, kept as raw JSON.
 //!
 //! Payload ids (`client_msg_id`) must be unique per message in a history
 //! (e.g. `p<process>-<n>`); several `send` invokes with the same id are
@@ -51,6 +60,8 @@ pub const F_SEND: &str = "send";
 pub const F_SYNC: &str = "sync";
 /// `f` of a final read.
 pub const F_FINAL_READ: &str = "final-read";
+/// `f` of a live push observed by a device (no invoke).
+pub const F_PUSH: &str = "push";
 /// The process name of the nemesis.
 pub const NEMESIS: &str = "nemesis";
 

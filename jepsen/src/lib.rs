@@ -21,10 +21,22 @@
 //!   the node-side leaks: snapshots and membership changes carry the
 //!   leader's address view).
 //!
-//! Still planned: the nemesis schedule, clock offsets (faketime) and the
-//! client workload that writes the history (`rim-jepsen test`), reports.
+//! * [`workload`]: users with several devices sending 1:1 messages and
+//!   syncing, through the gateway (TCP/WS, SDK) and client gRPC, plus the
+//!   final reads of every list through every node;
+//! * [`nemesis`]: the seeded fault schedule (partition, kill, pause, clock)
+//!   and the final heal-and-recover phase;
+//! * [`recorder`]: the shared, flushed-per-line history sink;
+//! * [`run`]: one complete `rim-jepsen test` run, from start-up to verdict;
+//! * [`report`]: the run's HTML timeline and SVG plots with fault windows,
+//!   and delivery lag.
 
 pub mod checker;
 pub mod control;
 pub mod history;
+pub mod nemesis;
 pub mod proxy;
+pub mod recorder;
+pub mod report;
+pub mod run;
+pub mod workload;

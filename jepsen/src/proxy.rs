@@ -24,8 +24,8 @@
 //!
 //! A [`ProxyMesh`] holds one proxy per ordered pair of nodes: link `i→j`
 //! carries the connections node `i` opens to node `j`, so node `i` must be
-//! told that peer `j` lives at [`ProxyMesh::addr`]`(i, j)` (see
-//! [`ProxyMesh::peers_arg`]). Partitions are expressed as Jepsen grudges
+//! told to dial peer `j` at [`ProxyMesh::addr`]`(i, j)` (see
+//! [`ProxyMesh::via_arg`], `rim node --peer-via`). Partitions are expressed as Jepsen grudges
 //! ([`Grudge`]: destination → sources it drops) and applied per direction,
 //! which is exactly what `iptables -A INPUT -s src -j DROP` on the
 //! destination does to TCP: requests `src→dst` stop on link `src→dst`, and
@@ -633,9 +633,15 @@ impl ProxyMesh {
         self.targets.keys().map(|&to| (to, self.addr(node, to))).collect()
     }
 
-    /// [`ProxyMesh::peers_for`] as a `--peers` value: `1=a:p,2=b:q,...`.
-    pub fn peers_arg(&self, node: u64) -> String {
-        self.peers_for(node).iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",")
+    /// Node `node`'s `--peer-via` value: `j=<proxy node→j>` for every other
+    /// node `j`.
+    pub fn via_arg(&self, node: u64) -> String {
+        self.targets
+            .keys()
+            .filter(|&&to| to != node)
+            .map(|&to| format!("{to}={}", self.addr(node, to)))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Sets both directions of link `from→to`.

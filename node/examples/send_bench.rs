@@ -19,8 +19,11 @@ use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::*;
 
+/// A loopback address outside the kernel's ephemeral range, free now and handed
+/// out once per process (see `rim_testkit`): an outgoing connection cannot take
+/// it before the node binds it.
 fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+    rim_testkit::free_addr_string()
 }
 
 fn authed<T>(user: u64, device: u64, token: &str, msg: T) -> tonic::Request<T> {

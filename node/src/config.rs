@@ -34,6 +34,13 @@ pub struct NodeConfig {
     /// Initial members for `bootstrap`: node id → internal address.
     #[serde(with = "peers_serde")]
     pub peers: BTreeMap<u64, String>,
+    /// Dial these peers at these addresses instead of the addresses the
+    /// cluster knows them by (Raft membership, cluster map): node id →
+    /// address. Only this node's outgoing internal calls use it, so a test
+    /// harness can route each link through its own proxy while gateways,
+    /// hints and the membership keep the real addresses. Empty in production.
+    #[serde(with = "peers_serde")]
+    pub peer_via: BTreeMap<u64, String>,
     /// Internal address of a running node to join (new node, empty data dir).
     pub join: Option<String>,
     /// Data shards of a new cluster.
@@ -151,6 +158,7 @@ impl Default for NodeConfig {
             http_listen: "127.0.0.1:7301".into(),
             bootstrap: false,
             peers: BTreeMap::new(),
+            peer_via: BTreeMap::new(),
             join: None,
             shards: 4,
             slots: 256,
@@ -189,7 +197,7 @@ impl NodeConfig {
             toml::Table::try_from(NodeConfig::default()).map_err(|e| Error::Config(e.to_string()))?;
         for (k, v) in vars {
             let Some(field) = k.strip_prefix("RIM_").map(str::to_ascii_lowercase) else { continue };
-            if field == "peers" {
+            if field == "peers" || field == "peer_via" {
                 let peers = parse_peers(&v)?;
                 let value = toml::Value::Table(
                     peers.into_iter().map(|(k, v)| (k.to_string(), toml::Value::String(v))).collect(),
@@ -252,6 +260,13 @@ impl NodeConfig {
             if self.peers.contains_key(&0) {
                 return bad("node ids must be ≥ 1".into());
             }
+        }
+        if self.peer_via.contains_key(&self.id) {
+            return bad(format!("peer_via must not list this node ({})", self.id));
+        }
+        if let Some((id, a)) = self.peer_via.iter().find(|(_, a)| a.parse::<std::net::SocketAddr>().is_err())
+        {
+            return bad(format!("peer_via: {id}={a:?} is not an ip:port address"));
         }
         if self.shards == 0 || self.shards > 4096 {
             return bad(format!("shards must be 1..=4096, got {}", self.shards));

@@ -17,7 +17,7 @@
 // openraft's RPC error types are large and fixed by its traits.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +50,8 @@ struct PeersInner {
     secret: String,
     channels: Mutex<HashMap<String, Channel>>,
     filter: Option<LinkFilter>,
+    /// Per-peer dial addresses overriding the cluster's (`peer_via`).
+    via: BTreeMap<u64, String>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -70,9 +72,13 @@ pub enum CallError {
 }
 
 impl Peers {
-    /// Connections from node `me`, authenticated with `secret`.
-    pub fn new(me: u64, secret: String, filter: Option<LinkFilter>) -> Peers {
-        Peers { inner: Arc::new(PeersInner { me, secret, channels: Mutex::new(HashMap::new()), filter }) }
+    /// Connections from node `me`, authenticated with `secret`; peer `id`
+    /// is dialled at `via[id]` when present (see `NodeConfig::peer_via`),
+    /// else at the address the caller got from the cluster.
+    pub fn new(me: u64, secret: String, filter: Option<LinkFilter>, via: BTreeMap<u64, String>) -> Peers {
+        Peers {
+            inner: Arc::new(PeersInner { me, secret, channels: Mutex::new(HashMap::new()), filter, via }),
+        }
     }
 
     /// This node's id.
@@ -115,7 +121,8 @@ impl Peers {
         req
     }
 
-    /// Sends `req` to node `to` at `addr` with `call`, honouring cut links.
+    /// Sends `req` to node `to` at `addr` (or at its `peer_via` address)
+    /// with `call`, honouring cut links.
     pub async fn call<F, Fut>(
         &self,
         to: u64,
@@ -130,6 +137,7 @@ impl Peers {
         if !self.link_up(to) {
             return Err(CallError::Unreachable(to, "link cut".into()));
         }
+        let addr = self.inner.via.get(&to).map_or(addr, String::as_str);
         let client = self.raft_client(addr).map_err(|e| CallError::Unreachable(to, e))?;
         let t0 = std::time::Instant::now();
         let res = tokio::time::timeout(timeout, call(client, timeout)).await;

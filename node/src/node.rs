@@ -118,7 +118,12 @@ impl Node {
             Some(code) => Arc::new(FixedCodeVerifier::new(code.clone())),
             None => Arc::new(NoCodeVerifier),
         };
-        let peers = Peers::new(config.id, config.cluster_secret.clone(), opts.link_filter.clone());
+        let peers = Peers::new(
+            config.id,
+            config.cluster_secret.clone(),
+            opts.link_filter.clone(),
+            config.peer_via.clone(),
+        );
         let core = Arc::new(Core::new(config.clone(), peers, tokens, codes));
         let internal = bind(&config.listen).await?;
         let client = bind(&config.client_listen).await?;

@@ -73,8 +73,11 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>) {
             }
         } else {
             // Another leader relays (and removes) the records meanwhile; when
-            // leadership comes back, start from the committed outbox.
+            // leadership comes back, start from the committed outbox. This
+            // replica relays nothing: its backlog gauge must not keep the
+            // figure of its last round as leader.
             cursor = Cursor::default();
+            metrics::gauge!("rim_relay_backlog", "shard" => group.shard.0.to_string()).set(0.0);
         }
         // Sleep until new outbox records are applied, or poll.
         let wait = async {

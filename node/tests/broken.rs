@@ -249,8 +249,11 @@ const CRASH_DIR: &str = "RIM_BROKEN_CRASH_DIR";
 const CRASH_ADDRS: &str = "RIM_BROKEN_CRASH_ADDRS";
 const CRASH_SABOTAGE: &str = "RIM_BROKEN_CRASH_SABOTAGE";
 
+/// A loopback address outside the kernel's ephemeral range, free now and handed
+/// out once per process (see `rim_testkit`): an outgoing connection cannot take
+/// it before the node binds it.
 fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+    rim_testkit::free_addr_string()
 }
 
 /// A one-node cluster (one shard) on `dir`; `addrs` = internal, client, http.

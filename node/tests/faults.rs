@@ -235,7 +235,7 @@ async fn add_and_remove_a_node_safely() {
     // A fourth node joins through node 1.
     let mut cfg = c.configs[&1].clone();
     let dir = tempfile::tempdir().unwrap();
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let free = rim_testkit::free_addr_string;
     cfg.id = 4;
     cfg.data = dir.path().to_path_buf();
     cfg.listen = free();

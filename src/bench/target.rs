@@ -165,10 +165,11 @@ impl Drop for Spawned {
     }
 }
 
-/// A loopback address that was free a moment ago.
-fn free_addr() -> anyhow::Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
+/// A loopback address outside the kernel's ephemeral range, free now and
+/// handed out once per process (see `rim_testkit`): an outgoing connection
+/// cannot take it before the spawned node binds it.
+fn free_addr() -> String {
+    rim_testkit::free_addr_string()
 }
 
 async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
@@ -180,13 +181,13 @@ async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut sp = Spawned { dir: dir.clone(), remove_dir, children: Vec::new() };
     let log = args.child_log.as_deref();
-    let internal: Vec<String> = (0..3).map(|_| free_addr()).collect::<anyhow::Result<_>>()?;
+    let internal: Vec<String> = (0..3).map(|_| free_addr()).collect();
     let peers =
         internal.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
     let mut apis = Vec::new();
     let mut https = Vec::new();
     for (i, listen) in internal.iter().enumerate() {
-        let (client, http) = (free_addr()?, free_addr()?);
+        let (client, http) = (free_addr(), free_addr());
         let id = (i + 1).to_string();
         let node_args: Vec<String> = [
             "node",
@@ -218,7 +219,7 @@ async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
     for h in &https {
         wait_healthy(&mut sp, h, Duration::from_secs(60)).await.context("waiting for the nodes")?;
     }
-    let (tcp, http) = (free_addr()?, free_addr()?);
+    let (tcp, http) = (free_addr(), free_addr());
     let mut gw_args: Vec<String> = [
         "gateway",
         "--tcp",

@@ -37,10 +37,11 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     LOCK.lock().await
 }
 
-/// A loopback address that was free a moment ago.
+/// A loopback address outside the kernel's ephemeral range, free now and handed
+/// out once per process (see `rim_testkit`): an outgoing connection cannot take
+/// it before the node binds it.
 pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").to_string()
+    rim_testkit::free_addr_string()
 }
 
 /// A `rim` command with no inherited `RIM_*` settings, in its own process group.

@@ -29,9 +29,11 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     LOCK.lock().await
 }
 
+/// A loopback address outside the kernel's ephemeral range, free now and handed
+/// out once per process (see `rim_testkit`): an outgoing connection cannot take
+/// it before the node binds it.
 pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    rim_testkit::free_addr_string()
 }
 
 /// Which gateway transport a test runs over.

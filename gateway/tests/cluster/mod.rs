@@ -18,9 +18,11 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     LOCK.lock().await
 }
 
+/// A loopback address outside the kernel's ephemeral range, free now and handed
+/// out once per process (see `rim_testkit`): an outgoing connection cannot take
+/// it before the node binds it.
 pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    rim_testkit::free_addr_string()
 }
 
 pub struct Cluster {
@@ -31,10 +33,10 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts `n` nodes with `shards` data shards and waits until every
-    /// group has a leader. The ports are picked before the nodes bind them,
-    /// so another socket (an outgoing connection's ephemeral port, another
-    /// test process) may take one meanwhile: such a start is retried from
-    /// scratch with new ports and data directories.
+    /// group has a leader. The ports are picked before the nodes bind them
+    /// (outside the ephemeral range, so no outgoing connection can take one),
+    /// but another test process may still bind one meanwhile: such a start is
+    /// retried from scratch with new ports and data directories.
     pub async fn start(n: u64, shards: u32) -> Cluster {
         let mut attempt = 1;
         loop {

@@ -171,6 +171,16 @@ impl Results {
     pub fn count(&self, kind: AnomalyKind) -> u64 {
         self.anomalies.get(kind.name()).map_or(0, |g| g.count)
     }
+
+    /// Adds a reason the run cannot be fully trusted (the harness lost
+    /// history lines, the cluster did not recover): a valid verdict becomes
+    /// unknown; anomalies found stay anomalies.
+    pub fn mark_unknown(&mut self, reason: impl Into<String>) {
+        self.unknown.push(reason.into());
+        if self.valid == Validity::Valid {
+            self.valid = Validity::Unknown;
+        }
+    }
 }
 
 /// Checks a history.
@@ -257,13 +267,18 @@ pub enum CheckDirError {
 pub fn check_dir(dir: &Path, options: &CheckOptions) -> Result<Results, CheckDirError> {
     let history = read_history(dir.join("history.jsonl"))?;
     let results = check_loaded(&history, options);
+    write_results(dir, &results)?;
+    Ok(results)
+}
+
+/// Writes `dir/results.json` and `dir/results.txt`.
+pub fn write_results(dir: &Path, results: &Results) -> Result<(), CheckDirError> {
     let write = |name: &str, text: String| {
         let path = dir.join(name);
         std::fs::write(&path, text)
             .map_err(|source| CheckDirError::Write { path: path.display().to_string(), source })
     };
-    let json = serde_json::to_string_pretty(&results).expect("results serialise");
+    let json = serde_json::to_string_pretty(results).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     write("results.json", json + "\n")?;
-    write("results.txt", render_text(&results))?;
-    Ok(results)
+    write("results.txt", render_text(results))
 }

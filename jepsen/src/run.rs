@@ -1,0 +1,358 @@
+//! `rim-jepsen test`: one complete run (`reference/jepsen.md` §1 and §6).
+//!
+//! 1. Start N `rim node` processes behind the proxy mesh (and, with the
+//!    clock nemesis, under libfaketime) and one `rim gateway` (TCP and WS),
+//!    all in the run directory `STORE/<unix-time>-s<seed>/` (`STORE/latest`
+//!    points at it).
+//! 2. Register the users and sign in their devices (before any fault).
+//! 3. For `time_limit`: the workload ([`crate::workload`]) and the nemesis
+//!    ([`crate::nemesis`]) run together, writing `history.jsonl`; a progress
+//!    line shows sends, syncs, pushes and faults.
+//! 4. Final phase: heal, restart, wait for health; wait until relays have
+//!    drained and every list stopped growing (bounded); then final reads of
+//!    every list through every node.
+//! 5. Check the history ([`crate::checker`]: `results.json`,
+//!    `results.txt`), render the report ([`crate::report`]) and write
+//!    `test.json` (options, seed, git revision, figures).
+//!
+//! Nothing outlives the run: dropping the cluster and gateway kills them.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, watch};
+use tokio::time::Instant;
+
+use crate::checker::{CheckOptions, Consistency, Results};
+use crate::control::{Cluster, ClusterOptions, ControlError, find_faketime, http_get};
+use crate::history::read_history;
+use crate::nemesis::{self, Fault, NemesisOptions};
+use crate::recorder::Recorder;
+use crate::workload::{self, Account, Endpoints, FinalReads, WorkloadOptions};
+
+/// Everything a run needs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TestOptions {
+    /// The `rim` binary.
+    pub bin: PathBuf,
+    /// Nodes (ids 1..=n).
+    pub nodes: u64,
+    /// Data shards.
+    pub shards: u32,
+    /// How long the workload and nemesis run.
+    pub time_limit: Duration,
+    /// Quiet time after recovery, before the final reads settle.
+    pub recovery_time: Duration,
+    /// The workload.
+    pub workload: WorkloadOptions,
+    /// The nemesis.
+    pub nemesis: NemesisOptions,
+    /// Where run directories go.
+    pub store: PathBuf,
+    /// TEST ONLY: `rim node --sabotage` flags (deliberately broken build).
+    pub sabotage: Option<String>,
+    /// IM-8 strength to check.
+    pub consistency: Consistency,
+    /// Print the progress line.
+    pub progress: bool,
+    /// After set-up, stop every node gracefully (SIGTERM: the node closes
+    /// its database, which persists everything) and start it again, one at
+    /// a time. The skip-fsync self-test needs it so that the cluster
+    /// membership and the users survive the crashes it then injects.
+    pub restart_after_setup: bool,
+    /// Fewer acked sends than this makes the verdict at best unknown: a
+    /// run that did nothing proves nothing.
+    pub min_acked: u64,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// The checker's verdict.
+    pub results: Results,
+    /// Figures of the run (also in `test.json`).
+    pub summary: RunSummary,
+}
+
+/// Figures of a run, written to `test.json` with the options.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RunSummary {
+    /// Faults that were asked for but skipped, with why.
+    pub skipped: Vec<String>,
+    /// Counters at the end of the workload.
+    pub counters: crate::recorder::CounterSnapshot,
+    /// Final reads done and missing.
+    pub final_reads: FinalReads,
+    /// Recovery error, if the cluster did not heal in time.
+    pub recovery_error: Option<String>,
+    /// Whether the lists settled before the final reads.
+    pub settled: bool,
+    /// Seconds the whole run took.
+    pub wall_secs: f64,
+    /// `git rev-parse --short HEAD` where the harness ran.
+    pub git_rev: String,
+}
+
+/// Why a run could not be carried out (the verdict is then "unknown").
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Starting or controlling processes failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The workload could not set up its users.
+    #[error(transparent)]
+    Workload(#[from] workload::WorkloadError),
+    /// Files of the run directory.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// Reading back the history.
+    #[error(transparent)]
+    History(#[from] crate::history::HistoryError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+    let what = what.into();
+    move |e| RunError::Io(what, e)
+}
+
+/// Runs one test. Needs a multi-threaded tokio runtime.
+pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
+    let started = Instant::now();
+    let mut summary = RunSummary { git_rev: git_rev(), ..RunSummary::default() };
+    let dir = run_dir(&opts.store, opts.nemesis.seed)?;
+    say(opts.progress, &format!("rim-jepsen: run dir {} (seed {})", dir.display(), opts.nemesis.seed));
+
+    let faketime = if opts.nemesis.faults.contains(&Fault::Clock) { find_faketime() } else { None };
+    if opts.nemesis.faults.contains(&Fault::Clock) && faketime.is_none() {
+        opts.nemesis.faults.retain(|f| *f != Fault::Clock);
+        let why = "clock nemesis skipped: libfaketime not installed (apt-get install faketime)".to_string();
+        say(true, &format!("rim-jepsen: {why}"));
+        summary.skipped.push(why);
+    }
+
+    let mut copts = ClusterOptions::new(opts.bin.clone(), opts.nodes);
+    copts.shards = opts.shards;
+    copts.proxied = true;
+    copts.dir = Some(dir.clone());
+    copts.faketime = faketime;
+    if let Some(s) = &opts.sabotage {
+        copts.extra_args.extend(["--sabotage".to_string(), s.clone()]);
+    }
+    let mut cluster = Cluster::start(copts).await?;
+    cluster.wait_healthy(Duration::from_secs(120)).await?;
+    let mut gateway = cluster.start_gateway()?;
+    gateway.wait_healthy(Duration::from_secs(60)).await?;
+    let endpoints = Endpoints {
+        gateway_tcp: gateway.tcp,
+        gateway_ws: gateway.ws,
+        nodes: cluster.nodes().map(|n| (n.id, n.client)).collect(),
+    };
+    let http: BTreeMap<u64, std::net::SocketAddr> = cluster.nodes().map(|n| (n.id, n.http)).collect();
+
+    let recorder =
+        Arc::new(Recorder::create(&dir.join("history.jsonl")).map_err(io("creating history.jsonl"))?);
+    let accounts =
+        workload::setup(&endpoints, &opts.workload, Instant::now() + Duration::from_secs(90)).await?;
+    say(
+        opts.progress,
+        &format!(
+            "rim-jepsen: {} users, {} devices each; running for {:?}",
+            accounts.len(),
+            opts.workload.devices,
+            opts.time_limit
+        ),
+    );
+
+    if opts.restart_after_setup {
+        for id in cluster.ids() {
+            cluster.node_mut(id).proc().stop(Duration::from_secs(20));
+            cluster.start_node(id)?;
+            cluster.wait_healthy(Duration::from_secs(120)).await?;
+        }
+    }
+    let cluster = Arc::new(Mutex::new(cluster));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nemesis_task =
+        tokio::spawn(nemesis::run(cluster.clone(), recorder.clone(), opts.nemesis.clone(), stop_rx.clone()));
+    let progress_task =
+        tokio::spawn(progress(recorder.clone(), opts.time_limit, opts.progress, stop_rx.clone()));
+    let workload_run = workload::run(recorder.clone(), &accounts, &endpoints, &opts.workload, stop_rx);
+    let timer = async {
+        tokio::time::sleep(opts.time_limit).await;
+        let _ = stop_tx.send(true);
+    };
+    tokio::join!(workload_run, timer);
+    let _ = nemesis_task.await;
+    let _ = progress_task.await;
+    summary.counters = recorder.snapshot();
+
+    say(opts.progress, "rim-jepsen: final phase: heal, restart, recover");
+    if let Err(e) = nemesis::final_phase(&cluster, &mut gateway, &recorder, Duration::from_secs(120)).await {
+        say(true, &format!("rim-jepsen: recovery failed: {e}"));
+        summary.recovery_error = Some(e);
+    }
+    tokio::time::sleep(opts.recovery_time).await;
+    summary.settled =
+        settle(&accounts, &endpoints, &http, opts.workload.op_timeout, Duration::from_secs(60)).await;
+    summary.final_reads = workload::final_reads(
+        &recorder,
+        &accounts,
+        &endpoints,
+        opts.workload.op_timeout,
+        Instant::now() + Duration::from_secs(120),
+    )
+    .await;
+    let write_error = recorder.error();
+    drop(recorder);
+    gateway.stop(Duration::from_secs(5));
+    drop(gateway);
+    cluster.lock().await.kill_all();
+
+    let history = read_history(dir.join("history.jsonl"))?;
+    let mut results = crate::checker::check_loaded(
+        &history,
+        &CheckOptions { consistency: opts.consistency, single_shard: false },
+    );
+    if summary.counters.sends_ok < opts.min_acked {
+        results.mark_unknown(format!(
+            "only {} acked sends, fewer than the {} required",
+            summary.counters.sends_ok, opts.min_acked
+        ));
+    }
+    if let Some(e) = write_error
+        .or_else(|| summary.recovery_error.clone().map(|e| format!("the cluster did not recover: {e}")))
+    {
+        results.mark_unknown(e);
+    }
+    crate::checker::write_results(&dir, &results)
+        .map_err(|e| RunError::Io("writing results".into(), std::io::Error::other(e.to_string())))?;
+    crate::report::write_report(&dir, &history.ops, &results).map_err(io("writing the report"))?;
+    summary.wall_secs = started.elapsed().as_secs_f64();
+    let test = serde_json::json!({ "options": opts, "summary": summary });
+    std::fs::write(dir.join("test.json"), serde_json::to_vec_pretty(&test).unwrap_or_default())
+        .map_err(io("writing test.json"))?;
+    Ok(RunOutcome { dir, results, summary })
+}
+
+fn say(on: bool, line: &str) {
+    if on {
+        eprintln!("{line}");
+    }
+}
+
+/// Creates `store/<unix-secs>-s<seed>` and points `store/latest` at it.
+fn run_dir(store: &Path, seed: u64) -> Result<PathBuf, RunError> {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let name = format!("{secs}-s{seed}");
+    let dir = store.join(&name);
+    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    let latest = store.join("latest");
+    let _ = std::fs::remove_file(&latest);
+    let _ = std::os::unix::fs::symlink(&name, &latest);
+    Ok(dir)
+}
+
+fn git_rev() -> String {
+    if let Ok(v) = std::env::var("RIM_GIT_REV") {
+        return v;
+    }
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Prints a progress line every second on a terminal (every 10 s
+/// otherwise) until `stop`.
+async fn progress(recorder: Arc<Recorder>, limit: Duration, on: bool, mut stop: watch::Receiver<bool>) {
+    if !on {
+        return;
+    }
+    let tty = std::io::stderr().is_terminal();
+    let every = if tty { Duration::from_secs(1) } else { Duration::from_secs(10) };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let c = recorder.snapshot();
+        let line = format!(
+            "[{:>4.0}s/{}s] sends ok {} info {} fail {} · syncs {} · pushes {} · nemesis events {}",
+            recorder.elapsed_secs(),
+            limit.as_secs(),
+            c.sends_ok,
+            c.sends_info,
+            c.sends_fail,
+            c.syncs,
+            c.pushes,
+            c.faults
+        );
+        if tty {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+}
+
+/// Waits (at most `timeout`) until no node reports a relay backlog and
+/// every user's list head stayed the same over one poll, so final reads see
+/// what the relays still had to deliver. True if it settled.
+async fn settle(
+    accounts: &[Account],
+    endpoints: &Endpoints,
+    http: &BTreeMap<u64, std::net::SocketAddr>,
+    op_timeout: Duration,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut previous: Option<Vec<u64>> = None;
+    while Instant::now() < deadline {
+        let mut backlog = 0.0;
+        for addr in http.values() {
+            if let Ok((200, body)) = http_get(*addr, "/metrics", Duration::from_secs(2)).await {
+                backlog += body
+                    .lines()
+                    .filter(|l| l.starts_with("rim_relay_backlog"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>();
+            }
+        }
+        let heads = list_heads(accounts, endpoints, op_timeout).await;
+        if backlog == 0.0 && heads.is_some() && heads == previous {
+            return true;
+        }
+        previous = heads;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    false
+}
+
+/// Every user's list head, read through the first node that answers.
+async fn list_heads(accounts: &[Account], endpoints: &Endpoints, op_timeout: Duration) -> Option<Vec<u64>> {
+    let mut heads = Vec::new();
+    'users: for account in accounts {
+        let creds = account.devices.first()?;
+        for addr in endpoints.nodes.values() {
+            let Ok(api) = rim_client::NodeApi::new(&addr.to_string()) else { continue };
+            let api = api.with_timeout(op_timeout).authenticated(creds.clone());
+            if let Ok(Ok(out)) = tokio::time::timeout(op_timeout, api.sync_page(0, 1)).await {
+                heads.push(out.last_seq);
+                continue 'users;
+            }
+        }
+        return None;
+    }
+    Some(heads)
+}
