@@ -394,3 +394,32 @@ pub async fn final_phase(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fault_lists() {
+        assert_eq!(
+            Fault::parse_list("partition,kill,pause").unwrap(),
+            vec![Fault::Partition, Fault::Kill, Fault::Pause]
+        );
+        assert_eq!(Fault::parse_list("all").unwrap().len(), 4);
+        assert_eq!(Fault::parse_list("kill, kill").unwrap(), vec![Fault::Kill]);
+        assert!(Fault::parse_list("none").unwrap().is_empty());
+        assert!(Fault::parse_list("").unwrap().is_empty());
+        let e = Fault::parse_list("partition,flood").unwrap_err();
+        assert!(e.contains("flood"), "{e}");
+    }
+
+    #[test]
+    fn periods_stay_within_half_and_one_and_a_half_intervals() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let interval = Duration::from_secs(4);
+        for _ in 0..1000 {
+            let p = period(&mut rng, interval);
+            assert!(p >= Duration::from_secs(2) && p < Duration::from_secs(6), "{p:?}");
+        }
+    }
+}

@@ -386,6 +386,22 @@ mod tests {
     }
 
     #[test]
+    fn peer_via_parses_and_is_validated() {
+        let mut c = valid();
+        c.apply_env([("RIM_PEER_VIA".to_string(), "2=127.0.0.1:9002".to_string())]).unwrap();
+        assert_eq!(c.peer_via.get(&2).map(String::as_str), Some("127.0.0.1:9002"));
+        c.validate().unwrap();
+        let t = NodeConfig::from_toml("[peer_via]\n3 = \"127.0.0.1:9003\"\n").unwrap();
+        assert_eq!(t.peer_via.get(&3).map(String::as_str), Some("127.0.0.1:9003"));
+        c.peer_via.insert(1, "127.0.0.1:9001".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("this node"), "{e}");
+        c.peer_via = [(2, "nowhere".to_string())].into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("peer_via") && e.contains("nowhere"), "{e}");
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let mut c = NodeConfig::default();
         let e = c.apply_env([("RIM_SHARDS".to_string(), "many".to_string())]).unwrap_err();

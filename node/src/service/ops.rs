@@ -131,9 +131,9 @@ pub async fn ensure_user_exists(core: &Core, user: u64) -> Result<()> {
 pub async fn sync(core: &Core, user: u64, input: v1::SyncInput) -> Result<v1::SyncOutput> {
     let shard = core.shard_of_user(user)?;
     let g = core.read_barrier(shard).await?;
+    // Entries and last_seq come from one snapshot (see `Reader::sync`).
     let page = g.reader.sync(UserId(user), Seq(input.after_seq), clamp_limit(input.limit))?;
-    let last_seq = g.reader.user_head(UserId(user))?.last_seq;
-    Ok(v1::SyncOutput { messages: page.messages, has_more: page.has_more, last_seq })
+    Ok(v1::SyncOutput { messages: page.messages, has_more: page.has_more, last_seq: page.head.last_seq })
 }
 
 /// Reads a group list after `after_group_seq`, for a member (or anyone, for rooms).
@@ -155,13 +155,11 @@ pub async fn sync_group(core: &Core, user: u64, input: v1::SyncGroupInput) -> Re
         after = after.max(m.joined_group_seq);
     }
     let page = g.reader.sync_group(GroupId(input.group_id), Seq(after), clamp_limit(input.limit))?;
-    let last_group_seq = g.reader.group_head(GroupId(input.group_id))?.last_seq;
-    let first_group_seq = g.reader.group_head(GroupId(input.group_id))?.first_seq.max(1);
     Ok(v1::SyncGroupOutput {
         messages: page.messages,
         has_more: page.has_more,
-        last_group_seq,
-        first_group_seq,
+        last_group_seq: page.head.last_seq,
+        first_group_seq: page.head.first_seq.max(1),
     })
 }
 

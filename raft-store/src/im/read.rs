@@ -16,13 +16,17 @@ use crate::keys;
 /// Raw `(key, value)` rows.
 type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// A page of a list.
+/// A page of a list, read from one consistent snapshot: without
+/// `has_more`, the last entry returned is the head's `last_seq` (or the
+/// page is empty and `after` ≥ it).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Page {
     /// Entries in seq order.
     pub messages: Vec<Message>,
     /// More entries follow the last one returned.
     pub has_more: bool,
+    /// The list's head at the same snapshot as the entries.
+    pub head: ListHead,
 }
 
 /// Read access to one shard's state.
@@ -47,22 +51,32 @@ impl Reader {
     /// at most `limit` (+1 to learn whether more follow).
     fn range(&self, prefix: &[u8], start: Vec<u8>, limit: usize) -> Result<(Rows, bool)> {
         let cf = self.db.cf(CF_SM);
-        let mut out = Vec::new();
         let iter =
             self.db.raw().iterator_cf(cf, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));
-        for item in iter {
-            let (k, v) = item?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            if out.len() == limit {
-                return Ok((out, true));
-            }
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok((out, false))
+        collect_range(iter, prefix, limit)
     }
+}
 
+/// Up to `limit` rows of `iter` while keys share `prefix`, and whether more follow.
+fn collect_range<I>(iter: I, prefix: &[u8], limit: usize) -> Result<(Rows, bool)>
+where
+    I: Iterator<Item = std::result::Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
+{
+    let mut out = Vec::new();
+    for item in iter {
+        let (k, v) = item?;
+        if !k.starts_with(prefix) {
+            break;
+        }
+        if out.len() == limit {
+            return Ok((out, true));
+        }
+        out.push((k.to_vec(), v.to_vec()));
+    }
+    Ok((out, false))
+}
+
+impl Reader {
     /// A user's profile.
     pub fn user(&self, u: UserId) -> Result<Option<UserRecord>> {
         self.get(&keys::user(self.shard, u))
@@ -100,7 +114,7 @@ impl Reader {
     pub fn sync(&self, u: UserId, after: Seq, limit: usize) -> Result<Page> {
         let prefix = keys::Key::new(self.shard, keys::Table::UserMsg).u64(u.0).into_vec();
         let start = keys::user_msg(self.shard, u, after.next());
-        self.page(&prefix, start, limit)
+        self.page(&prefix, start, limit, &keys::user_head(self.shard, u))
     }
 
     /// Head of a group list.
@@ -113,13 +127,22 @@ impl Reader {
     pub fn sync_group(&self, g: GroupId, after: Seq, limit: usize) -> Result<Page> {
         let prefix = keys::Key::new(self.shard, keys::Table::GroupMsg).u64(g.0).into_vec();
         let start = keys::group_msg(self.shard, g, after.next());
-        self.page(&prefix, start, limit)
+        self.page(&prefix, start, limit, &keys::group_head(self.shard, g))
     }
 
-    fn page(&self, prefix: &[u8], start: Vec<u8>, limit: usize) -> Result<Page> {
-        let (rows, has_more) = self.range(prefix, start, limit)?;
+    /// Entries and head from one RocksDB snapshot: an append applied
+    /// between reading the entries and reading the head would otherwise
+    /// give a `last_seq` beyond the entries with `has_more = false`, and a
+    /// client trusting it would skip that entry (found by the jepsen
+    /// harness as an IM-3 gap).
+    fn page(&self, prefix: &[u8], start: Vec<u8>, limit: usize, head_key: &[u8]) -> Result<Page> {
+        let cf = self.db.cf(CF_SM);
+        let snap = self.db.raw().snapshot();
+        let head = snap.get_pinned_cf(cf, head_key)?.map(|v| db::decode(&v)).transpose()?.unwrap_or_default();
+        let iter = snap.iterator_cf(cf, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));
+        let (rows, has_more) = collect_range(iter, prefix, limit)?;
         let messages = rows.iter().map(|(_, v)| db::decode(v)).collect::<Result<_>>()?;
-        Ok(Page { messages, has_more })
+        Ok(Page { messages, has_more, head })
     }
 
     /// A group (dissolved ones included, flagged).
