@@ -112,6 +112,9 @@ struct TestArgs {
     /// Gracefully restart every node after set-up (see the skip-fsync self-test).
     #[arg(long)]
     restart_after_setup: bool,
+    /// Keep the nodes' data dirs of a valid run (kept anyway otherwise).
+    #[arg(long)]
+    keep_data: bool,
     /// No progress line.
     #[arg(long, short)]
     quiet: bool,
@@ -160,6 +163,7 @@ impl TestArgs {
             progress: !self.quiet,
             min_acked: self.min_acked,
             restart_after_setup: self.restart_after_setup,
+            keep_data: self.keep_data,
         })
     }
 }

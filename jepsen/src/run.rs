@@ -63,6 +63,9 @@ pub struct TestOptions {
     /// a time. The skip-fsync self-test needs it so that the cluster
     /// membership and the users survive the crashes it then injects.
     pub restart_after_setup: bool,
+    /// Keep the nodes' data dirs of a valid run (they are always kept when
+    /// the verdict is not valid; logs, history and report are always kept).
+    pub keep_data: bool,
     /// Fewer acked sends than this makes the verdict at best unknown: a
     /// run that did nothing proves nothing.
     pub min_acked: u64,
@@ -232,6 +235,12 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
     crate::checker::write_results(&dir, &results)
         .map_err(|e| RunError::Io("writing results".into(), std::io::Error::other(e.to_string())))?;
     crate::report::write_report(&dir, &history.ops, &results).map_err(io("writing the report"))?;
+    if results.valid == crate::checker::Validity::Valid && !opts.keep_data {
+        // A few hundred MB per run otherwise (RocksDB preallocates).
+        for id in 1..=opts.nodes {
+            let _ = std::fs::remove_dir_all(dir.join(format!("n{id}")).join("data"));
+        }
+    }
     summary.wall_secs = started.elapsed().as_secs_f64();
     let test = serde_json::json!({ "options": opts, "summary": summary });
     std::fs::write(dir.join("test.json"), serde_json::to_vec_pretty(&test).unwrap_or_default())

@@ -47,6 +47,7 @@ async fn retry_same_id_under_leader_kills_is_valid() {
         progress: false,
         min_acked: 100,
         restart_after_setup: false,
+        keep_data: false,
     };
     let outcome = run_test(opts).await.unwrap_or_else(|e| panic!("the harness could not run: {e}"));
     let text = rim_jepsen::checker::render_text(&outcome.results);
@@ -64,4 +65,5 @@ async fn retry_same_id_under_leader_kills_is_valid() {
     assert!(retried > 0, "no payload id was re-sent; run dir {}:\n{text}", outcome.dir.display());
     assert!(outcome.results.stats.nemesis_events > 0, "no fault injected");
     assert!(outcome.summary.final_reads.missing.is_empty(), "{:?}", outcome.summary.final_reads);
+    let _ = std::fs::remove_dir_all(&outcome.dir);
 }
