@@ -514,7 +514,7 @@ async fn a_page_and_its_head_come_from_one_snapshot() {
             (_, true) => assert!(page.head.last_seq > page.messages.last().map_or(after, |m| m.seq)),
         }
         // Alternate between reading from the start and near the head.
-        after = if reads % 2 == 0 { 0 } else { page.head.last_seq.saturating_sub(3) };
+        after = if reads.is_multiple_of(2) { 0 } else { page.head.last_seq.saturating_sub(3) };
         if done {
             break;
         }
