@@ -35,8 +35,9 @@
 //!   optionally `last_seq`.
 //! * `push` (kept as [`OpBody::Other`], type `ok`, no invoke): a device
 //!   received entries of its user's list as a live push over its gateway
-//!   connection: `{"user":9,"device":91,"entries":[..]}`. The checker ignores
-//!   pushes; reports use them for delivery lag (ack to first observation).
+//!   connection: `{"user":9,"device":91,"entries":[..]}`. The checker uses
+//!   them as observations of `user`'s list (agreement, message ids); reports
+//!   use them for delivery lag (ack to first observation).
 //! * nemesis operations (process `"nemesis"`, type `info`, kept as
 //!   [`OpBody::Other`]): `start-<fault>` opens a fault window and
 //!   `stop-<fault>` closes it (`fault` = `partition`, `kill`, `pause`,

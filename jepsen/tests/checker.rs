@@ -122,6 +122,23 @@ fn divergence() {
 }
 
 #[test]
+fn pushes_that_agree_pass_and_a_push_at_a_taken_seq_is_a_divergence() {
+    let mut h = H::new();
+    h.ok_send(1, 2, "a", 1);
+    h.ok_send(3, 2, "b", 1);
+    let e = h.entries_from(1, &["a"]);
+    h.push_to(2, e);
+    h.finals(1, &["a"]);
+    h.finals(3, &["b"]);
+    h.finals(2, &["a", "b"]);
+    assert_valid(&h.check());
+    // A push claiming seq 1 of u2 for b, which every read has at seq 2.
+    let e = h.entries_from(1, &["b"]);
+    h.push_to(2, e);
+    assert_only(&h.check(), K::Divergence);
+}
+
+#[test]
 fn final_read_mismatch() {
     let mut h = H::new();
     h.ok_send(1, 2, "a", 1);

@@ -121,12 +121,16 @@ impl Read {
 }
 
 /// A `(list, seq) → msg` fact, in completion order.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum ObsSource {
     /// A send's ok completion: the message is at `seq` of the sender's list.
     Ack { call: usize, msg: MsgId, seq: u64 },
     /// Every entry of a read.
     Read(usize),
+    /// A live push to a device of `user` (history index `op`): the entries
+    /// claim positions in `user`'s list, so they join the agreement (IM-1)
+    /// and message-id checks, but not the read checks (a push is no read).
+    Push { op: u64, user: u64, entries: Vec<ObsEntry> },
 }
 
 /// The indexed history.
@@ -182,9 +186,14 @@ impl<'a> Index<'a> {
                 OpBody::Send(v) => CallKind::Send(ix.intern(&v.client_msg_id)),
                 OpBody::Sync(v) => CallKind::Sync { user: v.user, device: v.device },
                 OpBody::FinalRead(v) => CallKind::Final { user: v.user },
-                // Pushes have no invoke and are not checked (reports use
-                // them for delivery lag).
-                OpBody::Other { f, .. } if f == crate::history::F_PUSH => continue,
+                // Pushes have no invoke: observations of the pushed-to
+                // user's list, outside the pairing rules.
+                OpBody::Other { f, value } if f == crate::history::F_PUSH => {
+                    if op.op_type == OpType::Ok {
+                        ix.add_push(op.index, value);
+                    }
+                    continue;
+                }
                 OpBody::Other { f, .. } => {
                     *other_fs.entry(f.as_str()).or_default() += 1;
                     continue;
@@ -355,6 +364,23 @@ impl<'a> Index<'a> {
                 to: e.to,
             })
             .collect()
+    }
+
+    /// Records a push `{"user":U,"device":D,"entries":[..]}`; a push that
+    /// does not parse is a warning, not an anomaly.
+    fn add_push(&mut self, index: u64, value: &serde_json::Value) {
+        #[derive(serde::Deserialize)]
+        struct Push {
+            user: u64,
+            entries: Vec<Entry>,
+        }
+        match serde_json::from_value::<Push>(value.clone()) {
+            Ok(p) => {
+                let entries = self.entries(Some(&p.entries), index);
+                self.obs.push(ObsSource::Push { op: index, user: p.user, entries });
+            }
+            Err(e) => self.warnings.push(format!("push op {index} ignored: {e}")),
+        }
     }
 
     fn push_read(&mut self, call: usize, read: Read) {

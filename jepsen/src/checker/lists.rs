@@ -86,8 +86,8 @@ pub(crate) fn agreement(ix: &Index, sink: &mut Sink) -> Positions {
         }
     };
     for src in &ix.obs {
-        match *src {
-            ObsSource::Ack { call, msg, seq } => {
+        match src {
+            &ObsSource::Ack { call, msg, seq } => {
                 let Some(info) = ix.msg(msg) else { continue };
                 let op = ix.done_op(call);
                 observe(info.from, seq, msg, op, sink);
@@ -98,12 +98,18 @@ pub(crate) fn agreement(ix: &Index, sink: &mut Sink) -> Positions {
                     check_id(msg, id, op, sink);
                 }
             }
-            ObsSource::Read(r) => {
+            &ObsSource::Read(r) => {
                 let read = &ix.reads[r];
                 let op = ix.done_op(read.call);
                 for e in &read.entries {
                     observe(read.user, e.seq, e.msg, op, sink);
                     check_id(e.msg, e.message_id, op, sink);
+                }
+            }
+            ObsSource::Push { op, user, entries } => {
+                for e in entries {
+                    observe(*user, e.seq, e.msg, *op, sink);
+                    check_id(e.msg, e.message_id, *op, sink);
                 }
             }
         }

@@ -147,6 +147,17 @@ impl H {
         }
     }
 
+    /// A live push of `entries` to a device of `user` (no invoke).
+    pub fn push_to(&mut self, user: u64, entries: Vec<Entry>) {
+        let p = self.process();
+        let value = serde_json::json!({ "user": user, "device": 1, "entries": entries });
+        self.push(
+            OpType::Ok,
+            Process::Worker(p),
+            OpBody::Other { f: rim_jepsen::history::F_PUSH.into(), value },
+        );
+    }
+
     pub fn nemesis(&mut self, f: &str) {
         self.push(
             OpType::Info,
