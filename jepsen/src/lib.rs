@@ -21,6 +21,8 @@
 //!   the node-side leaks: snapshots and membership changes carry the
 //!   leader's address view).
 //!
+//! * [`process`]: one OS process in its own process group under a
+//!   watchdog, with its log and signals (used by [`control`]);
 //! * [`workload`]: users with several devices sending 1:1 messages and
 //!   syncing, through the gateway (TCP/WS, SDK) and client gRPC, plus the
 //!   final reads of every list through every node;
@@ -35,6 +37,7 @@ pub mod checker;
 pub mod control;
 pub mod history;
 pub mod nemesis;
+pub mod process;
 pub mod proxy;
 pub mod recorder;
 pub mod report;

@@ -158,6 +158,7 @@ impl TestArgs {
                 targets: Vec::new(),
             },
             store: self.store,
+            node_env: Vec::new(),
             sabotage: self.sabotage,
             consistency: self.consistency,
             progress: !self.quiet,

@@ -7,7 +7,8 @@
 //!
 //! * `partition`: a grudge over the proxy mesh, black-holing (`hold`) or, one
 //!   time in four, resetting the links: isolate one node, isolate the
-//!   current leader of a shard, halves, majorities ring, bridge;
+//!   current leader of a shard, halves, majorities ring, bridge, one-way
+//!   (requests arrive, answers are lost);
 //! * `kill`: SIGKILL one node, the leader of a shard, a majority, or every
 //!   node, and start them again from their data dirs when the fault ends;
 //! * `pause`: SIGSTOP one node, a leader or a majority; SIGCONT at the end;
@@ -110,6 +111,9 @@ pub enum Shape {
     MajoritiesRing,
     /// Two halves joined by one node.
     Bridge,
+    /// One-way: node `a` drops everything from node `b`, so `a`'s requests
+    /// to `b` arrive and take effect but their answers never come back.
+    OneWay,
 }
 
 /// Nemesis settings.
@@ -250,6 +254,7 @@ async fn apply(
                     Shape::Halves,
                     Shape::MajoritiesRing,
                     Shape::Bridge,
+                    Shape::OneWay,
                 ]
             } else {
                 opts.shapes.clone()
@@ -267,8 +272,11 @@ async fn apply(
                 Shape::Halves => grudge::halves(&order),
                 Shape::MajoritiesRing => grudge::majorities_ring(&order),
                 Shape::Bridge => grudge::bridge(&order),
+                Shape::OneWay if order.len() >= 2 => [(order[0], [order[1]].into())].into(),
+                Shape::OneWay => Grudge::new(),
             };
-            let reset = rng.gen_range(0..4) == 0;
+            // A reset cuts a link both ways: a one-way partition holds.
+            let reset = shape != Shape::OneWay && rng.gen_range(0..4) == 0;
             let mode = if reset { Mode::Reset } else { Mode::Hold };
             c.mesh()?.partition(&grudge, mode);
             let value = json!({

@@ -52,6 +52,8 @@ pub struct TestOptions {
     pub nemesis: NemesisOptions,
     /// Where run directories go.
     pub store: PathBuf,
+    /// Extra environment of every node, e.g. `RIM_REQUEST_TIMEOUT_MS`.
+    pub node_env: Vec<(String, String)>,
     /// TEST ONLY: `rim node --sabotage` flags (deliberately broken build).
     pub sabotage: Option<String>,
     /// IM-8 strength to check.
@@ -69,6 +71,45 @@ pub struct TestOptions {
     /// Fewer acked sends than this makes the verdict at best unknown: a
     /// run that did nothing proves nothing.
     pub min_acked: u64,
+}
+
+impl TestOptions {
+    /// The defaults of `rim-jepsen test` (3 nodes, 4 shards, 60 s,
+    /// partition/kill/pause every ~5 s, 6 users × 2 devices at 40 ops/s),
+    /// with run dirs under the system temp dir; tests adjust the fields.
+    pub fn new(bin: PathBuf, seed: u64) -> TestOptions {
+        TestOptions {
+            bin,
+            nodes: 3,
+            shards: 4,
+            time_limit: Duration::from_secs(60),
+            recovery_time: Duration::from_secs(3),
+            workload: WorkloadOptions {
+                users: 6,
+                devices: 2,
+                rate: 40.0,
+                op_timeout: Duration::from_secs(5),
+                retry_same_id: false,
+                transport: crate::workload::GatewayTransport::Mixed,
+                seed,
+            },
+            nemesis: NemesisOptions {
+                faults: vec![Fault::Partition, Fault::Kill, Fault::Pause],
+                interval: Duration::from_secs(5),
+                seed,
+                shapes: Vec::new(),
+                targets: Vec::new(),
+            },
+            store: std::env::temp_dir().join("rim-jepsen"),
+            node_env: Vec::new(),
+            sabotage: None,
+            consistency: Consistency::Linearizable,
+            progress: true,
+            min_acked: 0,
+            restart_after_setup: false,
+            keep_data: false,
+        }
+    }
 }
 
 /// What a run produced.
@@ -143,6 +184,7 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
     copts.proxied = true;
     copts.dir = Some(dir.clone());
     copts.faketime = faketime;
+    copts.env = opts.node_env.clone();
     if let Some(s) = &opts.sabotage {
         copts.extra_args.extend(["--sabotage".to_string(), s.clone()]);
     }

@@ -9,46 +9,30 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rim_jepsen::checker::{Consistency, Validity};
+use rim_jepsen::checker::Validity;
 use rim_jepsen::history::{OpBody, OpType, read_history};
-use rim_jepsen::nemesis::{Fault, NemesisOptions, Target};
+use rim_jepsen::nemesis::{Fault, Target};
 use rim_jepsen::run::{TestOptions, run_test};
-use rim_jepsen::workload::{GatewayTransport, WorkloadOptions};
+use rim_jepsen::workload::GatewayTransport;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_same_id_under_leader_kills_is_valid() {
-    let seed = 11;
-    let opts = TestOptions {
-        bin: rim_jepsen::control::rim_bin().unwrap_or_else(|e| panic!("{e}")),
-        nodes: 3,
-        shards: 2,
-        time_limit: Duration::from_secs(25),
-        recovery_time: Duration::from_secs(1),
-        workload: WorkloadOptions {
-            users: 4,
-            devices: 2,
-            rate: 40.0,
-            // Short: more sends end indeterminate, so more are retried.
-            op_timeout: Duration::from_millis(1500),
-            retry_same_id: true,
-            transport: GatewayTransport::Tcp,
-            seed,
-        },
-        nemesis: NemesisOptions {
-            faults: vec![Fault::Kill, Fault::Pause],
-            interval: Duration::from_secs(3),
-            seed,
-            shapes: vec![],
-            targets: vec![Target::Leader],
-        },
-        store: std::env::temp_dir().join("rim-jepsen-harness"),
-        sabotage: None,
-        consistency: Consistency::Linearizable,
-        progress: false,
-        min_acked: 100,
-        restart_after_setup: false,
-        keep_data: false,
-    };
+    let bin = rim_jepsen::control::rim_bin().unwrap_or_else(|e| panic!("{e}"));
+    let mut opts = TestOptions::new(bin, 11);
+    opts.shards = 2;
+    opts.time_limit = Duration::from_secs(25);
+    opts.recovery_time = Duration::from_secs(1);
+    opts.workload.users = 4;
+    // Short: more sends end indeterminate, so more are retried.
+    opts.workload.op_timeout = Duration::from_millis(1500);
+    opts.workload.retry_same_id = true;
+    opts.workload.transport = GatewayTransport::Tcp;
+    opts.nemesis.faults = vec![Fault::Kill, Fault::Pause];
+    opts.nemesis.interval = Duration::from_secs(3);
+    opts.nemesis.targets = vec![Target::Leader];
+    opts.store = std::env::temp_dir().join("rim-jepsen-harness");
+    opts.progress = false;
+    opts.min_acked = 100;
     let outcome = run_test(opts).await.unwrap_or_else(|e| panic!("the harness could not run: {e}"));
     let text = rim_jepsen::checker::render_text(&outcome.results);
     assert_eq!(outcome.results.valid, Validity::Valid, "run dir {}:\n{text}", outcome.dir.display());
