@@ -226,30 +226,6 @@ impl NodeProcess {
         self.proc.is_running()
     }
 
-    /// Waits until the current run logged `node started` (after it
-    /// initialized its groups and opened its listeners).
-    pub async fn wait_started(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let marker = format!("===== run {} of {}:", self.proc.runs, self.proc.name);
-        loop {
-            self.proc.check()?;
-            let log = std::fs::read_to_string(self.proc.log_path()).unwrap_or_default();
-            let run = log.rfind(&marker).map_or("", |i| &log[i..]);
-            if run.contains("node started") {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(ControlError::Unhealthy {
-                    name: self.proc.name.clone(),
-                    within: timeout,
-                    last: "no `node started` line in its log".into(),
-                    log_tail: self.proc.log_tail(40),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// Polls `/healthz` until 200 (every hosted group has a leader and a
     /// leader hears from a quorum), failing fast if the process exits.
     pub async fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {

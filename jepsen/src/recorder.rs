@@ -106,14 +106,12 @@ impl Recorder {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         // Stamp under the lock so times are non-decreasing in file order.
         op.time = self.now();
-        match w.append(op.clone()) {
-            Ok(op) => op,
-            Err(e) => {
-                let mut err = self.error.lock().unwrap_or_else(|p| p.into_inner());
-                err.get_or_insert_with(|| format!("writing the history: {e}"));
-                op
-            }
+        op.index = w.next_index();
+        if let Err(e) = w.append_as_is(&op) {
+            let mut err = self.error.lock().unwrap_or_else(|p| p.into_inner());
+            err.get_or_insert_with(|| format!("writing the history: {e}"));
         }
+        op
     }
 
     fn count(&self, op: &Op) {

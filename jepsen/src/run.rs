@@ -392,12 +392,17 @@ async fn settle(
 
 /// Every user's list head, read through the first node that answers.
 async fn list_heads(accounts: &[Account], endpoints: &Endpoints, op_timeout: Duration) -> Option<Vec<u64>> {
+    let apis: Vec<rim_client::NodeApi> = endpoints
+        .nodes
+        .values()
+        .filter_map(|a| rim_client::NodeApi::new(&a.to_string()).ok())
+        .map(|api| api.with_timeout(op_timeout))
+        .collect();
     let mut heads = Vec::new();
     'users: for account in accounts {
         let creds = account.devices.first()?;
-        for addr in endpoints.nodes.values() {
-            let Ok(api) = rim_client::NodeApi::new(&addr.to_string()) else { continue };
-            let api = api.with_timeout(op_timeout).authenticated(creds.clone());
+        for api in &apis {
+            let api = api.authenticated(creds.clone());
             if let Ok(Ok(out)) = tokio::time::timeout(op_timeout, api.sync_page(0, 1)).await {
                 heads.push(out.last_seq);
                 continue 'users;

@@ -54,8 +54,11 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>) {
     let mut events = group.events.subscribe();
     let mut backoff = Duration::from_millis(50);
     let mut cursor = Cursor::default();
+    // Whether the last pass ran as leader (to act once on losing it).
+    let mut relaying = false;
     loop {
         if group.is_leader() {
+            relaying = true;
             match relay_round(&core, &group, &mut cursor).await {
                 Ok(0) => backoff = Duration::from_millis(50),
                 Ok(n) => {
@@ -71,11 +74,12 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>) {
                     continue;
                 }
             }
-        } else {
-            // Another leader relays (and removes) the records meanwhile; when
-            // leadership comes back, start from the committed outbox. This
-            // replica relays nothing: its backlog gauge must not keep the
-            // figure of its last round as leader.
+        } else if relaying {
+            // Leadership lost. Another leader relays (and removes) the
+            // records meanwhile; when leadership comes back, start from the
+            // committed outbox. This replica relays nothing: its backlog
+            // gauge must not keep the figure of its last round as leader.
+            relaying = false;
             cursor = Cursor::default();
             metrics::gauge!("rim_relay_backlog", "shard" => group.shard.0.to_string()).set(0.0);
         }

@@ -374,7 +374,7 @@ impl<'a> Index<'a> {
             user: u64,
             entries: Vec<Entry>,
         }
-        match serde_json::from_value::<Push>(value.clone()) {
+        match <Push as serde::Deserialize>::deserialize(value) {
             Ok(p) => {
                 let entries = self.entries(Some(&p.entries), index);
                 self.obs.push(ObsSource::Push { op: index, user: p.user, entries });
