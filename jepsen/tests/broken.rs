@@ -5,13 +5,20 @@
 //!
 //! The nemesis is aimed at the fault each flag needs (isolating leaders for
 //! ack-before-commit, isolating a node for stale reads, crashing every node
-//! for skip-fsync, one-way partitions that lose the answers of relay
-//! deliveries for relay dedup) and repeated several
-//! times per run, so one run is enough. Skip-fsync bypasses the WAL, so a
-//! crash loses everything not yet flushed, cluster membership included; its
-//! run therefore restarts every node cleanly after set-up (persisting the
-//! membership and users), and only the messages acked later are at risk. The correct build is checked under
-//! the same harness by the CI smoke run (`make test`: `rim-jepsen test
+//! for skip-fsync) and repeated several times per run, so one run is enough.
+//! Skip-fsync bypasses the WAL, so a crash loses everything not yet flushed,
+//! cluster membership included; its run therefore restarts every node
+//! cleanly after set-up (persisting the membership and users), and only the
+//! messages acked later are at risk.
+//!
+//! `no-relay-dedup` has no harness run here: its duplicates need a relay
+//! retry after a delivery that committed, i.e. a fault between two nodes
+//! that lead different shards, and where leaders sit is up to the cluster,
+//! so a run caught it only sometimes. `node/tests/broken.rs` forces the
+//! retry in process, and the checker's hand-made `duplicate` history shows
+//! the kind is reported.
+//!
+//! The correct build is checked under the same harness by the CI smoke run (`make test`: `rim-jepsen test
 //! --nodes 3 --time-limit 60 --nemesis partition,kill,pause`).
 //!
 //! Needs the built `rim` binary (`cargo build -p rim`, or `RIM_BIN`). Runs
@@ -100,17 +107,4 @@ async fn stale_reads_are_caught() {
 async fn skip_fsync_is_caught_when_every_node_crashes() {
     let o = run(options("skip-fsync", vec![Fault::Kill], vec![], vec![Target::All])).await;
     assert_caught(&o, &["lost-ack", "lost-entry", "divergence"]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_relay_dedup_is_caught_as_duplicates() {
-    // One-way partitions: a relay's Deliver reaches the destination shard's
-    // leader and commits, but the answer is lost; the relay times out (after
-    // 1 s here) and delivers again, and without dedup the recipient's list
-    // gets the message once more per retry.
-    let mut opts = options("no-relay-dedup", vec![Fault::Partition], vec![Shape::OneWay], vec![]);
-    opts.shards = 4;
-    opts.node_env = vec![("RIM_REQUEST_TIMEOUT_MS".into(), "1000".into())];
-    let o = run(opts).await;
-    assert_caught(&o, &["duplicate"]);
 }
