@@ -114,7 +114,7 @@ impl NodeReply {
     /// The encoded output message, as it goes into `Reply.data`.
     pub fn encode_data(&self) -> Bytes {
         let bytes = match self {
-            NodeReply::SignIn(r) => r.output.unwrap_or_default().encode_to_vec(),
+            NodeReply::SignIn(r) => r.output.clone().unwrap_or_default().encode_to_vec(),
             NodeReply::Sync(o) => o.encode_to_vec(),
             NodeReply::SyncGroup(o) => o.encode_to_vec(),
             NodeReply::Ack(o) => o.encode_to_vec(),

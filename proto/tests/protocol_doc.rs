@@ -28,6 +28,7 @@ fn session() -> Vec<Packet> {
         ack_seq: 2,
         server_time_ms: T0,
         heartbeat_interval_ms: 30_000,
+        super_groups: Vec::new(),
     };
     let send = SendInput {
         conversation_kind: ConversationKind::User as i32,

@@ -39,6 +39,7 @@ pub fn sign_in_reply(last_seq: u64) -> NodeReply {
             ack_seq: 0,
             server_time_ms: 1,
             heartbeat_interval_ms: 0,
+            super_groups: Vec::new(),
         }),
         token_version: 1,
         shard_id: SHARD,

@@ -87,6 +87,7 @@ impl GatewayService for GatewaySvc {
                 ack_seq: dev.map(|d| d.ack_seq).unwrap_or(0),
                 server_time_ms: crate::group::now_ms(),
                 heartbeat_interval_ms: HEARTBEAT_MS,
+                super_groups: Vec::new(),
             }),
             token_version: claims.token_version,
             shard_id: shard,

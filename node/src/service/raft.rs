@@ -73,6 +73,10 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
 
 #[tonic::async_trait]
 impl RaftService for RaftSvc {
+    async fn push(&self, _req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        Err(Status::unimplemented("online pushes are not available in this version"))
+    }
+
     async fn append(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let r = req.into_inner();
         let g = route!(self, r);

@@ -275,7 +275,7 @@ impl Applier<'_> {
         self.save_group(&group);
         if group.kind() != GroupKind::Room {
             let event =
-                Event::GroupUpdated(store::GroupChanged { group_id: c.group_id, by_user_id: c.by_user_id });
+                Event::GroupUpdated(store::GroupChanged { group_id: c.group_id, by_user_id: c.by_user_id, kind: group.kind });
             self.notify(&group, c.by_user_id, event, &[])?;
         }
         Ok(group)
@@ -403,7 +403,7 @@ impl Applier<'_> {
         group.updated_ms = self.now_ms;
         self.save_group(&group);
         let event =
-            Event::GroupUpdated(store::GroupChanged { group_id: c.group_id, by_user_id: c.by_user_id });
+            Event::GroupUpdated(store::GroupChanged { group_id: c.group_id, by_user_id: c.by_user_id, kind: group.kind });
         self.notify(&group, c.by_user_id, event, &[])?;
         Ok(group)
     }
@@ -415,7 +415,7 @@ impl Applier<'_> {
         }
         let members = self.member_ids(c.group_id)?;
         let event =
-            Event::GroupDissolved(store::GroupChanged { group_id: c.group_id, by_user_id: c.by_user_id });
+            Event::GroupDissolved(store::GroupChanged { group_id: c.group_id, by_user_id: c.by_user_id, kind: group.kind });
         self.notify(&group, c.by_user_id, event, &members)?;
         for u in members {
             self.txn.delete(keys::member(self.shard, GroupId(c.group_id), UserId(u)));

@@ -220,6 +220,9 @@ impl<'a> Applier<'a> {
                 return Ok(OpResult::default());
             }
             O::AllocateIds(c) => V::Ids(self.allocate_ids(c)?),
+            O::ChangeFriend(_) | O::Recall(_) | O::MarkRead(_) | O::PushToUsers(_) => {
+                reject!(ErrorBadRequest, "operation not supported yet")
+            }
         };
         Ok(OpResult { code: 0, message: String::new(), value: Some(value) })
     }
