@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rim_proto::ErrorCode;
 use rim_proto::v1::auth_service_client::AuthServiceClient;
-use rim_proto::v1::{DeviceInfo, RegisterDeviceRequest, RegisterRequest, SignInRequest};
+use rim_proto::v1::{
+    DeviceInfo, RegisterDeviceRequest, RegisterRequest, SignInByPhoneRequest, SignInRequest,
+};
 use tonic::transport::Channel;
 
 use super::progress::Progress;
@@ -56,8 +58,13 @@ impl Api {
     }
 
     fn auth(&self) -> AuthServiceClient<Channel> {
+        AuthServiceClient::new(self.channel())
+    }
+
+    /// The next channel, round-robin.
+    pub fn channel(&self) -> Channel {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
-        AuthServiceClient::new(self.channels[i].clone())
+        self.channels[i].clone()
     }
 }
 
@@ -162,6 +169,45 @@ pub async fn users(api: &Arc<Api>, prefix: &str, n: usize, concurrency: usize) -
                     ..Default::default()
                 };
                 async move { auth.sign_in(req).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
+            done.fetch_add(1, Ordering::Relaxed);
+            Ok(Cred { user: r.user_id, device: r.device_id, token: r.token })
+        }
+    })
+    .await;
+    progress.finish().await;
+    r
+}
+
+/// Signs in `n` users `+<prefix digits><i>` by phone with the cluster's
+/// development code (no password hashing, so ~100× cheaper than
+/// [`users`]: what the large fan-out scenarios use).
+pub async fn phone_users(
+    api: &Arc<Api>,
+    code: &str,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Cred>> {
+    let done = Arc::new(AtomicUsize::new(0));
+    let d = done.clone();
+    let progress = Progress::start("users", move |elapsed| {
+        let k = d.load(Ordering::Relaxed);
+        format!("signed in {k}/{n} users by phone ({:.0}/s)", k as f64 / elapsed.as_secs_f64().max(1e-3))
+    });
+    // A run-unique number block: phones must be new on a reused cluster.
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let block = (t.as_secs() % 100_000) * 1_000_000 + u64::from(std::process::id() % 10) * 100_000;
+    let (api, code) = (api.clone(), code.to_string());
+    let r = parallel(n, concurrency, move |i| {
+        let (api, done, code) = (api.clone(), done.clone(), code.clone());
+        let phone = format!("+9{:011}", block + i as u64);
+        async move {
+            let r = retry(&format!("sign in {phone}"), |_| {
+                let mut auth = api.auth();
+                let req =
+                    SignInByPhoneRequest { phone: phone.clone(), code: code.clone(), ..Default::default() };
+                async move { auth.sign_in_by_phone(req).await.map(tonic::Response::into_inner) }
             })
             .await?;
             done.fetch_add(1, Ordering::Relaxed);

@@ -285,15 +285,18 @@ pub async fn run(args: &LatencyArgs, target: &Target) -> anyhow::Result<Outcome>
 }
 
 /// A signed-in connection.
-struct Connected {
-    user: u64,
-    stream: tokio::net::TcpStream,
-    reader: Reader,
-    heartbeat: Duration,
+pub(super) struct Connected {
+    pub(super) user: u64,
+    pub(super) stream: tokio::net::TcpStream,
+    pub(super) reader: Reader,
+    pub(super) heartbeat: Duration,
 }
 
 /// Connects and signs in every user's device, 16 at a time.
-async fn connect_all(gateway: std::net::SocketAddr, users: &[Cred]) -> anyhow::Result<Vec<Connected>> {
+pub(super) async fn connect_all(
+    gateway: std::net::SocketAddr,
+    users: &[Cred],
+) -> anyhow::Result<Vec<Connected>> {
     let sem = Arc::new(tokio::sync::Semaphore::new(16));
     let mut tasks = JoinSet::new();
     for (i, c) in users.iter().cloned().enumerate() {
@@ -374,7 +377,7 @@ impl Sending {
 }
 
 /// Heartbeats a recipient until stopped; returns the write half.
-async fn heartbeat(
+pub(super) async fn heartbeat(
     mut wr: OwnedWriteHalf,
     every: Duration,
     mut stop: watch::Receiver<bool>,

@@ -5,6 +5,7 @@
 //! rim bench connections --spawn --connections 10000
 //! rim bench latency --spawn --rate 500 --duration 30s
 //! rim bench latency --gateway 127.0.0.1:7400 --api 127.0.0.1:7101 --rate 1000
+//! rim bench fanout --spawn --kind super --members 10000 --online 1000
 //! ```
 //!
 //! Scenarios (clap subcommands):
@@ -13,6 +14,8 @@
 //!   memory per connection and the sign-in rate.
 //! * [`latency`]: 1:1 messages between pairs of connected users at a target
 //!   rate; send → ack and send → delivered latency percentiles.
+//! * [`fanout`]: group messages (small or super group) to many online
+//!   members; deliveries per second and send → delivered latency.
 //!
 //! Every scenario runs either against a cluster it spawns itself
 //! (`--spawn`: 3 × `rim node` + 1 × `rim gateway` as child processes, see
@@ -29,6 +32,7 @@
 
 mod accounts;
 mod connections;
+mod fanout;
 mod hist;
 mod json;
 mod latency;
@@ -60,6 +64,8 @@ enum Scenario {
     /// 1:1 messages at a target rate: send→ack and send→delivered latency.
     #[command(alias = "delivery-latency")]
     Latency(latency::LatencyArgs),
+    /// Group messages to many online members: deliveries per second and latency.
+    Fanout(fanout::FanoutArgs),
 }
 
 /// What a scenario measured.
@@ -77,6 +83,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (name, target_args, out) = match &args.scenario {
         Scenario::Connections(a) => ("connections", &a.target, &a.out),
         Scenario::Latency(a) => ("latency", &a.target, &a.out),
+        Scenario::Fanout(a) => ("fanout", &a.target, &a.out),
     };
     let out = out.clone().unwrap_or_else(|| PathBuf::from(format!("bench-{name}.json")));
     let started = sys::unix_now();
@@ -97,6 +104,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         match &args.scenario {
             Scenario::Connections(a) => connections::run(a, &target).await,
             Scenario::Latency(a) => latency::run(a, &target).await,
+            Scenario::Fanout(a) => fanout::run(a, &target).await,
         }
     };
     let outcome = tokio::select! {

@@ -26,6 +26,9 @@ use super::json::Json;
 /// Cluster secret of a spawned cluster when none is given.
 const SPAWN_SECRET: &str = "rim-bench-secret-local-only";
 
+/// Phone sign-in code of a spawned cluster (its nodes run with `--dev-code`).
+pub const SPAWN_DEV_CODE: &str = "135790";
+
 /// Flags choosing the cluster (shared by every scenario).
 #[derive(Args, Debug, Clone)]
 pub struct TargetArgs {
@@ -66,6 +69,10 @@ pub struct TargetArgs {
     /// Keep a spawned cluster's data and logs.
     #[arg(long)]
     pub keep: bool,
+    /// The cluster's development phone code (`rim node --dev-code`), for
+    /// scenarios that make many users cheaply (without --spawn).
+    #[arg(long, conflicts_with = "spawn")]
+    pub dev_code: Option<String>,
 }
 
 /// A resolved target.
@@ -80,6 +87,8 @@ pub struct Target {
     pub shape: Json,
     /// The child processes, when spawned (kept alive by this field).
     pub spawned: Option<Spawned>,
+    /// Phone sign-in code, if the cluster has one.
+    pub dev_code: Option<String>,
 }
 
 impl Target {
@@ -99,7 +108,14 @@ impl Target {
         if let (Some(admin), Some(secret)) = (&args.admin, &args.cluster_secret) {
             shape.set("map", map_shape(admin, secret).await);
         }
-        Ok(Target { gateway, apis: args.api.clone(), gateway_pid: args.gateway_pid, shape, spawned: None })
+        Ok(Target {
+            gateway,
+            apis: args.api.clone(),
+            gateway_pid: args.gateway_pid,
+            shape,
+            spawned: None,
+            dev_code: args.dev_code.clone(),
+        })
     }
 }
 
@@ -208,6 +224,8 @@ async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
             &args.shards.to_string(),
             "--cluster-secret",
             &secret,
+            "--dev-code",
+            SPAWN_DEV_CODE,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -253,7 +271,14 @@ async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
         )
         .with("map", map_shape(&internal[0], &secret).await)
         .with("processes", "3 × rim node, 1 × rim gateway and the bench on this machine, over loopback");
-    Ok(Target { gateway: tcp.parse()?, apis, gateway_pid: Some(gateway_pid), shape, spawned: Some(sp) })
+    Ok(Target {
+        gateway: tcp.parse()?,
+        apis,
+        gateway_pid: Some(gateway_pid),
+        shape,
+        spawned: Some(sp),
+        dev_code: Some(SPAWN_DEV_CODE.to_string()),
+    })
 }
 
 /// Polls `http://addr/healthz` until it answers 200.

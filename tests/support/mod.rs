@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use prost::Message as _;
 use rim_proto::ErrorCode;
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::auth_service_client::AuthServiceClient;
+use rim_proto::v1::group_service_client::GroupServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -484,6 +486,75 @@ impl Client {
         }
     }
 
+    /// Signs in by phone (the dev code; no password hashing, so cheap),
+    /// creating the user on first use.
+    pub async fn phone_sign_in(&self, phone: &str) -> Session {
+        let r = retry(Duration::from_secs(30), "sign_in_by_phone", || {
+            let mut a = AuthServiceClient::new(self.channel.clone());
+            let mut req = tonic::Request::new(SignInByPhoneRequest {
+                phone: phone.into(),
+                code: DEV_CODE.into(),
+                ..Default::default()
+            });
+            req.set_timeout(Duration::from_secs(10));
+            async move { a.sign_in_by_phone(req).await.map(|r| r.into_inner()) }
+        })
+        .await;
+        Session { user: r.user_id, device: r.device_id, token: r.token }
+    }
+
+    /// Creates a group owned by `owner` (retrying retryable errors; a
+    /// retry may create a second group, which tests never see).
+    pub async fn create_group(&self, owner: &Session, kind: GroupKind, members: &[u64]) -> Group {
+        retry(Duration::from_secs(30), "create_group", || {
+            let mut g = GroupServiceClient::new(self.channel.clone());
+            let req = CreateGroupRequest {
+                kind: kind as i32,
+                name: "test group".into(),
+                member_ids: members.to_vec(),
+                ..Default::default()
+            };
+            let req = Self::authed(owner, req);
+            async move { g.create_group(req).await.map(|r| r.into_inner().group.expect("group")) }
+        })
+        .await
+    }
+
+    /// Sends a text to a group.
+    pub async fn send_group(
+        &self,
+        s: &Session,
+        group: u64,
+        cmid: &str,
+        text: &str,
+    ) -> Result<SendOutput, tonic::Status> {
+        let mut m = MessageServiceClient::new(self.channel.clone());
+        let input = SendInput {
+            conversation_id: group,
+            client_msg_id: cmid.into(),
+            content_type: ContentType::Text as i32,
+            content: text.as_bytes().to_vec().into(),
+            ..Default::default()
+        };
+        m.send_group_message(Self::authed(s, input)).await.map(|r| r.into_inner())
+    }
+
+    /// The whole of a super group's (or room's) list as `s` may read it.
+    pub async fn sync_group_all(&self, s: &Session, group: u64) -> Result<Vec<Message>, tonic::Status> {
+        let mut m = MessageServiceClient::new(self.channel.clone());
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let input = SyncGroupInput { group_id: group, after_group_seq: after, limit: 200 };
+            let r = m.sync_group(Self::authed(s, input)).await?.into_inner();
+            after = r.messages.last().map(|x| x.group_seq.max(x.seq)).unwrap_or(after);
+            out.extend(r.messages);
+            if !r.has_more {
+                return Ok(out);
+            }
+        }
+    }
+
     /// `sync_all`, retrying retryable errors.
     pub async fn sync_all_retry(&self, s: &Session) -> Vec<Message> {
         retry(Duration::from_secs(30), "sync", || self.sync_all(s)).await
@@ -496,4 +567,152 @@ pub fn texts(list: &[Message]) -> Vec<(u64, String)> {
         .filter(|m| m.content_type == ContentType::Text as i32)
         .map(|m| (m.seq, m.client_msg_id.clone()))
         .collect()
+}
+
+/// One `rim gateway` process (TCP listener) against the cluster's internal
+/// addresses, with its log in a temp dir. Killed on drop.
+pub struct GatewayProc {
+    pub tcp: String,
+    pub http: String,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl GatewayProc {
+    /// Starts a gateway named `id` with `seeds` (internal node addresses)
+    /// and waits until its `/healthz` answers 200.
+    pub async fn start(id: &str, seeds: &[String]) -> GatewayProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tcp, http) = (free_addr(), free_addr());
+        let log = File::create(dir.path().join("gateway.log")).expect("gateway log");
+        let err = log.try_clone().expect("clone log");
+        let child = rim_command()
+            .args(["gateway", "--id", id, "--tcp", &tcp, "--http", &http, "--cluster-secret", SECRET])
+            .args(["--seeds", &seeds.join(",")])
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn rim gateway");
+        let g = GatewayProc { tcp, http, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = http_get(&g.http, "/healthz").await {
+                return g;
+            }
+            assert!(Instant::now() < deadline, "gateway {id} not healthy; log:\n{}", g.log_tail(40));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log_tail(&self, n: usize) -> String {
+        tail(&self.dir.path().join("gateway.log"), n)
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ProcCluster {
+    /// Internal addresses of every node (gateway seeds).
+    pub fn internal_addrs(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.internal.clone()).collect()
+    }
+}
+
+/// A raw framed-protocol connection to a gateway (docs/protocol.md).
+pub struct Conn {
+    stream: tokio::net::TcpStream,
+    dec: rim_proto::FrameDecoder,
+    next_id: u64,
+    /// Packets read while waiting for a reply, in arrival order.
+    pub pushes: Vec<Packet>,
+}
+
+impl Conn {
+    /// Connects and signs in; returns the connection and its SignInOutput.
+    pub async fn sign_in(gateway: &str, s: &Session) -> (Conn, SignInOutput) {
+        let stream = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(gateway))
+            .await
+            .expect("connect timeout")
+            .expect("connect");
+        let mut c = Conn { stream, dec: rim_proto::FrameDecoder::default(), next_id: 0, pushes: Vec::new() };
+        let input = SignInInput { user_id: s.user, device_id: s.device, token: s.token.clone() };
+        let out = c
+            .call(rim_proto::v1::Command::SignIn, &input)
+            .await
+            .unwrap_or_else(|r| panic!("sign-in of {}: {r:?}", s.user));
+        (c, prost::Message::decode(out.as_slice()).expect("SignInOutput"))
+    }
+
+    async fn write(&mut self, p: &Packet) {
+        let mut buf = bytes::BytesMut::new();
+        rim_proto::codec::encode_frame(p, &mut buf);
+        tokio::time::timeout(Duration::from_secs(10), self.stream.write_all(&buf))
+            .await
+            .expect("write timeout")
+            .expect("write");
+    }
+
+    /// The next packet within `timeout`, or None.
+    pub async fn read(&mut self, timeout: Duration) -> Option<Packet> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if let Some(p) = self.dec.next_frame().expect("well-formed frames") {
+                return Some(p);
+            }
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await.ok()?.expect("read");
+            assert!(n > 0, "gateway closed the connection");
+            self.dec.push(&buf[..n]);
+        }
+    }
+
+    /// Sends a request and waits for its reply; Ok(data) or Err(reply).
+    pub async fn call<M: prost::Message>(
+        &mut self,
+        command: rim_proto::v1::Command,
+        input: &M,
+    ) -> Result<Vec<u8>, Reply> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let p =
+            Packet { request_id: id, command: command as i32, content: input.encode_to_vec().into(), seq: 0 };
+        self.write(&p).await;
+        loop {
+            let p = self.read(Duration::from_secs(20)).await.expect("no reply within 20 s");
+            if p.request_id == id && p.command == command as i32 {
+                let r: Reply = prost::Message::decode(p.content.as_ref()).expect("Reply");
+                return if r.code == 0 { Ok(r.data.to_vec()) } else { Err(r) };
+            }
+            self.pushes.push(p);
+        }
+    }
+
+    /// MESSAGE pushes read so far (and within `timeout` until `done` holds).
+    pub async fn messages_until(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&[Message]) -> bool,
+    ) -> Vec<Message> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let msgs: Vec<Message> = self
+                .pushes
+                .iter()
+                .filter(|p| p.command == rim_proto::v1::Command::Message as i32)
+                .filter_map(|p| MessagePush::decode(p.content.as_ref()).ok()?.message)
+                .collect();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if done(&msgs) || left.is_zero() {
+                return msgs;
+            }
+            if let Some(p) = self.read(left).await {
+                self.pushes.push(p);
+            }
+        }
+    }
 }
