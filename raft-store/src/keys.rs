@@ -44,6 +44,8 @@ pub enum Table {
     Friend = 0x17,
     /// `user ‖ group` → UserGroupRecord.
     UserGroup = 0x18,
+    /// `user ‖ conversation kind u8 ‖ conversation` → ReadRecord.
+    Read = 0x19,
     /// `group` → GroupRecord.
     Group = 0x20,
     /// `group ‖ user` → MemberRecord.
@@ -54,6 +56,10 @@ pub enum Table {
     GroupMsg = 0x23,
     /// `outbox_id` → OutboxRecord.
     Outbox = 0x30,
+    /// `push number` → Message stub (`message_id`, `client_msg_id`) of a
+    /// persisted business push with a `client_msg_id`: the order in which
+    /// their idempotency records leave the dedup window.
+    PushLog = 0x31,
     /// Meta group: the cluster map (`rim.v1.ClusterMap`), one row.
     ClusterMap = 0x40,
     /// Meta group: id allocators (`IdAllocators`), one row.
@@ -70,6 +76,8 @@ pub enum MetaTag {
     Membership = 2,
     /// ShardCounters (prost).
     Counters = 3,
+    /// ListHead of [`Table::PushLog`] (`last_seq` = pushes logged so far).
+    PushHead = 4,
 }
 
 /// Rows of the `raft` column family.
@@ -203,7 +211,22 @@ pub fn user_msg(shard: ShardId, u: UserId, seq: Seq) -> Vec<u8> {
 pub fn delivered(shard: ShardId, u: UserId, m: MessageId) -> Vec<u8> {
     Key::new(shard, Table::Delivered).u64(u.0).u64(m.0).into_vec()
 }
-/// Idempotency record of a send. `scope` is 0 for 1:1, the group id otherwise.
+/// Idempotency scope of a persisted business push (`PushToUsers`), recorded
+/// under sender `UserId(0)`. Group ids are allocated from 1 upwards and never
+/// reach the reserved scopes.
+pub const PUSH_SCOPE: u64 = u64::MAX;
+/// Idempotency scope of the read receipts `MarkRead` sends (recorded under the
+/// reader, with the derived id [`receipt_client_msg_id`]), apart from the
+/// client's own ids so no client id can suppress a receipt.
+pub const RECEIPT_SCOPE: u64 = u64::MAX - 1;
+
+/// The `client_msg_id` of the read receipt for `message_id`.
+pub fn receipt_client_msg_id(message_id: u64) -> String {
+    format!("read:{message_id}")
+}
+
+/// Idempotency record of a send. `scope` is 0 for 1:1, the group id for group
+/// sends, or one of the reserved scopes ([`PUSH_SCOPE`], [`RECEIPT_SCOPE`]).
 pub fn idempotency(shard: ShardId, sender: UserId, scope: u64, client_msg_id: &str) -> Vec<u8> {
     Key::new(shard, Table::Idempotency).u64(sender.0).u64(scope).bytes(client_msg_id.as_bytes()).into_vec()
 }
@@ -222,6 +245,20 @@ pub fn user_group(shard: ShardId, u: UserId, g: GroupId) -> Vec<u8> {
 /// Prefix of a user's groups.
 pub fn groups_of(shard: ShardId, u: UserId) -> Vec<u8> {
     Key::new(shard, Table::UserGroup).u64(u.0).into_vec()
+}
+/// A user's read position in one conversation (`kind` is a
+/// `rim.v1.ConversationKind`, 1..=5).
+pub fn read(shard: ShardId, u: UserId, kind: u8, conversation: u64) -> Vec<u8> {
+    Key::new(shard, Table::Read).u64(u.0).u8(kind).u64(conversation).into_vec()
+}
+/// Prefix of all read positions of a user.
+pub fn reads_of(shard: ShardId, u: UserId) -> Vec<u8> {
+    Key::new(shard, Table::Read).u64(u.0).into_vec()
+}
+/// The `(kind, conversation)` of a [`read`] key.
+pub fn read_parts(key: &[u8]) -> Option<(u8, u64)> {
+    let kind = *key.len().checked_sub(9).and_then(|i| key.get(i))?;
+    Some((kind, last_u64(key)?))
 }
 /// Group profile.
 pub fn group(shard: ShardId, g: GroupId) -> Vec<u8> {
@@ -250,6 +287,10 @@ pub fn outbox(shard: ShardId, id: u64) -> Vec<u8> {
 /// Prefix of the whole outbox.
 pub fn outbox_all(shard: ShardId) -> Vec<u8> {
     Key::new(shard, Table::Outbox).into_vec()
+}
+/// The `n`-th logged push.
+pub fn push_log(shard: ShardId, n: u64) -> Vec<u8> {
+    Key::new(shard, Table::PushLog).u64(n).into_vec()
 }
 
 /// The cluster map row (meta group).
@@ -291,6 +332,15 @@ mod tests {
         fn log_keys_round_trip(s in any::<u32>(), i in any::<u64>()) {
             prop_assert_eq!(log_index(&log_key(ShardId(s), i)), Some(i));
         }
+    }
+
+    #[test]
+    fn read_keys_round_trip_and_stay_under_the_users_prefix() {
+        let k = read(ShardId(2), UserId(7), 3, u64::MAX - 5);
+        assert_eq!(read_parts(&k), Some((3, u64::MAX - 5)));
+        assert!(k.starts_with(&reads_of(ShardId(2), UserId(7))));
+        assert!(!k.starts_with(&reads_of(ShardId(2), UserId(8))));
+        assert_eq!(read_parts(&[1, 2]), None);
     }
 
     #[test]

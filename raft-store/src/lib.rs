@@ -12,8 +12,9 @@
 //! * [`keys`]: the key layout (shard prefix, tables, big-endian integers).
 //! * [`raft`]: the openraft adapter (type config, log store, state machine,
 //!   snapshot files). The only module that names openraft types.
-//! * [`im`]: the IM apply logic (users, devices, sends, deliveries, groups)
-//!   and reads of the resulting state.
+//! * [`im`]: the IM apply logic (users, devices, sends, deliveries, groups,
+//!   friends, recalls, read positions, business pushes) and reads of the
+//!   resulting state.
 //! * [`ids`]: domain identifiers.
 //!
 //! # Guarantees
@@ -28,8 +29,9 @@
 //!
 //! # Not (yet) provided
 //!
-//! * Retention of the idempotency table and of relay dedup marks: both grow
-//!   with the number of messages. A bounded window is planned.
+//! * Recognising a retried send, push or relayed message forever: the
+//!   idempotency table and the relay dedup marks are bounded by
+//!   `Limits::dedup_window` (entries of the list concerned).
 //! * Slot migration between shards (moving a user's keys) is not implemented.
 
 pub mod db;

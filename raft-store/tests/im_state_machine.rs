@@ -121,15 +121,63 @@ fn workload(seed: u64, n: usize) -> Vec<store::Op> {
     let mut ops = vec![create_user(A), create_user(B), create_user(C), register_device(A, 1)];
     ops.push(create_group(9, GroupKind::Small, A, &[B, 77]));
     ops.push(create_group(10, GroupKind::Room, A, &[]));
+    // Recalls that succeed: the group notice is message 1 (A's seq 1, group seq 1).
+    let recall = |kind: i32, conversation_id, counter: u64, seq, cmid: &str| {
+        op(O::Recall(store::Recall {
+            user_id: A,
+            conversation_kind: kind,
+            conversation_id,
+            message_id: (1 << 48) | counter,
+            seq,
+            client_msg_id: cmid.into(),
+            ..Default::default()
+        }))
+    };
+    ops.push(send(A, B, "known", "x"));
+    ops.push(recall(1, B, 2, 2, "recall-known"));
+    ops.push(send_group(9, A, "known-g", "x"));
+    ops.push(recall(2, 9, 4, 2, "recall-known-g"));
     for i in 0..n {
         let users = [A, B, C, 999];
         let from = users[(next() % 4) as usize];
         let to = users[(next() % 4) as usize];
-        ops.push(match next() % 6 {
+        ops.push(match next() % 11 {
             0 => send_group(9, from, &format!("g{i}"), "group"),
             1 => send_group(10, from, &format!("r{i}"), "room"),
             2 => op(O::AckSeq(store::AckSeq { user_id: A, device_id: 1, seq: next() % 50 })),
             3 => send(from, to, &format!("c{}", next() % (n as u64)), "dup-prone"),
+            4 => op(O::ChangeFriend(store::ChangeFriend {
+                user_id: from,
+                friend_id: to,
+                action: (next() % 5) as i32,
+                description: "hi".into(),
+                ..Default::default()
+            })),
+            5 => op(O::Recall(store::Recall {
+                user_id: from,
+                conversation_kind: [1, 2][(next() % 2) as usize],
+                conversation_id: if next() % 2 == 0 { 9 } else { to },
+                message_id: (1 << 48) | (next() % 64),
+                seq: next() % 20,
+                client_msg_id: format!("x{}", next() % 8),
+                ..Default::default()
+            })),
+            6 => op(O::MarkRead(store::MarkRead {
+                user_id: from,
+                conversation_kind: (next() % 6) as i32,
+                conversation_id: to,
+                read_seq: next() % 40,
+                receipt_message_id: next() % 8,
+                ..Default::default()
+            })),
+            7 => op(O::PushToUsers(store::PushToUsers {
+                user_ids: vec![from, to],
+                content_type: rim_proto::v1::ContentType::Custom as i32,
+                content: b"push".to_vec().into(),
+                client_msg_id: format!("p{}", next() % 16),
+                ..Default::default()
+            })),
+            8 => send_group(9, 0, &format!("b{i}"), "business"),
             _ => send(from, to, &format!("u{i}"), "hello"),
         });
     }
@@ -146,9 +194,21 @@ async fn two_replicas_applying_the_same_log_end_identical() {
     let mut r1 = Node::new(&[1]);
     let mut r2 = Node::new(&[1]);
     // Different apply batching on each replica: the state must not depend on it.
-    for chunk in entries.chunks(1) {
-        r1.sm(1).apply(chunk.to_vec()).await.unwrap();
+    // The workload exercises every kind of operation, not only its rejections.
+    let mut accepted = std::collections::BTreeMap::<String, usize>::new();
+    for (entry, chunk_ops) in entries.iter().zip(ops.chunks(5)) {
+        let mut res = r1.sm(1).apply(vec![entry.clone()]).await.unwrap();
+        for (o, r) in chunk_ops.iter().zip(res.pop().unwrap().0.results) {
+            if r.code == 0 {
+                let name = format!("{:?}", o.op.as_ref().unwrap());
+                *accepted.entry(name[..name.find('(').unwrap()].to_owned()).or_default() += 1;
+            }
+        }
     }
+    for kind in ["ChangeFriend", "Recall", "MarkRead", "PushToUsers", "SendToGroup", "AckSeq", "SendToUser"] {
+        assert!(accepted.contains_key(kind), "no {kind} accepted: {accepted:?}");
+    }
+    assert!(accepted["Recall"] >= 2, "1:1 and group recalls: {accepted:?}");
     for chunk in entries.chunks(13) {
         r2.sm(1).apply(chunk.to_vec()).await.unwrap();
     }
@@ -356,7 +416,10 @@ async fn groups_convert_to_read_diffusion_past_the_limit_and_rooms_trim() {
     let add = op(O::AddMembers(store::AddMembers { group_id: 9, by_user_id: A, user_ids: vec![5, 6] }));
     let r = n.apply1(1, add).await;
     match r.value {
-        Some(store::op_result::Value::Group(g)) => assert_eq!(g.kind(), GroupKind::Super),
+        Some(store::op_result::Value::MembersChanged(m)) => {
+            assert_eq!(m.group.unwrap().kind(), GroupKind::Super);
+            assert_eq!(m.user_ids, vec![5, 6]);
+        }
         v => panic!("{v:?}"),
     }
     let b_before = list(&n.reader(1), B).len();

@@ -10,7 +10,9 @@
 
 use prost::Message as _;
 use rim_proto::store::notification::Event;
-use rim_proto::store::{self, GroupKind, GroupRecord, ListHead, MemberRecord, MemberRole, SendResult};
+use rim_proto::store::{
+    self, GroupKind, GroupRecord, ListHead, MemberRecord, MemberRole, MembersChanged, SendResult,
+};
 use rim_proto::v1::{ContentType, ConversationKind, Message};
 
 use super::{Applier, check_id};
@@ -19,18 +21,18 @@ use crate::ids::{GroupId, Seq, UserId};
 use crate::keys;
 
 impl Applier<'_> {
-    fn load_group(&self, g: u64) -> Result<GroupRecord> {
+    pub(super) fn load_group(&self, g: u64) -> Result<GroupRecord> {
         match self.txn.get_msg::<GroupRecord>(&keys::group(self.shard, GroupId(g)))? {
             Some(rec) if !rec.dissolved => Ok(rec),
             _ => reject!(ErrorGroupNotFound, "group {g} not found"),
         }
     }
 
-    fn member(&self, g: u64, u: u64) -> Result<Option<MemberRecord>> {
+    pub(super) fn member(&self, g: u64, u: u64) -> Result<Option<MemberRecord>> {
         self.txn.get_msg(&keys::member(self.shard, GroupId(g), UserId(u)))
     }
 
-    fn member_ids(&self, g: u64) -> Result<Vec<u64>> {
+    pub(super) fn member_ids(&self, g: u64) -> Result<Vec<u64>> {
         let rows = self.txn.scan_prefix(&keys::members_of(self.shard, GroupId(g)))?;
         Ok(rows.iter().filter_map(|(k, _)| keys::last_u64(k)).collect())
     }
@@ -54,7 +56,7 @@ impl Applier<'_> {
         Ok(role)
     }
 
-    fn conversation_kind(kind: GroupKind) -> ConversationKind {
+    pub(super) fn conversation_kind(kind: GroupKind) -> ConversationKind {
         match kind {
             GroupKind::Super => ConversationKind::SuperGroup,
             GroupKind::Room => ConversationKind::Room,
@@ -64,7 +66,7 @@ impl Applier<'_> {
 
     /// Appends `msg` to the group list and diffuses it: to every member for a
     /// small group, plus to `also` (users affected by a membership change).
-    fn post(&mut self, group: &GroupRecord, mut msg: Message, also: &[u64]) -> Result<Seq> {
+    pub(super) fn post(&mut self, group: &GroupRecord, mut msg: Message, also: &[u64]) -> Result<Seq> {
         let gid = GroupId(group.group_id);
         let head_key = keys::group_head(self.shard, gid);
         let mut head: ListHead = self.txn.get_msg(&head_key)?.unwrap_or_default();
@@ -162,10 +164,13 @@ impl Applier<'_> {
     }
 
     /// Turns a small group into a super group once it outgrows the limit.
-    fn maybe_convert(&self, group: &mut GroupRecord) {
+    /// Returns whether it did.
+    fn maybe_convert(&self, group: &mut GroupRecord) -> bool {
         if group.kind() == GroupKind::Small && group.member_count > self.limits.small_group_limit {
             group.set_kind(GroupKind::Super);
+            return true;
         }
+        false
     }
 
     pub(super) fn create_group(&mut self, c: &store::CreateGroup) -> Result<GroupRecord> {
@@ -221,6 +226,9 @@ impl Applier<'_> {
         if self.limits.small_group_limit == 0 {
             group.set_kind(GroupKind::Super);
         }
+        // A group created above the limit is born super: nobody ever read it
+        // as a small group, and the creation notice below carries the kind,
+        // so no conversion notice is needed.
         self.maybe_convert(&mut group);
         self.save_group(&group);
         let event = Event::GroupMembersAdded(store::GroupMembersChanged {
@@ -235,14 +243,20 @@ impl Applier<'_> {
     }
 
     fn check_member_ids(&self, ids: &[u64], existing: u32) -> Result<()> {
+        self.check_user_ids(ids)?;
+        if existing as usize + ids.len() > self.limits.max_group_members as usize {
+            reject!(ErrorGroupFull, "a group holds at most {} members", self.limits.max_group_members);
+        }
+        Ok(())
+    }
+
+    /// At most `max_members_per_op` ids, none of them 0.
+    pub(super) fn check_user_ids(&self, ids: &[u64]) -> Result<()> {
         if ids.len() > self.limits.max_members_per_op {
             reject!(ErrorBadRequest, "at most {} users per operation", self.limits.max_members_per_op);
         }
         if ids.contains(&0) {
             reject!(ErrorInvalidId, "user id must not be 0");
-        }
-        if existing as usize + ids.len() > self.limits.max_group_members as usize {
-            reject!(ErrorGroupFull, "a group holds at most {} members", self.limits.max_group_members);
         }
         Ok(())
     }
@@ -274,26 +288,30 @@ impl Applier<'_> {
         group.updated_ms = self.now_ms;
         self.save_group(&group);
         if group.kind() != GroupKind::Room {
-            let event =
-                Event::GroupUpdated(store::GroupChanged { group_id: c.group_id, by_user_id: c.by_user_id, kind: group.kind });
+            let event = Event::GroupUpdated(store::GroupChanged {
+                group_id: c.group_id,
+                by_user_id: c.by_user_id,
+                kind: group.kind,
+            });
             self.notify(&group, c.by_user_id, event, &[])?;
         }
         Ok(group)
     }
 
-    pub(super) fn add_members(&mut self, c: &store::AddMembers) -> Result<GroupRecord> {
+    pub(super) fn add_members(&mut self, c: &store::AddMembers) -> Result<MembersChanged> {
         let mut group = self.load_group(c.group_id)?;
         if group.kind() == GroupKind::Room {
             reject!(ErrorBadRequest, "rooms have no members");
         }
         self.require_manager(c.group_id, c.by_user_id)?;
+        self.check_user_ids(&c.user_ids)?;
         let mut new = Vec::new();
         for &u in &c.user_ids {
-            if u != 0 && !new.contains(&u) && self.member(c.group_id, u)?.is_none() {
+            if !new.contains(&u) && self.member(c.group_id, u)?.is_none() {
                 new.push(u);
             }
         }
-        self.check_member_ids(&c.user_ids, group.member_count)?;
+        self.check_member_ids(&new, group.member_count)?;
         let head: ListHead =
             self.txn.get_msg(&keys::group_head(self.shard, GroupId(c.group_id)))?.unwrap_or_default();
         for &u in &new {
@@ -308,8 +326,20 @@ impl Applier<'_> {
         }
         group.member_count += new.len() as u32;
         group.updated_ms = self.now_ms;
-        self.maybe_convert(&mut group);
+        let converted = self.maybe_convert(&mut group);
         self.save_group(&group);
+        if converted {
+            // Into every member's own list (the group no longer diffuses), before
+            // the membership notice: a member that switches to the group list
+            // after this notice's group seq still sees the membership change.
+            let members = self.member_ids(c.group_id)?;
+            let event = Event::GroupConverted(store::GroupChanged {
+                group_id: c.group_id,
+                by_user_id: c.by_user_id,
+                kind: group.kind,
+            });
+            self.notify(&group, c.by_user_id, event, &members)?;
+        }
         if !new.is_empty() {
             let event = Event::GroupMembersAdded(store::GroupMembersChanged {
                 group_id: c.group_id,
@@ -320,10 +350,10 @@ impl Applier<'_> {
             });
             self.notify(&group, c.by_user_id, event, &new)?;
         }
-        Ok(group)
+        Ok(MembersChanged { group: Some(group), user_ids: new })
     }
 
-    pub(super) fn remove_members(&mut self, c: &store::RemoveMembers) -> Result<GroupRecord> {
+    pub(super) fn remove_members(&mut self, c: &store::RemoveMembers) -> Result<MembersChanged> {
         let mut group = self.load_group(c.group_id)?;
         if group.kind() == GroupKind::Room {
             reject!(ErrorBadRequest, "rooms have no members");
@@ -347,7 +377,7 @@ impl Applier<'_> {
             }
         }
         if removed.is_empty() {
-            return Ok(group);
+            return Ok(MembersChanged { group: Some(group), user_ids: removed });
         }
         // Notify first, so the removed users still receive the notification.
         group.member_count -= removed.len() as u32;
@@ -364,15 +394,20 @@ impl Applier<'_> {
             self.txn.delete(keys::member(self.shard, GroupId(c.group_id), UserId(u)));
         }
         self.save_group(&group);
-        Ok(group)
+        Ok(MembersChanged { group: Some(group), user_ids: removed })
     }
 
+    /// Changes a member's role (owner only; OWNER transfers ownership, the old
+    /// owner staying as an admin) and/or nickname (the member or an admin).
     pub(super) fn set_member(&mut self, c: &store::SetMember) -> Result<GroupRecord> {
         let mut group = self.load_group(c.group_id)?;
         let by_role = self.role_of(c.group_id, c.by_user_id)?;
-        let key = keys::member(self.shard, GroupId(c.group_id), UserId(c.user_id));
         let Some(mut target) = self.member(c.group_id, c.user_id)? else {
             reject!(ErrorNotGroupMember, "user {} is not a member of group {}", c.user_id, c.group_id);
+        };
+        let role = match MemberRole::try_from(c.role) {
+            Ok(r) => r,
+            Err(_) => reject!(ErrorBadRequest, "unknown member role {}", c.role),
         };
         if let Some(nick) = &c.nickname {
             if c.user_id != c.by_user_id && by_role < MemberRole::Admin {
@@ -381,30 +416,39 @@ impl Applier<'_> {
             self.check_len("nickname", nick.len(), self.limits.max_name_bytes)?;
             target.nickname = nick.clone();
         }
-        let role = MemberRole::try_from(c.role).unwrap_or(MemberRole::Unspecified);
+        let mut demoted = None;
         if role != MemberRole::Unspecified && role != target.role() {
             if by_role != MemberRole::Owner {
                 reject!(ErrorPermissionDenied, "only the owner may change roles");
             }
+            if target.role() == MemberRole::Owner {
+                reject!(ErrorPermissionDenied, "transfer ownership instead of demoting the owner");
+            }
             if role == MemberRole::Owner {
                 // Transfer: the old owner stays as an admin.
-                let old = group.owner_id;
-                if let Some(mut prev) = self.member(c.group_id, old)? {
+                if let Some(mut prev) = self.member(c.group_id, group.owner_id)? {
                     prev.set_role(MemberRole::Admin);
-                    self.txn.put_msg(keys::member(self.shard, GroupId(c.group_id), UserId(old)), &prev);
+                    let key = keys::member(self.shard, GroupId(c.group_id), UserId(prev.user_id));
+                    self.txn.put_msg(key, &prev);
+                    demoted = Some(prev);
                 }
                 group.owner_id = c.user_id;
-            } else if target.role() == MemberRole::Owner {
-                reject!(ErrorPermissionDenied, "transfer ownership instead of demoting the owner");
             }
             target.set_role(role);
         }
-        self.txn.put_msg(key, &target);
+        self.txn.put_msg(keys::member(self.shard, GroupId(c.group_id), UserId(c.user_id)), &target);
         group.updated_ms = self.now_ms;
         self.save_group(&group);
-        let event =
-            Event::GroupUpdated(store::GroupChanged { group_id: c.group_id, by_user_id: c.by_user_id, kind: group.kind });
-        self.notify(&group, c.by_user_id, event, &[])?;
+        for m in demoted.iter().chain([&target]) {
+            let event = Event::MemberChanged(store::MemberChanged {
+                group_id: c.group_id,
+                by_user_id: c.by_user_id,
+                user_id: m.user_id,
+                role: m.role,
+                nickname: m.nickname.clone(),
+            });
+            self.notify(&group, c.by_user_id, event, &[])?;
+        }
         Ok(group)
     }
 
@@ -414,8 +458,11 @@ impl Applier<'_> {
             reject!(ErrorPermissionDenied, "only the owner may dissolve group {}", c.group_id);
         }
         let members = self.member_ids(c.group_id)?;
-        let event =
-            Event::GroupDissolved(store::GroupChanged { group_id: c.group_id, by_user_id: c.by_user_id, kind: group.kind });
+        let event = Event::GroupDissolved(store::GroupChanged {
+            group_id: c.group_id,
+            by_user_id: c.by_user_id,
+            kind: group.kind,
+        });
         self.notify(&group, c.by_user_id, event, &members)?;
         for u in members {
             self.txn.delete(keys::member(self.shard, GroupId(c.group_id), UserId(u)));
@@ -427,34 +474,48 @@ impl Applier<'_> {
         Ok(group)
     }
 
+    /// A group send; sender 0 is the business API (no membership needed).
     pub(super) fn send_to_group(&mut self, c: &store::SendToGroup) -> Result<SendResult> {
         self.check_send(&c.client_msg_id, c.content_type, &c.content)?;
-        check_id("sender_user_id", c.sender_user_id)?;
         // A retry returns the original result even if the sender left since.
         let idem_key = keys::idempotency(self.shard, UserId(c.sender_user_id), c.group_id, &c.client_msg_id);
         if let Some(done) = self.txn.get_msg::<SendResult>(&idem_key)? {
             return Ok(done);
         }
         let group = self.load_group(c.group_id)?;
-        if group.kind() != GroupKind::Room && self.member(c.group_id, c.sender_user_id)?.is_none() {
+        if c.sender_user_id != 0
+            && group.kind() != GroupKind::Room
+            && self.member(c.group_id, c.sender_user_id)?.is_none()
+        {
             reject!(ErrorNotGroupMember, "user {} is not a member of group {}", c.sender_user_id, c.group_id);
         }
-        let message_id = self.next_message_id()?;
         let msg = Message {
-            message_id: message_id.0,
             sender_user_id: c.sender_user_id,
             sender_device_id: c.sender_device_id,
-            conversation_kind: Self::conversation_kind(group.kind()) as i32,
-            conversation_id: c.group_id,
             client_msg_id: c.client_msg_id.clone(),
-            send_time_ms: self.now_ms,
             content_type: c.content_type,
             content: c.content.clone(),
             refers_to: c.refers_to,
             mentions: c.mentions.clone(),
             ..Default::default()
         };
-        let group_seq = self.post(&group, msg, &[])?;
+        self.group_send(&group, msg, idem_key)
+    }
+
+    /// Posts `msg` (without id, conversation and time) to `group` and records
+    /// the result under `idem_key`. The caller checked sender and content.
+    pub(super) fn group_send(
+        &mut self,
+        group: &GroupRecord,
+        mut msg: Message,
+        idem_key: Vec<u8>,
+    ) -> Result<SendResult> {
+        let message_id = self.next_message_id()?;
+        msg.message_id = message_id.0;
+        msg.conversation_kind = Self::conversation_kind(group.kind()) as i32;
+        msg.conversation_id = group.group_id;
+        msg.send_time_ms = self.now_ms;
+        let group_seq = self.post(group, msg, &[])?;
         let result = SendResult {
             seq: 0,
             message_id: message_id.0,

@@ -28,11 +28,22 @@
 //! the same batch. The relay (in `rim-node`) proposes it as `Deliver` to the
 //! destination and removes it with `AckOutbox` once confirmed. Notifications
 //! carried that way also update the recipient's own records (its list of
-//! groups), so every cross-shard side effect is exactly-once.
+//! groups, its side of a friendship), so every cross-shard side effect is
+//! exactly-once.
+//!
+//! # Modules
+//!
+//! * `user`: accounts, devices, 1:1 sends, deliveries, ack cursors, and the
+//!   effects of notifications on a user's records.
+//! * `group`: groups, super groups, rooms, members, group sends.
+//! * `social`: friend actions, recalls, read positions and receipts,
+//!   persisted business pushes.
+//! * `meta`: the meta group (cluster map, id allocators).
 
 mod group;
 mod meta;
 pub mod read;
+mod social;
 mod txn;
 mod user;
 
@@ -71,6 +82,9 @@ pub struct Limits {
     /// no longer recognised. Keeps the idempotency and delivery-mark tables
     /// bounded (0: keep forever).
     pub dedup_window: u64,
+    /// How long after sending a sender may recall a message, in ms (0: no
+    /// limit). Group owners and admins may recall any message at any time.
+    pub recall_window_ms: i64,
     /// Sabotage, for the consistency harness's self-test only: `Deliver`
     /// appends a message even when the recipient's list already holds its
     /// id, so a relay retry duplicates it.
@@ -90,6 +104,7 @@ impl Default for Limits {
             room_retention: store::Retention { max_count: 1_000, max_age_ms: 24 * 3600 * 1000 },
             max_trim_per_op: 64,
             dedup_window: 100_000,
+            recall_window_ms: 120_000,
             no_relay_dedup: false,
         }
     }
@@ -200,18 +215,22 @@ impl<'a> Applier<'a> {
                 return Ok(OpResult::default());
             }
             O::AckSeq(c) => V::AckSeq(self.ack_seq(c)?),
-            O::SetFriend(c) => {
-                self.set_friend(c)?;
-                return Ok(OpResult::default());
-            }
+            O::SetFriend(c) => V::Friend(self.set_friend(c)?),
+            O::ChangeFriend(c) => match self.change_friend(c)? {
+                Some(rec) => V::Friend(rec),
+                None => return Ok(OpResult::default()),
+            },
+            O::Recall(c) => V::Sent(self.recall(c)?),
+            O::MarkRead(c) => V::ReadSeq(self.mark_read(c)?),
+            O::PushToUsers(c) => V::Sent(self.push_to_users(c)?),
             O::DeleteFriend(c) => {
                 self.delete_friend(c)?;
                 return Ok(OpResult::default());
             }
             O::CreateGroup(c) => V::Group(self.create_group(c)?),
             O::UpdateGroup(c) => V::Group(self.update_group(c)?),
-            O::AddMembers(c) => V::Group(self.add_members(c)?),
-            O::RemoveMembers(c) => V::Group(self.remove_members(c)?),
+            O::AddMembers(c) => V::MembersChanged(self.add_members(c)?),
+            O::RemoveMembers(c) => V::MembersChanged(self.remove_members(c)?),
             O::SetMember(c) => V::Group(self.set_member(c)?),
             O::DissolveGroup(c) => V::Group(self.dissolve_group(c)?),
             O::SendToGroup(c) => V::Sent(self.send_to_group(c)?),
@@ -220,9 +239,6 @@ impl<'a> Applier<'a> {
                 return Ok(OpResult::default());
             }
             O::AllocateIds(c) => V::Ids(self.allocate_ids(c)?),
-            O::ChangeFriend(_) | O::Recall(_) | O::MarkRead(_) | O::PushToUsers(_) => {
-                reject!(ErrorBadRequest, "operation not supported yet")
-            }
         };
         Ok(OpResult { code: 0, message: String::new(), value: Some(value) })
     }
@@ -294,9 +310,14 @@ impl<'a> Applier<'a> {
             && m.conversation_kind == rim_proto::v1::ConversationKind::User as i32
             && !m.client_msg_id.is_empty()
         {
-            let idem = keys::idempotency(self.shard, user, 0, &m.client_msg_id);
-            if self.txn.get_msg::<store::SendResult>(&idem)?.is_some_and(|r| r.seq == old) {
-                self.txn.delete(idem);
+            // Read receipts of MarkRead sit in their own scope.
+            let receipt = m.content_type == rim_proto::v1::ContentType::ReadReceipt as i32;
+            let scopes: &[u64] = if receipt { &[0, keys::RECEIPT_SCOPE] } else { &[0] };
+            for &scope in scopes {
+                let idem = keys::idempotency(self.shard, user, scope, &m.client_msg_id);
+                if self.txn.get_msg::<store::SendResult>(&idem)?.is_some_and(|r| r.seq == old) {
+                    self.txn.delete(idem);
+                }
             }
         }
         Ok(())
@@ -304,6 +325,12 @@ impl<'a> Applier<'a> {
 
     /// Checks the parts of a send common to every conversation kind.
     fn check_send(&self, client_msg_id: &str, content_type: i32, content: &[u8]) -> Result<()> {
+        self.check_client_msg_id(client_msg_id)?;
+        self.check_content(content_type, content)
+    }
+
+    /// A send's idempotency key: 1..=`max_client_msg_id` bytes.
+    fn check_client_msg_id(&self, client_msg_id: &str) -> Result<()> {
         if client_msg_id.is_empty() || client_msg_id.len() > self.limits.max_client_msg_id {
             reject!(
                 ErrorBadRequest,
@@ -312,6 +339,12 @@ impl<'a> Applier<'a> {
                 client_msg_id.len()
             );
         }
+        Ok(())
+    }
+
+    /// A message's content: within the size limit, of a known type, and not a
+    /// notification (only apply makes those: their effects change records).
+    fn check_content(&self, content_type: i32, content: &[u8]) -> Result<()> {
         if content.len() > self.limits.max_content_bytes {
             reject!(
                 ErrorContentTooLarge,

@@ -177,6 +177,59 @@ impl Reader {
         rows.iter().map(|(_, v)| db::decode(v)).collect()
     }
 
+    /// One entry of a user's list (`None`: no such seq).
+    pub fn user_message(&self, u: UserId, seq: Seq) -> Result<Option<Message>> {
+        self.get(&keys::user_msg(self.shard, u, seq))
+    }
+
+    /// One entry of a group list (`None`: no such seq, or trimmed).
+    pub fn group_message(&self, g: GroupId, seq: Seq) -> Result<Option<Message>> {
+        self.get(&keys::group_msg(self.shard, g, seq))
+    }
+
+    /// The newest `n` entries of a user's list, newest first.
+    pub fn tail(&self, u: UserId, n: usize) -> Result<Vec<Message>> {
+        let prefix = keys::Key::new(self.shard, keys::Table::UserMsg).u64(u.0).into_vec();
+        self.newest(&prefix, keys::user_msg(self.shard, u, Seq(u64::MAX)), n)
+    }
+
+    /// The newest `n` entries of a group list, newest first.
+    pub fn group_tail(&self, g: GroupId, n: usize) -> Result<Vec<Message>> {
+        let prefix = keys::Key::new(self.shard, keys::Table::GroupMsg).u64(g.0).into_vec();
+        self.newest(&prefix, keys::group_msg(self.shard, g, Seq(u64::MAX)), n)
+    }
+
+    /// Up to `n` records under `prefix`, from `last` (inclusive) backwards.
+    fn newest(&self, prefix: &[u8], last: Vec<u8>, n: usize) -> Result<Vec<Message>> {
+        let cf = self.db.cf(CF_SM);
+        let iter =
+            self.db.raw().iterator_cf(cf, rocksdb::IteratorMode::From(&last, rocksdb::Direction::Reverse));
+        let (rows, _) = collect_range(iter, prefix, n)?;
+        rows.iter().map(|(_, v)| db::decode(v)).collect()
+    }
+
+    /// A user's read position in one conversation (0: nothing read).
+    /// `kind` is a `rim.v1.ConversationKind`.
+    pub fn read_position(&self, u: UserId, kind: i32, conversation: u64) -> Result<u64> {
+        let Ok(kind) = u8::try_from(kind) else { return Ok(0) };
+        let rec: Option<store::ReadRecord> = self.get(&keys::read(self.shard, u, kind, conversation))?;
+        Ok(rec.map_or(0, |r| r.read_seq))
+    }
+
+    /// Every read position of a user: `(conversation kind, conversation id,
+    /// record)`, ordered by kind then conversation.
+    pub fn read_positions(&self, u: UserId) -> Result<Vec<(i32, u64, store::ReadRecord)>> {
+        let prefix = keys::reads_of(self.shard, u);
+        let (rows, _) = self.range(&prefix, prefix.clone(), usize::MAX)?;
+        rows.iter()
+            .map(|(k, v)| {
+                let (kind, conversation) = keys::read_parts(k)
+                    .ok_or_else(|| crate::Error::Corrupt("short read-position key".into()))?;
+                Ok((i32::from(kind), conversation, db::decode(v)?))
+            })
+            .collect()
+    }
+
     /// The cluster map stored in this (meta) shard.
     pub fn cluster_map(&self) -> Result<Option<rim_proto::v1::ClusterMap>> {
         self.get(&keys::cluster_map(self.shard))

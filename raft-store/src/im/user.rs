@@ -128,7 +128,10 @@ impl Applier<'_> {
         Ok(rec)
     }
 
-    pub(super) fn set_friend(&mut self, c: &store::SetFriend) -> Result<()> {
+    /// Sets the actor's side of a friendship directly (no notification) and
+    /// returns it. `status` UNSPECIFIED keeps the status, and then needs an
+    /// existing record.
+    pub(super) fn set_friend(&mut self, c: &store::SetFriend) -> Result<store::FriendRecord> {
         check_id("friend_id", c.friend_id)?;
         if c.user_id == c.friend_id {
             reject!(ErrorBadRequest, "a user cannot befriend themselves");
@@ -136,13 +139,24 @@ impl Applier<'_> {
         if !self.is_local_user(UserId(c.user_id))? {
             reject!(ErrorUserNotFound, "user {} not found", c.user_id);
         }
+        let status = match store::FriendStatus::try_from(c.status) {
+            Ok(s) => s,
+            Err(_) => reject!(ErrorBadRequest, "unknown friend status {}", c.status),
+        };
         let key = keys::friend(self.shard, UserId(c.user_id), UserId(c.friend_id));
-        let mut rec = self.txn.get_msg::<store::FriendRecord>(&key)?.unwrap_or(store::FriendRecord {
-            friend_id: c.friend_id,
-            created_ms: self.now_ms,
-            ..Default::default()
-        });
-        rec.status = c.status;
+        let existing = self.txn.get_msg::<store::FriendRecord>(&key)?;
+        let mut rec = match existing {
+            Some(rec) => rec,
+            None if status == store::FriendStatus::Unspecified => {
+                reject!(ErrorNotFriend, "user {} has no friend {}", c.user_id, c.friend_id)
+            }
+            None => {
+                store::FriendRecord { friend_id: c.friend_id, created_ms: self.now_ms, ..Default::default() }
+            }
+        };
+        if status != store::FriendStatus::Unspecified {
+            rec.set_status(status);
+        }
         if let Some(r) = &c.remarks {
             self.check_len("remarks", r.len(), self.limits.max_name_bytes)?;
             rec.remarks = r.clone();
@@ -153,7 +167,7 @@ impl Applier<'_> {
         }
         rec.updated_ms = self.now_ms;
         self.txn.put_msg(key, &rec);
-        Ok(())
+        Ok(rec)
     }
 
     pub(super) fn delete_friend(&mut self, c: &store::DeleteFriend) -> Result<()> {
@@ -179,28 +193,34 @@ impl Applier<'_> {
             return Ok(done);
         }
 
-        let message_id = self.next_message_id()?;
         let msg = Message {
-            message_id: message_id.0,
             sender_user_id: c.sender_user_id,
             sender_device_id: c.sender_device_id,
-            conversation_kind: ConversationKind::User as i32,
             conversation_id: c.recipient_user_id,
-            seq: 0,
             client_msg_id: c.client_msg_id.clone(),
-            send_time_ms: self.now_ms,
             content_type: c.content_type,
             content: c.content.clone(),
-            status: 0,
-            group_seq: 0,
             refers_to: c.refers_to,
-            mentions: Vec::new(),
+            ..Default::default()
         };
+        self.send_direct(msg, idem_key)
+    }
+
+    /// Appends a 1:1 entry (`msg` without id, kind and time) from
+    /// `msg.sender_user_id` to `msg.conversation_id`: to the sender's list and
+    /// to the recipient's (local) or the outbox (remote). Records the result
+    /// under `idem_key`. The caller checked the sender and the content.
+    pub(super) fn send_direct(&mut self, mut msg: Message, idem_key: Vec<u8>) -> Result<SendResult> {
+        let message_id = self.next_message_id()?;
+        msg.message_id = message_id.0;
+        msg.conversation_kind = ConversationKind::User as i32;
+        msg.send_time_ms = self.now_ms;
+        let sender = UserId(msg.sender_user_id);
+        let recipient = UserId(msg.conversation_id);
         let seq = self.append_to_user(sender, msg.clone())?;
-        let recipient = UserId(c.recipient_user_id);
         if recipient != sender {
             if self.is_local_user(recipient)? {
-                self.append_to_user(recipient, msg.clone())?;
+                self.append_to_user(recipient, msg)?;
             } else {
                 self.push_outbox(msg, vec![recipient.0])?;
             }
@@ -256,7 +276,7 @@ impl Applier<'_> {
     }
 
     /// Side effects of a notification landing in `user`'s list: the user's
-    /// own records follow the change (its list of groups).
+    /// own records follow the change (its list of groups, its friends).
     pub(super) fn notification_effects(&mut self, user: UserId, msg: &Message) -> Result<()> {
         use store::notification::Event;
         if msg.content_type != rim_proto::v1::ContentType::Notification as i32 {
@@ -282,6 +302,16 @@ impl Applier<'_> {
             }
             Some(Event::GroupDissolved(e)) => {
                 self.txn.delete(keys::user_group(self.shard, user, GroupId(e.group_id)));
+            }
+            Some(Event::GroupConverted(e)) => {
+                let key = keys::user_group(self.shard, user, GroupId(e.group_id));
+                if let Some(mut rec) = self.txn.get_msg::<store::UserGroupRecord>(&key)? {
+                    rec.kind = e.kind;
+                    self.txn.put_msg(key, &rec);
+                }
+            }
+            Some(Event::FriendChanged(e)) if e.friend_id == user.0 && e.user_id != user.0 => {
+                self.friend_effects(user, msg, &e)?;
             }
             _ => {}
         }
