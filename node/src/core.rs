@@ -24,7 +24,7 @@ use prost::Message as _;
 use rim_cluster::{Placement, TokenKey};
 use rim_proto::ErrorCode;
 use rim_proto::store::{self, Op, OpResult, Proposal, ProposalResult, op::Op as O};
-use rim_proto::v1::RaftRequest;
+use rim_proto::v1::{OnlinePush, RaftRequest};
 use rim_raft_store::ShardId;
 
 use crate::auth::CodeVerifier;
@@ -304,6 +304,67 @@ impl Core {
             }
             ErrorCode::ErrorNotLeader => Err(Error::NotLeader { shard, leader: reply.message.parse().ok() }),
             _ => Err(Error::Unavailable(reply.message)),
+        }
+    }
+
+    /// Hands an online-only push to the push streams of `shard`'s leader:
+    /// locally when this node leads it, else over `RaftService.Push`,
+    /// following leader hints until the request deadline. Nothing is
+    /// stored: connections that are not online when it arrives miss it.
+    /// A retry after a timeout may deliver it twice.
+    pub async fn push_online(&self, shard: u32, push: OnlinePush) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        let push = Arc::new(push);
+        let mut hint: Option<u64> = None;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout(format!("no leader of group {shard} took the push in time")));
+            }
+            let local = self.group(shard);
+            let leader = hint
+                .take()
+                .or_else(|| local.as_ref().and_then(|g| g.leader()))
+                .or_else(|| self.placement().ok().and_then(|p| p.leader_hint(shard).map(|n| n.node_id)));
+            let attempt = match (leader, &local) {
+                (Some(l), Some(g)) if l == self.id() => g.push_online(push.clone()).map(|_| ()),
+                (Some(l), _) => self.push_remote(shard, l, &push, left).await,
+                (None, _) => Err(Error::Unavailable(format!("group {shard} has no leader"))),
+            };
+            match attempt {
+                Err(Error::NotLeader { leader: Some(l), .. }) if Some(l) != leader => hint = Some(l),
+                Err(e @ (Error::NotLeader { .. } | Error::Unavailable(_))) => {
+                    tracing::debug!(shard, error = %e, "retrying online push");
+                    tokio::time::sleep(backoff.min(left)).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(300));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn push_remote(&self, shard: u32, node: u64, push: &OnlinePush, left: Duration) -> Result<()> {
+        let addr = self
+            .node_addr(shard, node)
+            .ok_or_else(|| Error::Unavailable(format!("no address for node {node}")))?;
+        let req = RaftRequest {
+            group_id: shard,
+            payload: push.encode_to_vec().into(),
+            target_node_id: node,
+            from_node_id: self.id(),
+        };
+        let msg = self.peers.request(req, left);
+        let reply = self
+            .peers
+            .call(node, &addr, left, |mut c, _| async move { c.push(msg).await })
+            .await
+            .map_err(call_error)?;
+        match ErrorCode::try_from(reply.code).unwrap_or(ErrorCode::ErrorInternal) {
+            ErrorCode::Ok => Ok(()),
+            ErrorCode::ErrorNotLeader => Err(Error::NotLeader { shard, leader: reply.message.parse().ok() }),
+            ErrorCode::ErrorUnavailable => Err(Error::Unavailable(reply.message)),
+            code => Err(Error::rejected(code, reply.message)),
         }
     }
 

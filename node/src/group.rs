@@ -31,6 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft};
 use rim_proto::store::{self, Op, OpResult, Proposal, op::Op as O};
+use rim_proto::v1::OnlinePush;
 use rim_raft_store::{
     AppliedEvent, Db, GroupId, Limits, MessageId, Reader, Request, ShardId, TypeConfig, UserId,
 };
@@ -43,6 +44,9 @@ use crate::net::{GroupNetwork, Peers};
 const PROPOSAL_QUEUE: usize = 16_384;
 /// Capacity of a group's applied-effects channel.
 const EVENT_CHANNEL: usize = 4_096;
+/// Capacity of a group's online-push channel (a push stream that falls this
+/// far behind misses online-only pushes; they are never stored).
+const ONLINE_CHANNEL: usize = 1_024;
 
 /// Tuning of a group's proposer.
 #[derive(Clone, Copy, Debug)]
@@ -77,6 +81,9 @@ pub struct Group {
     pub reader: Reader,
     /// Effects of applied entries (push hub, relay).
     pub events: broadcast::Sender<Arc<AppliedEvent>>,
+    /// Online-only pushes for this group's push streams (only the leader
+    /// sends on it; see [`Group::push_online`]).
+    pub online: broadcast::Sender<Arc<OnlinePush>>,
     proposals: mpsc::Sender<(Op, Reply)>,
     /// `Some` only with the `ack_before_commit` sabotage.
     early_acks: Option<Mutex<Predictions>>,
@@ -115,7 +122,8 @@ impl Group {
         let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE);
         tokio::spawn(run_proposer(raft.clone(), rx, opts, shard));
         let early_acks = opts.ack_before_commit.then(Mutex::default);
-        Ok(Arc::new(Group { shard, raft, reader, events, proposals: tx, early_acks }))
+        let (online, _) = broadcast::channel(ONLINE_CHANNEL);
+        Ok(Arc::new(Group { shard, raft, reader, events, online, proposals: tx, early_acks }))
     }
 
     /// This node's id in the group.
@@ -204,6 +212,17 @@ impl Group {
             value: Some(store::op_result::Value::Sent(sent)),
             ..Default::default()
         }))
+    }
+
+    /// Hands an online-only push to this group's push streams; returns how
+    /// many streams were listening. Only the leader serves push streams, so
+    /// a follower refuses with `NotLeader`. Nothing is stored.
+    pub fn push_online(&self, push: Arc<OnlinePush>) -> Result<usize> {
+        if !self.is_leader() {
+            return Err(Error::NotLeader { shard: self.shard.0, leader: self.leader() });
+        }
+        // No receiver: nobody of this shard is online here; not an error.
+        Ok(self.online.send(push).unwrap_or(0))
     }
 
     /// Confirms leadership and returns the index reads must wait for.

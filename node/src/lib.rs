@@ -5,10 +5,11 @@
 //! (`rim-raft-store`). It serves three listeners:
 //!
 //! * **internal** (cluster secret required): Raft traffic between nodes,
-//!   forwarded proposals and read-index barriers, the gateway-facing service
-//!   with push subscriptions, and the admin service;
-//! * **client**: sign-in, users and messages over gRPC, authenticated by
-//!   device tokens in the metadata;
+//!   forwarded proposals, read-index barriers and online-only pushes, the
+//!   gateway-facing service with push subscriptions, the business push
+//!   service, and the admin service;
+//! * **client**: sign-in, users, friends, groups and messages over gRPC,
+//!   authenticated by device tokens in the metadata;
 //! * **http**: `/metrics` and `/healthz`.
 //!
 //! # Write path

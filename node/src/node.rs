@@ -17,8 +17,11 @@ use rim_proto::store::{self, op::Op as O};
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::admin_service_server::AdminServiceServer;
 use rim_proto::v1::auth_service_server::AuthServiceServer;
+use rim_proto::v1::friend_service_server::FriendServiceServer;
 use rim_proto::v1::gateway_service_server::GatewayServiceServer;
+use rim_proto::v1::group_service_server::GroupServiceServer;
 use rim_proto::v1::message_service_server::MessageServiceServer;
+use rim_proto::v1::push_service_server::PushServiceServer;
 use rim_proto::v1::raft_service_server::RaftServiceServer;
 use rim_proto::v1::user_service_server::UserServiceServer;
 use rim_proto::v1::{ClusterMap, GetClusterMapRequest, NodeInfo, NodeState};
@@ -33,7 +36,7 @@ use crate::core::{Core, META};
 use crate::error::{Error, Result};
 use crate::group::{Group, ProposerOptions};
 use crate::net::{LinkFilter, Peers, SECRET_METADATA_KEY};
-use crate::service::{AdminSvc, ClientSvc, GatewaySvc, RaftSvc};
+use crate::service::{AdminSvc, ClientSvc, GatewaySvc, PushSvc, RaftSvc};
 
 /// Options of [`Node::start`] beyond the configuration.
 #[derive(Clone, Default)]
@@ -379,10 +382,12 @@ async fn serve_internal(core: Arc<Core>, listener: TcpListener) {
     let check = check_secret(core.config.cluster_secret.clone());
     let raft = RaftServiceServer::with_interceptor(RaftSvc { core: core.clone() }, check.clone());
     let gateway = GatewayServiceServer::with_interceptor(GatewaySvc { core: core.clone() }, check.clone());
+    let push = PushServiceServer::with_interceptor(PushSvc { core: core.clone() }, check.clone());
     let admin = AdminServiceServer::with_interceptor(AdminSvc { core: core.clone() }, check);
     let res = tonic::transport::Server::builder()
         .add_service(raft)
         .add_service(gateway)
+        .add_service(push)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { core.stopped().await })
         .await;
@@ -396,6 +401,8 @@ async fn serve_client(core: Arc<Core>, listener: TcpListener) {
     let res = tonic::transport::Server::builder()
         .add_service(AuthServiceServer::new(svc.clone()))
         .add_service(UserServiceServer::new(svc.clone()))
+        .add_service(FriendServiceServer::new(svc.clone()))
+        .add_service(GroupServiceServer::new(svc.clone()))
         .add_service(MessageServiceServer::new(svc))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { core.stopped().await })
         .await;

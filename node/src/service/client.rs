@@ -16,6 +16,7 @@ use rim_proto::v1::*;
 use rim_raft_store::UserId;
 use tonic::{Request, Response, Status};
 
+use super::conversation;
 use super::ops::{self, check_id};
 use crate::core::Core;
 use crate::error::{Error, Result};
@@ -29,9 +30,11 @@ pub struct ClientSvc {
 
 /// Who is calling, from verified metadata.
 #[derive(Clone, Copy, Debug)]
-struct Caller {
-    user: u64,
-    device: u64,
+pub(super) struct Caller {
+    /// The signed-in user.
+    pub user: u64,
+    /// The signed-in device.
+    pub device: u64,
 }
 
 fn meta_u64<T>(req: &Request<T>, key: &str) -> Result<u64> {
@@ -41,7 +44,8 @@ fn meta_u64<T>(req: &Request<T>, key: &str) -> Result<u64> {
 }
 
 impl ClientSvc {
-    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller> {
+    /// The caller, after checking the token in the metadata.
+    pub(super) async fn caller<T>(&self, req: &Request<T>) -> Result<Caller> {
         let user = meta_u64(req, "user_id")?;
         let device = meta_u64(req, "device_id")?;
         let token = req
@@ -296,10 +300,6 @@ impl UserService for ClientSvc {
     }
 }
 
-fn unimplemented(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not available in this version"))
-}
-
 #[tonic::async_trait]
 impl MessageService for ClientSvc {
     async fn send_message(&self, req: Request<SendInput>) -> Result<Response<SendOutput>, Status> {
@@ -335,18 +335,21 @@ impl MessageService for ClientSvc {
         Ok(Response::new(ops::ack(&self.core, c.user, c.device, req.into_inner().seq).await?))
     }
 
-    async fn recall(&self, _req: Request<RecallInput>) -> Result<Response<SendOutput>, Status> {
-        Err(unimplemented("recall"))
+    async fn recall(&self, req: Request<RecallInput>) -> Result<Response<SendOutput>, Status> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(ops::recall(&self.core, c.user, c.device, req.into_inner()).await?))
     }
 
     async fn list_conversations(
         &self,
-        _req: Request<ListConversationsRequest>,
+        req: Request<ListConversationsRequest>,
     ) -> Result<Response<ListConversationsReply>, Status> {
-        Err(unimplemented("the conversation view"))
+        let c = self.caller(&req).await?;
+        Ok(Response::new(conversation::list(&self.core, c.user, req.into_inner()).await?))
     }
 
-    async fn mark_read(&self, _req: Request<ReadInput>) -> Result<Response<ReadOutput>, Status> {
-        Err(unimplemented("read receipts"))
+    async fn mark_read(&self, req: Request<ReadInput>) -> Result<Response<ReadOutput>, Status> {
+        let c = self.caller(&req).await?;
+        Ok(Response::new(ops::mark_read(&self.core, c.user, c.device, req.into_inner()).await?))
     }
 }

@@ -21,10 +21,11 @@ use std::sync::Arc;
 
 use futures::Stream;
 use rim_proto::ErrorCode;
+use rim_proto::store;
 use rim_proto::v1::gateway_service_server::GatewayService;
 use rim_proto::v1::subscribe_event::Event;
 use rim_proto::v1::*;
-use rim_raft_store::{ListRef, UserId};
+use rim_raft_store::{GroupId, ListRef, UserId};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -78,6 +79,8 @@ impl GatewayService for GatewaySvc {
             .device(UserId(input.user_id), rim_raft_store::DeviceId(input.device_id))
             .map_err(Error::from)?;
         let head = g.reader.user_head(UserId(input.user_id)).map_err(Error::from)?;
+        let groups = g.reader.user_groups(UserId(input.user_id)).map_err(Error::from)?;
+        let super_groups = super_group_heads(&self.core, input.user_id, groups).await;
         Ok(Response::new(ConnSignInReply {
             user: Some(ops::user_view(user)),
             output: Some(SignInOutput {
@@ -87,7 +90,7 @@ impl GatewayService for GatewaySvc {
                 ack_seq: dev.map(|d| d.ack_seq).unwrap_or(0),
                 server_time_ms: crate::group::now_ms(),
                 heartbeat_interval_ms: HEARTBEAT_MS,
-                super_groups: Vec::new(),
+                super_groups,
             }),
             token_version: claims.token_version,
             shard_id: shard,
@@ -128,12 +131,18 @@ impl GatewayService for GatewaySvc {
         Ok(Response::new(ops::send(&self.core, c.user_id, c.device_id, input).await?))
     }
 
-    async fn recall(&self, _req: Request<ConnRecallRequest>) -> Result<Response<SendOutput>, Status> {
-        Err(Status::unimplemented("recall is not available in this version"))
+    async fn recall(&self, req: Request<ConnRecallRequest>) -> Result<Response<SendOutput>, Status> {
+        let r = req.into_inner();
+        let c = conn(r.conn)?;
+        Ok(Response::new(ops::recall(&self.core, c.user_id, c.device_id, r.input.unwrap_or_default()).await?))
     }
 
-    async fn mark_read(&self, _req: Request<ConnReadRequest>) -> Result<Response<ReadOutput>, Status> {
-        Err(Status::unimplemented("read receipts are not available in this version"))
+    async fn mark_read(&self, req: Request<ConnReadRequest>) -> Result<Response<ReadOutput>, Status> {
+        let r = req.into_inner();
+        let c = conn(r.conn)?;
+        Ok(Response::new(
+            ops::mark_read(&self.core, c.user_id, c.device_id, r.input.unwrap_or_default()).await?,
+        ))
     }
 
     async fn logout(&self, req: Request<ConnLogoutRequest>) -> Result<Response<ConnLogoutReply>, Status> {
@@ -188,6 +197,7 @@ async fn serve_subscription(
         return end(ErrorCode::ErrorNotLeader, group.leader());
     }
     let mut events = group.events.subscribe();
+    let mut online = group.online.subscribe();
     let mut metrics_rx = group.raft.metrics();
     let (mut users, mut groups) = (HashSet::new(), HashSet::new());
     apply_request(&first, &mut users, &mut groups);
@@ -245,9 +255,86 @@ async fn serve_subscription(
                 }
                 Err(broadcast::error::RecvError::Closed) => return end(ErrorCode::ErrorUnavailable, None),
             },
+            push = online.recv() => match push {
+                Ok(p) => forward_online(shard, &p, &users, &groups, tx),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // Online-only pushes are never stored: what was missed is gone.
+                    tracing::warn!(shard, missed = n, "push stream lagged behind online pushes");
+                    metrics::counter!("rim_push_online_dropped_total").increment(n);
+                }
+                Err(broadcast::error::RecvError::Closed) => return end(ErrorCode::ErrorUnavailable, None),
+            },
             _ = core.stopped() => return end(ErrorCode::ErrorUnavailable, None),
         }
     }
+}
+
+/// Sends an online-only push to a stream, once per subscribed target:
+/// `all` as one broadcast (owner 0), each subscribed user (USER list), each
+/// subscribed group (GROUP list). A full queue drops the push (online-only
+/// pushes are best effort, and the next stored entry ends the stream).
+fn forward_online(
+    shard: u32,
+    p: &OnlinePush,
+    users: &HashSet<u64>,
+    groups: &HashSet<u64>,
+    tx: &mpsc::Sender<Result<SubscribeEvent, Status>>,
+) {
+    let Some(push) = &p.push else { return };
+    let targets = p
+        .all
+        .then_some((ListKind::Unspecified, 0))
+        .into_iter()
+        .chain(p.user_ids.iter().filter(|u| users.contains(u)).map(|u| (ListKind::User, *u)))
+        .chain(p.group_ids.iter().filter(|g| groups.contains(g)).map(|g| (ListKind::Group, *g)));
+    for (kind, owner) in targets {
+        let m = PushedMessage { list_kind: kind as i32, owner_id: owner, ..push.clone() };
+        if tx.try_send(Ok(SubscribeEvent { event: Some(Event::Message(m)) })).is_err() {
+            tracing::debug!(shard, owner, "push stream full; online push dropped");
+            metrics::counter!("rim_push_online_dropped_total").increment(1);
+        }
+    }
+}
+
+/// The heads of the user's super groups for `SignInOutput`: each group read
+/// linearizably on its shard, with the member's join point from the group's
+/// member record. Groups that cannot be read (or that the user left in the
+/// meantime) are skipped: a sign-in does not fail over them.
+async fn super_group_heads(core: &Core, user: u64, groups: Vec<store::UserGroupRecord>) -> Vec<GroupHead> {
+    let supers: Vec<u64> =
+        groups.iter().filter(|g| g.kind() == store::GroupKind::Super).map(|g| g.group_id).collect();
+    if supers.is_empty() {
+        return Vec::new();
+    }
+    let Ok(placement) = core.placement() else { return Vec::new() };
+    let shards = ops::barriers_lenient(core, supers.iter().map(|g| placement.shard_of_group(*g))).await;
+    let mut heads = Vec::with_capacity(supers.len());
+    for g in supers {
+        let shard = placement.shard_of_group(g);
+        let replica = match shards.get(&shard) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
+                tracing::warn!(user, group = g, shard, error = %e, "sign-in skips an unreadable super group");
+                continue;
+            }
+            None => continue,
+        };
+        let read = || -> Result<Option<GroupHead>, Error> {
+            let Some(m) = replica.reader.member(GroupId(g), UserId(user))? else { return Ok(None) };
+            let head = replica.reader.group_head(GroupId(g))?;
+            Ok(Some(GroupHead {
+                group_id: g,
+                last_group_seq: head.last_seq,
+                joined_group_seq: m.joined_group_seq,
+            }))
+        };
+        match read() {
+            Ok(Some(h)) => heads.push(h),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(user, group = g, error = %e, "sign-in skips an unreadable super group"),
+        }
+    }
+    heads
 }
 
 fn apply_request(r: &SubscribeRequest, users: &mut HashSet<u64>, groups: &mut HashSet<u64>) {

@@ -2,11 +2,16 @@
 
 mod admin;
 mod client;
+pub mod conversation;
+mod friend;
 mod gateway;
+mod groups;
 pub mod ops;
+mod push;
 mod raft;
 
 pub use admin::{AdminSvc, group_status};
 pub use client::ClientSvc;
 pub use gateway::GatewaySvc;
+pub use push::PushSvc;
 pub use raft::RaftSvc;

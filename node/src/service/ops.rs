@@ -2,6 +2,9 @@
 //! services only differ in how they learn who is asking (token metadata vs.
 //! the gateway's connection context); what a send, sync or ack does is here.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
 use rim_proto::ErrorCode;
 use rim_proto::store::{self, DeviceRecord, UserRecord, op::Op as O};
 use rim_proto::v1::{self, ConversationKind};
@@ -9,13 +12,14 @@ use rim_raft_store::{DeviceId, GroupId, Seq, UserId};
 
 use crate::core::Core;
 use crate::error::{Error, Result};
+use crate::group::Group;
 
 /// Largest page a sync returns.
 pub const MAX_SYNC_LIMIT: u32 = 500;
 /// Page size when the client asks for 0.
 pub const DEFAULT_SYNC_LIMIT: u32 = 100;
 
-fn op(o: O) -> store::Op {
+pub(super) fn op(o: O) -> store::Op {
     store::Op { op: Some(o) }
 }
 
@@ -221,4 +225,189 @@ pub async fn get_user(core: &Core, user: u64) -> Result<UserRecord> {
 pub async fn get_device(core: &Core, user: u64, device: u64) -> Result<Option<DeviceRecord>> {
     let g = core.read_barrier(core.shard_of_user(user)?).await?;
     Ok(g.reader.device(UserId(user), DeviceId(device))?)
+}
+
+/// Recalls a message as `(user, device)`: proposed to the caller's shard for
+/// 1:1 (`seq` = the message's seq in the caller's list), to the group's shard
+/// for groups (`seq` = its group seq).
+pub async fn recall(core: &Core, user: u64, device: u64, input: v1::RecallInput) -> Result<v1::SendOutput> {
+    check_id("message_id", input.message_id)?;
+    check_id("seq", input.seq)?;
+    let kind = ConversationKind::try_from(input.conversation_kind).unwrap_or(ConversationKind::Unspecified);
+    let shard = match kind {
+        ConversationKind::User => core.shard_of_user(user)?,
+        ConversationKind::Group | ConversationKind::SuperGroup | ConversationKind::Room => {
+            check_id("conversation_id", input.conversation_id)?;
+            core.placement()?.shard_of_group(input.conversation_id)
+        }
+        _ => {
+            return Err(Error::rejected(
+                ErrorCode::ErrorBadRequest,
+                "recall needs a user or group conversation",
+            ));
+        }
+    };
+    let o = O::Recall(store::Recall {
+        user_id: user,
+        device_id: device,
+        conversation_kind: input.conversation_kind,
+        conversation_id: input.conversation_id,
+        message_id: input.message_id,
+        seq: input.seq,
+        client_msg_id: input.client_msg_id,
+    });
+    let r = core.propose(shard, op(o)).await?;
+    metrics::counter!("rim_recalls_total").increment(1);
+    match r.value {
+        Some(store::op_result::Value::Sent(s)) => Ok(v1::SendOutput {
+            seq: s.seq,
+            message_id: s.message_id,
+            send_time_ms: s.send_time_ms,
+            group_seq: s.group_seq,
+        }),
+        _ => Err(Error::Internal("recall returned no result".into())),
+    }
+}
+
+/// Moves `user`'s read position in a conversation (and, 1:1 with a
+/// `receipt_message_id`, sends the peer a read receipt).
+pub async fn mark_read(core: &Core, user: u64, device: u64, input: v1::ReadInput) -> Result<v1::ReadOutput> {
+    let kind = ConversationKind::try_from(input.conversation_kind).unwrap_or(ConversationKind::Unspecified);
+    if kind == ConversationKind::Unspecified {
+        return Err(Error::rejected(ErrorCode::ErrorBadRequest, "conversation_kind is required"));
+    }
+    if kind != ConversationKind::System {
+        check_id("conversation_id", input.conversation_id)?;
+    }
+    let o = O::MarkRead(store::MarkRead {
+        user_id: user,
+        device_id: device,
+        conversation_kind: input.conversation_kind,
+        conversation_id: input.conversation_id,
+        read_seq: input.read_seq,
+        receipt_message_id: if kind == ConversationKind::User { input.receipt_message_id } else { 0 },
+    });
+    let r = core.propose(core.shard_of_user(user)?, op(o)).await?;
+    match r.value {
+        Some(store::op_result::Value::ReadSeq(read_seq)) => Ok(v1::ReadOutput { read_seq }),
+        _ => Err(Error::Internal("mark read returned no position".into())),
+    }
+}
+
+/// Linearizable read barriers on several shards at once; fails with the
+/// first shard that cannot be read.
+pub async fn barriers(
+    core: &Core,
+    shards: impl IntoIterator<Item = u32>,
+) -> Result<BTreeMap<u32, Arc<Group>>> {
+    let mut out = BTreeMap::new();
+    for (shard, g) in barriers_lenient(core, shards).await {
+        out.insert(shard, g?);
+    }
+    Ok(out)
+}
+
+/// Like [`barriers`], but returns each shard's outcome.
+pub async fn barriers_lenient(
+    core: &Core,
+    shards: impl IntoIterator<Item = u32>,
+) -> BTreeMap<u32, Result<Arc<Group>>> {
+    let shards: BTreeSet<u32> = shards.into_iter().collect();
+    let reads = shards.into_iter().map(|s| async move { (s, core.read_barrier(s).await) });
+    futures::future::join_all(reads).await.into_iter().collect()
+}
+
+/// Fails with `ERROR_USER_NOT_FOUND` (naming the first) unless every user
+/// exists; like [`ensure_user_exists`], local replicas settle existing users.
+pub async fn ensure_users_exist(core: &Core, users: &[u64]) -> Result<()> {
+    let placement = core.placement()?;
+    let mut unsure = Vec::new();
+    for &u in users {
+        check_id("user_id", u)?;
+        let shard = placement.shard_of_user(u);
+        let known = match core.group(shard) {
+            Some(g) => g.reader.user(UserId(u))?.is_some(),
+            None => false,
+        };
+        if !known {
+            unsure.push((shard, u));
+        }
+    }
+    if unsure.is_empty() {
+        return Ok(());
+    }
+    let groups = barriers(core, unsure.iter().map(|(s, _)| *s)).await?;
+    for (shard, u) in unsure {
+        if groups[&shard].reader.user(UserId(u))?.is_none() {
+            return Err(Error::rejected(ErrorCode::ErrorUserNotFound, format!("user {u} not found")));
+        }
+    }
+    Ok(())
+}
+
+/// Public profiles of `users`, best effort: users whose shard cannot be
+/// read in time (or that do not exist) are left out.
+pub async fn profiles(core: &Core, users: &[u64]) -> HashMap<u64, v1::User> {
+    let Ok(placement) = core.placement() else { return HashMap::new() };
+    let groups = barriers_lenient(core, users.iter().map(|u| placement.shard_of_user(*u))).await;
+    let mut out = HashMap::new();
+    for &u in users {
+        let Some(Ok(g)) = groups.get(&placement.shard_of_user(u)) else { continue };
+        match g.reader.user(UserId(u)) {
+            Ok(Some(rec)) => {
+                out.insert(u, user_view(rec));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(user = u, error = %e, "reading a profile"),
+        }
+    }
+    out
+}
+
+/// Public view of one side of a friendship.
+pub fn friend_view(f: store::FriendRecord, profile: Option<v1::User>) -> v1::Friend {
+    v1::Friend {
+        friend_id: f.friend_id,
+        status: f.status,
+        remarks: f.remarks,
+        extra: f.extra,
+        created_ms: f.created_ms,
+        updated_ms: f.updated_ms,
+        profile,
+        description: f.description,
+    }
+}
+
+/// Public view of a group; `last_group_seq` is reported for super groups
+/// and rooms only (small groups are read from the members' own lists).
+pub fn group_view(g: store::GroupRecord, last_group_seq: u64) -> v1::Group {
+    let small = g.kind() == store::GroupKind::Small;
+    v1::Group {
+        group_id: g.group_id,
+        kind: g.kind,
+        name: g.name,
+        avatar_url: g.avatar_url,
+        introduction: g.introduction,
+        extra: g.extra,
+        owner_id: g.owner_id,
+        member_count: g.member_count,
+        created_ms: g.created_ms,
+        updated_ms: g.updated_ms,
+        dissolved: g.dissolved,
+        retention: g.retention.map(|r| v1::Retention { max_count: r.max_count, max_age_ms: r.max_age_ms }),
+        last_group_seq: if small { 0 } else { last_group_seq },
+    }
+}
+
+/// Public view of a member.
+pub fn member_view(m: store::MemberRecord, profile: Option<v1::User>) -> v1::GroupMember {
+    v1::GroupMember {
+        user_id: m.user_id,
+        role: m.role,
+        nickname: m.nickname,
+        joined_ms: m.joined_ms,
+        joined_group_seq: m.joined_group_seq,
+        extra: m.extra,
+        profile,
+    }
 }

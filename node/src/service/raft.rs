@@ -11,7 +11,7 @@ use prost::Message as _;
 use rim_proto::ErrorCode;
 use rim_proto::store::{Proposal, ProposalResult};
 use rim_proto::v1::raft_service_server::RaftService;
-use rim_proto::v1::{RaftReply, RaftRequest, SnapshotChunk};
+use rim_proto::v1::{OnlinePush, RaftReply, RaftRequest, SnapshotChunk};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::core::Core;
@@ -73,8 +73,18 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
 
 #[tonic::async_trait]
 impl RaftService for RaftSvc {
-    async fn push(&self, _req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        Err(Status::unimplemented("online pushes are not available in this version"))
+    async fn push(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let r = req.into_inner();
+        let g = route!(self, r);
+        let push =
+            OnlinePush::decode(r.payload.as_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        match g.push_online(Arc::new(push)) {
+            Ok(_) => Ok(reply(Vec::new())),
+            Err(Error::NotLeader { leader, .. }) => {
+                Ok(refuse(ErrorCode::ErrorNotLeader, leader.map(|l| l.to_string()).unwrap_or_default()))
+            }
+            Err(e) => Ok(refuse(e.code(), e.to_string())),
+        }
     }
 
     async fn append(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
