@@ -79,16 +79,30 @@ async fn super_group_of_ten_thousand_reaches_every_online_member_once() {
     eprintln!("super group {gid} has {MEMBERS} members ({:?})", t0.elapsed());
 
     // 1,000 members online, half on each gateway, each subscribed to the group.
-    let mut conns = Vec::with_capacity(ONLINE);
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = Vec::with_capacity(ONLINE);
     for (i, s) in members[..ONLINE].iter().enumerate() {
-        let (mut conn, out) = Conn::sign_in(&gateways[i % 2].tcp, s).await;
-        let head = out.super_groups.iter().find(|h| h.group_id == gid);
-        assert!(head.is_some(), "user {}'s sign-in lists super group {gid}: {:?}", s.user, out.super_groups);
-        let sub = SubscribeRoomInput { room_id: gid, after_seq: head.map_or(0, |h| h.last_group_seq) };
-        conn.call(Command::SubscribeRoom, &sub)
-            .await
-            .unwrap_or_else(|r| panic!("subscribe {}: {r:?}", s.user));
-        conns.push(conn);
+        let (s, sem, gw) = (s.clone(), sem.clone(), gateways[i % 2].tcp.clone());
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await.expect("semaphore");
+            let (mut conn, out) = Conn::sign_in(&gw, &s).await;
+            let head = out.super_groups.iter().find(|h| h.group_id == gid);
+            assert!(
+                head.is_some(),
+                "user {}'s sign-in lists super group {gid}: {:?}",
+                s.user,
+                out.super_groups
+            );
+            let sub = SubscribeRoomInput { room_id: gid, after_seq: head.map_or(0, |h| h.last_group_seq) };
+            conn.call(Command::SubscribeRoom, &sub)
+                .await
+                .unwrap_or_else(|r| panic!("subscribe {}: {r:?}", s.user));
+            conn
+        }));
+    }
+    let mut conns = Vec::with_capacity(ONLINE);
+    for t in tasks {
+        conns.push(t.await.expect("connect task"));
     }
     // Connections idle for 3 heartbeat intervals are closed: beat once now.
     for conn in conns.iter_mut() {
