@@ -25,19 +25,35 @@
 //!
 //! * `send` ([`SendValue`]): `{"from":3,"device":31,"to":9,"client_msg_id":"p7-31"}`; the
 //!   `ok` completion adds `seq` (the message's seq in the **sender's** list) and
-//!   `message_id`.
+//!   `message_id`. A group send names the conversation kind and the group:
+//!   `{"from":3,"device":31,"kind":"group","to":77,"client_msg_id":"p7-32"}`
+//!   (`kind` `group` for a small group, `super` for a super group; `to` is
+//!   the group id); its `ok` completion adds `group_seq` (the message's seq
+//!   in the group's list) and `message_id`, and no `seq`.
 //! * `sync` ([`SyncValue`]): a device's read of its user's list:
 //!   `{"user":9,"device":91,"after":38,"limit":100}`; `ok` adds `entries`
 //!   (`[{"seq":39,"message_id":..,"client_msg_id":"p2-12","from":2,"to":9}]`),
-//!   `has_more` and `last_seq`.
+//!   `has_more` and `last_seq`. With `"group":77` it is a read of the group's
+//!   list (`SyncGroup`) by a member: `after`, the entries' `seq` and
+//!   `last_seq` are group seqs.
 //! * `final-read` ([`FinalReadValue`]): the complete list of `user`, read
 //!   through `node` (all pages) after healing; `ok` adds `entries` and
-//!   optionally `last_seq`.
+//!   optionally `last_seq`. With `"group":77`: the complete list of that
+//!   group, read by member `user`.
+//! * Entries of group messages add `kind` (`group`, `super`), `group_seq`
+//!   (the message's seq in the group list, equal in every copy) and `to` is
+//!   the group id. A server notification (e.g. "members added", written by
+//!   `create-group`) has `"notification":true` and an empty `client_msg_id`.
+//! * `create-group` ([`GroupValue`], set-up, before any fault):
+//!   `{"kind":"group","owner":3,"members":[3,5,9],"name":".."}`; `ok` adds
+//!   `group` (the id). `members` includes the owner. A group's lists are
+//!   named `g<id>` in texts, users' lists `u<id>`.
 //! * `push` (kept as [`OpBody::Other`], type `ok`, no invoke): a device
 //!   received entries of its user's list as a live push over its gateway
 //!   connection: `{"user":9,"device":91,"entries":[..]}`. The checker uses
 //!   them as observations of `user`'s list (agreement, message ids); reports
-//!   use them for delivery lag (ack to first observation).
+//!   use them for delivery lag (ack to first observation). With `"group":77`
+//!   the entries are of that group's list (a super-group push).
 //! * nemesis operations (process `"nemesis"`, type `info`, kept as
 //!   [`OpBody::Other`]): `start-<fault>` opens a fault window and
 //!   `stop-<fault>` closes it (`fault` = `partition`, `kill`, `pause`,
@@ -63,6 +79,8 @@ pub const F_SYNC: &str = "sync";
 pub const F_FINAL_READ: &str = "final-read";
 /// `f` of a live push observed by a device (no invoke).
 pub const F_PUSH: &str = "push";
+/// `f` of a group creation at set-up.
+pub const F_CREATE_GROUP: &str = "create-group";
 /// The process name of the nemesis.
 pub const NEMESIS: &str = "nemesis";
 
@@ -111,48 +129,107 @@ impl std::fmt::Display for Process {
     }
 }
 
-/// Value of a `send` (1:1 message from user `from`, device `device`, to user `to`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The kind of conversation a send or a list entry belongs to (rim's
+/// `ConversationKind`). Serialised lowercase; `user` (1:1) is the default and
+/// is left out of the JSON, so histories without kinds read as 1:1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvKind {
+    /// 1:1: `to` is the recipient user.
+    #[default]
+    User,
+    /// Small group (write diffusion): `to` is the group.
+    Group,
+    /// Super group (read diffusion): `to` is the group.
+    Super,
+    /// Room: `to` is the room.
+    Room,
+    /// System notification.
+    System,
+}
+
+impl ConvKind {
+    /// 1:1.
+    pub fn is_user(&self) -> bool {
+        *self == ConvKind::User
+    }
+
+    /// A small or super group, or a room: `to` names a group list.
+    pub fn is_group(&self) -> bool {
+        matches!(self, ConvKind::Group | ConvKind::Super | ConvKind::Room)
+    }
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+
+/// Value of a `send`: from user `from`, device `device`, to user `to` (1:1)
+/// or to group `to` (`kind` group or super).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SendValue {
     /// Sender user id.
     pub from: u64,
     /// Sender device id.
     pub device: u64,
-    /// Recipient user id.
+    /// Conversation kind; `user` (1:1) when absent.
+    #[serde(default, skip_serializing_if = "ConvKind::is_user")]
+    pub kind: ConvKind,
+    /// Recipient user id, or the group id of a group send.
     pub to: u64,
     /// The unique payload id, used as rim's idempotency key.
     pub client_msg_id: String,
-    /// `ok` only: the message's seq in the sender's list.
+    /// `ok` only: the message's seq in the sender's list (1:1 sends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
     /// `ok` only: the server-assigned message id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_id: Option<u64>,
+    /// `ok` only, group sends: the message's seq in the group's list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_seq: Option<u64>,
 }
 
 /// One entry of a list as returned by a sync or a final read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Entry {
     /// Position in the list that was read.
     pub seq: u64,
     /// Server message id; 0 when not recorded.
     #[serde(default)]
     pub message_id: u64,
-    /// Payload id.
+    /// Payload id (empty for notifications).
     pub client_msg_id: String,
     /// Sender user id.
     pub from: u64,
-    /// Recipient user id.
+    /// Recipient user id, or the group id of a group message.
     pub to: u64,
+    /// Conversation kind; `user` when absent.
+    #[serde(default, skip_serializing_if = "ConvKind::is_user")]
+    pub kind: ConvKind,
+    /// Group messages: the seq in the group's list (equal in every copy).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub group_seq: u64,
+    /// A server notification (no send explains it).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub notification: bool,
 }
 
-/// Value of a `sync`: device `device` of `user` reads `user`'s list after `after`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Value of a `sync`: device `device` of `user` reads `user`'s list after
+/// `after`, or (with `group`) that group's list after group seq `after`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SyncValue {
-    /// Owner of the list.
+    /// Owner of the list (the reader, for a group list).
     pub user: u64,
     /// Reading device.
     pub device: u64,
+    /// A read of this group's list (`SyncGroup`) instead of `user`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
     /// Cursor: entries with seq > `after` are asked for.
     pub after: u64,
     /// Page size asked for.
@@ -169,17 +246,39 @@ pub struct SyncValue {
     pub last_seq: Option<u64>,
 }
 
-/// Value of a `final-read`: the complete list of `user` (through the op's `node`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Value of a `final-read`: the complete list of `user`, or of `group` as
+/// read by member `user` (through the op's `node`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct FinalReadValue {
-    /// Owner of the list.
+    /// Owner of the list (the reader, for a group list).
     pub user: u64,
+    /// The complete list of this group instead of `user`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
     /// `ok` only: every entry of the list, seq 1 first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entries: Option<Vec<Entry>>,
     /// `ok` only, optional: the list's last seq as reported by the server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seq: Option<u64>,
+}
+
+/// Value of a `create-group`: `owner` creates a group of `kind` with
+/// `members` (owner included); `ok` adds the new `group` id.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GroupValue {
+    /// `group` (small) or `super`.
+    pub kind: ConvKind,
+    /// The creating user, also a member.
+    pub owner: u64,
+    /// Every member, the owner included, ascending.
+    pub members: Vec<u64>,
+    /// Display name.
+    #[serde(default)]
+    pub name: String,
+    /// `ok` only: the group id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
 }
 
 /// The typed `f` + `value` of an operation.
@@ -191,6 +290,8 @@ pub enum OpBody {
     Sync(SyncValue),
     /// `f = "final-read"`.
     FinalRead(FinalReadValue),
+    /// `f = "create-group"`.
+    CreateGroup(GroupValue),
     /// Nemesis operations and any other `f`, kept as raw JSON.
     Other {
         /// The function name.
@@ -207,6 +308,7 @@ impl OpBody {
             OpBody::Send(_) => F_SEND,
             OpBody::Sync(_) => F_SYNC,
             OpBody::FinalRead(_) => F_FINAL_READ,
+            OpBody::CreateGroup(_) => F_CREATE_GROUP,
             OpBody::Other { f, .. } => f,
         }
     }
@@ -294,6 +396,9 @@ impl TryFrom<RawOp> for Op {
             F_FINAL_READ if !raw.process.is_nemesis() => {
                 OpBody::FinalRead(serde_json::from_value(raw.value.clone()).map_err(typed)?)
             }
+            F_CREATE_GROUP if !raw.process.is_nemesis() => {
+                OpBody::CreateGroup(serde_json::from_value(raw.value.clone()).map_err(typed)?)
+            }
             _ => OpBody::Other { f: raw.f.clone(), value: raw.value.clone() },
         };
         Ok(Op {
@@ -315,6 +420,7 @@ impl From<Op> for RawOp {
             OpBody::Send(v) => serde_json::to_value(v),
             OpBody::Sync(v) => serde_json::to_value(v),
             OpBody::FinalRead(v) => serde_json::to_value(v),
+            OpBody::CreateGroup(v) => serde_json::to_value(v),
             OpBody::Other { value, .. } => Ok(value),
         }
         .unwrap_or(serde_json::Value::Null);
@@ -461,8 +567,7 @@ mod tests {
                 device: 31,
                 to: 9,
                 client_msg_id: "p7-1".into(),
-                seq: None,
-                message_id: None,
+                ..SendValue::default()
             }),
         )
         .with_node("n2")
@@ -489,6 +594,54 @@ mod tests {
         let text = serde_json::to_string(&nemesis).unwrap();
         assert!(text.contains(r#""process":"nemesis""#), "{text}");
         assert_eq!(serde_json::from_str::<Op>(&text).unwrap(), nemesis);
+    }
+
+    #[test]
+    fn old_one_to_one_lines_parse_and_group_fields_round_trip() {
+        let old = r#"{"index":0,"time":1,"type":"ok","process":2,"f":"sync","value":{"user":9,"device":1,"after":0,"entries":[{"seq":1,"message_id":5,"client_msg_id":"p1-1","from":3,"to":9}]}}"#;
+        let op: Op = serde_json::from_str(old).unwrap();
+        let OpBody::Sync(v) = &op.body else { panic!("{op:?}") };
+        assert_eq!(v.group, None);
+        let e = &v.entries.as_ref().unwrap()[0];
+        assert_eq!((e.kind, e.group_seq, e.notification), (ConvKind::User, 0, false));
+        let again: serde_json::Value = serde_json::from_str(&serde_json::to_string(&op).unwrap()).unwrap();
+        let before: serde_json::Value = serde_json::from_str(old).unwrap();
+        assert_eq!(again, before, "1:1 lines are written as before");
+
+        let send = Op::new(
+            OpType::Ok,
+            Process::Worker(4),
+            9,
+            OpBody::Send(SendValue {
+                from: 3,
+                device: 1,
+                kind: ConvKind::Super,
+                to: 77,
+                client_msg_id: "p4-2".into(),
+                message_id: Some(12),
+                group_seq: Some(3),
+                ..SendValue::default()
+            }),
+        );
+        let text = serde_json::to_string(&send).unwrap();
+        assert!(text.contains(r#""kind":"super""#) && text.contains(r#""group_seq":3"#), "{text}");
+        assert_eq!(serde_json::from_str::<Op>(&text).unwrap(), send);
+
+        let create = Op::new(
+            OpType::Ok,
+            Process::Worker(900_000),
+            1,
+            OpBody::CreateGroup(GroupValue {
+                kind: ConvKind::Group,
+                owner: 3,
+                members: vec![3, 5],
+                name: "g".into(),
+                group: Some(77),
+            }),
+        );
+        let text = serde_json::to_string(&create).unwrap();
+        assert!(text.contains(r#""f":"create-group""#), "{text}");
+        assert_eq!(serde_json::from_str::<Op>(&text).unwrap(), create);
     }
 
     #[test]

@@ -26,6 +26,9 @@
 //! * [`workload`]: users with several devices sending 1:1 messages and
 //!   syncing, through the gateway (TCP/WS, SDK) and client gRPC, plus the
 //!   final reads of every list through every node;
+//! * [`groups`]: the workload's small groups and super group: creation at
+//!   set-up, group sends and super-group reads on both client paths, final
+//!   reads of super groups' lists;
 //! * [`nemesis`]: the seeded fault schedule (partition, kill, pause, clock)
 //!   and the final heal-and-recover phase;
 //! * [`recorder`]: the shared, flushed-per-line history sink;
@@ -35,6 +38,7 @@
 
 pub mod checker;
 pub mod control;
+pub mod groups;
 pub mod history;
 pub mod nemesis;
 pub mod process;

@@ -91,6 +91,10 @@ struct TestArgs {
     /// Gateway transport: tcp, ws or mixed.
     #[arg(long, default_value = "mixed")]
     transport: GatewayTransport,
+    /// Fraction of sends that go to a group (two small groups and a super
+    /// group are created at set-up); 0 = 1:1 only, no groups.
+    #[arg(long, default_value_t = 0.3)]
+    group_sends: f64,
     /// Seed of every random choice (default: from the clock; printed).
     #[arg(long)]
     seed: Option<u64>,
@@ -148,6 +152,7 @@ impl TestArgs {
                 op_timeout: secs(self.op_timeout, "op-timeout")?,
                 retry_same_id: self.retry_same_id,
                 transport: self.transport,
+                group_sends: self.group_sends.clamp(0.0, 1.0),
                 seed,
             },
             nemesis: NemesisOptions {

@@ -26,6 +26,8 @@ pub struct Counters {
     pub sends_fail: AtomicU64,
     /// `info` sends.
     pub sends_info: AtomicU64,
+    /// `ok` sends to groups (also in `sends_ok`).
+    pub group_sends_ok: AtomicU64,
     /// Completed syncs (any outcome).
     pub syncs: AtomicU64,
     /// Pushes observed.
@@ -43,6 +45,8 @@ pub struct CounterSnapshot {
     pub sends_fail: u64,
     /// `info` sends.
     pub sends_info: u64,
+    /// `ok` sends to groups (also in `sends_ok`).
+    pub group_sends_ok: u64,
     /// Completed syncs.
     pub syncs: u64,
     /// Pushes observed.
@@ -127,7 +131,12 @@ impl Recorder {
         }
         match (&op.body, op.op_type) {
             (_, OpType::Invoke) => {}
-            (OpBody::Send(_), OpType::Ok) => bump(&c.sends_ok),
+            (OpBody::Send(v), OpType::Ok) => {
+                bump(&c.sends_ok);
+                if v.kind.is_group() {
+                    bump(&c.group_sends_ok);
+                }
+            }
             (OpBody::Send(_), OpType::Fail) => bump(&c.sends_fail),
             (OpBody::Send(_), OpType::Info) => bump(&c.sends_info),
             (OpBody::Sync(_), _) => bump(&c.syncs),
@@ -144,6 +153,7 @@ impl Recorder {
             sends_ok: get(&c.sends_ok),
             sends_fail: get(&c.sends_fail),
             sends_info: get(&c.sends_info),
+            group_sends_ok: get(&c.group_sends_ok),
             syncs: get(&c.syncs),
             pushes: get(&c.pushes),
             faults: get(&c.faults),

@@ -4,7 +4,8 @@
 //!    clock nemesis, under libfaketime) and one `rim gateway` (TCP and WS),
 //!    all in the run directory `STORE/<unix-time>-s<seed>/` (`STORE/latest`
 //!    points at it).
-//! 2. Register the users and sign in their devices (before any fault).
+//! 2. Register the users and sign in their devices, create the groups
+//!    (before any fault).
 //! 3. For `time_limit`: the workload ([`crate::workload`]) and the nemesis
 //!    ([`crate::nemesis`]) run together, writing `history.jsonl`; a progress
 //!    line shows sends, syncs, pushes and faults.
@@ -28,6 +29,7 @@ use tokio::time::Instant;
 
 use crate::checker::{CheckOptions, Consistency, Results};
 use crate::control::{Cluster, ClusterOptions, ControlError, find_faketime, http_get};
+use crate::groups;
 use crate::history::read_history;
 use crate::nemesis::{self, Fault, NemesisOptions};
 use crate::recorder::Recorder;
@@ -91,6 +93,7 @@ impl TestOptions {
                 op_timeout: Duration::from_secs(5),
                 retry_same_id: false,
                 transport: crate::workload::GatewayTransport::Mixed,
+                group_sends: 0.3,
                 seed,
             },
             nemesis: NemesisOptions {
@@ -132,6 +135,8 @@ pub struct RunSummary {
     pub counters: crate::recorder::CounterSnapshot,
     /// Final reads done and missing.
     pub final_reads: FinalReads,
+    /// The groups created at set-up (ids, kinds, members).
+    pub groups: Vec<crate::groups::Group>,
     /// Recovery error, if the cluster did not heal in time.
     pub recovery_error: Option<String>,
     /// Whether the lists settled before the final reads.
@@ -151,6 +156,9 @@ pub enum RunError {
     /// The workload could not set up its users.
     #[error(transparent)]
     Workload(#[from] workload::WorkloadError),
+    /// The workload could not create its groups.
+    #[error("setting up groups: {0}")]
+    Groups(String),
     /// Files of the run directory.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
@@ -203,12 +211,25 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
         Arc::new(Recorder::create(&dir.join("history.jsonl")).map_err(io("creating history.jsonl"))?);
     let accounts =
         workload::setup(&endpoints, &opts.workload, Instant::now() + Duration::from_secs(90)).await?;
+    if opts.workload.group_sends > 0.0 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        match groups::setup(&recorder, &endpoints, &accounts, opts.workload.op_timeout, deadline).await {
+            Ok(g) => summary.groups = g,
+            Err(groups::SetupError::Unimplemented(e)) => {
+                let why = format!("group sends skipped: the nodes do not serve GroupService ({e})");
+                say(true, &format!("rim-jepsen: {why}"));
+                summary.skipped.push(why);
+            }
+            Err(groups::SetupError::Failed(e)) => return Err(RunError::Groups(e)),
+        }
+    }
     say(
         opts.progress,
         &format!(
-            "rim-jepsen: {} users, {} devices each; running for {:?}",
+            "rim-jepsen: {} users, {} devices each, {} groups; running for {:?}",
             accounts.len(),
             opts.workload.devices,
+            summary.groups.len(),
             opts.time_limit
         ),
     );
@@ -226,7 +247,8 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
         tokio::spawn(nemesis::run(cluster.clone(), recorder.clone(), opts.nemesis.clone(), stop_rx.clone()));
     let progress_task =
         tokio::spawn(progress(recorder.clone(), opts.time_limit, opts.progress, stop_rx.clone()));
-    let workload_run = workload::run(recorder.clone(), &accounts, &endpoints, &opts.workload, stop_rx);
+    let workload_run =
+        workload::run(recorder.clone(), &accounts, &summary.groups, &endpoints, &opts.workload, stop_rx);
     let timer = async {
         tokio::time::sleep(opts.time_limit).await;
         let _ = stop_tx.send(true);
@@ -244,12 +266,17 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
     tokio::time::sleep(opts.recovery_time).await;
     summary.settled =
         settle(&accounts, &endpoints, &http, opts.workload.op_timeout, Duration::from_secs(60)).await;
-    summary.final_reads = workload::final_reads(
+    let deadline = Instant::now() + Duration::from_secs(120);
+    summary.final_reads =
+        workload::final_reads(&recorder, &accounts, &endpoints, opts.workload.op_timeout, deadline).await;
+    groups::final_reads(
         &recorder,
+        &summary.groups,
         &accounts,
         &endpoints,
         opts.workload.op_timeout,
-        Instant::now() + Duration::from_secs(120),
+        deadline,
+        &mut summary.final_reads,
     )
     .await;
     let write_error = recorder.error();
@@ -336,10 +363,11 @@ async fn progress(recorder: Arc<Recorder>, limit: Duration, on: bool, mut stop: 
         }
         let c = recorder.snapshot();
         let line = format!(
-            "[{:>4.0}s/{}s] sends ok {} info {} fail {} · syncs {} · pushes {} · nemesis events {}",
+            "[{:>4.0}s/{}s] sends ok {} (groups {}) info {} fail {} · syncs {} · pushes {} · nemesis events {}",
             recorder.elapsed_secs(),
             limit.as_secs(),
             c.sends_ok,
+            c.group_sends_ok,
             c.sends_info,
             c.sends_fail,
             c.syncs,

@@ -8,9 +8,12 @@
 //!   `rim-client` SDK (one connection; pushes it delivers are recorded as
 //!   `push` ops), odd-numbered ones through client gRPC, each operation to
 //!   a randomly chosen node (not only leaders).
-//! * Operations: `send` to a random other user (payload id `p<worker>-<n>`),
-//!   `sync` from the device's own cursor (the last seq its syncs returned),
-//!   and now and then a full sync from 0.
+//! * Operations: `send` to a random other user (payload id `p<worker>-<n>`)
+//!   or, for a fraction `group_sends` of the sends, to a random group of the
+//!   user; `sync` from the device's own cursor (the last seq its syncs
+//!   returned), and now and then a full sync from 0; and, for members of a
+//!   super group, reads of the group's list from the device's own group
+//!   cursor ([`crate::groups`]).
 //! * No silent retries. A send that times out or ends with a retry-class
 //!   or internal error is `info` (it may have happened), and the worker
 //!   continues as a new process (process + concurrency), as Jepsen does.
@@ -21,12 +24,13 @@
 //!   makes the history exercise the server's deduplication: one message,
 //!   one copy per list, whatever the number of attempts.
 //! * After the run: complete final reads of every user's list through every
-//!   node ([`final_reads`]).
+//!   node ([`final_reads`]), and of every super group's list
+//!   ([`crate::groups::final_reads`]).
 //!
 //! Every wait has a deadline: each request is bounded by the op timeout,
 //! set-up and final reads by their own deadlines.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,11 +39,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rim_client::{Client, ClientConfig, ClientError, Credentials, Endpoint, Event, NodeApi};
 use rim_proto::ErrorCode;
-use rim_proto::v1::{ContentType, ConversationKind, Message, SendInput, SendOutput, SyncOutput};
+use rim_proto::v1::{ContentType, Message, SendInput, SendOutput, SyncOutput};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::history::{Entry, F_PUSH, FinalReadValue, OpBody, OpType, Process, SendValue, SyncValue};
+use crate::groups::{Group, GroupRpc, conv_kind, conversation_kind, gateway_send_group, gateway_sync_group};
+use crate::history::{
+    ConvKind, Entry, F_PUSH, FinalReadValue, OpBody, OpType, Process, SendValue, SyncValue,
+};
 use crate::recorder::Recorder;
 
 /// Most re-sends of one payload id in `--retry-same-id` mode.
@@ -91,6 +98,9 @@ pub struct WorkloadOptions {
     pub retry_same_id: bool,
     /// Gateway transport of gateway devices.
     pub transport: GatewayTransport,
+    /// Fraction of sends that go to a group of the sender (0: no groups are
+    /// created).
+    pub group_sends: f64,
     /// Seed of every random choice.
     pub seed: u64,
 }
@@ -190,8 +200,8 @@ pub async fn setup(
 enum Conn {
     /// Through the gateway with the SDK.
     Gateway(Client),
-    /// Client gRPC, one authenticated client per node.
-    Grpc(Vec<(u64, NodeApi)>),
+    /// Client gRPC, one authenticated client per node (plus its group calls).
+    Grpc(Vec<(u64, NodeApi, GroupRpc)>),
 }
 
 /// One device's worker.
@@ -204,8 +214,12 @@ struct Worker {
     stride: u64,
     creds: Credentials,
     peers: Vec<u64>,
+    /// The user's groups: `(id, kind)`.
+    groups: Vec<(u64, ConvKind)>,
     conn: Conn,
     cursor: u64,
+    /// The device's cursor in each super group's list.
+    group_cursors: HashMap<u64, u64>,
     sent: u64,
     op_timeout: Duration,
     /// `--retry-same-id`: the payload to re-send and attempts made.
@@ -218,6 +232,7 @@ struct Worker {
 pub async fn run(
     recorder: Arc<Recorder>,
     accounts: &[Account],
+    groups: &[Group],
     endpoints: &Endpoints,
     opts: &WorkloadOptions,
     stop: watch::Receiver<bool>,
@@ -249,8 +264,11 @@ pub async fn run(
                 let apis = endpoints
                     .nodes
                     .iter()
-                    .filter_map(|(id, a)| NodeApi::new(&a.to_string()).ok().map(|api| (*id, api)))
-                    .map(|(id, api)| (id, api.with_timeout(opts.op_timeout).authenticated(creds.clone())))
+                    .filter_map(|(id, a)| {
+                        let api = NodeApi::new(&a.to_string()).ok()?;
+                        let api = api.with_timeout(opts.op_timeout).authenticated(creds.clone());
+                        Some((*id, api, GroupRpc::new(*a, opts.op_timeout).ok()?))
+                    })
                     .collect();
                 Conn::Grpc(apis)
             };
@@ -260,8 +278,14 @@ pub async fn run(
                 stride,
                 creds: creds.clone(),
                 peers: users.iter().copied().filter(|u| *u != account.user).collect(),
+                groups: groups
+                    .iter()
+                    .filter(|g| g.members.contains(&account.user))
+                    .map(|g| (g.id, g.kind))
+                    .collect(),
                 conn,
                 cursor: 0,
+                group_cursors: HashMap::new(),
                 sent: 0,
                 op_timeout: opts.op_timeout,
                 retry: None,
@@ -283,31 +307,38 @@ async fn record_pushes(
     mut events: tokio::sync::mpsc::Receiver<Event>,
 ) {
     while let Some(event) = events.recv().await {
-        if let Event::Message(m) = event {
-            let value = serde_json::json!({
-                "user": creds.user_id,
-                "device": creds.device_id,
-                "entries": [entry(&m)],
-            });
-            recorder.record(
-                OpType::Ok,
-                Process::Worker(process),
-                OpBody::Other { f: F_PUSH.into(), value },
-                Some("gw"),
-                None,
-            );
+        let (m, group) = match event {
+            Event::Message(m) => (m, None),
+            Event::GroupMessage(m) => {
+                let g = m.conversation_id;
+                (m, Some(g))
+            }
+            _ => continue,
+        };
+        let mut value = serde_json::json!({
+            "user": creds.user_id,
+            "device": creds.device_id,
+            "entries": [entry(&m)],
+        });
+        if let Some(g) = group {
+            value["group"] = g.into();
         }
+        let body = OpBody::Other { f: F_PUSH.into(), value };
+        recorder.record(OpType::Ok, Process::Worker(process), body, Some("gw"), None);
     }
 }
 
 /// A list entry as the history records it.
-fn entry(m: &Message) -> Entry {
+pub(crate) fn entry(m: &Message) -> Entry {
     Entry {
         seq: m.seq,
         message_id: m.message_id,
         client_msg_id: m.client_msg_id.clone(),
         from: m.sender_user_id,
         to: m.conversation_id,
+        kind: conv_kind(m.conversation_kind),
+        group_seq: m.group_seq,
+        notification: m.content_type == ContentType::Notification as i32,
     }
 }
 
@@ -345,8 +376,20 @@ impl Worker {
                 _ = stop_wait.wait_for(|s| *s) => break,
             }
             let roll: f64 = self.rng.gen_range(0.0..1.0);
+            // Reads of a super group of the user: a quarter of the cursor
+            // syncs and of the full ones.
+            let supers: Vec<u64> =
+                self.groups.iter().filter(|g| g.1 == ConvKind::Super).map(|g| g.0).collect();
+            let group_read = if !supers.is_empty() && ((0.87..0.95).contains(&roll) || roll >= 0.9875) {
+                Some(supers[self.rng.gen_range(0..supers.len())])
+            } else {
+                None
+            };
             if self.retry.is_some() || roll < 0.65 {
                 self.send(&recorder, &opts).await;
+            } else if let Some(g) = group_read {
+                let after = if roll < 0.95 { self.group_cursors.get(&g).copied().unwrap_or(0) } else { 0 };
+                self.group_sync(&recorder, g, after).await;
             } else if roll < 0.95 {
                 let after = self.cursor;
                 self.sync(&recorder, after).await;
@@ -364,7 +407,7 @@ impl Worker {
     }
 
     /// Picks the gRPC node for the next request (`None`: the gateway).
-    fn pick(&mut self) -> Option<(u64, NodeApi)> {
+    fn pick(&mut self) -> Option<(u64, NodeApi, GroupRpc)> {
         match &self.conn {
             Conn::Gateway(_) => None,
             Conn::Grpc(apis) if apis.is_empty() => None,
@@ -380,24 +423,28 @@ impl Worker {
             Some((v, n)) => (v, n),
             None => {
                 self.sent += 1;
-                let to = if self.peers.is_empty() {
-                    self.creds.user_id
-                } else {
-                    self.peers[self.rng.gen_range(0..self.peers.len())]
-                };
+                let (to, kind) =
+                    if !self.groups.is_empty() && self.rng.gen_bool(opts.group_sends.clamp(0.0, 1.0)) {
+                        self.groups[self.rng.gen_range(0..self.groups.len())]
+                    } else if self.peers.is_empty() {
+                        (self.creds.user_id, ConvKind::User)
+                    } else {
+                        (self.peers[self.rng.gen_range(0..self.peers.len())], ConvKind::User)
+                    };
                 let v = SendValue {
                     from: self.creds.user_id,
                     device: self.creds.device_id,
+                    kind,
                     to,
                     client_msg_id: format!("p{}-{}", self.number, self.sent),
-                    seq: None,
-                    message_id: None,
+                    ..SendValue::default()
                 };
                 (v, 0)
             }
         };
+        let group = value.kind.is_group();
         let input = SendInput {
-            conversation_kind: ConversationKind::User as i32,
+            conversation_kind: conversation_kind(value.kind) as i32,
             conversation_id: value.to,
             client_msg_id: value.client_msg_id.clone(),
             content_type: ContentType::Text as i32,
@@ -408,14 +455,21 @@ impl Worker {
         let node = self.node_label(target.as_ref().map(|t| t.0));
         let process = Process::Worker(self.process);
         recorder.record(OpType::Invoke, process.clone(), OpBody::Send(value.clone()), Some(&node), None);
+        let t = opts.op_timeout;
         let result: Result<SendOutput, ClientError> = match (&self.conn, target) {
-            (_, Some((_, api))) => bounded(opts.op_timeout, api.send_message(input)).await,
-            (Conn::Gateway(c), None) => bounded(opts.op_timeout, c.send_once(input)).await,
+            (_, Some((_, _, rpc))) if group => bounded(t, rpc.send_group(&self.creds, input)).await,
+            (_, Some((_, api, _))) => bounded(t, api.send_message(input)).await,
+            (Conn::Gateway(c), None) if group => bounded(t, gateway_send_group(c, input, t)).await,
+            (Conn::Gateway(c), None) => bounded(t, c.send_once(input)).await,
             (Conn::Grpc(_), None) => Err(ClientError::NotConnected),
         };
         match result {
             Ok(out) => {
-                value.seq = Some(out.seq);
+                if group {
+                    value.group_seq = Some(out.group_seq);
+                } else {
+                    value.seq = Some(out.seq);
+                }
                 value.message_id = Some(out.message_id);
                 recorder.record(OpType::Ok, process, OpBody::Send(value), Some(&node), None);
             }
@@ -445,9 +499,7 @@ impl Worker {
             device: self.creds.device_id,
             after,
             limit: Some(u64::from(SYNC_LIMIT)),
-            entries: None,
-            has_more: None,
-            last_seq: None,
+            ..SyncValue::default()
         };
         let target = self.pick();
         let node = self.node_label(target.as_ref().map(|t| t.0));
@@ -455,7 +507,7 @@ impl Worker {
         let timeout = self.op_timeout;
         recorder.record(OpType::Invoke, process.clone(), OpBody::Sync(value.clone()), Some(&node), None);
         let result: Result<SyncOutput, ClientError> = match (&self.conn, target) {
-            (_, Some((_, api))) => bounded(timeout, api.sync_page(after, SYNC_LIMIT)).await,
+            (_, Some((_, api, _))) => bounded(timeout, api.sync_page(after, SYNC_LIMIT)).await,
             (Conn::Gateway(c), None) => bounded(timeout, c.sync_page(after, SYNC_LIMIT)).await,
             (Conn::Grpc(_), None) => Err(ClientError::NotConnected),
         };
@@ -477,8 +529,49 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Reads super group `group`'s list after group seq `after` (a `sync`
+    /// op with `group` set); moves the device's group cursor.
+    async fn group_sync(&mut self, recorder: &Recorder, group: u64, after: u64) {
+        let mut value = SyncValue {
+            user: self.creds.user_id,
+            device: self.creds.device_id,
+            group: Some(group),
+            after,
+            limit: Some(u64::from(SYNC_LIMIT)),
+            ..SyncValue::default()
+        };
+        let target = self.pick();
+        let node = self.node_label(target.as_ref().map(|t| t.0));
+        let process = Process::Worker(self.process);
+        let t = self.op_timeout;
+        recorder.record(OpType::Invoke, process.clone(), OpBody::Sync(value.clone()), Some(&node), None);
+        let result = match (&self.conn, target) {
+            (_, Some((_, _, rpc))) => bounded(t, rpc.sync_group(&self.creds, group, after, SYNC_LIMIT)).await,
+            (Conn::Gateway(c), None) => bounded(t, gateway_sync_group(c, group, after, SYNC_LIMIT, t)).await,
+            (Conn::Grpc(_), None) => Err(ClientError::NotConnected),
+        };
+        match result {
+            Ok(out) => {
+                let entries: Vec<Entry> = out.messages.iter().map(entry).collect();
+                if let Some(last) = entries.last() {
+                    let c = self.group_cursors.entry(group).or_default();
+                    *c = (*c).max(last.seq);
+                }
+                value.entries = Some(entries);
+                value.has_more = Some(out.has_more);
+                value.last_seq = Some(out.last_group_seq);
+                recorder.record(OpType::Ok, process, OpBody::Sync(value), Some(&node), None);
+            }
+            Err(e) => {
+                recorder.record(OpType::Fail, process, OpBody::Sync(value), Some(&node), Some(e.to_string()));
+            }
+        }
+    }
+}
+
 /// `fut` within `timeout`; a timeout is [`ClientError::Timeout`].
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     timeout: Duration,
     fut: impl std::future::Future<Output = Result<T, ClientError>>,
 ) -> Result<T, ClientError> {
@@ -488,10 +581,12 @@ async fn bounded<T>(
 /// Outcome of the final reads.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct FinalReads {
-    /// `(user, node)` pairs read completely.
+    /// `(list, node)` pairs read completely (users' and super groups' lists).
     pub complete: u64,
     /// `(user, node)` pairs that could not be read before the deadline.
     pub missing: Vec<(u64, u64)>,
+    /// `(group, node)` pairs that could not be read before the deadline.
+    pub missing_groups: Vec<(u64, u64)>,
 }
 
 /// Reads every user's complete list through every node (all pages), as
@@ -515,7 +610,7 @@ pub async fn final_reads(
             let api = api.authenticated(creds.clone());
             let mut done = false;
             while !done && Instant::now() < deadline {
-                let value = FinalReadValue { user: account.user, entries: None, last_seq: None };
+                let value = FinalReadValue { user: account.user, ..FinalReadValue::default() };
                 recorder.record(
                     OpType::Invoke,
                     process.clone(),

@@ -1,7 +1,9 @@
 //! The harness on a correct build in `--retry-same-id` mode: sends whose
 //! outcome was unknown are re-sent with the same payload id while shard
 //! leaders are being killed, and the checker still finds every message once
-//! per list (server-side deduplication, IM-2) and nothing lost (IM-6).
+//! per list (server-side deduplication, IM-2) and nothing lost (IM-6). The
+//! workload's groups take part: two small groups and a super group are
+//! created, sent to over both client paths and read.
 //!
 //! (The plain mode is the CI smoke run of `make test`.) Needs the built
 //! `rim` binary (`cargo build -p rim`, or `RIM_BIN`).
@@ -10,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use rim_jepsen::checker::Validity;
-use rim_jepsen::history::{OpBody, OpType, read_history};
+use rim_jepsen::history::{ConvKind, OpBody, OpType, read_history};
 use rim_jepsen::nemesis::{Fault, Target};
 use rim_jepsen::run::{TestOptions, run_test};
 use rim_jepsen::workload::GatewayTransport;
@@ -40,11 +42,28 @@ async fn retry_same_id_under_leader_kills_is_valid() {
     // The mode did what it is for: some payload ids were sent more than once.
     let history = read_history(outcome.dir.join("history.jsonl")).unwrap();
     let mut attempts: HashMap<String, u32> = HashMap::new();
+    let mut group_acks: HashMap<(ConvKind, &str), u32> = HashMap::new();
+    let mut group_reads = 0;
     for op in &history.ops {
-        if let (OpType::Invoke, OpBody::Send(v)) = (op.op_type, &op.body) {
-            *attempts.entry(v.client_msg_id.clone()).or_default() += 1;
+        match (op.op_type, &op.body) {
+            (OpType::Invoke, OpBody::Send(v)) => *attempts.entry(v.client_msg_id.clone()).or_default() += 1,
+            (OpType::Ok, OpBody::Send(v)) if v.kind.is_group() => {
+                *group_acks.entry((v.kind, op.node.as_deref().unwrap_or("?"))).or_default() += 1;
+            }
+            (OpType::Ok, OpBody::Sync(v)) if v.group.is_some() => group_reads += 1,
+            _ => {}
         }
     }
+    let kinds: Vec<ConvKind> = outcome.summary.groups.iter().map(|g| g.kind).collect();
+    assert_eq!(kinds, [ConvKind::Group, ConvKind::Group, ConvKind::Super], "{:?}", outcome.summary);
+    for kind in [ConvKind::Group, ConvKind::Super] {
+        let gw = group_acks.get(&(kind, "gw")).copied().unwrap_or(0);
+        let grpc: u32 =
+            group_acks.iter().filter(|((k, n), _)| *k == kind && *n != "gw").map(|(_, c)| c).sum();
+        assert!(gw > 0 && grpc > 0, "acked {kind:?} sends: {gw} via the gateway, {grpc} via gRPC");
+    }
+    assert!(group_reads > 0, "no super-group read");
+    assert!(outcome.summary.final_reads.missing_groups.is_empty(), "{:?}", outcome.summary.final_reads);
     let retried = attempts.values().filter(|n| **n > 1).count();
     assert!(retried > 0, "no payload id was re-sent; run dir {}:\n{text}", outcome.dir.display());
     assert!(outcome.results.stats.nemesis_events > 0, "no fault injected");

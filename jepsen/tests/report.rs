@@ -25,14 +25,8 @@ impl History {
     }
 
     fn send(&mut self, process: u64, from: u64, to: u64, id: &str, invoke_ms: u64, done_ms: u64, t: OpType) {
-        let v = SendValue {
-            from,
-            device: from * 10 + 1,
-            to,
-            client_msg_id: id.into(),
-            seq: None,
-            message_id: None,
-        };
+        let v =
+            SendValue { from, device: from * 10 + 1, to, client_msg_id: id.into(), ..SendValue::default() };
         self.add(Op::new(OpType::Invoke, Process::Worker(process), invoke_ms * MS, OpBody::Send(v.clone())));
         let done = if t == OpType::Ok { SendValue { seq: Some(1), message_id: Some(77), ..v } } else { v };
         let mut op = Op::new(t, Process::Worker(process), done_ms * MS, OpBody::Send(done)).with_node("n1");
@@ -43,15 +37,7 @@ impl History {
     }
 
     fn sync(&mut self, process: u64, user: u64, ids: &[(&str, u64)], invoke_ms: u64, done_ms: u64) {
-        let v = SyncValue {
-            user,
-            device: user * 10 + 1,
-            after: 0,
-            limit: Some(100),
-            entries: None,
-            has_more: None,
-            last_seq: None,
-        };
+        let v = SyncValue { user, device: user * 10 + 1, after: 0, limit: Some(100), ..SyncValue::default() };
         self.add(Op::new(OpType::Invoke, Process::Worker(process), invoke_ms * MS, OpBody::Sync(v.clone())));
         let entries = entries(user, ids);
         let done = SyncValue {
@@ -74,7 +60,7 @@ impl History {
     }
 
     fn final_read(&mut self, process: u64, user: u64, ids: &[(&str, u64)], at_ms: u64) {
-        let v = FinalReadValue { user, entries: None, last_seq: None };
+        let v = FinalReadValue { user, ..FinalReadValue::default() };
         self.add(
             Op::new(OpType::Invoke, Process::Worker(process), at_ms * MS, OpBody::FinalRead(v.clone()))
                 .with_node("n1"),
@@ -109,6 +95,7 @@ fn entries(user: u64, ids: &[(&str, u64)]) -> Vec<Entry> {
             client_msg_id: id.to_string(),
             from: *from,
             to: if *from == user { 0 } else { user },
+            ..Entry::default()
         })
         .collect()
 }
@@ -240,15 +227,7 @@ fn a_run_with_faults_writes_every_file() {
     h.nemesis("start-kill", json!({"nodes": [3]}), 550);
     h.nemesis("final-heal", Value::Null, 560);
     // An invocation the history never completes.
-    let v = SyncValue {
-        user: 2,
-        device: 21,
-        after: 0,
-        limit: None,
-        entries: None,
-        has_more: None,
-        last_seq: None,
-    };
+    let v = SyncValue { user: 2, device: 21, after: 0, limit: None, ..SyncValue::default() };
     h.add(Op::new(OpType::Invoke, Process::Worker(5), 570 * MS, OpBody::Sync(v)));
 
     let dir = tempfile::tempdir().unwrap();

@@ -115,6 +115,9 @@ pub struct Anomaly {
     /// The user whose list is concerned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub list: Option<u64>,
+    /// The group whose list is concerned (instead of a user's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
     /// The seq concerned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
@@ -135,6 +138,7 @@ impl Anomaly {
         Anomaly {
             kind,
             list: None,
+            group: None,
             seq: None,
             msg: None,
             ops: Vec::new(),
@@ -143,9 +147,13 @@ impl Anomaly {
         }
     }
 
-    /// Sets the list.
+    /// Sets the list: a user id, or (inside the checker) a group's list id,
+    /// which sets `group`.
     pub fn list(mut self, list: u64) -> Self {
-        self.list = Some(list);
+        match super::index::group_of(list) {
+            Some(g) => self.group = Some(g),
+            None => self.list = Some(list),
+        }
         self
     }
 
@@ -187,6 +195,9 @@ impl Anomaly {
         let mut s = String::new();
         if let Some(list) = self.list {
             s.push_str(&format!("list u{list} "));
+        }
+        if let Some(group) = self.group {
+            s.push_str(&format!("list g{group} "));
         }
         if let Some(seq) = self.seq {
             s.push_str(&format!("seq {seq} "));

@@ -7,11 +7,36 @@
 //! invoke, a second invoke while one is pending, a completion of another
 //! `f`) are reported as warnings and make the result at best Unknown.
 
-use crate::history::{Entry, Op, OpBody, OpType, Process};
-use std::collections::HashMap;
+use crate::history::{ConvKind, Entry, Op, OpBody, OpType, Process};
+use std::collections::{BTreeMap, HashMap};
 
-/// Interned payload id.
+/// Interned payload id (notifications: `#n<message id>`).
 pub(crate) type MsgId = u32;
+
+/// A list: a user's (the user id) or a group's (the group id with
+/// [`GROUP_BIT`] set). Texts name them `u<id>` and `g<id>`.
+pub(crate) type ListId = u64;
+
+/// Marks a group's list in a [`ListId`]; rim's ids stay below 2^63.
+const GROUP_BIT: u64 = 1 << 63;
+
+/// The list of group `g`.
+pub(crate) fn group_list(g: u64) -> ListId {
+    g | GROUP_BIT
+}
+
+/// The group whose list `list` is, if it is a group's.
+pub(crate) fn group_of(list: ListId) -> Option<u64> {
+    (list & GROUP_BIT != 0).then_some(list & !GROUP_BIT)
+}
+
+/// `u3` or `g77`.
+pub(crate) fn list_name(list: ListId) -> String {
+    match group_of(list) {
+        Some(g) => format!("g{g}"),
+        None => format!("u{list}"),
+    }
+}
 
 /// How a call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,8 +50,16 @@ pub(crate) enum Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CallKind {
     Send(MsgId),
-    Sync { user: u64, device: u64 },
-    Final { user: u64 },
+    /// A device of `user` reads `list` (its own, or a group's).
+    Sync {
+        list: ListId,
+        user: u64,
+        device: u64,
+    },
+    Final {
+        list: ListId,
+    },
+    CreateGroup,
 }
 
 /// An invocation and its completion.
@@ -47,7 +80,10 @@ pub(crate) struct Call {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ack {
     pub call: usize,
+    /// 1:1: the seq in the sender's list.
     pub seq: Option<u64>,
+    /// Group sends: the seq in the group's list.
+    pub group_seq: Option<u64>,
     pub time: u64,
 }
 
@@ -55,7 +91,9 @@ pub(crate) struct Ack {
 #[derive(Debug, Clone)]
 pub(crate) struct MsgInfo {
     pub from: u64,
+    /// The recipient user, or the group of a group send.
     pub to: u64,
+    pub kind: ConvKind,
     pub device: u64,
     /// Send calls with this payload id (retries), in invoke order.
     pub attempts: Vec<usize>,
@@ -86,6 +124,10 @@ pub(crate) struct ObsEntry {
     pub message_id: u64,
     pub from: u64,
     pub to: u64,
+    pub kind: ConvKind,
+    /// 0 when not a group message (or not recorded).
+    pub group_seq: u64,
+    pub notification: bool,
 }
 
 /// A successful sync or final read.
@@ -93,7 +135,7 @@ pub(crate) struct ObsEntry {
 pub(crate) struct Read {
     pub call: usize,
     pub kind: ReadKind,
-    pub user: u64,
+    pub list: ListId,
     pub node: Option<String>,
     pub after: u64,
     pub limit: Option<u64>,
@@ -123,14 +165,23 @@ impl Read {
 /// A `(list, seq) → msg` fact, in completion order.
 #[derive(Debug, Clone)]
 pub(crate) enum ObsSource {
-    /// A send's ok completion: the message is at `seq` of the sender's list.
-    Ack { call: usize, msg: MsgId, seq: u64 },
+    /// A send's ok completion: the message is at `seq` of `list` (the
+    /// sender's list for 1:1 sends, the group's list for group sends).
+    Ack { call: usize, msg: MsgId, list: ListId, seq: u64 },
     /// Every entry of a read.
     Read(usize),
-    /// A live push to a device of `user` (history index `op`): the entries
-    /// claim positions in `user`'s list, so they join the agreement (IM-1)
-    /// and message-id checks, but not the read checks (a push is no read).
-    Push { op: u64, user: u64, entries: Vec<ObsEntry> },
+    /// A live push to a device (history index `op`): the entries claim
+    /// positions in `list`, so they join the agreement (IM-1) and message-id
+    /// checks, but not the read checks (a push is no read).
+    Push { op: u64, list: ListId, entries: Vec<ObsEntry> },
+}
+
+/// A group created at set-up.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupMeta {
+    pub kind: ConvKind,
+    /// Every member, ascending.
+    pub members: Vec<u64>,
 }
 
 /// The indexed history.
@@ -152,6 +203,8 @@ pub(crate) struct Index<'a> {
     pub unfinished_finals: Vec<usize>,
     /// Positions of nemesis completions (or info-only nemesis lines).
     pub nemesis: Vec<usize>,
+    /// Groups whose creation completed `ok`, by id.
+    pub groups: BTreeMap<u64, GroupMeta>,
     pub warnings: Vec<String>,
     /// The history breaks the pairing rules: at best Unknown.
     pub malformed: bool,
@@ -170,6 +223,7 @@ impl<'a> Index<'a> {
             obs: Vec::new(),
             unfinished_finals: Vec::new(),
             nemesis: Vec::new(),
+            groups: BTreeMap::new(),
             warnings: Vec::new(),
             malformed: false,
         };
@@ -184,8 +238,13 @@ impl<'a> Index<'a> {
             }
             let kind = match &op.body {
                 OpBody::Send(v) => CallKind::Send(ix.intern(&v.client_msg_id)),
-                OpBody::Sync(v) => CallKind::Sync { user: v.user, device: v.device },
-                OpBody::FinalRead(v) => CallKind::Final { user: v.user },
+                OpBody::Sync(v) => CallKind::Sync {
+                    list: v.group.map_or(v.user, group_list),
+                    user: v.user,
+                    device: v.device,
+                },
+                OpBody::FinalRead(v) => CallKind::Final { list: v.group.map_or(v.user, group_list) },
+                OpBody::CreateGroup(_) => CallKind::CreateGroup,
                 // Pushes have no invoke: observations of the pushed-to
                 // user's list, outside the pairing rules.
                 OpBody::Other { f, value } if f == crate::history::F_PUSH => {
@@ -217,7 +276,7 @@ impl<'a> Index<'a> {
                     read: None,
                 });
                 if let (CallKind::Send(m), OpBody::Send(v)) = (kind, &op.body) {
-                    ix.add_attempt(m, v.from, v.to, v.device, op.time);
+                    ix.add_attempt(m, v, op.time);
                 }
                 continue;
             }
@@ -278,15 +337,16 @@ impl<'a> Index<'a> {
         id
     }
 
-    fn add_attempt(&mut self, m: MsgId, from: u64, to: u64, device: u64, time: u64) {
+    fn add_attempt(&mut self, m: MsgId, v: &crate::history::SendValue, time: u64) {
         let call = self.calls.len() - 1;
         match &mut self.msgs[m as usize] {
             Some(info) => {
-                if (info.from, info.to) != (from, to) {
+                if (info.from, info.to, info.kind) != (v.from, v.to, v.kind) {
                     let text = format!(
-                        "client_msg_id {} reused for a different message (u{from}→u{to} vs u{}→u{}); \
-                         payload ids must be unique",
-                        self.names[m as usize], info.from, info.to
+                        "client_msg_id {} reused for a different message ({} vs {}); payload ids must be unique",
+                        self.names[m as usize],
+                        conv_text(v.from, v.to, v.kind),
+                        conv_text(info.from, info.to, info.kind)
                     );
                     self.warn(text);
                     return;
@@ -294,8 +354,15 @@ impl<'a> Index<'a> {
                 info.attempts.push(call);
             }
             slot @ None => {
-                *slot =
-                    Some(MsgInfo { from, to, device, attempts: vec![call], first_invoke: time, ack: None })
+                *slot = Some(MsgInfo {
+                    from: v.from,
+                    to: v.to,
+                    kind: v.kind,
+                    device: v.device,
+                    attempts: vec![call],
+                    first_invoke: time,
+                    ack: None,
+                })
             }
         }
     }
@@ -309,18 +376,32 @@ impl<'a> Index<'a> {
                     && info.attempts.contains(&call)
                     && info.ack.is_none()
                 {
-                    info.ack = Some(Ack { call, seq: v.seq, time: op.time });
+                    info.ack = Some(Ack { call, seq: v.seq, group_seq: v.group_seq, time: op.time });
                 }
-                if let Some(seq) = v.seq {
-                    self.obs.push(ObsSource::Ack { call, msg: m, seq });
+                let at = if v.kind.is_group() {
+                    v.group_seq.map(|s| (group_list(v.to), s))
+                } else {
+                    v.seq.map(|s| (v.from, s))
+                };
+                if let Some((list, seq)) = at {
+                    self.obs.push(ObsSource::Ack { call, msg: m, list, seq });
                 }
             }
-            (CallKind::Sync { user, .. }, OpBody::Sync(v), OpBody::Sync(req)) if outcome == Outcome::Ok => {
+            (CallKind::CreateGroup, OpBody::CreateGroup(v), _) if outcome == Outcome::Ok => {
+                if let Some(g) = v.group {
+                    let mut members = v.members.clone();
+                    members.push(v.owner);
+                    members.sort_unstable();
+                    members.dedup();
+                    self.groups.insert(g, GroupMeta { kind: v.kind, members });
+                }
+            }
+            (CallKind::Sync { list, .. }, OpBody::Sync(v), OpBody::Sync(req)) if outcome == Outcome::Ok => {
                 let entries = self.entries(v.entries.as_deref(), op.index);
                 let read = Read {
                     call,
                     kind: ReadKind::Sync,
-                    user,
+                    list,
                     node: op.node.clone().or_else(|| invoke.node.clone()),
                     after: req.after,
                     limit: req.limit.or(v.limit),
@@ -330,12 +411,12 @@ impl<'a> Index<'a> {
                 };
                 self.push_read(call, read);
             }
-            (CallKind::Final { user }, OpBody::FinalRead(v), _) if outcome == Outcome::Ok => {
+            (CallKind::Final { list }, OpBody::FinalRead(v), _) if outcome == Outcome::Ok => {
                 let entries = self.entries(v.entries.as_deref(), op.index);
                 let read = Read {
                     call,
                     kind: ReadKind::Final,
-                    user,
+                    list,
                     node: op.node.clone().or_else(|| invoke.node.clone()),
                     after: 0,
                     limit: None,
@@ -358,26 +439,37 @@ impl<'a> Index<'a> {
             .iter()
             .map(|e| ObsEntry {
                 seq: e.seq,
-                msg: self.intern(&e.client_msg_id),
+                msg: if e.notification {
+                    self.intern(&format!("#n{}", e.message_id))
+                } else {
+                    self.intern(&e.client_msg_id)
+                },
                 message_id: e.message_id,
                 from: e.from,
                 to: e.to,
+                kind: e.kind,
+                group_seq: e.group_seq,
+                notification: e.notification,
             })
             .collect()
     }
 
-    /// Records a push `{"user":U,"device":D,"entries":[..]}`; a push that
-    /// does not parse is a warning, not an anomaly.
+    /// Records a push `{"user":U,"device":D,"entries":[..]}` (with
+    /// `"group":G`: entries of G's list); a push that does not parse is a
+    /// warning, not an anomaly.
     fn add_push(&mut self, index: u64, value: &serde_json::Value) {
         #[derive(serde::Deserialize)]
         struct Push {
             user: u64,
+            #[serde(default)]
+            group: Option<u64>,
             entries: Vec<Entry>,
         }
         match <Push as serde::Deserialize>::deserialize(value) {
             Ok(p) => {
                 let entries = self.entries(Some(&p.entries), index);
-                self.obs.push(ObsSource::Push { op: index, user: p.user, entries });
+                let list = p.group.map_or(p.user, group_list);
+                self.obs.push(ObsSource::Push { op: index, list, entries });
             }
             Err(e) => self.warnings.push(format!("push op {index} ignored: {e}")),
         }
@@ -427,6 +519,62 @@ impl<'a> Index<'a> {
     /// The node label of a read, `?` when unknown.
     pub fn node_of(&self, read: &Read) -> String {
         read.node.clone().unwrap_or_else(|| "?".to_string())
+    }
+
+    /// Every list a message belongs in: both users of a 1:1 message (one
+    /// when a user writes to themself), every member's list for a small
+    /// group (`None` when the group's members are unknown), the group's list
+    /// for a super group or room, none for other kinds.
+    pub fn lists_of(&self, info: &MsgInfo) -> Option<Vec<ListId>> {
+        match info.kind {
+            ConvKind::User if info.from == info.to => Some(vec![info.from]),
+            ConvKind::User => Some(vec![info.from, info.to]),
+            ConvKind::Group => self.groups.get(&info.to).map(|g| g.members.clone()),
+            ConvKind::Super | ConvKind::Room => Some(vec![group_list(info.to)]),
+            ConvKind::System => Some(Vec::new()),
+        }
+    }
+
+    /// The lists the acked entry itself writes, where real-time order and
+    /// linearizable reads hold: the sender's list (1:1) or the group's
+    /// list, plus, with `single_shard`, every recipient's list.
+    pub fn written_by_ack(&self, info: &MsgInfo, single_shard: bool) -> Vec<ListId> {
+        let mut out = match info.kind {
+            ConvKind::User => vec![info.from],
+            _ => vec![group_list(info.to)],
+        };
+        if single_shard {
+            out.extend(self.lists_of(info).unwrap_or_default());
+            out.sort_unstable();
+            out.dedup();
+        }
+        out
+    }
+
+    /// The acked position: `(list, seq)` in the sender's list (1:1) or the
+    /// group's list.
+    pub fn acked_at(&self, info: &MsgInfo) -> Option<(ListId, u64)> {
+        let ack = info.ack?;
+        match info.kind {
+            ConvKind::User => ack.seq.map(|s| (info.from, s)),
+            _ => ack.group_seq.map(|s| (group_list(info.to), s)),
+        }
+    }
+
+    /// `u1→u2`, `u1→g7 (small group)`, ...
+    pub fn conv(&self, info: &MsgInfo) -> String {
+        conv_text(info.from, info.to, info.kind)
+    }
+}
+
+/// `u1→u2`, `u1→g7 (small group)`, `u1→g7 (super group)`.
+pub(crate) fn conv_text(from: u64, to: u64, kind: ConvKind) -> String {
+    match kind {
+        ConvKind::User => format!("u{from}→u{to}"),
+        ConvKind::Group => format!("u{from}→g{to} (small group)"),
+        ConvKind::Super => format!("u{from}→g{to} (super group)"),
+        ConvKind::Room => format!("u{from}→g{to} (room)"),
+        ConvKind::System => format!("u{from}→{to} (system)"),
     }
 }
 

@@ -2,8 +2,13 @@
 //! and contiguous responses, IM-5 no phantoms.
 //!
 //! Every `(list, seq) → msg` fact (send acks: the sender's list at the acked
-//! seq; every entry of every sync and final read) goes into one map keyed by
-//! `(list, seq)`, in completion order. A second, different message at a
+//! seq, or the group's list at the acked group seq; every entry of every
+//! sync, final read and push; and, for each copy of a group message in a
+//! member's list, the group's list at the copy's `group_seq`) goes into one
+//! map keyed by `(list, seq)`, in completion order. Group lists are lists
+//! like users' lists: a copy carrying another group seq than the ack or the
+//! other copies puts one message at two seqs of the group's list (a
+//! duplicate), two messages claiming one group seq are a divergence. A second, different message at a
 //! slot is a **divergence** (IM-1), and the slot is marked conflicted. The
 //! non-conflicted slots form the agreed lists; a message at two agreed seqs
 //! of one list is a **duplicate** (IM-2), and so is a payload id seen with
@@ -11,16 +16,20 @@
 //! list (when unique) feeds the order checks.
 
 use super::anomaly::{Anomaly, AnomalyKind, Sink};
-use super::index::{Index, MsgId, MsgState, ObsSource, ReadKind};
+use super::index::{Index, ListId, MsgId, MsgInfo, MsgState, ObsEntry, ObsSource, ReadKind, conv_text};
+use super::index::{group_list, list_name};
+use crate::history::ConvKind;
 use std::collections::{HashMap, HashSet};
 
 /// Agreed positions of messages in lists.
 #[derive(Debug, Default)]
 pub(crate) struct Positions {
     /// `(list, msg) → seq`, for messages at exactly one agreed seq of the list.
-    pub seq_of: HashMap<(u64, MsgId), u64>,
+    pub seq_of: HashMap<(ListId, MsgId), u64>,
     /// Per list: `(seq, msg)` of those messages, sorted by seq.
-    pub lists: HashMap<u64, Vec<(u64, MsgId)>>,
+    pub lists: HashMap<ListId, Vec<(u64, MsgId)>>,
+    /// Per list: every seq any observation claimed, sorted.
+    pub claimed: HashMap<ListId, Vec<u64>>,
 }
 
 impl Positions {
@@ -46,7 +55,7 @@ pub(crate) fn agreement(ix: &Index, sink: &mut Sink) -> Positions {
     let mut ids: HashMap<MsgId, (u64, u64)> = HashMap::new();
     let mut id_reported: HashSet<MsgId> = HashSet::new();
     let mut observe =
-        |list: u64, seq: u64, m: MsgId, op: u64, sink: &mut Sink| match slots.get_mut(&(list, seq)) {
+        |list: ListId, seq: u64, m: MsgId, op: u64, sink: &mut Sink| match slots.get_mut(&(list, seq)) {
             None => {
                 slots.insert((list, seq), Slot { msg: m, op, conflicted: false });
             }
@@ -58,7 +67,8 @@ pub(crate) fn agreement(ix: &Index, sink: &mut Sink) -> Positions {
                         .seq(seq)
                         .ops([slot.op, op])
                         .expected(format!(
-                            "one message at u{list}/{seq}; op {} saw {}",
+                            "one message at {}/{seq}; op {} saw {}",
+                            list_name(list),
                             slot.op,
                             ix.name(slot.msg)
                         ))
@@ -87,10 +97,9 @@ pub(crate) fn agreement(ix: &Index, sink: &mut Sink) -> Positions {
     };
     for src in &ix.obs {
         match src {
-            &ObsSource::Ack { call, msg, seq } => {
-                let Some(info) = ix.msg(msg) else { continue };
+            &ObsSource::Ack { call, msg, list, seq } => {
                 let op = ix.done_op(call);
-                observe(info.from, seq, msg, op, sink);
+                observe(list, seq, msg, op, sink);
                 let pos = ix.calls[call].complete.unwrap_or(ix.calls[call].invoke);
                 if let crate::history::OpBody::Send(v) = &ix.ops[pos].body
                     && let Some(id) = v.message_id
@@ -102,13 +111,19 @@ pub(crate) fn agreement(ix: &Index, sink: &mut Sink) -> Positions {
                 let read = &ix.reads[r];
                 let op = ix.done_op(read.call);
                 for e in &read.entries {
-                    observe(read.user, e.seq, e.msg, op, sink);
+                    observe(read.list, e.seq, e.msg, op, sink);
+                    if let Some(at) = group_seq_fact(e) {
+                        observe(at.0, at.1, e.msg, op, sink);
+                    }
                     check_id(e.msg, e.message_id, op, sink);
                 }
             }
-            ObsSource::Push { op, user, entries } => {
+            ObsSource::Push { op, list, entries } => {
                 for e in entries {
-                    observe(*user, e.seq, e.msg, *op, sink);
+                    observe(*list, e.seq, e.msg, *op, sink);
+                    if let Some(at) = group_seq_fact(e) {
+                        observe(at.0, at.1, e.msg, *op, sink);
+                    }
                     check_id(e.msg, e.message_id, *op, sink);
                 }
             }
@@ -117,12 +132,16 @@ pub(crate) fn agreement(ix: &Index, sink: &mut Sink) -> Positions {
 
     // Agreed seqs per (list, msg).
     let mut seqs: HashMap<ListMsg, Vec<SeqAt>> = HashMap::new();
+    let mut out = Positions::default();
     for (&(list, seq), slot) in &slots {
+        out.claimed.entry(list).or_default().push(seq);
         if !slot.conflicted {
             seqs.entry((list, slot.msg)).or_default().push((seq, slot.op));
         }
     }
-    let mut out = Positions::default();
+    for v in out.claimed.values_mut() {
+        v.sort_unstable();
+    }
     let mut dups: Vec<(ListMsg, Vec<SeqAt>)> = Vec::new();
     for (key, mut at) in seqs {
         if at.len() == 1 {
@@ -142,7 +161,7 @@ pub(crate) fn agreement(ix: &Index, sink: &mut Sink) -> Positions {
                 .msg(ix.name(m))
                 .seq(at[1].0)
                 .ops(at.iter().map(|a| a.1))
-                .expected(format!("{} at most once in u{list}'s list", ix.name(m)))
+                .expected(format!("{} at most once in {}'s list", ix.name(m), list_name(list)))
                 .found(format!("at {}", where_.join(", "))),
         );
     }
@@ -150,6 +169,11 @@ pub(crate) fn agreement(ix: &Index, sink: &mut Sink) -> Positions {
         l.sort_unstable();
     }
     out
+}
+
+/// A group message's copy also claims its place in the group's list.
+fn group_seq_fact(e: &ObsEntry) -> Option<(ListId, u64)> {
+    (e.kind.is_group() && e.group_seq > 0).then(|| (group_list(e.to), e.group_seq))
 }
 
 /// IM-3: each response is exactly `after+1, after+2, ...`; a final read is
@@ -168,12 +192,12 @@ pub(crate) fn contiguity(ix: &Index, sink: &mut Sink) {
             let got: Vec<u64> = read.entries.iter().map(|e| e.seq).take(12).collect();
             sink.push(
                 Anomaly::new(AnomalyKind::Gap)
-                    .list(read.user)
+                    .list(read.list)
                     .seq(expected)
                     .ops(ops)
                     .expected(format!(
-                        "{what} of u{} to be contiguous: seq {expected} at position {i}",
-                        read.user
+                        "{what} of {} to be contiguous: seq {expected} at position {i}",
+                        list_name(read.list)
                     ))
                     .found(format!("seq {} ({}); seqs {got:?}", e.seq, ix.name(e.msg))),
             );
@@ -187,30 +211,34 @@ pub(crate) fn contiguity(ix: &Index, sink: &mut Sink) {
         if let Some(last) = short {
             sink.push(
                 Anomaly::new(AnomalyKind::Gap)
-                    .list(read.user)
+                    .list(read.list)
                     .seq(end + 1)
                     .ops(ops)
-                    .expected(format!("{what} of u{} to reach its last_seq {last}", read.user))
+                    .expected(format!("{what} of {} to reach its last_seq {last}", list_name(read.list)))
                     .found(format!("it ends at seq {end} with nothing more to read")),
             );
         }
     }
 }
 
-/// IM-5: every read entry belongs to an invoked send with the same sender
-/// and recipient, sits in one of those two users' lists, was read no earlier
-/// than the send's first invoke, and does not belong to a definitely failed
-/// send (`aborted-read`). Reported once per (list, message).
+/// IM-5: every read entry belongs to an invoked send with the same sender,
+/// recipient and conversation kind, sits in one of that message's lists (the
+/// two users' lists of a 1:1 message; a member's list or the group's list of
+/// a small-group message; the group's list of a super-group message), was
+/// sent by a member (group messages), was read no earlier than the send's
+/// first invoke, and does not belong to a definitely failed send
+/// (`aborted-read`). Server notifications are not sends and are skipped.
+/// Reported once per (list, message).
 pub(crate) fn phantoms(ix: &Index, sink: &mut Sink) {
-    let mut seen: HashSet<(u64, MsgId)> = HashSet::new();
+    let mut seen: HashSet<(ListId, MsgId)> = HashSet::new();
     for read in &ix.reads {
         let call = &ix.calls[read.call];
         for e in &read.entries {
-            if !seen.insert((read.user, e.msg)) {
+            if e.notification || !seen.insert((read.list, e.msg)) {
                 continue;
             }
             let name = ix.name(e.msg);
-            let base = || Anomaly::new(AnomalyKind::Phantom).list(read.user).seq(e.seq).msg(name);
+            let base = || Anomaly::new(AnomalyKind::Phantom).list(read.list).seq(e.seq).msg(name);
             let Some(info) = ix.msg(e.msg) else {
                 sink.push(
                     base()
@@ -222,20 +250,15 @@ pub(crate) fn phantoms(ix: &Index, sink: &mut Sink) {
             };
             let send_ops: Vec<u64> = info.attempts.iter().flat_map(|&c| ix.call_ops(c)).collect();
             let ops = || ix.call_ops(read.call).into_iter().chain(send_ops.iter().copied());
-            if (e.from, e.to) != (info.from, info.to) {
+            if (e.from, e.to, e.kind) != (info.from, info.to, info.kind) {
                 sink.push(
                     base()
                         .ops(ops())
-                        .expected(format!("{name} from u{} to u{}", info.from, info.to))
-                        .found(format!("the entry says from u{} to u{}", e.from, e.to)),
+                        .expected(format!("{name} {}", ix.conv(info)))
+                        .found(format!("the entry says {}", conv_text(e.from, e.to, e.kind))),
                 );
-            } else if read.user != info.from && read.user != info.to {
-                sink.push(
-                    base()
-                        .ops(ops())
-                        .expected(format!("{name} only in u{}'s and u{}'s lists", info.from, info.to))
-                        .found(format!("it is in u{}'s list (misdelivery)", read.user)),
-                );
+            } else if let Some(why) = misplaced(ix, info, read.list) {
+                sink.push(base().ops(ops()).expected(format!("{name} ({})", ix.conv(info))).found(why));
             } else if call.complete_time < info.first_invoke {
                 sink.push(
                     base().ops(ops()).expected(format!("{name} read only after its send was invoked")).found(
@@ -249,14 +272,42 @@ pub(crate) fn phantoms(ix: &Index, sink: &mut Sink) {
             } else if ix.state(info) == MsgState::Failed {
                 sink.push(
                     Anomaly::new(AnomalyKind::AbortedRead)
-                        .list(read.user)
+                        .list(read.list)
                         .seq(e.seq)
                         .msg(name)
                         .ops(ops())
                         .expected(format!("{name}, whose send definitely failed, in no list"))
-                        .found(format!("it is at seq {} of u{}'s list", e.seq, read.user)),
+                        .found(format!("it is at seq {} of {}'s list", e.seq, list_name(read.list))),
                 );
             }
         }
     }
+}
+
+/// Why `info`'s message may not be in `list`, if it may not: a list that is
+/// not one of its lists (misdelivery), or a group message whose sender is
+/// not a member. Small groups with unknown members are not judged.
+fn misplaced(ix: &Index, info: &MsgInfo, list: ListId) -> Option<String> {
+    let group = info.kind.is_group().then(|| ix.groups.get(&info.to)).flatten();
+    if let Some(g) = group
+        && !g.members.contains(&info.from)
+    {
+        return Some(format!("its sender u{} is not a member of g{}", info.from, info.to));
+    }
+    let mut allowed = match (info.kind, group) {
+        (ConvKind::Group, None) => return None,
+        _ => ix.lists_of(info).unwrap_or_default(),
+    };
+    if info.kind.is_group() {
+        allowed.push(group_list(info.to));
+    }
+    if allowed.contains(&list) {
+        return None;
+    }
+    let names: Vec<String> = allowed.iter().take(8).map(|&l| list_name(l)).collect();
+    Some(format!(
+        "it is in {}'s list (misdelivery); it belongs only in {}",
+        list_name(list),
+        names.join(", ")
+    ))
 }

@@ -1,11 +1,12 @@
 //! IM-12 liveness figures: reported, never part of the verdict.
 //!
-//! * outcome counts and fractions of sends, syncs and final reads;
+//! * outcome counts and fractions of sends (and of group sends among them),
+//!   syncs and final reads;
 //! * acked sends per second over the whole run;
 //! * the fate of indeterminate sends per the final reads;
 //! * send latency (invoke to ok) percentiles;
-//! * delivery lag: from a send's ack to the completion of the recipient's
-//!   first sync returning it (clamped at 0: a sync may see a message before
+//! * delivery lag of 1:1 sends: from a send's ack to the completion of the
+//!   recipient's first sync returning it (clamped at 0: a sync may see a message before
 //!   its sender's ack arrives), and how many acked sends no recipient sync
 //!   ever returned;
 //! * windows between nemesis events: sends invoked in each window and the
@@ -117,6 +118,9 @@ pub struct Stats {
     pub duration_s: f64,
     /// Send attempts.
     pub sends: OutcomeCounts,
+    /// Send attempts to groups (included in `sends`).
+    #[serde(default)]
+    pub group_sends: OutcomeCounts,
     /// Distinct payloads sent.
     pub messages: u64,
     /// Device syncs.
@@ -133,7 +137,7 @@ pub struct Stats {
     pub send_latency_ms: Option<Percentiles>,
     /// Ack to the recipient's first sync returning the message.
     pub delivery_lag_ms: Option<Percentiles>,
-    /// Acked sends to another user that no sync of the recipient returned.
+    /// Acked 1:1 sends to another user that no sync of the recipient returned.
     pub acked_unseen_by_recipient: u64,
     /// Sends per window between nemesis events.
     pub windows: Vec<Window>,
@@ -164,8 +168,11 @@ pub(crate) fn stats(ix: &Index, fates: InfoFates) -> Stats {
     let mut latencies = Vec::new();
     for call in &ix.calls {
         match call.kind {
-            CallKind::Send(_) => {
+            CallKind::Send(m) => {
                 s.sends.add(call.outcome);
+                if ix.msg(m).is_some_and(|i| i.kind.is_group()) {
+                    s.group_sends.add(call.outcome);
+                }
                 let w = bounds.partition_point(|b| b.0 <= call.invoke_time).saturating_sub(1);
                 s.windows[w].sends.add(call.outcome);
                 if call.outcome == Outcome::Ok {
@@ -174,9 +181,10 @@ pub(crate) fn stats(ix: &Index, fates: InfoFates) -> Stats {
             }
             CallKind::Sync { .. } => s.syncs.add(call.outcome),
             CallKind::Final { .. } => s.final_reads.add(call.outcome),
+            CallKind::CreateGroup => {}
         }
     }
-    for c in [&mut s.sends, &mut s.syncs, &mut s.final_reads] {
+    for c in [&mut s.sends, &mut s.group_sends, &mut s.syncs, &mut s.final_reads] {
         c.finish();
     }
     for w in &mut s.windows {
@@ -194,7 +202,7 @@ pub(crate) fn stats(ix: &Index, fates: InfoFates) -> Stats {
     for read in ix.reads.iter().filter(|r| r.kind == super::index::ReadKind::Sync) {
         let t = ix.calls[read.call].complete_time;
         for e in &read.entries {
-            if ix.msg(e.msg).is_some_and(|i| i.to == read.user && i.from != read.user) {
+            if ix.msg(e.msg).is_some_and(|i| i.kind.is_user() && i.to == read.list && i.from != read.list) {
                 let v = first_seen.entry(e.msg).or_insert(t);
                 *v = (*v).min(t);
             }
@@ -204,7 +212,7 @@ pub(crate) fn stats(ix: &Index, fates: InfoFates) -> Stats {
     for (m, info) in ix.msgs.iter().enumerate() {
         let Some(info) = info else { continue };
         let Some(ack) = info.ack else { continue };
-        if info.from == info.to {
+        if info.from == info.to || !info.kind.is_user() {
             continue;
         }
         match first_seen.get(&(m as u32)) {

@@ -5,7 +5,16 @@
 //!
 //! Every user owns one list with gap-free seqs from 1. A 1:1 send from `a`
 //! to `b` is appended once to `a`'s list and once to `b`'s (once in total
-//! when `a == b`); its ack carries the seq in the sender's list. A send is
+//! when `a == b`); its ack carries the seq in the sender's list.
+//!
+//! Every group owns one list too (`g<id>`, group seqs from 1). A send to a
+//! small group is appended to the group's list and copied once into every
+//! member's list (members from the history's `create-group`), each copy
+//! carrying the same message id and group seq; a send to a super group is
+//! appended to the group's list only, which members read with `SyncGroup`.
+//! A group send's ack carries the group seq. Server notifications (entries
+//! no send explains, e.g. "members added") take part in agreement and
+//! duplicates, not in the send-based checks. A send is
 //! *acked* when any attempt with its payload id (`client_msg_id`) completed
 //! `ok`, *failed* when every attempt completed `fail` (rim then guarantees it
 //! was never proposed), and *indeterminate* otherwise: it may appear or not,
@@ -18,20 +27,21 @@
 //! |---|---|---|
 //! | IM-1 | `divergence`, `final-read-mismatch` | each (list, seq) holds one message across acks, syncs, devices and nodes; final reads of a list through every node are identical |
 //! | IM-2 | `duplicate` | a message occurs at most once per list and has one message id |
-//! | IM-3 | `gap` | every response is contiguous from `after + 1`; a final read is exactly `1..=len` (and ends at its `last_seq`); a sync with `has_more = false` reaches its `last_seq` |
+//! | IM-3 | `gap` | every response is contiguous from `after + 1`; a final read is exactly `1..=len` (and ends at its `last_seq`); a sync with `has_more = false` reaches its `last_seq`; the group seqs of a small group that acks and copies claim are `1..=max` |
 //! | IM-4 | `non-monotonic-read` | a device's later sync never shows a shorter list than its earlier ones |
-//! | IM-5 | `phantom`, `aborted-read` | every entry comes from an invoked send with the same sender and recipient, only in those users' lists, read no earlier than the send was invoked; never from a definitely failed send |
-//! | IM-6 | `lost-ack`, `lost-entry` | every acked send is in every final read of both participants; every entry a sync returned is in every final read of its list |
-//! | IM-7 | `partial-fanout` | an indeterminate send is in both participants' final lists or in neither |
+//! | IM-5 | `phantom`, `aborted-read` | every entry comes from an invoked send with the same sender, recipient and conversation kind, only in that message's lists (group messages: sent by a member), read no earlier than the send was invoked; never from a definitely failed send |
+//! | IM-6 | `lost-ack`, `lost-entry` | every acked send is in every final read of each of its lists (both participants; every member of a small group; a super group's list); every entry a sync returned is in every final read of its list |
+//! | IM-7 | `partial-fanout` | an indeterminate send is in all of its lists' final reads or in none (both participants; every member of a small group) |
 //! | IM-8 / IM-8s | `stale-read` | a sync invoked after an ack reaches the acked seq (for whom: see [`Consistency`]) |
 //! | IM-9 | `order` | seq order respects real time for entries written by the acked entry; a sender's order is kept in each recipient's list |
-//! | IM-10 | `conversation-order` | both participants order a 1:1 conversation identically (only with [`CheckOptions::single_shard`]) |
-//! | IM-11 | `causal` | a message sent after its device saw another message of the conversation is placed after it in both lists |
+//! | IM-10 | `conversation-order` | both participants order a 1:1 conversation identically (only with [`CheckOptions::single_shard`]); every member's list holds a small group's messages in group-seq order (always) |
+//! | IM-11 | `causal` | a message sent after its device saw another message of the conversation is placed after it in both lists (groups: a later group seq) |
 //! | IM-12 | (stats) | liveness figures, never part of the verdict: [`Stats`] |
 //!
 //! The private modules state each rule precisely: `lists` (IM-1, 2, 3, 5),
 //! `durability` (final reads: IM-1, 6, 7), `reads` (IM-4, 8), `order`
-//! (IM-9, 10, 11), `liveness` (IM-12).
+//! (IM-9, 10, 11), `groups` (IM-10, IM-3 of small groups' lists, IM-11 of
+//! group sends), `liveness` (IM-12).
 //!
 //! # Verdict
 //!
@@ -47,6 +57,7 @@
 
 mod anomaly;
 mod durability;
+mod groups;
 mod index;
 mod lists;
 mod liveness;
@@ -191,9 +202,11 @@ pub fn check(ops: &[Op], options: &CheckOptions) -> Results {
     let positions = lists::agreement(&ix, &mut sink);
     lists::contiguity(&ix, &mut sink);
     lists::phantoms(&ix, &mut sink);
-    let fates = durability::check(&ix, &mut sink, &mut unknown);
+    let finals = durability::finals_by_list(&ix);
+    let fates = durability::check(&ix, &finals, &mut sink, &mut unknown);
     reads::check(&ix, &positions, options, &mut sink);
     order::check(&ix, &positions, options, &mut sink);
+    groups::check(&ix, &positions, &finals, &mut sink);
     let stats = liveness::stats(&ix, fates);
 
     if ix.malformed {

@@ -6,7 +6,9 @@
 //!   * real time: in list `L`, if message `a` was acked before message `b`
 //!     was first invoked, then `seq_L(a) < seq_L(b)`. rim promises this only
 //!     for entries written by the acked Raft entry itself, so by default it
-//!     is checked among each user's own sends in their own list; with
+//!     is checked among each user's own sends in their own list and among
+//!     the messages of each group in the group's list (known from acks,
+//!     super-group reads and the `group_seq` of members' copies); with
 //!     `single_shard` among all messages of every list. Indeterminate sends
 //!     count as never acked. O(n log n) per list (sort plus a suffix minimum
 //!     of ack times).
@@ -19,7 +21,8 @@
 //!   messages of a 1:1 conversation (both directions) identically. rim
 //!   promises this only within a shard, so it is checked only with
 //!   `single_shard`, and only for pairs whose per-direction order is intact
-//!   (otherwise the `order` anomaly already says it).
+//!   (otherwise the `order` anomaly already says it). Groups: see the
+//!   `groups` module (always checked).
 //! * **causal** (IM-11): if a device's sync returned `m1` (a message of the
 //!   conversation between its user `u` and `v`) before the device invoked the
 //!   send `m2` from `u` to `v`, then `m1` precedes `m2` in both `u`'s and
@@ -28,7 +31,7 @@
 
 use super::CheckOptions;
 use super::anomaly::{Anomaly, AnomalyKind, Sink};
-use super::index::{CallKind, Index, MsgId, MsgState, Outcome, ms};
+use super::index::{CallKind, Index, MsgId, MsgState, Outcome, list_name, ms};
 use super::lists::Positions;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -59,7 +62,7 @@ fn real_time(ix: &Index, pos: &Positions, options: &CheckOptions, sink: &mut Sin
             .filter(|&(_, m)| {
                 ix.msg(m).is_some_and(|i| {
                     ix.state(i) != MsgState::Failed
-                        && (i.from == list || (options.single_shard && i.to == list))
+                        && ix.written_by_ack(i, options.single_shard).contains(&list)
                 })
             })
             .collect();
@@ -86,12 +89,13 @@ fn real_time(ix: &Index, pos: &Positions, options: &CheckOptions, sink: &mut Sin
                     .msg(ix.name(m))
                     .ops(ix.call_ops(ack.call).into_iter().chain(ix.call_ops(info.attempts[0])))
                     .expected(format!(
-                        "{} (acked at {:.3} ms by op {}) before {} (invoked at {:.3} ms) in u{list}'s list",
+                        "{} (acked at {:.3} ms by op {}) before {} (invoked at {:.3} ms) in {}'s list",
                         ix.name(later),
                         ms(ack.time),
                         ix.done_op(ack.call),
                         ix.name(m),
-                        ms(info.first_invoke)
+                        ms(info.first_invoke),
+                        list_name(list)
                     ))
                     .found(format!("{} at seq {seq}, {} at seq {later_seq}", ix.name(m), ix.name(later))),
             );
@@ -105,7 +109,7 @@ fn per_sender(ix: &Index, pos: &Positions, sink: &mut Sink) -> HashSet<(u64, u64
     for (m, info) in ix.msgs.iter().enumerate() {
         let Some(info) = info else { continue };
         let m = m as MsgId;
-        if info.from == info.to {
+        if info.from == info.to || !info.kind.is_user() {
             continue;
         }
         if let (Some(a), Some(b)) = (pos.seq(info.from, m), pos.seq(info.to, m)) {
@@ -146,7 +150,7 @@ fn conversations(ix: &Index, pos: &Positions, broken: &HashSet<(u64, u64)>, sink
     for (m, info) in ix.msgs.iter().enumerate() {
         let Some(info) = info else { continue };
         let m = m as MsgId;
-        if info.from == info.to {
+        if info.from == info.to || !info.kind.is_user() {
             continue;
         }
         let (a, b) = (info.from.min(info.to), info.from.max(info.to));
@@ -205,10 +209,12 @@ fn causal(ix: &Index, pos: &Positions, sink: &mut Sink) {
         let Some(c) = *call else { continue };
         let call = &ix.calls[c];
         match call.kind {
-            CallKind::Sync { user, device } if call.complete == Some(p) && call.outcome == Outcome::Ok => {
+            CallKind::Sync { list, user, device }
+                if list == user && call.complete == Some(p) && call.outcome == Outcome::Ok =>
+            {
                 let Some(r) = call.read else { continue };
                 for e in &ix.reads[r].entries {
-                    let Some(info) = ix.msg(e.msg) else { continue };
+                    let Some(info) = ix.msg(e.msg).filter(|i| i.kind.is_user()) else { continue };
                     let peer = if info.from == user {
                         info.to
                     } else if info.to == user {
@@ -222,7 +228,7 @@ fn causal(ix: &Index, pos: &Positions, sink: &mut Sink) {
                 }
             }
             CallKind::Send(m) if call.invoke == p && first_attempt.insert(m) => {
-                let Some(info) = ix.msg(m) else { continue };
+                let Some(info) = ix.msg(m).filter(|i| i.kind.is_user()) else { continue };
                 if let Some(&s) = seen.get(&(info.from, info.device, info.to)) {
                     checks.push((m, c, s));
                 }

@@ -45,7 +45,12 @@ pub fn render_text(r: &Results) -> String {
     let st = &r.stats;
     let _ = writeln!(s, "\nliveness (IM-12, not part of the verdict):");
     let _ = writeln!(s, "  ops {} over {:.1} s, {} nemesis events", st.ops, st.duration_s, st.nemesis_events);
-    for (name, c) in [("sends", &st.sends), ("syncs", &st.syncs), ("final reads", &st.final_reads)] {
+    for (name, c) in [
+        ("sends", &st.sends),
+        ("  of which to groups", &st.group_sends),
+        ("syncs", &st.syncs),
+        ("final reads", &st.final_reads),
+    ] {
         let _ = writeln!(
             s,
             "  {name}: {} invoked, {} ok ({:.1}%), {} fail ({:.1}%), {} info ({:.1}%)",

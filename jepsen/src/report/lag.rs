@@ -1,6 +1,6 @@
 //! Delivery lag: how long after its ack a message reached its recipient.
 //!
-//! For every acked send (an `ok` completion of `send`; the earliest one when
+//! For every acked 1:1 send (an `ok` completion of `send`; the earliest one when
 //! a payload id was acked more than once) the lag runs from the ack's time to
 //! the recipient's first observation of the payload id: the earliest of
 //!
@@ -76,6 +76,9 @@ pub fn delivery_lags(ops: &[Op]) -> Vec<DeliveryLag> {
     let mut by_id: HashMap<&str, usize> = HashMap::new();
     for op in ops.iter().filter(|o| o.op_type == OpType::Ok && !o.process.is_nemesis()) {
         let OpBody::Send(v) = &op.body else { continue };
+        if !v.kind.is_user() {
+            continue;
+        }
         match by_id.get(v.client_msg_id.as_str()) {
             Some(&i) => lags[i].ack_ns = lags[i].ack_ns.min(op.time),
             None => {
@@ -101,18 +104,21 @@ pub fn delivery_lags(ops: &[Op]) -> Vec<DeliveryLag> {
             }
         };
         match &op.body {
-            OpBody::Sync(v) => {
+            OpBody::Sync(v) if v.group.is_none() => {
                 for e in v.entries.iter().flatten() {
                     observe(v.user, &e.client_msg_id, ObservedBy::Sync);
                 }
             }
-            OpBody::FinalRead(v) => {
+            OpBody::FinalRead(v) if v.group.is_none() => {
                 for e in v.entries.iter().flatten() {
                     observe(v.user, &e.client_msg_id, ObservedBy::FinalRead);
                 }
             }
             OpBody::Other { f, value } if f == F_PUSH && matches!(op.process, Process::Worker(_)) => {
                 let Some(user) = value.get("user").and_then(|u| u.as_u64()) else { continue };
+                if value.get("group").is_some_and(|g| !g.is_null()) {
+                    continue;
+                }
                 let entries = value.get("entries").and_then(|e| e.as_array());
                 for e in entries.into_iter().flatten() {
                     if let Some(id) = e.get("client_msg_id").and_then(|i| i.as_str()) {

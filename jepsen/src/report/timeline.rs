@@ -273,15 +273,24 @@ fn flagged_ops(results: &Results) -> HashMap<u64, Vec<&str>> {
     out
 }
 
+/// `u3`, or `g77` for a group's list.
+fn list(user: u64, group: Option<u64>) -> String {
+    group.map_or_else(|| format!("u{user}"), |g| format!("g{g}"))
+}
+
 /// The short text inside a box.
 fn label(op: &Op) -> String {
     match &op.body {
         OpBody::Send(v) => format!("send {}", v.client_msg_id),
         OpBody::Sync(v) => match &v.entries {
-            Some(e) => format!("sync u{}>{} +{}", v.user, v.after, e.len()),
-            None => format!("sync u{}>{}", v.user, v.after),
+            Some(e) => format!("sync {}>{} +{}", list(v.user, v.group), v.after, e.len()),
+            None => format!("sync {}>{}", list(v.user, v.group), v.after),
         },
-        OpBody::FinalRead(v) => format!("final u{}", v.user),
+        OpBody::FinalRead(v) => format!("final {}", list(v.user, v.group)),
+        OpBody::CreateGroup(v) => match v.kind {
+            crate::history::ConvKind::Super => "create super group".to_string(),
+            _ => "create small group".to_string(),
+        },
         OpBody::Other { f, .. } => f.clone(),
     }
 }
@@ -326,9 +335,13 @@ fn tooltip(c: &Call<'_>, anomalies: &[&str]) -> String {
 fn value_summary(op: &Op) -> String {
     match &op.body {
         OpBody::Send(v) => {
-            let mut s = format!("{} from u{} (device {}) to u{}", v.client_msg_id, v.from, v.device, v.to);
+            let to = if v.kind.is_group() { format!("g{}", v.to) } else { format!("u{}", v.to) };
+            let mut s = format!("{} from u{} (device {}) to {to}", v.client_msg_id, v.from, v.device);
             if let Some(seq) = v.seq {
                 let _ = write!(s, ", seq {seq}");
+            }
+            if let Some(seq) = v.group_seq {
+                let _ = write!(s, ", group seq {seq}");
             }
             if let Some(id) = v.message_id {
                 let _ = write!(s, ", message {id}");
@@ -336,7 +349,8 @@ fn value_summary(op: &Op) -> String {
             truncate(&s, 300)
         }
         OpBody::Sync(v) => {
-            let mut s = format!("u{} device {} after {}", v.user, v.device, v.after);
+            let mut s =
+                format!("{} device {} of u{} after {}", list(v.user, v.group), v.device, v.user, v.after);
             if let Some(limit) = v.limit {
                 let _ = write!(s, " limit {limit}");
             }
@@ -351,8 +365,15 @@ fn value_summary(op: &Op) -> String {
             }
             s
         }
+        OpBody::CreateGroup(v) => {
+            let mut s = format!("{:?} group of u{} with {:?}", v.kind, v.owner, v.members);
+            if let Some(g) = v.group {
+                let _ = write!(s, ": g{g}");
+            }
+            s
+        }
         OpBody::FinalRead(v) => {
-            let mut s = format!("u{}", v.user);
+            let mut s = list(v.user, v.group);
             if let Some(e) = &v.entries {
                 s.push_str(&entries(e.iter().map(|e| (Some(e.seq), e.client_msg_id.as_str())), e.len()));
             }

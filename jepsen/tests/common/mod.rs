@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use rim_jepsen::checker::{AnomalyKind, CheckOptions, Results, Validity, check};
-use rim_jepsen::history::{Entry, FinalReadValue, Op, OpBody, OpType, Process, SendValue, SyncValue};
+use rim_jepsen::history::{
+    ConvKind, Entry, FinalReadValue, GroupValue, Op, OpBody, OpType, Process, SendValue, SyncValue,
+};
 use std::collections::HashMap;
 
 /// Nodes final reads go through.
@@ -24,6 +26,10 @@ pub struct H {
     next_process: u64,
     /// payload id → (from, to, message id)
     sent: HashMap<String, (u64, u64, u64)>,
+    /// payload id of a group send → (kind, group seq it got)
+    group_sends: HashMap<String, (ConvKind, u64)>,
+    /// group id → kind
+    groups: HashMap<u64, ConvKind>,
 }
 
 impl H {
@@ -46,7 +52,7 @@ impl H {
     fn send_value(&mut self, from: u64, device: u64, to: u64, id: &str) -> SendValue {
         let n = self.sent.len() as u64;
         self.sent.entry(id.to_string()).or_insert((from, to, 9000 + n));
-        SendValue { from, device, to, client_msg_id: id.to_string(), seq: None, message_id: None }
+        SendValue { from, device, to, client_msg_id: id.to_string(), ..SendValue::default() }
     }
 
     /// Invokes a send from `from`'s device `from*10+1`.
@@ -92,10 +98,123 @@ impl H {
         ids.iter().enumerate().map(|(i, id)| self.entry(first + i as u64, id)).collect()
     }
 
-    /// One entry, sender and recipient from the send (unknown ids: 99 → 99).
+    /// One entry, sender and recipient from the send (unknown ids: 99 → 99);
+    /// group messages also carry their kind and group seq. `#n<group>` is
+    /// the creation notification of that group (group seq 1).
     pub fn entry(&self, seq: u64, id: &str) -> Entry {
+        if let Some(g) = id.strip_prefix("#n").and_then(|g| g.parse::<u64>().ok()) {
+            return self.notification(seq, g);
+        }
         let (from, to, message_id) = self.sent.get(id).copied().unwrap_or((99, 99, 0));
-        Entry { seq, message_id, client_msg_id: id.to_string(), from, to }
+        let (kind, group_seq) = self.group_sends.get(id).copied().unwrap_or_default();
+        Entry {
+            seq,
+            message_id,
+            client_msg_id: id.to_string(),
+            from,
+            to,
+            kind,
+            group_seq,
+            ..Entry::default()
+        }
+    }
+
+    /// The "members added" notification of group `g` at `seq` of a list.
+    pub fn notification(&self, seq: u64, g: u64) -> Entry {
+        Entry {
+            seq,
+            message_id: 50_000 + g,
+            from: 1,
+            to: g,
+            kind: self.groups.get(&g).copied().unwrap_or(ConvKind::Group),
+            group_seq: 1,
+            notification: true,
+            ..Entry::default()
+        }
+    }
+
+    /// Records the creation of group `g` (`kind` group or super) by
+    /// `members[0]`, and returns `g`.
+    pub fn create_group(&mut self, g: u64, kind: ConvKind, members: &[u64]) -> u64 {
+        let p = self.process();
+        let mut v = GroupValue {
+            kind,
+            owner: members[0],
+            members: members.to_vec(),
+            name: format!("g{g}"),
+            group: None,
+        };
+        self.push(OpType::Invoke, Process::Worker(p), OpBody::CreateGroup(v.clone()));
+        v.group = Some(g);
+        self.push(OpType::Ok, Process::Worker(p), OpBody::CreateGroup(v));
+        self.groups.insert(g, kind);
+        g
+    }
+
+    /// Invokes a send from `from` to group `g`; `group_seq` is where it
+    /// lands if it is applied (entries and an ok completion use it).
+    pub fn invoke_group_send(&mut self, from: u64, g: u64, id: &str, group_seq: u64) -> Pending {
+        let kind = self.groups.get(&g).copied().unwrap_or(ConvKind::Group);
+        self.group_sends.insert(id.to_string(), (kind, group_seq));
+        let p = self.process();
+        let mut v = self.send_value(from, from * 10 + 1, g, id);
+        v.kind = kind;
+        let i = self.push(OpType::Invoke, Process::Worker(p), OpBody::Send(v));
+        Pending { process: p, value_index: i }
+    }
+
+    /// Completes a group send (ok: with its group seq and message id).
+    pub fn complete_group_send(&mut self, pending: Pending, op_type: OpType) {
+        let OpBody::Send(mut v) = self.ops[pending.value_index].body.clone() else { unreachable!() };
+        if op_type == OpType::Ok {
+            v.group_seq = Some(self.group_sends[&v.client_msg_id].1);
+            v.message_id = Some(self.sent[&v.client_msg_id].2);
+        }
+        self.push(op_type, Process::Worker(pending.process), OpBody::Send(v));
+    }
+
+    pub fn ok_group_send(&mut self, from: u64, g: u64, id: &str, group_seq: u64) {
+        let p = self.invoke_group_send(from, g, id, group_seq);
+        self.complete_group_send(p, OpType::Ok);
+    }
+
+    pub fn info_group_send(&mut self, from: u64, g: u64, id: &str, group_seq: u64) {
+        let p = self.invoke_group_send(from, g, id, group_seq);
+        self.complete_group_send(p, OpType::Info);
+    }
+
+    /// A read of group `g`'s list by device `user*10+1` after group seq `after`.
+    pub fn group_sync(&mut self, user: u64, g: u64, after: u64, entries: Vec<Entry>, last_seq: Option<u64>) {
+        let p = self.process();
+        let mut v = SyncValue {
+            user,
+            device: user * 10 + 1,
+            group: Some(g),
+            after,
+            limit: Some(100),
+            ..SyncValue::default()
+        };
+        self.push(OpType::Invoke, Process::Worker(p), OpBody::Sync(v.clone()));
+        v.entries = Some(entries);
+        v.has_more = Some(false);
+        v.last_seq = last_seq;
+        self.push(OpType::Ok, Process::Worker(p), OpBody::Sync(v));
+    }
+
+    /// Final reads of group `g`'s list (read by `reader`) through every
+    /// node, all returning `ids` from group seq 1.
+    pub fn group_finals(&mut self, g: u64, reader: u64, ids: &[&str]) {
+        for node in NODES {
+            let e = self.entries_from(1, ids);
+            let p = self.process();
+            let mut v = FinalReadValue { user: reader, group: Some(g), ..FinalReadValue::default() };
+            let i = self.push(OpType::Invoke, Process::Worker(p), OpBody::FinalRead(v.clone()));
+            self.ops[i].node = Some(node.into());
+            v.last_seq = Some(e.len() as u64);
+            v.entries = Some(e);
+            let i = self.push(OpType::Ok, Process::Worker(p), OpBody::FinalRead(v));
+            self.ops[i].node = Some(node.into());
+        }
     }
 
     /// A sync of `user`'s list by device `user*10+1`.
@@ -112,15 +231,7 @@ impl H {
         last_seq: Option<u64>,
     ) {
         let p = self.process();
-        let mut v = SyncValue {
-            user,
-            device,
-            after,
-            limit: Some(100),
-            entries: None,
-            has_more: None,
-            last_seq: None,
-        };
+        let mut v = SyncValue { user, device, after, limit: Some(100), ..SyncValue::default() };
         self.push(OpType::Invoke, Process::Worker(p), OpBody::Sync(v.clone()));
         v.entries = Some(entries);
         v.has_more = Some(false);
@@ -131,7 +242,7 @@ impl H {
     /// A final read of `user` through `node` returning `entries`.
     pub fn final_raw(&mut self, user: u64, node: &str, entries: Vec<Entry>) {
         let p = self.process();
-        let mut v = FinalReadValue { user, entries: None, last_seq: None };
+        let mut v = FinalReadValue { user, ..FinalReadValue::default() };
         let i = self.push(OpType::Invoke, Process::Worker(p), OpBody::FinalRead(v.clone()));
         self.ops[i].node = Some(node.into());
         v.entries = Some(entries);
