@@ -7,9 +7,12 @@
 //! and in seq order (the SDK syncs after every reconnect and on seq gaps).
 //!
 //! Input lines: plain text goes to the current peer (`--to NAME` or
-//! `/to NAME`); `@NAME text` sends to NAME once; `/history [N]`,
-//! `/devices`, `/help`, `/quit`. A sent message is shown when it comes back
-//! through the user's own list, which is proof that it was stored.
+//! `/to NAME`); `@NAME text` sends to NAME once; `/group ID text` sends to
+//! a group, super group or room; `/room ID` reads a room (`/leave ID`
+//! stops); `/history [N]`, `/devices`, `/help`, `/quit`. A sent message is
+//! shown when it comes back through the user's own list (or, for super
+//! groups and rooms, the group's), which is proof that it was stored. The
+//! SDK reads the user's super groups by itself.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,7 +21,7 @@ use anyhow::Context;
 use clap::Args;
 use rim_client::{Client, ClientConfig, ClientError, Credentials, Endpoint, Event, NodeApi, Resume};
 use rim_proto::ErrorCode;
-use rim_proto::v1::{ContentType, Message};
+use rim_proto::v1::{ContentType, ConversationKind, Message};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Flags of `rim chat`. The defaults match `rim dev`.
@@ -57,6 +60,12 @@ enum Input {
     Say(String),
     /// Text to a named user.
     SayTo(String, String),
+    /// Text to a group, super group or room.
+    SayToGroup(u64, String),
+    /// Read a room.
+    Room(u64),
+    /// Stop reading a room.
+    Leave(u64),
     /// Change the current peer.
     To(String),
     /// Show the last N entries.
@@ -87,6 +96,17 @@ fn parse_line(line: &str) -> Input {
         };
     }
     let Some(command) = line.strip_prefix('/') else { return Input::Say(line.to_string()) };
+    if let Some(rest) =
+        command.strip_prefix("group").filter(|r| r.is_empty() || r.starts_with(char::is_whitespace))
+    {
+        return match rest.trim().split_once(char::is_whitespace) {
+            Some((id, text)) if !text.trim().is_empty() => match id.parse::<u64>() {
+                Ok(id) if id > 0 => Input::SayToGroup(id, text.trim().to_string()),
+                _ => Input::Invalid("usage: /group ID message (ID a group number)".into()),
+            },
+            _ => Input::Invalid("usage: /group ID message".into()),
+        };
+    }
     let mut words = command.split_whitespace();
     match (words.next(), words.next(), words.next()) {
         (Some("to"), Some(name), None) => Input::To(name.to_string()),
@@ -96,6 +116,16 @@ fn parse_line(line: &str) -> Input {
             _ => Input::Invalid("usage: /history [1..1000]".into()),
         },
         (Some("devices"), None, None) => Input::Devices,
+        (Some(verb @ ("room" | "leave")), Some(id), None) => match id.parse::<u64>() {
+            Ok(id) if id > 0 => {
+                if verb == "room" {
+                    Input::Room(id)
+                } else {
+                    Input::Leave(id)
+                }
+            }
+            _ => Input::Invalid(format!("usage: /{verb} ID (ID a room number)")),
+        },
         (Some("help"), None, None) => Input::Help,
         (Some("quit" | "exit"), None, None) => Input::Quit,
         _ => Input::Invalid(format!("unknown command /{command} (try /help)")),
@@ -105,6 +135,8 @@ fn parse_line(line: &str) -> Input {
 const HELP: &str = "\
   text            send to the current peer (/to NAME sets it)
   @NAME text      send to NAME
+  /group ID text  send to group, super group or room ID
+  /room ID        read room ID from now on (/leave ID stops)
   /to NAME        talk to NAME from now on
   /history [N]    the last N entries of your list (default 20)
   /devices        your devices
@@ -158,6 +190,20 @@ impl Chat {
             _ => format!("<{} bytes of content type {}>", m.content.len(), m.content_type),
         };
         let time = clock(m.send_time_ms);
+        let kind = ConversationKind::try_from(m.conversation_kind).unwrap_or_default();
+        if matches!(kind, ConversationKind::Group | ConversationKind::SuperGroup | ConversationKind::Room) {
+            let from = if m.sender_user_id == self.me.user_id {
+                "you".to_string()
+            } else {
+                self.name_of(m.sender_user_id).await
+            };
+            let place = if kind == ConversationKind::Room { "room" } else { "group" };
+            return format!(
+                "[{time}] {place} {} #{} {from}: {text}",
+                m.conversation_id,
+                m.group_seq.max(m.seq)
+            );
+        }
         if m.sender_user_id == self.me.user_id {
             let to = self.name_of(m.conversation_id).await;
             format!("[{time}] #{} you → {to}: {text}", m.seq)
@@ -251,8 +297,12 @@ async fn set_peer(chat: &mut Chat, name: &str) {
 /// Handles a client event; `false` ends the chat.
 async fn on_event(chat: &mut Chat, event: Event) -> bool {
     match event {
-        Event::Message(m) | Event::GroupMessage(m) | Event::Ephemeral(m) => {
+        Event::Message(m) | Event::GroupMessage(m) | Event::RoomMessage(m) => {
             println!("{}", chat.render(&m).await)
+        }
+        Event::Ephemeral(m) => println!("(online only) {}", chat.render(&m).await),
+        Event::Unsubscribed { group_id, code, reason } => {
+            println!("* no longer reading {group_id}: {} ({reason})", code.as_str_name())
         }
         Event::Connected { gateway, .. } => println!("* connected to {gateway}"),
         Event::Synced { .. } => {}
@@ -284,6 +334,22 @@ async fn on_line(chat: &mut Chat, client: &Client, line: &str) -> bool {
         Input::SayTo(name, text) => match chat.id_of(&name).await {
             Ok(id) => send(client, id, text).await,
             Err(e) => println!("! {name}: {}", describe(&e)),
+        },
+        Input::SayToGroup(id, text) => {
+            let client = client.clone();
+            tokio::spawn(async move {
+                if let Err(e) = client.send_group(id, ContentType::Text, text.into_bytes()).await {
+                    println!("! not sent to {id}: {}", describe(&e));
+                }
+            });
+        }
+        Input::Room(id) => match client.subscribe_room(id, 0).await {
+            Ok(out) => println!("* reading room {id} (at #{})", out.last_seq),
+            Err(e) => println!("! room {id}: {}", describe(&e)),
+        },
+        Input::Leave(id) => match client.unsubscribe_room(id).await {
+            Ok(()) => println!("* left room {id}"),
+            Err(e) => println!("! room {id}: {}", describe(&e)),
         },
         Input::History(n) => {
             let head = list_head(&chat.api).await;
@@ -356,6 +422,13 @@ mod tests {
         assert_eq!(parse_line(""), Input::Nothing);
         assert!(matches!(parse_line("/frobnicate"), Input::Invalid(_)));
         assert!(matches!(parse_line("/to"), Input::Invalid(_)));
+        assert_eq!(parse_line("/group 42 hello all"), Input::SayToGroup(42, "hello all".into()));
+        assert!(matches!(parse_line("/group 42"), Input::Invalid(_)));
+        assert!(matches!(parse_line("/group x hi"), Input::Invalid(_)));
+        assert!(matches!(parse_line("/groups"), Input::Invalid(_)));
+        assert_eq!(parse_line("/room 7"), Input::Room(7));
+        assert_eq!(parse_line("/leave 7"), Input::Leave(7));
+        assert!(matches!(parse_line("/room 0"), Input::Invalid(_)));
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! [`Client`]: the application's handle on one signed-in device.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
 use rim_proto::v1::{
-    AckInput, AckOutput, Command, ContentType, ConversationKind, SendInput, SendOutput, SyncInput, SyncOutput,
+    AckInput, AckOutput, Command, ContentType, ConversationKind, ReadInput, ReadOutput, RecallInput,
+    SendInput, SendOutput, SubscribeRoomOutput, SyncGroupInput, SyncGroupOutput, SyncInput, SyncOutput,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -45,6 +47,9 @@ struct Inner {
     requests: mpsc::Sender<Request>,
     state: watch::Receiver<LinkState>,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Highest group seq handed to the application, per super group or
+    /// room (kept by the connection task).
+    cursors: Arc<Mutex<HashMap<u64, u64>>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -68,7 +73,15 @@ impl Client {
         let (requests_tx, requests_rx) = mpsc::channel(config.command_queue.max(1));
         let (events_tx, events_rx) = mpsc::channel(config.event_queue.max(1));
         let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
-        let driver = Driver::new(config.clone(), credentials.clone(), requests_rx, events_tx, state_tx);
+        let cursors = Arc::new(Mutex::new(config.group_cursors.clone()));
+        let driver = Driver::new(
+            config.clone(),
+            credentials.clone(),
+            requests_rx,
+            events_tx,
+            state_tx,
+            cursors.clone(),
+        );
         let task = tokio::spawn(driver.run());
         let inner = Inner {
             config,
@@ -76,6 +89,7 @@ impl Client {
             requests: requests_tx,
             state: state_rx,
             task: Mutex::new(Some(task)),
+            cursors,
         };
         (Client { inner: Arc::new(inner) }, events_rx)
     }
@@ -161,9 +175,10 @@ impl Client {
         self.send_input(input).await
     }
 
-    /// Sends a message to group, super group or room `group_id`, with
-    /// retries like [`send`](Client::send). The output's `seq` is 0; its
-    /// `group_seq` is the position in the group.
+    /// Sends a message to group, super group or room `group_id`
+    /// (`SEND_GROUP`), with retries like [`send`](Client::send). The
+    /// output's `seq` is 0; its `group_seq` is the position in the group's
+    /// list (small groups: the order shared by every member's copy).
     pub async fn send_group(
         &self,
         group_id: u64,
@@ -177,7 +192,7 @@ impl Client {
             content: content.into(),
             ..Default::default()
         };
-        self.send_input(input).await
+        self.send_group_input(input).await
     }
 
     /// Sends the 1:1 message `input` (`SEND`), retrying on timeouts, lost
@@ -209,21 +224,27 @@ impl Client {
         if input.client_msg_id.is_empty() {
             input.client_msg_id = new_client_msg_id();
         }
-        let content: Bytes = input.encode_to_vec().into();
+        let data = self.with_retry(command, input.encode_to_vec().into(), &input.client_msg_id).await?;
+        Ok(SendOutput::decode(data)?)
+    }
+
+    /// `command` with `content`, an idempotent request keyed by
+    /// `client_msg_id`, retried until [`ClientConfig::send_deadline`].
+    async fn with_retry(&self, command: Command, content: Bytes, client_msg_id: &str) -> Result<Bytes> {
         let config = &self.inner.config;
         let deadline = Instant::now() + config.send_deadline;
         let mut attempt = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let error = match self.request(command, content.clone(), left.min(config.request_timeout)).await {
-                Ok(data) => return Ok(SendOutput::decode(data)?),
+                Ok(data) => return Ok(data),
                 Err(e) => e,
             };
             let wait = error.retry_after().unwrap_or_else(|| SEND_BACKOFF.delay(attempt));
             if !error.is_retryable() || Instant::now() + wait >= deadline {
                 return Err(error);
             }
-            tracing::debug!(client_msg_id = %input.client_msg_id, attempt, error = %error, "send failed; retrying");
+            tracing::debug!(client_msg_id, ?command, attempt, error = %error, "request failed; retrying");
             attempt += 1;
             tokio::time::sleep(wait).await;
         }
@@ -236,6 +257,130 @@ impl Client {
         let content = SyncInput { after_seq, limit }.encode_to_vec().into();
         let data = self.request(Command::Sync, content, self.inner.config.request_timeout).await?;
         Ok(SyncOutput::decode(data)?)
+    }
+
+    /// Reads one page of super group or room `group_id`'s list after
+    /// `after_group_seq` (at most `limit` entries, 0 = server default; a
+    /// super group never before the member's join point). Independent of
+    /// the event stream: for history views.
+    pub async fn sync_group(
+        &self,
+        group_id: u64,
+        after_group_seq: u64,
+        limit: u32,
+    ) -> Result<SyncGroupOutput> {
+        let content = SyncGroupInput { group_id, after_group_seq, limit }.encode_to_vec().into();
+        let data = self.request(Command::SyncGroup, content, self.inner.config.request_timeout).await?;
+        Ok(SyncGroupOutput::decode(data)?)
+    }
+
+    /// Recalls the caller's own message `message_id` of conversation
+    /// (`kind`, `conversation_id`), which sits at `seq` (its seq in the
+    /// caller's list for 1:1, its group seq for groups). The recall is a
+    /// new entry; retried like [`send`](Client::send) with one generated
+    /// `client_msg_id`.
+    pub async fn recall(
+        &self,
+        kind: ConversationKind,
+        conversation_id: u64,
+        message_id: u64,
+        seq: u64,
+    ) -> Result<SendOutput> {
+        let input = RecallInput {
+            conversation_kind: kind as i32,
+            conversation_id,
+            message_id,
+            client_msg_id: new_client_msg_id(),
+            seq,
+        };
+        self.recall_input(input).await
+    }
+
+    /// [`recall`](Client::recall) of `input` as is (a `client_msg_id` is
+    /// generated if empty), with retries.
+    pub async fn recall_input(&self, mut input: RecallInput) -> Result<SendOutput> {
+        if input.client_msg_id.is_empty() {
+            input.client_msg_id = new_client_msg_id();
+        }
+        let data =
+            self.with_retry(Command::Recall, input.encode_to_vec().into(), &input.client_msg_id).await?;
+        Ok(SendOutput::decode(data)?)
+    }
+
+    /// Marks conversation (`kind`, `conversation_id`) read up to `read_seq`
+    /// (own-list seq for 1:1 and small groups, group seq for super groups
+    /// and rooms); returns the stored read position (it only moves
+    /// forward). One attempt.
+    pub async fn mark_read(
+        &self,
+        kind: ConversationKind,
+        conversation_id: u64,
+        read_seq: u64,
+    ) -> Result<u64> {
+        let input =
+            ReadInput { conversation_kind: kind as i32, conversation_id, read_seq, receipt_message_id: 0 };
+        Ok(self.mark_read_input(input).await?.read_seq)
+    }
+
+    /// `READ` of `input` as is (e.g. with a 1:1 read receipt). One attempt.
+    pub async fn mark_read_input(&self, input: ReadInput) -> Result<ReadOutput> {
+        let data = self
+            .request(Command::Read, input.encode_to_vec().into(), self.inner.config.request_timeout)
+            .await?;
+        Ok(ReadOutput::decode(data)?)
+    }
+
+    /// Reads room `room_id` from now on: its entries after `after_seq` (0:
+    /// from its end; never before its oldest retained entry), then live
+    /// ones, as [`Event::RoomMessage`]s. The client subscribes it again
+    /// after every reconnect, after the last room seq it delivered.
+    /// Subscribing again restarts from the new `after_seq`. Waits for a
+    /// connection (within the request timeout); a refusal (unknown room,
+    /// `ERROR_BAD_REQUEST` beyond the per-connection limit) is returned and
+    /// the room is not read.
+    pub async fn subscribe_room(&self, room_id: u64, after_seq: u64) -> Result<SubscribeRoomOutput> {
+        let timeout = self.inner.config.request_timeout;
+        let data = self
+            .feed_request(timeout, |timeout, reply| Request::Subscribe { room_id, after_seq, timeout, reply })
+            .await?;
+        Ok(SubscribeRoomOutput::decode(data)?)
+    }
+
+    /// Stops reading room `room_id` (at once, whether or not the gateway
+    /// answers).
+    pub async fn unsubscribe_room(&self, room_id: u64) -> Result<()> {
+        let timeout = self.inner.config.request_timeout;
+        self.feed_request(timeout, |timeout, reply| Request::Unsubscribe { room_id, timeout, reply }).await?;
+        Ok(())
+    }
+
+    /// The last group seq handed to the application of each super group and
+    /// room read (including those of [`ClientConfig::group_cursors`]). Save
+    /// them to resume from them in a later run.
+    pub fn group_cursors(&self) -> HashMap<u64, u64> {
+        self.inner.cursors.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A subscription request to the connection task, within `timeout`.
+    async fn feed_request(
+        &self,
+        timeout: Duration,
+        make: impl FnOnce(Duration, oneshot::Sender<Result<Bytes>>) -> Request,
+    ) -> Result<Bytes> {
+        let deadline = Instant::now() + timeout;
+        self.online_by(deadline).await?;
+        let (reply, answer) = oneshot::channel();
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout_at(deadline, self.inner.requests.send(make(left, reply))).await {
+            Err(_) => return Err(ClientError::Overloaded("request queue")),
+            Ok(Err(_)) => return Err(ClientError::Closed),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(deadline + Duration::from_secs(1), answer).await {
+            Err(_) => Err(ClientError::Timeout(timeout)),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Ok(Ok(result)) => result,
+        }
     }
 
     /// Acknowledges every entry up to `seq` now; returns the stored cursor.

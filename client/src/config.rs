@@ -1,5 +1,6 @@
 //! Client settings, credentials and the reconnect backoff.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -90,6 +91,11 @@ pub struct ClientConfig {
     pub max_frame: usize,
     /// Reconnect backoff.
     pub backoff: Backoff,
+    /// The last group seq the application has of each super group (from an
+    /// earlier run, see [`Client::group_cursors`](crate::Client::group_cursors));
+    /// a super group without an entry is read from the member's join
+    /// point. Default empty.
+    pub group_cursors: HashMap<u64, u64>,
 }
 
 impl ClientConfig {
@@ -114,6 +120,7 @@ impl ClientConfig {
             command_queue: 256,
             max_frame: DEFAULT_MAX_FRAME,
             backoff: Backoff::default(),
+            group_cursors: HashMap::new(),
         }
     }
 }

@@ -16,11 +16,13 @@
 //! ```
 //!
 //! The online loop waits for: a packet (replies are matched to requests by
-//! `request_id`; pushes go to the timeline), a command from a handle, room
-//! in the event channel, the next timer (heartbeat, ACK, request deadlines,
-//! the timeline's retry or gap check, the silent-server check), or the
-//! writer task stopping. After every input it starts a sync if the timeline
-//! asks for one and moves ready entries to the event queue.
+//! `request_id`; pushes go to the timeline or to a group feed, see the
+//! `feeds` child module), a command from a handle, room in the event
+//! channel, the next timer (heartbeat, ACK, request deadlines, the
+//! timeline's retry or gap check, the silent-server check), or the writer
+//! task stopping. After every input it starts a sync if the timeline asks
+//! for one, sends the subscriptions and group syncs the feeds ask for, and
+//! moves ready entries to the event queue.
 //!
 //! # Bounds
 //!
@@ -32,10 +34,13 @@
 //! [`ClientConfig::event_queue`] events, pushes are shed instead: list
 //! entries are left to a later sync, which only starts while `outbox` has
 //! room (so it holds at most `event_queue + sync_page + push_buffer`
-//! events); group and online-only pushes are dropped.
+//! events); room and online-only pushes are dropped, super-group entries
+//! are left to a later group sync.
+
+mod feeds;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -43,14 +48,15 @@ use prost::Message as _;
 use rim_proto::ErrorCode;
 use rim_proto::error::{ErrorClass, code_from_number};
 use rim_proto::v1::{
-    AckInput, AckOutput, Command, ConversationKind, KickPush, MessagePush, Packet, Reply, SendOutput,
-    SyncInput, SyncOutput,
+    AckInput, AckOutput, Command, ContentType, KickPush, MessagePush, Packet, Reply, SendOutput, SyncInput,
+    SyncOutput,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{ClientConfig, Credentials, Resume};
 use crate::error::{ClientError, Result};
 use crate::event::{Event, LinkState};
+use crate::groups::Feeds;
 use crate::link::{Link, Purpose, SignInFailure, SignedIn, sign_in};
 use crate::timeline::{SyncProgress, Timeline};
 use crate::transport::{Endpoint, LinkReader};
@@ -60,6 +66,12 @@ use crate::transport::{Endpoint, LinkReader};
 pub(crate) enum Request {
     /// Send `command` with `content`; the reply's data (or error) comes back.
     Call { command: Command, content: Bytes, timeout: Duration, reply: oneshot::Sender<Result<Bytes>> },
+    /// Read room `room_id` after `after_seq` (see `groups`); the
+    /// `SUBSCRIBE_ROOM` reply's data (or error) comes back.
+    Subscribe { room_id: u64, after_seq: u64, timeout: Duration, reply: oneshot::Sender<Result<Bytes>> },
+    /// Stop reading room `room_id`; the `UNSUBSCRIBE_ROOM` reply comes back
+    /// (at once if offline: nothing is subscribed then).
+    Unsubscribe { room_id: u64, timeout: Duration, reply: oneshot::Sender<Result<Bytes>> },
     /// Flush the ACK, close the connection, stop.
     Close,
 }
@@ -90,8 +102,13 @@ pub(crate) struct Driver {
     delivered: u64,
     /// The server's ack cursor for this device, as far as known.
     acked: u64,
-    /// Highest seq pushed per super group or room.
-    groups: HashMap<u64, u64>,
+    /// The super groups and rooms read.
+    feeds: Feeds,
+    /// Groups to send `UNSUBSCRIBE_ROOM` for (the user left them).
+    unsubscribes: Vec<u64>,
+    /// Highest group seq handed to the application per group, shared with
+    /// the handles ([`Client::group_cursors`](crate::Client::group_cursors)).
+    cursors: Arc<Mutex<HashMap<u64, u64>>>,
     /// Index of the next gateway to try.
     next_gateway: usize,
     /// Failed attempts since the last successful sign-in.
@@ -107,7 +124,9 @@ impl Driver {
         requests: mpsc::Receiver<Request>,
         events: mpsc::Sender<Event>,
         state: watch::Sender<LinkState>,
+        cursors: Arc<Mutex<HashMap<u64, u64>>>,
     ) -> Driver {
+        let feeds = Feeds::new(config.push_buffer, config.sync_retry_delay);
         Driver {
             config,
             credentials,
@@ -118,7 +137,9 @@ impl Driver {
             timeline: None,
             delivered: 0,
             acked: 0,
-            groups: HashMap::new(),
+            feeds,
+            unsubscribes: Vec::new(),
+            cursors,
             next_gateway: 0,
             attempt: 0,
             next_ack: None,
@@ -152,6 +173,7 @@ impl Driver {
                         if let Some(timeline) = &mut self.timeline {
                             timeline.disconnected();
                         }
+                        self.feeds.disconnected();
                         self.notify(Event::Disconnected { reason });
                     } else {
                         tracing::debug!(%reason, attempt = self.attempt, "connecting failed");
@@ -205,7 +227,7 @@ impl Driver {
                 },
                 Ok(permit) = events.reserve(), if !self.outbox.is_empty() => {
                     if let Some(event) = self.outbox.pop_front() {
-                        self.delivered = delivered_after(self.delivered, &event);
+                        self.handed(&event);
                         permit.send(event);
                     }
                 }
@@ -228,7 +250,7 @@ impl Driver {
                 },
                 Ok(permit) = events.reserve(), if !self.outbox.is_empty() => {
                     if let Some(event) = self.outbox.pop_front() {
-                        self.delivered = delivered_after(self.delivered, &event);
+                        self.handed(&event);
                         permit.send(event);
                     }
                 }
@@ -240,6 +262,12 @@ impl Driver {
     fn serve_offline(&mut self, request: Option<Request>) -> bool {
         match request {
             None | Some(Request::Close) => false,
+            Some(Request::Unsubscribe { room_id, reply, .. }) => {
+                // Nothing is subscribed while offline.
+                self.feeds.remove(room_id);
+                let _ = reply.send(Ok(Bytes::new()));
+                true
+            }
             Some(request) => {
                 refuse(request, ClientError::NotConnected);
                 true
@@ -303,6 +331,8 @@ impl Driver {
             timeline.connected();
             timeline.observe_head(output.last_seq, now);
         }
+        self.unsubscribes.clear();
+        self.feeds.signed_in(output.user_id, &output.super_groups, &self.config.group_cursors, now);
         tracing::debug!(%gateway, last_seq = output.last_seq, ack_seq = output.ack_seq, "signed in");
         let _ = self.state.send(LinkState::Online { gateway: gateway.clone() });
         self.notify(Event::Connected { gateway, last_seq: output.last_seq });
@@ -317,7 +347,7 @@ impl Driver {
             None => self.online_loop(&mut reader, &mut link).await,
         };
         for purpose in link.drain() {
-            fail(purpose, ClientError::ConnectionLost("the connection ended".into()), self.timeline.as_mut());
+            self.fail(purpose, ClientError::ConnectionLost("the connection ended".into()));
         }
         if matches!(end, End::Closed) {
             self.final_ack(&mut reader, &mut link).await;
@@ -351,13 +381,19 @@ impl Driver {
                     Some(Request::Call { command, content, timeout, reply }) => {
                         let purpose = Purpose::Caller { command, reply };
                         if let Err((e, purpose)) = link.request(command, content, purpose, timeout, Instant::now()) {
-                            fail(purpose, e, None);
+                            self.fail(purpose, e);
                         }
+                    }
+                    Some(Request::Subscribe { room_id, after_seq, timeout, reply }) => {
+                        self.subscribe_room(link, room_id, after_seq, timeout, reply);
+                    }
+                    Some(Request::Unsubscribe { room_id, timeout, reply }) => {
+                        self.unsubscribe_room(link, room_id, timeout, reply);
                     }
                 },
                 Ok(permit) = events.reserve(), if !self.outbox.is_empty() => {
                     if let Some(event) = self.outbox.pop_front() {
-                        self.delivered = delivered_after(self.delivered, &event);
+                        self.handed(&event);
                         permit.send(event);
                     }
                 }
@@ -388,6 +424,9 @@ impl Driver {
         if let Some(at) = self.next_ack {
             next = next.min(at);
         }
+        if let Some(at) = self.feeds.next_deadline().filter(|_| room) {
+            next = next.min(at);
+        }
         next
     }
 
@@ -395,7 +434,7 @@ impl Driver {
     fn on_tick(&mut self, link: &mut Link) -> Option<End> {
         let now = Instant::now();
         for (purpose, timeout) in link.expired(now) {
-            fail(purpose, ClientError::Timeout(timeout), self.timeline.as_mut());
+            self.fail(purpose, ClientError::Timeout(timeout));
         }
         if let Some(end) = self.check_sync_failures() {
             return Some(end);
@@ -434,19 +473,30 @@ impl Driver {
             self.next_ack = Some(now + self.config.ack_interval);
         }
         let room = self.outbox.len() < self.config.event_queue;
-        let Some(timeline) = &mut self.timeline else {
-            return;
-        };
-        // `poll_sync` counts the sync as started: ask only if it can start.
-        if let Some(after_seq) = room.then(|| timeline.poll_sync(now)).flatten() {
-            let content = SyncInput { after_seq, limit: self.config.sync_page }.encode_to_vec().into();
-            if link.request(Command::Sync, content, Purpose::Sync, self.config.request_timeout, now).is_err()
-            {
-                timeline.sync_failed(now);
+        if let Some(timeline) = &mut self.timeline {
+            // `poll_sync` counts the sync as started: ask only if it can start.
+            if let Some(after_seq) = room.then(|| timeline.poll_sync(now)).flatten() {
+                let content = SyncInput { after_seq, limit: self.config.sync_page }.encode_to_vec().into();
+                let timeout = self.config.request_timeout;
+                if link.request(Command::Sync, content, Purpose::Sync, timeout, now).is_err() {
+                    timeline.sync_failed(now);
+                }
             }
         }
-        while let Some(message) = timeline.pop_ready() {
+        self.queue_own_ready();
+        self.feed_requests(link, room, now);
+    }
+
+    /// Moves the own list's ready entries to the event queue, following
+    /// the membership changes among them.
+    fn queue_own_ready(&mut self) {
+        while let Some(message) = self.timeline.as_mut().and_then(Timeline::pop_ready) {
+            let notification = message.content_type == ContentType::Notification as i32;
+            let kept = notification.then(|| message.clone());
             self.outbox.push_back(Event::Message(message));
+            if let Some(message) = kept {
+                self.follow_membership(&message);
+            }
         }
     }
 
@@ -512,11 +562,10 @@ impl Driver {
                 match result.and_then(|data| Ok(SyncOutput::decode(data)?)) {
                     Ok(output) => {
                         if timeline.sync_ok(output, now) == SyncProgress::CaughtUp {
-                            while let Some(message) = timeline.pop_ready() {
-                                self.outbox.push_back(Event::Message(message));
-                            }
+                            let last_seq = timeline.last();
+                            self.queue_own_ready();
                             // Bounded like the entries: syncs start only with room.
-                            self.outbox.push_back(Event::Synced { last_seq: timeline.last() });
+                            self.outbox.push_back(Event::Synced { last_seq });
                         }
                     }
                     Err(e) => {
@@ -529,7 +578,11 @@ impl Driver {
                 Ok(output) => self.acked = self.acked.max(output.ack_seq).max(seq),
                 Err(e) => tracing::debug!(error = %e, seq, "ack failed"),
             },
-            Purpose::Heartbeat => {}
+            Purpose::Heartbeat | Purpose::Ignore => {}
+            Purpose::Subscribe { group_id, generation, reply } => {
+                self.subscribed(group_id, generation, result, reply, now);
+            }
+            Purpose::GroupSync { group_id } => self.group_synced(group_id, result, now),
         }
     }
 
@@ -572,19 +625,8 @@ impl Driver {
             }
             return;
         }
-        let kind = ConversationKind::try_from(message.conversation_kind).unwrap_or_default();
-        if matches!(kind, ConversationKind::SuperGroup | ConversationKind::Room) {
-            let last = self.groups.entry(message.conversation_id).or_insert(0);
-            if full {
-                tracing::debug!(
-                    group = message.conversation_id,
-                    "group push shed: the application is behind"
-                );
-            } else if message.seq > *last {
-                *last = message.seq;
-                self.outbox.push_back(Event::GroupMessage(message));
-            }
-            return;
+        if feeds::is_group_entry(&message) {
+            return self.on_group_push(message, full);
         }
         if let Some(timeline) = &mut self.timeline {
             if full {
@@ -624,32 +666,14 @@ impl Driver {
     }
 }
 
-/// `delivered` after handing `event` to the application.
-fn delivered_after(delivered: u64, event: &Event) -> u64 {
-    match event {
-        Event::Message(m) => delivered.max(m.seq),
-        _ => delivered,
-    }
-}
-
 /// Answers a handle's request with `error`.
 fn refuse(request: Request, error: ClientError) {
-    if let Request::Call { reply, .. } = request {
-        let _ = reply.send(Err(error));
-    }
-}
-
-/// A request in flight failed with `error`.
-fn fail(purpose: Purpose, error: ClientError, timeline: Option<&mut Timeline>) {
-    match purpose {
-        Purpose::Caller { reply, .. } => {
+    match request {
+        Request::Call { reply, .. }
+        | Request::Subscribe { reply, .. }
+        | Request::Unsubscribe { reply, .. } => {
             let _ = reply.send(Err(error));
         }
-        Purpose::Sync => {
-            if let Some(timeline) = timeline {
-                timeline.sync_failed(Instant::now());
-            }
-        }
-        Purpose::Ack(_) | Purpose::Heartbeat => {}
+        Request::Close => {}
     }
 }

@@ -31,12 +31,35 @@ pub enum Event {
     /// notifications, the user's own sends from any device). Each seq is
     /// delivered exactly once, in seq order, without gaps.
     Message(Message),
-    /// A pushed entry of a super group's or room's list (`seq` is the group
-    /// seq). Deduplicated per group, but not gap-checked: repair gaps with
-    /// `SYNC_GROUP` if needed.
+    /// An entry of a super group's list (`seq` and `group_seq` are its
+    /// group seq; `conversation_id` is the group). Per group, each group
+    /// seq exactly once, in order, without gaps, from the client's cursor
+    /// (never before the member's join point) across reconnects; gaps are
+    /// repaired with `SYNC_GROUP`. The client reads every super group of
+    /// its user by itself (see [`groups`](crate::groups)).
     GroupMessage(Message),
-    /// An online-only push (not stored; seq 0).
+    /// An entry of a subscribed room's list (`seq` is the room seq). Per
+    /// room, increasing seqs, each at most once; rooms are lossy (entries
+    /// trimmed by retention, or skipped while the client was too slow, do
+    /// not come).
+    RoomMessage(Message),
+    /// An online-only push (not stored; seq 0): to the user, to a group or
+    /// room it reads (`conversation_id`), or to everyone. Not repeated
+    /// after a reconnect.
     Ephemeral(Message),
+    /// The client stopped reading a super group or room: the user was
+    /// removed from it or it was dissolved (after its notice was
+    /// delivered), a sign-in no longer lists it, or the gateway refused its
+    /// subscription (e.g. `ERROR_BAD_REQUEST` beyond the per-connection
+    /// limit). It can still be read with `SYNC_GROUP` where allowed.
+    Unsubscribed {
+        /// The group or room.
+        group_id: u64,
+        /// Why: `ERROR_NOT_GROUP_MEMBER`, `ERROR_GROUP_NOT_FOUND`, ...
+        code: ErrorCode,
+        /// Detail, for logs.
+        reason: String,
+    },
     /// The connection was lost; the client reconnects by itself.
     Disconnected {
         /// Why, for logs.

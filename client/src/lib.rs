@@ -45,6 +45,14 @@
 //!   are held (bounded). A push at or below the last delivered seq is a
 //!   duplicate; one beyond `last + 1` is a gap and triggers a sync (gim
 //!   issue #46).
+//! * **Super groups and rooms** ([`groups`]): after every sign-in the
+//!   client subscribes each super group of its user (`SUBSCRIBE_ROOM` after
+//!   its cursor), follows membership notifications (joining, leaving,
+//!   conversions), and repairs gaps of each group's list with
+//!   `SYNC_GROUP`, so [`Event::GroupMessage`]s are gap-free per group.
+//!   Rooms are read on demand ([`Client::subscribe_room`]) and subscribed
+//!   again after every reconnect. Online-only pushes come as
+//!   [`Event::Ephemeral`].
 //! * **Sends** ([`Client::send`]) get a random `client_msg_id` and are
 //!   retried with that same id on timeouts, lost connections and retryable
 //!   codes (1xxx) until [`ClientConfig::send_deadline`]; the server stores
@@ -72,6 +80,9 @@
 //!   always read, so replies get through even if the application does not
 //!   read its events; when it falls behind, list entries are left to a later
 //!   sync (nothing is lost), and group and online-only pushes are dropped.
+//! * [`Event::GroupMessage`]s carry each super group's list in group-seq
+//!   order, each group seq exactly once, without gaps, from the group's
+//!   cursor on (see [`groups`]).
 //! * One error type, [`ClientError`], whose [`code`](ClientError::code) is
 //!   the stable numeric [`ErrorCode`](rim_proto::ErrorCode) of
 //!   `docs/protocol.md`.
@@ -82,6 +93,7 @@ pub mod config;
 mod driver;
 pub mod error;
 pub mod event;
+pub mod groups;
 mod link;
 pub mod timeline;
 pub mod transport;

@@ -123,6 +123,14 @@ pub(crate) enum Purpose {
     Caller { command: Command, reply: oneshot::Sender<Result<Bytes>> },
     /// The timeline's sync.
     Sync,
+    /// A `SUBSCRIBE_ROOM` of a feed (see `groups`); `reply` for the
+    /// application's [`Client::subscribe_room`](crate::Client::subscribe_room).
+    Subscribe { group_id: u64, generation: u64, reply: Option<oneshot::Sender<Result<Bytes>>> },
+    /// A feed's `SYNC_GROUP`.
+    GroupSync { group_id: u64 },
+    /// A request whose outcome does not matter (an `UNSUBSCRIBE_ROOM` after
+    /// the user left a group).
+    Ignore,
     /// An automatic ACK of `seq`.
     Ack(u64),
     /// A heartbeat.

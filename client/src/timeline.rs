@@ -97,6 +97,13 @@ impl Timeline {
         }
     }
 
+    /// A timeline like [`new`](Self::new), but caught up: no sync is needed
+    /// until a gap shows (a super group's list, whose backlog the gateway
+    /// pushes after a subscription).
+    pub fn caught_up(last: u64, buffer_limit: usize, retry_delay: Duration) -> Timeline {
+        Timeline { sync: SyncState::Idle, ..Timeline::new(last, buffer_limit, retry_delay) }
+    }
+
     /// Highest seq made ready.
     pub fn last(&self) -> u64 {
         self.last
@@ -133,6 +140,36 @@ impl Timeline {
     /// valid entries); the next connection syncs.
     pub fn disconnected(&mut self) {
         self.sync = SyncState::Needed;
+    }
+
+    /// A new connection re-subscribed the list, and the server pushes what
+    /// follows `last`: a sync in flight on the old connection is
+    /// forgotten, and one is needed only if pushes are held back.
+    pub fn resubscribed(&mut self) {
+        self.sync = if self.buffer.is_empty() { SyncState::Idle } else { SyncState::Needed };
+        self.failures = 0;
+    }
+
+    /// Entries up to `seq` cannot be read (before a member's join point,
+    /// or trimmed by retention): continue after it. Held entries that
+    /// continue it become ready.
+    pub fn skip_to(&mut self, seq: u64, now: Instant) {
+        if seq <= self.last {
+            return;
+        }
+        self.last = seq;
+        self.head = self.head.max(seq);
+        self.behind_since = (self.head > self.last).then_some(now);
+        self.drain(now);
+    }
+
+    /// A push came that may have been an entry of this list although it
+    /// could not be told apart from another list's: sync once to be sure
+    /// (a sync that finds nothing new is no failure).
+    pub fn check_soon(&mut self) {
+        if self.sync == SyncState::Idle {
+            self.sync = SyncState::Needed;
+        }
     }
 
     /// The server is known to have entries up to `seq` (a sign-in's or

@@ -63,14 +63,17 @@ pub enum NodeCall {
     Recall(RecallInput),
     /// `MarkRead`; reply [`NodeReply::Read`].
     MarkRead(ReadInput),
-    /// `SUBSCRIBE_ROOM` (room id not 0): served by the gateway itself, not
-    /// relayed. [`Upstream::call`](crate::upstream::Upstream::call) reads
-    /// the room's head on a node (`SyncGroup`; an unknown room fails with
-    /// the node's `ERROR_GROUP_NOT_FOUND`) and subscribes the connection
-    /// in its push router (and so the room's shard stream); reply
-    /// [`NodeReply::SubscribeRoom`] with the room's `last_seq` and
-    /// `first_seq`. The session then syncs the retained backlog after
-    /// `after_seq` itself (`SyncGroup` calls) and pushes it.
+    /// `SUBSCRIBE_ROOM` (room id not 0) of a room or super group: served
+    /// by the gateway itself, not relayed.
+    /// [`Upstream::call`](crate::upstream::Upstream::call) reads the
+    /// list's head on a node (`SyncGroup`: an unknown group fails with the
+    /// node's `ERROR_GROUP_NOT_FOUND`, a non-member of a super group with
+    /// `ERROR_NOT_GROUP_MEMBER`) and subscribes the connection in its push
+    /// router (and so the group's shard stream); reply
+    /// [`NodeReply::SubscribeRoom`] for a room, [`NodeReply::SubscribeGroup`]
+    /// for a super group, with the list's `last_seq` and `first_seq`. The
+    /// session then syncs the backlog after `after_seq` itself
+    /// (`SyncGroup` calls) and pushes it.
     SubscribeRoom(SubscribeRoomInput),
     /// `UNSUBSCRIBE_ROOM` (or `SUBSCRIBE_ROOM` of room 0): the gateway's
     /// push router drops the room (0: all rooms) for this connection;
@@ -103,8 +106,12 @@ pub enum NodeReply {
     Send(SendOutput),
     /// Of [`NodeCall::MarkRead`].
     Read(ReadOutput),
-    /// Of [`NodeCall::SubscribeRoom`].
+    /// Of [`NodeCall::SubscribeRoom`] of a room.
     SubscribeRoom(SubscribeRoomOutput),
+    /// Of [`NodeCall::SubscribeRoom`] of a super group: `first_seq` is the
+    /// first entry the member may read (after its join point, and not
+    /// trimmed).
+    SubscribeGroup(SubscribeRoomOutput),
     /// Of calls whose reply carries nothing ([`NodeCall::Logout`],
     /// [`NodeCall::UnsubscribeRoom`], [`NodeCall::Offline`]).
     Empty,
@@ -120,7 +127,7 @@ impl NodeReply {
             NodeReply::Ack(o) => o.encode_to_vec(),
             NodeReply::Send(o) => o.encode_to_vec(),
             NodeReply::Read(o) => o.encode_to_vec(),
-            NodeReply::SubscribeRoom(o) => o.encode_to_vec(),
+            NodeReply::SubscribeRoom(o) | NodeReply::SubscribeGroup(o) => o.encode_to_vec(),
             NodeReply::Empty => Vec::new(),
         };
         Bytes::from(bytes)

@@ -30,6 +30,12 @@ pub struct SessionConfig {
     /// Most pushes held back while syncing a gap; on overflow they are
     /// dropped and the session syncs again (default 1024).
     pub push_buffer_limit: usize,
+    /// Most pushes held back per subscribed room or super group while its
+    /// gap is repaired; on overflow they are dropped and it syncs again
+    /// (default 64). A connection has up to
+    /// [`MAX_ROOMS_PER_CONNECTION`](crate::session::MAX_ROOMS_PER_CONNECTION)
+    /// such lists.
+    pub group_push_buffer_limit: usize,
     /// `limit` of the session's own gap-repair syncs (default 200).
     pub resync_batch: u32,
     /// Delay before retrying a failed gap-repair sync (default 1 s).
@@ -55,6 +61,7 @@ impl Default for SessionConfig {
             max_inflight_requests: 64,
             max_pending_before_sign_in: 16,
             push_buffer_limit: 1024,
+            group_push_buffer_limit: 64,
             resync_batch: 200,
             resync_retry_delay: Duration::from_secs(1),
             max_resync_failures: 5,

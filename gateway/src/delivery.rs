@@ -220,6 +220,12 @@ impl UserList {
         }
     }
 
+    /// Postpones the next sync until `at` without counting a failure (the
+    /// caller paces a backlog; [`tick`](Self::tick) says when it is due).
+    pub(crate) fn defer(&mut self, at: Instant) {
+        self.sync = SyncState::Waiting { at };
+    }
+
     /// The sync in flight failed; it is retried after `retry_delay`.
     /// Returns the number of consecutive failures.
     pub(crate) fn sync_failed(&mut self, now: Instant, retry_delay: Duration) -> u32 {

@@ -50,6 +50,7 @@ mod action;
 pub mod call;
 mod config;
 mod delivery;
+mod membership;
 mod notice;
 pub mod router;
 pub mod server;

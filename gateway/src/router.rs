@@ -12,10 +12,11 @@
 //! route; the older connection's [`PushRouter::unregister`] then removes
 //! nothing, as it no longer owns the route.
 //!
-//! # Rooms
+//! # Rooms and super groups
 //!
-//! A connection may also read rooms ([`PushRouter::subscribe_room`], at
-//! most [`MAX_ROOMS_PER_CONNECTION`], reached through
+//! A connection may also read rooms and super groups (both "rooms" here:
+//! group ids whose list the connection reads; [`PushRouter::subscribe_room`], at
+//! most [`MAX_ROOMS_PER_CONNECTION`] together, reached through
 //! [`Upstream::call`](crate::upstream::Upstream::call) of a
 //! [`NodeCall::SubscribeRoom`](crate::NodeCall::SubscribeRoom)). The router
 //! keeps room → connections; the room's shard (`shard_of_group` of the
@@ -27,7 +28,9 @@
 //! the same room (or of every room) is ignored, and so is an unsubscribe
 //! older than a later subscribe. A connection's rooms go with it when it is
 //! unregistered, kicked or dropped; a room no connection reads any more is
-//! removed from its stream.
+//! removed from its stream. When a super group's notification ends a
+//! user's membership (removed, or the group dissolved), each session of
+//! the user delivers it and then unsubscribes the group itself.
 //!
 //! # Streams
 //!
@@ -38,8 +41,10 @@
 //! backoff between failures. The first request carries the whole set of
 //! users with connections here; later ones carry adds and removes as
 //! connections come and go. Every `PushedMessage` is handed to each
-//! connection of its owner (a broadcast, owner 0, to every connection);
-//! `KickDevice` to that device's connections.
+//! connection of its owner (a broadcast, owner 0, to every connection whose
+//! user lives in the stream's shard: every shard leader sends a broadcast
+//! once, so each connection gets it once); `KickDevice` to that device's
+//! connections.
 //!
 //! Whenever a stream is (re)established, every connection of the shard's
 //! users and of the shard's rooms gets [`ConnEvent::ResyncNeeded`] (feed it to
@@ -521,7 +526,8 @@ impl PushRouter {
             st.rooms.clear();
             st.shards.values_mut().filter_map(|s| s.task.take()).collect()
         };
-        let _ = self.inner.stop.send(true);
+        // Stored even if no task has subscribed yet (send would drop it).
+        self.inner.stop.send_replace(true);
         for t in tasks {
             let _ = t.await;
         }
@@ -710,7 +716,7 @@ async fn run_stream(
             }
             ev = stream.message() => match ev {
                 Ok(Some(SubscribeEvent { event: Some(ev) })) => match ev {
-                    Event::Message(m) => route_push(inner, m),
+                    Event::Message(m) => route_push(inner, shard_id, m),
                     Event::Kick(k) => route_kick(inner, k),
                     Event::Subscribed(_) => {}
                     Event::End(end) => break end_outcome(inner, shard_id, addr, &end),
@@ -819,12 +825,15 @@ fn end_outcome(inner: &Inner, shard_id: u32, addr: &str, end: &rim_proto::v1::St
     }
 }
 
-fn route_push(inner: &Inner, push: PushedMessage) {
+/// Hands a push that came on shard `shard_id`'s stream to its connections.
+fn route_push(inner: &Inner, shard_id: u32, push: PushedMessage) {
     let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
     let conns: Vec<u64> = if push.owner_id == 0 && push.list_kind != ListKind::Group as i32 {
-        st.conns.keys().copied().collect()
+        // A broadcast: every shard leader sends it once, each to the
+        // connections of its own users, so each connection gets it once.
+        st.conns.iter().filter(|(_, c)| c.shard_id == shard_id).map(|(id, _)| *id).collect()
     } else if push.list_kind == ListKind::Group as i32 {
-        // Rooms; super groups are not routed yet.
+        // Rooms and super groups.
         st.room_conns(push.owner_id)
     } else {
         st.conns_of(push.owner_id)
@@ -849,3 +858,6 @@ fn route_kick(inner: &Inner, kick: KickDevice) {
         st.kick(id, push.clone());
     }
 }
+
+#[cfg(test)]
+mod tests;

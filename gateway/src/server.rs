@@ -319,6 +319,12 @@ fn render_metrics(router: &PushRouter, upstream: &Upstream, tcp_open: Option<usi
         crate::notice::dropped_total(),
     );
     metric(
+        "rim_gateway_online_pushes_dropped_total",
+        "counter",
+        "Normal-priority online-only pushes dropped for connections whose send queue was more than half full.",
+        crate::session::online_pushes_dropped_total(),
+    );
+    metric(
         "rim_gateway_cluster_map_loaded",
         "gauge",
         "1 once the cluster map is known.",

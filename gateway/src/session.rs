@@ -54,27 +54,38 @@
 //!   or duplicates (see the crate-private `delivery` module): a gap, or a resync request, makes
 //!   the session sync from the last delivered seq while it holds back newer
 //!   pushes.
-//! * Rooms (`SUBSCRIBE_ROOM` / `UNSUBSCRIBE_ROOM`): a connection may be
-//!   subscribed to at most [`MAX_ROOMS_PER_CONNECTION`] rooms. The
+//! * Rooms and super groups (`SUBSCRIBE_ROOM` / `UNSUBSCRIBE_ROOM`, the
+//!   `groups` child module): a connection may be subscribed to at most
+//!   [`MAX_ROOMS_PER_CONNECTION`] rooms and super groups together. The
 //!   subscription is kept by the push router (the [`Call`] of the request
 //!   goes to it, see [`NodeCall::SubscribeRoom`]); once it is in place the
-//!   client gets `SubscribeRoomOutput`, then the room's retained entries
-//!   after `after_seq` (`after_seq` 0: live only), then live entries, each
-//!   once and in room-seq order: every room has its own gap-repaired list
+//!   client gets `SubscribeRoomOutput`, then the list's entries after
+//!   `after_seq` (`after_seq` 0: live only for a room, from the member's
+//!   join point for a super group), then live entries, each once and in
+//!   group-seq order: every subscription has its own gap-repaired list
 //!   (the `delivery` module, synced with `SyncGroup`), held back while its
 //!   backlog is read and repaired after a resync request. A room id 0 in
 //!   `SUBSCRIBE_ROOM` leaves every room (gim), as does `UNSUBSCRIBE_ROOM`
-//!   with room 0. A failed `SUBSCRIBE_ROOM` leaves the connection
-//!   unsubscribed from that room; a room that stops existing (a non
-//!   retryable `SyncGroup` error) is dropped silently.
+//!   with room 0. A failed `SUBSCRIBE_ROOM` (an unknown group, a group the
+//!   user is not a member of, a small group) leaves the connection
+//!   unsubscribed from it; a list that cannot be read any more (a non
+//!   retryable `SyncGroup` error) is dropped silently; a super group the
+//!   user is removed from, or that is dissolved, is dropped after its
+//!   notification is delivered.
+//! * Online-only pushes (not persisted, seq 0; the `online` child module)
+//!   are sent as they come, without gap checks; normal-priority ones are
+//!   dropped for a connection whose send queue is more than half full.
 //! * The session counts the bytes it queued for the client (TCP frame
 //!   lengths) minus those the transport reports written; above
 //!   [`SessionConfig::send_queue_limit`] it closes with `ERROR_BUSY` rather
-//!   than wait. Normal-priority room pushes are dropped instead.
+//!   than wait. Normal-priority room pushes are skipped instead.
 //! * A kick sends a `KICK` push, then closes. After the close, inputs are
 //!   ignored.
 
-use std::collections::{HashMap, VecDeque};
+mod groups;
+mod online;
+
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -82,9 +93,8 @@ use prost::Message as _;
 use rim_proto::ErrorCode;
 use rim_proto::codec::encoded_frame_len;
 use rim_proto::v1::{
-    AckInput, Command, KickPush, ListKind, MessagePush, Packet, PushPriority, PushedMessage, ReadInput,
-    RecallInput, Reply, SendInput, SignInInput, SubscribeRoomInput, SyncGroupInput, SyncInput, SyncOutput,
-    UnsubscribeRoomInput,
+    AckInput, Command, KickPush, ListKind, MessagePush, Packet, PushedMessage, ReadInput, RecallInput, Reply,
+    SendInput, SignInInput, SyncGroupInput, SyncInput, UnsubscribeRoomInput,
 };
 use rim_proto::{CodecError, v1::Message};
 
@@ -92,6 +102,7 @@ pub use crate::action::{Action, Identity, Phase};
 use crate::call::{Call, CallError, CallId, NodeCall, NodeReply};
 pub use crate::config::SessionConfig;
 use crate::delivery::{Entry, UserList};
+pub(crate) use online::dropped_total as online_pushes_dropped_total;
 
 /// What an outstanding call is for.
 #[derive(Debug, Clone, Copy)]
@@ -111,20 +122,25 @@ enum Pending {
     RoomSync { room_id: u64 },
 }
 
-/// Most rooms one connection may be subscribed to at once; a
-/// `SUBSCRIBE_ROOM` of another room beyond it gets `ERROR_BAD_REQUEST`.
-pub const MAX_ROOMS_PER_CONNECTION: usize = 16;
+/// Most rooms and super groups (together) one connection may be subscribed
+/// to at once; a `SUBSCRIBE_ROOM` of another one beyond it gets
+/// `ERROR_BAD_REQUEST`. A client subscribes every super group of its user
+/// (`SignInOutput.super_groups`), so a user in more super groups than this
+/// reads the others with `SYNC_GROUP` only. Each subscription holds back at
+/// most [`SessionConfig::group_push_buffer_limit`] pushes while it repairs
+/// a gap, which bounds a connection's memory.
+pub const MAX_ROOMS_PER_CONNECTION: usize = 64;
 
 /// State that exists once signed in.
 #[derive(Debug)]
 struct Signed {
     id: Identity,
     list: UserList,
-    /// Highest seq sent per super group (pushes of group lists are only
-    /// deduplicated; the client repairs their gaps with SYNC_GROUP).
-    groups: HashMap<u64, u64>,
-    /// Subscribed rooms: delivery state of each room's list (room seqs).
+    /// Subscribed rooms and super groups: delivery state of each list
+    /// (group seqs).
     rooms: HashMap<u64, UserList>,
+    /// Which of `rooms` are super groups (known once subscribed).
+    super_groups: HashSet<u64>,
 }
 
 #[derive(Debug)]
@@ -147,6 +163,8 @@ pub struct Session {
     next_call: u64,
     pending: HashMap<CallId, Pending>,
     queued_bytes: usize,
+    /// Normal-priority online-only pushes dropped (queue more than half full).
+    dropped_pushes: u64,
     actions: VecDeque<Action>,
 }
 
@@ -162,6 +180,7 @@ impl Session {
             next_call: 0,
             pending: HashMap::new(),
             queued_bytes: 0,
+            dropped_pushes: 0,
             actions: VecDeque::new(),
         }
     }
@@ -222,7 +241,8 @@ impl Session {
         }
     }
 
-    /// The rooms the connection is subscribed to, ascending.
+    /// The rooms and super groups the connection is subscribed to,
+    /// ascending.
     pub fn rooms(&self) -> Vec<u64> {
         let mut rooms: Vec<u64> = match &self.state {
             State::SignedIn(s) => s.rooms.keys().copied().collect(),
@@ -430,15 +450,15 @@ impl Session {
     ///
     /// * The user's own list (`LIST_KIND_USER`, persisted, seq > 0): in
     ///   order, gap-repaired, deduplicated.
-    /// * A subscribed room's list (`LIST_KIND_GROUP`, owner = the room): in
-    ///   room-seq order, gap-repaired, deduplicated, as the user's list; a
-    ///   normal-priority one is skipped (counted as delivered) rather than
-    ///   overflow the send queue.
-    /// * Another group's list (`LIST_KIND_GROUP`, a super group): deduplicated
-    ///   per group; a normal-priority one is dropped rather than overflow
-    ///   the send queue.
-    /// * Online-only pushes (seq 0 or not persisted) and broadcasts: sent
-    ///   as they come.
+    /// * A subscribed room's or super group's list (`LIST_KIND_GROUP`,
+    ///   owner = the group): in group-seq order, gap-repaired, deduplicated,
+    ///   as the user's list; a normal-priority room entry is skipped
+    ///   (counted as delivered) rather than overflow the send queue; an
+    ///   entry ending the user's membership ends the subscription (the
+    ///   `groups` child module). Lists the connection does not read are
+    ///   ignored.
+    /// * Online-only pushes (seq 0 or not persisted), broadcasts included:
+    ///   sent as they come, without gap checks (the `online` child module).
     ///
     /// Pushes whose `skip_device_id` is this connection's device are not
     /// sent (the device has the entry from its SEND reply) but count as
@@ -447,13 +467,8 @@ impl Session {
         let State::SignedIn(signed) = &mut self.state else {
             return;
         };
-        let skip = push.skip_device_id != 0 && push.skip_device_id == signed.id.device_id;
-        let message = push.message.unwrap_or_default();
         if push.seq == 0 || !push.persisted {
-            if !skip {
-                self.send_push(push.seq, message, push.persisted, false);
-            }
-            return;
+            return self.on_online_push(push);
         }
         match ListKind::try_from(push.list_kind) {
             Ok(ListKind::User) => {
@@ -465,6 +480,8 @@ impl Session {
                     );
                     return;
                 }
+                let skip = push.skip_device_id != 0 && push.skip_device_id == signed.id.device_id;
+                let message = push.message.unwrap_or_default();
                 let mut out = Vec::new();
                 let sync = signed.list.push(Entry { seq: push.seq, message, send: !skip }, &mut out);
                 self.deliver(out);
@@ -472,31 +489,11 @@ impl Session {
                     self.start_gap_sync();
                 }
             }
-            Ok(ListKind::Group) if signed.rooms.contains_key(&push.owner_id) => {
-                let room_id = push.owner_id;
-                let Some(list) = signed.rooms.get_mut(&room_id) else { return };
-                let mut out = Vec::new();
-                let sync = list.push(Entry { seq: push.seq, message, send: !skip }, &mut out);
-                let droppable = push.priority != PushPriority::High as i32;
-                self.deliver_entries(out, droppable);
-                if sync {
-                    self.start_room_sync(room_id);
-                }
-            }
-            Ok(ListKind::Group) => {
-                let last = signed.groups.entry(push.owner_id).or_insert(0);
-                if push.seq <= *last {
-                    return;
-                }
-                *last = push.seq;
-                if !skip {
-                    let droppable = push.priority != PushPriority::High as i32;
-                    self.send_push(push.seq, message, true, droppable);
-                }
-            }
+            Ok(ListKind::Group) => self.on_group_push(push),
             Ok(ListKind::Unspecified) | Err(_) => {
-                if !skip {
-                    self.send_push(push.seq, message, push.persisted, false);
+                // Of no list: nothing to order or repair.
+                if !(push.skip_device_id != 0 && push.skip_device_id == signed.id.device_id) {
+                    self.send_push(push.seq, push.message.unwrap_or_default(), false);
                 }
             }
         }
@@ -613,8 +610,8 @@ impl Session {
         self.state = State::SignedIn(Box::new(Signed {
             id,
             list: UserList::new(output.last_seq, self.config.push_buffer_limit),
-            groups: HashMap::new(),
             rooms: HashMap::new(),
+            super_groups: HashSet::new(),
         }));
         // Register before the reply: a transport that writes on another
         // task (WebSocket) could otherwise let the client see its sign-in
@@ -703,203 +700,6 @@ impl Session {
         inflight >= self.config.max_inflight_requests
     }
 
-    // ------------------------------------------------------------- rooms
-
-    /// `SUBSCRIBE_ROOM`: the call goes to the push router (through the
-    /// upstream); live pushes of the room are held back from now until its
-    /// backlog has been read.
-    fn subscribe_room(&mut self, packet: Packet) {
-        let input = match SubscribeRoomInput::decode(packet.content.clone()) {
-            Ok(input) => input,
-            Err(e) => {
-                return self.reply_error(&packet, ErrorCode::ErrorBadRequest, format!("bad content: {e}"));
-            }
-        };
-        if input.room_id == 0 {
-            // gim: SUBSCRIBE_ROOM of room 0 leaves every room
-            // (`SubscribeRoomInput.room_id`); the reply carries an empty
-            // SubscribeRoomOutput.
-            return self.leave_rooms(&packet, 0);
-        }
-        if self.requests_full() {
-            return self.reply_error(&packet, ErrorCode::ErrorBusy, "too many requests in flight");
-        }
-        let State::SignedIn(s) = &self.state else {
-            return;
-        };
-        if !s.rooms.contains_key(&input.room_id) && s.rooms.len() >= MAX_ROOMS_PER_CONNECTION {
-            let reason = format!("at most {MAX_ROOMS_PER_CONNECTION} rooms per connection");
-            return self.reply_error(&packet, ErrorCode::ErrorBadRequest, reason);
-        }
-        let id = self.call(NodeCall::SubscribeRoom(input));
-        let mut list = UserList::new(input.after_seq, self.config.push_buffer_limit);
-        // Held back until the backlog is read (see `finish_subscribe_room`).
-        list.sync_started(id);
-        if let State::SignedIn(s) = &mut self.state {
-            s.rooms.insert(input.room_id, list);
-        }
-        let pending = Pending::SubscribeRoom { request_id: packet.request_id, room_id: input.room_id };
-        self.pending.insert(id, pending);
-    }
-
-    /// `UNSUBSCRIBE_ROOM` (or `SUBSCRIBE_ROOM` of room 0): the room (0:
-    /// every room) is dropped here at once and from the push router by the
-    /// call, whose outcome is the reply.
-    fn leave_rooms(&mut self, packet: &Packet, room_id: u64) {
-        if self.requests_full() {
-            return self.reply_error(packet, ErrorCode::ErrorBusy, "too many requests in flight");
-        }
-        if let State::SignedIn(s) = &mut self.state {
-            if room_id == 0 {
-                s.rooms.clear();
-            } else {
-                s.rooms.remove(&room_id);
-            }
-        }
-        let id = self.call(NodeCall::UnsubscribeRoom(UnsubscribeRoomInput { room_id }));
-        self.pending.insert(id, Pending::Request { request_id: packet.request_id, command: packet.command });
-    }
-
-    /// Drops a room here and, fire and forget, from the push router.
-    fn drop_room(&mut self, room_id: u64) {
-        if let State::SignedIn(s) = &mut self.state {
-            s.rooms.remove(&room_id);
-        }
-        self.call(NodeCall::UnsubscribeRoom(UnsubscribeRoomInput { room_id }));
-    }
-
-    fn finish_subscribe_room(
-        &mut self,
-        id: CallId,
-        request_id: u64,
-        room_id: u64,
-        result: Result<NodeReply, CallError>,
-    ) {
-        let command = Command::SubscribeRoom as i32;
-        // Not current if the room was left or subscribed again meanwhile.
-        let current = matches!(&self.state, State::SignedIn(s) if s.rooms.get(&room_id).is_some_and(|l| l.is_sync_call(id)));
-        let output = match result {
-            Ok(NodeReply::SubscribeRoom(output)) => output,
-            Ok(other) => {
-                let e = CallError::new(ErrorCode::ErrorInternal, format!("SUBSCRIBE_ROOM got {other:?}"));
-                self.reply_to(request_id, command, error_reply(&e));
-                if current {
-                    self.drop_room(room_id);
-                }
-                return;
-            }
-            Err(e) => {
-                self.reply_to(request_id, command, error_reply(&e));
-                if current {
-                    self.drop_room(room_id);
-                }
-                return;
-            }
-        };
-        self.reply_to(request_id, command, Reply::ok(output.encode_to_vec()));
-        if !current {
-            return;
-        }
-        if let State::SignedIn(s) = &mut self.state
-            && let Some(list) = s.rooms.get_mut(&room_id)
-        {
-            // after_seq 0: live only. Never past the room's end, never
-            // before its oldest retained entry.
-            let after = list.last();
-            let start = if after == 0 { output.last_seq } else { after.min(output.last_seq) };
-            list.restart_at(start.max(output.first_seq.saturating_sub(1)));
-        }
-        // The backlog, and whatever was appended while subscribing (the
-        // held-back pushes are released once it has caught up).
-        self.start_room_sync(room_id);
-    }
-
-    fn start_room_sync(&mut self, room_id: u64) {
-        let State::SignedIn(s) = &self.state else {
-            return;
-        };
-        let Some(list) = s.rooms.get(&room_id) else {
-            return;
-        };
-        let input = SyncGroupInput {
-            group_id: room_id,
-            after_group_seq: list.last(),
-            limit: self.config.resync_batch,
-        };
-        let id = self.call(NodeCall::SyncGroup(input));
-        self.pending.insert(id, Pending::RoomSync { room_id });
-        if let State::SignedIn(s) = &mut self.state
-            && let Some(list) = s.rooms.get_mut(&room_id)
-        {
-            list.sync_started(id);
-        }
-    }
-
-    fn finish_room_sync(
-        &mut self,
-        now: Instant,
-        id: CallId,
-        room_id: u64,
-        result: Result<NodeReply, CallError>,
-    ) {
-        let delay = self.config.resync_retry_delay;
-        let State::SignedIn(s) = &mut self.state else {
-            return;
-        };
-        let Some(list) = s.rooms.get_mut(&room_id) else {
-            return;
-        };
-        if !list.is_sync_call(id) {
-            return;
-        }
-        let mut out = Vec::new();
-        let again = match result {
-            Ok(NodeReply::SyncGroup(output)) => {
-                // Entries trimmed by the room's retention are skipped.
-                let floor = output.first_group_seq.saturating_sub(1);
-                if list.last() < floor {
-                    list.restart_at(floor);
-                }
-                let output = SyncOutput {
-                    messages: output.messages,
-                    has_more: output.has_more,
-                    last_seq: output.last_group_seq,
-                };
-                list.sync_ok(now, delay, output, &mut out)
-            }
-            Ok(other) => {
-                tracing::warn!(
-                    conn = self.conn_id,
-                    room = room_id,
-                    ?other,
-                    "room sync got a reply of the wrong kind"
-                );
-                list.sync_failed(now, delay);
-                false
-            }
-            Err(e) if !e.code.is_retryable() => {
-                tracing::info!(conn = self.conn_id, room = room_id, error = %e, "room cannot be read; unsubscribed");
-                self.drop_room(room_id);
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(conn = self.conn_id, room = room_id, error = %e, "room sync failed; retrying");
-                list.sync_failed(now, delay);
-                false
-            }
-        };
-        let failures = list.failures();
-        self.deliver(out);
-        if failures >= self.config.max_resync_failures {
-            self.close(
-                ErrorCode::ErrorUnavailable,
-                format!("cannot sync room {room_id} ({failures} attempts)"),
-            );
-        } else if again {
-            self.start_room_sync(room_id);
-        }
-    }
-
     // ----------------------------------------------------- push delivery
 
     fn start_gap_sync(&mut self) {
@@ -949,24 +749,21 @@ impl Session {
     }
 
     fn deliver(&mut self, entries: Vec<Entry>) {
-        self.deliver_entries(entries, false);
-    }
-
-    fn deliver_entries(&mut self, entries: Vec<Entry>, droppable: bool) {
         for entry in entries {
             if self.is_closed() {
                 return;
             }
             if entry.send {
-                self.send_push(entry.seq, entry.message, true, droppable);
+                self.send_push(entry.seq, entry.message, false);
             }
         }
     }
 
-    /// Sends a `MESSAGE` push. A `droppable` push that does not fit in the
-    /// send queue is dropped; any other closes the session instead.
-    fn send_push(&mut self, seq: u64, message: Message, persisted: bool, droppable: bool) {
-        let content = MessagePush { message: Some(message), persisted }.encode_to_vec();
+    /// Sends a `MESSAGE` push of a stored entry. A `droppable` push that
+    /// does not fit in the send queue is dropped; any other closes the
+    /// session instead.
+    fn send_push(&mut self, seq: u64, message: Message, droppable: bool) {
+        let content = MessagePush { message: Some(message), persisted: true }.encode_to_vec();
         let packet = Packet { request_id: 0, command: Command::Message as i32, content: content.into(), seq };
         if packet.encoded_len() > self.config.max_frame {
             let reason = format!("push of seq {seq} exceeds the maximum frame");

@@ -18,13 +18,15 @@
 //! with `ERROR_TIMEOUT` if some attempt was cut off by the deadline, or
 //! `ERROR_UNAVAILABLE` if no node answered.
 //!
-//! Room subscriptions are the exception: they live in the gateway's
-//! [`PushRouter`] (the one created over this upstream, see
+//! Room and super-group subscriptions are the exception: they live in the
+//! gateway's [`PushRouter`] (the one created over this upstream, see
 //! [`PushRouter::new`]), not on a node. [`NodeCall::SubscribeRoom`] reads
-//! the room's head with a `SyncGroup` call (so an unknown room fails with
+//! the list's head with a `SyncGroup` call (so an unknown group fails with
 //! the node's `ERROR_GROUP_NOT_FOUND`, a group the user may not read with
-//! `ERROR_NOT_GROUP_MEMBER`, another group that is not a room with
-//! `ERROR_BAD_REQUEST`), then subscribes the connection in the router;
+//! `ERROR_NOT_GROUP_MEMBER`), tells a room from a super group by the kind
+//! of its entries (a small group fails with `ERROR_BAD_REQUEST`: its
+//! messages are in the members' own lists; a converted one is a super
+//! group), then subscribes the connection in the router;
 //! [`NodeCall::UnsubscribeRoom`] only tells the router. Without a router
 //! both fail with `ERROR_UNKNOWN_COMMAND`.
 
@@ -41,6 +43,7 @@ use rim_proto::v1::{
     ConnAckRequest, ConnContext, ConnLogoutRequest, ConnOfflineRequest, ConnReadRequest, ConnRecallRequest,
     ConnSendRequest, ConnSignInRequest, ConnSyncGroupRequest, ConnSyncRequest, ConversationKind,
     GetClusterMapRequest, NodeState, SubscribeRoomInput, SubscribeRoomOutput, SyncGroupInput,
+    SyncGroupOutput,
 };
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -395,42 +398,55 @@ impl Upstream {
         }
     }
 
-    /// `SUBSCRIBE_ROOM`: the room's head from a node, then the router's
+    /// `SUBSCRIBE_ROOM`: the list's head from a node, then the router's
     /// subscription (see the [module documentation](self)).
     async fn subscribe_room(&self, call: &Call, input: SubscribeRoomInput) -> Result<NodeReply, CallError> {
         if input.room_id == 0 {
             return Err(CallError::new(ErrorCode::ErrorInvalidId, "room_id must not be 0"));
         }
         let router = self.router()?;
-        let probe = Call {
-            request: NodeCall::SyncGroup(SyncGroupInput {
-                group_id: input.room_id,
-                after_group_seq: 0,
-                limit: 1,
-            }),
-            ..call.clone()
-        };
-        let head = match self.call_node(&probe).await? {
-            NodeReply::SyncGroup(output) => output,
-            other => {
-                return Err(CallError::new(
-                    ErrorCode::ErrorInternal,
-                    format!("room head read got {other:?}"),
-                ));
+        let head = self.read_group(call, input.room_id, 0).await?;
+        let last_seq = head.last_group_seq;
+        let first = head.messages.first().map(|m| (m.seq, m.conversation_kind));
+        // Every entry of a room is a room entry, every entry of a super group
+        // a super-group entry (or, for a converted group, a small-group entry
+        // before its conversion: the newest entry tells). A member reads at
+        // least its join notice, so an empty list is a room.
+        let super_group = match first {
+            None => false,
+            Some((_, k)) if k == ConversationKind::Room as i32 => false,
+            Some((_, k)) if k == ConversationKind::SuperGroup as i32 => true,
+            Some((seq, k)) if k == ConversationKind::Group as i32 && last_seq > seq => {
+                let newest = self.read_group(call, input.room_id, last_seq - 1).await?;
+                let kind = newest.messages.first().map(|m| m.conversation_kind);
+                if kind != Some(ConversationKind::SuperGroup as i32) {
+                    return Err(not_readable(input.room_id));
+                }
+                true
             }
+            Some(_) => return Err(not_readable(input.room_id)),
         };
-        // Every entry of a room is a room message; other groups start with
-        // their creation notice (rooms may be empty).
-        if head.messages.first().is_some_and(|m| m.conversation_kind != ConversationKind::Room as i32) {
-            let reason = format!("group {} is not a room", input.room_id);
-            return Err(CallError::new(ErrorCode::ErrorBadRequest, reason));
-        }
         let shard = self.ensure_map().await?.shard_of_group(input.room_id);
         router.subscribe_room(call.conn_id, input.room_id, shard, call.id)?;
-        Ok(NodeReply::SubscribeRoom(SubscribeRoomOutput {
-            last_seq: head.last_group_seq,
-            first_seq: head.first_group_seq,
-        }))
+        if super_group {
+            // The first entry the member may read: after its join point.
+            let first_seq = first.map_or(last_seq + 1, |(seq, _)| seq).max(head.first_group_seq);
+            return Ok(NodeReply::SubscribeGroup(SubscribeRoomOutput { last_seq, first_seq }));
+        }
+        Ok(NodeReply::SubscribeRoom(SubscribeRoomOutput { last_seq, first_seq: head.first_group_seq }))
+    }
+
+    /// One entry of group `group_id`'s list after `after` (a `SyncGroup`
+    /// call on behalf of `call`'s connection), with the list's head.
+    async fn read_group(&self, call: &Call, group_id: u64, after: u64) -> Result<SyncGroupOutput, CallError> {
+        let probe = Call {
+            request: NodeCall::SyncGroup(SyncGroupInput { group_id, after_group_seq: after, limit: 1 }),
+            ..call.clone()
+        };
+        match self.call_node(&probe).await? {
+            NodeReply::SyncGroup(output) => Ok(output),
+            other => Err(CallError::new(ErrorCode::ErrorInternal, format!("group head read got {other:?}"))),
+        }
     }
 
     /// Carries out a call served by a node.
@@ -594,6 +610,14 @@ impl Upstream {
             }
         })
     }
+}
+
+/// `SUBSCRIBE_ROOM` of a group that is neither a room nor a super group.
+fn not_readable(group_id: u64) -> CallError {
+    let reason = format!(
+        "group {group_id} is neither a room nor a super group (a small group's messages are in its members' own lists)"
+    );
+    CallError::new(ErrorCode::ErrorBadRequest, reason)
 }
 
 fn rim_code_missing(status: &tonic::Status) -> bool {

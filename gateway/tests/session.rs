@@ -676,19 +676,33 @@ fn group_push(group: u64, seq: u64, priority: PushPriority) -> PushedMessage {
 }
 
 #[test]
-fn group_pushes_are_deduplicated_per_group() {
+fn pushes_of_lists_not_subscribed_are_ignored() {
     let t0 = Instant::now();
     let mut s = signed_in(cfg(), t0, 0);
     for (group, seq) in [(1, 5), (1, 5), (2, 5), (1, 4), (1, 6)] {
         s.on_push(t0, group_push(group, seq, PushPriority::Normal));
     }
-    assert_eq!(pushed_seqs(&drain(&mut s)), [5, 5, 6]);
+    assert!(drain(&mut s).is_empty());
+}
+
+/// Subscribes room `room` (empty, live only) and reads its empty backlog.
+fn subscribe_empty_room(s: &mut Session, t0: Instant, room: u64) {
+    s.on_packet(t0, packet(50, Command::SubscribeRoom, SubscribeRoomInput { room_id: room, after_seq: 0 }));
+    let call = only_call(&drain(s));
+    let out = SubscribeRoomOutput { last_seq: 0, first_seq: 1 };
+    s.on_reply(t0, call.id, Ok(NodeReply::SubscribeRoom(out)));
+    let sync = only_call(&drain(s));
+    let empty = SyncGroupOutput { last_group_seq: 0, first_group_seq: 1, ..Default::default() };
+    s.on_reply(t0, sync.id, Ok(NodeReply::SyncGroup(empty)));
+    assert!(drain(s).is_empty());
+    s.on_written(usize::MAX);
 }
 
 #[test]
 fn normal_priority_room_pushes_are_dropped_not_fatal_for_a_slow_client() {
     let t0 = Instant::now();
     let mut s = signed_in(SessionConfig { send_queue_limit: 100, ..cfg() }, t0, 0);
+    subscribe_empty_room(&mut s, t0, 1);
     for seq in 1..=20 {
         s.on_push(t0, group_push(1, seq, PushPriority::Normal));
     }

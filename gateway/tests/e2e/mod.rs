@@ -57,7 +57,13 @@ impl Gateway {
     /// Starts both transports over `seeds`; must run on a multi-thread
     /// tokio runtime.
     pub async fn start(seeds: Vec<String>, config: SessionConfig) -> Gateway {
-        let mut opts = UpstreamOptions::new(seeds, SECRET, "gw-e2e-test");
+        Gateway::start_named(seeds, config, "gw-e2e-test").await
+    }
+
+    /// As [`start`](Self::start), with gateway id `id` (several gateways
+    /// of one cluster need distinct ids).
+    pub async fn start_named(seeds: Vec<String>, config: SessionConfig, id: &str) -> Gateway {
+        let mut opts = UpstreamOptions::new(seeds, SECRET, id);
         opts.request_timeout = Duration::from_secs(10);
         let upstream = Upstream::new(opts).unwrap();
         let router_opts = RouterOptions {
