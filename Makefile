@@ -7,7 +7,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/rim-target
 CARGO ?= cargo
 
-.PHONY: dev test jepsen-smoke jepsen-long lint fmt prereqs bench-store bench-send bench-connections bench-latency
+.PHONY: dev test jepsen-smoke jepsen-long lint fmt prereqs bench-store bench-send bench-connections bench-latency bench-fanout
 
 ## Start a local cluster (3 logic nodes and a gateway) with data in ./rim-data.
 dev: prereqs
@@ -60,3 +60,9 @@ bench-connections: prereqs
 ## Send -> ack and send -> delivered latency through a spawned gateway.
 bench-latency: prereqs
 	$(CARGO) run -q --bin rim -- bench latency --spawn --rate 1000
+
+## Group fan-out: small groups of 100 and 500 members, a super group of 10,000 (1,000 online).
+bench-fanout: prereqs
+	$(CARGO) run -q --bin rim -- bench fanout --spawn --kind small --members 100 --messages 2000 --rate 400 --out bench-fanout-small-100.json
+	$(CARGO) run -q --bin rim -- bench fanout --spawn --kind small --members 500 --messages 1000 --rate 100 --out bench-fanout-small-500.json
+	$(CARGO) run -q --bin rim -- bench fanout --spawn --kind super --members 10000 --online 1000 --messages 100 --rate 5 --out bench-fanout-super-10000.json
