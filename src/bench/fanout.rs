@@ -195,7 +195,7 @@ pub async fn run(args: &FanoutArgs, target: &Target) -> anyhow::Result<Outcome> 
     );
     let mut conns = connect_all(target.gateway, &users[..online]).await?;
     if args.kind == Kind::Super {
-        subscribe_all(&mut conns, group).await?;
+        conns = subscribe_all(conns, group).await?;
     }
     let setup_s = t_setup.elapsed().as_secs_f64();
 
@@ -337,37 +337,58 @@ pub async fn run(args: &FanoutArgs, target: &Target) -> anyhow::Result<Outcome> 
     Ok(Outcome { params, results, summary })
 }
 
-/// Subscribes every connection to the super group (live only) and waits
-/// for each reply.
-async fn subscribe_all(conns: &mut [super::latency::Connected], group: u64) -> anyhow::Result<()> {
-    let progress = Progress::start("subscribe", |_| "subscribing connections to the group".to_string());
-    for c in conns.iter_mut() {
-        let input = Enc::default().uint(1, group).uint(2, 0).finish();
-        let frame = wire::frame(&wire::request(2, Command::SubscribeRoom, input));
-        let io = async {
-            c.stream.write_all(&frame).await?;
-            loop {
-                let Some(p) = c.reader.next(&mut c.stream).await? else {
-                    anyhow::bail!("closed by the gateway")
-                };
-                if p.request_id == 2 && p.command == Command::SubscribeRoom as i32 {
-                    return wire::reply(&p.content);
+/// Subscribes every connection to the super group (live only), 64 at a
+/// time, and waits for each reply.
+async fn subscribe_all(
+    conns: Vec<super::latency::Connected>,
+    group: u64,
+) -> anyhow::Result<Vec<super::latency::Connected>> {
+    let total = conns.len();
+    let done = Arc::new(AtomicU64::new(0));
+    let d = done.clone();
+    let progress = Progress::start("subscribe", move |_| {
+        format!("subscribed {}/{total} connections to the group", d.load(Ordering::Relaxed))
+    });
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = JoinSet::new();
+    for (i, mut c) in conns.into_iter().enumerate() {
+        let (sem, done) = (sem.clone(), done.clone());
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            let input = Enc::default().uint(1, group).uint(2, 0).finish();
+            let frame = wire::frame(&wire::request(2, Command::SubscribeRoom, input));
+            let io = async {
+                c.stream.write_all(&frame).await?;
+                loop {
+                    let Some(p) = c.reader.next(&mut c.stream).await? else {
+                        anyhow::bail!("closed by the gateway")
+                    };
+                    if p.request_id == 2 && p.command == Command::SubscribeRoom as i32 {
+                        return wire::reply(&p.content);
+                    }
                 }
-            }
-        };
-        let r = tokio::time::timeout(Duration::from_secs(15), io)
-            .await
-            .context("no SUBSCRIBE_ROOM reply within 15 s")??;
-        anyhow::ensure!(
-            r.code == 0,
-            "SUBSCRIBE_ROOM of user {}: {} {}",
-            c.user,
-            code_name(r.code),
-            r.message
-        );
+            };
+            let r = tokio::time::timeout(Duration::from_secs(15), io)
+                .await
+                .context("no SUBSCRIBE_ROOM reply within 15 s")??;
+            anyhow::ensure!(
+                r.code == 0,
+                "SUBSCRIBE_ROOM of user {}: {} {}",
+                c.user,
+                code_name(r.code),
+                r.message
+            );
+            done.fetch_add(1, Ordering::Relaxed);
+            anyhow::Ok((i, c))
+        });
+    }
+    let mut out: Vec<Option<super::latency::Connected>> = (0..total).map(|_| None).collect();
+    while let Some(r) = tasks.join_next().await {
+        let (i, c) = r.context("subscribe task panicked")??;
+        out[i] = Some(c);
     }
     progress.finish().await;
-    Ok(())
+    out.into_iter().map(|c| c.context("missing connection")).collect()
 }
 
 /// Reads one member's connection: `MESSAGE` pushes of the sender's group
