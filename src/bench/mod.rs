@@ -32,11 +32,13 @@
 
 mod accounts;
 mod connections;
+mod failover;
 mod fanout;
 mod hist;
 mod json;
 mod latency;
 mod progress;
+mod sync;
 mod sys;
 mod target;
 mod wire;
@@ -61,11 +63,16 @@ pub struct BenchArgs {
 enum Scenario {
     /// Idle signed-in TCP connections: gateway RSS per connection and sign-in rate.
     Connections(connections::ConnectionsArgs),
-    /// 1:1 messages at a target rate: send→ack and send→delivered latency.
-    #[command(alias = "delivery-latency")]
-    Latency(latency::LatencyArgs),
+    /// 1:1 messages at a target rate (or as fast as acks allow; `--slo` searches
+    /// the highest rate within a p99 bound): send→ack and send→delivered latency.
+    #[command(visible_alias = "latency", alias = "delivery-latency")]
+    Send(latency::LatencyArgs),
     /// Group messages to many online members: deliveries per second and latency.
     Fanout(fanout::FanoutArgs),
+    /// Steady 1:1 load while a shard leader is killed: write-unavailability window, acked losses.
+    Failover(failover::FailoverArgs),
+    /// A device offline for many messages reconnects: catch-up time and sync rate.
+    Sync(sync::SyncArgs),
 }
 
 /// What a scenario measured.
@@ -82,8 +89,10 @@ pub struct Outcome {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (name, target_args, out) = match &args.scenario {
         Scenario::Connections(a) => ("connections", &a.target, &a.out),
-        Scenario::Latency(a) => ("latency", &a.target, &a.out),
+        Scenario::Send(a) => ("send", &a.target, &a.out),
         Scenario::Fanout(a) => ("fanout", &a.target, &a.out),
+        Scenario::Failover(a) => ("failover", &a.target, &a.out),
+        Scenario::Sync(a) => ("sync", &a.target, &a.out),
     };
     let out = out.clone().unwrap_or_else(|| PathBuf::from(format!("bench-{name}.json")));
     let started = sys::unix_now();
@@ -103,8 +112,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let run = async {
         match &args.scenario {
             Scenario::Connections(a) => connections::run(a, &target).await,
-            Scenario::Latency(a) => latency::run(a, &target).await,
+            Scenario::Send(a) => latency::run(a, &target).await,
             Scenario::Fanout(a) => fanout::run(a, &target).await,
+            Scenario::Failover(a) => failover::run(a, &target).await,
+            Scenario::Sync(a) => sync::run(a, &target).await,
         }
     };
     let outcome = tokio::select! {
