@@ -4,7 +4,7 @@
 //!
 //! Every write to a group goes through its [`Proposer`]: a bounded queue
 //! drained by one task that packs whatever is waiting (up to
-//! `max_batch_ops`) into one Raft entry. At most `max_inflight_proposals`
+//! `max_batch_ops` and [`MAX_ENTRY_BYTES`]) into one Raft entry. At most `max_inflight_proposals`
 //! entries are in flight; while they are, new operations accumulate, so
 //! under load batches grow and one fsync round commits many messages. Idle,
 //! a lone operation is proposed at once. Entries are handed to openraft in
@@ -42,6 +42,10 @@ use crate::net::{GroupNetwork, Peers};
 
 /// Capacity of a group's proposal queue; beyond it writes get `ERROR_BUSY`.
 const PROPOSAL_QUEUE: usize = 16_384;
+/// Most encoded bytes of operations packed into one Raft entry (an entry
+/// may exceed it by its last operation, itself bounded by the content
+/// limits): keeps `AppendEntries` small, see `node.rs`.
+pub const MAX_ENTRY_BYTES: usize = 256 << 10;
 /// Capacity of a group's applied-effects channel.
 const EVENT_CHANNEL: usize = 4_096;
 /// Capacity of a group's online-push channel (a push stream that falls this
@@ -261,11 +265,13 @@ async fn run_proposer(
     while let Some(first) = rx.recv().await {
         // Wait for capacity first: operations arriving meanwhile join this batch.
         let Ok(permit) = inflight.clone().acquire_owned().await else { return };
+        let mut bytes = prost::Message::encoded_len(&first.0);
         let mut ops = vec![first.0];
         let mut replies = vec![first.1];
-        while ops.len() < opts.max_batch_ops {
+        while ops.len() < opts.max_batch_ops && bytes < MAX_ENTRY_BYTES {
             match rx.try_recv() {
                 Ok((op, reply)) => {
+                    bytes += prost::Message::encoded_len(&op);
                     ops.push(op);
                     replies.push(reply);
                 }

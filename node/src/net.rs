@@ -36,6 +36,12 @@ use tonic::transport::{Channel, Endpoint};
 /// Metadata key carrying the cluster secret on internal calls.
 pub const SECRET_METADATA_KEY: &str = "rim-cluster-secret";
 
+/// Largest Raft RPC message, both directions. An `AppendEntries` carries at
+/// most `max_payload_entries` entries of at most `MAX_ENTRY_BYTES` each (see
+/// `group.rs` and `node.rs`), far below this; tonic's default of 4 MiB was
+/// not, and a follower refused such a batch on every retry.
+pub const RAFT_MESSAGE_LIMIT: usize = 64 << 20;
+
 /// Decides whether the link `from → to` is cut (tests only).
 pub type LinkFilter = Arc<dyn Fn(u64, u64) -> bool + Send + Sync>;
 
@@ -108,7 +114,9 @@ impl Peers {
 
     /// A Raft-service client for the node at `addr`.
     pub fn raft_client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, String> {
-        Ok(RaftServiceClient::new(self.channel(addr)?).max_decoding_message_size(64 << 20))
+        Ok(RaftServiceClient::new(self.channel(addr)?)
+            .max_decoding_message_size(RAFT_MESSAGE_LIMIT)
+            .max_encoding_message_size(RAFT_MESSAGE_LIMIT))
     }
 
     /// A request carrying the secret and a deadline.

@@ -25,6 +25,7 @@ use rim_proto::v1::push_service_server::PushServiceServer;
 use rim_proto::v1::raft_service_server::RaftServiceServer;
 use rim_proto::v1::user_service_server::UserServiceServer;
 use rim_proto::v1::{ClusterMap, GetClusterMapRequest, NodeInfo, NodeState};
+use tonic::service::interceptor::InterceptedService;
 use rim_raft_store::{Db, DbOptions, Limits, ShardId};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -60,6 +61,9 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// Most entries in one `AppendEntries` (openraft's default is 300).
+const MAX_PAYLOAD_ENTRIES: u64 = 8;
+
 fn raft_config(c: &NodeConfig) -> Result<Arc<openraft::Config>> {
     let cfg = openraft::Config {
         cluster_name: "rim".into(),
@@ -70,6 +74,11 @@ fn raft_config(c: &NodeConfig) -> Result<Arc<openraft::Config>> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_after),
         max_in_snapshot_log_to_keep: c.keep_logs_after_snapshot,
         purge_batch_size: (c.snapshot_after / 4).clamp(1, 256),
+        // openraft bounds an AppendEntries by entry count only, and times it
+        // out after one heartbeat interval; with entries of up to
+        // `MAX_ENTRY_BYTES` this keeps one RPC at a few MiB, which a loaded
+        // follower can take and fsync within that time.
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
         ..Default::default()
     };
     Ok(Arc::new(cfg.validate().map_err(|e| Error::Config(e.to_string()))?))
@@ -380,7 +389,12 @@ fn check_secret(
 
 async fn serve_internal(core: Arc<Core>, listener: TcpListener) {
     let check = check_secret(core.config.cluster_secret.clone());
-    let raft = RaftServiceServer::with_interceptor(RaftSvc { core: core.clone() }, check.clone());
+    let raft = InterceptedService::new(
+        RaftServiceServer::new(RaftSvc { core: core.clone() })
+            .max_decoding_message_size(crate::net::RAFT_MESSAGE_LIMIT)
+            .max_encoding_message_size(crate::net::RAFT_MESSAGE_LIMIT),
+        check.clone(),
+    );
     let gateway = GatewayServiceServer::with_interceptor(GatewaySvc { core: core.clone() }, check.clone());
     let push = PushServiceServer::with_interceptor(PushSvc { core: core.clone() }, check.clone());
     let admin = AdminServiceServer::with_interceptor(AdminSvc { core: core.clone() }, check);
