@@ -99,7 +99,10 @@ impl ErrorCode {
         use tonic::Code as C;
         match code {
             C::Ok => E::Ok,
-            C::Unavailable | C::Aborted => E::ErrorUnavailable,
+            // tonic reports a connection that broke mid-call ("transport
+            // error") as `Unknown`: the call's outcome is unknown, so the
+            // caller must retry it (every write is idempotent), not give up.
+            C::Unavailable | C::Aborted | C::Unknown => E::ErrorUnavailable,
             C::DeadlineExceeded | C::Cancelled => E::ErrorTimeout,
             C::ResourceExhausted => E::ErrorBusy,
             C::InvalidArgument | C::OutOfRange | C::FailedPrecondition => E::ErrorBadRequest,
@@ -107,7 +110,7 @@ impl ErrorCode {
             C::Unauthenticated => E::ErrorUnauthenticated,
             C::PermissionDenied => E::ErrorPermissionDenied,
             C::AlreadyExists => E::ErrorAlreadyExists,
-            C::NotFound | C::Unknown | C::Internal | C::DataLoss => E::ErrorInternal,
+            C::NotFound | C::Internal | C::DataLoss => E::ErrorInternal,
         }
     }
 }
@@ -215,6 +218,12 @@ mod tests {
         assert_eq!(code_of_status(&s), ErrorCode::ErrorNotLeader);
         let plain = tonic::Status::deadline_exceeded("slow");
         assert_eq!(code_of_status(&plain), ErrorCode::ErrorTimeout);
+        // A connection broken mid-call: outcome unknown, retry.
+        let broken = tonic::Status::unknown("transport error");
+        assert_eq!(code_of_status(&broken), ErrorCode::ErrorUnavailable);
+        assert!(code_of_status(&broken).is_retryable());
+        // Our own internal errors carry rim-code and stay final.
+        assert_eq!(code_of_status(&status(ErrorCode::ErrorInternal, "bug")), ErrorCode::ErrorInternal);
     }
 
     /// docs/protocol.md's error table lists exactly the codes of error.proto.
