@@ -1,8 +1,20 @@
-//! `rim bench latency` (alias `delivery-latency`): P pairs of users, each
-//! with one device connected to the gateway over TCP; the first of each
-//! pair sends 1:1 text messages to the second at `--rate` messages per
-//! second in aggregate (open loop: every sender ticks at `pairs / rate`,
-//! phases spread evenly), for `--warmup` (not recorded) plus `--duration`.
+//! `rim bench send` (aliases `latency`, `delivery-latency`): P pairs of
+//! users, each with one device connected to the gateway over TCP; the first
+//! of each pair sends 1:1 text messages to the second.
+//!
+//! Three ways to drive it:
+//!
+//! * **open loop** (`--rate 500`): `--rate` messages per second in
+//!   aggregate; every sender ticks every `pairs / rate`, phases spread
+//!   evenly, for `--warmup` (not recorded) plus `--duration`.
+//! * **closed loop** (`--rate max`): every sender keeps `--max-inflight`
+//!   sends outstanding and sends the next one on each reply; the throughput
+//!   is the acks per second.
+//! * **SLO search** (`--slo 100ms`, see [`super::slo`]): a series of open
+//!   loop steps at different rates on the same connections, to find the
+//!   highest rate whose p99 (or `--slo-quantile`) stays within the bound.
+//!
+//! What is measured:
 //!
 //! * **send → ack**: from writing `SEND` to reading its reply. The send
 //!   time (µs since the run's epoch) is the packet's `request_id`, so no
@@ -11,16 +23,33 @@
 //!   at the recipient's connection. The send time is the first word of the
 //!   message text; sender and recipient share the bench's clock.
 //!
-//! A sender with `--max-inflight` sends unanswered skips its tick (counted
-//! as `skipped`): the offered rate then drops below the target, which the
-//! summary shows. After the last send the bench waits up to `--drain` for
-//! outstanding acks and deliveries; measured sends acknowledged but not
-//! delivered by then are `undelivered`. Recipients heartbeat at the
-//! announced interval; nobody ACKs (pushes need no ACK to flow).
+//! Design and invariants:
+//!
+//! * Accounts and connections are made once. A run is one or more *steps*
+//!   ([`Driver::step`]); between steps the connections stay open (senders
+//!   and recipients heartbeat while idle) and nobody registers again.
+//! * Each step has its own [`Window`]: warmup `start..from`, measured
+//!   `from..to` (send times, µs since the epoch), with its own counters,
+//!   histograms and error tally. Windows of successive steps are disjoint
+//!   and a reply or push counts only in the current window and only if its
+//!   send time lies in that window's measured range, so a late answer of
+//!   one step never enters the figures of the next.
+//! * Each sender holds a semaphore of `--max-inflight` permits: a send takes
+//!   one, its reply (success or error) gives it back. In the open loop a
+//!   tick that finds no permit is skipped (counted as `skipped`, and the
+//!   offered rate drops below the target, which the summary shows); in the
+//!   closed loop the sender waits for a permit until the window ends.
+//! * After a step's last send the driver waits up to `--drain` until every
+//!   measured send of the step is answered and every acked one delivered;
+//!   what is missing by then is `unanswered` / `undelivered`.
+//! * Every wait has a timeout; histograms have a fixed size ([`Histogram`]),
+//!   error tallies a bounded number of kinds, the steps a bounded count.
+//!   Recipients heartbeat at the announced interval; nobody ACKs (pushes need
+//!   no ACK to flow).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -28,80 +57,124 @@ use clap::Args;
 use rim_proto::v1::Command;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use super::Outcome;
 use super::accounts::{self, Api, Cred};
 use super::connections::latency_json;
+use super::cpu::CpuMeter;
 use super::hist::Histogram;
 use super::json::Json;
 use super::progress::{Progress, Tally, code_name};
+use super::slo::{self, SloArgs};
 use super::sys;
 use super::target::{Target, TargetArgs};
 use super::wire::{self, Reader};
 
-/// Flags of `rim bench latency`.
+/// Flags of `rim bench send`.
 #[derive(Args, Debug)]
 pub struct LatencyArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// Result file (default bench-latency.json).
+    /// Result file (default bench-send.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Sender → recipient pairs (2 × pairs users and connections).
     #[arg(long, default_value_t = 50)]
-    pairs: usize,
-    /// Target aggregate send rate, messages per second.
-    #[arg(long, default_value_t = 500.0)]
-    rate: f64,
-    /// Measured sending time.
+    pub(super) pairs: usize,
+    /// Aggregate send rate in messages per second (open loop), or `max`: every
+    /// sender keeps --max-inflight sends outstanding and sends the next on each
+    /// reply (closed loop). With --slo: the first rate of the search.
+    #[arg(long, default_value = "500", value_parser = parse_rate)]
+    pub(super) rate: Rate,
+    /// Measured sending time of a single run (with --slo see --step-duration).
     #[arg(long, default_value = "30s", value_parser = sys::parse_duration)]
-    duration: Duration,
-    /// Sending time before the measurement (not recorded).
+    pub(super) duration: Duration,
+    /// Sending time before each measured window (not recorded).
     #[arg(long, default_value = "3s", value_parser = sys::parse_duration)]
-    warmup: Duration,
+    pub(super) warmup: Duration,
     /// Most unanswered sends per sender (the gateway allows 64).
     #[arg(long, default_value_t = 32)]
-    max_inflight: usize,
+    pub(super) max_inflight: usize,
     /// Message text size in bytes.
     #[arg(long, default_value_t = 100)]
-    size: usize,
-    /// Longest wait for outstanding acks and deliveries after the last send.
+    pub(super) size: usize,
+    /// Longest wait for outstanding acks and deliveries after each measured window.
     #[arg(long, default_value = "10s", value_parser = sys::parse_duration)]
-    drain: Duration,
+    pub(super) drain: Duration,
     /// Concurrent user registrations.
     #[arg(long, default_value_t = 4)]
-    user_concurrency: usize,
+    pub(super) user_concurrency: usize,
+    #[command(flatten)]
+    pub(super) slo: SloArgs,
 }
 
-/// State shared by every task of a run.
-struct Run {
-    epoch: Instant,
-    /// Send times (µs since `epoch`) in `from..to` are measured.
+/// A target send rate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Rate {
+    /// Messages per second in aggregate (open loop).
+    PerSecond(f64),
+    /// As fast as replies allow (closed loop).
+    Max,
+}
+
+impl Rate {
+    /// `500` or `"max"`.
+    pub(super) fn json(self) -> Json {
+        match self {
+            Rate::PerSecond(r) => Json::from(r),
+            Rate::Max => Json::from("max"),
+        }
+    }
+}
+
+/// Parses `--rate`: a positive number of messages per second, or `max`.
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("max") {
+        return Ok(Rate::Max);
+    }
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(Rate::PerSecond(r)),
+        _ => Err(format!("bad rate {s:?}: a positive number of messages per second, or max")),
+    }
+}
+
+/// The figures of one step: counters and histograms of its measured window.
+pub(super) struct Window {
+    /// Send times (µs since the epoch) in `start..from` are warmup, in
+    /// `from..to` measured.
+    start: u64,
     from: u64,
     to: u64,
     sent: AtomicU64,
-    sent_all: AtomicU64,
+    /// Measured sends answered (success or error).
+    replied: AtomicU64,
     acked: AtomicU64,
-    acked_all: AtomicU64,
     delivered: AtomicU64,
-    delivered_all: AtomicU64,
     skipped: AtomicU64,
-    /// Pushes of the sender's own messages to its own device.
-    echoes: AtomicU64,
-    /// Pushes at a recipient that are not from its sender or not ours.
-    unexpected: AtomicU64,
-    inflight: AtomicI64,
-    stopping: AtomicBool,
+    /// Errors that happened while this window was current (drain included).
     errors: Tally,
     ack: Mutex<Histogram>,
     delivery: Mutex<Histogram>,
 }
 
-impl Run {
-    fn now_us(&self) -> u64 {
-        Instant::now().saturating_duration_since(self.epoch).as_micros() as u64
+impl Window {
+    fn new(start: u64, from: u64, to: u64) -> Window {
+        Window {
+            start,
+            from,
+            to,
+            sent: AtomicU64::new(0),
+            replied: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            errors: Tally::default(),
+            ack: Mutex::new(Histogram::default()),
+            delivery: Mutex::new(Histogram::default()),
+        }
     }
 
     fn measured(&self, t: u64) -> bool {
@@ -109,179 +182,379 @@ impl Run {
     }
 }
 
-fn lock(h: &Mutex<Histogram>) -> std::sync::MutexGuard<'_, Histogram> {
-    h.lock().unwrap_or_else(PoisonError::into_inner)
+/// State shared by every task of a run.
+struct Run {
+    epoch: Instant,
+    /// The current step's window.
+    window: RwLock<Arc<Window>>,
+    /// What the progress line calls the current step.
+    label: Mutex<String>,
+    sent_all: AtomicU64,
+    acked_all: AtomicU64,
+    delivered_all: AtomicU64,
+    /// Pushes of the sender's own messages to its own device.
+    echoes: AtomicU64,
+    /// Pushes at a recipient that are not from its sender or not ours.
+    unexpected: AtomicU64,
+    /// Connections that ended while the run was going on.
+    broken: AtomicU64,
+    stopping: AtomicBool,
+    /// Every error of the run (each window also counts its own).
+    errors: Tally,
 }
 
-/// Runs the scenario.
+impl Run {
+    fn now_us(&self) -> u64 {
+        Instant::now().saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    fn window(&self) -> Arc<Window> {
+        self.window.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn error(&self, kind: String) {
+        self.window().errors.add(kind.clone());
+        self.errors.add(kind);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the senders do in a step.
+struct Plan {
+    window: Arc<Window>,
+    /// Tick period of each sender (open loop), `None` for the closed loop.
+    period: Option<Duration>,
+}
+
+/// What one step measured (a snapshot taken after its drain).
+pub(super) struct StepFigures {
+    pub(super) rate: Rate,
+    pub(super) duration: Duration,
+    pub(super) sent: u64,
+    pub(super) replied: u64,
+    pub(super) acked: u64,
+    pub(super) delivered: u64,
+    pub(super) skipped: u64,
+    pub(super) errors: Json,
+    pub(super) errors_total: u64,
+    pub(super) ack: Histogram,
+    pub(super) delivery: Histogram,
+    pub(super) drain: Duration,
+    /// CPU use of the measured window (see [`CpuMeter::used`]).
+    pub(super) cpu: (Json, String),
+}
+
+impl StepFigures {
+    fn per_s(&self, n: u64) -> f64 {
+        n as f64 / self.duration.as_secs_f64()
+    }
+
+    /// Measured sends per second.
+    pub(super) fn sent_per_s(&self) -> f64 {
+        self.per_s(self.sent)
+    }
+
+    /// Successful acks per second (of measured sends).
+    pub(super) fn acked_per_s(&self) -> f64 {
+        self.per_s(self.acked)
+    }
+
+    /// Deliveries per second (of measured sends).
+    pub(super) fn delivered_per_s(&self) -> f64 {
+        self.per_s(self.delivered)
+    }
+
+    /// The step's figures as JSON.
+    pub(super) fn to_json(&self) -> Json {
+        Json::obj()
+            .with("target_rate_per_second", self.rate.json())
+            .with("duration_seconds", self.duration.as_secs_f64())
+            .with("sent", self.sent)
+            .with("acked_ok", self.acked)
+            .with("delivered", self.delivered)
+            .with("unanswered_after_drain", self.sent.saturating_sub(self.replied))
+            .with("undelivered_after_drain", self.acked.saturating_sub(self.delivered))
+            .with("skipped_at_inflight_limit", self.skipped)
+            .with("errors", self.errors.clone())
+            .with("errors_total", self.errors_total)
+            .with("send_rate_per_second", self.sent_per_s())
+            .with("ack_throughput_per_second", self.acked_per_s())
+            .with("delivered_throughput_per_second", self.delivered_per_s())
+            .with("send_to_ack_ms", latency_json(&self.ack))
+            .with("send_to_delivered_ms", latency_json(&self.delivery))
+            .with("drain_seconds", self.drain.as_secs_f64())
+            .with("cpu", self.cpu.0.clone())
+    }
+
+    /// `ack p50 … p90 … p99 … p99.9 … max … ms; delivered p50 … ms`.
+    pub(super) fn latencies(&self) -> String {
+        fn one(name: &str, h: &Histogram) -> String {
+            let ms = |q: f64| h.quantile(q) as f64 / 1000.0;
+            format!(
+                "{name} p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1} ms",
+                ms(0.5),
+                ms(0.9),
+                ms(0.99),
+                ms(0.999),
+                h.max() as f64 / 1000.0
+            )
+        }
+        format!("{}; {}", one("ack", &self.ack), one("delivered", &self.delivery))
+    }
+}
+
+/// The connections of a run and the tasks driving them.
+pub(super) struct Driver {
+    run: Arc<Run>,
+    pairs: usize,
+    warmup: Duration,
+    drain: Duration,
+    plans: watch::Sender<Option<Arc<Plan>>>,
+    stop: watch::Sender<bool>,
+    writers: JoinSet<OwnedWriteHalf>,
+    readers: JoinSet<()>,
+    progress: Option<Progress>,
+    cpu: CpuMeter,
+}
+
+impl Driver {
+    /// Registers 2 × pairs users, connects them and starts the per-connection
+    /// tasks (idle until the first step).
+    pub(super) async fn start(args: &LatencyArgs, target: &Target) -> anyhow::Result<Driver> {
+        let p = args.pairs;
+        let api = Api::new(&target.apis)?;
+        let prefix = accounts::run_prefix();
+        let users = accounts::users(&api, &prefix, 2 * p, args.user_concurrency).await?;
+        let mut conns = connect_all(target.gateway, &users).await?;
+        let run = Arc::new(Run {
+            epoch: Instant::now(),
+            window: RwLock::new(Arc::new(Window::new(0, 0, 0))),
+            label: Mutex::new(String::new()),
+            sent_all: AtomicU64::new(0),
+            acked_all: AtomicU64::new(0),
+            delivered_all: AtomicU64::new(0),
+            echoes: AtomicU64::new(0),
+            unexpected: AtomicU64::new(0),
+            broken: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            errors: Tally::default(),
+        });
+        let (plans, plans_rx) = watch::channel(None::<Arc<Plan>>);
+        let (stop, stop_rx) = watch::channel(false);
+        let (mut readers, mut writers) = (JoinSet::new(), JoinSet::new());
+        for i in (0..p).rev() {
+            let (recipient, sender) =
+                (conns.pop().context("connection")?, conns.pop().context("connection")?);
+            let (s_rd, s_wr) = sender.stream.into_split();
+            let (r_rd, r_wr) = recipient.stream.into_split();
+            let permits = Arc::new(Semaphore::new(args.max_inflight));
+            readers.spawn(read_sender(s_rd, sender.reader, run.clone(), permits.clone()));
+            readers.spawn(read_recipient(r_rd, recipient.reader, sender.user, run.clone()));
+            let s = Sender {
+                to: recipient.user,
+                id_prefix: format!("{prefix}-{i}"),
+                phase: i as f64 / p as f64,
+                size: args.size,
+                permits,
+                heartbeat: sender.heartbeat,
+                n: 0,
+                last: 0,
+            };
+            writers.spawn(s.run(s_wr, run.clone(), plans_rx.clone()));
+            writers.spawn(heartbeat(r_wr, recipient.heartbeat, stop_rx.clone()));
+        }
+        let progress = {
+            let run = run.clone();
+            let mut last = (0.0, 0u64);
+            Progress::start("send", move |_| {
+                let t = run.now_us() as f64 / 1e6;
+                let sent = run.sent_all.load(Ordering::Relaxed);
+                let rate = (sent - last.1) as f64 / (t - last.0).max(1e-3);
+                last = (t, sent);
+                let w = run.window();
+                let now = run.now_us();
+                let phase = if now < w.from {
+                    "warmup"
+                } else if now < w.to {
+                    "measuring"
+                } else {
+                    "draining"
+                };
+                let (a, d) = (lock(&w.ack), lock(&w.delivery));
+                format!(
+                    "{}{phase} {t:.0}s: {rate:.0} msg/s, sent {sent}, acked {}, delivered {}, ack p50/p99 {:.1}/{:.1} ms, delivered p50/p99 {:.1}/{:.1} ms, errors {}, skipped {}",
+                    lock(&run.label),
+                    run.acked_all.load(Ordering::Relaxed),
+                    run.delivered_all.load(Ordering::Relaxed),
+                    a.quantile(0.5) as f64 / 1000.0,
+                    a.quantile(0.99) as f64 / 1000.0,
+                    d.quantile(0.5) as f64 / 1000.0,
+                    d.quantile(0.99) as f64 / 1000.0,
+                    run.errors.total(),
+                    w.skipped.load(Ordering::Relaxed),
+                )
+            })
+        };
+        Ok(Driver {
+            run,
+            pairs: p,
+            warmup: args.warmup,
+            drain: args.drain,
+            plans,
+            stop,
+            writers,
+            readers,
+            progress: Some(progress),
+            cpu: CpuMeter::new(target),
+        })
+    }
+
+    /// Runs one step: `--warmup` then `duration` of sending at `rate`, then
+    /// the drain; returns the figures of its measured window.
+    pub(super) async fn step(&mut self, rate: Rate, duration: Duration, label: String) -> StepFigures {
+        let run = &self.run;
+        *lock(&run.label) = label;
+        let start = run.now_us() + 50_000;
+        let from = start + self.warmup.as_micros() as u64;
+        let to = from + duration.as_micros() as u64;
+        let window = Arc::new(Window::new(start, from, to));
+        *run.window.write().unwrap_or_else(PoisonError::into_inner) = window.clone();
+        let period = match rate {
+            Rate::PerSecond(r) => Some(Duration::from_secs_f64(self.pairs as f64 / r)),
+            Rate::Max => None,
+        };
+        let _ = self.plans.send(Some(Arc::new(Plan { window: window.clone(), period })));
+        tokio::time::sleep_until((run.epoch + Duration::from_micros(from)).into()).await;
+        let cpu_from = self.cpu.sample();
+        tokio::time::sleep_until((run.epoch + Duration::from_micros(to)).into()).await;
+        let cpu_to = self.cpu.sample();
+        // Senders stop at `to`; a write started just before may still count a send.
+        let drain_start = Instant::now();
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        while drain_start.elapsed() < self.drain
+            && (n(&window.replied) < n(&window.sent) || n(&window.delivered) < n(&window.acked))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        StepFigures {
+            rate,
+            duration,
+            sent: n(&window.sent),
+            replied: n(&window.replied),
+            acked: n(&window.acked),
+            delivered: n(&window.delivered),
+            skipped: n(&window.skipped),
+            errors: window.errors.to_json(),
+            errors_total: window.errors.total(),
+            ack: lock(&window.ack).clone(),
+            delivery: lock(&window.delivery).clone(),
+            drain: drain_start.elapsed(),
+            cpu: self.cpu.used(&cpu_from, &cpu_to, duration.as_secs_f64(), n(&window.acked)),
+        }
+    }
+
+    /// Connections that ended while the run was going on (0 if all are up).
+    pub(super) fn broken(&self) -> u64 {
+        self.run.broken.load(Ordering::Relaxed)
+    }
+
+    /// Run-wide figures (all steps, warmups included).
+    pub(super) fn totals(&self) -> Json {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Json::obj()
+            .with("sent", n(&self.run.sent_all))
+            .with("acked_ok", n(&self.run.acked_all))
+            .with("delivered", n(&self.run.delivered_all))
+            .with("errors", self.run.errors.to_json())
+            .with("errors_total", self.run.errors.total())
+            .with("own_message_pushes_to_sender", n(&self.run.echoes))
+            .with("unexpected_pushes", n(&self.run.unexpected))
+            .with("broken_connections", n(&self.run.broken))
+    }
+
+    /// Stops every task and closes the connections.
+    pub(super) async fn finish(mut self) -> anyhow::Result<()> {
+        let _ = self.plans.send(None);
+        let _ = self.stop.send(true);
+        let mut write_halves = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Ok(Some(r)) = tokio::time::timeout_at(deadline, self.writers.join_next()).await {
+            write_halves.push(r.context("a writer task panicked")?);
+        }
+        self.run.stopping.store(true, Ordering::Relaxed);
+        self.writers.abort_all();
+        self.readers.abort_all();
+        while tokio::time::timeout(Duration::from_secs(5), self.readers.join_next())
+            .await
+            .is_ok_and(|r| r.is_some())
+        {}
+        drop(write_halves);
+        if let Some(p) = self.progress.take() {
+            p.finish().await;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the scenario: one step, or the SLO search with `--slo`.
 pub async fn run(args: &LatencyArgs, target: &Target) -> anyhow::Result<Outcome> {
     let p = args.pairs;
     anyhow::ensure!(p >= 1, "--pairs must be at least 1");
-    anyhow::ensure!(args.rate > 0.0 && args.rate.is_finite(), "--rate must be positive");
     anyhow::ensure!(!args.duration.is_zero(), "--duration must be positive");
     anyhow::ensure!(args.max_inflight >= 1, "--max-inflight must be at least 1");
+    slo::check(args)?;
     sys::check_nofile(2 * p as u64 + 256, &format!("{p} pairs"))?;
-
-    // Accounts and connections.
-    let api = Api::new(&target.apis)?;
-    let prefix = accounts::run_prefix();
-    let users = accounts::users(&api, &prefix, 2 * p, args.user_concurrency).await?;
-    let mut conns = connect_all(target.gateway, &users).await?;
-
-    // Sending.
-    let epoch = Instant::now() + Duration::from_millis(200);
-    let from = args.warmup.as_micros() as u64;
-    let run = Arc::new(Run {
-        epoch,
-        from,
-        to: from + args.duration.as_micros() as u64,
-        sent: AtomicU64::new(0),
-        sent_all: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-        acked_all: AtomicU64::new(0),
-        delivered: AtomicU64::new(0),
-        delivered_all: AtomicU64::new(0),
-        skipped: AtomicU64::new(0),
-        echoes: AtomicU64::new(0),
-        unexpected: AtomicU64::new(0),
-        inflight: AtomicI64::new(0),
-        stopping: AtomicBool::new(false),
-        errors: Tally::default(),
-        ack: Mutex::new(Histogram::default()),
-        delivery: Mutex::new(Histogram::default()),
-    });
-    let period = Duration::from_secs_f64(p as f64 / args.rate);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut readers = JoinSet::new();
-    let mut writers = JoinSet::new();
-    for i in (0..p).rev() {
-        let (recipient, sender) = (conns.pop().context("connection")?, conns.pop().context("connection")?);
-        let (s_rd, s_wr) = sender.stream.into_split();
-        let (r_rd, r_wr) = recipient.stream.into_split();
-        let inflight = Arc::new(AtomicUsize::new(0));
-        readers.spawn(read_sender(s_rd, sender.reader, run.clone(), inflight.clone()));
-        readers.spawn(read_recipient(r_rd, recipient.reader, sender.user, run.clone()));
-        let sending = Sending {
-            to: recipient.user,
-            id_prefix: format!("{prefix}-{i}"),
-            offset: period.mul_f64(i as f64 / p as f64),
-            period,
-            max_inflight: args.max_inflight,
-            size: args.size,
-        };
-        writers.spawn(sending.run(s_wr, run.clone(), inflight));
-        writers.spawn(heartbeat(r_wr, recipient.heartbeat, stop_rx.clone()));
-    }
-    let progress = {
-        let run = run.clone();
-        let mut last = (0.0, 0u64);
-        Progress::start("latency", move |_| {
-            let t = run.now_us() as f64 / 1e6;
-            let sent = run.sent_all.load(Ordering::Relaxed);
-            let rate = (sent - last.1) as f64 / (t - last.0).max(1e-3);
-            last = (t, sent);
-            let phase = if run.now_us() < run.from {
-                "warmup"
-            } else if run.now_us() < run.to {
-                "measuring"
-            } else {
-                "draining"
-            };
-            let (a, d) = (lock(&run.ack), lock(&run.delivery));
-            format!(
-                "{phase} {t:.0}s: {rate:.0} msg/s, sent {sent}, acked {}, delivered {}, ack p50/p99 {:.1}/{:.1} ms, delivered p50/p99 {:.1}/{:.1} ms, errors {}, skipped {}",
-                run.acked_all.load(Ordering::Relaxed),
-                run.delivered_all.load(Ordering::Relaxed),
-                a.quantile(0.5) as f64 / 1000.0,
-                a.quantile(0.99) as f64 / 1000.0,
-                d.quantile(0.5) as f64 / 1000.0,
-                d.quantile(0.99) as f64 / 1000.0,
-                run.errors.total(),
-                run.skipped.load(Ordering::Relaxed),
-            )
-        })
+    let mut driver = Driver::start(args, target).await?;
+    let outcome = if args.slo.slo.is_some() {
+        slo::search(args, &mut driver).await
+    } else {
+        let f = driver.step(args.rate, args.duration, String::new()).await;
+        single(args, &f, driver.totals())
     };
+    driver.finish().await?;
+    Ok(outcome)
+}
 
-    // Wait for the senders (they stop at the end of the window), then drain.
-    let send_end = epoch + Duration::from_micros(run.to);
-    tokio::time::sleep_until(send_end.into()).await;
-    let mut write_halves = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let _ = stop_tx.send(true); // heartbeats of recipients end too; their halves are kept below
-    while let Ok(Some(r)) = tokio::time::timeout_at(deadline, writers.join_next()).await {
-        write_halves.push(r.context("a writer task panicked")?);
-    }
-    let drain_start = Instant::now();
-    while drain_start.elapsed() < args.drain
-        && (run.inflight.load(Ordering::Relaxed) > 0
-            || run.delivered_all.load(Ordering::Relaxed) < run.acked_all.load(Ordering::Relaxed))
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let drain_s = drain_start.elapsed().as_secs_f64();
-    run.stopping.store(true, Ordering::Relaxed);
-    readers.abort_all();
-    while tokio::time::timeout(Duration::from_secs(5), readers.join_next()).await.is_ok_and(|r| r.is_some()) {
-    }
-    drop(write_halves);
-    progress.finish().await;
-
-    // Figures.
-    let secs = args.duration.as_secs_f64();
-    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let (ack, delivery) = (lock(&run.ack).clone(), lock(&run.delivery).clone());
-    let undelivered = n(&run.acked).saturating_sub(n(&run.delivered));
-    let results = Json::obj()
-        .with("sent", n(&run.sent))
-        .with("acked_ok", n(&run.acked))
-        .with("delivered", n(&run.delivered))
-        .with("undelivered_after_drain", undelivered)
-        .with("skipped_at_inflight_limit", n(&run.skipped))
-        .with("errors", run.errors.to_json())
-        .with("errors_total", run.errors.total())
-        .with("send_rate_per_second", n(&run.sent) as f64 / secs)
-        .with("ack_throughput_per_second", n(&run.acked) as f64 / secs)
-        .with("delivered_throughput_per_second", n(&run.delivered) as f64 / secs)
-        .with("send_to_ack_ms", latency_json(&ack))
-        .with("send_to_delivered_ms", latency_json(&delivery))
-        .with("own_message_pushes_to_sender", n(&run.echoes))
-        .with("unexpected_pushes", n(&run.unexpected))
-        .with(
-            "including_warmup",
-            Json::obj()
-                .with("sent", n(&run.sent_all))
-                .with("acked_ok", n(&run.acked_all))
-                .with("delivered", n(&run.delivered_all)),
-        )
-        .with("drain_seconds", drain_s);
-    let params = Json::obj()
-        .with("pairs", p)
-        .with("target_rate_per_second", args.rate)
-        .with("duration_seconds", secs)
+/// The parameters every mode shares.
+pub(super) fn params(args: &LatencyArgs) -> Json {
+    Json::obj()
+        .with("pairs", args.pairs)
+        .with("target_rate_per_second", args.rate.json())
+        .with("loop", if args.rate == Rate::Max { "closed" } else { "open" })
         .with("warmup_seconds", args.warmup.as_secs_f64())
         .with("max_inflight_per_sender", args.max_inflight)
         .with("message_bytes", args.size)
-        .with("drain_timeout_seconds", args.drain.as_secs_f64());
-    let ms = |h: &Histogram, q: f64| h.quantile(q) as f64 / 1000.0;
+        .with("drain_timeout_seconds", args.drain.as_secs_f64())
+}
+
+/// The outcome of a single run.
+fn single(args: &LatencyArgs, f: &StepFigures, totals: Json) -> Outcome {
+    let mut results = f.to_json();
+    results.set("including_warmup", totals);
+    let params = params(args).with("duration_seconds", args.duration.as_secs_f64());
+    let head = match args.rate {
+        Rate::PerSecond(r) => format!("send: target {r:.0} msg/s, sent {:.0}/s", f.sent_per_s()),
+        Rate::Max => format!(
+            "send: closed loop ({} in flight per sender), sent {:.0}/s",
+            args.max_inflight,
+            f.sent_per_s()
+        ),
+    };
     let summary = format!(
-        "latency: target {:.0} msg/s, sent {:.0}/s, acked {:.0}/s; ack p50 {:.1} p99 {:.1} p99.9 {:.1} max {:.1} ms; \
-         delivered p50 {:.1} p99 {:.1} p99.9 {:.1} max {:.1} ms; errors {}, skipped {}, undelivered {}",
-        args.rate,
-        n(&run.sent) as f64 / secs,
-        n(&run.acked) as f64 / secs,
-        ms(&ack, 0.5),
-        ms(&ack, 0.99),
-        ms(&ack, 0.999),
-        ack.max() as f64 / 1000.0,
-        ms(&delivery, 0.5),
-        ms(&delivery, 0.99),
-        ms(&delivery, 0.999),
-        delivery.max() as f64 / 1000.0,
-        run.errors.total(),
-        n(&run.skipped),
-        undelivered,
+        "{head}, acked {:.0}/s, delivered {:.0}/s; {}; errors {}, skipped {}, unanswered {}, undelivered {}; {}",
+        f.acked_per_s(),
+        f.delivered_per_s(),
+        f.latencies(),
+        f.errors_total,
+        f.skipped,
+        f.sent.saturating_sub(f.replied),
+        f.acked.saturating_sub(f.delivered),
+        f.cpu.1,
     );
-    Ok(Outcome { params, results, summary })
+    Outcome { params, results, summary }
 }
 
 /// A signed-in connection.
@@ -297,7 +570,7 @@ pub(super) async fn connect_all(
     gateway: std::net::SocketAddr,
     users: &[Cred],
 ) -> anyhow::Result<Vec<Connected>> {
-    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let sem = Arc::new(Semaphore::new(16));
     let mut tasks = JoinSet::new();
     for (i, c) in users.iter().cloned().enumerate() {
         let sem = sem.clone();
@@ -323,57 +596,127 @@ pub(super) async fn connect_all(
     out.into_iter().map(|c| c.context("missing connection")).collect()
 }
 
-/// One sender's schedule.
-struct Sending {
+/// One sender: its recipient, its in-flight permits and its send counter.
+struct Sender {
     to: u64,
     id_prefix: String,
-    offset: Duration,
-    period: Duration,
-    max_inflight: usize,
+    /// Offset of its ticks within a period, as a fraction of the period.
+    phase: f64,
     size: usize,
+    permits: Arc<Semaphore>,
+    heartbeat: Duration,
+    /// Sends so far (client message ids).
+    n: u64,
+    /// Send time of the last send (request ids stay unique).
+    last: u64,
 }
 
-impl Sending {
-    /// Sends until the end of the measured window; returns the write half
-    /// (dropping it would half-close the connection, and the gateway closes
-    /// a half-closed connection at once).
-    async fn run(self, mut wr: OwnedWriteHalf, run: Arc<Run>, inflight: Arc<AtomicUsize>) -> OwnedWriteHalf {
-        let start = tokio::time::Instant::from_std(run.epoch + self.offset);
-        let mut tick = tokio::time::interval_at(start, self.period);
-        let (mut last, mut n) = (0u64, 0u64);
+impl Sender {
+    /// Runs every plan it is given, heartbeating while idle, until the plan
+    /// channel says stop or a write fails; returns the write half (dropping
+    /// it would half-close the connection, and the gateway closes a
+    /// half-closed connection at once).
+    async fn run(
+        mut self,
+        mut wr: OwnedWriteHalf,
+        run: Arc<Run>,
+        mut plans: watch::Receiver<Option<Arc<Plan>>>,
+    ) -> OwnedWriteHalf {
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
+        let mut beat_id = 0u64;
         loop {
-            tick.tick().await;
-            let t = run.now_us().max(last + 1);
-            if t >= run.to {
-                return wr;
-            }
-            if inflight.load(Ordering::Relaxed) >= self.max_inflight {
-                if run.measured(t) {
-                    run.skipped.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                changed = plans.changed() => {
+                    let plan = plans.borrow_and_update().clone();
+                    let (Ok(()), Some(plan)) = (changed, plan) else { return wr };
+                    if !self.step(&mut wr, &run, &plan).await {
+                        return wr;
+                    }
+                    beat.reset();
                 }
-                continue;
-            }
-            last = t;
-            n += 1;
-            let mut text = format!("{t} ").into_bytes();
-            text.resize(self.size.max(text.len()), b'x');
-            let input = wire::send_input(self.to, &format!("{}-{n}", self.id_prefix), &text);
-            let frame = wire::frame(&wire::request(t, Command::Send, input));
-            inflight.fetch_add(1, Ordering::Relaxed);
-            run.inflight.fetch_add(1, Ordering::Relaxed);
-            if !matches!(tokio::time::timeout(Duration::from_secs(5), wr.write_all(&frame)).await, Ok(Ok(())))
-            {
-                inflight.fetch_sub(1, Ordering::Relaxed);
-                run.inflight.fetch_sub(1, Ordering::Relaxed);
-                run.errors.add("send: write failed");
-                return wr;
-            }
-            run.sent_all.fetch_add(1, Ordering::Relaxed);
-            if run.measured(t) {
-                run.sent.fetch_add(1, Ordering::Relaxed);
+                _ = beat.tick() => {
+                    beat_id += 1;
+                    let f = wire::frame(&wire::request(beat_id, Command::Heartbeat, Vec::new()));
+                    if !write(&mut wr, &f).await {
+                        run.error("sender heartbeat: write failed".into());
+                        return wr;
+                    }
+                }
             }
         }
     }
+
+    /// Sends during a plan's window; false if a write failed.
+    async fn step(&mut self, wr: &mut OwnedWriteHalf, run: &Run, plan: &Plan) -> bool {
+        let w = &plan.window;
+        let at = |us: u64| tokio::time::Instant::from_std(run.epoch + Duration::from_micros(us));
+        match plan.period {
+            Some(period) => {
+                let mut tick = tokio::time::interval_at(at(w.start) + period.mul_f64(self.phase), period);
+                loop {
+                    tick.tick().await;
+                    let t = run.now_us().max(self.last + 1);
+                    if t >= w.to {
+                        return true;
+                    }
+                    match self.permits.try_acquire() {
+                        Ok(p) => p.forget(),
+                        Err(_) => {
+                            if w.measured(t) {
+                                w.skipped.fetch_add(1, Ordering::Relaxed);
+                            }
+                            continue;
+                        }
+                    }
+                    if !self.send(wr, run, w, t).await {
+                        return false;
+                    }
+                }
+            }
+            None => {
+                tokio::time::sleep_until(at(w.start)).await;
+                loop {
+                    match tokio::time::timeout_at(at(w.to), self.permits.acquire()).await {
+                        Ok(Ok(p)) => p.forget(),
+                        _ => return true,
+                    }
+                    let t = run.now_us().max(self.last + 1);
+                    if t >= w.to {
+                        self.permits.add_permits(1);
+                        return true;
+                    }
+                    if !self.send(wr, run, w, t).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes one `SEND` stamped `t` (its permit is taken); false if the write failed.
+    async fn send(&mut self, wr: &mut OwnedWriteHalf, run: &Run, w: &Window, t: u64) -> bool {
+        self.last = t;
+        self.n += 1;
+        let mut text = format!("{t} ").into_bytes();
+        text.resize(self.size.max(text.len()), b'x');
+        let input = wire::send_input(self.to, &format!("{}-{}", self.id_prefix, self.n), &text);
+        let frame = wire::frame(&wire::request(t, Command::Send, input));
+        if !write(wr, &frame).await {
+            self.permits.add_permits(1);
+            run.error("send: write failed".into());
+            return false;
+        }
+        run.sent_all.fetch_add(1, Ordering::Relaxed);
+        if w.measured(t) {
+            w.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+}
+
+/// Writes a frame within 5 s; false on failure or timeout.
+async fn write(wr: &mut OwnedWriteHalf, frame: &[u8]) -> bool {
+    matches!(tokio::time::timeout(Duration::from_secs(5), wr.write_all(frame)).await, Ok(Ok(())))
 }
 
 /// Heartbeats a recipient until stopped; returns the write half.
@@ -389,7 +732,7 @@ pub(super) async fn heartbeat(
             _ = beat.tick() => {
                 id += 1;
                 let f = wire::frame(&wire::request(id, Command::Heartbeat, Vec::new()));
-                if !matches!(tokio::time::timeout(Duration::from_secs(5), wr.write_all(&f)).await, Ok(Ok(()))) {
+                if !write(&mut wr, &f).await {
                     return wr;
                 }
             }
@@ -398,33 +741,38 @@ pub(super) async fn heartbeat(
     }
 }
 
-/// Reads a sender's connection: replies to `SEND` (ack latency), its own
-/// message copies, kicks.
-async fn read_sender(mut rd: OwnedReadHalf, mut reader: Reader, run: Arc<Run>, inflight: Arc<AtomicUsize>) {
+/// Reads a sender's connection: replies to `SEND` (ack latency; each gives
+/// a permit back), its own message copies, kicks.
+async fn read_sender(mut rd: OwnedReadHalf, mut reader: Reader, run: Arc<Run>, permits: Arc<Semaphore>) {
     loop {
         let p = match reader.next(&mut rd).await {
             Ok(Some(p)) => p,
             other => return closed(&run, "sender", other.err()),
         };
         if p.command == Command::Send as i32 && p.request_id != 0 {
-            inflight.fetch_sub(1, Ordering::Relaxed);
-            run.inflight.fetch_sub(1, Ordering::Relaxed);
+            permits.add_permits(1);
             let now = run.now_us();
+            let w = run.window();
+            let measured = w.measured(p.request_id);
+            if measured {
+                w.replied.fetch_add(1, Ordering::Relaxed);
+            }
             match wire::reply(&p.content) {
                 Ok(r) if r.code == 0 => {
                     run.acked_all.fetch_add(1, Ordering::Relaxed);
-                    if run.measured(p.request_id) {
-                        run.acked.fetch_add(1, Ordering::Relaxed);
-                        lock(&run.ack).record(now.saturating_sub(p.request_id));
+                    if measured {
+                        // The histogram first: the drain reads `acked` as "recorded".
+                        lock(&w.ack).record(now.saturating_sub(p.request_id));
+                        w.acked.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Ok(r) => run.errors.add(format!("send: {}", code_name(r.code))),
-                Err(_) => run.errors.add("send: malformed reply"),
+                Ok(r) => run.error(format!("send: {}", code_name(r.code))),
+                Err(_) => run.error("send: malformed reply".into()),
             }
         } else if p.command == Command::Message as i32 {
             run.echoes.fetch_add(1, Ordering::Relaxed);
         } else if p.command == Command::Kick as i32 {
-            run.errors.add(format!("sender kicked: {}", code_name(wire::kick_code(&p.content))));
+            run.error(format!("sender kicked: {}", code_name(wire::kick_code(&p.content))));
         }
     }
 }
@@ -438,7 +786,7 @@ async fn read_recipient(mut rd: OwnedReadHalf, mut reader: Reader, sender: u64, 
             other => return closed(&run, "recipient", other.err()),
         };
         if p.command == Command::Kick as i32 {
-            run.errors.add(format!("recipient kicked: {}", code_name(wire::kick_code(&p.content))));
+            run.error(format!("recipient kicked: {}", code_name(wire::kick_code(&p.content))));
             continue;
         }
         if p.command != Command::Message as i32 {
@@ -452,9 +800,10 @@ async fn read_recipient(mut rd: OwnedReadHalf, mut reader: Reader, sender: u64, 
         match sent_at {
             Some(t) => {
                 run.delivered_all.fetch_add(1, Ordering::Relaxed);
-                if run.measured(t) {
-                    run.delivered.fetch_add(1, Ordering::Relaxed);
-                    lock(&run.delivery).record(now.saturating_sub(t));
+                let w = run.window();
+                if w.measured(t) {
+                    lock(&w.delivery).record(now.saturating_sub(t));
+                    w.delivered.fetch_add(1, Ordering::Relaxed);
                 }
             }
             None => {
@@ -469,10 +818,26 @@ fn closed(run: &Run, who: &str, err: Option<anyhow::Error>) {
     if run.stopping.load(Ordering::Relaxed) {
         return;
     }
+    run.broken.fetch_add(1, Ordering::Relaxed);
     match err {
-        Some(e) => run
-            .errors
-            .add(format!("{who} connection: {}", e.to_string().chars().take(60).collect::<String>())),
-        None => run.errors.add(format!("{who} connection closed by the gateway")),
+        Some(e) => {
+            run.error(format!("{who} connection: {}", e.to_string().chars().take(60).collect::<String>()))
+        }
+        None => run.error(format!("{who} connection closed by the gateway")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("500"), Ok(Rate::PerSecond(500.0)));
+        assert_eq!(parse_rate(" 2.5 "), Ok(Rate::PerSecond(2.5)));
+        assert_eq!(parse_rate("MAX"), Ok(Rate::Max));
+        for bad in ["0", "-3", "inf", "NaN", "fast", ""] {
+            assert!(parse_rate(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -2,20 +2,30 @@
 //! a JSON result file and a one-line summary on stdout.
 //!
 //! ```text
-//! rim bench connections --spawn --connections 10000
-//! rim bench latency --spawn --rate 500 --duration 30s
-//! rim bench latency --gateway 127.0.0.1:7400 --api 127.0.0.1:7101 --rate 1000
-//! rim bench fanout --spawn --kind super --members 10000 --online 1000
+//! rim bench send --spawn --pairs 256 --rate 2000 --duration 30s
+//! rim bench send --spawn --pairs 256 --rate max
+//! rim bench send --spawn --pairs 256 --rate 1000 --slo 50ms
+//! rim bench send --gateway 127.0.0.1:7400 --api 127.0.0.1:7101 --rate 1000
+//! rim bench connections --spawn --connections 50000
+//! rim bench fanout --spawn --kind super --members 10000 --online 10000
+//! rim bench failover --spawn
+//! rim bench sync --spawn --devices 4 --messages 10000
 //! ```
 //!
 //! Scenarios (clap subcommands):
 //!
+//! * `send` ([`latency`]; alias `latency`): 1:1 messages between pairs of
+//!   connected users at a target rate or as fast as acks allow; send → ack
+//!   and send → delivered latency percentiles; with `--slo` ([`slo`]), a
+//!   search for the highest rate whose p99 stays within the bound.
 //! * [`connections`]: idle signed-in TCP connections; the gateway's resident
 //!   memory per connection and the sign-in rate.
-//! * [`latency`]: 1:1 messages between pairs of connected users at a target
-//!   rate; send → ack and send → delivered latency percentiles.
 //! * [`fanout`]: group messages (small or super group) to many online
 //!   members; deliveries per second and send → delivered latency.
+//! * [`failover`]: steady 1:1 load while a shard leader is killed; the
+//!   write-unavailability window and whether anything acknowledged was lost.
+//! * [`sync`]: devices offline for many messages reconnect; catch-up time
+//!   and messages per second of sync, every message checked.
 //!
 //! Every scenario runs either against a cluster it spawns itself
 //! (`--spawn`: 3 × `rim node` + 1 × `rim gateway` as child processes, see
@@ -32,12 +42,14 @@
 
 mod accounts;
 mod connections;
+mod cpu;
 mod failover;
 mod fanout;
 mod hist;
 mod json;
 mod latency;
 mod progress;
+mod slo;
 mod sync;
 mod sys;
 mod target;

@@ -16,6 +16,43 @@ pub fn self_rss_kib() -> Option<u64> {
     status_kib("/proc/self/status", "VmRSS:")
 }
 
+/// CPU time (user + system) of process `pid` (`None`: this process) in
+/// seconds, from `/proc/PID/stat` (clock ticks of 1/100 s, Linux's USER_HZ).
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = pid.map_or_else(|| "/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let text = std::fs::read_to_string(path).ok()?;
+    parse_stat_cpu(&text)
+}
+
+/// `utime + stime` of a `/proc/PID/stat` line, in seconds. The command name
+/// (field 2) may hold spaces, so fields are counted after its closing `)`.
+fn parse_stat_cpu(text: &str) -> Option<f64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11); // state is field 3; utime is 14
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// Busy and total CPU time of the whole machine in seconds (the `cpu` line
+/// of `/proc/stat`; idle and iowait count as not busy).
+pub fn machine_cpu_seconds() -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_proc_stat(&text)
+}
+
+fn parse_proc_stat(text: &str) -> Option<(f64, f64)> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 5 {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v[3] + v[4];
+    Some(((total - idle) as f64 / 100.0, total as f64 / 100.0))
+}
+
 /// A `Key:   1234 kB` line of a `/proc` file, in KiB.
 fn status_kib(path: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -143,6 +180,18 @@ pub fn mib(kib: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_times_parse() {
+        let stat = "4242 (rim node x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 1 1 1";
+        assert_eq!(parse_stat_cpu(stat), Some(3.0));
+        assert_eq!(parse_stat_cpu("garbage"), None);
+        let proc_stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n";
+        assert_eq!(parse_proc_stat(proc_stat), Some((1.5, 10.0)));
+        assert!(cpu_seconds(None).is_some());
+        let (busy, total) = machine_cpu_seconds().expect("/proc/stat");
+        assert!(busy <= total);
+    }
 
     #[test]
     fn parses_proc_text() {

@@ -7,12 +7,18 @@
 //! data. [`Spawned`] kills (SIGKILL) and reaps them when dropped, which
 //! happens on success, on error and on Ctrl-C (the scenario future is
 //! dropped first); only a SIGKILL of the bench itself leaves them running.
+//!
+//! A scenario may also kill one node on purpose ([`Spawned::kill_node`],
+//! `rim bench failover`) and start it again on the same data and addresses
+//! ([`Spawned::restart_node`]); the children sit behind a mutex so that
+//! works through the shared `&Target` every scenario gets.
 
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -123,15 +129,49 @@ impl Target {
 pub struct Spawned {
     dir: PathBuf,
     remove_dir: bool,
-    children: Vec<(String, Child, PathBuf)>,
+    secret: String,
+    child_log: Option<String>,
+    nodes: Vec<SpawnedNode>,
+    children: Mutex<Vec<ChildProc>>,
+}
+
+/// A spawned `rim node`: its id and listen addresses.
+#[derive(Debug, Clone)]
+pub struct SpawnedNode {
+    /// Node id (1, 2, 3).
+    pub id: u64,
+    /// Internal gRPC address (Raft, gateway, admin services).
+    pub internal: String,
+    /// Client gRPC address.
+    pub client: String,
+    /// HTTP address (`/healthz`, `/metrics`).
+    pub http: String,
+}
+
+/// One child process: its name (`node-<id>` or `gateway`), the process,
+/// its log file and its arguments (to start it again).
+struct ChildProc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    args: Vec<String>,
 }
 
 impl Spawned {
+    fn children(&self) -> MutexGuard<'_, Vec<ChildProc>> {
+        self.children.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Fails (with the log tail) if a child exited on its own.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        for (name, child, log) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait() {
-                bail!("{name} exited with {status}; log tail ({}):\n{}", log.display(), tail(log, 30));
+    fn check_alive(&self) -> anyhow::Result<()> {
+        for c in self.children().iter_mut() {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                bail!(
+                    "{} exited with {status}; log tail ({}):\n{}",
+                    c.name,
+                    c.log.display(),
+                    tail(&c.log, 30)
+                );
             }
         }
         Ok(())
@@ -142,16 +182,85 @@ impl Spawned {
         &self.dir
     }
 
-    fn start(&mut self, name: &str, args: &[String], rim_log: Option<&str>) -> anyhow::Result<u32> {
+    /// The cluster secret the nodes and the gateway were started with.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    /// Names (`node-<id>`, `gateway`) and PIDs of the children, in start order.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.children().iter().map(|c| (c.name.clone(), c.child.id())).collect()
+    }
+
+    /// The nodes, in id order.
+    pub fn nodes(&self) -> &[SpawnedNode] {
+        &self.nodes
+    }
+
+    /// Sends SIGKILL to node `id` (no shutdown, no flush: a crash); returns
+    /// its PID. The process is reaped later (by [`Spawned::restart_node`]
+    /// or on drop).
+    pub fn kill_node(&self, id: u64) -> anyhow::Result<u32> {
+        let name = format!("node-{id}");
+        let mut children = self.children();
+        let c = children.iter_mut().find(|c| c.name == name).with_context(|| format!("no spawned {name}"))?;
+        if let Some(status) = c.child.try_wait().with_context(|| format!("checking {name}"))? {
+            bail!("{name} already exited ({status}); log tail ({}):\n{}", c.log.display(), tail(&c.log, 15));
+        }
+        let pid = c.child.id();
+        c.child.kill().with_context(|| format!("sending SIGKILL to {name} (pid {pid})"))?;
+        Ok(pid)
+    }
+
+    /// Starts node `id` again (after [`Spawned::kill_node`]) with the same
+    /// arguments, data and addresses, its output appended to its log, and
+    /// waits up to `timeout` for its `/healthz`; returns the new PID.
+    pub async fn restart_node(&self, id: u64, timeout: Duration) -> anyhow::Result<u32> {
+        let name = format!("node-{id}");
+        let node = self.nodes.iter().find(|n| n.id == id).with_context(|| format!("no spawned {name}"))?;
+        // The old process must be gone (SIGKILL is quick, but not instant).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let args = loop {
+            {
+                let mut children = self.children();
+                let c = children
+                    .iter_mut()
+                    .find(|c| c.name == name)
+                    .with_context(|| format!("no spawned {name}"))?;
+                if c.child.try_wait().with_context(|| format!("checking {name}"))?.is_some() {
+                    break c.args.clone();
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("{name} is still running; kill it first");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let pid = self.start(&name, &args, true)?;
+        wait_healthy(self, &node.http, timeout)
+            .await
+            .with_context(|| format!("waiting for the restarted {name}"))?;
+        Ok(pid)
+    }
+
+    /// Starts a child (replacing an exited one of the same name), its
+    /// output in `<name>.log` (appended to when `append`).
+    fn start(&self, name: &str, args: &[String], append: bool) -> anyhow::Result<u32> {
         let log_path = self.dir.join(format!("{name}.log"));
-        let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let log = File::options()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = Command::new(std::env::current_exe().context("locating the rim binary")?);
         for (k, _) in std::env::vars() {
             if k.starts_with("RIM_") {
                 cmd.env_remove(k);
             }
         }
-        if let Some(filter) = rim_log {
+        if let Some(filter) = &self.child_log {
             cmd.env("RIM_LOG", filter);
         }
         cmd.args(args)
@@ -162,16 +271,22 @@ impl Spawned {
             .process_group(0);
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         let pid = child.id();
-        self.children.push((name.to_string(), child, log_path));
+        let proc = ChildProc { name: name.to_string(), child, log: log_path, args: args.to_vec() };
+        let mut children = self.children();
+        match children.iter_mut().find(|c| c.name == name) {
+            Some(old) => *old = proc,
+            None => children.push(proc),
+        }
         Ok(pid)
     }
 }
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        for (_, child, _) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
+        let children = self.children.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for c in children.iter_mut() {
+            let _ = c.child.kill();
+            let _ = c.child.wait();
         }
         if self.remove_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -195,8 +310,14 @@ async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
     let parent = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     let (dir, remove_dir) = (parent.join(format!("rim-bench-{}-{nanos}", std::process::id())), !args.keep);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut sp = Spawned { dir: dir.clone(), remove_dir, children: Vec::new() };
-    let log = args.child_log.as_deref();
+    let mut sp = Spawned {
+        dir: dir.clone(),
+        remove_dir,
+        secret: secret.clone(),
+        child_log: args.child_log.clone(),
+        nodes: Vec::new(),
+        children: Mutex::new(Vec::new()),
+    };
     let internal: Vec<String> = (0..3).map(|_| free_addr()).collect();
     let peers =
         internal.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
@@ -230,12 +351,18 @@ async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        sp.start(&format!("node-{id}"), &node_args, log)?;
+        sp.start(&format!("node-{id}"), &node_args, false)?;
+        sp.nodes.push(SpawnedNode {
+            id: i as u64 + 1,
+            internal: listen.clone(),
+            client: client.clone(),
+            http: http.clone(),
+        });
         apis.push(client);
         https.push(http);
     }
     for h in &https {
-        wait_healthy(&mut sp, h, Duration::from_secs(60)).await.context("waiting for the nodes")?;
+        wait_healthy(&sp, h, Duration::from_secs(60)).await.context("waiting for the nodes")?;
     }
     let (tcp, http) = (free_addr(), free_addr());
     let mut gw_args: Vec<String> = [
@@ -257,8 +384,8 @@ async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
     if let Some(t) = args.gateway_threads {
         gw_args.extend(["--threads".to_string(), t.to_string()]);
     }
-    let gateway_pid = sp.start("gateway", &gw_args, log)?;
-    wait_healthy(&mut sp, &http, Duration::from_secs(30)).await.context("waiting for the gateway")?;
+    let gateway_pid = sp.start("gateway", &gw_args, false)?;
+    wait_healthy(&sp, &http, Duration::from_secs(30)).await.context("waiting for the gateway")?;
     let shape = Json::obj()
         .with("spawned", true)
         .with("nodes", 3u64)
@@ -282,7 +409,7 @@ async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
 }
 
 /// Polls `http://addr/healthz` until it answers 200.
-async fn wait_healthy(sp: &mut Spawned, addr: &str, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_healthy(sp: &Spawned, addr: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         sp.check_alive()?;
@@ -293,7 +420,7 @@ async fn wait_healthy(sp: &mut Spawned, addr: &str, timeout: Duration) -> anyhow
         };
         if Instant::now() >= deadline {
             let logs: Vec<String> =
-                sp.children.iter().map(|(n, _, l)| format!("--- {n} ---\n{}", tail(l, 15))).collect();
+                sp.children().iter().map(|c| format!("--- {} ---\n{}", c.name, tail(&c.log, 15))).collect();
             bail!("{addr} not healthy within {timeout:?} (last: {last}); log tails:\n{}", logs.join("\n"));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

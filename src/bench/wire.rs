@@ -301,6 +301,12 @@ pub async fn sign_in<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Duration::from_millis(if ms == 0 { 30_000 } else { ms }))
 }
 
+/// A reader like [`Reader::new`] that accepts frames up to `max_frame`
+/// bytes (SYNC pages of many messages exceed [`MAX_FRAME`]).
+pub fn reader_with_max_frame(chunk: usize, max_frame: usize) -> Reader {
+    Reader { dec: FrameDecoder::new(max_frame), scratch: vec![0; chunk].into_boxed_slice() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
