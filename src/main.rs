@@ -5,6 +5,13 @@
 //! a node's admin service, `rim gateway` runs a gateway (`rim-gateway`),
 //! `rim dev` starts a local cluster with a gateway.
 
+/// mimalloc instead of glibc's allocator: the gateway and the nodes allocate
+/// and free small buffers per message on many threads, where glibc spent a
+/// measurable share of the CPU in `malloc_consolidate` and `free`
+/// (docs/benchmarks.md, "Where the CPU goes").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod admin;
 mod bench;
 mod chat;

@@ -2,13 +2,21 @@
 //!
 //! # Group commit at the proposal layer
 //!
-//! Every write to a group goes through its [`Proposer`]: a bounded queue
+//! Every write to a group goes through its proposer: a bounded queue
 //! drained by one task that packs whatever is waiting (up to
-//! `max_batch_ops` and [`MAX_ENTRY_BYTES`]) into one Raft entry. At most `max_inflight_proposals`
-//! entries are in flight; while they are, new operations accumulate, so
-//! under load batches grow and one fsync round commits many messages. Idle,
-//! a lone operation is proposed at once. Entries are handed to openraft in
-//! queue order, so operations keep their submission order in the log.
+//! `max_batch_ops` operations and [`MAX_ENTRY_BYTES`]) into one Raft entry.
+//! At most `max_inflight_proposals` entries are in flight; while they are,
+//! new operations accumulate, so under load batches grow and one fsync
+//! round commits many messages. Idle, a lone operation is proposed at once.
+//! Entries are handed to openraft in queue order, so operations keep their
+//! submission order in the log.
+//!
+//! The outbox relay's operations (`Deliver`, `AckOutbox`) have a queue of
+//! their own that the proposer drains first: they carry messages already
+//! acknowledged to their senders, and behind a full client queue their
+//! latency (the delivery latency of every cross-shard message) grew with
+//! the client load while the relay backlog grew without bound. Order is
+//! kept within each queue; the two carry unrelated operations.
 //!
 //! # Reads
 //!
@@ -46,6 +54,9 @@ const PROPOSAL_QUEUE: usize = 16_384;
 /// may exceed it by its last operation, itself bounded by the content
 /// limits): keeps `AppendEntries` small, see `node.rs`.
 pub const MAX_ENTRY_BYTES: usize = 256 << 10;
+/// Capacity of a group's relay queue (its relay has a few operations in
+/// flight at a time; forwarded ones from other nodes' relays add a few).
+const INTERNAL_QUEUE: usize = 1_024;
 /// Capacity of a group's applied-effects channel.
 const EVENT_CHANNEL: usize = 4_096;
 /// Capacity of a group's online-push channel (a push stream that falls this
@@ -89,6 +100,8 @@ pub struct Group {
     /// sends on it; see [`Group::push_online`]).
     pub online: broadcast::Sender<Arc<OnlinePush>>,
     proposals: mpsc::Sender<(Op, Reply)>,
+    /// The relay's operations, proposed before the client queue's.
+    internal: mpsc::Sender<(Op, Reply)>,
     /// `Some` only with the `ack_before_commit` sabotage.
     early_acks: Option<Mutex<Predictions>>,
 }
@@ -124,10 +137,11 @@ impl Group {
             .await
             .map_err(|e| Error::Internal(format!("starting group {shard}: {e}")))?;
         let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE);
-        tokio::spawn(run_proposer(raft.clone(), rx, opts, shard));
+        let (itx, irx) = mpsc::channel(INTERNAL_QUEUE);
+        tokio::spawn(run_proposer(raft.clone(), Queues { internal: irx, clients: rx }, opts, shard));
         let early_acks = opts.ack_before_commit.then(Mutex::default);
         let (online, _) = broadcast::channel(ONLINE_CHANNEL);
-        Ok(Arc::new(Group { shard, raft, reader, events, online, proposals: tx, early_acks }))
+        Ok(Arc::new(Group { shard, raft, reader, events, online, proposals: tx, internal: itx, early_acks }))
     }
 
     /// This node's id in the group.
@@ -166,7 +180,11 @@ impl Group {
             None => None,
             Some(p) => self.predict(p, &op)?,
         };
-        self.proposals.try_send((op, tx)).map_err(|e| match e {
+        let queue = match &op.op {
+            Some(O::Deliver(_) | O::AckOutbox(_)) => &self.internal,
+            _ => &self.proposals,
+        };
+        queue.try_send((op, tx)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 Error::rejected(rim_proto::ErrorCode::ErrorBusy, "proposal queue full")
             }
@@ -255,27 +273,45 @@ impl Group {
 }
 
 /// Drains the proposal queue into Raft entries (see the module doc).
-async fn run_proposer(
-    raft: Raft<TypeConfig>,
-    mut rx: mpsc::Receiver<(Op, Reply)>,
-    opts: ProposerOptions,
-    shard: ShardId,
-) {
+/// A proposer's two queues (see the module doc).
+struct Queues {
+    internal: mpsc::Receiver<(Op, Reply)>,
+    clients: mpsc::Receiver<(Op, Reply)>,
+}
+
+impl Queues {
+    /// The next operation, the relay's first; `None` once both are closed.
+    async fn recv(&mut self) -> Option<(Op, Reply)> {
+        tokio::select! {
+            biased;
+            Some(x) = self.internal.recv() => Some(x),
+            Some(x) = self.clients.recv() => Some(x),
+            else => None,
+        }
+    }
+
+    /// A waiting operation, the relay's first.
+    fn try_recv(&mut self) -> Option<(Op, Reply)> {
+        self.internal.try_recv().or_else(|_| self.clients.try_recv()).ok()
+    }
+}
+
+async fn run_proposer(raft: Raft<TypeConfig>, mut queues: Queues, opts: ProposerOptions, shard: ShardId) {
     let inflight = Arc::new(Semaphore::new(opts.max_inflight));
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = queues.recv().await {
         // Wait for capacity first: operations arriving meanwhile join this batch.
         let Ok(permit) = inflight.clone().acquire_owned().await else { return };
         let mut bytes = prost::Message::encoded_len(&first.0);
         let mut ops = vec![first.0];
         let mut replies = vec![first.1];
         while ops.len() < opts.max_batch_ops && bytes < MAX_ENTRY_BYTES {
-            match rx.try_recv() {
-                Ok((op, reply)) => {
+            match queues.try_recv() {
+                Some((op, reply)) => {
                     bytes += prost::Message::encoded_len(&op);
                     ops.push(op);
                     replies.push(reply);
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         metrics::counter!("rim_proposals_total").increment(1);

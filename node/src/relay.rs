@@ -33,7 +33,7 @@ use crate::error::Result;
 use crate::group::Group;
 
 /// Records relayed per round.
-const ROUND: usize = 256;
+const ROUND: usize = 1_024;
 /// Poll interval when nothing wakes the relay.
 const IDLE: Duration = Duration::from_millis(500);
 
