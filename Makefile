@@ -7,7 +7,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/rim-target
 CARGO ?= cargo
 
-.PHONY: dev test jepsen-smoke jepsen-long lint fmt prereqs bench-store bench-send bench-connections bench-latency bench-fanout
+.PHONY: dev test jepsen-smoke jepsen-long lint fmt prereqs bench bench-store bench-send-inproc bench-send bench-connections bench-fanout bench-failover bench-sync
 
 ## Start a local cluster (3 logic nodes and a gateway) with data in ./rim-data.
 dev: prereqs
@@ -50,19 +50,36 @@ bench-store: prereqs
 	$(CARGO) bench -p rim-raft-store --bench store --profile dev
 
 ## 1:1 sends through client gRPC on an in-process 3-node cluster, fsync on.
-bench-send: prereqs
+bench-send-inproc: prereqs
 	$(CARGO) run -p rim-node --example send_bench -- 64 10 64
 
-## Idle TCP connections on a spawned cluster + gateway: gateway RSS per connection.
+## The `rim bench` scenarios of docs/benchmarks.md. Release build (the first
+## one compiles RocksDB again at -O3, ~10-15 min); each spawns 3 nodes and a
+## gateway on loopback and writes bench-*.json here. `make bench` runs them all.
+RIM_BENCH = $(CARGO) run -q --release --bin rim -- bench
+
+bench: bench-send bench-connections bench-fanout bench-failover bench-sync
+
+## 1:1 sends: closed-loop maximum, fixed rates, and the highest rate whose ack p99 stays under 50 ms.
+bench-send: prereqs
+	$(RIM_BENCH) send --spawn --pairs 256 --rate max --max-inflight 16 --duration 30s --out bench-send-max.json
+	$(RIM_BENCH) send --spawn --pairs 256 --rate 5000 --duration 30s --out bench-send-5000.json
+	$(RIM_BENCH) send --spawn --pairs 256 --rate 1000 --slo 50ms --step-duration 10s --search-steps 4 --out bench-send-slo.json
+
+## Idle TCP connections: gateway RSS per connection (19,000: the open-file limit here is 20,000).
 bench-connections: prereqs
-	$(CARGO) run -q --bin rim -- bench connections --spawn --connections 10000
+	$(RIM_BENCH) connections --spawn --connections 19000 --local-ips 16
 
-## Send -> ack and send -> delivered latency through a spawned gateway.
-bench-latency: prereqs
-	$(CARGO) run -q --bin rim -- bench latency --spawn --rate 1000
-
-## Group fan-out: small groups of 100 and 500 members, a super group of 10,000 (1,000 online).
+## Group fan-out: small groups of 100/500 members, a super group of 10,000 all online.
 bench-fanout: prereqs
-	$(CARGO) run -q --bin rim -- bench fanout --spawn --kind small --members 100 --messages 2000 --rate 400 --out bench-fanout-small-100.json
-	$(CARGO) run -q --bin rim -- bench fanout --spawn --kind small --members 500 --messages 1000 --rate 100 --out bench-fanout-small-500.json
-	$(CARGO) run -q --bin rim -- bench fanout --spawn --kind super --members 10000 --online 1000 --messages 100 --rate 5 --out bench-fanout-super-10000.json
+	$(RIM_BENCH) fanout --spawn --kind small --members 100 --messages 2000 --rate 400 --out bench-fanout-small-100.json
+	$(RIM_BENCH) fanout --spawn --kind small --members 500 --messages 1000 --rate 100 --out bench-fanout-small-500.json
+	$(RIM_BENCH) fanout --spawn --kind super --members 10000 --online 10000 --messages 100 --rate 10 --out bench-fanout-super-10000.json
+
+## SIGKILL of a shard leader under steady load: write pause, nothing acked lost.
+bench-failover: prereqs
+	$(RIM_BENCH) failover --spawn --pairs 64 --rate 1000 --kill-after 5s --after 10s --out bench-failover.json
+
+## Devices offline for 10,000 messages each reconnect and catch up.
+bench-sync: prereqs
+	$(RIM_BENCH) sync --spawn --devices 4 --messages 10000 --out bench-sync.json
