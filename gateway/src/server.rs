@@ -324,6 +324,25 @@ fn render_metrics(router: &PushRouter, upstream: &Upstream, tcp_open: Option<usi
         "Normal-priority online-only pushes dropped for connections whose send queue was more than half full.",
         crate::session::online_pushes_dropped_total(),
     );
+    let batches = upstream.send_batch_stats();
+    metric(
+        "rim_gateway_send_batches_total",
+        "counter",
+        "SendBatch RPCs sent to the nodes (each carries one or more client sends).",
+        batches.batches,
+    );
+    metric(
+        "rim_gateway_send_batch_items_total",
+        "counter",
+        "Client sends carried by SendBatch RPCs.",
+        batches.items,
+    );
+    metric(
+        "rim_gateway_send_unbatched_total",
+        "counter",
+        "Client sends that went as a unary Send: batch queue full, or the node does not know SendBatch.",
+        batches.unbatched,
+    );
     metric(
         "rim_gateway_cluster_map_loaded",
         "gauge",

@@ -29,6 +29,13 @@
 //! group), then subscribes the connection in the router;
 //! [`NodeCall::UnsubscribeRoom`] only tells the router. Without a router
 //! both fail with `ERROR_UNKNOWN_COMMAND`.
+//!
+//! Sends ([`NodeCall::Send`]) are batched: an attempt at a node hands the
+//! `ConnSendRequest` to that node's batcher, which carries the sends waiting
+//! for one node in one `SendBatch` RPC ([`batch`] module documentation), and
+//! gets back exactly the status the unary `Send` would have produced, so the
+//! retries above treat both alike. A full batch queue, or a node that does
+//! not know `SendBatch` yet, gets the unary `Send`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,7 +49,7 @@ use rim_proto::v1::gateway_service_client::GatewayServiceClient;
 use rim_proto::v1::{
     ConnAckRequest, ConnContext, ConnLogoutRequest, ConnOfflineRequest, ConnReadRequest, ConnRecallRequest,
     ConnSendRequest, ConnSignInRequest, ConnSyncGroupRequest, ConnSyncRequest, ConversationKind,
-    GetClusterMapRequest, NodeState, SubscribeRoomInput, SubscribeRoomOutput, SyncGroupInput,
+    GetClusterMapRequest, NodeState, SendOutput, SubscribeRoomInput, SubscribeRoomOutput, SyncGroupInput,
     SyncGroupOutput,
 };
 use tokio::time::Instant;
@@ -50,6 +57,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::call::{Call, CallError, NodeCall, NodeReply};
 use crate::router::{self, PushRouter};
+
+pub mod batch;
+
+pub use batch::SendBatchStats;
 
 /// gRPC metadata entry carrying the shared cluster secret on every internal
 /// call (the same key as `rim_node::net::SECRET_METADATA_KEY`).
@@ -118,6 +129,9 @@ struct Inner {
     options: UpstreamOptions,
     secret: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Per node address, the batcher of `Send` calls (over the channel
+    /// of that address).
+    batchers: batch::Batchers,
     map: RwLock<Option<Arc<Placement>>>,
     /// Leader hints learned from answers and stream ends, by shard; they
     /// override the map's hints.
@@ -160,16 +174,19 @@ impl Upstream {
         if options.request_timeout.is_zero() {
             return Err(UpstreamError::ZeroTimeout);
         }
-        let secret = options.cluster_secret.parse().map_err(|_| UpstreamError::BadSecret)?;
+        let secret: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            options.cluster_secret.parse().map_err(|_| UpstreamError::BadSecret)?;
         for seed in &options.seeds {
             Endpoint::from_shared(format!("http://{seed}"))
                 .map_err(|_| UpstreamError::BadAddress(seed.clone()))?;
         }
+        let batchers = batch::Batchers::new(secret.clone(), options.request_timeout);
         Ok(Upstream {
             inner: Arc::new(Inner {
                 options,
                 secret,
                 channels: Mutex::new(HashMap::new()),
+                batchers,
                 map: RwLock::new(None),
                 leaders: Mutex::new(HashMap::new()),
                 next: AtomicUsize::new(0),
@@ -181,6 +198,11 @@ impl Upstream {
     /// The options given at creation.
     pub fn options(&self) -> &UpstreamOptions {
         &self.inner.options
+    }
+
+    /// How sends were batched so far (`/metrics`).
+    pub fn send_batch_stats(&self) -> SendBatchStats {
+        self.inner.batchers.stats()
     }
 
     /// This gateway's id.
@@ -523,7 +545,7 @@ impl Upstream {
             Ok(ch) => ch,
             Err(e) => return Attempt::Done(Err(e)),
         };
-        match tokio::time::timeout(left, self.rpc(ch, call, left)).await {
+        match tokio::time::timeout(left, self.rpc(addr, ch, call, left)).await {
             Err(_) => Attempt::Next {
                 error: CallError::new(ErrorCode::ErrorTimeout, format!("{addr}: no answer in time")),
                 hint: None,
@@ -556,16 +578,54 @@ impl Upstream {
         }
     }
 
-    /// The `GatewayService` RPC of `call` on `ch`.
-    async fn rpc(&self, ch: Channel, call: &Call, left: Duration) -> Result<NodeReply, tonic::Status> {
-        let conn = Some(ConnContext {
+    /// The connection context of `call`.
+    fn conn(&self, call: &Call) -> Option<ConnContext> {
+        Some(ConnContext {
             user_id: call.user_id,
             device_id: call.device_id,
             gateway_id: self.inner.options.gateway_id.clone(),
             conn_id: call.conn_id,
             client_addr: String::new(),
-        });
+        })
+    }
+
+    /// A `Send` at `addr` (over `ch`): through the batcher of `addr`, or
+    /// unary when it says so; either way, what the unary call would return.
+    /// `req` builds the request (twice only when a queued send must go
+    /// unary after all).
+    async fn send(
+        &self,
+        addr: &str,
+        ch: Channel,
+        req: impl Fn() -> ConnSendRequest,
+        left: Duration,
+    ) -> Result<SendOutput, tonic::Status> {
+        match self.inner.batchers.submit(addr, &ch, req()) {
+            batch::Submit::Queued(rx) => match rx.await {
+                Ok(batch::Outcome::Done(r)) => return r,
+                Ok(batch::Outcome::Unary) => {}
+                Err(_) => {
+                    let msg = format!("{addr}: the send batcher stopped");
+                    return Err(rim_proto::error::status(ErrorCode::ErrorUnavailable, msg));
+                }
+            },
+            batch::Submit::Unary => {}
+        }
         let mut gw = GatewayServiceClient::new(ch);
+        Ok(gw.send(self.request(req(), Some(left))).await?.into_inner())
+    }
+
+    /// The `GatewayService` RPC of `call` on `ch` (the channel of `addr`);
+    /// sends go through the batcher of `addr`.
+    async fn rpc(
+        &self,
+        addr: &str,
+        ch: Channel,
+        call: &Call,
+        left: Duration,
+    ) -> Result<NodeReply, tonic::Status> {
+        let conn = self.conn(call);
+        let mut gw = GatewayServiceClient::new(ch.clone());
         let t = Some(left);
         Ok(match &call.request {
             NodeCall::SignIn(input) => {
@@ -585,8 +645,9 @@ impl Upstream {
                 NodeReply::Ack(gw.ack(self.request(req, t)).await?.into_inner())
             }
             NodeCall::Send { input, group } => {
-                let req = ConnSendRequest { conn, input: Some(input.clone()), group: *group };
-                NodeReply::Send(gw.send(self.request(req, t)).await?.into_inner())
+                let req =
+                    || ConnSendRequest { conn: conn.clone(), input: Some(input.clone()), group: *group };
+                NodeReply::Send(self.send(addr, ch, req, left).await?)
             }
             NodeCall::Recall(input) => {
                 let req = ConnRecallRequest { conn, input: Some(input.clone()) };

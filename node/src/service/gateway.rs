@@ -15,6 +15,25 @@
 //! bounded), or when the node lags behind its own apply events; the gateway
 //! then re-subscribes and syncs its connections from their last seq, so a
 //! break never loses a message (seqs are gap-free).
+//!
+//! # Batched sends
+//!
+//! `SendBatch` carries many `Send`s in one RPC (a gateway batches what its
+//! connections send towards one node, to save the per-RPC cost on both
+//! sides). Every item goes through [`send_one`], the very function behind
+//! `Send`, and all items of a batch run concurrently: their proposals meet
+//! in the shard proposers' queues and are group-committed like concurrent
+//! unary sends. Invariants:
+//!
+//! * an item's result is exactly what `Send` would have answered for it:
+//!   its output, or the code, message and leader hint of the status `Send`
+//!   would have failed with ([`send_result`] reads them off that very
+//!   status), so the gateway's retry and leader-following logic cannot tell
+//!   the two apart;
+//! * one result per item, in the items' order; an item's failure fails only
+//!   that item;
+//! * a batch holds at most [`MAX_SEND_BATCH`] items; a larger one fails as
+//!   a whole with `ERROR_BAD_REQUEST` before any item runs.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -39,6 +58,8 @@ use crate::error::Error;
 const PUSH_QUEUE: usize = 4_096;
 /// Heartbeat interval clients are told to use.
 pub const HEARTBEAT_MS: u32 = 30_000;
+/// Most items in one `SendBatch`.
+pub const MAX_SEND_BATCH: usize = 1_024;
 
 /// The gateway-facing service of a node.
 #[derive(Debug, Clone)]
@@ -48,11 +69,42 @@ pub struct GatewaySvc {
 }
 
 fn conn(c: Option<ConnContext>) -> Result<ConnContext, Status> {
-    let c = c.ok_or_else(|| {
-        Status::from(Error::rejected(ErrorCode::ErrorBadRequest, "connection context missing"))
-    })?;
+    Ok(checked_conn(c)?)
+}
+
+fn checked_conn(c: Option<ConnContext>) -> Result<ConnContext, Error> {
+    let c = c.ok_or_else(|| Error::rejected(ErrorCode::ErrorBadRequest, "connection context missing"))?;
     ops::check_id("user_id", c.user_id)?;
     Ok(c)
+}
+
+/// One `Send`: what both `Send` and each item of `SendBatch` run.
+async fn send_one(core: &Core, r: ConnSendRequest) -> Result<SendOutput, Error> {
+    let c = checked_conn(r.conn)?;
+    let mut input = r.input.unwrap_or_default();
+    if input.conversation_kind == ConversationKind::Unspecified as i32 {
+        let kind = if r.group { ConversationKind::Group } else { ConversationKind::User };
+        input.conversation_kind = kind as i32;
+    }
+    ops::send(core, c.user_id, c.device_id, input).await
+}
+
+/// The `SendBatch` result of one item: its output, or what the status
+/// `Send` would have returned carries (`rim-code`, message, `rim-leader`).
+fn send_result(r: Result<SendOutput, Error>) -> ConnSendResult {
+    match r {
+        Ok(output) => ConnSendResult { output: Some(output), ..Default::default() },
+        Err(e) => {
+            let status = Status::from(e);
+            ConnSendResult {
+                output: None,
+                code: rim_proto::error::code_of_status(&status) as i32,
+                message: status.message().to_string(),
+                leader_addr: rim_proto::error::leader_of_status(&status).unwrap_or_default().to_string(),
+                retry_after_ms: 0,
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -121,14 +173,26 @@ impl GatewayService for GatewaySvc {
     }
 
     async fn send(&self, req: Request<ConnSendRequest>) -> Result<Response<SendOutput>, Status> {
-        let r = req.into_inner();
-        let c = conn(r.conn)?;
-        let mut input = r.input.unwrap_or_default();
-        if input.conversation_kind == ConversationKind::Unspecified as i32 {
-            let kind = if r.group { ConversationKind::Group } else { ConversationKind::User };
-            input.conversation_kind = kind as i32;
+        Ok(Response::new(send_one(&self.core, req.into_inner()).await?))
+    }
+
+    async fn send_batch(
+        &self,
+        req: Request<ConnSendBatchRequest>,
+    ) -> Result<Response<ConnSendBatchReply>, Status> {
+        let items = req.into_inner().items;
+        if items.len() > MAX_SEND_BATCH {
+            let e = Error::rejected(
+                ErrorCode::ErrorBadRequest,
+                format!("a send batch holds at most {MAX_SEND_BATCH} items, not {}", items.len()),
+            );
+            return Err(e.into());
         }
-        Ok(Response::new(ops::send(&self.core, c.user_id, c.device_id, input).await?))
+        metrics::counter!("rim_send_batches_total").increment(1);
+        metrics::counter!("rim_send_batch_items_total").increment(items.len() as u64);
+        let core = &self.core;
+        let results = futures::future::join_all(items.into_iter().map(|r| send_one(core, r))).await;
+        Ok(Response::new(ConnSendBatchReply { results: results.into_iter().map(send_result).collect() }))
     }
 
     async fn recall(&self, req: Request<ConnRecallRequest>) -> Result<Response<SendOutput>, Status> {
@@ -349,5 +413,49 @@ fn apply_request(r: &SubscribeRequest, users: &mut HashSet<u64>, groups: &mut Ha
     }
     for g in &r.remove_group_ids {
         groups.remove(g);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch item's result carries what the unary `Send`'s status carries.
+    #[test]
+    fn item_results_carry_what_the_unary_status_carries() {
+        let ok = SendOutput { seq: 3, message_id: 11, send_time_ms: 5, group_seq: 0 };
+        assert_eq!(send_result(Ok(ok)), ConnSendResult { output: Some(ok), ..Default::default() });
+
+        let errors = [
+            Error::NotLeader { shard: 2, leader: Some(3) },
+            Error::NotLeader { shard: 2, leader: None },
+            Error::rejected(ErrorCode::ErrorUserNotFound, "user not found"),
+            Error::Timeout("slow".into()),
+            Error::Unavailable("no leader".into()),
+            Error::Internal("bug".into()),
+        ];
+        for e in errors {
+            let status = e.to_status();
+            let r = send_result(Err(e));
+            assert_eq!(r.output, None);
+            assert_eq!(r.code, rim_proto::error::code_of_status(&status) as i32);
+            assert_ne!(r.code, ErrorCode::Ok as i32);
+            assert_eq!(r.message, status.message());
+            assert_eq!(
+                Some(r.leader_addr.as_str()).filter(|l| !l.is_empty()),
+                rim_proto::error::leader_of_status(&status)
+            );
+        }
+        let r = send_result(Err(Error::NotLeader { shard: 2, leader: Some(3) }));
+        assert_eq!((r.code, r.leader_addr.as_str()), (ErrorCode::ErrorNotLeader as i32, "3"));
+    }
+
+    #[test]
+    fn connection_context_is_checked_like_the_unary_call() {
+        let missing = checked_conn(None).unwrap_err();
+        assert_eq!(missing.code(), ErrorCode::ErrorBadRequest);
+        let no_user = checked_conn(Some(ConnContext::default())).unwrap_err();
+        assert_eq!(no_user.code(), ErrorCode::ErrorInvalidId);
+        assert_eq!(conn(None).unwrap_err().message(), missing.to_status().message());
     }
 }
