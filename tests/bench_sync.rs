@@ -108,6 +108,7 @@ fn offline_devices_catch_up_with_every_message() {
     assert!(r["machine"].is_object(), "machine: {}", r["machine"]);
     assert!(r["build_profile"].is_string(), "build_profile: {}", r["build_profile"]);
     assert_eq!(r["cluster"]["spawned"], true, "cluster: {}", r["cluster"]);
+    assert_eq!(r["cluster"]["fsync"], true, "fsync setting recorded: {}", r["cluster"]);
     assert_eq!(r["params"]["devices"], DEVICES);
     assert_eq!(r["params"]["messages_per_device"], MESSAGES);
 

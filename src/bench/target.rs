@@ -110,7 +110,11 @@ impl Target {
             .find(SocketAddr::is_ipv4)
             .with_context(|| format!("--gateway {gw}: no IPv4 address"))?;
         anyhow::ensure!(!args.api.is_empty(), "--api is required without --spawn");
-        let mut shape = Json::obj().with("spawned", false).with("gateway", gw).with("api", args.api.clone());
+        let mut shape = Json::obj()
+            .with("spawned", false)
+            .with("fsync", "as configured on the nodes (default on)")
+            .with("gateway", gw)
+            .with("api", args.api.clone());
         if let (Some(admin), Some(secret)) = (&args.admin, &args.cluster_secret) {
             shape.set("map", map_shape(admin, secret).await);
         }
@@ -397,7 +401,10 @@ async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         )
         .with("map", map_shape(&internal[0], &secret).await)
-        .with("processes", "3 × rim node, 1 × rim gateway and the bench on this machine, over loopback");
+        .with("processes", "3 × rim node, 1 × rim gateway and the bench on this machine, over loopback")
+        // Spawned nodes run with the default `fsync = true` (no flag turns it
+        // off): an ack means the entry is fsynced on a quorum.
+        .with("fsync", true);
     Ok(Target {
         gateway: tcp.parse()?,
         apis,
