@@ -1,17 +1,70 @@
 #!/usr/bin/env bash
-# Installs what building rim needs beyond a Rust toolchain: libclang (RocksDB's
-# bindgen) and a C++ compiler. protoc is vendored (protoc-bin-vendored).
-# Idempotent and quick when everything is present.
+# Installs what building rim needs beyond a Rust toolchain: libclang and clang's
+# builtin headers (RocksDB's bindgen), a C++ compiler and make. protoc is
+# vendored (protoc-bin-vendored). Idempotent and quick when everything is present.
+#
+# The libclang check looks for exactly the files bindgen's loader (clang-sys,
+# runtime linking) accepts: libclang.so, libclang-N.so, libclang.so.N and
+# libclang-N.so.N. Debian's libclang-cpp14 (libclang-cpp.so.14, the C++ API) is
+# often installed alone and is NOT a libclang: an earlier version of this script
+# took it for one and installed nothing, so a fresh machine failed 6 minutes into
+# its first build.
+#
+#   scripts/prereqs.sh                  check, install what is missing (as root or
+#                                       with passwordless sudo), else print the
+#                                       apt-get line and exit 1
+#   scripts/prereqs.sh --check-libclang only the libclang verdict: prints
+#                                       "libclang: found PATH" (exit 0) or
+#                                       "libclang: missing" (exit 1)
+#
+# RIM_LIBCLANG_DIRS (colon-separated) replaces the directories searched and
+# skips ldconfig's cache: tests/prereqs.rs uses it on fake library trees.
 set -euo pipefail
 
-need=()
-have_libclang() {
-  ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' && return 0
-  compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null && return 0
-  compgen -G '/usr/lib/x86_64-linux-gnu/libclang*.so*' >/dev/null && return 0
+# The first library bindgen would load, or nothing.
+find_libclang() {
+  local dirs=() d f name
+  if [ -n "${RIM_LIBCLANG_DIRS:-}" ]; then
+    IFS=: read -r -a dirs <<<"$RIM_LIBCLANG_DIRS"
+  else
+    [ -n "${LIBCLANG_PATH:-}" ] && dirs+=("$LIBCLANG_PATH")
+    # ldconfig's cache lists what the dynamic loader finds by name.
+    while read -r name _ _ f; do
+      if [[ $name =~ ^libclang(-[0-9.]+)?\.so(\.[0-9.]+)?$ ]]; then echo "$f"; return 0; fi
+    done < <(ldconfig -p 2>/dev/null | tail -n +2 | sed 's/^[[:space:]]*//')
+    dirs+=(/usr/lib/llvm-*/lib /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib /usr/local/lib)
+  fi
+  for d in "${dirs[@]}"; do
+    [ -d "$d" ] || continue
+    for f in "$d"/libclang*.so*; do
+      [ -e "$f" ] || continue
+      name=${f##*/}
+      if [[ $name =~ ^libclang(-[0-9.]+)?\.so(\.[0-9.]+)?$ ]]; then echo "$f"; return 0; fi
+    done
+  done
   return 1
 }
-have_libclang || need+=(libclang-dev clang)
+
+# clang's own stddef.h/stdarg.h, which bindgen needs to parse rocksdb's c.h.
+have_clang_headers() {
+  compgen -G '/usr/lib/llvm-*/lib/clang/*/include/stddef.h' >/dev/null && return 0
+  compgen -G '/usr/lib/clang/*/include/stddef.h' >/dev/null && return 0
+  compgen -G '/usr/local/lib/clang/*/include/stddef.h' >/dev/null && return 0
+  return 1
+}
+
+if [ "${1:-}" = "--check-libclang" ]; then
+  if lib=$(find_libclang); then
+    echo "libclang: found $lib"
+    exit 0
+  fi
+  echo "libclang: missing"
+  exit 1
+fi
+
+need=()
+find_libclang >/dev/null || need+=(libclang-dev)
+have_clang_headers || need+=(clang)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
 # Optional: libfaketime for the jepsen harness's clock nemesis (skipped
@@ -48,5 +101,11 @@ elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && su
 else
   echo "rim: missing build prerequisites: ${need[*]}" >&2
   echo "install them with:  sudo sh -c '$cmd'" >&2
+  exit 1
+fi
+
+# What was just installed must now be found, or the build would fail later.
+if ! find_libclang >/dev/null; then
+  echo "rim: libclang still not found after installing ${need[*]}; set LIBCLANG_PATH" >&2
   exit 1
 fi
