@@ -1,5 +1,10 @@
-//! `rim admin`: cluster status and replica changes through a node's admin
-//! service (internal listener, cluster secret).
+//! `rim admin`: cluster status and replica changes through the nodes' admin
+//! services (internal listener, cluster secret).
+//!
+//! A node reports only the groups it hosts; on a cluster larger than the
+//! replication factor no node hosts them all. So `status` and the replica
+//! changes ask the given node for the cluster map, then every node of the
+//! map for its groups, and take each group as its leader reports it.
 
 use std::time::Duration;
 
@@ -63,10 +68,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     let mut c = client(&args.addr).await?;
     match args.cmd {
         AdminCmd::Status => {
-            let s = c
-                .cluster_status(request(&args.cluster_secret, ClusterStatusRequest::default())?)
-                .await?
-                .into_inner();
+            let s = cluster_status(&mut c, &args.cluster_secret).await?;
             print_status(&s);
         }
         AdminCmd::AddNode { id, internal_addr } => {
@@ -100,12 +102,49 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every group with its leader's internal address.
+/// The map as the given node knows it, and every group of the cluster as
+/// its leader reports it (else as any node hosting it does), merged into one
+/// status reply. Nodes that do not answer are listed as unreachable.
+async fn cluster_status(
+    c: &mut AdminServiceClient<tonic::transport::Channel>,
+    secret: &str,
+) -> anyhow::Result<ClusterStatusReply> {
+    let first = c.cluster_status(request(secret, ClusterStatusRequest::default())?).await?.into_inner();
+    let map = first.map.clone().context("node has no cluster map")?;
+    let mut groups: std::collections::BTreeMap<u32, GroupStatus> = std::collections::BTreeMap::new();
+    let mut unreachable = Vec::new();
+    let mut merge = |from: u64, reply: &ClusterStatusReply| {
+        for g in &reply.groups {
+            if g.leader_node_id == from || !groups.contains_key(&g.group_id) {
+                groups.insert(g.group_id, g.clone());
+            }
+        }
+    };
+    merge(first.node_id, &first);
+    for n in map.nodes.iter().filter(|n| n.node_id != first.node_id && n.state != NodeState::Removed as i32) {
+        let reply = match client(&n.internal_addr).await {
+            Ok(mut other) => other.cluster_status(request(secret, ClusterStatusRequest::default())?).await,
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        };
+        match reply {
+            Ok(r) => merge(n.node_id, &r.into_inner()),
+            Err(_) => unreachable.push(n.node_id),
+        }
+    }
+    Ok(ClusterStatusReply {
+        node_id: first.node_id,
+        map: Some(map),
+        groups: groups.into_values().collect(),
+        unreachable_node_ids: unreachable,
+    })
+}
+
+/// Every group of the cluster with its leader's internal address.
 async fn groups_by_leader(
     c: &mut AdminServiceClient<tonic::transport::Channel>,
     secret: &str,
 ) -> anyhow::Result<Vec<(u32, String)>> {
-    let s = c.cluster_status(request(secret, ClusterStatusRequest::default())?).await?.into_inner();
+    let s = cluster_status(c, secret).await?;
     let map = s.map.context("node has no cluster map")?;
     let mut out = Vec::new();
     for g in &s.groups {
@@ -126,7 +165,10 @@ fn print_status(s: &ClusterStatusReply) {
         }
         println!();
     }
-    println!("as seen by node {}:", s.node_id);
+    if !s.unreachable_node_ids.is_empty() {
+        println!("unreachable nodes: {:?}", s.unreachable_node_ids);
+    }
+    println!("groups, as their leaders report them:");
     println!(
         "{:>5}  {:>6}  {:>6}  {:>9}  {:>9}  {:>9}  replicas (node:lag)",
         "group", "leader", "term", "last_log", "applied", "snapshot"

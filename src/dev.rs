@@ -1,6 +1,8 @@
-//! `rim dev`: a local 3-node cluster and a gateway in one process.
+//! `rim dev`: a local cluster (3 nodes by default, `--nodes N` up to 9) and a
+//! gateway in one process.
 //!
-//! Data lives in `./rim-data/node-{1,2,3}`; a second run resumes it. The
+//! Data lives in `./rim-data/node-{1,2,...}`; a second run resumes it (with
+//! the same `--nodes`: the layout is fixed when the cluster is created). The
 //! cluster secret, the phone sign-in code and the two demo accounts (alice
 //! and bob) are fixed, public development values: never expose these ports.
 
@@ -28,11 +30,14 @@ pub struct DevArgs {
     /// Data directory of the local cluster.
     #[arg(long, default_value = "rim-data", env = "RIM_DATA")]
     data: PathBuf,
+    /// Logic nodes (1..=9); with more than 3, each shard lives on 3 of them.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    nodes: u64,
     /// Data shards.
     #[arg(long, default_value_t = 4)]
     shards: u32,
-    /// First port; nodes use base+1..3 (internal), base+101..103 (client gRPC),
-    /// base+201..203 (http); the gateway base+300 (TCP), base+301 (WebSocket), base+204 (http).
+    /// First port; node N uses base+N (internal), base+100+N (client gRPC),
+    /// base+200+N (http); the gateway base+300 (TCP), base+301 (WebSocket), base+302 (http).
     #[arg(long, default_value_t = 7100)]
     base_port: u16,
 }
@@ -56,16 +61,18 @@ fn config(args: &DevArgs, id: u64, peers: &BTreeMap<u64, String>) -> NodeConfig 
 
 /// Runs the local cluster until Ctrl-C.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let n = args.nodes;
     let peers: BTreeMap<u64, String> =
-        (1..=3u64).map(|id| (id, format!("127.0.0.1:{}", args.base_port + id as u16))).collect();
-    let configs: Vec<NodeConfig> = (1..=3).map(|id| config(&args, id, &peers)).collect();
+        (1..=n).map(|id| (id, format!("127.0.0.1:{}", args.base_port + id as u16))).collect();
+    let configs: Vec<NodeConfig> = (1..=n).map(|id| config(&args, id, &peers)).collect();
     for c in &configs {
         c.validate()?;
     }
-    // Start the three together, so no node spends long calling peers that do not exist yet.
-    let [a, b, c] = [0, 1, 2].map(|i| Node::start(configs[i].clone(), NodeOptions::default()));
-    let (a, b, c) = tokio::try_join!(a, b, c)?;
-    let mut nodes: BTreeMap<u64, Option<Node>> = BTreeMap::from([(1, Some(a)), (2, Some(b)), (3, Some(c))]);
+    // Start them together, so no node spends long calling peers that do not exist yet.
+    let started =
+        futures::future::try_join_all(configs.iter().map(|c| Node::start(c.clone(), NodeOptions::default())))
+            .await?;
+    let mut nodes: BTreeMap<u64, Option<Node>> = (1..=n).zip(started.into_iter().map(Some)).collect();
     for n in nodes.values().flatten() {
         n.wait_ready(Duration::from_secs(60)).await?;
     }
@@ -73,7 +80,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let gateway = Gateway::start(GatewayConfig {
         tcp_listen: Some(local(args.base_port + 300)),
         ws_listen: Some(local(args.base_port + 301)),
-        http_listen: Some(local(args.base_port + 204)),
+        http_listen: Some(local(args.base_port + 302)),
         seeds: peers.values().cloned().collect(),
         cluster_secret: DEV_SECRET.into(),
         gateway_id: "dev-gateway".into(),
@@ -83,10 +90,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     gateway.wait_ready(Duration::from_secs(30)).await?;
     create_demo_users(&configs[0].client_listen).await?;
     let p = |off: u16| {
-        (1..=3).map(|id| format!("127.0.0.1:{}", args.base_port + off + id)).collect::<Vec<_>>().join(", ")
+        (1..=n as u16)
+            .map(|id| format!("127.0.0.1:{}", args.base_port + off + id))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     println!();
-    println!("rim dev: 3 logic nodes, {} shards, data in {}", args.shards, args.data.display());
+    println!("rim dev: {n} logic nodes, {} shards, data in {}", args.shards, args.data.display());
     println!("  client gRPC : {}", p(100));
     println!("  internal    : {}   (cluster secret: {DEV_SECRET})", p(0));
     println!("  metrics     : http://127.0.0.1:{}/metrics  (/healthz)", args.base_port + 201);
@@ -94,7 +104,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "  gateway     : tcp {}   ws ws://{}/ws   metrics http://{}/metrics",
         local(args.base_port + 300),
         local(args.base_port + 301),
-        local(args.base_port + 204)
+        local(args.base_port + 302)
     );
     println!("  phone sign-in code (dev only): 123456");
     println!();
@@ -165,7 +175,7 @@ async fn control(line: &str, nodes: &mut BTreeMap<u64, Option<Node>>, configs: &
                 Err(e) => println!("node {id} failed to start: {e}"),
             }
         }
-        _ => println!("commands: stop N | start N   (N = 1, 2 or 3)"),
+        _ => println!("commands: stop N | start N   (N = 1..={})", nodes.len()),
     }
 }
 

@@ -85,6 +85,10 @@ struct NodeArgs {
     /// Data shards of a new cluster.
     #[arg(long)]
     shards: Option<u32>,
+    /// Voters per data shard of a new cluster (default 3, capped at the
+    /// node count; the meta group gets max(this, 3)).
+    #[arg(long)]
+    replication: Option<usize>,
     /// Shared cluster secret (also RIM_CLUSTER_SECRET).
     #[arg(long)]
     cluster_secret: Option<String>,
@@ -137,6 +141,9 @@ impl NodeArgs {
         }
         if let Some(v) = self.shards {
             c.shards = v;
+        }
+        if let Some(v) = self.replication {
+            c.replication = v;
         }
         if let Some(v) = self.cluster_secret {
             c.cluster_secret = v;

@@ -36,6 +36,12 @@
 //! newer version, or update just the leader hint on `ERROR_NOT_LEADER`
 //! ([`Placement::set_leader`]).
 //!
+//! # Retries
+//!
+//! Whoever follows a group's leader (a node forwarding a write or a read, a
+//! gateway calling a node) waits between rounds with [`Backoff`] and retries
+//! only what [`retryable`] allows ([`retry`]).
+//!
 //! # Tokens
 //!
 //! A device token ([`token`]) is HMAC-SHA256-signed with a key derived from
@@ -58,6 +64,7 @@
 
 pub mod error;
 pub mod placement;
+pub mod retry;
 pub mod token;
 
 pub use error::{Error, Result};
@@ -65,4 +72,5 @@ pub use placement::{
     DEFAULT_REPLICATION, DEFAULT_SLOTS, KeyKind, MAX_SLOTS, META_REPLICATION, META_SHARD, Placement,
     bootstrap_map, slot_of, slot_of_name,
 };
+pub use retry::{Backoff, retryable};
 pub use token::{Claims, MAX_TOKEN_LEN, TOKEN_FORMAT, TokenError, TokenKey};

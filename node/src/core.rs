@@ -21,10 +21,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
+use rim_cluster::Backoff;
 use rim_cluster::{Placement, TokenKey};
 use rim_proto::ErrorCode;
 use rim_proto::store::{self, Op, OpResult, Proposal, ProposalResult, op::Op as O};
-use rim_proto::v1::{OnlinePush, RaftRequest};
+use rim_proto::v1::raft_service_client::RaftServiceClient;
+use rim_proto::v1::{OnlinePush, RaftReply, RaftRequest};
 use rim_raft_store::ShardId;
 
 use crate::auth::CodeVerifier;
@@ -35,6 +37,15 @@ use crate::net::{CallError, Peers};
 
 /// The meta group's shard id.
 pub const META: ShardId = ShardId(0);
+
+/// Where [`Core::on_leader`] runs an attempt.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// This node leads the group.
+    Local(Arc<Group>),
+    /// The node with this id is believed to lead it (or hosts it).
+    Remote(u64),
+}
 
 /// Ids handed out locally from blocks reserved in the meta group.
 #[derive(Debug, Default)]
@@ -172,31 +183,75 @@ impl Core {
 
     /// Like [`Core::propose`] but returns rejections as results.
     pub async fn propose_raw(&self, shard: u32, op: Op) -> Result<OpResult> {
-        let deadline = Instant::now() + self.timeout;
+        self.on_leader(shard, "write", |target, left| {
+            let op = op.clone();
+            async move {
+                match target {
+                    Target::Local(g) => g.propose(op, left).await,
+                    Target::Remote(node) => self.propose_remote(shard, node, &op, left).await,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Runs `attempt` at the leader of `shard` (this node's group, or a peer
+    /// by id), following `NotLeader` hints at once and waiting with
+    /// [`Backoff`] after other retryable outcomes, until the request
+    /// deadline. The one leader-following loop of the node: writes, read
+    /// barriers, forwarded reads and online pushes all go through it.
+    ///
+    /// Without a local replica of `shard` (a cluster larger than the
+    /// replication factor), the leader is first the map's hint, then each
+    /// voter of the map in turn: a voter that does not lead answers with a
+    /// hint or `Unavailable`.
+    pub async fn on_leader<T, F, Fut>(&self, shard: u32, what: &str, mut attempt: F) -> Result<T>
+    where
+        F: FnMut(Target, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut backoff = Backoff::within(self.timeout);
         let mut hint: Option<u64> = None;
-        let mut backoff = Duration::from_millis(20);
+        let mut round = 0usize;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = backoff.left();
             if left.is_zero() {
-                return Err(Error::Timeout(format!("no leader of group {shard} accepted the write in time")));
+                return Err(Error::Timeout(format!("{what} on group {shard}: no leader answered in time")));
             }
             let local = self.group(shard);
-            let leader = hint.take().or_else(|| local.as_ref().and_then(|g| g.leader()));
-            let attempt = match (leader, &local) {
-                (Some(l), Some(g)) if l == self.id() => g.propose(op.clone(), left).await,
-                (Some(l), _) => self.propose_remote(shard, l, &op, left).await,
-                (None, _) => Err(Error::Unavailable(format!("group {shard} has no leader"))),
+            let leader = match (hint.take(), &local) {
+                (Some(h), _) => Some(h),
+                (None, Some(g)) => g.leader(),
+                (None, None) => self.guess_leader(shard, round),
             };
-            match attempt {
+            round += 1;
+            let outcome = match (leader, &local) {
+                (Some(l), Some(g)) if l == self.id() => attempt(Target::Local(g.clone()), left).await,
+                (Some(l), _) if l != self.id() => attempt(Target::Remote(l), left).await,
+                _ => Err(Error::Unavailable(format!("group {shard} has no leader"))),
+            };
+            match outcome {
                 Err(Error::NotLeader { leader: Some(l), .. }) if Some(l) != leader => hint = Some(l),
-                Err(e @ (Error::NotLeader { .. } | Error::Unavailable(_))) => {
-                    tracing::debug!(shard, error = %e, "retrying write");
-                    tokio::time::sleep(backoff.min(left)).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(300));
+                Err(e) if rim_cluster::retryable(e.code()) => {
+                    tracing::debug!(shard, what, error = %e, "retrying at the leader");
+                    backoff.wait().await;
                 }
                 other => return other,
             }
         }
+    }
+
+    /// For a group not hosted here: the map's leader hint on the first
+    /// round, then the group's voters in turn.
+    fn guess_leader(&self, shard: u32, round: usize) -> Option<u64> {
+        let p = self.placement().ok()?;
+        if round == 0
+            && let Some(n) = p.leader_hint(shard)
+        {
+            return Some(n.node_id);
+        }
+        let voters: Vec<u64> = p.replicas_of(shard).into_iter().filter(|v| *v != self.id()).collect();
+        (!voters.is_empty()).then(|| voters[round % voters.len()])
     }
 
     /// The internal address of node `node`: from any hosted group's
@@ -211,11 +266,23 @@ impl Core {
         self.placement().ok().and_then(|p| p.node(node).map(|n| n.internal_addr.clone()))
     }
 
-    async fn propose_remote(&self, shard: u32, node: u64, op: &Op, left: Duration) -> Result<OpResult> {
+    /// One internal `RaftService` call of `shard` at `node`; the reply's
+    /// payload when it is OK, else the reply's code as an [`Error`].
+    pub(crate) async fn call_peer<F, Fut>(
+        &self,
+        shard: u32,
+        node: u64,
+        payload: Vec<u8>,
+        left: Duration,
+        rpc: F,
+    ) -> Result<bytes::Bytes>
+    where
+        F: FnOnce(RaftServiceClient<tonic::transport::Channel>, tonic::Request<RaftRequest>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<RaftReply>, tonic::Status>>,
+    {
         let addr = self
             .node_addr(shard, node)
             .ok_or_else(|| Error::Unavailable(format!("no address for node {node}")))?;
-        let payload = Proposal { now_ms: 0, ops: vec![op.clone()] }.encode_to_vec();
         let req = RaftRequest {
             group_id: shard,
             payload: payload.into(),
@@ -223,22 +290,24 @@ impl Core {
             from_node_id: self.id(),
         };
         let msg = self.peers.request(req, left);
-        let reply = self
-            .peers
-            .call(node, &addr, left, |mut c, _| async move { c.propose(msg).await })
-            .await
-            .map_err(call_error)?;
+        let reply = self.peers.call(node, &addr, left, |c, _| rpc(c, msg)).await.map_err(call_error)?;
         match ErrorCode::try_from(reply.code).unwrap_or(ErrorCode::ErrorInternal) {
-            ErrorCode::Ok => {
-                let mut r = ProposalResult::decode(reply.payload.as_ref())
-                    .map_err(|e| Error::Internal(format!("bad propose reply: {e}")))?;
-                r.results.pop().ok_or_else(|| Error::Internal("empty propose reply".into()))
-            }
+            ErrorCode::Ok => Ok(reply.payload),
             ErrorCode::ErrorNotLeader => Err(Error::NotLeader { shard, leader: reply.message.parse().ok() }),
             ErrorCode::ErrorTimeout => Err(Error::Timeout(reply.message)),
             ErrorCode::ErrorUnavailable => Err(Error::Unavailable(reply.message)),
             code => Err(Error::rejected(code, reply.message)),
         }
+    }
+
+    async fn propose_remote(&self, shard: u32, node: u64, op: &Op, left: Duration) -> Result<OpResult> {
+        let payload = Proposal { now_ms: 0, ops: vec![op.clone()] }.encode_to_vec();
+        let reply = self
+            .call_peer(shard, node, payload, left, |mut c, msg| async move { c.propose(msg).await })
+            .await?;
+        let mut r = ProposalResult::decode(reply.as_ref())
+            .map_err(|e| Error::Internal(format!("bad propose reply: {e}")))?;
+        r.results.pop().ok_or_else(|| Error::Internal("empty propose reply".into()))
     }
 
     /// Returns the local replica of `shard` once it reflects every write
@@ -252,59 +321,24 @@ impl Core {
             return Ok(group);
         }
         let deadline = Instant::now() + self.timeout;
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Timeout(format!("read barrier of group {shard}")));
-            }
-            let attempt = match group.leader() {
-                Some(l) if l == self.id() => group.read_index(left).await,
-                Some(l) => self.read_index_remote(shard, l, left).await,
-                None => Err(Error::Unavailable(format!("group {shard} has no leader"))),
-            };
-            match attempt {
-                Ok(index) => {
-                    group.wait_applied(index, deadline.saturating_duration_since(Instant::now())).await?;
-                    return Ok(group);
+        let index = self
+            .on_leader(shard, "read barrier", |target, left| async move {
+                match target {
+                    Target::Local(g) => g.read_index(left).await,
+                    Target::Remote(node) => self.read_index_remote(shard, node, left).await,
                 }
-                Err(Error::NotLeader { .. } | Error::Unavailable(_)) => {
-                    tokio::time::sleep(backoff.min(left)).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(300));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            })
+            .await?;
+        group.wait_applied(index, deadline.saturating_duration_since(Instant::now())).await?;
+        Ok(group)
     }
 
     async fn read_index_remote(&self, shard: u32, node: u64, left: Duration) -> Result<u64> {
-        let addr = self
-            .node_addr(shard, node)
-            .ok_or_else(|| Error::Unavailable(format!("no address for node {node}")))?;
-        let req = RaftRequest {
-            group_id: shard,
-            payload: Default::default(),
-            target_node_id: node,
-            from_node_id: self.id(),
-        };
-        let msg = self.peers.request(req, left);
         let reply = self
-            .peers
-            .call(node, &addr, left, |mut c, _| async move { c.read_index(msg).await })
-            .await
-            .map_err(call_error)?;
-        match ErrorCode::try_from(reply.code).unwrap_or(ErrorCode::ErrorInternal) {
-            ErrorCode::Ok => {
-                let b: [u8; 8] = reply
-                    .payload
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| Error::Internal("bad read index".into()))?;
-                Ok(u64::from_be_bytes(b))
-            }
-            ErrorCode::ErrorNotLeader => Err(Error::NotLeader { shard, leader: reply.message.parse().ok() }),
-            _ => Err(Error::Unavailable(reply.message)),
-        }
+            .call_peer(shard, node, Vec::new(), left, |mut c, msg| async move { c.read_index(msg).await })
+            .await?;
+        let b: [u8; 8] = reply.as_ref().try_into().map_err(|_| Error::Internal("bad read index".into()))?;
+        Ok(u64::from_be_bytes(b))
     }
 
     /// Hands an online-only push to the push streams of `shard`'s leader:
@@ -313,59 +347,28 @@ impl Core {
     /// stored: connections that are not online when it arrives miss it.
     /// A retry after a timeout may deliver it twice.
     pub async fn push_online(&self, shard: u32, push: OnlinePush) -> Result<()> {
-        let deadline = Instant::now() + self.timeout;
         let push = Arc::new(push);
-        let mut hint: Option<u64> = None;
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Timeout(format!("no leader of group {shard} took the push in time")));
-            }
-            let local = self.group(shard);
-            let leader = hint
-                .take()
-                .or_else(|| local.as_ref().and_then(|g| g.leader()))
-                .or_else(|| self.placement().ok().and_then(|p| p.leader_hint(shard).map(|n| n.node_id)));
-            let attempt = match (leader, &local) {
-                (Some(l), Some(g)) if l == self.id() => g.push_online(push.clone()).map(|_| ()),
-                (Some(l), _) => self.push_remote(shard, l, &push, left).await,
-                (None, _) => Err(Error::Unavailable(format!("group {shard} has no leader"))),
-            };
-            match attempt {
-                Err(Error::NotLeader { leader: Some(l), .. }) if Some(l) != leader => hint = Some(l),
-                Err(e @ (Error::NotLeader { .. } | Error::Unavailable(_))) => {
-                    tracing::debug!(shard, error = %e, "retrying online push");
-                    tokio::time::sleep(backoff.min(left)).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(300));
+        self.on_leader(shard, "online push", |target, left| {
+            let push = push.clone();
+            async move {
+                match target {
+                    Target::Local(g) => g.push_online(push).map(|_| ()),
+                    Target::Remote(node) => {
+                        let payload = push.encode_to_vec();
+                        self.call_peer(
+                            shard,
+                            node,
+                            payload,
+                            left,
+                            |mut c, msg| async move { c.push(msg).await },
+                        )
+                        .await
+                        .map(|_| ())
+                    }
                 }
-                other => return other,
             }
-        }
-    }
-
-    async fn push_remote(&self, shard: u32, node: u64, push: &OnlinePush, left: Duration) -> Result<()> {
-        let addr = self
-            .node_addr(shard, node)
-            .ok_or_else(|| Error::Unavailable(format!("no address for node {node}")))?;
-        let req = RaftRequest {
-            group_id: shard,
-            payload: push.encode_to_vec().into(),
-            target_node_id: node,
-            from_node_id: self.id(),
-        };
-        let msg = self.peers.request(req, left);
-        let reply = self
-            .peers
-            .call(node, &addr, left, |mut c, _| async move { c.push(msg).await })
-            .await
-            .map_err(call_error)?;
-        match ErrorCode::try_from(reply.code).unwrap_or(ErrorCode::ErrorInternal) {
-            ErrorCode::Ok => Ok(()),
-            ErrorCode::ErrorNotLeader => Err(Error::NotLeader { shard, leader: reply.message.parse().ok() }),
-            ErrorCode::ErrorUnavailable => Err(Error::Unavailable(reply.message)),
-            code => Err(Error::rejected(code, reply.message)),
-        }
+        })
+        .await
     }
 
     /// A fresh id of `kind`, from a block reserved in the meta group.
@@ -393,11 +396,12 @@ impl Core {
         Ok(range.first)
     }
 
-    /// Verifies a device token: signature and expiry, then (when this node
-    /// holds a replica of the user's shard) the device's token version, so
-    /// logout and revoke take effect. Versions only grow, so a local replica
-    /// that is ahead settles a revocation at once; one that lacks the device
-    /// or is behind the token is first brought up to date (read barrier).
+    /// Verifies a device token: signature and expiry, then the device's
+    /// token version in the user's shard, so logout and revoke take effect.
+    /// Versions only grow, so a local replica that is ahead settles a
+    /// revocation at once; one that lacks the device or is behind the token
+    /// is first brought up to date (read barrier). A node without a replica
+    /// of the shard forwards the read (`Core::view`).
     pub async fn verify_token(&self, user: u64, device: u64, token: &str) -> Result<rim_cluster::Claims> {
         let claims = self
             .tokens
@@ -409,13 +413,20 @@ impl Core {
                 "token belongs to another user or device",
             ));
         }
-        let Ok(shard) = self.shard_of_user(user) else { return Ok(claims) };
-        let Some(local) = self.group(shard) else { return Ok(claims) };
+        let shard = self.shard_of_user(user)?;
         let (u, d) = (rim_raft_store::UserId(user), rim_raft_store::DeviceId(device));
-        let mut dev = local.reader.device(u, d)?;
-        if dev.as_ref().is_none_or(|d| d.token_version < claims.token_version) {
-            dev = self.read_barrier(shard).await?.reader.device(u, d)?;
-        }
+        let dev = match self.group(shard) {
+            Some(local) => {
+                let dev = local.reader.device(u, d)?;
+                if dev.as_ref().is_none_or(|x| x.token_version < claims.token_version) {
+                    self.read_barrier(shard).await?.reader.device(u, d)?
+                } else {
+                    dev
+                }
+            }
+            // Not hosted here: a forwarded linearizable read.
+            None => self.view(shard).await?.device(u, d).await?,
+        };
         match dev {
             Some(d) if d.token_version == claims.token_version => Ok(claims),
             Some(_) => Err(Error::rejected(ErrorCode::ErrorTokenRevoked, "device signed out")),

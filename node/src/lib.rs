@@ -36,6 +36,7 @@ pub mod group;
 pub mod http;
 pub mod net;
 mod node;
+pub mod read;
 pub mod relay;
 pub mod service;
 

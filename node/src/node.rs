@@ -205,6 +205,7 @@ impl Node {
             tasks.push(tokio::spawn(publish_initial_map(core.clone(), map)));
         }
         tasks.push(tokio::spawn(maintain_map(core.clone())));
+        tasks.push(tokio::spawn(keep_meta_learners(core.clone())));
         for g in core.all_groups() {
             tasks.push(tokio::spawn(watch_leader(g.clone())));
             if g.shard != META {
@@ -271,16 +272,30 @@ impl Node {
     }
 }
 
-/// Initializes every group of a new cluster with its replicas (idempotent:
-/// an already initialized group is left alone).
+/// Initializes the groups of a new cluster that this node is a voter of,
+/// with the map's voters (idempotent: an already initialized group is left
+/// alone). Every voter of a group initializes it with the same membership,
+/// so whichever starts first, they agree; a node that is not a voter of a
+/// group (the meta group on a cluster larger than its voter count, a data
+/// shard on a cluster larger than the replication factor) leaves it alone
+/// and is brought in by the group's leader (as a meta learner, see
+/// [`keep_meta_learners`]).
 async fn initialize(core: &Core, map: &ClusterMap) -> Result<()> {
     let addr = |id: u64| {
         map.nodes.iter().find(|n| n.node_id == id).map(|n| n.internal_addr.clone()).unwrap_or_default()
     };
+    let voter = |r: &rim_proto::v1::Replica| r.role != rim_proto::v1::ReplicaRole::Learner as i32;
     for shard in &map.shards {
+        if !shard.replicas.iter().any(|r| r.node_id == core.id() && voter(r)) {
+            continue;
+        }
         let Some(g) = core.group(shard.shard_id) else { continue };
-        let members: BTreeMap<u64, BasicNode> =
-            shard.replicas.iter().map(|r| (r.node_id, BasicNode { addr: addr(r.node_id) })).collect();
+        let members: BTreeMap<u64, BasicNode> = shard
+            .replicas
+            .iter()
+            .filter(|r| voter(r))
+            .map(|r| (r.node_id, BasicNode { addr: addr(r.node_id) }))
+            .collect();
         match g.raft.initialize(members).await {
             Ok(()) => tracing::info!(group = shard.shard_id, "initialized"),
             Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
@@ -308,6 +323,54 @@ async fn publish_initial_map(core: Arc<Core>, map: ClusterMap) {
             Err(e) => tracing::debug!(error = %e, "publishing the initial cluster map"),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// On the meta group's leader: makes every node that holds a replica of a
+/// data shard a learner of the meta group unless it is a voter, and drops
+/// learners that hold none any more (removed nodes).
+///
+/// The meta group has a few voters (`META_REPLICATION`, or the replication
+/// factor); on a larger cluster the other nodes would not know the cluster
+/// map. As learners they receive every map version as it commits, read it
+/// from their own replica (routing, `GetClusterMap` for gateways) and know
+/// the meta leader, without weighing on its quorum.
+async fn keep_meta_learners(core: Arc<Core>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (Some(meta), Ok(p)) = (core.group(META.0), core.placement()) else { continue };
+        if !meta.is_leader() {
+            continue;
+        }
+        let membership = meta.raft.metrics().borrow().membership_config.membership().clone();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let members: std::collections::BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+        let holds_data = |id: u64| p.data_shards().any(|s| s.replicas.iter().any(|r| r.node_id == id));
+        for n in p.nodes() {
+            let wanted =
+                n.state == NodeState::Active as i32 && holds_data(n.node_id) && !n.internal_addr.is_empty();
+            if wanted && !members.contains(&n.node_id) {
+                let node = BasicNode { addr: n.internal_addr.clone() };
+                match meta.raft.add_learner(n.node_id, node, false).await {
+                    Ok(_) => tracing::info!(node = n.node_id, "node added to the meta group as a learner"),
+                    Err(e) => tracing::debug!(node = n.node_id, error = %e, "adding a meta learner"),
+                }
+            }
+        }
+        let stale: std::collections::BTreeSet<u64> = members
+            .iter()
+            .copied()
+            .filter(|id| !voters.contains(id) && p.node(*id).is_some() && !holds_data(*id))
+            .collect();
+        if !stale.is_empty() {
+            let change = openraft::ChangeMembers::RemoveNodes(stale.clone());
+            match meta.raft.change_membership(change, false).await {
+                Ok(_) => tracing::info!(nodes = ?stale, "meta learners without replicas removed"),
+                Err(e) => tracing::debug!(error = %e, "removing meta learners"),
+            }
+        }
     }
 }
 

@@ -83,11 +83,11 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
-    fn new(id: u64, internal: String, peers: &str, shards: u32) -> NodeProc {
+    fn new(id: u64, internal: String, peers: &str, shards: u32, extra: &[&str]) -> NodeProc {
         let dir = tempfile::tempdir().expect("tempdir");
         let (client, http) = (free_addr(), free_addr());
         let data = dir.path().join("data");
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "node".into(),
             "--id".into(),
             id.to_string(),
@@ -109,6 +109,7 @@ impl NodeProc {
             "--dev-code".into(),
             DEV_CODE.into(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         NodeProc { id, internal, client, http, args, child: None, runs: 0, dir }
     }
 
@@ -226,15 +227,29 @@ pub struct ProcCluster {
 impl ProcCluster {
     /// Starts `n` nodes with `--bootstrap --peers ...` and waits until each is healthy.
     pub async fn start(n: u64, shards: u32) -> ProcCluster {
+        ProcCluster::start_with(n, shards, &[]).await
+    }
+
+    /// The nodes of a new cluster (`--bootstrap`, `extra` flags for every
+    /// node), none started yet.
+    pub fn create(n: u64, shards: u32, extra: &[&str]) -> ProcCluster {
         let internal: BTreeMap<u64, String> = (1..=n).map(|id| (id, free_addr())).collect();
         let peers = internal.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
-        let mut c = ProcCluster {
-            nodes: internal.into_iter().map(|(id, a)| (id, NodeProc::new(id, a, &peers, shards))).collect(),
-        };
+        ProcCluster {
+            nodes: internal
+                .into_iter()
+                .map(|(id, a)| (id, NodeProc::new(id, a, &peers, shards, extra)))
+                .collect(),
+        }
+    }
+
+    /// Like [`ProcCluster::start`], with `extra` flags for every node.
+    pub async fn start_with(n: u64, shards: u32, extra: &[&str]) -> ProcCluster {
+        let mut c = ProcCluster::create(n, shards, extra);
         for p in c.nodes.values_mut() {
             p.spawn();
         }
-        c.wait_all_healthy(Duration::from_secs(40)).await;
+        c.wait_all_healthy(Duration::from_secs(60)).await;
         c
     }
 
@@ -287,7 +302,7 @@ impl ProcCluster {
         rim_cluster::Placement::new(map).expect("valid map")
     }
 
-    /// The leader of `shard` that every running node agrees on.
+    /// The leader of `shard` that every running node hosting it agrees on.
     pub async fn leader(&self, shard: u32, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
         loop {
@@ -296,11 +311,14 @@ impl ProcCluster {
                 if !p.is_running() {
                     continue;
                 }
-                let l = match self.status(*id).await {
-                    Ok(s) => s.groups.iter().find(|g| g.group_id == shard).map(|g| g.leader_node_id),
-                    Err(_) => None,
-                };
-                seen.push(l.unwrap_or(0));
+                // Nodes without a replica of the shard have no say.
+                match self.status(*id).await {
+                    Ok(s) => match s.groups.iter().find(|g| g.group_id == shard) {
+                        Some(g) => seen.push(g.leader_node_id),
+                        None => continue,
+                    },
+                    Err(_) => seen.push(0),
+                }
             }
             if let Some(&l) = seen.first()
                 && l != 0

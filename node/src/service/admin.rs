@@ -235,6 +235,14 @@ impl AdminService for AdminSvc {
         _req: Request<GetClusterMapRequest>,
     ) -> Result<Response<GetClusterMapReply>, Status> {
         self.core.refresh_placement()?;
-        Ok(Response::new(GetClusterMapReply { map: Some(self.core.placement()?.map().clone()) }))
+        // The stored map carries no leaders; add what this node knows of the
+        // groups it hosts, so gateways go to the leader at once.
+        let mut p = (*self.core.placement()?).clone();
+        for g in self.core.all_groups() {
+            if let Some(l) = g.leader() {
+                let _ = p.set_leader(g.shard.0, l);
+            }
+        }
+        Ok(Response::new(GetClusterMapReply { map: Some(p.into_map()) }))
     }
 }

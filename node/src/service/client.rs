@@ -73,8 +73,8 @@ impl ClientSvc {
     /// Looks up the user that claimed `name`, linearizably.
     async fn account(&self, name: &str) -> Result<Option<u64>> {
         let shard = self.core.placement()?.shard_of_account(name);
-        let g = self.core.read_barrier(shard).await?;
-        Ok(g.reader.account(name)?.map(|u| u.0))
+        let g = self.core.view(shard).await?;
+        Ok(g.account(name).await?.map(|u| u.0))
     }
 
     /// Creates a user owning the login `name`.
@@ -194,8 +194,8 @@ impl AuthService for ClientSvc {
         req: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesReply>, Status> {
         let c = self.caller(&req).await?;
-        let g = self.core.read_barrier(self.core.shard_of_user(c.user)?).await?;
-        let devices = g.reader.devices(UserId(c.user)).map_err(Error::from)?;
+        let g = self.core.view(self.core.shard_of_user(c.user)?).await?;
+        let devices = g.devices(UserId(c.user)).await?;
         Ok(Response::new(ListDevicesReply { devices: devices.into_iter().map(ops::device_view).collect() }))
     }
 

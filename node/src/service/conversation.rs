@@ -28,11 +28,12 @@ use rim_proto::store::{self, notification::Event};
 use rim_proto::v1::{
     ContentType, Conversation, ConversationKind, ListConversationsReply, ListConversationsRequest, Message,
 };
-use rim_raft_store::{GroupId, Reader, UserId};
+use rim_raft_store::{GroupId, UserId};
 
 use super::ops;
 use crate::core::Core;
 use crate::error::Result;
+use crate::read::ShardView;
 
 /// Entries of the caller's own list the view is computed from.
 pub const OWN_TAIL: usize = 2_000;
@@ -117,10 +118,10 @@ fn own_lines(user: u64, tail: &[Message], reads: &HashMap<(i32, u64), u64>) -> B
 }
 
 /// The line of one super group, from its shard's replica.
-fn super_line(r: &Reader, user: u64, g: u64, read: u64) -> Result<Option<Line>> {
-    let Some(member) = r.member(GroupId(g), UserId(user))? else { return Ok(None) };
-    let head = r.group_head(GroupId(g))?;
-    let tail = r.group_tail(GroupId(g), GROUP_SCAN)?;
+async fn super_line(r: &ShardView<'_>, user: u64, g: u64, read: u64) -> Result<Option<Line>> {
+    let Some(member) = r.member(GroupId(g), UserId(user)).await? else { return Ok(None) };
+    let head = r.group_head(GroupId(g)).await?;
+    let tail = r.group_tail(GroupId(g), GROUP_SCAN).await?;
     let recalled = recalled(&tail);
     let joined = member.joined_group_seq;
     let mut line = Line { read_seq: read.max(joined), ..Line::default() };
@@ -149,27 +150,27 @@ fn super_line(r: &Reader, user: u64, g: u64, read: u64) -> Result<Option<Line>> 
 pub async fn list(core: &Core, user: u64, req: ListConversationsRequest) -> Result<ListConversationsReply> {
     let limit = (if req.limit == 0 { DEFAULT_LIMIT } else { req.limit.min(MAX_LIMIT) }) as usize;
     let placement = core.placement()?;
-    let g = core.read_barrier(placement.shard_of_user(user)).await?;
+    let g = core.view(placement.shard_of_user(user)).await?;
     let u = UserId(user);
-    let tail = g.reader.tail(u, OWN_TAIL)?;
+    let tail = g.tail(u, OWN_TAIL).await?;
     let reads: HashMap<(i32, u64), u64> =
-        g.reader.read_positions(u)?.into_iter().map(|(k, c, r)| ((k, c), r.read_seq)).collect();
+        g.read_positions(u).await?.into_iter().map(|(k, c, r)| ((k, c), r.read_seq)).collect();
     let supers: Vec<u64> = g
-        .reader
-        .user_groups(u)?
+        .user_groups(u)
+        .await?
         .into_iter()
         .filter(|r| r.kind() == store::GroupKind::Super)
         .map(|r| r.group_id)
         .collect();
-    let last_seq = g.reader.user_head(u)?.last_seq.max(tail.first().map_or(0, |m| m.seq));
+    let last_seq = g.user_head(u).await?.last_seq.max(tail.first().map_or(0, |m| m.seq));
     let mut lines = own_lines(user, &tail, &reads);
 
-    let replicas = ops::barriers_lenient(core, supers.iter().map(|g| placement.shard_of_group(*g))).await;
+    let replicas = ops::views_lenient(core, supers.iter().map(|g| placement.shard_of_group(*g))).await;
     for gid in supers {
         let shard = placement.shard_of_group(gid);
         let read = reads.get(&(ConversationKind::SuperGroup as i32, gid)).copied().unwrap_or(0);
         let line = match replicas.get(&shard) {
-            Some(Ok(r)) => super_line(&r.reader, user, gid, read),
+            Some(Ok(r)) => super_line(r, user, gid, read).await,
             Some(Err(e)) => Err(crate::error::Error::Unavailable(e.to_string())),
             None => continue,
         };

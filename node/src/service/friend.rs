@@ -131,8 +131,8 @@ impl FriendService for ClientSvc {
             Some(store::op_result::Value::Friend(f)) => Some(f),
             // The record as applied (this replica waits for the write).
             _ => {
-                let g = self.core.read_barrier(shard).await?;
-                let friends = g.reader.friends(UserId(c.user)).map_err(Error::from)?;
+                let g = self.core.view(shard).await?;
+                let friends = g.friends(UserId(c.user)).await?;
                 friends.into_iter().find(|f| f.friend_id == r.friend_id)
             }
         };
@@ -146,11 +146,10 @@ impl FriendService for ClientSvc {
     ) -> Result<Response<ListFriendsReply>, Status> {
         let c = self.caller(&req).await?;
         let include_pending = req.into_inner().include_pending;
-        let g = self.core.read_barrier(self.core.shard_of_user(c.user)?).await?;
+        let g = self.core.view(self.core.shard_of_user(c.user)?).await?;
         let mut friends: Vec<store::FriendRecord> = g
-            .reader
             .friends(UserId(c.user))
-            .map_err(Error::from)?
+            .await?
             .into_iter()
             .filter(|f| include_pending || f.status() == store::FriendStatus::Accepted)
             .collect();

@@ -119,19 +119,15 @@ impl GatewayService for GatewaySvc {
         ops::check_id("device_id", input.device_id)?;
         let shard = self.core.shard_of_user(input.user_id)?;
         // Linearizable: a logout acknowledged before this sign-in is seen.
-        let g = self.core.read_barrier(shard).await?;
+        let g = self.core.view(shard).await?;
         let claims = self.core.verify_token(input.user_id, input.device_id, &input.token).await?;
         let user = g
-            .reader
             .user(UserId(input.user_id))
-            .map_err(Error::from)?
+            .await?
             .ok_or_else(|| Error::rejected(ErrorCode::ErrorUserNotFound, "user not found"))?;
-        let dev = g
-            .reader
-            .device(UserId(input.user_id), rim_raft_store::DeviceId(input.device_id))
-            .map_err(Error::from)?;
-        let head = g.reader.user_head(UserId(input.user_id)).map_err(Error::from)?;
-        let groups = g.reader.user_groups(UserId(input.user_id)).map_err(Error::from)?;
+        let dev = g.device(UserId(input.user_id), rim_raft_store::DeviceId(input.device_id)).await?;
+        let head = g.user_head(UserId(input.user_id)).await?;
+        let groups = g.user_groups(UserId(input.user_id)).await?;
         let super_groups = super_group_heads(&self.core, input.user_id, groups).await;
         Ok(Response::new(ConnSignInReply {
             user: Some(ops::user_view(user)),
@@ -256,7 +252,14 @@ async fn serve_subscription(
         leader_addr: leader.and_then(|l| core.node_addr(shard, l)).unwrap_or_default(),
         cluster_map_version: core.placement().map(|p| p.version()).unwrap_or(0),
     };
-    let Some(group) = core.group(shard) else { return end(ErrorCode::ErrorWrongShard, None) };
+    let Some(group) = core.group(shard) else {
+        // Not hosted here (a cluster larger than the replication factor):
+        // point the gateway at the map's leader or a voter of the shard.
+        let hint = core.placement().ok().and_then(|p| {
+            p.leader_hint(shard).map(|n| n.node_id).or_else(|| p.replicas_of(shard).first().copied())
+        });
+        return end(ErrorCode::ErrorWrongShard, hint);
+    };
     if !group.is_leader() {
         return end(ErrorCode::ErrorNotLeader, group.leader());
     }
@@ -371,7 +374,7 @@ async fn super_group_heads(core: &Core, user: u64, groups: Vec<store::UserGroupR
         return Vec::new();
     }
     let Ok(placement) = core.placement() else { return Vec::new() };
-    let shards = ops::barriers_lenient(core, supers.iter().map(|g| placement.shard_of_group(*g))).await;
+    let shards = ops::views_lenient(core, supers.iter().map(|g| placement.shard_of_group(*g))).await;
     let mut heads = Vec::with_capacity(supers.len());
     for g in supers {
         let shard = placement.shard_of_group(g);
@@ -383,16 +386,16 @@ async fn super_group_heads(core: &Core, user: u64, groups: Vec<store::UserGroupR
             }
             None => continue,
         };
-        let read = || -> Result<Option<GroupHead>, Error> {
-            let Some(m) = replica.reader.member(GroupId(g), UserId(user))? else { return Ok(None) };
-            let head = replica.reader.group_head(GroupId(g))?;
+        let read = async || -> Result<Option<GroupHead>, Error> {
+            let Some(m) = replica.member(GroupId(g), UserId(user)).await? else { return Ok(None) };
+            let head = replica.group_head(GroupId(g)).await?;
             Ok(Some(GroupHead {
                 group_id: g,
                 last_group_seq: head.last_seq,
                 joined_group_seq: m.joined_group_seq,
             }))
         };
-        match read() {
+        match read().await {
             Ok(Some(h)) => heads.push(h),
             Ok(None) => {}
             Err(e) => tracing::warn!(user, group = g, error = %e, "sign-in skips an unreadable super group"),

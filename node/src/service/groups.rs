@@ -8,8 +8,6 @@
 //! groups (`ListMyGroups`, the conversation view, super groups at sign-in)
 //! follows through the relay: eventually, normally within milliseconds.
 
-use std::sync::Arc;
-
 use rim_proto::ErrorCode;
 use rim_proto::store::{self, IdKind, op::Op as O};
 use rim_proto::v1::group_service_server::GroupService;
@@ -20,7 +18,7 @@ use tonic::{Request, Response, Status};
 use super::client::ClientSvc;
 use super::ops::{self, check_id, op};
 use crate::error::{Error, Result};
-use crate::group::Group as Replica;
+use crate::read::ShardView;
 
 /// Members listed per page when the request asks for 0.
 pub const DEFAULT_MEMBERS_PAGE: u32 = 100;
@@ -60,9 +58,9 @@ impl ClientSvc {
     }
 
     /// The group's shard replica (linearizable) and its live record.
-    async fn load_group(&self, g: u64) -> Result<(Arc<Replica>, store::GroupRecord)> {
-        let replica = self.core.read_barrier(self.group_shard(g)?).await?;
-        let rec = replica.reader.group(GroupId(g))?.filter(|r| !r.dissolved).ok_or_else(|| not_found(g))?;
+    async fn load_group(&self, g: u64) -> Result<(ShardView<'_>, store::GroupRecord)> {
+        let replica = self.core.view(self.group_shard(g)?).await?;
+        let rec = replica.group(GroupId(g)).await?.filter(|r| !r.dissolved).ok_or_else(|| not_found(g))?;
         Ok((replica, rec))
     }
 
@@ -71,8 +69,8 @@ impl ClientSvc {
         let head = if rec.kind() == store::GroupKind::Small {
             0
         } else {
-            let replica = self.core.read_barrier(self.group_shard(rec.group_id)?).await?;
-            replica.reader.group_head(GroupId(rec.group_id))?.last_seq
+            let replica = self.core.view(self.group_shard(rec.group_id)?).await?;
+            replica.group_head(GroupId(rec.group_id)).await?.last_seq
         };
         Ok(ops::group_view(rec, head))
     }
@@ -161,11 +159,11 @@ impl GroupService for ClientSvc {
         let c = self.caller(&req).await?;
         let g = req.into_inner().group_id;
         let (replica, rec) = self.load_group(g).await?;
-        let me = replica.reader.member(GroupId(g), UserId(c.user)).map_err(Error::from)?;
+        let me = replica.member(GroupId(g), UserId(c.user)).await?;
         if me.is_none() && rec.kind() != store::GroupKind::Room {
             return Err(Error::rejected(ErrorCode::ErrorNotGroupMember, "not a member of this group").into());
         }
-        let head = replica.reader.group_head(GroupId(g)).map_err(Error::from)?;
+        let head = replica.group_head(GroupId(g)).await?;
         Ok(Response::new(GetGroupReply {
             group: Some(ops::group_view(rec, head.last_seq)),
             me: me.map(|m| ops::member_view(m, None)),
@@ -178,23 +176,23 @@ impl GroupService for ClientSvc {
     ) -> Result<Response<ListMyGroupsReply>, Status> {
         let c = self.caller(&req).await?;
         let placement = self.core.placement()?;
-        let mine = self.core.read_barrier(placement.shard_of_user(c.user)).await?;
-        let records = mine.reader.user_groups(UserId(c.user)).map_err(Error::from)?;
+        let mine = self.core.view(placement.shard_of_user(c.user)).await?;
+        let records = mine.user_groups(UserId(c.user)).await?;
         let replicas =
-            ops::barriers(&self.core, records.iter().map(|r| placement.shard_of_group(r.group_id))).await?;
+            ops::views(&self.core, records.iter().map(|r| placement.shard_of_group(r.group_id))).await?;
         let mut groups = Vec::with_capacity(records.len());
         for r in records {
             let replica = &replicas[&placement.shard_of_group(r.group_id)];
             let g = GroupId(r.group_id);
-            let Some(rec) = replica.reader.group(g).map_err(Error::from)?.filter(|x| !x.dissolved) else {
+            let Some(rec) = replica.group(g).await?.filter(|x| !x.dissolved) else {
                 continue;
             };
             // The own list of groups follows removals through the relay:
             // the group's shard has the last word.
-            if replica.reader.member(g, UserId(c.user)).map_err(Error::from)?.is_none() {
+            if replica.member(g, UserId(c.user)).await?.is_none() {
                 continue;
             }
-            let head = replica.reader.group_head(g).map_err(Error::from)?;
+            let head = replica.group_head(g).await?;
             groups.push(ops::group_view(rec, head.last_seq));
         }
         groups.sort_by_key(|g| g.group_id);
@@ -212,12 +210,11 @@ impl GroupService for ClientSvc {
         if rec.kind() == store::GroupKind::Room {
             return Ok(Response::new(ListGroupMembersReply { members: Vec::new(), has_more: false }));
         }
-        if replica.reader.member(g, UserId(c.user)).map_err(Error::from)?.is_none() {
+        if replica.member(g, UserId(c.user)).await?.is_none() {
             return Err(Error::rejected(ErrorCode::ErrorNotGroupMember, "not a member of this group").into());
         }
         let limit = if r.limit == 0 { DEFAULT_MEMBERS_PAGE } else { r.limit.min(MAX_MEMBERS_PAGE) };
-        let (members, has_more) =
-            replica.reader.members(g, UserId(r.after_user_id), limit as usize).map_err(Error::from)?;
+        let (members, has_more) = replica.members(g, UserId(r.after_user_id), limit as usize).await?;
         let mut profiles = if r.with_profiles {
             let ids: Vec<u64> = members.iter().map(|m| m.user_id).collect();
             ops::profiles(&self.core, &ids).await
@@ -291,9 +288,8 @@ impl GroupService for ClientSvc {
         counted("set_member");
         let (replica, _) = self.load_group(r.group_id).await?;
         let m = replica
-            .reader
             .member(GroupId(r.group_id), UserId(r.user_id))
-            .map_err(Error::from)?
+            .await?
             .ok_or_else(|| Error::rejected(ErrorCode::ErrorNotGroupMember, "no longer a member"))?;
         Ok(Response::new(SetGroupMemberReply { member: Some(ops::member_view(m, None)) }))
     }

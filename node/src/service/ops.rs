@@ -3,7 +3,6 @@
 //! the gateway's connection context); what a send, sync or ack does is here.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 
 use rim_proto::ErrorCode;
 use rim_proto::store::{self, DeviceRecord, UserRecord, op::Op as O};
@@ -12,7 +11,7 @@ use rim_raft_store::{DeviceId, GroupId, Seq, UserId};
 
 use crate::core::Core;
 use crate::error::{Error, Result};
-use crate::group::Group;
+use crate::read::ShardView;
 
 /// Largest page a sync returns.
 pub const MAX_SYNC_LIMIT: u32 = 500;
@@ -134,9 +133,9 @@ pub async fn ensure_user_exists(core: &Core, user: u64) -> Result<()> {
 /// Reads `user`'s list after `after_seq`.
 pub async fn sync(core: &Core, user: u64, input: v1::SyncInput) -> Result<v1::SyncOutput> {
     let shard = core.shard_of_user(user)?;
-    let g = core.read_barrier(shard).await?;
+    let g = core.view(shard).await?;
     // Entries and last_seq come from one snapshot (see `Reader::sync`).
-    let page = g.reader.sync(UserId(user), Seq(input.after_seq), clamp_limit(input.limit))?;
+    let page = g.sync(UserId(user), Seq(input.after_seq), clamp_limit(input.limit)).await?;
     Ok(v1::SyncOutput { messages: page.messages, has_more: page.has_more, last_seq: page.head.last_seq })
 }
 
@@ -144,21 +143,21 @@ pub async fn sync(core: &Core, user: u64, input: v1::SyncInput) -> Result<v1::Sy
 pub async fn sync_group(core: &Core, user: u64, input: v1::SyncGroupInput) -> Result<v1::SyncGroupOutput> {
     check_id("group_id", input.group_id)?;
     let shard = core.placement()?.shard_of_group(input.group_id);
-    let g = core.read_barrier(shard).await?;
+    let g = core.view(shard).await?;
     let group = g
-        .reader
-        .group(GroupId(input.group_id))?
+        .group(GroupId(input.group_id))
+        .await?
         .filter(|gr| !gr.dissolved)
         .ok_or_else(|| Error::rejected(ErrorCode::ErrorGroupNotFound, "group not found"))?;
     let mut after = input.after_group_seq;
     if group.kind() != store::GroupKind::Room {
         let m = g
-            .reader
-            .member(GroupId(input.group_id), UserId(user))?
+            .member(GroupId(input.group_id), UserId(user))
+            .await?
             .ok_or_else(|| Error::rejected(ErrorCode::ErrorNotGroupMember, "not a member"))?;
         after = after.max(m.joined_group_seq);
     }
-    let page = g.reader.sync_group(GroupId(input.group_id), Seq(after), clamp_limit(input.limit))?;
+    let page = g.sync_group(GroupId(input.group_id), Seq(after), clamp_limit(input.limit)).await?;
     Ok(v1::SyncGroupOutput {
         messages: page.messages,
         has_more: page.has_more,
@@ -215,16 +214,14 @@ pub async fn register_device(
 /// A user's record, read linearizably.
 pub async fn get_user(core: &Core, user: u64) -> Result<UserRecord> {
     check_id("user_id", user)?;
-    let g = core.read_barrier(core.shard_of_user(user)?).await?;
-    g.reader
-        .user(UserId(user))?
-        .ok_or_else(|| Error::rejected(ErrorCode::ErrorUserNotFound, "user not found"))
+    let g = core.view(core.shard_of_user(user)?).await?;
+    g.user(UserId(user)).await?.ok_or_else(|| Error::rejected(ErrorCode::ErrorUserNotFound, "user not found"))
 }
 
 /// A device's record, read linearizably.
 pub async fn get_device(core: &Core, user: u64, device: u64) -> Result<Option<DeviceRecord>> {
-    let g = core.read_barrier(core.shard_of_user(user)?).await?;
-    Ok(g.reader.device(UserId(user), DeviceId(device))?)
+    let g = core.view(core.shard_of_user(user)?).await?;
+    g.device(UserId(user), DeviceId(device)).await
 }
 
 /// Recalls a message as `(user, device)`: proposed to the caller's shard for
@@ -294,26 +291,27 @@ pub async fn mark_read(core: &Core, user: u64, device: u64, input: v1::ReadInput
     }
 }
 
-/// Linearizable read barriers on several shards at once; fails with the
-/// first shard that cannot be read.
-pub async fn barriers(
+/// Linearizable views of several shards at once (`Core::view`: read
+/// barriers of local replicas, forwarded reads for the others); fails with
+/// the first shard that cannot be read.
+pub async fn views(
     core: &Core,
     shards: impl IntoIterator<Item = u32>,
-) -> Result<BTreeMap<u32, Arc<Group>>> {
+) -> Result<BTreeMap<u32, ShardView<'_>>> {
     let mut out = BTreeMap::new();
-    for (shard, g) in barriers_lenient(core, shards).await {
+    for (shard, g) in views_lenient(core, shards).await {
         out.insert(shard, g?);
     }
     Ok(out)
 }
 
-/// Like [`barriers`], but returns each shard's outcome.
-pub async fn barriers_lenient(
+/// Like [`views`], but returns each shard's outcome.
+pub async fn views_lenient(
     core: &Core,
     shards: impl IntoIterator<Item = u32>,
-) -> BTreeMap<u32, Result<Arc<Group>>> {
+) -> BTreeMap<u32, Result<ShardView<'_>>> {
     let shards: BTreeSet<u32> = shards.into_iter().collect();
-    let reads = shards.into_iter().map(|s| async move { (s, core.read_barrier(s).await) });
+    let reads = shards.into_iter().map(|s| async move { (s, core.view(s).await) });
     futures::future::join_all(reads).await.into_iter().collect()
 }
 
@@ -336,9 +334,9 @@ pub async fn ensure_users_exist(core: &Core, users: &[u64]) -> Result<()> {
     if unsure.is_empty() {
         return Ok(());
     }
-    let groups = barriers(core, unsure.iter().map(|(s, _)| *s)).await?;
+    let groups = views(core, unsure.iter().map(|(s, _)| *s)).await?;
     for (shard, u) in unsure {
-        if groups[&shard].reader.user(UserId(u))?.is_none() {
+        if groups[&shard].user(UserId(u)).await?.is_none() {
             return Err(Error::rejected(ErrorCode::ErrorUserNotFound, format!("user {u} not found")));
         }
     }
@@ -349,11 +347,11 @@ pub async fn ensure_users_exist(core: &Core, users: &[u64]) -> Result<()> {
 /// read in time (or that do not exist) are left out.
 pub async fn profiles(core: &Core, users: &[u64]) -> HashMap<u64, v1::User> {
     let Ok(placement) = core.placement() else { return HashMap::new() };
-    let groups = barriers_lenient(core, users.iter().map(|u| placement.shard_of_user(*u))).await;
+    let groups = views_lenient(core, users.iter().map(|u| placement.shard_of_user(*u))).await;
     let mut out = HashMap::new();
     for &u in users {
         let Some(Ok(g)) = groups.get(&placement.shard_of_user(u)) else { continue };
-        match g.reader.user(UserId(u)) {
+        match g.user(UserId(u)).await {
             Ok(Some(rec)) => {
                 out.insert(u, user_view(rec));
             }

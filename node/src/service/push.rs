@@ -155,11 +155,11 @@ async fn push_users_online(core: &Core, users: &[u64], push: PushedMessage) -> R
 impl PushSvc {
     /// The group's live record, read linearizably on its shard, and the
     /// shard's replica.
-    async fn group(&self, g: u64) -> Result<(Arc<crate::group::Group>, store::GroupRecord)> {
+    async fn group(&self, g: u64) -> Result<(crate::read::ShardView<'_>, store::GroupRecord)> {
         check_id("group_id", g)?;
-        let replica = self.core.read_barrier(self.core.placement()?.shard_of_group(g)).await?;
+        let replica = self.core.view(self.core.placement()?.shard_of_group(g)).await?;
         let rec =
-            replica.reader.group(GroupId(g))?.filter(|r| !r.dissolved).ok_or_else(|| {
+            replica.group(GroupId(g)).await?.filter(|r| !r.dissolved).ok_or_else(|| {
                 Error::rejected(ErrorCode::ErrorGroupNotFound, format!("group {g} not found"))
             })?;
         Ok((replica, rec))
@@ -244,8 +244,7 @@ impl PushService for PushSvc {
             let mut members = Vec::with_capacity(rec.member_count as usize);
             let mut after = UserId(0);
             loop {
-                let (page, more) =
-                    replica.reader.members(GroupId(r.group_id), after, 1_000).map_err(Error::from)?;
+                let (page, more) = replica.members(GroupId(r.group_id), after, 1_000).await?;
                 members.extend(page.iter().map(|m| m.user_id));
                 match page.last() {
                     Some(m) if more => after = UserId(m.user_id),

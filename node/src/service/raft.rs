@@ -9,7 +9,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use prost::Message as _;
 use rim_proto::ErrorCode;
-use rim_proto::store::{Proposal, ProposalResult};
+use rim_proto::store::{Proposal, ProposalResult, ReadQuery};
 use rim_proto::v1::raft_service_server::RaftService;
 use rim_proto::v1::{OnlinePush, RaftReply, RaftRequest, SnapshotChunk};
 use tonic::{Request, Response, Status, Streaming};
@@ -130,6 +130,20 @@ impl RaftService for RaftSvc {
             }
         }
         Ok(reply(ProposalResult { results }.encode_to_vec()))
+    }
+
+    async fn read(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let r = req.into_inner();
+        let g = route!(self, r);
+        let q = ReadQuery::decode(r.payload.as_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let answer = match self.core.read_barrier(g.shard.0).await {
+            Ok(g) => crate::read::execute(&g.reader, &q),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(a) => Ok(reply(a.encode_to_vec())),
+            Err(e) => Ok(refuse(e.code(), e.to_string())),
+        }
     }
 
     async fn read_index(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
