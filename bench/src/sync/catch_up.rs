@@ -31,9 +31,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::REQUEST_TIMEOUT;
-use crate::bench::accounts::Cred;
-use crate::bench::progress::code_name;
-use crate::bench::wire::{self, Enc, Reader, Val};
+use crate::accounts::Cred;
+use crate::progress::code_name;
+use crate::wire::{self, Enc, Reader, Val};
 
 /// Longest wait for a TCP connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

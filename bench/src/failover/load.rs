@@ -37,8 +37,8 @@ use tokio::sync::watch;
 
 use super::EXAMPLES;
 use super::timeline::{ACKS_OTHER, ACKS_TARGET, PUSHES_OTHER, PUSHES_TARGET, Timeline};
-use crate::bench::progress::{Tally, code_name};
-use crate::bench::wire::{self, Reader};
+use crate::progress::{Tally, code_name};
+use crate::wire::{self, Reader};
 
 /// Longest retry backoff of a sender.
 const MAX_BACKOFF_MS: u64 = 1_000;
