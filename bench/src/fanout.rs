@@ -27,7 +27,8 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use rim_proto::v1::group_service_client::GroupServiceClient;
 use rim_proto::v1::{
-    AddGroupMembersRequest, Command, ContentType, ConversationKind, CreateGroupRequest, GroupKind,
+    AddGroupMembersRequest, Command, ConversationKind, CreateGroupRequest, GroupKind, SendInput,
+    SubscribeRoomInput,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedReadHalf;
@@ -43,7 +44,7 @@ use super::latency::{connect_all, heartbeat};
 use super::progress::{Progress, Tally, code_name};
 use super::sys;
 use super::target::{Target, TargetArgs};
-use super::wire::{self, Enc, Reader};
+use super::wire::{self, Reader};
 
 /// Most members one CreateGroup / AddGroupMembers call carries.
 const MEMBERS_PER_CALL: usize = 1_000;
@@ -159,18 +160,12 @@ async fn create_group(api: &Api, kind: Kind, users: &[Cred]) -> anyhow::Result<u
 }
 
 /// `SEND_GROUP` content: a text message to a group.
-fn send_group_input(kind: Kind, group: u64, client_msg_id: &str, text: &[u8]) -> Vec<u8> {
-    let ck = match kind {
+fn send_group_input(kind: Kind, group: u64, client_msg_id: &str, text: &[u8]) -> SendInput {
+    let kind = match kind {
         Kind::Small => ConversationKind::Group,
         Kind::Super => ConversationKind::SuperGroup,
     };
-    Enc::default()
-        .uint(1, ck as u64)
-        .uint(2, group)
-        .bytes(3, client_msg_id.as_bytes())
-        .uint(4, ContentType::Text as u64)
-        .bytes(5, text)
-        .finish()
+    SendInput { conversation_kind: kind as i32, ..wire::send_input(group, client_msg_id, text) }
 }
 
 /// Runs the scenario.
@@ -261,7 +256,7 @@ pub async fn run(args: &FanoutArgs, target: &Target) -> anyhow::Result<Outcome> 
         let input =
             send_group_input(args.kind, group, &format!("f{t}-{n}"), format!("{t} fanout").as_bytes());
         run.inflight.fetch_add(1, Ordering::Relaxed);
-        let frame = wire::frame(&wire::request(t, Command::SendGroup, input));
+        let frame = wire::request_frame(t, Command::SendGroup, &input);
         if !matches!(tokio::time::timeout(Duration::from_secs(5), wr.write_all(&frame)).await, Ok(Ok(()))) {
             run.errors.add("send: write failed");
             break;
@@ -355,8 +350,8 @@ async fn subscribe_all(
         let (sem, done) = (sem.clone(), done.clone());
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await?;
-            let input = Enc::default().uint(1, group).uint(2, 0).finish();
-            let frame = wire::frame(&wire::request(2, Command::SubscribeRoom, input));
+            let input = SubscribeRoomInput { room_id: group, after_seq: 0 };
+            let frame = wire::request_frame(2, Command::SubscribeRoom, &input);
             let io = async {
                 c.stream.write_all(&frame).await?;
                 loop {
@@ -419,10 +414,7 @@ async fn read_member(mut rd: OwnedReadHalf, mut reader: Reader, is_sender: bool,
         } else if p.command == Command::Kick as i32 {
             run.errors.add(format!("kicked: {}", code_name(wire::kick_code(&p.content))));
         } else if p.command == Command::Message as i32 && !is_sender {
-            let sent_at = wire::pushed_message(&p.content).and_then(|(from, text)| {
-                let t = std::str::from_utf8(text.split(|b| *b == b' ').next()?).ok()?.parse::<u64>().ok()?;
-                (from == sender).then_some(t)
-            });
+            let sent_at = wire::stamp_from(&p.content, sender);
             match sent_at {
                 Some(t) => {
                     run.delivered.fetch_add(1, Ordering::Relaxed);

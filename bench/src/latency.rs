@@ -636,7 +636,7 @@ impl Sender {
                 }
                 _ = beat.tick() => {
                     beat_id += 1;
-                    let f = wire::frame(&wire::request(beat_id, Command::Heartbeat, Vec::new()));
+                    let f = wire::request_frame(beat_id, Command::Heartbeat, &());
                     if !write(&mut wr, &f).await {
                         run.error("sender heartbeat: write failed".into());
                         return wr;
@@ -700,7 +700,7 @@ impl Sender {
         let mut text = format!("{t} ").into_bytes();
         text.resize(self.size.max(text.len()), b'x');
         let input = wire::send_input(self.to, &format!("{}-{}", self.id_prefix, self.n), &text);
-        let frame = wire::frame(&wire::request(t, Command::Send, input));
+        let frame = wire::request_frame(t, Command::Send, &input);
         if !write(wr, &frame).await {
             self.permits.add_permits(1);
             run.error("send: write failed".into());
@@ -731,7 +731,7 @@ pub(super) async fn heartbeat(
         tokio::select! {
             _ = beat.tick() => {
                 id += 1;
-                let f = wire::frame(&wire::request(id, Command::Heartbeat, Vec::new()));
+                let f = wire::request_frame(id, Command::Heartbeat, &());
                 if !write(&mut wr, &f).await {
                     return wr;
                 }
@@ -793,10 +793,7 @@ async fn read_recipient(mut rd: OwnedReadHalf, mut reader: Reader, sender: u64, 
             continue;
         }
         let now = run.now_us();
-        let sent_at = wire::pushed_message(&p.content).and_then(|(from, text)| {
-            let t = std::str::from_utf8(text.split(|b| *b == b' ').next()?).ok()?.parse::<u64>().ok()?;
-            (from == sender).then_some(t)
-        });
+        let sent_at = wire::stamp_from(&p.content, sender);
         match sent_at {
             Some(t) => {
                 run.delivered_all.fetch_add(1, Ordering::Relaxed);

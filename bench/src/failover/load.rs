@@ -277,7 +277,7 @@ impl Sender {
                     }
                 }
                 _ = beat.tick() => {
-                    let f = wire::frame(&wire::request(st.next_request, Command::Heartbeat, Vec::new()));
+                    let f = wire::request_frame(st.next_request, Command::Heartbeat, &());
                     st.next_request += 1;
                     if !write(&mut wr, &f).await {
                         run.error(self.on_target, "heartbeat write failed");
@@ -310,7 +310,7 @@ impl Sender {
         text.resize(self.size.max(text.len()), b'x');
         let input = wire::send_input(self.to, &format!("{}{n}", self.cmid_prefix), &text);
         run.attempts.fetch_add(1, Ordering::Relaxed);
-        if write(wr, &wire::frame(&wire::request(request, Command::Send, input))).await {
+        if write(wr, &wire::request_frame(request, Command::Send, &input)).await {
             true
         } else {
             run.error(self.on_target, "send write failed");
@@ -335,15 +335,14 @@ impl Sender {
             return;
         };
         let now = run.now_us();
-        let (code, retry_after_ms) = match wire::fields(&p.content) {
-            Some(f) => {
-                let code = wire::get_uint(&f, 1) as i32;
-                if code != 0 {
-                    run.example(self.on_target, code, &String::from_utf8_lossy(wire::get_bytes(&f, 2)));
+        let (code, retry_after_ms) = match wire::reply(&p.content) {
+            Ok(r) => {
+                if r.code != 0 {
+                    run.example(self.on_target, r.code, &r.message);
                 }
-                (code, wire::get_uint(&f, 4))
+                (r.code, u64::from(r.retry_after_ms))
             }
-            None => {
+            Err(_) => {
                 run.error(self.on_target, "malformed reply (resent)");
                 (rim_proto::ErrorCode::ErrorUnavailable as i32, 0)
             }
@@ -420,7 +419,7 @@ pub(super) async fn read_recipient(
             continue;
         }
         if p.command != Command::Message as i32
-            || wire::pushed_message(&p.content).is_none_or(|(from, _)| from != sender)
+            || wire::pushed_message(&p.content).is_none_or(|m| m.sender_user_id != sender)
         {
             continue;
         }

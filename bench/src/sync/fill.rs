@@ -252,7 +252,7 @@ async fn gateway_writer(
             else => return Ok(()),
         };
         let (to, id, text) = fill.job(g);
-        let frame = wire::frame(&wire::request(g + 1, Command::Send, wire::send_input(to, &id, &text)));
+        let frame = wire::request_frame(g + 1, Command::Send, &wire::send_input(to, &id, &text));
         tokio::time::timeout(REQUEST_TIMEOUT, wr.write_all(&frame))
             .await
             .context("fill connection: write timed out")?
