@@ -1,20 +1,13 @@
-//! Where users live and which shard is targeted: the cluster's placement
-//! rule (user → data shard) computed from the cluster map, and the choice
-//! of the shard whose leader is killed.
+//! The choice of the shard whose leader is killed. Where each user lives
+//! is the cluster's own placement rule (`rim_cluster::Placement` over the
+//! map the admin service returns), never a copy of it.
 //!
-//! Invariants:
-//!
-//! * [`shard_of_user`] is `rim_cluster::placement::slot_of` with the map's
-//!   slot owners, pinned by the placement crate's golden value in the test
-//!   below; a map whose slot owners do not match its slot count is an
-//!   error, not a panic.
-//! * The chosen shard is a data shard some sender lives on, and the same
-//!   for the same placement (ties go to the lowest id).
+//! Invariant: the chosen shard is a data shard some sender lives on, and
+//! the same for the same placement (ties go to the lowest id).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
-use rim_proto::v1::ClusterMap;
 
 use super::Pair;
 
@@ -43,45 +36,24 @@ pub(super) fn choose_shard(
     count.iter().max_by_key(|(s, n)| (**n, std::cmp::Reverse(**s))).map(|(s, _)| *s).context("no pairs")
 }
 
-/// The data shard of `user`: `slot_shards[crc32(1 ‖ id big-endian) % slots]`,
-/// the cluster's placement rule (`rim_cluster::placement::slot_of`, pinned
-/// by its golden test and by this module's).
-pub(super) fn shard_of_user(map: &ClusterMap, user: u64) -> anyhow::Result<u32> {
-    anyhow::ensure!(
-        map.slots > 0 && map.slot_shards.len() == map.slots as usize,
-        "the cluster map has {} slots but {} slot owners",
-        map.slots,
-        map.slot_shards.len()
-    );
-    let mut key = [0u8; 9];
-    key[0] = 1; // KeyKind::User
-    key[1..].copy_from_slice(&user.to_be_bytes());
-    Ok(map.slot_shards[(crc32(&key) % map.slots) as usize])
-}
-
-/// CRC-32 (IEEE 802.3, as `crc32fast`), bit by bit: a few hundred keys.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in bytes {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
-        }
-    }
-    !c
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::accounts::Cred;
+
+    fn pair(sender_shard: u32) -> Pair {
+        let cred = Cred { user: 1, device: 1, token: String::new() };
+        Pair { sender: cred.clone(), recipient: cred, sender_shard, recipient_shard: 1 }
+    }
 
     #[test]
-    fn placement_matches_the_cluster_rule() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        // rim_cluster::placement's golden value: slot_of(User, 1, 256) == 123.
-        let map = ClusterMap { slots: 256, slot_shards: (0..256).collect(), ..Default::default() };
-        assert_eq!(shard_of_user(&map, 1).unwrap(), 123);
-        let bad = ClusterMap { slots: 4, slot_shards: vec![1], ..Default::default() };
-        assert!(shard_of_user(&bad, 1).is_err());
+    fn chooses_the_busiest_sender_shard_lowest_on_ties() {
+        let data: BTreeSet<u32> = [1, 2, 3].into();
+        let pairs = [pair(3), pair(2), pair(3), pair(2), pair(1)];
+        assert_eq!(choose_shard(None, &pairs, &data).unwrap(), 2);
+        assert_eq!(choose_shard(Some(1), &pairs, &data).unwrap(), 1);
+        assert!(choose_shard(Some(0), &pairs, &data).is_err(), "the meta group is no data shard");
+        assert!(choose_shard(Some(3), &pairs[4..], &data).is_err(), "no sender on shard 3");
+        assert!(choose_shard(None, &[], &data).is_err());
     }
 }
