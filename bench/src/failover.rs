@@ -93,10 +93,10 @@ use super::accounts::{self, Api, Cred};
 use super::connections::latency_json;
 use super::hist::Histogram;
 use super::json::Json;
-use super::latency::{connect_all, heartbeat};
 use super::progress::{Progress, Tally};
 use super::sys;
 use super::target::{Target, TargetArgs};
+use super::wire::{connect_all, heartbeat};
 
 /// Most messages one run may send (`rate × (kill-after + after)`), so the
 /// per-message records stay bounded.

@@ -40,11 +40,10 @@ use super::accounts::{self, Api, Cred};
 use super::connections::latency_json;
 use super::hist::Histogram;
 use super::json::Json;
-use super::latency::{connect_all, heartbeat};
 use super::progress::{Progress, Tally, code_name};
 use super::sys;
 use super::target::{Target, TargetArgs};
-use super::wire::{self, Reader};
+use super::wire::{self, Connected, Reader, connect_all, heartbeat};
 
 /// Most members one CreateGroup / AddGroupMembers call carries.
 const MEMBERS_PER_CALL: usize = 1_000;
@@ -334,10 +333,7 @@ pub async fn run(args: &FanoutArgs, target: &Target) -> anyhow::Result<Outcome> 
 
 /// Subscribes every connection to the super group (live only), 64 at a
 /// time, and waits for each reply.
-async fn subscribe_all(
-    conns: Vec<super::latency::Connected>,
-    group: u64,
-) -> anyhow::Result<Vec<super::latency::Connected>> {
+async fn subscribe_all(conns: Vec<Connected>, group: u64) -> anyhow::Result<Vec<Connected>> {
     let total = conns.len();
     let done = Arc::new(AtomicU64::new(0));
     let d = done.clone();
@@ -377,7 +373,7 @@ async fn subscribe_all(
             anyhow::Ok((i, c))
         });
     }
-    let mut out: Vec<Option<super::latency::Connected>> = (0..total).map(|_| None).collect();
+    let mut out: Vec<Option<Connected>> = (0..total).map(|_| None).collect();
     while let Some(r) = tasks.join_next().await {
         let (i, c) = r.context("subscribe task panicked")??;
         out[i] = Some(c);

@@ -9,6 +9,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -20,7 +21,12 @@ use rim_proto::v1::{
     SignInInput, SignInOutput,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::accounts::Cred;
 
 /// Largest frame the bench accepts from the gateway (its replies are tiny).
 pub const MAX_FRAME: usize = 64 * 1024;
@@ -184,6 +190,73 @@ pub async fn sign_in<S: AsyncRead + AsyncWrite + Unpin>(
     // A malformed or absent interval means the gateway's default.
     let ms = decode::<SignInOutput>(&r.data).map_or(0, |o| o.heartbeat_interval_ms);
     Ok(Duration::from_millis(if ms == 0 { 30_000 } else { u64::from(ms) }))
+}
+
+/// A signed-in connection.
+pub struct Connected {
+    /// The user whose device signed in.
+    pub user: u64,
+    /// The connection.
+    pub stream: TcpStream,
+    /// Its reading side's frame decoder.
+    pub reader: Reader,
+    /// The heartbeat interval the gateway announced.
+    pub heartbeat: Duration,
+}
+
+/// Connects and signs in every user's device, 16 at a time.
+pub async fn connect_all(gateway: SocketAddr, users: &[Cred]) -> anyhow::Result<Vec<Connected>> {
+    let sem = Arc::new(Semaphore::new(16));
+    let mut tasks = JoinSet::new();
+    for (i, c) in users.iter().cloned().enumerate() {
+        let sem = sem.clone();
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            let mut stream = tokio::time::timeout(Duration::from_secs(10), connect(gateway, None, false))
+                .await
+                .context("connect timeout")??;
+            let mut reader = Reader::new(16 * 1024);
+            let hb = sign_in(&mut stream, &mut reader, c.user, c.device, &c.token, Duration::from_secs(15))
+                .await
+                .map_err(|e| anyhow::anyhow!("sign-in of user {}: {e}", c.user))?;
+            anyhow::Ok((i, Connected { user: c.user, stream, reader, heartbeat: hb }))
+        });
+    }
+    let mut out: Vec<Option<Connected>> = (0..users.len()).map(|_| None).collect();
+    while let Some(r) = tasks.join_next().await {
+        let (i, c) = r.context("connect task panicked")??;
+        out[i] = Some(c);
+    }
+    out.into_iter().map(|c| c.context("missing connection")).collect()
+}
+
+/// Writes a frame within 5 s; false on failure or timeout.
+pub async fn write_frame(wr: &mut OwnedWriteHalf, frame: &[u8]) -> bool {
+    matches!(tokio::time::timeout(Duration::from_secs(5), wr.write_all(frame)).await, Ok(Ok(())))
+}
+
+/// Heartbeats a connection that sends nothing else (a recipient) until
+/// stopped; returns the write half (dropping it would half-close the
+/// connection, which the gateway closes at once).
+pub async fn heartbeat(
+    mut wr: OwnedWriteHalf,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> OwnedWriteHalf {
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut id = 1;
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {
+                id += 1;
+                let f = request_frame(id, Command::Heartbeat, &());
+                if !write_frame(&mut wr, &f).await {
+                    return wr;
+                }
+            }
+            _ = stop.changed() => return wr,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -31,14 +31,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rim_proto::v1::Command;
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 
 use super::EXAMPLES;
 use super::timeline::{ACKS_OTHER, ACKS_TARGET, PUSHES_OTHER, PUSHES_TARGET, Timeline};
 use crate::progress::{Tally, code_name};
-use crate::wire::{self, Reader};
+use crate::wire::{self, Reader, write_frame};
 
 /// Longest retry backoff of a sender.
 const MAX_BACKOFF_MS: u64 = 1_000;
@@ -279,7 +278,7 @@ impl Sender {
                 _ = beat.tick() => {
                     let f = wire::request_frame(st.next_request, Command::Heartbeat, &());
                     st.next_request += 1;
-                    if !write(&mut wr, &f).await {
+                    if !write_frame(&mut wr, &f).await {
                         run.error(self.on_target, "heartbeat write failed");
                         break;
                     }
@@ -310,7 +309,7 @@ impl Sender {
         text.resize(self.size.max(text.len()), b'x');
         let input = wire::send_input(self.to, &format!("{}{n}", self.cmid_prefix), &text);
         run.attempts.fetch_add(1, Ordering::Relaxed);
-        if write(wr, &wire::request_frame(request, Command::Send, &input)).await {
+        if write_frame(wr, &wire::request_frame(request, Command::Send, &input)).await {
             true
         } else {
             run.error(self.on_target, "send write failed");
@@ -379,11 +378,6 @@ fn backoff_ms(attempts: u32, retry_after_ms: u64, n: u32) -> u64 {
     let base = if retry_after_ms > 0 { retry_after_ms } else { 50 << attempts.saturating_sub(1).min(5) };
     let spread = 75 + (u64::from(n).wrapping_mul(2_654_435_761) >> 7) % 51;
     (base.min(MAX_BACKOFF_MS) * spread / 100).max(1)
-}
-
-/// Writes a frame within 5 s.
-async fn write(wr: &mut OwnedWriteHalf, frame: &[u8]) -> bool {
-    matches!(tokio::time::timeout(Duration::from_secs(5), wr.write_all(frame)).await, Ok(Ok(())))
 }
 
 fn short(e: &anyhow::Error) -> String {

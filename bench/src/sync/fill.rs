@@ -207,7 +207,7 @@ pub(super) async fn fill_gateway(
     senders: &[Cred],
     inflight: usize,
 ) -> anyhow::Result<JoinSet<anyhow::Result<()>>> {
-    let conns = crate::latency::connect_all(gateway, senders).await?;
+    let conns = wire::connect_all(gateway, senders).await?;
     let mut set = JoinSet::new();
     for c in conns {
         let (rd, wr) = c.stream.into_split();
