@@ -3,7 +3,8 @@
 //! Each subcommand parses its flags into the typed options of a library and
 //! calls it: `rim node` runs a logic node (`rim-node`), `rim admin` talks to
 //! a node's admin service, `rim gateway` runs a gateway (`rim-gateway`),
-//! `rim dev` starts a local cluster with a gateway.
+//! `rim dev` starts a local cluster with a gateway, `rim bench` measures a
+//! cluster (`rim-bench`).
 
 /// mimalloc instead of glibc's allocator: the gateway and the nodes allocate
 /// and free small buffers per message on many threads, where glibc spent a
@@ -13,7 +14,6 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin;
-mod bench;
 mod chat;
 mod dev;
 mod gateway;
@@ -42,7 +42,7 @@ enum Command {
     /// Interactive terminal chat client (through a gateway).
     Chat(chat::ChatArgs),
     /// Load generation and performance figures against a cluster.
-    Bench(bench::BenchArgs),
+    Bench(rim_bench::BenchArgs),
     /// Local development cluster: 3 logic nodes and a gateway in one process, data in ./rim-data.
     Dev(dev::DevArgs),
 }
@@ -179,7 +179,7 @@ fn main() -> anyhow::Result<()> {
         Command::Admin(args) => rt.block_on(admin::run(args)),
         Command::Dev(args) => rt.block_on(dev::run(args)),
         Command::Chat(args) => rt.block_on(chat::run(args)),
-        Command::Bench(args) => rt.block_on(bench::run(args)),
+        Command::Bench(args) => rt.block_on(rim_bench::run(args, shutdown_signal())),
     };
     // A blocking stdin read (`rim chat`, `rim dev`) would keep a plain
     // runtime drop waiting for a line that never comes.

@@ -79,12 +79,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use rim_cluster::Placement;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use self::admin::{cluster_map, leaders};
 use self::load::{Acked, Phase, Run, Sender, SenderReport, read_recipient};
-use self::placement::{choose_shard, shard_of_user};
+use self::placement::choose_shard;
 use self::timeline::{PUSHES_TARGET, Window, silence_us, timeline_json};
 use self::verify::{Check, verify};
 use super::Outcome;
@@ -92,10 +93,10 @@ use super::accounts::{self, Api, Cred};
 use super::connections::latency_json;
 use super::hist::Histogram;
 use super::json::Json;
-use super::latency::{connect_all, heartbeat};
 use super::progress::{Progress, Tally};
 use super::sys;
 use super::target::{Target, TargetArgs};
+use super::wire::{connect_all, heartbeat};
 
 /// Most messages one run may send (`rate × (kill-after + after)`), so the
 /// per-message records stay bounded.
@@ -188,13 +189,13 @@ pub async fn run(args: &FailoverArgs, target: &Target) -> anyhow::Result<Outcome
     let api = Api::new(&target.apis)?;
     let users = accounts::phone_users(&api, code, 2 * p, args.setup_concurrency).await?;
     let map = cluster_map(sp).await?;
-    let shard_of = |user: u64| shard_of_user(&map, user);
+    let placement = Placement::new(map.clone()).context("the cluster map")?;
     let mut pairs = Vec::with_capacity(p);
     for i in 0..p {
         let (sender, recipient) = (users[2 * i].clone(), users[2 * i + 1].clone());
         pairs.push(Pair {
-            sender_shard: shard_of(sender.user)?,
-            recipient_shard: shard_of(recipient.user)?,
+            sender_shard: placement.shard_of_user(sender.user),
+            recipient_shard: placement.shard_of_user(recipient.user),
             sender,
             recipient,
         });

@@ -1,5 +1,6 @@
-//! Just enough JSON to write a result file (the `rim` crate does not depend
-//! on serde_json).
+//! Just enough JSON to write a result file the way a person reads it: keys
+//! in the order the scenario adds them, floats rounded to three decimals,
+//! arrays of scalars on one line.
 
 use std::fmt::Write;
 

@@ -30,8 +30,8 @@ use tokio::task::JoinSet;
 
 use super::load::SenderReport;
 use super::{EXAMPLES, MAX_MESSAGES, Pair};
-use crate::bench::accounts::{Api, Cred};
-use crate::bench::json::Json;
+use crate::accounts::{Api, Cred};
+use crate::json::Json;
 
 /// Entries per read-back page (the server's maximum).
 const SYNC_PAGE: u32 = 500;

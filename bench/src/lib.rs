@@ -1,5 +1,6 @@
-//! `rim bench`: load generation against a cluster, with figures written to
-//! a JSON result file and a one-line summary on stdout.
+//! Load generation against a rim cluster: the library behind `rim bench`.
+//! Each run measures one scenario, writes its figures to a JSON result file
+//! and prints a one-line summary on stdout.
 //!
 //! ```text
 //! rim bench send --spawn --pairs 256 --rate 2000 --duration 30s
@@ -12,33 +13,66 @@
 //! rim bench sync --spawn --devices 4 --messages 10000
 //! ```
 //!
-//! Scenarios (clap subcommands):
+//! # Scenarios
 //!
-//! * `send` ([`latency`]; alias `latency`): 1:1 messages between pairs of
+//! One clap subcommand each, and one module (or a module with submodules)
+//! each:
+//!
+//! * `send` (`latency`; alias `latency`): 1:1 messages between pairs of
 //!   connected users at a target rate or as fast as acks allow; send → ack
-//!   and send → delivered latency percentiles; with `--slo` ([`slo`]), a
+//!   and send → delivered latency percentiles; with `--slo` (`slo`), a
 //!   search for the highest rate whose p99 stays within the bound.
-//! * [`connections`]: idle signed-in TCP connections; the gateway's resident
+//! * `connections`: idle signed-in TCP connections; the gateway's resident
 //!   memory per connection and the sign-in rate.
-//! * [`fanout`]: group messages (small or super group) to many online
+//! * `fanout`: group messages (small or super group) to many online
 //!   members; deliveries per second and send → delivered latency.
-//! * [`failover`]: steady 1:1 load while a shard leader is killed; the
+//! * `failover`: steady 1:1 load while a shard leader is killed; the
 //!   write-unavailability window and whether anything acknowledged was lost.
-//! * [`sync`]: devices offline for many messages reconnect; catch-up time
+//! * `sync`: devices offline for many messages reconnect; catch-up time
 //!   and messages per second of sync, every message checked.
 //!
-//! Every scenario runs either against a cluster it spawns itself
-//! (`--spawn`: 3 × `rim node` + 1 × `rim gateway` as child processes, see
-//! [`target`]) or against given addresses. Accounts are made over gRPC
-//! ([`accounts`]); the long connections speak the framed protocol of
-//! `docs/protocol.md` directly on tokio sockets ([`wire`]), one small task
-//! per connection, so the client side stays light.
+//! # Layout
+//!
+//! Below the scenarios sit the pieces they share:
+//!
+//! * `target`: what a scenario runs against, either a cluster it spawns
+//!   itself (`--spawn`: 3 × `rim node` + 1 × `rim gateway` as child
+//!   processes on loopback ports from `rim-testkit`) or given addresses.
+//! * `accounts`: users and devices, made over the nodes' client gRPC.
+//! * `wire`: the long connections, which speak the framed protocol of
+//!   `docs/protocol.md` directly on tokio sockets (the `rim_proto::v1`
+//!   types and `rim_proto::codec` framing), one small task per connection,
+//!   so the client side stays light. The bench does not use `rim-client`:
+//!   it must control every request id, retry and heartbeat to measure them.
+//! * `hist` (fixed-size latency histograms), `progress` (the live
+//!   stderr line, bounded error tallies), `cpu` and `sys` (`/proc`
+//!   facts), `json` (the result file).
+//!
+//! # Result file and bounds
 //!
 //! The result file holds the parameters, the figures, the machine (cores,
 //! memory, load average at start and end), the build profile, the cluster
 //! shape and the git revision. Every wait has a timeout, every queue and
-//! every tally a bound; latencies go to fixed-size histograms ([`hist`]).
-//! Ctrl-C stops the run and kills spawned processes.
+//! every tally a bound; latencies go to fixed-size histograms.
+//!
+//! # Running it
+//!
+//! [`run`] is called by the `rim` binary, and only from it: a spawned
+//! cluster is started as `<this executable> node ...` and `<this executable>
+//! gateway ...`. The caller's `stop` future (the binary passes its Ctrl-C /
+//! SIGTERM signal) ends the run early; the spawned processes are killed
+//! whenever the run ends, because dropping its future drops the
+//! `target::Spawned` that owns them.
+//!
+//! # Errors
+//!
+//! The bench reports failures with `anyhow` rather than a crate error enum.
+//! It is a reporting tool: every error ends the run and is printed to a
+//! human, with the context chain ("preparing the cluster: waiting for the
+//! nodes: ... log tail ..."). No caller branches on a kind of failure, so
+//! an enum would only name variants nobody matches. Where a scenario does
+//! act on a failure (a retryable error code, a refused sign-in) it reads
+//! the protocol's `ErrorCode` or a small local enum (`wire::SignInError`).
 
 mod accounts;
 mod connections;
@@ -55,6 +89,7 @@ mod sys;
 mod target;
 mod wire;
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -88,17 +123,26 @@ enum Scenario {
 }
 
 /// What a scenario measured.
-pub struct Outcome {
+struct Outcome {
     /// The scenario's parameters.
-    pub params: Json,
+    params: Json,
     /// The figures.
-    pub results: Json,
+    results: Json,
     /// One line for stdout.
-    pub summary: String,
+    summary: String,
 }
 
-/// Runs a scenario, writes its result file and prints its summary.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+/// Runs a scenario, writes its result file and prints its summary; stops
+/// early (with an error, the spawned cluster killed) when `stop` resolves.
+/// Must run in the `rim` binary (see the crate docs).
+pub async fn run(args: BenchArgs, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    tokio::select! {
+        r = run_scenario(args) => r,
+        () = stop => Err(anyhow!("interrupted")),
+    }
+}
+
+async fn run_scenario(args: BenchArgs) -> anyhow::Result<()> {
     let (name, target_args, out) = match &args.scenario {
         Scenario::Connections(a) => ("connections", &a.target, &a.out),
         Scenario::Send(a) => ("send", &a.target, &a.out),
@@ -110,10 +154,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let started = sys::unix_now();
     let machine = sys::machine();
     let t0 = Instant::now();
-    let target = tokio::select! {
-        t = Target::resolve(target_args) => t.context("preparing the cluster")?,
-        () = crate::shutdown_signal() => return Err(anyhow!("interrupted")),
-    };
+    let target = Target::resolve(target_args).await.context("preparing the cluster")?;
     if let Some(sp) = &target.spawned {
         eprintln!(
             "rim bench: cluster up (data and logs in {}), gateway {}",
@@ -121,19 +162,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             target.gateway
         );
     }
-    let run = async {
-        match &args.scenario {
-            Scenario::Connections(a) => connections::run(a, &target).await,
-            Scenario::Send(a) => latency::run(a, &target).await,
-            Scenario::Fanout(a) => fanout::run(a, &target).await,
-            Scenario::Failover(a) => failover::run(a, &target).await,
-            Scenario::Sync(a) => sync::run(a, &target).await,
-        }
-    };
-    let outcome = tokio::select! {
-        r = run => r?,
-        () = crate::shutdown_signal() => return Err(anyhow!("interrupted")),
-    };
+    let outcome = match &args.scenario {
+        Scenario::Connections(a) => connections::run(a, &target).await,
+        Scenario::Send(a) => latency::run(a, &target).await,
+        Scenario::Fanout(a) => fanout::run(a, &target).await,
+        Scenario::Failover(a) => failover::run(a, &target).await,
+        Scenario::Sync(a) => sync::run(a, &target).await,
+    }?;
     let result = Json::obj()
         .with("scenario", name)
         .with("started_unix", started)

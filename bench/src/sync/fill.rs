@@ -32,9 +32,9 @@ use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 use super::REQUEST_TIMEOUT;
-use crate::bench::accounts::{Api, Cred};
-use crate::bench::progress::{Progress, Tally, code_name};
-use crate::bench::wire::{self, Reader};
+use crate::accounts::{Api, Cred};
+use crate::progress::{Progress, Tally, code_name};
+use crate::wire::{self, Reader};
 
 /// The fill's shared state: jobs `0..total`, job `g` being message
 /// `g / devices` for recipient `g % devices`.
@@ -207,7 +207,7 @@ pub(super) async fn fill_gateway(
     senders: &[Cred],
     inflight: usize,
 ) -> anyhow::Result<JoinSet<anyhow::Result<()>>> {
-    let conns = crate::bench::latency::connect_all(gateway, senders).await?;
+    let conns = wire::connect_all(gateway, senders).await?;
     let mut set = JoinSet::new();
     for c in conns {
         let (rd, wr) = c.stream.into_split();
@@ -252,7 +252,7 @@ async fn gateway_writer(
             else => return Ok(()),
         };
         let (to, id, text) = fill.job(g);
-        let frame = wire::frame(&wire::request(g + 1, Command::Send, wire::send_input(to, &id, &text)));
+        let frame = wire::request_frame(g + 1, Command::Send, &wire::send_input(to, &id, &text));
         tokio::time::timeout(REQUEST_TIMEOUT, wr.write_all(&frame))
             .await
             .context("fill connection: write timed out")?

@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::{ClusterMap, ClusterStatusReply, ClusterStatusRequest};
 
-use crate::bench::target::Spawned;
+use crate::target::Spawned;
 
 /// Timeout of one admin call.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(3);

@@ -1,27 +1,6 @@
-//! `rim bench send` (aliases `latency`, `delivery-latency`): P pairs of
-//! users, each with one device connected to the gateway over TCP; the first
-//! of each pair sends 1:1 text messages to the second.
-//!
-//! Three ways to drive it:
-//!
-//! * **open loop** (`--rate 500`): `--rate` messages per second in
-//!   aggregate; every sender ticks every `pairs / rate`, phases spread
-//!   evenly, for `--warmup` (not recorded) plus `--duration`.
-//! * **closed loop** (`--rate max`): every sender keeps `--max-inflight`
-//!   sends outstanding and sends the next one on each reply; the throughput
-//!   is the acks per second.
-//! * **SLO search** (`--slo 100ms`, see [`super::slo`]): a series of open
-//!   loop steps at different rates on the same connections, to find the
-//!   highest rate whose p99 (or `--slo-quantile`) stays within the bound.
-//!
-//! What is measured:
-//!
-//! * **send → ack**: from writing `SEND` to reading its reply. The send
-//!   time (µs since the run's epoch) is the packet's `request_id`, so no
-//!   table of sends in flight is needed.
-//! * **send → delivered**: from writing `SEND` to reading the `MESSAGE` push
-//!   at the recipient's connection. The send time is the first word of the
-//!   message text; sender and recipient share the bench's clock.
+//! The connections of a `rim bench send` run and the tasks driving them:
+//! one writer task per sender, one reader task per connection, and the
+//! [`Driver`] that runs steps on them.
 //!
 //! Design and invariants:
 //!
@@ -47,102 +26,28 @@
 //!   Recipients heartbeat at the announced interval; nobody ACKs (pushes need
 //!   no ACK to flow).
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Args;
 use rim_proto::v1::Command;
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use super::Outcome;
-use super::accounts::{self, Api, Cred};
-use super::connections::latency_json;
-use super::cpu::CpuMeter;
-use super::hist::Histogram;
-use super::json::Json;
-use super::progress::{Progress, Tally, code_name};
-use super::slo::{self, SloArgs};
-use super::sys;
-use super::target::{Target, TargetArgs};
-use super::wire::{self, Reader};
-
-/// Flags of `rim bench send`.
-#[derive(Args, Debug)]
-pub struct LatencyArgs {
-    #[command(flatten)]
-    pub target: TargetArgs,
-    /// Result file (default bench-send.json).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Sender → recipient pairs (2 × pairs users and connections).
-    #[arg(long, default_value_t = 50)]
-    pub(super) pairs: usize,
-    /// Aggregate send rate in messages per second (open loop), or `max`: every
-    /// sender keeps --max-inflight sends outstanding and sends the next on each
-    /// reply (closed loop). With --slo: the first rate of the search.
-    #[arg(long, default_value = "500", value_parser = parse_rate)]
-    pub(super) rate: Rate,
-    /// Measured sending time of a single run (with --slo see --step-duration).
-    #[arg(long, default_value = "30s", value_parser = sys::parse_duration)]
-    pub(super) duration: Duration,
-    /// Sending time before each measured window (not recorded).
-    #[arg(long, default_value = "3s", value_parser = sys::parse_duration)]
-    pub(super) warmup: Duration,
-    /// Most unanswered sends per sender (the gateway allows 64).
-    #[arg(long, default_value_t = 32)]
-    pub(super) max_inflight: usize,
-    /// Message text size in bytes.
-    #[arg(long, default_value_t = 100)]
-    pub(super) size: usize,
-    /// Longest wait for outstanding acks and deliveries after each measured window.
-    #[arg(long, default_value = "10s", value_parser = sys::parse_duration)]
-    pub(super) drain: Duration,
-    /// Concurrent user registrations.
-    #[arg(long, default_value_t = 4)]
-    pub(super) user_concurrency: usize,
-    #[command(flatten)]
-    pub(super) slo: SloArgs,
-}
-
-/// A target send rate.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Rate {
-    /// Messages per second in aggregate (open loop).
-    PerSecond(f64),
-    /// As fast as replies allow (closed loop).
-    Max,
-}
-
-impl Rate {
-    /// `500` or `"max"`.
-    pub(super) fn json(self) -> Json {
-        match self {
-            Rate::PerSecond(r) => Json::from(r),
-            Rate::Max => Json::from("max"),
-        }
-    }
-}
-
-/// Parses `--rate`: a positive number of messages per second, or `max`.
-fn parse_rate(s: &str) -> Result<Rate, String> {
-    let s = s.trim();
-    if s.eq_ignore_ascii_case("max") {
-        return Ok(Rate::Max);
-    }
-    match s.parse::<f64>() {
-        Ok(r) if r > 0.0 && r.is_finite() => Ok(Rate::PerSecond(r)),
-        _ => Err(format!("bad rate {s:?}: a positive number of messages per second, or max")),
-    }
-}
+use super::{LatencyArgs, Rate};
+use crate::accounts::{self, Api};
+use crate::connections::latency_json;
+use crate::cpu::CpuMeter;
+use crate::hist::Histogram;
+use crate::json::Json;
+use crate::progress::{Progress, Tally, code_name};
+use crate::target::Target;
+use crate::wire::{self, Reader, connect_all, heartbeat, write_frame};
 
 /// The figures of one step: counters and histograms of its measured window.
-pub(super) struct Window {
+struct Window {
     /// Send times (µs since the epoch) in `start..from` are warmup, in
     /// `from..to` measured.
     start: u64,
@@ -230,21 +135,21 @@ struct Plan {
 }
 
 /// What one step measured (a snapshot taken after its drain).
-pub(super) struct StepFigures {
-    pub(super) rate: Rate,
-    pub(super) duration: Duration,
-    pub(super) sent: u64,
-    pub(super) replied: u64,
-    pub(super) acked: u64,
-    pub(super) delivered: u64,
-    pub(super) skipped: u64,
-    pub(super) errors: Json,
-    pub(super) errors_total: u64,
-    pub(super) ack: Histogram,
-    pub(super) delivery: Histogram,
-    pub(super) drain: Duration,
+pub(crate) struct StepFigures {
+    pub(crate) rate: Rate,
+    pub(crate) duration: Duration,
+    pub(crate) sent: u64,
+    pub(crate) replied: u64,
+    pub(crate) acked: u64,
+    pub(crate) delivered: u64,
+    pub(crate) skipped: u64,
+    pub(crate) errors: Json,
+    pub(crate) errors_total: u64,
+    pub(crate) ack: Histogram,
+    pub(crate) delivery: Histogram,
+    pub(crate) drain: Duration,
     /// CPU use of the measured window (see [`CpuMeter::used`]).
-    pub(super) cpu: (Json, String),
+    pub(crate) cpu: (Json, String),
 }
 
 impl StepFigures {
@@ -253,22 +158,22 @@ impl StepFigures {
     }
 
     /// Measured sends per second.
-    pub(super) fn sent_per_s(&self) -> f64 {
+    pub(crate) fn sent_per_s(&self) -> f64 {
         self.per_s(self.sent)
     }
 
     /// Successful acks per second (of measured sends).
-    pub(super) fn acked_per_s(&self) -> f64 {
+    pub(crate) fn acked_per_s(&self) -> f64 {
         self.per_s(self.acked)
     }
 
     /// Deliveries per second (of measured sends).
-    pub(super) fn delivered_per_s(&self) -> f64 {
+    pub(crate) fn delivered_per_s(&self) -> f64 {
         self.per_s(self.delivered)
     }
 
     /// The step's figures as JSON.
-    pub(super) fn to_json(&self) -> Json {
+    pub(crate) fn to_json(&self) -> Json {
         Json::obj()
             .with("target_rate_per_second", self.rate.json())
             .with("duration_seconds", self.duration.as_secs_f64())
@@ -290,7 +195,7 @@ impl StepFigures {
     }
 
     /// `ack p50 … p90 … p99 … p99.9 … max … ms; delivered p50 … ms`.
-    pub(super) fn latencies(&self) -> String {
+    pub(crate) fn latencies(&self) -> String {
         fn one(name: &str, h: &Histogram) -> String {
             let ms = |q: f64| h.quantile(q) as f64 / 1000.0;
             format!(
@@ -307,7 +212,7 @@ impl StepFigures {
 }
 
 /// The connections of a run and the tasks driving them.
-pub(super) struct Driver {
+pub(crate) struct Driver {
     run: Arc<Run>,
     pairs: usize,
     warmup: Duration,
@@ -323,7 +228,7 @@ pub(super) struct Driver {
 impl Driver {
     /// Registers 2 × pairs users, connects them and starts the per-connection
     /// tasks (idle until the first step).
-    pub(super) async fn start(args: &LatencyArgs, target: &Target) -> anyhow::Result<Driver> {
+    pub(crate) async fn start(args: &LatencyArgs, target: &Target) -> anyhow::Result<Driver> {
         let p = args.pairs;
         let api = Api::new(&target.apis)?;
         let prefix = accounts::run_prefix();
@@ -414,7 +319,7 @@ impl Driver {
 
     /// Runs one step: `--warmup` then `duration` of sending at `rate`, then
     /// the drain; returns the figures of its measured window.
-    pub(super) async fn step(&mut self, rate: Rate, duration: Duration, label: String) -> StepFigures {
+    pub(crate) async fn step(&mut self, rate: Rate, duration: Duration, label: String) -> StepFigures {
         let run = &self.run;
         *lock(&run.label) = label;
         let start = run.now_us() + 50_000;
@@ -457,12 +362,12 @@ impl Driver {
     }
 
     /// Connections that ended while the run was going on (0 if all are up).
-    pub(super) fn broken(&self) -> u64 {
+    pub(crate) fn broken(&self) -> u64 {
         self.run.broken.load(Ordering::Relaxed)
     }
 
     /// Run-wide figures (all steps, warmups included).
-    pub(super) fn totals(&self) -> Json {
+    pub(crate) fn totals(&self) -> Json {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Json::obj()
             .with("sent", n(&self.run.sent_all))
@@ -476,7 +381,7 @@ impl Driver {
     }
 
     /// Stops every task and closes the connections.
-    pub(super) async fn finish(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn finish(mut self) -> anyhow::Result<()> {
         let _ = self.plans.send(None);
         let _ = self.stop.send(true);
         let mut write_halves = Vec::new();
@@ -497,103 +402,6 @@ impl Driver {
         }
         Ok(())
     }
-}
-
-/// Runs the scenario: one step, or the SLO search with `--slo`.
-pub async fn run(args: &LatencyArgs, target: &Target) -> anyhow::Result<Outcome> {
-    let p = args.pairs;
-    anyhow::ensure!(p >= 1, "--pairs must be at least 1");
-    anyhow::ensure!(!args.duration.is_zero(), "--duration must be positive");
-    anyhow::ensure!(args.max_inflight >= 1, "--max-inflight must be at least 1");
-    slo::check(args)?;
-    sys::check_nofile(2 * p as u64 + 256, &format!("{p} pairs"))?;
-    let mut driver = Driver::start(args, target).await?;
-    let outcome = if args.slo.slo.is_some() {
-        slo::search(args, &mut driver).await
-    } else {
-        let f = driver.step(args.rate, args.duration, String::new()).await;
-        single(args, &f, driver.totals())
-    };
-    driver.finish().await?;
-    Ok(outcome)
-}
-
-/// The parameters every mode shares.
-pub(super) fn params(args: &LatencyArgs) -> Json {
-    Json::obj()
-        .with("pairs", args.pairs)
-        .with("target_rate_per_second", args.rate.json())
-        .with("loop", if args.rate == Rate::Max { "closed" } else { "open" })
-        .with("warmup_seconds", args.warmup.as_secs_f64())
-        .with("max_inflight_per_sender", args.max_inflight)
-        .with("message_bytes", args.size)
-        .with("drain_timeout_seconds", args.drain.as_secs_f64())
-}
-
-/// The outcome of a single run.
-fn single(args: &LatencyArgs, f: &StepFigures, totals: Json) -> Outcome {
-    let mut results = f.to_json();
-    results.set("including_warmup", totals);
-    let params = params(args).with("duration_seconds", args.duration.as_secs_f64());
-    let head = match args.rate {
-        Rate::PerSecond(r) => format!("send: target {r:.0} msg/s, sent {:.0}/s", f.sent_per_s()),
-        Rate::Max => format!(
-            "send: closed loop ({} in flight per sender), sent {:.0}/s",
-            args.max_inflight,
-            f.sent_per_s()
-        ),
-    };
-    let summary = format!(
-        "{head}, acked {:.0}/s, delivered {:.0}/s; {}; errors {}, skipped {}, unanswered {}, undelivered {}; {}",
-        f.acked_per_s(),
-        f.delivered_per_s(),
-        f.latencies(),
-        f.errors_total,
-        f.skipped,
-        f.sent.saturating_sub(f.replied),
-        f.acked.saturating_sub(f.delivered),
-        f.cpu.1,
-    );
-    Outcome { params, results, summary }
-}
-
-/// A signed-in connection.
-pub(super) struct Connected {
-    pub(super) user: u64,
-    pub(super) stream: tokio::net::TcpStream,
-    pub(super) reader: Reader,
-    pub(super) heartbeat: Duration,
-}
-
-/// Connects and signs in every user's device, 16 at a time.
-pub(super) async fn connect_all(
-    gateway: std::net::SocketAddr,
-    users: &[Cred],
-) -> anyhow::Result<Vec<Connected>> {
-    let sem = Arc::new(Semaphore::new(16));
-    let mut tasks = JoinSet::new();
-    for (i, c) in users.iter().cloned().enumerate() {
-        let sem = sem.clone();
-        tasks.spawn(async move {
-            let _permit = sem.acquire_owned().await?;
-            let mut stream =
-                tokio::time::timeout(Duration::from_secs(10), wire::connect(gateway, None, false))
-                    .await
-                    .context("connect timeout")??;
-            let mut reader = Reader::new(16 * 1024);
-            let hb =
-                wire::sign_in(&mut stream, &mut reader, c.user, c.device, &c.token, Duration::from_secs(15))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("sign-in of user {}: {e}", c.user))?;
-            anyhow::Ok((i, Connected { user: c.user, stream, reader, heartbeat: hb }))
-        });
-    }
-    let mut out: Vec<Option<Connected>> = (0..users.len()).map(|_| None).collect();
-    while let Some(r) = tasks.join_next().await {
-        let (i, c) = r.context("connect task panicked")??;
-        out[i] = Some(c);
-    }
-    out.into_iter().map(|c| c.context("missing connection")).collect()
 }
 
 /// One sender: its recipient, its in-flight permits and its send counter.
@@ -636,8 +444,8 @@ impl Sender {
                 }
                 _ = beat.tick() => {
                     beat_id += 1;
-                    let f = wire::frame(&wire::request(beat_id, Command::Heartbeat, Vec::new()));
-                    if !write(&mut wr, &f).await {
+                    let f = wire::request_frame(beat_id, Command::Heartbeat, &());
+                    if !write_frame(&mut wr, &f).await {
                         run.error("sender heartbeat: write failed".into());
                         return wr;
                     }
@@ -700,8 +508,8 @@ impl Sender {
         let mut text = format!("{t} ").into_bytes();
         text.resize(self.size.max(text.len()), b'x');
         let input = wire::send_input(self.to, &format!("{}-{}", self.id_prefix, self.n), &text);
-        let frame = wire::frame(&wire::request(t, Command::Send, input));
-        if !write(wr, &frame).await {
+        let frame = wire::request_frame(t, Command::Send, &input);
+        if !write_frame(wr, &frame).await {
             self.permits.add_permits(1);
             run.error("send: write failed".into());
             return false;
@@ -711,33 +519,6 @@ impl Sender {
             w.sent.fetch_add(1, Ordering::Relaxed);
         }
         true
-    }
-}
-
-/// Writes a frame within 5 s; false on failure or timeout.
-async fn write(wr: &mut OwnedWriteHalf, frame: &[u8]) -> bool {
-    matches!(tokio::time::timeout(Duration::from_secs(5), wr.write_all(frame)).await, Ok(Ok(())))
-}
-
-/// Heartbeats a recipient until stopped; returns the write half.
-pub(super) async fn heartbeat(
-    mut wr: OwnedWriteHalf,
-    every: Duration,
-    mut stop: watch::Receiver<bool>,
-) -> OwnedWriteHalf {
-    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    let mut id = 1;
-    loop {
-        tokio::select! {
-            _ = beat.tick() => {
-                id += 1;
-                let f = wire::frame(&wire::request(id, Command::Heartbeat, Vec::new()));
-                if !write(&mut wr, &f).await {
-                    return wr;
-                }
-            }
-            _ = stop.changed() => return wr,
-        }
     }
 }
 
@@ -793,10 +574,7 @@ async fn read_recipient(mut rd: OwnedReadHalf, mut reader: Reader, sender: u64, 
             continue;
         }
         let now = run.now_us();
-        let sent_at = wire::pushed_message(&p.content).and_then(|(from, text)| {
-            let t = std::str::from_utf8(text.split(|b| *b == b' ').next()?).ok()?.parse::<u64>().ok()?;
-            (from == sender).then_some(t)
-        });
+        let sent_at = wire::stamp_from(&p.content, sender);
         match sent_at {
             Some(t) => {
                 run.delivered_all.fetch_add(1, Ordering::Relaxed);
@@ -824,20 +602,5 @@ fn closed(run: &Run, who: &str, err: Option<anyhow::Error>) {
             run.error(format!("{who} connection: {}", e.to_string().chars().take(60).collect::<String>()))
         }
         None => run.error(format!("{who} connection closed by the gateway")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rates_parse() {
-        assert_eq!(parse_rate("500"), Ok(Rate::PerSecond(500.0)));
-        assert_eq!(parse_rate(" 2.5 "), Ok(Rate::PerSecond(2.5)));
-        assert_eq!(parse_rate("MAX"), Ok(Rate::Max));
-        for bad in ["0", "-3", "inf", "NaN", "fast", ""] {
-            assert!(parse_rate(bad).is_err(), "{bad:?}");
-        }
     }
 }

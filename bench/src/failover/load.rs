@@ -31,14 +31,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rim_proto::v1::Command;
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 
 use super::EXAMPLES;
 use super::timeline::{ACKS_OTHER, ACKS_TARGET, PUSHES_OTHER, PUSHES_TARGET, Timeline};
-use crate::bench::progress::{Tally, code_name};
-use crate::bench::wire::{self, Reader};
+use crate::progress::{Tally, code_name};
+use crate::wire::{self, Reader, write_frame};
 
 /// Longest retry backoff of a sender.
 const MAX_BACKOFF_MS: u64 = 1_000;
@@ -277,9 +276,9 @@ impl Sender {
                     }
                 }
                 _ = beat.tick() => {
-                    let f = wire::frame(&wire::request(st.next_request, Command::Heartbeat, Vec::new()));
+                    let f = wire::request_frame(st.next_request, Command::Heartbeat, &());
                     st.next_request += 1;
-                    if !write(&mut wr, &f).await {
+                    if !write_frame(&mut wr, &f).await {
                         run.error(self.on_target, "heartbeat write failed");
                         break;
                     }
@@ -310,7 +309,7 @@ impl Sender {
         text.resize(self.size.max(text.len()), b'x');
         let input = wire::send_input(self.to, &format!("{}{n}", self.cmid_prefix), &text);
         run.attempts.fetch_add(1, Ordering::Relaxed);
-        if write(wr, &wire::frame(&wire::request(request, Command::Send, input))).await {
+        if write_frame(wr, &wire::request_frame(request, Command::Send, &input)).await {
             true
         } else {
             run.error(self.on_target, "send write failed");
@@ -335,15 +334,14 @@ impl Sender {
             return;
         };
         let now = run.now_us();
-        let (code, retry_after_ms) = match wire::fields(&p.content) {
-            Some(f) => {
-                let code = wire::get_uint(&f, 1) as i32;
-                if code != 0 {
-                    run.example(self.on_target, code, &String::from_utf8_lossy(wire::get_bytes(&f, 2)));
+        let (code, retry_after_ms) = match wire::reply(&p.content) {
+            Ok(r) => {
+                if r.code != 0 {
+                    run.example(self.on_target, r.code, &r.message);
                 }
-                (code, wire::get_uint(&f, 4))
+                (r.code, u64::from(r.retry_after_ms))
             }
-            None => {
+            Err(_) => {
                 run.error(self.on_target, "malformed reply (resent)");
                 (rim_proto::ErrorCode::ErrorUnavailable as i32, 0)
             }
@@ -382,11 +380,6 @@ fn backoff_ms(attempts: u32, retry_after_ms: u64, n: u32) -> u64 {
     (base.min(MAX_BACKOFF_MS) * spread / 100).max(1)
 }
 
-/// Writes a frame within 5 s.
-async fn write(wr: &mut OwnedWriteHalf, frame: &[u8]) -> bool {
-    matches!(tokio::time::timeout(Duration::from_secs(5), wr.write_all(frame)).await, Ok(Ok(())))
-}
-
 fn short(e: &anyhow::Error) -> String {
     e.to_string().chars().take(60).collect()
 }
@@ -420,7 +413,7 @@ pub(super) async fn read_recipient(
             continue;
         }
         if p.command != Command::Message as i32
-            || wire::pushed_message(&p.content).is_none_or(|(from, _)| from != sender)
+            || wire::pushed_message(&p.content).is_none_or(|m| m.sender_user_id != sender)
         {
             continue;
         }

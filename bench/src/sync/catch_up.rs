@@ -26,14 +26,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use rim_proto::codec::encoded_frame_len;
 use rim_proto::error::code_from_number;
-use rim_proto::v1::Command;
+use rim_proto::v1::{AckInput, AckOutput, Command, Reply, SignInOutput, SyncInput, SyncOutput};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::REQUEST_TIMEOUT;
-use crate::bench::accounts::Cred;
-use crate::bench::progress::code_name;
-use crate::bench::wire::{self, Enc, Reader, Val};
+use crate::accounts::Cred;
+use crate::progress::code_name;
+use crate::wire::{self, Reader};
 
 /// Longest wait for a TCP connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,7 +142,7 @@ impl Device {
     }
 
     /// Tallies one entry of a page.
-    fn entry(&mut self, cursor: &mut u64, seq: u64, client_msg_id: &[u8], ours: &str, messages: u64) {
+    fn entry(&mut self, cursor: &mut u64, seq: u64, client_msg_id: &str, ours: &str, messages: u64) {
         if seq <= *cursor {
             self.seq_repeats += 1;
             return;
@@ -154,11 +154,8 @@ impl Device {
         }
         self.last_seq = seq;
         self.received += 1;
-        let k = std::str::from_utf8(client_msg_id)
-            .ok()
-            .and_then(|id| id.strip_prefix(ours))
-            .and_then(|k| k.parse::<u64>().ok())
-            .filter(|k| *k < messages);
+        let k =
+            client_msg_id.strip_prefix(ours).and_then(|k| k.parse::<u64>().ok()).filter(|k| *k < messages);
         match k {
             Some(k) => {
                 let (w, b) = ((k / 64) as usize, 1u64 << (k % 64));
@@ -188,11 +185,11 @@ struct Conn {
 impl Conn {
     /// Sends a request and reads until its reply, within [`REQUEST_TIMEOUT`]
     /// and the phase's deadline.
-    async fn request(&mut self, command: Command, content: Vec<u8>) -> anyhow::Result<wire::Reply> {
+    async fn request(&mut self, command: Command, content: &impl prost::Message) -> anyhow::Result<Reply> {
         self.next_id += 1;
         let id = self.next_id;
         let deadline = (Instant::now() + REQUEST_TIMEOUT).min(self.deadline);
-        let frame = wire::frame(&wire::request(id, command, content));
+        let frame = wire::request_frame(id, command, content);
         let what = command.as_str_name();
         tokio::time::timeout_at(deadline.into(), self.stream.write_all(&frame))
             .await
@@ -240,17 +237,17 @@ async fn catch_up_inner(dev: &mut Device, cred: &Cred, plan: &Plan, live: &Live)
     dev.connect_us = Some(us(t0.elapsed()));
     let mut c = Conn {
         stream,
-        reader: wire::reader_with_max_frame(64 * 1024, SYNC_MAX_FRAME),
+        reader: Reader::with_max_frame(64 * 1024, SYNC_MAX_FRAME),
         next_id: 0,
         bytes: 0,
         pushes: 0,
         max_push_seq: 0,
         deadline: plan.deadline,
     };
-    let r = c.request(Command::SignIn, wire::sign_in_input(cred.user, cred.device, &cred.token)).await?;
+    let r = c.request(Command::SignIn, &wire::sign_in_input(cred.user, cred.device, &cred.token)).await?;
     anyhow::ensure!(r.code == 0, "sign-in refused: {} ({})", code_name(r.code), r.message);
-    let out = wire::fields(&r.data).context("malformed SignInOutput")?;
-    (dev.sign_in_last_seq, dev.sign_in_ack_seq) = (wire::get_uint(&out, 3), wire::get_uint(&out, 4));
+    let out: SignInOutput = wire::decode(&r.data)?;
+    (dev.sign_in_last_seq, dev.sign_in_ack_seq) = (out.last_seq, out.ack_seq);
     let signed = Instant::now();
     dev.sign_in_us = Some(us(signed - t0));
     live.signed_in.fetch_add(1, Ordering::Relaxed);
@@ -267,8 +264,7 @@ async fn catch_up_inner(dev: &mut Device, cred: &Cred, plan: &Plan, live: &Live)
                     c.max_push_seq
                 );
             }
-            let input = Enc::default().uint(1, cursor).uint(2, u64::from(plan.page)).finish();
-            let r = c.request(Command::Sync, input).await?;
+            let r = c.request(Command::Sync, &SyncInput { after_seq: cursor, limit: plan.page }).await?;
             if r.code != 0 {
                 if !code_from_number(r.code).is_retryable() {
                     bail!("SYNC after {cursor}: {} ({})", code_name(r.code), r.message);
@@ -279,28 +275,18 @@ async fn catch_up_inner(dev: &mut Device, cred: &Cred, plan: &Plan, live: &Live)
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
-            let out = wire::fields(&r.data).context("malformed SyncOutput")?;
+            let out: SyncOutput = wire::decode(&r.data)?;
             dev.pages += 1;
-            let mut n = 0u64;
-            for (field, v) in &out {
-                if let (1, Val::Bytes(m)) = (*field, v) {
-                    let m = wire::fields(m).context("malformed Message")?;
-                    n += 1;
-                    dev.entry(
-                        &mut cursor,
-                        wire::get_uint(&m, 6),
-                        wire::get_bytes(&m, 7),
-                        &ours,
-                        plan.messages,
-                    );
-                }
+            let n = out.messages.len() as u64;
+            for m in &out.messages {
+                dev.entry(&mut cursor, m.seq, &m.client_msg_id, &ours, plan.messages);
             }
             dev.largest_page = dev.largest_page.max(n);
             live.synced.fetch_add(n, Ordering::Relaxed);
             // Done when the list has no more and the cursor has reached every
             // seq known to exist (the sign-in's head, and any pushed entry:
             // those are synced too, so each entry is counted exactly once).
-            let has_more = wire::get_uint(&out, 2) != 0;
+            let has_more = out.has_more;
             let known = dev.sign_in_last_seq.max(c.max_push_seq);
             if !has_more && cursor >= known {
                 return Ok(());
@@ -324,9 +310,9 @@ async fn catch_up_inner(dev: &mut Device, cred: &Cred, plan: &Plan, live: &Live)
     dev.done_us = Some(since(done));
 
     // The cursor, as a client would store it (not part of the catch-up).
-    let r = c.request(Command::Ack, Enc::default().uint(1, cursor).finish()).await?;
+    let r = c.request(Command::Ack, &AckInput { seq: cursor }).await?;
     anyhow::ensure!(r.code == 0, "ACK {cursor}: {} ({})", code_name(r.code), r.message);
     dev.ack_us = Some(us(done.elapsed()));
-    dev.acked_seq = wire::fields(&r.data).map_or(0, |f| wire::get_uint(&f, 1));
+    dev.acked_seq = wire::decode::<AckOutput>(&r.data).map_or(0, |o| o.ack_seq);
     Ok(())
 }

@@ -339,7 +339,7 @@ impl Conn {
                 },
                 _ = beat.tick() => {
                     request_id += 1;
-                    let f = wire::frame(&wire::request(request_id, Command::Heartbeat, Vec::new()));
+                    let f = wire::request_frame(request_id, Command::Heartbeat, &());
                     match tokio::time::timeout(Duration::from_secs(5), s.write_all(&f)).await {
                         Ok(Ok(())) => {}
                         _ => break Some("heartbeat write failed".to_string()),

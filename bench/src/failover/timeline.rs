@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::load::Acked;
-use crate::bench::json::Json;
+use crate::json::Json;
 
 /// Most buckets of the timeline (their width grows for long runs).
 const TIMELINE_BUCKETS: u64 = 1_200;

@@ -27,7 +27,8 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use rim_proto::v1::group_service_client::GroupServiceClient;
 use rim_proto::v1::{
-    AddGroupMembersRequest, Command, ContentType, ConversationKind, CreateGroupRequest, GroupKind,
+    AddGroupMembersRequest, Command, ConversationKind, CreateGroupRequest, GroupKind, SendInput,
+    SubscribeRoomInput,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedReadHalf;
@@ -39,11 +40,10 @@ use super::accounts::{self, Api, Cred};
 use super::connections::latency_json;
 use super::hist::Histogram;
 use super::json::Json;
-use super::latency::{connect_all, heartbeat};
 use super::progress::{Progress, Tally, code_name};
 use super::sys;
 use super::target::{Target, TargetArgs};
-use super::wire::{self, Enc, Reader};
+use super::wire::{self, Connected, Reader, connect_all, heartbeat};
 
 /// Most members one CreateGroup / AddGroupMembers call carries.
 const MEMBERS_PER_CALL: usize = 1_000;
@@ -159,18 +159,12 @@ async fn create_group(api: &Api, kind: Kind, users: &[Cred]) -> anyhow::Result<u
 }
 
 /// `SEND_GROUP` content: a text message to a group.
-fn send_group_input(kind: Kind, group: u64, client_msg_id: &str, text: &[u8]) -> Vec<u8> {
-    let ck = match kind {
+fn send_group_input(kind: Kind, group: u64, client_msg_id: &str, text: &[u8]) -> SendInput {
+    let kind = match kind {
         Kind::Small => ConversationKind::Group,
         Kind::Super => ConversationKind::SuperGroup,
     };
-    Enc::default()
-        .uint(1, ck as u64)
-        .uint(2, group)
-        .bytes(3, client_msg_id.as_bytes())
-        .uint(4, ContentType::Text as u64)
-        .bytes(5, text)
-        .finish()
+    SendInput { conversation_kind: kind as i32, ..wire::send_input(group, client_msg_id, text) }
 }
 
 /// Runs the scenario.
@@ -261,7 +255,7 @@ pub async fn run(args: &FanoutArgs, target: &Target) -> anyhow::Result<Outcome> 
         let input =
             send_group_input(args.kind, group, &format!("f{t}-{n}"), format!("{t} fanout").as_bytes());
         run.inflight.fetch_add(1, Ordering::Relaxed);
-        let frame = wire::frame(&wire::request(t, Command::SendGroup, input));
+        let frame = wire::request_frame(t, Command::SendGroup, &input);
         if !matches!(tokio::time::timeout(Duration::from_secs(5), wr.write_all(&frame)).await, Ok(Ok(()))) {
             run.errors.add("send: write failed");
             break;
@@ -339,10 +333,7 @@ pub async fn run(args: &FanoutArgs, target: &Target) -> anyhow::Result<Outcome> 
 
 /// Subscribes every connection to the super group (live only), 64 at a
 /// time, and waits for each reply.
-async fn subscribe_all(
-    conns: Vec<super::latency::Connected>,
-    group: u64,
-) -> anyhow::Result<Vec<super::latency::Connected>> {
+async fn subscribe_all(conns: Vec<Connected>, group: u64) -> anyhow::Result<Vec<Connected>> {
     let total = conns.len();
     let done = Arc::new(AtomicU64::new(0));
     let d = done.clone();
@@ -355,8 +346,8 @@ async fn subscribe_all(
         let (sem, done) = (sem.clone(), done.clone());
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await?;
-            let input = Enc::default().uint(1, group).uint(2, 0).finish();
-            let frame = wire::frame(&wire::request(2, Command::SubscribeRoom, input));
+            let input = SubscribeRoomInput { room_id: group, after_seq: 0 };
+            let frame = wire::request_frame(2, Command::SubscribeRoom, &input);
             let io = async {
                 c.stream.write_all(&frame).await?;
                 loop {
@@ -382,7 +373,7 @@ async fn subscribe_all(
             anyhow::Ok((i, c))
         });
     }
-    let mut out: Vec<Option<super::latency::Connected>> = (0..total).map(|_| None).collect();
+    let mut out: Vec<Option<Connected>> = (0..total).map(|_| None).collect();
     while let Some(r) = tasks.join_next().await {
         let (i, c) = r.context("subscribe task panicked")??;
         out[i] = Some(c);
@@ -419,10 +410,7 @@ async fn read_member(mut rd: OwnedReadHalf, mut reader: Reader, is_sender: bool,
         } else if p.command == Command::Kick as i32 {
             run.errors.add(format!("kicked: {}", code_name(wire::kick_code(&p.content))));
         } else if p.command == Command::Message as i32 && !is_sender {
-            let sent_at = wire::pushed_message(&p.content).and_then(|(from, text)| {
-                let t = std::str::from_utf8(text.split(|b| *b == b' ').next()?).ok()?.parse::<u64>().ok()?;
-                (from == sender).then_some(t)
-            });
+            let sent_at = wire::stamp_from(&p.content, sender);
             match sent_at {
                 Some(t) => {
                     run.delivered.fetch_add(1, Ordering::Relaxed);
