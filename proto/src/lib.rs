@@ -11,6 +11,8 @@
 //!   maximum frame size, incremental decoding);
 //! * [`error`]: error classes and the mapping of [`ErrorCode`] to gRPC
 //!   statuses and replies;
+//! * [`ids`]: the domain identifiers every crate speaks ([`UserId`],
+//!   [`Seq`], [`ShardId`], ...) and their invariants;
 //! * [`metadata`]: the gRPC metadata keys (caller identity, cluster secret,
 //!   error code, leader hint) and the constant-time secret check.
 //!
@@ -23,6 +25,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod ids;
 pub mod metadata;
 
 /// Generated code, nested the way prost expects (`rim::store::v1` refers to
@@ -51,4 +54,5 @@ pub use generated::rim::v1;
 pub use generated::rim::store::v1 as store;
 
 pub use codec::{CodecError, FrameDecoder, PacketCodec};
+pub use ids::{DeviceId, GroupId, MessageId, NodeId, Seq, ShardId, UserId};
 pub use v1::ErrorCode;

@@ -9,6 +9,7 @@
 //! remote members through one outbox record.
 
 use prost::Message as _;
+use rim_proto::ids::{GroupId, Seq, UserId};
 use rim_proto::store::notification::Event;
 use rim_proto::store::{
     self, GroupKind, GroupRecord, ListHead, MemberRecord, MemberRole, MembersChanged, SendResult,
@@ -17,7 +18,6 @@ use rim_proto::v1::{ContentType, ConversationKind, Message};
 
 use super::{Applier, check_id};
 use crate::error::{Result, reject};
-use crate::ids::{GroupId, Seq, UserId};
 use crate::keys;
 
 impl Applier<'_> {

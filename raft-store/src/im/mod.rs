@@ -47,12 +47,12 @@ mod social;
 mod txn;
 mod user;
 
+use rim_proto::ids::{DeviceId, GroupId, MessageId, Seq, ShardId, UserId};
 use rim_proto::store::{self, op::Op as O};
 use rim_proto::store::{ListHead, OpResult, Proposal, ProposalResult, ShardCounters};
 use rim_proto::v1::Message;
 
 use crate::error::{Error, Result, reject};
-use crate::ids::{MessageId, Seq, ShardId, UserId};
 use crate::keys::{self, MetaTag};
 pub use txn::Txn;
 
@@ -116,7 +116,7 @@ pub enum ListRef {
     /// A user's own list.
     User(UserId),
     /// A group, super group or room list.
-    Group(crate::ids::GroupId),
+    Group(GroupId),
 }
 
 /// An entry appended to a list by apply (for push streams).
@@ -136,7 +136,7 @@ pub struct ApplyEffects {
     /// Whether outbox records were written (the relay has work).
     pub outbox: bool,
     /// Devices whose token version changed (logout, revoke): `(user, device)`.
-    pub revoked: Vec<(UserId, crate::ids::DeviceId)>,
+    pub revoked: Vec<(UserId, DeviceId)>,
 }
 
 /// Applies operations of one shard into a [`Txn`].

@@ -4,13 +4,13 @@
 //! linearizable read first confirms leadership with openraft's read index,
 //! then reads here once the state machine has applied up to it).
 
+use rim_proto::ids::{DeviceId, GroupId, Seq, ShardId, UserId};
 use rim_proto::store::{self, DeviceRecord, GroupRecord, ListHead, MemberRecord, OutboxRecord, UserRecord};
 use rim_proto::v1::Message;
 use sha2::{Digest, Sha256};
 
 use crate::db::{self, CF_SM, Db};
 use crate::error::Result;
-use crate::ids::{DeviceId, GroupId, Seq, ShardId, UserId};
 use crate::keys;
 
 /// Raw `(key, value)` rows.

@@ -34,6 +34,7 @@
 //! once `dedup_window` newer logged pushes followed (the same bound as sends).
 
 use prost::Message as _;
+use rim_proto::ids::{GroupId, Seq, UserId};
 use rim_proto::store::notification::Event;
 use rim_proto::store::{
     self, FriendAction, FriendRecord, FriendStatus, GroupKind, ListHead, MemberRole, SendResult,
@@ -42,7 +43,6 @@ use rim_proto::v1::{ContentType, ConversationKind, Message};
 
 use super::{Applier, check_id};
 use crate::error::{Result, reject};
-use crate::ids::{GroupId, Seq, UserId};
 use crate::keys::{self, MetaTag};
 
 impl Applier<'_> {
