@@ -20,6 +20,12 @@
 //!   before the first entry: a head of 0 is an empty list and "after 0"
 //!   reads from the start. An entry never moves or changes seq; retention
 //!   (rooms, super groups) only raises the first retained seq.
+//! * **Seq arithmetic is checked.** [`Seq::MAX`] is the last position a list
+//!   can hold and nothing follows it: [`Seq::checked_next`] returns `None`
+//!   there, a read "after `Seq::MAX`" is empty and an append to a list whose
+//!   head is `Seq::MAX` is refused. Seqs are never advanced with `+ 1` (a
+//!   release build wraps to 0, the start of the list, and a debug build
+//!   panics).
 //! * **Shard 0 is the meta group**; data shards are `1..`.
 
 use std::fmt;
@@ -64,7 +70,8 @@ id_type!(
 );
 id_type!(
     /// Position in a list: per-user seq or per-group seq. Starts at 1,
-    /// gap-free; 0 is the position before the first entry.
+    /// gap-free; 0 is the position before the first entry. Advance it only
+    /// with [`Seq::checked_next`].
     Seq(u64)
 );
 id_type!(
@@ -77,9 +84,21 @@ id_type!(
 pub type NodeId = u64;
 
 impl Seq {
-    /// The seq after this one.
-    pub fn next(self) -> Seq {
-        Seq(self.0 + 1)
+    /// The position before the first entry of every list (an empty list's
+    /// head; "after `ZERO`" reads a list from its start).
+    pub const ZERO: Seq = Seq(0);
+
+    /// The last position a list can hold: nothing follows it.
+    pub const MAX: Seq = Seq(u64::MAX);
+
+    /// The seq after this one, or `None` after [`Seq::MAX`]. Callers treat
+    /// `None` as "nothing after this": a read returns no entries, an append
+    /// is refused.
+    pub const fn checked_next(self) -> Option<Seq> {
+        match self.0.checked_add(1) {
+            Some(next) => Some(Seq(next)),
+            None => None,
+        }
     }
 }
 
@@ -108,5 +127,13 @@ mod tests {
         assert_eq!(id.shard(), ShardId(7));
         assert_eq!(id.0 & 0xffff_ffff_ffff, 42);
         assert_ne!(MessageId::compose(ShardId(1), 1), MessageId::compose(ShardId(2), 1));
+    }
+
+    #[test]
+    fn seq_checked_next_stops_at_the_last_position() {
+        assert_eq!(Seq::ZERO.checked_next(), Some(Seq(1)));
+        assert_eq!(Seq(41).checked_next(), Some(Seq(42)));
+        assert_eq!(Seq(u64::MAX - 1).checked_next(), Some(Seq::MAX));
+        assert_eq!(Seq::MAX.checked_next(), None, "nothing follows the last position");
     }
 }
