@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::*;
 
@@ -50,7 +51,7 @@ enum AdminCmd {
 fn request<T>(secret: &str, msg: T) -> anyhow::Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(Duration::from_secs(120));
-    r.metadata_mut().insert(rim_node::net::SECRET_METADATA_KEY, secret.parse().context("bad secret")?);
+    r.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, secret.parse().context("bad secret")?);
     Ok(r)
 }
 

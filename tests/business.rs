@@ -7,6 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
+use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::push_service_client::PushServiceClient;
 use rim_proto::v1::*;
 use support::*;
@@ -21,7 +22,7 @@ fn push_client(addr: &str) -> PushServiceClient<tonic::transport::Channel> {
 fn internal<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(Duration::from_secs(10));
-    r.metadata_mut().insert("rim-cluster-secret", SECRET.parse().expect("metadata"));
+    r.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, SECRET.parse().expect("metadata"));
     r
 }
 

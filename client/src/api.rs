@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use rim_proto::ErrorCode;
+use rim_proto::metadata::{DEVICE_ID_METADATA_KEY, TOKEN_METADATA_KEY, USER_ID_METADATA_KEY};
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::user_service_client::UserServiceClient;
@@ -221,9 +222,9 @@ impl NodeApi {
             ClientError::server(ErrorCode::ErrorUnauthenticated, "token is not valid metadata")
         })?;
         let metadata = request.metadata_mut();
-        metadata.insert("user_id", credentials.user_id.into());
-        metadata.insert("device_id", credentials.device_id.into());
-        metadata.insert("token", token);
+        metadata.insert(USER_ID_METADATA_KEY, credentials.user_id.into());
+        metadata.insert(DEVICE_ID_METADATA_KEY, credentials.device_id.into());
+        metadata.insert(TOKEN_METADATA_KEY, token);
         Ok(request)
     }
 }

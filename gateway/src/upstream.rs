@@ -2,7 +2,7 @@
 //!
 //! An [`Upstream`] knows only the seed addresses at first. It loads the
 //! cluster map from any node (`AdminService.GetClusterMap`, cluster secret
-//! in the [`SECRET_METADATA_KEY`] metadata entry), caches it, and refreshes
+//! in the [`CLUSTER_SECRET_METADATA_KEY`] metadata entry), caches it, and refreshes
 //! it on demand ([`Upstream::refresh_map`]) or when a node answers
 //! `ERROR_WRONG_SHARD`.
 //!
@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use rim_cluster::Placement;
 use rim_proto::ErrorCode;
+use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::gateway_service_client::GatewayServiceClient;
 use rim_proto::v1::{
@@ -61,10 +62,6 @@ use crate::router::{self, PushRouter};
 pub mod batch;
 
 pub use batch::SendBatchStats;
-
-/// gRPC metadata entry carrying the shared cluster secret on every internal
-/// call (the same key as `rim_node::net::SECRET_METADATA_KEY`).
-pub const SECRET_METADATA_KEY: &str = "rim-cluster-secret";
 
 /// How an [`Upstream`] reaches the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,7 +229,7 @@ impl Upstream {
     /// if given (long-lived streams pass `None`).
     pub fn request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
-        r.metadata_mut().insert(SECRET_METADATA_KEY, self.inner.secret.clone());
+        r.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, self.inner.secret.clone());
         if let Some(t) = timeout {
             r.set_timeout(t);
         }

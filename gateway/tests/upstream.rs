@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use rim_gateway::router::{ConnEvent, PushRouter, RouterOptions};
-use rim_gateway::upstream::{SECRET_METADATA_KEY, Upstream, UpstreamOptions};
+use rim_gateway::upstream::{Upstream, UpstreamOptions};
 use rim_gateway::{Call, CallId, NodeCall, NodeReply};
 use rim_proto::ErrorCode;
 use rim_proto::v1::*;
@@ -101,11 +101,6 @@ fn fast_router(up: &Upstream) -> PushRouter {
         request_queue: 16,
     };
     PushRouter::new(up.clone(), opts)
-}
-
-#[test]
-fn secret_key_matches_the_node() {
-    assert_eq!(SECRET_METADATA_KEY, rim_node::net::SECRET_METADATA_KEY);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use prost::Message as _;
 use rim_client::{Client, ClientError, Credentials};
+use rim_proto::metadata::{DEVICE_ID_METADATA_KEY, TOKEN_METADATA_KEY, USER_ID_METADATA_KEY};
 use rim_proto::v1::group_service_client::GroupServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::{
@@ -114,9 +115,9 @@ impl GroupRpc {
         let token = MetadataValue::try_from(creds.token.as_str())
             .map_err(|_| tonic::Status::unauthenticated("token is not valid metadata"))?;
         let metadata = request.metadata_mut();
-        metadata.insert("user_id", creds.user_id.into());
-        metadata.insert("device_id", creds.device_id.into());
-        metadata.insert("token", token);
+        metadata.insert(USER_ID_METADATA_KEY, creds.user_id.into());
+        metadata.insert(DEVICE_ID_METADATA_KEY, creds.device_id.into());
+        metadata.insert(TOKEN_METADATA_KEY, token);
         Ok(request)
     }
 

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rim_node::{Node, NodeConfig, NodeOptions};
+use rim_proto::metadata::{DEVICE_ID_METADATA_KEY, TOKEN_METADATA_KEY, USER_ID_METADATA_KEY};
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::*;
@@ -29,9 +30,9 @@ fn free_addr() -> String {
 fn authed<T>(user: u64, device: u64, token: &str, msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(Duration::from_secs(10));
-    r.metadata_mut().insert("user_id", user.to_string().parse().unwrap());
-    r.metadata_mut().insert("device_id", device.to_string().parse().unwrap());
-    r.metadata_mut().insert("token", token.parse().unwrap());
+    r.metadata_mut().insert(USER_ID_METADATA_KEY, user.to_string().parse().unwrap());
+    r.metadata_mut().insert(DEVICE_ID_METADATA_KEY, device.to_string().parse().unwrap());
+    r.metadata_mut().insert(TOKEN_METADATA_KEY, token.parse().unwrap());
     r
 }
 

@@ -28,13 +28,11 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::raft_service_client::RaftServiceClient;
 use rim_proto::v1::{RaftReply, RaftRequest, SnapshotChunk};
 use rim_raft_store::TypeConfig;
 use tonic::transport::{Channel, Endpoint};
-
-/// Metadata key carrying the cluster secret on internal calls.
-pub const SECRET_METADATA_KEY: &str = "rim-cluster-secret";
 
 /// Largest Raft RPC message, both directions. An `AppendEntries` carries at
 /// most `max_payload_entries` entries of at most `MAX_ENTRY_BYTES` each (see
@@ -124,7 +122,7 @@ impl Peers {
         let mut req = tonic::Request::new(msg);
         req.set_timeout(timeout);
         if let Ok(v) = self.inner.secret.parse() {
-            req.metadata_mut().insert(SECRET_METADATA_KEY, v);
+            req.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, v);
         }
         req
     }

@@ -37,7 +37,7 @@ use crate::config::NodeConfig;
 use crate::core::{Core, META};
 use crate::error::{Error, Result};
 use crate::group::{Group, ProposerOptions};
-use crate::net::{LinkFilter, Peers, SECRET_METADATA_KEY};
+use crate::net::{LinkFilter, Peers};
 use crate::service::{AdminSvc, ClientSvc, GatewaySvc, PushSvc, RaftSvc};
 
 /// Options of [`Node::start`] beyond the configuration.
@@ -438,9 +438,7 @@ fn check_secret(
     expected: String,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
     move |req: tonic::Request<()>| {
-        let ok =
-            req.metadata().get(SECRET_METADATA_KEY).and_then(|v| v.to_str().ok()) == Some(expected.as_str());
-        if ok {
+        if rim_proto::metadata::has_cluster_secret(req.metadata(), &expected) {
             Ok(req)
         } else {
             Err(rim_proto::error::status(

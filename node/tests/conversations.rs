@@ -21,7 +21,7 @@ fn messages(c: &Client) -> MessageServiceClient<tonic::transport::Channel> {
 
 fn secret<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(rim_node::net::SECRET_METADATA_KEY, SECRET.parse().unwrap());
+    r.metadata_mut().insert(rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY, SECRET.parse().unwrap());
     r
 }
 

@@ -160,7 +160,7 @@ async fn shard_leaders_push_applied_entries_to_subscribed_gateways() {
     .await
     .unwrap();
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    req.metadata_mut().insert(rim_node::net::SECRET_METADATA_KEY, SECRET.parse().unwrap());
+    req.metadata_mut().insert(rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY, SECRET.parse().unwrap());
     let mut stream = gw.subscribe(req).await.unwrap().into_inner();
     assert!(matches!(next(&mut stream).await.unwrap().unwrap().event, Some(Event::Subscribed(1))));
 
@@ -190,7 +190,7 @@ async fn next(s: &mut tonic::Streaming<SubscribeEvent>) -> Option<Result<Subscri
 }
 
 fn secret<T>(mut r: tonic::Request<T>) -> tonic::Request<T> {
-    r.metadata_mut().insert(rim_node::net::SECRET_METADATA_KEY, SECRET.parse().unwrap());
+    r.metadata_mut().insert(rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY, SECRET.parse().unwrap());
     r
 }
 

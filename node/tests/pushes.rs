@@ -26,7 +26,7 @@ fn channel(c: &Cluster, node: u64) -> tonic::transport::Channel {
 fn secret<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(Duration::from_secs(10));
-    r.metadata_mut().insert(rim_node::net::SECRET_METADATA_KEY, SECRET.parse().unwrap());
+    r.metadata_mut().insert(rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY, SECRET.parse().unwrap());
     r
 }
 

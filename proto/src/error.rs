@@ -12,12 +12,7 @@
 
 use crate::v1::{ErrorCode, Reply};
 
-/// gRPC metadata entry holding the decimal [`ErrorCode`] of an error status.
-pub const CODE_METADATA_KEY: &str = "rim-code";
-
-/// gRPC metadata entry holding the leader's address, with
-/// `ERROR_NOT_LEADER` / `ERROR_WRONG_SHARD`, when known.
-pub const LEADER_METADATA_KEY: &str = "rim-leader";
+pub use crate::metadata::{CODE_METADATA_KEY, LEADER_METADATA_KEY};
 
 /// What a caller should do about an error, by code range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

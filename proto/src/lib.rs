@@ -10,7 +10,11 @@
 //! * [`codec`]: the TCP framing of [`v1::Packet`]s (varint length prefix, a
 //!   maximum frame size, incremental decoding);
 //! * [`error`]: error classes and the mapping of [`ErrorCode`] to gRPC
-//!   statuses and replies.
+//!   statuses and replies;
+//! * [`ids`]: the domain identifiers every crate speaks ([`UserId`],
+//!   [`Seq`], [`ShardId`], ...) and their invariants;
+//! * [`metadata`]: the gRPC metadata keys (caller identity, cluster secret,
+//!   error code, leader hint) and the constant-time secret check.
 //!
 //! `docs/protocol.md` describes the client protocol in prose: framing, command
 //! table, session rules and the error-code table.
@@ -21,6 +25,8 @@
 
 pub mod codec;
 pub mod error;
+pub mod ids;
+pub mod metadata;
 
 /// Generated code, nested the way prost expects (`rim::store::v1` refers to
 /// `rim::v1` as `super::super::v1`); re-exported below under short names.
@@ -48,4 +54,5 @@ pub use generated::rim::v1;
 pub use generated::rim::store::v1 as store;
 
 pub use codec::{CodecError, FrameDecoder, PacketCodec};
+pub use ids::{DeviceId, GroupId, MessageId, NodeId, Seq, ShardId, UserId};
 pub use v1::ErrorCode;

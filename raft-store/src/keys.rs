@@ -18,7 +18,7 @@
 //! machine (last applied log id, membership, counters) live in `sm` too, so
 //! a snapshot of the shard's `sm` range carries them along.
 
-use crate::ids::{DeviceId, GroupId, MessageId, Seq, ShardId, UserId};
+use rim_proto::ids::{DeviceId, GroupId, MessageId, Seq, ShardId, UserId};
 
 /// Tables inside the `sm` column family (the byte after the shard prefix).
 #[repr(u8)]

@@ -15,7 +15,7 @@
 //! * [`im`]: the IM apply logic (users, devices, sends, deliveries, groups,
 //!   friends, recalls, read positions, business pushes) and reads of the
 //!   resulting state.
-//! * [`ids`]: domain identifiers.
+//! * [`ids`]: domain identifiers, re-exported from [`rim_proto::ids`].
 //!
 //! # Guarantees
 //!
@@ -43,10 +43,10 @@ pub mod raft;
 
 pub use db::{Db, DbOptions};
 pub use error::{Error, Result};
-pub use ids::{DeviceId, GroupId, MessageId, NodeId, Seq, ShardId, UserId};
 pub use im::read::{Page, Reader};
 pub use im::{Appended, ApplyEffects, Limits, ListRef};
 pub use raft::{AppliedEvent, LogStore, Request, Response, StateMachine, TypeConfig};
+pub use rim_proto::ids::{DeviceId, GroupId, MessageId, NodeId, Seq, ShardId, UserId};
 
 /// Opens the log store and state machine of `shard` in `db`.
 pub fn open_shard(

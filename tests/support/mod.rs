@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use rim_proto::ErrorCode;
+use rim_proto::metadata::{
+    CLUSTER_SECRET_METADATA_KEY, DEVICE_ID_METADATA_KEY, TOKEN_METADATA_KEY, USER_ID_METADATA_KEY,
+};
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::group_service_client::GroupServiceClient;
@@ -288,7 +291,7 @@ impl ProcCluster {
         let ch = endpoint(&self.nodes[&id].internal).connect_lazy();
         let mut r = tonic::Request::new(ClusterStatusRequest::default());
         r.set_timeout(Duration::from_secs(5));
-        r.metadata_mut().insert("rim-cluster-secret", SECRET.parse().expect("secret metadata"));
+        r.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, SECRET.parse().expect("secret metadata"));
         AdminServiceClient::new(ch).cluster_status(r).await.map(|r| r.into_inner())
     }
 
@@ -421,9 +424,9 @@ impl Client {
     pub fn authed<T>(s: &Session, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(Duration::from_secs(10));
-        r.metadata_mut().insert("user_id", s.user.to_string().parse().expect("metadata"));
-        r.metadata_mut().insert("device_id", s.device.to_string().parse().expect("metadata"));
-        r.metadata_mut().insert("token", s.token.parse().expect("metadata"));
+        r.metadata_mut().insert(USER_ID_METADATA_KEY, s.user.to_string().parse().expect("metadata"));
+        r.metadata_mut().insert(DEVICE_ID_METADATA_KEY, s.device.to_string().parse().expect("metadata"));
+        r.metadata_mut().insert(TOKEN_METADATA_KEY, s.token.parse().expect("metadata"));
         r
     }
 

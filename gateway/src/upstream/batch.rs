@@ -57,14 +57,13 @@ use std::time::Duration;
 
 use prost::Message as _;
 use rim_proto::ErrorCode;
+use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::gateway_service_client::GatewayServiceClient;
 use rim_proto::v1::{ConnSendBatchRequest, ConnSendRequest, ConnSendResult, SendOutput};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
-
-use super::SECRET_METADATA_KEY;
 
 /// Sends queued per node address; beyond that a send goes unary.
 pub const QUEUE: usize = 8_192;
@@ -324,7 +323,7 @@ async fn send(batch: Vec<Item>, link: &Link) {
     link.counters.batches.fetch_add(1, Ordering::Relaxed);
     link.counters.items.fetch_add(n as u64, Ordering::Relaxed);
     let mut request = tonic::Request::new(ConnSendBatchRequest { items: requests });
-    request.metadata_mut().insert(SECRET_METADATA_KEY, link.secret.clone());
+    request.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, link.secret.clone());
     request.set_timeout(link.timeout);
     let mut client = GatewayServiceClient::new(link.channel.clone());
     let answer = tokio::time::timeout(link.timeout, client.send_batch(request)).await;

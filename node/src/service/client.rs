@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use rim_proto::ErrorCode;
+use rim_proto::metadata::{DEVICE_ID_METADATA_KEY, TOKEN_METADATA_KEY, USER_ID_METADATA_KEY};
 use rim_proto::store::{self, IdKind, op::Op as O};
 use rim_proto::v1::auth_service_server::AuthService;
 use rim_proto::v1::message_service_server::MessageService;
@@ -46,11 +47,11 @@ fn meta_u64<T>(req: &Request<T>, key: &str) -> Result<u64> {
 impl ClientSvc {
     /// The caller, after checking the token in the metadata.
     pub(super) async fn caller<T>(&self, req: &Request<T>) -> Result<Caller> {
-        let user = meta_u64(req, "user_id")?;
-        let device = meta_u64(req, "device_id")?;
+        let user = meta_u64(req, USER_ID_METADATA_KEY)?;
+        let device = meta_u64(req, DEVICE_ID_METADATA_KEY)?;
         let token = req
             .metadata()
-            .get("token")
+            .get(TOKEN_METADATA_KEY)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| Error::rejected(ErrorCode::ErrorUnauthenticated, "metadata token missing"))?;
         self.core.verify_token(user, device, token).await?;

@@ -140,10 +140,17 @@ async fn super_line(r: &ShardView<'_>, user: u64, g: u64, read: u64) -> Result<O
     }
     if !reached_start && let Some(oldest) = tail.last() {
         let lower = line.read_seq.max(head.first_seq.max(1) - 1);
-        line.unread += oldest.seq.saturating_sub(lower + 1);
+        line.unread += seqs_between(lower, oldest.seq);
     }
     line.read_seq = read;
     Ok(Some(line))
+}
+
+/// How many seqs lie strictly between `lower` and `upper`. A read position
+/// is the client's number (a super group's is not clamped to the group's
+/// head), so `lower` may be anything up to `u64::MAX`.
+fn seqs_between(lower: u64, upper: u64) -> u64 {
+    upper.saturating_sub(lower).saturating_sub(1)
 }
 
 /// The caller's conversations, newest first.
@@ -216,6 +223,18 @@ pub async fn list(core: &Core, user: u64, req: ListConversationsRequest) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seqs_between_counts_the_gap_and_never_overflows() {
+        assert_eq!(seqs_between(0, 1), 0);
+        assert_eq!(seqs_between(0, 5), 4);
+        assert_eq!(seqs_between(4, 5), 0);
+        assert_eq!(seqs_between(5, 5), 0);
+        assert_eq!(seqs_between(6, 5), 0, "a read position past the scan counts nothing");
+        assert_eq!(seqs_between(u64::MAX, 5), 0, "a read position of 2^64-1 counts nothing");
+        assert_eq!(seqs_between(u64::MAX - 1, u64::MAX), 0);
+        assert_eq!(seqs_between(0, u64::MAX), u64::MAX - 1);
+    }
 
     fn msg(seq: u64, kind: ConversationKind, conv: u64, sender: u64, ct: ContentType) -> Message {
         Message {

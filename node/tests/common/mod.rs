@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use rim_node::{Node, NodeConfig, NodeOptions};
+use rim_proto::metadata::{DEVICE_ID_METADATA_KEY, TOKEN_METADATA_KEY, USER_ID_METADATA_KEY};
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::*;
@@ -176,9 +177,9 @@ impl Client {
     pub fn authed<T>(s: &Session, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(Duration::from_secs(10));
-        r.metadata_mut().insert("user_id", s.user.to_string().parse().unwrap());
-        r.metadata_mut().insert("device_id", s.device.to_string().parse().unwrap());
-        r.metadata_mut().insert("token", s.token.parse().unwrap());
+        r.metadata_mut().insert(USER_ID_METADATA_KEY, s.user.to_string().parse().unwrap());
+        r.metadata_mut().insert(DEVICE_ID_METADATA_KEY, s.device.to_string().parse().unwrap());
+        r.metadata_mut().insert(TOKEN_METADATA_KEY, s.token.parse().unwrap());
         r
     }
 

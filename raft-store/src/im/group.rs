@@ -9,15 +9,15 @@
 //! remote members through one outbox record.
 
 use prost::Message as _;
+use rim_proto::ids::{GroupId, Seq, UserId};
 use rim_proto::store::notification::Event;
 use rim_proto::store::{
     self, GroupKind, GroupRecord, ListHead, MemberRecord, MemberRole, MembersChanged, SendResult,
 };
 use rim_proto::v1::{ContentType, ConversationKind, Message};
 
-use super::{Applier, check_id};
+use super::{Applier, check_id, next_seq};
 use crate::error::{Result, reject};
-use crate::ids::{GroupId, Seq, UserId};
 use crate::keys;
 
 impl Applier<'_> {
@@ -70,7 +70,7 @@ impl Applier<'_> {
         let gid = GroupId(group.group_id);
         let head_key = keys::group_head(self.shard, gid);
         let mut head: ListHead = self.txn.get_msg(&head_key)?.unwrap_or_default();
-        let seq = Seq(head.last_seq).next();
+        let seq = next_seq(&head, &format_args!("of group {gid}"))?;
         head.last_seq = seq.0;
         head.first_seq = head.first_seq.max(1);
         msg.group_seq = seq.0;
@@ -110,7 +110,9 @@ impl Applier<'_> {
     fn trim(&mut self, g: GroupId, retention: Option<&store::Retention>, head: &mut ListHead) -> Result<()> {
         let Some(r) = retention else { return Ok(()) };
         for _ in 0..self.limits.max_trim_per_op {
-            let count = head.last_seq + 1 - head.first_seq;
+            // 1 <= first_seq <= last_seq: the list holds at least the entry
+            // just appended, and trimming never removes the newest one.
+            let count = head.last_seq - head.first_seq + 1;
             let oldest_key = keys::group_msg(self.shard, g, Seq(head.first_seq));
             let over_count = r.max_count > 0 && count > r.max_count;
             let too_old = r.max_age_ms > 0

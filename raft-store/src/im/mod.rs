@@ -47,12 +47,12 @@ mod social;
 mod txn;
 mod user;
 
+use rim_proto::ids::{DeviceId, GroupId, MessageId, Seq, ShardId, UserId};
 use rim_proto::store::{self, op::Op as O};
 use rim_proto::store::{ListHead, OpResult, Proposal, ProposalResult, ShardCounters};
 use rim_proto::v1::Message;
 
 use crate::error::{Error, Result, reject};
-use crate::ids::{MessageId, Seq, ShardId, UserId};
 use crate::keys::{self, MetaTag};
 pub use txn::Txn;
 
@@ -116,7 +116,7 @@ pub enum ListRef {
     /// A user's own list.
     User(UserId),
     /// A group, super group or room list.
-    Group(crate::ids::GroupId),
+    Group(GroupId),
 }
 
 /// An entry appended to a list by apply (for push streams).
@@ -136,7 +136,7 @@ pub struct ApplyEffects {
     /// Whether outbox records were written (the relay has work).
     pub outbox: bool,
     /// Devices whose token version changed (logout, revoke): `(user, device)`.
-    pub revoked: Vec<(UserId, crate::ids::DeviceId)>,
+    pub revoked: Vec<(UserId, DeviceId)>,
 }
 
 /// Applies operations of one shard into a [`Txn`].
@@ -281,7 +281,7 @@ impl<'a> Applier<'a> {
     fn append_to_user(&mut self, user: UserId, mut msg: Message) -> Result<Seq> {
         let head_key = keys::user_head(self.shard, user);
         let mut head: ListHead = self.txn.get_msg(&head_key)?.unwrap_or_default();
-        let seq = Seq(head.last_seq).next();
+        let seq = next_seq(&head, &format_args!("of user {user}"))?;
         head.last_seq = seq.0;
         msg.seq = seq.0;
         self.notification_effects(user, &msg)?;
@@ -371,6 +371,16 @@ impl<'a> Applier<'a> {
             ));
         }
         Ok(())
+    }
+}
+
+/// The seq of the next entry of a list whose head is `head`. A list whose
+/// head is [`Seq::MAX`] is full: the append is refused (deterministically,
+/// so every replica refuses it), never wrapped to seq 0.
+fn next_seq(head: &ListHead, list: &dyn std::fmt::Display) -> Result<Seq> {
+    match Seq(head.last_seq).checked_next() {
+        Some(seq) => Ok(seq),
+        None => reject!(ErrorInternal, "list {list} is full: no seq follows {}", head.last_seq),
     }
 }
 

@@ -4,13 +4,13 @@
 //! linearizable read first confirms leadership with openraft's read index,
 //! then reads here once the state machine has applied up to it).
 
+use rim_proto::ids::{DeviceId, GroupId, Seq, ShardId, UserId};
 use rim_proto::store::{self, DeviceRecord, GroupRecord, ListHead, MemberRecord, OutboxRecord, UserRecord};
 use rim_proto::v1::Message;
 use sha2::{Digest, Sha256};
 
 use crate::db::{self, CF_SM, Db};
 use crate::error::Result;
-use crate::ids::{DeviceId, GroupId, Seq, ShardId, UserId};
 use crate::keys;
 
 /// Raw `(key, value)` rows.
@@ -110,10 +110,11 @@ impl Reader {
         Ok(self.get(&keys::user_head(self.shard, u))?.unwrap_or_default())
     }
 
-    /// Entries of a user's list after `after`, at most `limit`.
+    /// Entries of a user's list after `after`, at most `limit`. Nothing
+    /// follows [`Seq::MAX`]: after it the page is empty.
     pub fn sync(&self, u: UserId, after: Seq, limit: usize) -> Result<Page> {
         let prefix = keys::Key::new(self.shard, keys::Table::UserMsg).u64(u.0).into_vec();
-        let start = keys::user_msg(self.shard, u, after.next());
+        let start = after.checked_next().map(|first| keys::user_msg(self.shard, u, first));
         self.page(&prefix, start, limit, &keys::user_head(self.shard, u))
     }
 
@@ -124,21 +125,24 @@ impl Reader {
 
     /// Entries of a group list after `after`, at most `limit`. Entries trimmed
     /// by retention are skipped (the page starts at the oldest retained one).
+    /// Nothing follows [`Seq::MAX`]: after it the page is empty.
     pub fn sync_group(&self, g: GroupId, after: Seq, limit: usize) -> Result<Page> {
         let prefix = keys::Key::new(self.shard, keys::Table::GroupMsg).u64(g.0).into_vec();
-        let start = keys::group_msg(self.shard, g, after.next());
+        let start = after.checked_next().map(|first| keys::group_msg(self.shard, g, first));
         self.page(&prefix, start, limit, &keys::group_head(self.shard, g))
     }
 
-    /// Entries and head from one RocksDB snapshot: an append applied
-    /// between reading the entries and reading the head would otherwise
-    /// give a `last_seq` beyond the entries with `has_more = false`, and a
-    /// client trusting it would skip that entry (found by the jepsen
-    /// harness as an IM-3 gap).
-    fn page(&self, prefix: &[u8], start: Vec<u8>, limit: usize, head_key: &[u8]) -> Result<Page> {
+    /// Entries from `start` (`None`: past the last possible seq, so none)
+    /// and the head, from one RocksDB snapshot: an append applied between
+    /// reading the entries and reading the head would otherwise give a
+    /// `last_seq` beyond the entries with `has_more = false`, and a client
+    /// trusting it would skip that entry (found by the jepsen harness as an
+    /// IM-3 gap).
+    fn page(&self, prefix: &[u8], start: Option<Vec<u8>>, limit: usize, head_key: &[u8]) -> Result<Page> {
         let cf = self.db.cf(CF_SM);
         let snap = self.db.raw().snapshot();
         let head = snap.get_pinned_cf(cf, head_key)?.map(|v| db::decode(&v)).transpose()?.unwrap_or_default();
+        let Some(start) = start else { return Ok(Page { messages: Vec::new(), has_more: false, head }) };
         let iter = snap.iterator_cf(cf, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));
         let (rows, has_more) = collect_range(iter, prefix, limit)?;
         let messages = rows.iter().map(|(_, v)| db::decode(v)).collect::<Result<_>>()?;
@@ -158,7 +162,8 @@ impl Reader {
     /// Members with user id greater than `after`, at most `limit`.
     pub fn members(&self, g: GroupId, after: UserId, limit: usize) -> Result<(Vec<MemberRecord>, bool)> {
         let prefix = keys::members_of(self.shard, g);
-        let start = keys::member(self.shard, g, UserId(after.0.saturating_add(1)));
+        let Some(first) = after.0.checked_add(1) else { return Ok((Vec::new(), false)) };
+        let start = keys::member(self.shard, g, UserId(first));
         let (rows, more) = self.range(&prefix, start, limit)?;
         Ok((rows.iter().map(|(_, v)| db::decode(v)).collect::<Result<_>>()?, more))
     }
@@ -238,7 +243,8 @@ impl Reader {
     /// Outbox records with id greater than `after`, oldest first.
     pub fn outbox(&self, after: u64, limit: usize) -> Result<Vec<OutboxRecord>> {
         let prefix = keys::outbox_all(self.shard);
-        let start = keys::outbox(self.shard, after.saturating_add(1));
+        let Some(first) = after.checked_add(1) else { return Ok(Vec::new()) };
+        let start = keys::outbox(self.shard, first);
         let (rows, _) = self.range(&prefix, start, limit)?;
         rows.iter().map(|(_, v)| db::decode(v)).collect()
     }

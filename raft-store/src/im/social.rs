@@ -34,15 +34,15 @@
 //! once `dedup_window` newer logged pushes followed (the same bound as sends).
 
 use prost::Message as _;
+use rim_proto::ids::{GroupId, Seq, UserId};
 use rim_proto::store::notification::Event;
 use rim_proto::store::{
     self, FriendAction, FriendRecord, FriendStatus, GroupKind, ListHead, MemberRole, SendResult,
 };
 use rim_proto::v1::{ContentType, ConversationKind, Message};
 
-use super::{Applier, check_id};
+use super::{Applier, check_id, next_seq};
 use crate::error::{Result, reject};
-use crate::ids::{GroupId, Seq, UserId};
 use crate::keys::{self, MetaTag};
 
 impl Applier<'_> {
@@ -414,7 +414,7 @@ impl Applier<'_> {
     fn log_push(&mut self, message_id: u64, client_msg_id: &str) -> Result<()> {
         let head_key = keys::meta(self.shard, MetaTag::PushHead);
         let mut head: ListHead = self.txn.get_msg(&head_key)?.unwrap_or_default();
-        head.last_seq += 1;
+        head.last_seq = next_seq(&head, &"of idempotent pushes")?.0;
         let stub = Message { message_id, client_msg_id: client_msg_id.to_owned(), ..Default::default() };
         self.txn.put_msg(keys::push_log(self.shard, head.last_seq), &stub);
         self.txn.put_msg(head_key, &head);

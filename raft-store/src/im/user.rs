@@ -2,12 +2,12 @@
 //! deliveries and ack cursors.
 
 use prost::Message as _;
+use rim_proto::ids::{DeviceId, GroupId, MessageId, UserId};
 use rim_proto::store::{self, DeliverResult, DeviceRecord, SendResult, UserRecord};
 use rim_proto::v1::{ConversationKind, Message};
 
 use super::{Applier, check_id};
 use crate::error::{Result, reject};
-use crate::ids::{DeviceId, GroupId, MessageId, UserId};
 use crate::keys;
 
 impl Applier<'_> {

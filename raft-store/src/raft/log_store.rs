@@ -22,10 +22,10 @@ use std::ops::{Bound, RangeBounds};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError, Vote};
+use rim_proto::ids::ShardId;
 
 use super::{Entry, LogId, StorageError, TypeConfig};
 use crate::db::{self, CF_LOG, CF_RAFT, Db};
-use crate::ids::ShardId;
 use crate::keys::{self, RaftTag};
 
 /// The Raft log and hard state of one shard.

@@ -28,13 +28,13 @@ use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
 };
+use rim_proto::ids::ShardId;
 use tokio::sync::oneshot;
 
 use super::snapshot::{INSTALL_BATCH_BYTES, SnapshotDir, SnapshotReader, SnapshotWriter};
 use super::{Entry, LogId, Response, StorageError, TypeConfig, sm_err};
 use crate::db::{self, CF_RAFT, CF_SM, Db};
 use crate::error::{Error, Result};
-use crate::ids::ShardId;
 use crate::im::{Applier, ApplyEffects, Limits, Txn};
 use crate::keys::{self, MetaTag, RaftTag};
 
