@@ -224,7 +224,8 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
                 input: Some(SignInInput { user_id: s.user, device_id: s.device, token: s.token.clone() }),
             });
             r.set_timeout(Duration::from_secs(10));
-            r.metadata_mut().insert("rim-cluster-secret", SECRET.parse().expect("metadata"));
+            r.metadata_mut()
+                .insert(rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY, SECRET.parse().expect("metadata"));
             let mut gw = gw.clone();
             async move { gw.conn_sign_in(r).await.map(|r| r.into_inner()) }
         })
@@ -235,7 +236,8 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
             conn: None,
             input: Some(SignInInput { user_id: s.user, device_id: s.device, token: "forged".into() }),
         });
-        r.metadata_mut().insert("rim-cluster-secret", SECRET.parse().expect("metadata"));
+        r.metadata_mut()
+            .insert(rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY, SECRET.parse().expect("metadata"));
         let err = gw.clone().conn_sign_in(r).await.expect_err("forged token");
         assert!(!code(&err).is_retryable(), "forged token: {err:?}");
     }

@@ -250,12 +250,14 @@ pub async fn devices(
                     device: Some(DeviceInfo { model: "rim-bench".into(), ..Default::default() }),
                 });
                 let md = req.metadata_mut();
-                md.insert("user_id", owner.user.into());
-                md.insert("device_id", owner.device.into());
+                md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, owner.user.into());
+                md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, owner.device.into());
                 let token = owner.token.parse();
                 async move {
-                    req.metadata_mut()
-                        .insert("token", token.map_err(|_| tonic::Status::internal("bad token"))?);
+                    req.metadata_mut().insert(
+                        rim_proto::metadata::TOKEN_METADATA_KEY,
+                        token.map_err(|_| tonic::Status::internal("bad token"))?,
+                    );
                     auth.register_device(req).await.map(tonic::Response::into_inner)
                 }
             })

@@ -120,9 +120,12 @@ fn authed<T>(c: &Cred, msg: T) -> anyhow::Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(Duration::from_secs(30));
     let md = r.metadata_mut();
-    md.insert("user_id", c.user.into());
-    md.insert("device_id", c.device.into());
-    md.insert("token", c.token.parse().context("token is not valid metadata")?);
+    md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, c.user.into());
+    md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, c.device.into());
+    md.insert(
+        rim_proto::metadata::TOKEN_METADATA_KEY,
+        c.token.parse().context("token is not valid metadata")?,
+    );
     Ok(r)
 }
 

@@ -474,7 +474,7 @@ async fn map_shape(internal: &str, secret: &str) -> Json {
             .connect_lazy();
         let mut r = tonic::Request::new(ClusterStatusRequest::default());
         r.set_timeout(Duration::from_secs(5));
-        r.metadata_mut().insert("rim-cluster-secret", secret.parse()?);
+        r.metadata_mut().insert(rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY, secret.parse()?);
         let reply = AdminServiceClient::new(ch).cluster_status(r).await?.into_inner();
         let map = reply.map.context("no cluster map yet")?;
         let data: Vec<_> = map.shards.iter().filter(|s| s.shard_id != 0).collect();

@@ -30,8 +30,10 @@ async fn cluster_status(internal: &str, secret: &str) -> anyhow::Result<ClusterS
         .connect_lazy();
     let mut r = tonic::Request::new(ClusterStatusRequest::default());
     r.set_timeout(ADMIN_TIMEOUT);
-    r.metadata_mut()
-        .insert("rim-cluster-secret", secret.parse().context("cluster secret is not valid metadata")?);
+    r.metadata_mut().insert(
+        rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY,
+        secret.parse().context("cluster secret is not valid metadata")?,
+    );
     let mut client = AdminServiceClient::new(ch);
     Ok(tokio::time::timeout(ADMIN_TIMEOUT, client.cluster_status(r))
         .await

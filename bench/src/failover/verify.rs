@@ -177,9 +177,12 @@ async fn read_list(api: &Api, c: &Cred, cmid_prefix: &str, deadline: Instant) ->
             let mut req = tonic::Request::new(SyncInput { after_seq, limit: SYNC_PAGE });
             req.set_timeout(Duration::from_secs(10));
             let md = req.metadata_mut();
-            md.insert("user_id", c.user.into());
-            md.insert("device_id", c.device.into());
-            md.insert("token", c.token.parse().context("token is not valid metadata")?);
+            md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, c.user.into());
+            md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, c.device.into());
+            md.insert(
+                rim_proto::metadata::TOKEN_METADATA_KEY,
+                c.token.parse().context("token is not valid metadata")?,
+            );
             match MessageServiceClient::new(api.channel()).sync(req).await {
                 Ok(r) => break r.into_inner(),
                 Err(s) => {

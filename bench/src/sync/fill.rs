@@ -174,9 +174,9 @@ async fn grpc_worker(
             let mut req = tonic::Request::new(input.clone());
             req.set_timeout(Duration::from_secs(10));
             let md = req.metadata_mut();
-            md.insert("user_id", sender.user.into());
-            md.insert("device_id", sender.device.into());
-            md.insert("token", token.clone());
+            md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, sender.user.into());
+            md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, sender.device.into());
+            md.insert(rim_proto::metadata::TOKEN_METADATA_KEY, token.clone());
             match client.send_message(req).await {
                 Ok(_) => {
                     fill.acked_one();
@@ -358,9 +358,12 @@ async fn list_head(api: &Api, c: &Cred, after: u64) -> Result<u64, tonic::Status
     let mut req = tonic::Request::new(SyncInput { after_seq: after, limit: 1 });
     req.set_timeout(Duration::from_secs(10));
     let md = req.metadata_mut();
-    md.insert("user_id", c.user.into());
-    md.insert("device_id", c.device.into());
-    md.insert("token", c.token.parse().map_err(|_| tonic::Status::internal("bad token"))?);
+    md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, c.user.into());
+    md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, c.device.into());
+    md.insert(
+        rim_proto::metadata::TOKEN_METADATA_KEY,
+        c.token.parse().map_err(|_| tonic::Status::internal("bad token"))?,
+    );
     let out = MessageServiceClient::new(api.channel()).sync(req).await?.into_inner();
     Ok(out.last_seq)
 }
