@@ -95,11 +95,22 @@ mod tests {
     #[test]
     fn waits_never_pass_the_deadline() {
         let mut b = Backoff::within(Duration::from_millis(30));
-        let total: Duration = (0..10).map(|_| b.step()).sum();
-        assert!(total <= Duration::from_millis(30), "{total:?}");
+        for _ in 0..10 {
+            let left = b.left();
+            let wait = b.step();
+            assert!(wait <= left, "{wait:?} > {left:?}");
+        }
         let mut gone = Backoff::until(Instant::now());
         assert_eq!(gone.step(), Duration::ZERO);
         assert!(gone.expired());
+    }
+
+    #[tokio::test]
+    async fn wait_reports_the_deadline() {
+        let mut gone = Backoff::until(Instant::now());
+        assert!(!gone.wait().await, "no wait past the deadline");
+        let mut b = Backoff::within(Duration::from_secs(60));
+        assert!(b.wait().await, "time is left after the first wait");
     }
 
     #[test]

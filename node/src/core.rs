@@ -293,7 +293,10 @@ impl Core {
         let reply = self.peers.call(node, &addr, left, |c, _| rpc(c, msg)).await.map_err(call_error)?;
         match ErrorCode::try_from(reply.code).unwrap_or(ErrorCode::ErrorInternal) {
             ErrorCode::Ok => Ok(reply.payload),
-            ErrorCode::ErrorNotLeader => Err(Error::NotLeader { shard, leader: reply.message.parse().ok() }),
+            ErrorCode::ErrorNotLeader => {
+                let leader = reply.message.parse().ok();
+                Err(Error::NotLeader { shard, leader, addr: leader.and_then(|l| self.node_addr(shard, l)) })
+            }
             ErrorCode::ErrorTimeout => Err(Error::Timeout(reply.message)),
             ErrorCode::ErrorUnavailable => Err(Error::Unavailable(reply.message)),
             code => Err(Error::rejected(code, reply.message)),

@@ -12,6 +12,9 @@ pub enum Error {
         shard: u32,
         /// The leader's node id, if known.
         leader: Option<u64>,
+        /// The leader's internal address, if known: what clients and
+        /// gateways get in `rim-leader` (docs/protocol.md).
+        addr: Option<String>,
     },
     /// The group is not hosted here or has no leader yet: retry later.
     #[error("unavailable: {0}")]
@@ -62,8 +65,8 @@ impl Error {
     /// As a gRPC status carrying `rim-code` (and `rim-leader` when known).
     pub fn to_status(&self) -> tonic::Status {
         match self {
-            Error::NotLeader { leader: Some(l), .. } => {
-                rim_proto::error::status_with_leader(self.code(), self.to_string(), &l.to_string())
+            Error::NotLeader { addr: Some(a), .. } => {
+                rim_proto::error::status_with_leader(self.code(), self.to_string(), a)
             }
             _ => rim_proto::error::status(self.code(), self.to_string()),
         }

@@ -159,6 +159,12 @@ impl Group {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// `NotLeader` naming this replica's idea of the leader and its address.
+    pub fn not_leader(&self) -> Error {
+        let leader = self.leader();
+        Error::NotLeader { shard: self.shard.0, leader, addr: leader.and_then(|l| self.member_addr(l)) }
+    }
+
     /// The internal address of a member of this group.
     pub fn member_addr(&self, node: u64) -> Option<String> {
         let m = self.raft.metrics().borrow().membership_config.clone();
@@ -173,7 +179,7 @@ impl Group {
     /// retry (sends by client_msg_id, deliveries by message id, ...).
     pub async fn propose(&self, op: Op, timeout: Duration) -> Result<OpResult> {
         if self.leader() != Some(self.raft_id()) {
-            return Err(Error::NotLeader { shard: self.shard.0, leader: self.leader() });
+            return Err(self.not_leader());
         }
         let (tx, rx) = oneshot::channel();
         let early = match &self.early_acks {
@@ -241,7 +247,7 @@ impl Group {
     /// a follower refuses with `NotLeader`. Nothing is stored.
     pub fn push_online(&self, push: Arc<OnlinePush>) -> Result<usize> {
         if !self.is_leader() {
-            return Err(Error::NotLeader { shard: self.shard.0, leader: self.leader() });
+            return Err(self.not_leader());
         }
         // No receiver: nobody of this shard is online here; not an error.
         Ok(self.online.send(push).unwrap_or(0))
@@ -254,9 +260,11 @@ impl Group {
             .map_err(|_| Error::Timeout(format!("read index of group {}", self.shard)))?;
         match res {
             Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(Error::NotLeader { shard: self.shard.0, leader: f.leader_id })
-            }
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(Error::NotLeader {
+                shard: self.shard.0,
+                leader: f.leader_id,
+                addr: f.leader_node.map(|n| n.addr),
+            }),
             Err(e) => Err(Error::Unavailable(e.to_string())),
         }
     }
@@ -339,7 +347,11 @@ async fn run_proposer(raft: Raft<TypeConfig>, mut queues: Queues, opts: Proposer
                         }
                         Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
                             for r in replies {
-                                let _ = r.send(Err(Error::NotLeader { shard: shard.0, leader: f.leader_id }));
+                                let _ = r.send(Err(Error::NotLeader {
+                                    shard: shard.0,
+                                    leader: f.leader_id,
+                                    addr: f.leader_node.clone().map(|n| n.addr),
+                                }));
                             }
                         }
                         Ok(Err(e)) => {

@@ -164,7 +164,7 @@ impl AdminSvc {
         };
         for g in &groups {
             if !g.is_leader() {
-                return Err(Error::NotLeader { shard: g.shard.0, leader: g.leader() });
+                return Err(g.not_leader());
             }
         }
         Ok(groups)
