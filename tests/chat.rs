@@ -82,11 +82,11 @@ impl Terminal {
     }
 }
 
-/// A base port whose `rim dev` ports (offsets 1 to 301) are all free now and
+/// A base port whose `rim dev` ports (offsets 1 to 302) are all free now and
 /// outside the kernel's ephemeral range, so no outgoing connection can take one
 /// before `rim dev` binds it (see `rim_testkit`).
 fn free_base_port() -> u16 {
-    rim_testkit::free_ports(302)
+    rim_testkit::free_ports(303)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,6 +142,50 @@ async fn rim_dev_and_two_chat_terminals() {
     alice.type_line("/frobnicate").await;
     alice.expect("unknown command", Duration::from_secs(10)).await;
 
+    alice.interrupt(Duration::from_secs(20)).await;
+    bob.interrupt(Duration::from_secs(20)).await;
+    dev.interrupt(Duration::from_secs(60)).await;
+}
+
+/// `rim dev --nodes 5`: each shard lives on 3 of the 5 nodes, the printed
+/// chat commands work, and the chat goes on with a node stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rim_dev_with_five_nodes() {
+    let _g = serial().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = free_base_port();
+    let data = dir.path().join("rim-data").display().to_string();
+    let dev_args: Vec<String> =
+        ["dev", "--nodes", "5", "--base-port", &base.to_string(), "--data", &data].map(String::from).to_vec();
+    let mut dev = Terminal::spawn("dev5", &dev_args);
+    dev.expect("rim dev: 5 logic nodes", Duration::from_secs(120)).await;
+    dev.expect("Ctrl-C stops the cluster", Duration::from_secs(120)).await;
+    for id in 1..=5 {
+        assert!(std::path::Path::new(&data).join(format!("node-{id}")).is_dir(), "node {id} data dir");
+    }
+    let commands: Vec<Vec<String>> = {
+        let lines = dev.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| l.contains(" chat --"))
+            .map(|l| l.split_whitespace().skip(1).map(String::from).collect())
+            .collect()
+    };
+    assert_eq!(commands.len(), 2, "rim dev prints two chat commands");
+    let mut alice = Terminal::spawn("alice5", &commands[0]);
+    let mut bob = Terminal::spawn("bob5", &commands[1]);
+    alice.expect("* connected to", Duration::from_secs(30)).await;
+    bob.expect("* connected to", Duration::from_secs(30)).await;
+    alice.type_line("five nodes here").await;
+    bob.expect("alice: five nodes here", Duration::from_secs(30)).await;
+    for id in [4, 1] {
+        dev.type_line(&format!("stop {id}")).await;
+        dev.expect(&format!("node {id} stopped"), Duration::from_secs(30)).await;
+        bob.type_line(&format!("without node {id}")).await;
+        alice.expect(&format!("bob: without node {id}"), Duration::from_secs(30)).await;
+        dev.type_line(&format!("start {id}")).await;
+        dev.expect(&format!("node {id} started"), Duration::from_secs(30)).await;
+    }
     alice.interrupt(Duration::from_secs(20)).await;
     bob.interrupt(Duration::from_secs(20)).await;
     dev.interrupt(Duration::from_secs(60)).await;
