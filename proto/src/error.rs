@@ -130,6 +130,13 @@ pub fn status_with_leader(code: ErrorCode, message: impl Into<String>, leader_ad
 /// The rim error code of a gRPC status: its `rim-code` entry if present and
 /// known, otherwise derived from the gRPC status code. Unknown numbers (from
 /// a newer server) are mapped by class.
+///
+/// A status without `rim-code` that tonic made from an HTTP/2 failure (the
+/// peer reset the stream or closed the connection mid-call, e.g. while it
+/// shut down) comes as `Internal` with an "h2 protocol error" message; like
+/// `Unknown`, its outcome is unknown and it is `ERROR_UNAVAILABLE`
+/// (retryable with the same idempotency key). Found in CI: a room send
+/// during a leader change failed for good with `ERROR_INTERNAL`.
 pub fn code_of_status(status: &tonic::Status) -> ErrorCode {
     let number = status
         .metadata()
@@ -138,6 +145,9 @@ pub fn code_of_status(status: &tonic::Status) -> ErrorCode {
         .and_then(|s| s.parse::<i32>().ok());
     match number {
         Some(n) => code_from_number(n),
+        None if status.code() == tonic::Code::Internal && status.message().starts_with("h2 protocol error") => {
+            ErrorCode::ErrorUnavailable
+        }
         None => ErrorCode::from_grpc_code(status.code()),
     }
 }
@@ -217,6 +227,10 @@ mod tests {
         let broken = tonic::Status::unknown("transport error");
         assert_eq!(code_of_status(&broken), ErrorCode::ErrorUnavailable);
         assert!(code_of_status(&broken).is_retryable());
+        // An HTTP/2 failure mid-call (tonic's wording): also unknown, retry.
+        let reset = tonic::Status::internal("h2 protocol error: http2 error");
+        assert_eq!(code_of_status(&reset), ErrorCode::ErrorUnavailable);
+        assert_eq!(code_of_status(&tonic::Status::internal("a bare internal error")), ErrorCode::ErrorInternal);
         // Our own internal errors carry rim-code and stay final.
         assert_eq!(code_of_status(&status(ErrorCode::ErrorInternal, "bug")), ErrorCode::ErrorInternal);
     }
