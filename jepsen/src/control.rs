@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 pub use crate::process::{Proc, http_get, signal_group, tail};
 use crate::proxy::ProxyMesh;
+use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::{ClusterMap, GetClusterMapRequest, ReplicaRole};
 
@@ -246,7 +247,7 @@ async fn cluster_map(addr: SocketAddr, secret: &str) -> std::result::Result<Clus
     let mut request = tonic::Request::new(GetClusterMapRequest { known_version: 0 });
     request.set_timeout(ADMIN_TIMEOUT);
     let secret = secret.parse().map_err(|_| "the cluster secret is not valid metadata".to_string())?;
-    request.metadata_mut().insert("rim-cluster-secret", secret);
+    request.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, secret);
     let reply =
         tokio::time::timeout(ADMIN_TIMEOUT, AdminServiceClient::new(channel).get_cluster_map(request))
             .await
