@@ -21,8 +21,8 @@
 //!   have leaders, so on more nodes than the replication factor it says
 //!   nothing about the groups it does not host); [`NodeProcess::raft`]
 //!   reads the Raft gauges of its hosted groups from `/metrics`.
-//! * [`Cluster::layout`] reads where every group lives (its voters and
-//!   learners) from the cluster map of the admin service.
+//! * [`Cluster::layout`] reads every group's voters from the cluster map
+//!   of the admin service.
 //! * [`GatewayProcess`]: a `rim gateway` seeded with the nodes' real
 //!   internal addresses (clients and gateways are never partitioned).
 //!
@@ -197,35 +197,28 @@ pub fn parse_raft_gauges(text: &str) -> BTreeMap<u32, GroupGauges> {
 }
 
 /// Where the Raft groups live, from the cluster map: with more nodes than
-/// the replication factor each data shard has its own few voters, and the
-/// meta group (0) has voters and learners.
+/// the replication factor each data shard has its own few voters (the
+/// meta group's learners, the nodes outside its voters, are kept by its
+/// leader and not recorded in the map).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Layout {
-    /// Group id → its voters, ascending.
+    /// Group id (0: the meta group) → its voters, ascending.
     pub voters: BTreeMap<u32, Vec<u64>>,
-    /// Group id → its learners, ascending (groups without any left out).
-    pub learners: BTreeMap<u32, Vec<u64>>,
 }
 
 impl Layout {
-    /// The layout a cluster map describes.
+    /// The voters a cluster map records (learner replicas left out).
     pub fn from_map(map: &ClusterMap) -> Layout {
-        let mut layout = Layout::default();
+        let mut voters: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for shard in &map.shards {
-            for r in &shard.replicas {
-                let role = if r.role == ReplicaRole::Learner as i32 {
-                    &mut layout.learners
-                } else {
-                    &mut layout.voters
-                };
-                role.entry(shard.shard_id).or_default().push(r.node_id);
-            }
-        }
-        for nodes in layout.voters.values_mut().chain(layout.learners.values_mut()) {
+            let nodes = voters.entry(shard.shard_id).or_default();
+            nodes.extend(
+                shard.replicas.iter().filter(|r| r.role != ReplicaRole::Learner as i32).map(|r| r.node_id),
+            );
             nodes.sort_unstable();
             nodes.dedup();
         }
-        layout
+        Layout { voters }
     }
 
     /// The data shards (every group but the meta group 0) and their voters.
@@ -666,7 +659,7 @@ mod tests {
     use rim_proto::v1::{Replica, ShardInfo};
 
     #[test]
-    fn a_layout_splits_voters_and_learners_by_group() {
+    fn a_layout_lists_each_groups_voters() {
         let replica = |node_id, role: ReplicaRole| Replica { node_id, role: role as i32 };
         let shard = |shard_id, replicas| ShardInfo { shard_id, replicas, leader_node_id: 0 };
         let map = ClusterMap {
@@ -694,7 +687,6 @@ mod tests {
         };
         let layout = Layout::from_map(&map);
         assert_eq!(layout.voters, BTreeMap::from([(0, vec![1, 2, 3]), (1, vec![1, 4, 5])]));
-        assert_eq!(layout.learners, BTreeMap::from([(0, vec![4, 5])]));
         assert_eq!(layout.data_shards().collect::<Vec<_>>(), vec![(1, &[1, 4, 5][..])]);
     }
 }

@@ -652,7 +652,7 @@ mod tests {
     /// 5 nodes, replication 3: the meta group on 1-3 (4 and 5 learn it),
     /// shard 1 on {1,4,5}.
     fn five_nodes_one_shard() -> Layout {
-        Layout { voters: [(0, vec![1, 2, 3]), (1, vec![1, 4, 5])].into(), learners: [(0, vec![4, 5])].into() }
+        Layout { voters: [(0, vec![1, 2, 3]), (1, vec![1, 4, 5])].into() }
     }
 
     #[test]
@@ -682,7 +682,6 @@ mod tests {
                 (4, vec![1, 6, 7]),
             ]
             .into(),
-            learners: [(0, vec![4, 5, 6, 7])].into(),
         };
         let mut shards = BTreeSet::new();
         for seed in 0..200 {
@@ -700,19 +699,18 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         // 3 nodes: every group on every node, so a shard majority is a
         // cluster majority.
-        let three =
-            Layout { voters: (0..=4).map(|g| (g, vec![1, 2, 3])).collect(), learners: BTreeMap::new() };
+        let three = Layout { voters: (0..=4).map(|g| (g, vec![1, 2, 3])).collect() };
         let (_, voters, chosen) = shard_majority(&three, &mut rng).unwrap();
         assert_eq!((voters.len(), chosen.len()), (3, 2));
         // Replication 1: the one voter. Even voter counts: more than half.
-        let single = Layout { voters: [(0, vec![1]), (1, vec![2])].into(), learners: BTreeMap::new() };
+        let single = Layout { voters: [(0, vec![1]), (1, vec![2])].into() };
         assert_eq!(shard_majority(&single, &mut rng).unwrap().2, vec![2]);
-        let four = Layout { voters: [(1, vec![1, 2, 3, 4])].into(), learners: BTreeMap::new() };
+        let four = Layout { voters: [(1, vec![1, 2, 3, 4])].into() };
         assert_eq!(shard_majority(&four, &mut rng).unwrap().2.len(), 3);
         // No data shard known: nothing to aim at (the nemesis falls back
         // to a cluster majority).
         assert_eq!(shard_majority(&Layout::default(), &mut rng), None);
-        let meta_only = Layout { voters: [(0, vec![1, 2, 3])].into(), learners: BTreeMap::new() };
+        let meta_only = Layout { voters: [(0, vec![1, 2, 3])].into() };
         assert_eq!(shard_majority(&meta_only, &mut rng), None);
     }
 

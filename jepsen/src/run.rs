@@ -3,7 +3,7 @@
 //! 1. Start N `rim node` processes behind the proxy mesh (and, with the
 //!    clock nemesis, under libfaketime) and one `rim gateway` (TCP and WS),
 //!    all in the run directory `STORE/<unix-time>-s<seed>/` (`STORE/latest`
-//!    points at it); read the groups' layout (voters and learners) from the
+//!    points at it); read the groups' layout (every group's voters) from the
 //!    cluster map, for the nemesis and `test.json`.
 //! 2. Register the users and sign in their devices, create the groups
 //!    (before any fault).
@@ -138,7 +138,7 @@ pub struct RunSummary {
     pub final_reads: FinalReads,
     /// The groups created at set-up (ids, kinds, members).
     pub groups: Vec<crate::groups::Group>,
-    /// Where the Raft groups live (voters and learners of each), read at
+    /// Where the Raft groups live (the voters of each), read at
     /// set-up; empty if no node told it.
     pub layout: Layout,
     /// Recovery error, if the cluster did not heal in time.
