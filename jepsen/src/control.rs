@@ -225,6 +225,19 @@ impl Layout {
     pub fn data_shards(&self) -> impl Iterator<Item = (u32, &[u64])> {
         self.voters.iter().filter(|(g, _)| **g != 0).map(|(g, v)| (*g, v.as_slice()))
     }
+
+    /// The groups, ascending, that have no quorum while the nodes `down`
+    /// are: at most half of their voters are left.
+    pub fn without_quorum(&self, down: &[u64]) -> Vec<u32> {
+        self.voters
+            .iter()
+            .filter(|(_, v)| {
+                let left = v.iter().filter(|n| !down.contains(n)).count();
+                !v.is_empty() && 2 * left <= v.len()
+            })
+            .map(|(g, _)| *g)
+            .collect()
+    }
 }
 
 /// Timeout of one admin call.
@@ -688,5 +701,28 @@ mod tests {
         let layout = Layout::from_map(&map);
         assert_eq!(layout.voters, BTreeMap::from([(0, vec![1, 2, 3]), (1, vec![1, 4, 5])]));
         assert_eq!(layout.data_shards().collect::<Vec<_>>(), vec![(1, &[1, 4, 5][..])]);
+    }
+
+    #[test]
+    fn groups_lose_their_quorum_with_half_of_their_voters() {
+        // The bootstrap layout of 5 nodes and 4 shards.
+        let layout = Layout {
+            voters: [
+                (0, vec![1, 2, 3]),
+                (1, vec![1, 4, 5]),
+                (2, vec![2, 3, 4]),
+                (3, vec![1, 2, 5]),
+                (4, vec![3, 4, 5]),
+            ]
+            .into(),
+        };
+        assert_eq!(layout.without_quorum(&[]), Vec::<u32>::new());
+        assert_eq!(layout.without_quorum(&[3]), Vec::<u32>::new());
+        // Two of shard 1's voters are also two of shard 4's.
+        assert_eq!(layout.without_quorum(&[4, 5]), vec![1, 4]);
+        assert_eq!(layout.without_quorum(&[1, 2]), vec![0, 3]);
+        assert_eq!(layout.without_quorum(&[1, 2, 3, 4, 5]), vec![0, 1, 2, 3, 4]);
+        let even = Layout { voters: [(1, vec![1, 2, 3, 4])].into() };
+        assert_eq!(even.without_quorum(&[1, 2]), vec![1], "two of four is no majority");
     }
 }

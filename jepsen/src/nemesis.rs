@@ -26,8 +26,8 @@
 //! shard's voters. The shard-majority target and shape aim at one shard: a
 //! majority of its voters is a minority of the cluster, so that shard loses
 //! its quorum (killed, paused) or keeps it only on the cluster's minority
-//! side (partitioned), while the other shards and the meta group can keep
-//! theirs. On 3 nodes every node hosts every group, so a shard majority is
+//! side (partitioned), while the other groups keep theirs unless two of
+//! their voters were hit too (`no_quorum` in the history names them). On 3 nodes every node hosts every group, so a shard majority is
 //! a cluster majority and the two extras are left out of the default mix
 //! (which keeps the 3-node schedules of a seed as they were).
 //!
@@ -375,11 +375,17 @@ struct Pick {
 }
 
 impl Pick {
-    fn value(&self, nodes: &[u64]) -> Value {
+    /// The history value of the fault on `nodes`: the target, the nodes,
+    /// the aimed-at shard and its voters, and every group left without a
+    /// quorum (when the layout is known).
+    fn value(&self, nodes: &[u64], layout: &Layout) -> Value {
         let mut v = json!({ "target": self.target, "nodes": nodes });
         if let Some((shard, voters)) = &self.shard {
             v["shard"] = json!(shard);
             v["voters"] = json!(voters);
+        }
+        if !layout.voters.is_empty() {
+            v["no_quorum"] = json!(layout.without_quorum(nodes));
         }
         v
     }
@@ -498,7 +504,7 @@ async fn apply(
             for &n in &pick.nodes {
                 c.kill(n);
             }
-            log(recorder, "start-kill", pick.value(&pick.nodes));
+            log(recorder, "start-kill", pick.value(&pick.nodes, layout));
             Some(Active::Kill(pick.nodes))
         }
         Fault::Pause => {
@@ -509,7 +515,7 @@ async fn apply(
                     paused.push(n);
                 }
             }
-            log(recorder, "start-pause", pick.value(&paused));
+            log(recorder, "start-pause", pick.value(&paused, layout));
             Some(Active::Pause(paused))
         }
         Fault::Clock => {
