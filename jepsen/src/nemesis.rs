@@ -118,6 +118,10 @@ pub enum Target {
 }
 
 impl Target {
+    /// Every target.
+    pub const ALL: [Target; 5] =
+        [Target::One, Target::Leader, Target::Majority, Target::All, Target::ShardMajority];
+
     /// The name used in `--targets` and in the history.
     pub fn name(self) -> &'static str {
         match self {
@@ -131,8 +135,7 @@ impl Target {
 
     /// Parses `one,shard-majority,...` (empty: the default mix).
     pub fn parse_list(s: &str) -> Result<Vec<Target>, String> {
-        let all = [Target::One, Target::Leader, Target::Majority, Target::All, Target::ShardMajority];
-        parse_names(s, &all, Target::name, "target")
+        parse_names(s, &Target::ALL, Target::name, "target")
     }
 }
 
@@ -160,6 +163,17 @@ pub enum Shape {
 }
 
 impl Shape {
+    /// Every shape, in the order of the default mix.
+    pub const ALL: [Shape; 7] = [
+        Shape::Isolate,
+        Shape::IsolateLeader,
+        Shape::Halves,
+        Shape::MajoritiesRing,
+        Shape::Bridge,
+        Shape::OneWay,
+        Shape::ShardMajority,
+    ];
+
     /// The name used in `--shapes` and in the history.
     pub fn name(self) -> &'static str {
         match self {
@@ -175,16 +189,7 @@ impl Shape {
 
     /// Parses `halves,bridge,...` (empty: the default mix).
     pub fn parse_list(s: &str) -> Result<Vec<Shape>, String> {
-        let all = [
-            Shape::Isolate,
-            Shape::IsolateLeader,
-            Shape::Halves,
-            Shape::MajoritiesRing,
-            Shape::Bridge,
-            Shape::OneWay,
-            Shape::ShardMajority,
-        ];
-        parse_names(s, &all, Shape::name, "shape")
+        parse_names(s, &Shape::ALL, Shape::name, "shape")
     }
 }
 
@@ -229,20 +234,13 @@ pub fn target_mix(nodes: usize) -> &'static [(Target, u32)] {
     }
 }
 
-/// The default partition shapes for a cluster of `nodes`, equally likely.
+/// The default partition shapes for a cluster of `nodes`, equally likely:
+/// all of them, the shard majority only from [`SHARD_MAJORITY_MIN_NODES`].
 pub fn shape_mix(nodes: usize) -> Vec<Shape> {
-    let mut shapes = vec![
-        Shape::Isolate,
-        Shape::IsolateLeader,
-        Shape::Halves,
-        Shape::MajoritiesRing,
-        Shape::Bridge,
-        Shape::OneWay,
-    ];
-    if nodes >= SHARD_MAJORITY_MIN_NODES {
-        shapes.push(Shape::ShardMajority);
-    }
-    shapes
+    Shape::ALL
+        .into_iter()
+        .filter(|s| *s != Shape::ShardMajority || nodes >= SHARD_MAJORITY_MIN_NODES)
+        .collect()
 }
 
 /// Draws from `mix` by weight.
@@ -644,14 +642,13 @@ mod tests {
         );
         assert!(Shape::parse_list("ring").is_err());
         // The names are the history's names.
-        for t in Target::parse_list("one,leader,majority,all,shard-majority").unwrap() {
+        for t in Target::ALL {
             assert_eq!(json!(t), json!(t.name()));
+            assert_eq!(Target::parse_list(t.name()).unwrap(), [t]);
         }
-        for s in
-            Shape::parse_list("isolate,isolate-leader,halves,majorities-ring,bridge,one-way,shard-majority")
-                .unwrap()
-        {
+        for s in Shape::ALL {
             assert_eq!(json!(s), json!(s.name()));
+            assert_eq!(Shape::parse_list(s.name()).unwrap(), [s]);
         }
     }
 
