@@ -7,7 +7,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/rim-target
 CARGO ?= cargo
 
-.PHONY: dev test jepsen-smoke jepsen-long lint fmt prereqs bench bench-store bench-send-inproc bench-send bench-connections bench-fanout bench-failover bench-sync
+.PHONY: dev test jepsen-smoke jepsen-long jepsen-5 lint fmt prereqs bench bench-store bench-send-inproc bench-send bench-connections bench-fanout bench-failover bench-sync
 
 ## Start a local cluster (3 logic nodes and a gateway) with data in ./rim-data.
 dev: prereqs
@@ -32,6 +32,13 @@ jepsen-long: prereqs
 	$(CARGO) build -q -p rim -p rim-jepsen
 	$(CARGO) run -q -p rim-jepsen -- test --nodes 3 --time-limit 600 \
 		--nemesis all --min-acked 1000 --store $(JEPSEN_STORE)
+
+## jepsen-smoke on 5 nodes (replication 3: each shard on 3 of them, kills
+## and pauses of a shard's voter majority); not part of `make test`.
+jepsen-5: prereqs
+	$(CARGO) build -q -p rim -p rim-jepsen
+	$(CARGO) run -q -p rim-jepsen -- test --nodes 5 --time-limit 60 \
+		--nemesis partition,kill,pause --min-acked 200 --store $(JEPSEN_STORE)
 
 ## Formatting and lints, as CI checks them.
 lint: prereqs

@@ -17,8 +17,12 @@
 //!   [`Cluster::resume`] (SIGCONT), [`Cluster::restart`]; signals go to the
 //!   whole process group through the `kill` command (no `unsafe`, no libc).
 //! * [`NodeProcess::wait_healthy`] polls `/healthz` on the node's HTTP
-//!   listener under a deadline; [`NodeProcess::raft`] reads the Raft gauges
-//!   from `/metrics`.
+//!   listener under a deadline (a node is healthy when the groups it hosts
+//!   have leaders, so on more nodes than the replication factor it says
+//!   nothing about the groups it does not host); [`NodeProcess::raft`]
+//!   reads the Raft gauges of its hosted groups from `/metrics`.
+//! * [`Cluster::layout`] reads every group's voters from the cluster map
+//!   of the admin service.
 //! * [`GatewayProcess`]: a `rim gateway` seeded with the nodes' real
 //!   internal addresses (clients and gateways are never partitioned).
 //!
@@ -35,6 +39,9 @@ use std::time::{Duration, Instant};
 
 pub use crate::process::{Proc, http_get, signal_group, tail};
 use crate::proxy::ProxyMesh;
+use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
+use rim_proto::v1::admin_service_client::AdminServiceClient;
+use rim_proto::v1::{ClusterMap, GetClusterMapRequest, ReplicaRole};
 
 /// Default cluster secret of harness clusters (≥ 16 characters).
 pub const SECRET: &str = "jepsen-harness-secret-0123456789";
@@ -187,6 +194,72 @@ pub fn parse_raft_gauges(text: &str) -> BTreeMap<u32, GroupGauges> {
         }
     }
     out
+}
+
+/// Where the Raft groups live, from the cluster map: with more nodes than
+/// the replication factor each data shard has its own few voters (the
+/// meta group's learners, the nodes outside its voters, are kept by its
+/// leader and not recorded in the map).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Layout {
+    /// Group id (0: the meta group) → its voters, ascending.
+    pub voters: BTreeMap<u32, Vec<u64>>,
+}
+
+impl Layout {
+    /// The voters a cluster map records (learner replicas left out).
+    pub fn from_map(map: &ClusterMap) -> Layout {
+        let mut voters: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for shard in &map.shards {
+            let nodes = voters.entry(shard.shard_id).or_default();
+            nodes.extend(
+                shard.replicas.iter().filter(|r| r.role != ReplicaRole::Learner as i32).map(|r| r.node_id),
+            );
+            nodes.sort_unstable();
+            nodes.dedup();
+        }
+        Layout { voters }
+    }
+
+    /// The data shards (every group but the meta group 0) and their voters.
+    pub fn data_shards(&self) -> impl Iterator<Item = (u32, &[u64])> {
+        self.voters.iter().filter(|(g, _)| **g != 0).map(|(g, v)| (*g, v.as_slice()))
+    }
+
+    /// The groups, ascending, that have no quorum while the nodes `down`
+    /// are: at most half of their voters are left.
+    pub fn without_quorum(&self, down: &[u64]) -> Vec<u32> {
+        self.voters
+            .iter()
+            .filter(|(_, v)| {
+                let left = v.iter().filter(|n| !down.contains(n)).count();
+                !v.is_empty() && 2 * left <= v.len()
+            })
+            .map(|(g, _)| *g)
+            .collect()
+    }
+}
+
+/// Timeout of one admin call.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `AdminService.GetClusterMap` of the node whose internal listener is
+/// `addr`.
+async fn cluster_map(addr: SocketAddr, secret: &str) -> std::result::Result<ClusterMap, String> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(ADMIN_TIMEOUT)
+        .connect_lazy();
+    let mut request = tonic::Request::new(GetClusterMapRequest { known_version: 0 });
+    request.set_timeout(ADMIN_TIMEOUT);
+    let secret = secret.parse().map_err(|_| "the cluster secret is not valid metadata".to_string())?;
+    request.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, secret);
+    let reply =
+        tokio::time::timeout(ADMIN_TIMEOUT, AdminServiceClient::new(channel).get_cluster_map(request))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+    reply.into_inner().map.ok_or_else(|| "no cluster map yet".to_string())
 }
 
 /// One `rim node` process: its addresses, data dir and log.
@@ -427,6 +500,22 @@ impl Cluster {
         self.nodes.values().map(|n| n.listen).collect()
     }
 
+    /// The layout of the cluster map held by the first running, unpaused
+    /// node that answers; the error lists every node's failure.
+    pub async fn layout(&mut self) -> std::result::Result<Layout, String> {
+        let mut errors = Vec::new();
+        for n in self.nodes.values_mut() {
+            if !n.proc.is_running() || n.proc.is_paused() {
+                continue;
+            }
+            match cluster_map(n.listen, &self.opts.secret).await {
+                Ok(map) => return Ok(Layout::from_map(&map)),
+                Err(e) => errors.push(format!("node {}: {e}", n.id)),
+            }
+        }
+        Err(format!("no node told the cluster map ({})", errors.join("; ")))
+    }
+
     /// Waits until every running, unpaused node is healthy.
     pub async fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -574,5 +663,66 @@ impl GatewayProcess {
     /// SIGKILL.
     pub fn kill(&mut self) {
         self.proc.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rim_proto::v1::{Replica, ShardInfo};
+
+    #[test]
+    fn a_layout_lists_each_groups_voters() {
+        let replica = |node_id, role: ReplicaRole| Replica { node_id, role: role as i32 };
+        let shard = |shard_id, replicas| ShardInfo { shard_id, replicas, leader_node_id: 0 };
+        let map = ClusterMap {
+            shards: vec![
+                shard(
+                    0,
+                    vec![
+                        replica(3, ReplicaRole::Voter),
+                        replica(1, ReplicaRole::Voter),
+                        replica(2, ReplicaRole::Voter),
+                        replica(5, ReplicaRole::Learner),
+                        replica(4, ReplicaRole::Learner),
+                    ],
+                ),
+                shard(
+                    1,
+                    vec![
+                        replica(4, ReplicaRole::Voter),
+                        replica(5, ReplicaRole::Voter),
+                        replica(1, ReplicaRole::Voter),
+                    ],
+                ),
+            ],
+            ..ClusterMap::default()
+        };
+        let layout = Layout::from_map(&map);
+        assert_eq!(layout.voters, BTreeMap::from([(0, vec![1, 2, 3]), (1, vec![1, 4, 5])]));
+        assert_eq!(layout.data_shards().collect::<Vec<_>>(), vec![(1, &[1, 4, 5][..])]);
+    }
+
+    #[test]
+    fn groups_lose_their_quorum_with_half_of_their_voters() {
+        // The bootstrap layout of 5 nodes and 4 shards.
+        let layout = Layout {
+            voters: [
+                (0, vec![1, 2, 3]),
+                (1, vec![1, 4, 5]),
+                (2, vec![2, 3, 4]),
+                (3, vec![1, 2, 5]),
+                (4, vec![3, 4, 5]),
+            ]
+            .into(),
+        };
+        assert_eq!(layout.without_quorum(&[]), Vec::<u32>::new());
+        assert_eq!(layout.without_quorum(&[3]), Vec::<u32>::new());
+        // Two of shard 1's voters are also two of shard 4's.
+        assert_eq!(layout.without_quorum(&[4, 5]), vec![1, 4]);
+        assert_eq!(layout.without_quorum(&[1, 2]), vec![0, 3]);
+        assert_eq!(layout.without_quorum(&[1, 2, 3, 4, 5]), vec![0, 1, 2, 3, 4]);
+        let even = Layout { voters: [(1, vec![1, 2, 3, 4])].into() };
+        assert_eq!(even.without_quorum(&[1, 2]), vec![1], "two of four is no majority");
     }
 }

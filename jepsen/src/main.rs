@@ -13,7 +13,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use rim_jepsen::checker::{CheckOptions, Consistency, check_dir};
-use rim_jepsen::nemesis::{Fault, NemesisOptions};
+use rim_jepsen::nemesis::{Fault, NemesisOptions, Shape, Target};
 use rim_jepsen::run::{TestOptions, run_test};
 use rim_jepsen::workload::{GatewayTransport, WorkloadOptions};
 use std::path::PathBuf;
@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the cluster under faults, record the history, check it, report.
-    Test(TestArgs),
+    Test(Box<TestArgs>),
     /// Re-render DIR's timeline and plots from DIR/history.jsonl.
     Report {
         /// The run directory.
@@ -73,6 +73,15 @@ struct TestArgs {
     /// Mean seconds of each quiet period and each fault.
     #[arg(long, default_value_t = 5.0)]
     nemesis_interval: f64,
+    /// Kill and pause targets: one,leader,majority,all,shard-majority
+    /// (default: a weighted mix; shard-majority from 5 nodes).
+    #[arg(long, default_value = "")]
+    targets: String,
+    /// Partition shapes: isolate,isolate-leader,halves,majorities-ring,
+    /// bridge,one-way,shard-majority (default: all of them; shard-majority
+    /// from 5 nodes).
+    #[arg(long, default_value = "")]
+    shapes: String,
     /// Users.
     #[arg(long, default_value_t = 6)]
     users: u64,
@@ -159,8 +168,8 @@ impl TestArgs {
                 faults: Fault::parse_list(&self.nemesis)?,
                 interval: secs(self.nemesis_interval, "nemesis-interval")?,
                 seed,
-                shapes: Vec::new(),
-                targets: Vec::new(),
+                shapes: Shape::parse_list(&self.shapes)?,
+                targets: Target::parse_list(&self.targets)?,
             },
             store: self.store,
             node_env: Vec::new(),
@@ -205,7 +214,7 @@ fn test(args: TestArgs) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Test(args) => test(args),
+        Command::Test(args) => test(*args),
         Command::Report { dir } => {
             let history = match rim_jepsen::history::read_history(dir.join("history.jsonl")) {
                 Ok(h) => h,

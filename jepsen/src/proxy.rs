@@ -534,8 +534,13 @@ pub mod grudge {
 
     /// `node` alone on one side, everyone else on the other (`split-one`).
     pub fn isolate(nodes: &[u64], node: u64) -> Grudge {
-        let rest: Vec<u64> = nodes.iter().copied().filter(|n| *n != node).collect();
-        complete(&[vec![node], rest])
+        split(nodes, &[node])
+    }
+
+    /// `side` on one side, every other node of `nodes` on the other.
+    pub fn split(nodes: &[u64], side: &[u64]) -> Grudge {
+        let rest: Vec<u64> = nodes.iter().copied().filter(|n| !side.contains(n)).collect();
+        complete(&[side.to_vec(), rest])
     }
 
     /// The first ⌊n/2⌋ nodes against the rest (`bisect`: the first half is

@@ -3,7 +3,8 @@
 //! 1. Start N `rim node` processes behind the proxy mesh (and, with the
 //!    clock nemesis, under libfaketime) and one `rim gateway` (TCP and WS),
 //!    all in the run directory `STORE/<unix-time>-s<seed>/` (`STORE/latest`
-//!    points at it).
+//!    points at it); read the groups' layout (every group's voters) from the
+//!    cluster map, for the nemesis and `test.json`.
 //! 2. Register the users and sign in their devices, create the groups
 //!    (before any fault).
 //! 3. For `time_limit`: the workload ([`crate::workload`]) and the nemesis
@@ -28,7 +29,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 
 use crate::checker::{CheckOptions, Consistency, Results};
-use crate::control::{Cluster, ClusterOptions, ControlError, find_faketime, http_get};
+use crate::control::{Cluster, ClusterOptions, ControlError, Layout, find_faketime, http_get};
 use crate::groups;
 use crate::history::read_history;
 use crate::nemesis::{self, Fault, NemesisOptions};
@@ -137,6 +138,9 @@ pub struct RunSummary {
     pub final_reads: FinalReads,
     /// The groups created at set-up (ids, kinds, members).
     pub groups: Vec<crate::groups::Group>,
+    /// Where the Raft groups live (the voters of each), read at
+    /// set-up; empty if no node told it.
+    pub layout: Layout,
     /// Recovery error, if the cluster did not heal in time.
     pub recovery_error: Option<String>,
     /// Whether the lists settled before the final reads.
@@ -198,6 +202,14 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
     }
     let mut cluster = Cluster::start(copts).await?;
     cluster.wait_healthy(Duration::from_secs(120)).await?;
+    match cluster.layout().await {
+        Ok(layout) => summary.layout = layout,
+        Err(e) => {
+            let why = format!("layout unknown, shard-majority faults take a cluster majority: {e}");
+            say(true, &format!("rim-jepsen: {why}"));
+            summary.skipped.push(why);
+        }
+    }
     let mut gateway = cluster.start_gateway()?;
     gateway.wait_healthy(Duration::from_secs(60)).await?;
     let endpoints = Endpoints {
@@ -243,8 +255,13 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
     }
     let cluster = Arc::new(Mutex::new(cluster));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let nemesis_task =
-        tokio::spawn(nemesis::run(cluster.clone(), recorder.clone(), opts.nemesis.clone(), stop_rx.clone()));
+    let nemesis_task = tokio::spawn(nemesis::run(
+        cluster.clone(),
+        recorder.clone(),
+        opts.nemesis.clone(),
+        summary.layout.clone(),
+        stop_rx.clone(),
+    ));
     let progress_task =
         tokio::spawn(progress(recorder.clone(), opts.time_limit, opts.progress, stop_rx.clone()));
     let workload_run =

@@ -302,6 +302,28 @@ fn grudge_shapes() {
     let g = grudge::bridge(&n5);
     assert_eq!(g, Grudge::from([(1, set(&[4, 5])), (2, set(&[4, 5])), (4, set(&[1, 2])), (5, set(&[1, 2]))]));
     assert!(!g.contains_key(&3), "the bridge hears everyone");
+    // 7 nodes: 3 against 4; two sides of 3 joined by node 4.
+    let n7 = [1, 2, 3, 4, 5, 6, 7];
+    let g = grudge::halves(&n7);
+    assert_eq!(g[&1], set(&[4, 5, 6, 7]));
+    assert_eq!(g[&7], set(&[1, 2, 3]));
+    let g = grudge::bridge(&n7);
+    assert_eq!(g[&1], set(&[5, 6, 7]));
+    assert_eq!(g[&7], set(&[1, 2, 3]));
+    assert!(!g.contains_key(&4), "the bridge hears everyone");
+    // A side against the rest (the shard-majority shape).
+    let g = grudge::split(&n5, &[1, 4]);
+    assert_eq!(
+        g,
+        Grudge::from([
+            (1, set(&[2, 3, 5])),
+            (4, set(&[2, 3, 5])),
+            (2, set(&[1, 4])),
+            (3, set(&[1, 4])),
+            (5, set(&[1, 4]))
+        ])
+    );
+    assert_eq!(grudge::split(&n3, &[2]), grudge::isolate(&n3, 2));
 
     for nodes in [&n3[..], &n5[..], &[1, 2, 3, 4][..], &[1, 2, 3, 4, 5, 6, 7][..]] {
         let g = grudge::majorities_ring(nodes);
