@@ -145,7 +145,9 @@ pub fn code_of_status(status: &tonic::Status) -> ErrorCode {
         .and_then(|s| s.parse::<i32>().ok());
     match number {
         Some(n) => code_from_number(n),
-        None if status.code() == tonic::Code::Internal && status.message().starts_with("h2 protocol error") => {
+        None if status.code() == tonic::Code::Internal
+            && status.message().starts_with("h2 protocol error") =>
+        {
             ErrorCode::ErrorUnavailable
         }
         None => ErrorCode::from_grpc_code(status.code()),
@@ -230,7 +232,10 @@ mod tests {
         // An HTTP/2 failure mid-call (tonic's wording): also unknown, retry.
         let reset = tonic::Status::internal("h2 protocol error: http2 error");
         assert_eq!(code_of_status(&reset), ErrorCode::ErrorUnavailable);
-        assert_eq!(code_of_status(&tonic::Status::internal("a bare internal error")), ErrorCode::ErrorInternal);
+        assert_eq!(
+            code_of_status(&tonic::Status::internal("a bare internal error")),
+            ErrorCode::ErrorInternal
+        );
         // Our own internal errors carry rim-code and stay final.
         assert_eq!(code_of_status(&status(ErrorCode::ErrorInternal, "bug")), ErrorCode::ErrorInternal);
     }
