@@ -349,4 +349,17 @@ async fn nodes_start_in_any_order_with_any_replication() {
     check_layout(&c).await;
     let users = one_user_per_shard(&c, "1").await;
     sends_between_every_pair(&c, &users, "single").await;
+
+    // Replication 5 on 5 nodes: every group (the meta group too) has 5
+    // voters, so any two nodes may be down at once.
+    drop(c);
+    let mut c = ProcCluster::start_with(5, 2, &["--replication", "5"]).await;
+    check_layout(&c).await;
+    let placement = c.placement(1).await;
+    assert!(placement.shards().iter().all(|s| s.replicas.len() == 5), "5 voters everywhere");
+    let users = one_user_per_shard(&c, "55").await;
+    sends_between_every_pair(&c, &users, "r5").await;
+    c.kill(1);
+    c.kill(4);
+    sends_between_every_pair(&c, &users, "r5-two-down").await;
 }
