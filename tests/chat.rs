@@ -63,6 +63,16 @@ impl Terminal {
         }
     }
 
+    /// The `rim chat` commands `rim dev` printed, as argument lists.
+    fn chat_commands(&self) -> Vec<Vec<String>> {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| l.contains(" chat --"))
+            .map(|l| l.split_whitespace().skip(1).map(String::from).collect())
+            .collect()
+    }
+
     async fn type_line(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
         stdin.write_all(format!("{line}\n").as_bytes()).await.expect("write to stdin");
@@ -102,14 +112,7 @@ async fn rim_dev_and_two_chat_terminals() {
     let dev = Terminal::spawn("dev", &dev_args);
     dev.expect("Ctrl-C stops the cluster", Duration::from_secs(120)).await;
     // The two printed commands, run as they are printed.
-    let commands: Vec<Vec<String>> = {
-        let lines = dev.lines.lock().unwrap();
-        lines
-            .iter()
-            .filter(|l| l.contains(" chat --"))
-            .map(|l| l.split_whitespace().skip(1).map(String::from).collect())
-            .collect()
-    };
+    let commands = dev.chat_commands();
     assert_eq!(commands.len(), 2, "rim dev prints two chat commands");
     let mut alice = Terminal::spawn("alice", &commands[0]);
     let mut bob = Terminal::spawn("bob", &commands[1]);
@@ -163,14 +166,7 @@ async fn rim_dev_with_five_nodes() {
     for id in 1..=5 {
         assert!(std::path::Path::new(&data).join(format!("node-{id}")).is_dir(), "node {id} data dir");
     }
-    let commands: Vec<Vec<String>> = {
-        let lines = dev.lines.lock().unwrap();
-        lines
-            .iter()
-            .filter(|l| l.contains(" chat --"))
-            .map(|l| l.split_whitespace().skip(1).map(String::from).collect())
-            .collect()
-    };
+    let commands = dev.chat_commands();
     assert_eq!(commands.len(), 2, "rim dev prints two chat commands");
     let mut alice = Terminal::spawn("alice5", &commands[0]);
     let mut bob = Terminal::spawn("bob5", &commands[1]);

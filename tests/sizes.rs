@@ -133,7 +133,7 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
         let Some(out) = outsider(&placement, *shard) else { continue };
         let client = c.client(out);
         // User reads: profile, own list, devices, conversations.
-        let mut u = UserServiceClient::new(client.channel.clone());
+        let u = UserServiceClient::new(client.channel.clone());
         let me = retry(WAIT, "get_user", || {
             let r = Client::authed(s, GetUserRequest { user_id: s.user });
             let mut u = u.clone();
@@ -143,7 +143,7 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
         assert_eq!(me.user.map(|x| x.user_id), Some(s.user));
         let list = retry(WAIT, "sync on an outsider", || client.sync_all(s)).await;
         assert!(!list.is_empty(), "user {} has messages", s.user);
-        let mut m = MessageServiceClient::new(client.channel.clone());
+        let m = MessageServiceClient::new(client.channel.clone());
         let conv = retry(WAIT, "list_conversations", || {
             let r = Client::authed(s, ListConversationsRequest::default());
             let mut m = m.clone();
@@ -151,8 +151,6 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
         })
         .await;
         assert!(!conv.conversations.is_empty(), "conversations of {}", s.user);
-        let _ = &mut u;
-        let _ = &mut m;
     }
 
     // Groups: a small group and a super group with a member on every shard,
@@ -168,7 +166,7 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
         retry(WAIT, "send_group on an outsider", || client.send_group(owner, g.group_id, &cmid, "hi all"))
             .await;
         for s in users.values() {
-            let mut gs = GroupServiceClient::new(client.channel.clone());
+            let gs = GroupServiceClient::new(client.channel.clone());
             let got = retry(WAIT, "get_group on an outsider", || {
                 let r = Client::authed(s, GetGroupRequest { group_id: g.group_id });
                 let mut gs = gs.clone();
@@ -185,7 +183,6 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
                 }
             })
             .await;
-            let _ = &mut gs;
             if kind == GroupKind::Super {
                 let feed =
                     retry(WAIT, "sync_group on an outsider", || client.sync_group_all(s, g.group_id)).await;

@@ -37,11 +37,6 @@ impl Backoff {
         Backoff::until(Instant::now() + budget)
     }
 
-    /// The request's deadline.
-    pub fn deadline(&self) -> Instant {
-        self.deadline
-    }
-
     /// Time left before the deadline (zero once it passed).
     pub fn left(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())

@@ -134,14 +134,6 @@ fn into_page(p: store::ReadPage) -> Page {
 }
 
 impl ShardView<'_> {
-    /// The local replica, if this view reads one.
-    pub fn local(&self) -> Option<&Arc<Group>> {
-        match self {
-            ShardView::Local(g) => Some(g),
-            ShardView::Remote { .. } => None,
-        }
-    }
-
     async fn run(&self, q: ReadQuery) -> Result<Option<V>> {
         match self {
             ShardView::Local(g) => Ok(execute(&g.reader, &q)?.value),
