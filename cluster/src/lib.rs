@@ -69,8 +69,8 @@ pub mod token;
 
 pub use error::{Error, Result};
 pub use placement::{
-    DEFAULT_REPLICATION, DEFAULT_SLOTS, KeyKind, MAX_SLOTS, META_REPLICATION, META_SHARD, Placement,
-    bootstrap_map, slot_of, slot_of_name,
+    DEFAULT_REPLICATION, DEFAULT_SLOTS, Key, KeyKind, MAX_SLOTS, META_REPLICATION, META_SHARD, Placement,
+    bootstrap_map, slot_of,
 };
 pub use retry::{Backoff, retryable};
 pub use token::{Claims, MAX_TOKEN_LEN, TOKEN_FORMAT, TokenError, TokenKey};

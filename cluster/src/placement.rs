@@ -43,12 +43,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use rim_proto::ids::{GroupId, NodeId, ShardId, SlotId, UserId};
 use rim_proto::v1::{ClusterMap, NodeInfo, NodeState, Replica, ReplicaRole, ShardInfo};
 
 use crate::error::{Error, Result};
 
 /// Id of the meta group, which holds the cluster map and owns no slot.
-pub const META_SHARD: u32 = 0;
+pub const META_SHARD: ShardId = ShardId(0);
 
 /// Default number of slots of a new cluster.
 pub const DEFAULT_SLOTS: u32 = 256;
@@ -84,33 +85,44 @@ impl KeyKind {
     }
 }
 
-/// The slot of a numeric key: `crc32(kind tag ‖ id big-endian) % slots`.
+/// A key of the key space: what [`slot_of`] hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Key<'a> {
+    /// A user: its profile, devices, message list, friends.
+    User(UserId),
+    /// A group, super group or room (one id space).
+    Group(GroupId),
+    /// An account's login name, hashed as given: normalise it (case,
+    /// Unicode form) first if logins are meant to be case-insensitive.
+    Account(&'a str),
+}
+
+impl Key<'_> {
+    /// The kind of this key (its tag is the first hashed byte).
+    pub const fn kind(&self) -> KeyKind {
+        match self {
+            Key::User(_) => KeyKind::User,
+            Key::Group(_) => KeyKind::Group,
+            Key::Account(_) => KeyKind::Account,
+        }
+    }
+}
+
+/// The slot of a key: `crc32(kind tag ‖ id big-endian) % slots` for users
+/// and groups, `crc32(kind tag ‖ UTF-8 name) % slots` for accounts.
 ///
 /// # Panics
 ///
 /// If `slots` is 0 (a validated [`Placement`] never has 0 slots).
-pub fn slot_of(kind: KeyKind, id: u64, slots: u32) -> u32 {
+pub fn slot_of(key: Key<'_>, slots: u32) -> SlotId {
     assert!(slots > 0, "slot_of: slots must be positive");
     let mut h = crc32fast::Hasher::new();
-    h.update(&[kind.tag()]);
-    h.update(&id.to_be_bytes());
-    h.finalize() % slots
-}
-
-/// The slot of an account's login name: `crc32(Account tag ‖ UTF-8) % slots`.
-///
-/// The name is hashed as given: normalise it (case, Unicode form) before
-/// calling if logins are meant to be case-insensitive.
-///
-/// # Panics
-///
-/// If `slots` is 0.
-pub fn slot_of_name(name: &str, slots: u32) -> u32 {
-    assert!(slots > 0, "slot_of_name: slots must be positive");
-    let mut h = crc32fast::Hasher::new();
-    h.update(&[KeyKind::Account.tag()]);
-    h.update(name.as_bytes());
-    h.finalize() % slots
+    h.update(&[key.kind().tag()]);
+    match key {
+        Key::User(UserId(id)) | Key::Group(GroupId(id)) => h.update(&id.to_be_bytes()),
+        Key::Account(name) => h.update(name.as_bytes()),
+    }
+    SlotId(h.finalize() % slots)
 }
 
 /// A validated cluster map with lookup indexes (invariants in the module
@@ -119,9 +131,9 @@ pub fn slot_of_name(name: &str, slots: u32) -> u32 {
 pub struct Placement {
     map: ClusterMap,
     /// shard id → index in `map.shards`.
-    shard_idx: BTreeMap<u32, usize>,
+    shard_idx: BTreeMap<ShardId, usize>,
     /// node id → index in `map.nodes`.
-    node_idx: BTreeMap<u64, usize>,
+    node_idx: BTreeMap<NodeId, usize>,
 }
 
 fn invalid(msg: String) -> Error {
@@ -165,7 +177,7 @@ impl Placement {
 
         let mut shard_idx = BTreeMap::new();
         for (i, s) in map.shards.iter().enumerate() {
-            if shard_idx.insert(s.shard_id, i).is_some() {
+            if shard_idx.insert(ShardId(s.shard_id), i).is_some() {
                 return Err(invalid(format!("duplicate shard {}", s.shard_id)));
             }
             let mut seen = BTreeSet::new();
@@ -201,10 +213,10 @@ impl Placement {
         }
 
         for (slot, &shard) in map.slot_shards.iter().enumerate() {
-            if shard == META_SHARD {
+            if ShardId(shard) == META_SHARD {
                 return Err(invalid(format!("slot {slot} is owned by the meta group")));
             }
-            if !shard_idx.contains_key(&shard) {
+            if !shard_idx.contains_key(&ShardId(shard)) {
                 return Err(invalid(format!("slot {slot} is owned by unknown shard {shard}")));
             }
         }
@@ -223,32 +235,32 @@ impl Placement {
     }
 
     /// The shard owning `slot`, or `None` if `slot >= slots()`.
-    pub fn shard_of_slot(&self, slot: u32) -> Option<u32> {
-        self.map.slot_shards.get(slot as usize).copied()
+    pub fn shard_of_slot(&self, slot: SlotId) -> Option<ShardId> {
+        self.map.slot_shards.get(slot.0 as usize).map(|&s| ShardId(s))
     }
 
-    /// The shard owning a numeric key of any kind.
-    pub fn shard_of(&self, kind: KeyKind, id: u64) -> u32 {
-        self.map.slot_shards[slot_of(kind, id, self.map.slots) as usize]
+    /// The shard owning a key of any kind.
+    pub fn shard_of(&self, key: Key<'_>) -> ShardId {
+        ShardId(self.map.slot_shards[slot_of(key, self.map.slots).0 as usize])
     }
 
     /// The shard owning user `user_id` (and all its user-keyed state).
-    pub fn shard_of_user(&self, user_id: u64) -> u32 {
-        self.shard_of(KeyKind::User, user_id)
+    pub fn shard_of_user(&self, user_id: UserId) -> ShardId {
+        self.shard_of(Key::User(user_id))
     }
 
     /// The shard owning group (or room) `group_id`.
-    pub fn shard_of_group(&self, group_id: u64) -> u32 {
-        self.shard_of(KeyKind::Group, group_id)
+    pub fn shard_of_group(&self, group_id: GroupId) -> ShardId {
+        self.shard_of(Key::Group(group_id))
     }
 
     /// The shard owning the account with login `name`.
-    pub fn shard_of_account(&self, name: &str) -> u32 {
-        self.map.slot_shards[slot_of_name(name, self.map.slots) as usize]
+    pub fn shard_of_account(&self, name: &str) -> ShardId {
+        self.shard_of(Key::Account(name))
     }
 
     /// A group (meta group or data shard) by id.
-    pub fn shard(&self, shard_id: u32) -> Option<&ShardInfo> {
+    pub fn shard(&self, shard_id: ShardId) -> Option<&ShardInfo> {
         self.shard_idx.get(&shard_id).map(|&i| &self.map.shards[i])
     }
 
@@ -259,11 +271,11 @@ impl Placement {
 
     /// The data shards (ids ≥ 1), in map order.
     pub fn data_shards(&self) -> impl Iterator<Item = &ShardInfo> + '_ {
-        self.map.shards.iter().filter(|s| s.shard_id != META_SHARD)
+        self.map.shards.iter().filter(|s| s.shard_id != META_SHARD.0)
     }
 
     /// A node by id (any state, `REMOVED` included).
-    pub fn node(&self, node_id: u64) -> Option<&NodeInfo> {
+    pub fn node(&self, node_id: NodeId) -> Option<&NodeInfo> {
         self.node_idx.get(&node_id).map(|&i| &self.map.nodes[i])
     }
 
@@ -272,31 +284,31 @@ impl Placement {
         &self.map.nodes
     }
 
-    fn replicas_with(&self, shard_id: u32, role: ReplicaRole) -> Vec<u64> {
+    fn replicas_with(&self, shard_id: ShardId, role: ReplicaRole) -> Vec<NodeId> {
         self.shard(shard_id)
             .map(|s| s.replicas.iter().filter(|r| is_role(r, role)).map(|r| r.node_id).collect())
             .unwrap_or_default()
     }
 
     /// The voters of a group, in map order (empty if the group is unknown).
-    pub fn replicas_of(&self, shard_id: u32) -> Vec<u64> {
+    pub fn replicas_of(&self, shard_id: ShardId) -> Vec<NodeId> {
         self.replicas_with(shard_id, ReplicaRole::Voter)
     }
 
     /// The learners of a group, in map order (empty if none or unknown).
-    pub fn learners_of(&self, shard_id: u32) -> Vec<u64> {
+    pub fn learners_of(&self, shard_id: ShardId) -> Vec<NodeId> {
         self.replicas_with(shard_id, ReplicaRole::Learner)
     }
 
     /// The groups with a replica (voter or learner) on `node_id`, meta group
     /// included, ascending.
-    pub fn shards_on_node(&self, node_id: u64) -> Vec<u32> {
-        let mut out: Vec<u32> = self
+    pub fn shards_on_node(&self, node_id: NodeId) -> Vec<ShardId> {
+        let mut out: Vec<ShardId> = self
             .map
             .shards
             .iter()
             .filter(|s| s.replicas.iter().any(|r| r.node_id == node_id))
-            .map(|s| s.shard_id)
+            .map(|s| ShardId(s.shard_id))
             .collect();
         out.sort_unstable();
         out
@@ -304,7 +316,7 @@ impl Placement {
 
     /// The last known leader of a group, if the hint is set and names a
     /// current voter of the group.
-    pub fn leader_hint(&self, shard_id: u32) -> Option<&NodeInfo> {
+    pub fn leader_hint(&self, shard_id: ShardId) -> Option<&NodeInfo> {
         let s = self.shard(shard_id)?;
         let leader = s.leader_node_id;
         if leader == 0 || !s.replicas.iter().any(|r| r.node_id == leader && is_role(r, ReplicaRole::Voter)) {
@@ -318,7 +330,7 @@ impl Placement {
     ///
     /// [`Error::NotFound`] if the group is unknown; [`Error::InvalidInput`]
     /// if the node is not one of its voters (this map may be stale: refresh).
-    pub fn set_leader(&mut self, shard_id: u32, node_id: u64) -> Result<()> {
+    pub fn set_leader(&mut self, shard_id: ShardId, node_id: NodeId) -> Result<()> {
         let Some(&i) = self.shard_idx.get(&shard_id) else {
             return Err(Error::NotFound(format!("shard {shard_id}")));
         };
@@ -333,7 +345,7 @@ impl Placement {
     }
 
     /// [`Placement::set_leader`] by value.
-    pub fn with_leader(mut self, shard_id: u32, node_id: u64) -> Result<Placement> {
+    pub fn with_leader(mut self, shard_id: ShardId, node_id: NodeId) -> Result<Placement> {
         self.set_leader(shard_id, node_id)?;
         Ok(self)
     }
@@ -429,7 +441,7 @@ pub fn bootstrap_map(
 
     let mut shards = Vec::with_capacity(data_shards as usize + 1);
     shards.push(ShardInfo {
-        shard_id: META_SHARD,
+        shard_id: META_SHARD.0,
         replicas: sorted[..meta_r].iter().map(|n| voter(n.node_id)).collect(),
         leader_node_id: 0,
     });
@@ -477,25 +489,25 @@ mod tests {
     fn slot_golden_values() {
         let mut h = crc32fast::Hasher::new();
         h.update(&[1, 0, 0, 0, 0, 0, 0, 0, 42]);
-        assert_eq!(slot_of(KeyKind::User, 42, u32::MAX), h.finalize() % u32::MAX);
+        assert_eq!(slot_of(Key::User(UserId(42)), u32::MAX), SlotId(h.finalize() % u32::MAX));
         assert_eq!(
             [
-                slot_of(KeyKind::User, 1, 256),
-                slot_of(KeyKind::Group, 1, 256),
-                slot_of(KeyKind::Account, 1, 256),
-                slot_of_name("alice", 256),
-            ],
+                slot_of(Key::User(UserId(1)), 256),
+                slot_of(Key::Group(GroupId(1)), 256),
+                slot_of(Key::Account("alice"), 256),
+            ]
+            .map(|s| s.0),
             GOLDEN
         );
-        assert_eq!(slot_of_name("", 7), crc32fast::hash(&[3]) % 7);
+        assert_eq!(slot_of(Key::Account(""), 7), SlotId(crc32fast::hash(&[3]) % 7));
     }
 
-    const GOLDEN: [u32; 4] = [123, 190, 253, 87];
+    const GOLDEN: [u32; 3] = [123, 190, 87];
 
     #[test]
     fn kinds_hash_apart() {
         let same = (0..1000u64)
-            .filter(|&i| slot_of(KeyKind::User, i, 256) == slot_of(KeyKind::Group, i, 256))
+            .filter(|&i| slot_of(Key::User(UserId(i)), 256) == slot_of(Key::Group(GroupId(i)), 256))
             .count();
         assert!(same < 30, "{same}");
     }
@@ -506,26 +518,26 @@ mod tests {
         assert_eq!(p.version(), 1);
         assert_eq!(p.slots(), 256);
         for s in p.shards() {
-            let mut v = p.replicas_of(s.shard_id);
+            let mut v = p.replicas_of(ShardId(s.shard_id));
             v.sort_unstable();
             assert_eq!(v, vec![1, 2, 3], "shard {}", s.shard_id);
         }
         for n in 1..=3 {
-            assert_eq!(p.shards_on_node(n), (0..=8).collect::<Vec<u32>>());
+            assert_eq!(p.shards_on_node(n), (0..=8).map(ShardId).collect::<Vec<_>>());
         }
-        let firsts: BTreeSet<u64> = (1..=3).map(|s| p.replicas_of(s)[0]).collect();
+        let firsts: BTreeSet<u64> = (1..=3).map(|s| p.replicas_of(ShardId(s))[0]).collect();
         assert_eq!(firsts.len(), 3, "preferred leaders spread");
         assert_eq!(p.data_shards().count(), 8);
-        assert!(p.learners_of(1).is_empty());
+        assert!(p.learners_of(ShardId(1)).is_empty());
     }
 
     #[test]
     fn single_node() {
         let p = placement(1, 4, 16, 3);
-        assert_eq!(p.replicas_of(0), vec![1]);
-        assert_eq!(p.shards_on_node(1), vec![0, 1, 2, 3, 4]);
-        assert_eq!(p.shard_of_slot(5), Some(2));
-        assert_eq!(p.shard_of_slot(16), None);
+        assert_eq!(p.replicas_of(META_SHARD), vec![1]);
+        assert_eq!(p.shards_on_node(1), (0..=4).map(ShardId).collect::<Vec<_>>());
+        assert_eq!(p.shard_of_slot(SlotId(5)), Some(ShardId(2)));
+        assert_eq!(p.shard_of_slot(SlotId(16)), None);
     }
 
     #[test]
@@ -533,19 +545,19 @@ mod tests {
         let ids = [50, 10, 40, 20, 30];
         let map = bootstrap_map(&nodes(&ids), 5, 64, 3).unwrap();
         let p = Placement::new(map).unwrap();
-        assert_eq!(p.replicas_of(0), vec![10, 20, 30]);
+        assert_eq!(p.replicas_of(META_SHARD), vec![10, 20, 30]);
         assert_eq!(p.nodes().iter().map(|n| n.node_id).collect::<Vec<_>>(), vec![10, 20, 30, 40, 50]);
         // 5 shards x 3 replicas over 5 nodes: 3 each.
         for id in ids {
-            assert_eq!(p.shards_on_node(id).iter().filter(|&&s| s != 0).count(), 3);
+            assert_eq!(p.shards_on_node(id).iter().filter(|&&s| s != META_SHARD).count(), 3);
         }
         // Replication 5 puts the meta group on all 5.
         let p5 = Placement::new(bootstrap_map(&nodes(&ids), 2, 64, 5).unwrap()).unwrap();
-        assert_eq!(p5.replicas_of(0).len(), 5);
+        assert_eq!(p5.replicas_of(META_SHARD).len(), 5);
         // Replication 1 still gives the meta group 3 voters.
         let p1 = Placement::new(bootstrap_map(&nodes(&ids), 2, 64, 1).unwrap()).unwrap();
-        assert_eq!(p1.replicas_of(0).len(), 3);
-        assert_eq!(p1.replicas_of(1).len(), 1);
+        assert_eq!(p1.replicas_of(META_SHARD).len(), 3);
+        assert_eq!(p1.replicas_of(ShardId(1)).len(), 1);
     }
 
     #[test]
@@ -582,34 +594,36 @@ mod tests {
     #[test]
     fn routing_is_consistent_with_slots() {
         let p = placement(3, 4, 64, 3);
+        let shard = |slot: SlotId| ShardId(1 + slot.0 % 4);
         for id in 0..500u64 {
-            assert_eq!(p.shard_of_user(id), 1 + slot_of(KeyKind::User, id, 64) % 4);
-            assert_eq!(p.shard_of_group(id), 1 + slot_of(KeyKind::Group, id, 64) % 4);
+            assert_eq!(p.shard_of_user(UserId(id)), shard(slot_of(Key::User(UserId(id)), 64)));
+            assert_eq!(p.shard_of_group(GroupId(id)), shard(slot_of(Key::Group(GroupId(id)), 64)));
         }
-        assert_eq!(p.shard_of_account("bob"), 1 + slot_of_name("bob", 64) % 4);
+        assert_eq!(p.shard_of_account("bob"), shard(slot_of(Key::Account("bob"), 64)));
     }
 
     #[test]
     fn leader_hints() {
+        let one = ShardId(1);
         let mut p = placement(5, 3, 12, 3);
-        assert!(p.leader_hint(1).is_none());
-        let v = p.replicas_of(1);
-        p.set_leader(1, v[1]).unwrap();
-        assert_eq!(p.leader_hint(1).map(|n| n.node_id), Some(v[1]));
+        assert!(p.leader_hint(one).is_none());
+        let v = p.replicas_of(one);
+        p.set_leader(one, v[1]).unwrap();
+        assert_eq!(p.leader_hint(one).map(|n| n.node_id), Some(v[1]));
         assert_eq!(p.version(), 1);
         let outsider = (1..=5).find(|id| !v.contains(id)).unwrap();
-        assert!(matches!(p.set_leader(1, outsider), Err(Error::InvalidInput(_))));
-        assert!(matches!(p.set_leader(99, 1), Err(Error::NotFound(_))));
-        let p = p.with_leader(1, 0).unwrap();
-        assert!(p.leader_hint(1).is_none());
+        assert!(matches!(p.set_leader(one, outsider), Err(Error::InvalidInput(_))));
+        assert!(matches!(p.set_leader(ShardId(99), 1), Err(Error::NotFound(_))));
+        let p = p.with_leader(one, 0).unwrap();
+        assert!(p.leader_hint(one).is_none());
 
         // A stale hint in a stored map is accepted but not reported.
         let mut map = p.into_map();
         map.shards[1].leader_node_id = outsider;
         let p = Placement::new(map.clone()).unwrap();
-        assert!(p.leader_hint(1).is_none());
+        assert!(p.leader_hint(one).is_none());
         map.shards[1].leader_node_id = 777;
-        assert!(Placement::new(map).unwrap().leader_hint(1).is_none());
+        assert!(Placement::new(map).unwrap().leader_hint(one).is_none());
     }
 
     #[test]
@@ -619,14 +633,14 @@ mod tests {
         map.shards[1].replicas.push(Replica { node_id: 4, role: ReplicaRole::Learner as i32 });
         map.version = 2;
         let p = Placement::try_from(map).unwrap();
-        assert_eq!(p.learners_of(1), vec![4]);
-        assert!(!p.replicas_of(1).contains(&4));
-        assert_eq!(p.shards_on_node(4), vec![1]);
+        assert_eq!(p.learners_of(ShardId(1)), vec![4]);
+        assert!(!p.replicas_of(ShardId(1)).contains(&4));
+        assert_eq!(p.shards_on_node(4), vec![ShardId(1)]);
         assert_eq!(p.node(4).unwrap().state, NodeState::Joining as i32);
         assert!(p.node(5).is_none());
-        assert!(p.shard(3).is_none());
-        assert!(p.replicas_of(3).is_empty());
-        assert_eq!(p.shard(0).unwrap().shard_id, 0);
+        assert!(p.shard(ShardId(3)).is_none());
+        assert!(p.replicas_of(ShardId(3)).is_empty());
+        assert_eq!(p.shard(META_SHARD).unwrap().shard_id, 0);
         assert_eq!(ClusterMap::from(p.clone()), *p.map());
     }
 

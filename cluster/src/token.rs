@@ -49,6 +49,7 @@ use std::fmt;
 
 use hmac::{Hmac, Mac};
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, UserId};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -73,9 +74,9 @@ const MAC_LEN: usize = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Claims {
     /// The signed-in user.
-    pub user_id: u64,
+    pub user_id: UserId,
     /// The user's device the token was issued to.
-    pub device_id: u64,
+    pub device_id: DeviceId,
     /// Expiry, Unix milliseconds; the token is refused from this instant on.
     pub expires_at_ms: i64,
     /// The device's token version when the token was issued; the caller must
@@ -189,8 +190,8 @@ fn parse(token: &str) -> Option<(&str, Claims, [u8; MAC_LEN])> {
         return None;
     }
     let claims = Claims {
-        user_id: parse_u64(fields.next()?)?,
-        device_id: parse_u64(fields.next()?)?,
+        user_id: UserId(parse_u64(fields.next()?)?),
+        device_id: DeviceId(parse_u64(fields.next()?)?),
         expires_at_ms: parse_i64(fields.next()?)?,
         token_version: parse_u64(fields.next()?)?,
     };
@@ -259,7 +260,7 @@ mod tests {
     }
 
     fn claims() -> Claims {
-        Claims { user_id: 42, device_id: 7, expires_at_ms: 2_000, token_version: 3 }
+        Claims { user_id: UserId(42), device_id: DeviceId(7), expires_at_ms: 2_000, token_version: 3 }
     }
 
     #[test]
@@ -273,14 +274,14 @@ mod tests {
     #[test]
     fn extremes_round_trip() {
         for c in [
-            Claims { user_id: 0, device_id: 0, expires_at_ms: i64::MIN, token_version: 0 },
+            Claims { user_id: UserId(0), device_id: DeviceId(0), expires_at_ms: i64::MIN, token_version: 0 },
             Claims {
-                user_id: u64::MAX,
-                device_id: u64::MAX,
+                user_id: UserId(u64::MAX),
+                device_id: DeviceId(u64::MAX),
                 expires_at_ms: i64::MAX,
                 token_version: u64::MAX,
             },
-            Claims { user_id: 1, device_id: 2, expires_at_ms: -5, token_version: 9 },
+            Claims { user_id: UserId(1), device_id: DeviceId(2), expires_at_ms: -5, token_version: 9 },
         ] {
             let t = key().sign(&c);
             assert!(t.len() <= MAX_TOKEN_LEN, "{t}");

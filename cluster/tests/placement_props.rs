@@ -3,12 +3,9 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use rim_cluster::{Error, KeyKind, Placement, bootstrap_map, slot_of, slot_of_name};
+use rim_cluster::{Error, Key, META_SHARD, Placement, bootstrap_map, slot_of};
+use rim_proto::ids::{GroupId, ShardId, SlotId, UserId};
 use rim_proto::v1::{ClusterMap, NodeInfo, NodeState, ReplicaRole};
-
-fn kind() -> impl Strategy<Value = KeyKind> {
-    prop_oneof![Just(KeyKind::User), Just(KeyKind::Group), Just(KeyKind::Account)]
-}
 
 /// 1..=12 distinct non-zero node ids, in arbitrary order.
 fn node_ids() -> impl Strategy<Value = Vec<u64>> {
@@ -37,17 +34,18 @@ fn bootstrap_input() -> impl Strategy<Value = (Vec<u64>, u32, u32, usize)> {
 
 proptest! {
     #[test]
-    fn slot_is_deterministic_and_in_range(k in kind(), id in any::<u64>(), slots in 1u32..=u32::MAX) {
-        let s = slot_of(k, id, slots);
-        prop_assert!(s < slots);
-        prop_assert_eq!(s, slot_of(k, id, slots));
+    fn slot_is_deterministic_and_in_range(group in any::<bool>(), id in any::<u64>(), slots in 1u32..=u32::MAX) {
+        let k = if group { Key::Group(GroupId(id)) } else { Key::User(UserId(id)) };
+        let s = slot_of(k, slots);
+        prop_assert!(s.0 < slots);
+        prop_assert_eq!(s, slot_of(k, slots));
     }
 
     #[test]
     fn name_slot_is_deterministic_and_in_range(name in any::<String>(), slots in 1u32..=u32::MAX) {
-        let s = slot_of_name(&name, slots);
-        prop_assert!(s < slots);
-        prop_assert_eq!(s, slot_of_name(&name, slots));
+        let s = slot_of(Key::Account(&name), slots);
+        prop_assert!(s.0 < slots);
+        prop_assert_eq!(s, slot_of(Key::Account(&name), slots));
     }
 
     #[test]
@@ -58,16 +56,16 @@ proptest! {
     ) {
         let p = Placement::new(bootstrap_map(&nodes(&ids), shards, slots, r).unwrap()).unwrap();
         for slot in 0..p.slots() {
-            let owner = p.shard_of_slot(slot).unwrap();
-            prop_assert!(owner >= 1 && p.shard(owner).is_some());
+            let owner = p.shard_of_slot(SlotId(slot)).unwrap();
+            prop_assert!(owner != META_SHARD && p.shard(owner).is_some());
         }
         for k in keys {
-            for owner in [p.shard_of_user(k), p.shard_of_group(k)] {
-                prop_assert!(owner >= 1 && p.shard(owner).is_some());
+            for owner in [p.shard_of_user(UserId(k)), p.shard_of_group(GroupId(k))] {
+                prop_assert!(owner != META_SHARD && p.shard(owner).is_some());
             }
         }
         let owner = p.shard_of_account(&name);
-        prop_assert!(owner >= 1 && p.shard(owner).is_some());
+        prop_assert!(owner != META_SHARD && p.shard(owner).is_some());
     }
 
     #[test]
@@ -81,12 +79,12 @@ proptest! {
         let mut data_load: BTreeMap<u64, usize> = ids.iter().map(|&i| (i, 0)).collect();
         let mut total_load = data_load.clone();
         for s in p.shards() {
-            let voters = p.replicas_of(s.shard_id);
+            let voters = p.replicas_of(ShardId(s.shard_id));
             let mut distinct = voters.clone();
             distinct.sort_unstable();
             distinct.dedup();
             prop_assert_eq!(distinct.len(), voters.len());
-            prop_assert!(p.learners_of(s.shard_id).is_empty());
+            prop_assert!(p.learners_of(ShardId(s.shard_id)).is_empty());
             if s.shard_id == 0 {
                 prop_assert_eq!(voters.len(), meta);
                 let mut lowest = ids.clone();
@@ -118,7 +116,7 @@ proptest! {
         }
         // Slot i belongs to shard 1 + i % shards.
         for slot in 0..slots {
-            prop_assert_eq!(p.shard_of_slot(slot), Some(1 + slot % shards));
+            prop_assert_eq!(p.shard_of_slot(SlotId(slot)), Some(ShardId(1 + slot % shards)));
         }
     }
 
@@ -146,17 +144,17 @@ proptest! {
             Err(other) => prop_assert!(false, "unexpected error {:?}", other),
             Ok(p) => {
                 for slot in 0..p.slots() {
-                    let owner = p.shard_of_slot(slot).unwrap();
-                    prop_assert!(owner >= 1 && p.shard(owner).is_some());
+                    let owner = p.shard_of_slot(SlotId(slot)).unwrap();
+                    prop_assert!(owner != META_SHARD && p.shard(owner).is_some());
                 }
                 for s in p.shards() {
-                    prop_assert!(!p.replicas_of(s.shard_id).is_empty());
+                    prop_assert!(!p.replicas_of(ShardId(s.shard_id)).is_empty());
                     for rep in &s.replicas {
                         let node = p.node(rep.node_id);
                         prop_assert!(node.is_some_and(|n| n.state != NodeState::Removed as i32));
                     }
                 }
-                prop_assert!(p.shard(0).is_some());
+                prop_assert!(p.shard(META_SHARD).is_some());
             }
         }
     }

@@ -2,6 +2,7 @@
 
 use proptest::prelude::*;
 use rim_cluster::{Claims, TokenError, TokenKey};
+use rim_proto::ids::{DeviceId, UserId};
 
 fn key() -> TokenKey {
     TokenKey::from_secret("proptest cluster secret").unwrap()
@@ -10,8 +11,8 @@ fn key() -> TokenKey {
 fn claims() -> impl Strategy<Value = Claims> {
     (any::<u64>(), any::<u64>(), any::<i64>(), any::<u64>()).prop_map(
         |(user_id, device_id, expires_at_ms, token_version)| Claims {
-            user_id,
-            device_id,
+            user_id: UserId(user_id),
+            device_id: DeviceId(device_id),
             expires_at_ms,
             token_version,
         },

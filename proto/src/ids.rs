@@ -80,7 +80,17 @@ id_type!(
     ShardId(u32)
 );
 
+id_type!(
+    /// A slot of the key space: `crc32(key) % slots`. Slots, not keys, are
+    /// assigned to shards, so a key's shard changes only when its slot moves.
+    SlotId(u32)
+);
+
 /// A logic node (the same id in every Raft group the node is part of).
+///
+/// An alias, not a newtype: it is openraft's `NodeId` in the type config,
+/// inside every persisted vote, log id and membership, and a newtype would
+/// change nothing a caller can confuse (no other id is a `u64` named "node").
 pub type NodeId = u64;
 
 impl Seq {
