@@ -325,7 +325,7 @@ impl Upstream {
 
     /// The shard of a user, if the map is loaded.
     pub fn shard_of_user(&self, user_id: u64) -> Option<u32> {
-        self.cluster_map().map(|m| m.shard_of_user(user_id))
+        self.cluster_map().map(|m| m.shard_of_user(rim_proto::ids::UserId(user_id)).0)
     }
 
     /// The ids of the data shards, if the map is loaded.
@@ -343,7 +343,7 @@ impl Upstream {
             None => None,
         };
         let map = self.cluster_map()?;
-        map.leader_hint(shard_id)
+        map.leader_hint(rim_proto::ids::ShardId(shard_id))
             .map(|n| n.internal_addr.clone())
             .filter(|a| !a.is_empty() && not_at.as_ref() != Some(a))
     }
@@ -445,7 +445,7 @@ impl Upstream {
             }
             Some(_) => return Err(not_readable(input.room_id)),
         };
-        let shard = self.ensure_map().await?.shard_of_group(input.room_id);
+        let shard = self.ensure_map().await?.shard_of_group(rim_proto::ids::GroupId(input.room_id)).0;
         router.subscribe_room(call.conn_id, input.room_id, shard, call.id)?;
         if super_group {
             // The first entry the member may read: after its join point.
