@@ -44,6 +44,15 @@
 //!
 //! There is one key per cluster; rotating the secret invalidates every token
 //! (devices sign in again).
+//!
+//! # Why a second error type
+//!
+//! [`TokenError`] is the crate's one error type besides [`crate::Error`],
+//! which wraps it (`Error::Token`). `verify` runs on every connection
+//! sign-in and every client call, so its refusal is a `Copy` reason with no
+//! allocation and an exhaustive set of outcomes callers match on (metrics by
+//! reason, the wire code of each); `Error` carries messages and is for the
+//! rest of the crate.
 
 use std::fmt;
 

@@ -13,6 +13,15 @@
 //!
 //! [`LinkFilter`] lets tests cut links between nodes (a partition) without
 //! touching sockets: a blocked link fails like an unreachable peer.
+//!
+//! # Why a second error type
+//!
+//! [`CallError`] is the outcome of one peer call at the transport level,
+//! the node crate's one error type besides [`crate::Error`]. This module
+//! maps it onto openraft's network errors (`Unreachable` makes openraft back
+//! off, an error status is a `NetworkError`), and `Core` maps it onto
+//! [`crate::Error`] (`Unavailable`); keeping the peer id and the raw
+//! status until then lets each side choose its own meaning.
 
 // openraft's RPC error types are large and fixed by its traits.
 #![allow(clippy::result_large_err)]
@@ -70,10 +79,10 @@ impl std::fmt::Debug for Peers {
 pub enum CallError {
     /// The link is cut, the peer is down or the call timed out.
     #[error("peer {0} unreachable: {1}")]
-    Unreachable(u64, String),
+    Unreachable(NodeId, String),
     /// The peer answered with an error status.
     #[error("peer {0} refused: {1}")]
-    Status(u64, tonic::Status),
+    Status(NodeId, tonic::Status),
 }
 
 impl Peers {

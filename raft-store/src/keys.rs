@@ -221,7 +221,7 @@ pub const PUSH_SCOPE: u64 = u64::MAX;
 pub const RECEIPT_SCOPE: u64 = u64::MAX - 1;
 
 /// The `client_msg_id` of the read receipt for `message_id`.
-pub fn receipt_client_msg_id(message_id: u64) -> String {
+pub fn receipt_client_msg_id(message_id: MessageId) -> String {
     format!("read:{message_id}")
 }
 

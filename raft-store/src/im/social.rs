@@ -34,7 +34,7 @@
 //! once `dedup_window` newer logged pushes followed (the same bound as sends).
 
 use prost::Message as _;
-use rim_proto::ids::{GroupId, Seq, UserId};
+use rim_proto::ids::{GroupId, MessageId, Seq, UserId};
 use rim_proto::store::notification::Event;
 use rim_proto::store::{
     self, FriendAction, FriendRecord, FriendStatus, GroupKind, ListHead, MemberRole, SendResult,
@@ -341,7 +341,7 @@ impl Applier<'_> {
             self.txn.put_msg(key, &rec);
         }
         if kind == K::User && c.receipt_message_id != 0 {
-            let cmid = keys::receipt_client_msg_id(c.receipt_message_id);
+            let cmid = keys::receipt_client_msg_id(MessageId(c.receipt_message_id));
             let idem_key = keys::idempotency(self.shard, user, keys::RECEIPT_SCOPE, &cmid);
             if !self.txn.exists(&idem_key)? {
                 let msg = Message {
