@@ -28,6 +28,7 @@ use rim_proto::ids::{DeviceId, GroupId, NodeId, ShardId, UserId};
 use rim_proto::store::{self, Op, OpResult, Proposal, ProposalResult, op::Op as O};
 use rim_proto::v1::raft_service_client::RaftServiceClient;
 use rim_proto::v1::{OnlinePush, RaftReply, RaftRequest};
+use rim_raft_store::Limits;
 
 use crate::auth::CodeVerifier;
 use crate::config::NodeConfig;
@@ -67,6 +68,8 @@ pub struct Core {
     pub tokens: TokenKey,
     /// Phone sign-in code verifier.
     pub codes: Arc<dyn CodeVerifier>,
+    /// What apply refuses; writes are checked against it before proposing.
+    pub limits: Arc<Limits>,
     /// Request deadline inside the node.
     pub timeout: Duration,
     id_blocks: Mutex<BTreeMap<i32, IdBlock>>,
@@ -82,7 +85,13 @@ impl std::fmt::Debug for Core {
 
 impl Core {
     /// A core over opened storage.
-    pub fn new(config: NodeConfig, peers: Peers, tokens: TokenKey, codes: Arc<dyn CodeVerifier>) -> Core {
+    pub fn new(
+        config: NodeConfig,
+        peers: Peers,
+        tokens: TokenKey,
+        codes: Arc<dyn CodeVerifier>,
+        limits: Arc<Limits>,
+    ) -> Core {
         let timeout = Duration::from_millis(config.request_timeout_ms);
         Core {
             config,
@@ -91,6 +100,7 @@ impl Core {
             placement: RwLock::new(None),
             tokens,
             codes,
+            limits,
             timeout,
             id_blocks: Mutex::new(BTreeMap::new()),
             stopping: tokio::sync::watch::Sender::new(false),
@@ -180,8 +190,13 @@ impl Core {
         }
     }
 
-    /// Like [`Core::propose`] but returns rejections as results.
+    /// Like [`Core::propose`] but returns rejections as results. An
+    /// operation that [`Limits::check_op`] refuses is refused here, before
+    /// it is forwarded or written to any log.
     pub async fn propose_raw(&self, shard: ShardId, op: Op) -> Result<OpResult> {
+        if let Err(e) = self.limits.check_op(&op) {
+            return Ok(OpResult { code: e.code() as i32, message: e.to_string(), value: None });
+        }
         self.on_leader(shard, "write", |target, left| {
             let op = op.clone();
             async move {

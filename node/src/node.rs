@@ -138,17 +138,17 @@ impl Node {
             opts.link_filter.clone(),
             config.peer_via.clone(),
         );
-        let core = Arc::new(Core::new(config.clone(), peers, tokens, codes));
-        let internal = bind(&config.listen).await?;
-        let client = bind(&config.client_listen).await?;
-        let http = bind(&config.http_listen).await?;
-
-        let raft = raft_config(&config)?;
         let limits = Arc::new(Limits {
             small_group_limit: config.small_group_limit,
             no_relay_dedup: config.sabotage.no_relay_dedup,
             ..Limits::default()
         });
+        let core = Arc::new(Core::new(config.clone(), peers, tokens, codes, limits.clone()));
+        let internal = bind(&config.listen).await?;
+        let client = bind(&config.client_listen).await?;
+        let http = bind(&config.http_listen).await?;
+
+        let raft = raft_config(&config)?;
         let popts = ProposerOptions {
             max_batch_ops: config.max_batch_ops,
             max_inflight: config.max_inflight_proposals,

@@ -25,15 +25,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prost::Message as _;
 use rim_proto::ids::{ShardId, UserId};
 use rim_proto::store::{self, OutboxRecord, op::Op as O};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::core::Core;
 use crate::error::Result;
-use crate::group::Group;
+use crate::group::{Group, MAX_ENTRY_BYTES};
 
-/// Records relayed per round.
+/// Records relayed per round (fewer when they pass `MAX_ENTRY_BYTES`).
 const ROUND: usize = 1_024;
 /// Poll interval when nothing wakes the relay.
 const IDLE: Duration = Duration::from_millis(500);
@@ -111,7 +112,18 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>) {
 /// the next round delivers from there again to every destination, and the
 /// ones that already hold the messages skip them (dedup by message id).
 async fn relay_round(core: &Core, group: &Group, cursor: &mut Cursor) -> Result<usize> {
-    let records = group.reader.outbox(cursor.delivered_upto, ROUND)?;
+    let mut records = group.reader.outbox(cursor.delivered_upto, ROUND)?;
+    // Bounded by bytes too: a round's records for one destination travel in
+    // one `Deliver`, one Raft entry there (at least one record per round).
+    let mut bytes = 0usize;
+    let fit = records
+        .iter()
+        .take_while(|r| {
+            bytes += r.encoded_len();
+            bytes <= MAX_ENTRY_BYTES
+        })
+        .count();
+    records.truncate(fit.max(1));
     metrics::gauge!("rim_relay_backlog", "shard" => group.shard.0.to_string()).set(records.len() as f64);
     let ack = std::mem::take(&mut cursor.unacked);
     let ack_fut = async {

@@ -478,7 +478,6 @@ impl Applier<'_> {
 
     /// A group send; sender 0 is the business API (no membership needed).
     pub(super) fn send_to_group(&mut self, c: &store::SendToGroup) -> Result<SendResult> {
-        self.check_send(&c.client_msg_id, c.content_type, &c.content)?;
         // A retry returns the original result even if the sender left since.
         let idem_key = keys::idempotency(self.shard, UserId(c.sender_user_id), c.group_id, &c.client_msg_id);
         if let Some(done) = self.txn.get_msg::<SendResult>(&idem_key)? {

@@ -41,6 +41,7 @@
 //! * `meta`: the meta group (cluster map, id allocators).
 
 mod group;
+mod limits;
 mod meta;
 pub mod read;
 mod social;
@@ -54,61 +55,8 @@ use rim_proto::v1::Message;
 
 use crate::error::{Error, Result, reject};
 use crate::keys::{self, MetaTag};
+pub use limits::Limits;
 pub use txn::Txn;
-
-/// Limits every replica of a cluster applies identically (fixed at bootstrap).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest message content in bytes.
-    pub max_content_bytes: usize,
-    /// Longest `client_msg_id` in bytes.
-    pub max_client_msg_id: usize,
-    /// Longest name, nickname, URL or remark in bytes.
-    pub max_name_bytes: usize,
-    /// Largest `extra` blob in bytes.
-    pub max_extra_bytes: usize,
-    /// Groups with more members use read diffusion (0: every group does).
-    pub small_group_limit: u32,
-    /// Most members a group may have.
-    pub max_group_members: u32,
-    /// Most user ids in one membership operation.
-    pub max_members_per_op: usize,
-    /// Retention of rooms created without one.
-    pub room_retention: store::Retention,
-    /// Most entries one append trims from a list (keeps apply bounded).
-    pub max_trim_per_op: u64,
-    /// Dedup window, in entries of a list: a send retried after its list grew
-    /// by this many entries, or a relayed message re-delivered that late, is
-    /// no longer recognised. Keeps the idempotency and delivery-mark tables
-    /// bounded (0: keep forever).
-    pub dedup_window: u64,
-    /// How long after sending a sender may recall a message, in ms (0: no
-    /// limit). Group owners and admins may recall any message at any time.
-    pub recall_window_ms: i64,
-    /// Sabotage, for the consistency harness's self-test only: `Deliver`
-    /// appends a message even when the recipient's list already holds its
-    /// id, so a relay retry duplicates it.
-    pub no_relay_dedup: bool,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            max_content_bytes: 64 << 10,
-            max_client_msg_id: 64,
-            max_name_bytes: 256,
-            max_extra_bytes: 4 << 10,
-            small_group_limit: 500,
-            max_group_members: 100_000,
-            max_members_per_op: 1_000,
-            room_retention: store::Retention { max_count: 1_000, max_age_ms: 24 * 3600 * 1000 },
-            max_trim_per_op: 64,
-            dedup_window: 100_000,
-            recall_window_ms: 120_000,
-            no_relay_dedup: false,
-        }
-    }
-}
 
 /// A list that received an entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -196,6 +144,9 @@ impl<'a> Applier<'a> {
 
     fn apply_op(&mut self, op: &store::Op) -> Result<OpResult> {
         use store::op_result::Value as V;
+        // Sizes and content types first: the node ran the same check before
+        // proposing, so only a node of another version lets a refusal reach here.
+        self.limits.check_op(op)?;
         let Some(op) = &op.op else { reject!(ErrorBadRequest, "empty operation") };
         let value = match op {
             O::CreateUser(c) => V::User(self.create_user(c)?),
@@ -321,46 +272,6 @@ impl<'a> Applier<'a> {
             }
         }
         Ok(())
-    }
-
-    /// Checks the parts of a send common to every conversation kind.
-    fn check_send(&self, client_msg_id: &str, content_type: i32, content: &[u8]) -> Result<()> {
-        self.check_client_msg_id(client_msg_id)?;
-        self.check_content(content_type, content)
-    }
-
-    /// A send's idempotency key: 1..=`max_client_msg_id` bytes.
-    fn check_client_msg_id(&self, client_msg_id: &str) -> Result<()> {
-        if client_msg_id.is_empty() || client_msg_id.len() > self.limits.max_client_msg_id {
-            reject!(
-                ErrorBadRequest,
-                "client_msg_id must be 1..={} bytes, got {}",
-                self.limits.max_client_msg_id,
-                client_msg_id.len()
-            );
-        }
-        Ok(())
-    }
-
-    /// A message's content: within the size limit, of a known type, and not a
-    /// notification (only apply makes those: their effects change records).
-    fn check_content(&self, content_type: i32, content: &[u8]) -> Result<()> {
-        if content.len() > self.limits.max_content_bytes {
-            reject!(
-                ErrorContentTooLarge,
-                "content is {} bytes, the limit is {}",
-                content.len(),
-                self.limits.max_content_bytes
-            );
-        }
-        use rim_proto::v1::ContentType as C;
-        match C::try_from(content_type) {
-            Ok(C::Notification) => reject!(ErrorBadRequest, "clients cannot send notifications"),
-            Ok(_) => Ok(()),
-            // Business-defined types are free above 1000.
-            Err(_) if content_type > 1000 => Ok(()),
-            Err(_) => reject!(ErrorBadRequest, "unknown content type {content_type}"),
-        }
     }
 
     fn check_len(&self, what: &str, len: usize, max: usize) -> Result<()> {

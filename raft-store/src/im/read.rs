@@ -16,6 +16,13 @@ use crate::keys;
 /// Raw `(key, value)` rows.
 type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Most bytes of stored messages one sync page carries (users, groups and
+/// rooms alike); a page holds at least one message whatever its size. With
+/// one more message of at most `Limits::max_op_bytes`, a page always fits a
+/// frame of `rim_proto::codec::DEFAULT_MAX_FRAME` (1 MiB) and tonic's
+/// default 4 MiB message, over TCP, WebSocket and gRPC.
+pub const MAX_PAGE_BYTES: usize = 512 << 10;
+
 /// A page of a list, read from one consistent snapshot: without
 /// `has_more`, the last entry returned is the head's `last_seq` (or the
 /// page is empty and `after` ≥ it).
@@ -53,22 +60,27 @@ impl Reader {
         let cf = self.db.cf(CF_SM);
         let iter =
             self.db.raw().iterator_cf(cf, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));
-        collect_range(iter, prefix, limit)
+        collect_range(iter, prefix, limit, usize::MAX)
     }
 }
 
 /// Up to `limit` rows of `iter` while keys share `prefix`, and whether more follow.
-fn collect_range<I>(iter: I, prefix: &[u8], limit: usize) -> Result<(Rows, bool)>
+/// Rows from `iter` while their keys share `prefix`: at most `limit` rows,
+/// and after the first, only while their values total at most `max_bytes`.
+/// The flag tells whether more rows follow.
+fn collect_range<I>(iter: I, prefix: &[u8], limit: usize, max_bytes: usize) -> Result<(Rows, bool)>
 where
     I: Iterator<Item = std::result::Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
 {
     let mut out = Vec::new();
+    let mut bytes = 0usize;
     for item in iter {
         let (k, v) = item?;
         if !k.starts_with(prefix) {
             break;
         }
-        if out.len() == limit {
+        bytes = bytes.saturating_add(v.len());
+        if out.len() == limit || (!out.is_empty() && bytes > max_bytes) {
             return Ok((out, true));
         }
         out.push((k.to_vec(), v.to_vec()));
@@ -144,7 +156,7 @@ impl Reader {
         let head = snap.get_pinned_cf(cf, head_key)?.map(|v| db::decode(&v)).transpose()?.unwrap_or_default();
         let Some(start) = start else { return Ok(Page { messages: Vec::new(), has_more: false, head }) };
         let iter = snap.iterator_cf(cf, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));
-        let (rows, has_more) = collect_range(iter, prefix, limit)?;
+        let (rows, has_more) = collect_range(iter, prefix, limit, MAX_PAGE_BYTES)?;
         let messages = rows.iter().map(|(_, v)| db::decode(v)).collect::<Result<_>>()?;
         Ok(Page { messages, has_more, head })
     }
@@ -209,7 +221,7 @@ impl Reader {
         let cf = self.db.cf(CF_SM);
         let iter =
             self.db.raw().iterator_cf(cf, rocksdb::IteratorMode::From(&last, rocksdb::Direction::Reverse));
-        let (rows, _) = collect_range(iter, prefix, n)?;
+        let (rows, _) = collect_range(iter, prefix, n, usize::MAX)?;
         rows.iter().map(|(_, v)| db::decode(v)).collect()
     }
 

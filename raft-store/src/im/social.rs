@@ -207,7 +207,6 @@ impl Applier<'_> {
 
     /// Recalls a message: 1:1 in the caller's shard, groups in the group's.
     pub(super) fn recall(&mut self, c: &store::Recall) -> Result<SendResult> {
-        self.check_client_msg_id(&c.client_msg_id)?;
         match ConversationKind::try_from(c.conversation_kind) {
             Ok(ConversationKind::User) => self.recall_direct(c),
             Ok(ConversationKind::Group | ConversationKind::SuperGroup | ConversationKind::Room) => {
@@ -365,11 +364,9 @@ impl Applier<'_> {
             reject!(ErrorBadRequest, "a push needs at least one recipient");
         }
         self.check_user_ids(&c.user_ids)?;
-        self.check_content(c.content_type, &c.content)?;
         let idem_key = if c.client_msg_id.is_empty() {
             None
         } else {
-            self.check_client_msg_id(&c.client_msg_id)?;
             Some(keys::idempotency(self.shard, UserId(0), keys::PUSH_SCOPE, &c.client_msg_id))
         };
         if let Some(k) = &idem_key

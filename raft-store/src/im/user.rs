@@ -184,7 +184,6 @@ impl Applier<'_> {
     pub(super) fn send_to_user(&mut self, c: &store::SendToUser) -> Result<SendResult> {
         let sender = UserId(c.sender_user_id);
         check_id("recipient_user_id", c.recipient_user_id)?;
-        self.check_send(&c.client_msg_id, c.content_type, &c.content)?;
         if !self.is_local_user(sender)? {
             reject!(ErrorUserNotFound, "sender {} not found", c.sender_user_id);
         }
