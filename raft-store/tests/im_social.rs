@@ -178,10 +178,11 @@ async fn friend_request_accept_and_delete_across_two_shards() {
     assert_eq!(status(&n, 2, B, A), Some(FriendStatus::Accepted));
     relay(&mut n, 2, 1).await;
     assert_eq!(status(&n, 1, A, B), Some(FriendStatus::Accepted));
-    assert_eq!(
-        code(&n.apply1(1, friend_op(A, B, FriendAction::Request)).await),
-        ErrorCode::ErrorAlreadyExists
-    );
+    // A request between friends (say a retry of the one that was accepted)
+    // changes nothing and notifies nobody.
+    let a_len = list(&n.reader(1), A).len();
+    assert_eq!(code(&n.apply1(1, friend_op(A, B, FriendAction::Request)).await), ErrorCode::Ok);
+    assert_eq!((list(&n.reader(1), A).len(), status(&n, 1, A, B)), (a_len, Some(FriendStatus::Accepted)));
 
     // B ends the friendship: no record on either side afterwards.
     let r = n.apply1(2, friend_op(B, A, FriendAction::Delete)).await;
@@ -191,12 +192,14 @@ async fn friend_request_accept_and_delete_across_two_shards() {
     assert_eq!(status(&n, 2, B, A), None);
     relay(&mut n, 2, 1).await;
     assert_eq!(status(&n, 1, A, B), None);
-    for action in [FriendAction::Accept, FriendAction::Reject, FriendAction::Delete] {
-        assert_eq!(
-            code(&n.apply1(1, friend_op(A, B, action)).await),
-            ErrorCode::ErrorNotFriend,
-            "{action:?}"
-        );
+    // Without a relation: nothing to accept; rejecting or deleting (a retry)
+    // is already done.
+    for (action, want) in [
+        (FriendAction::Accept, ErrorCode::ErrorNotFriend),
+        (FriendAction::Reject, ErrorCode::Ok),
+        (FriendAction::Delete, ErrorCode::Ok),
+    ] {
+        assert_eq!(code(&n.apply1(1, friend_op(A, B, action)).await), want, "{action:?}");
     }
 
     // Request, reject: both sides gone.
@@ -250,10 +253,10 @@ async fn local_friend_actions_apply_to_both_sides_at_once_and_validate() {
         "local friend updated in the same entry"
     );
     assert!(n.reader(1).outbox(0, 10).unwrap().is_empty());
-    // A repeated request is allowed and notifies again.
+    // A repeated request (a retry) is answered Ok and notifies nobody again.
     let d_len = list(&n.reader(1), D).len();
     assert_eq!(code(&n.apply1(1, friend_op(A, D, FriendAction::Request)).await), ErrorCode::Ok);
-    assert_eq!(list(&n.reader(1), D).len(), d_len + 1);
+    assert_eq!(list(&n.reader(1), D).len(), d_len);
     // Withdrawing the request removes it on the other side.
     n.apply1(1, friend_op(A, D, FriendAction::Delete)).await;
     assert_eq!(status(&n, 1, D, A), None);
@@ -265,7 +268,9 @@ async fn local_friend_actions_apply_to_both_sides_at_once_and_validate() {
         (friend_op(A, A, FriendAction::Request), ErrorCode::ErrorBadRequest),
         (friend_op(777, A, FriendAction::Request), ErrorCode::ErrorUserNotFound),
         (friend_op(A, D, FriendAction::Unspecified), ErrorCode::ErrorBadRequest),
-        (friend_op(A, D, FriendAction::Reject), ErrorCode::ErrorNotFriend),
+        (friend_op(A, D, FriendAction::Accept), ErrorCode::ErrorNotFriend),
+        // Nothing to reject: already done (a retry), and nothing is written.
+        (friend_op(A, D, FriendAction::Reject), ErrorCode::Ok),
     ];
     for (i, (o, want)) in cases.into_iter().enumerate() {
         assert_eq!(code(&n.apply1(1, o).await), want, "case {i}");
@@ -727,4 +732,51 @@ async fn tails_are_newest_first_and_stay_inside_their_list() {
     assert!(r.group_tail(GroupId(8), 5).unwrap().is_empty());
     assert_eq!(r.group_message(GroupId(9), Seq(1)).unwrap().unwrap().client_msg_id, "g0");
     assert!(r.group_message(GroupId(9), Seq(5)).unwrap().is_none());
+}
+
+/// Applies `o` twice (a client retry after an unknown outcome): both answer
+/// Ok with the same record, and the retry writes and notifies nothing.
+async fn twice(n: &mut Node, o: store::Op) -> OpResult {
+    let first = n.apply1(1, o.clone()).await;
+    assert_eq!(code(&first), ErrorCode::Ok, "{}", first.message);
+    let before = n.reader(1).data_digest().unwrap();
+    let again = n.apply1(1, o.clone()).await;
+    assert_eq!(code(&again), ErrorCode::Ok, "retry of {o:?}: {}", again.message);
+    assert_eq!(n.reader(1).data_digest().unwrap(), before, "the retry of {o:?} wrote something");
+    again
+}
+
+#[tokio::test]
+async fn retried_operations_answer_ok_and_change_nothing() {
+    let mut n = Node::new(&[1]);
+    n.apply(1, vec![create_user(A), create_user(B), create_user(C)]).await;
+    // Friends: every action, retried.
+    twice(&mut n, friend_op(A, B, FriendAction::Request)).await;
+    twice(&mut n, friend_op(B, A, FriendAction::Accept)).await;
+    assert_eq!(status(&n, 1, A, B), Some(FriendStatus::Accepted));
+    twice(&mut n, friend_op(A, C, FriendAction::Request)).await;
+    let r = twice(&mut n, friend_op(C, A, FriendAction::Reject)).await;
+    assert!(r.value.is_none());
+    assert_eq!(status(&n, 1, A, C), None);
+    twice(&mut n, friend_op(A, B, FriendAction::Delete)).await;
+    assert_eq!(status(&n, 1, B, A), None);
+
+    // Groups: an update, a role and a nickname change, dissolving.
+    n.apply1(1, create_group(9, GroupKind::Small, A, &[B, C])).await;
+    let update = op(O::UpdateGroup(store::UpdateGroup {
+        group_id: 9,
+        by_user_id: A,
+        name: Some("renamed".into()),
+        ..Default::default()
+    }));
+    twice(&mut n, update).await;
+    twice(&mut n, set_member(9, A, B, MemberRole::Admin, None)).await;
+    twice(&mut n, set_member(9, B, B, MemberRole::Unspecified, Some("bee"))).await;
+    let dissolve = |by| op(O::DissolveGroup(store::DissolveGroup { group_id: 9, by_user_id: by }));
+    twice(&mut n, dissolve(A)).await;
+    assert_eq!(
+        code(&n.apply1(1, dissolve(B)).await),
+        ErrorCode::ErrorGroupNotFound,
+        "only the owner's retry"
+    );
 }

@@ -238,11 +238,11 @@ impl UserService for ClientSvc {
             id => UserId(id),
         };
         let u = ops::get_user(&self.core, id).await?;
-        Ok(Response::new(GetUserReply { user: Some(ops::user_view(u)) }))
+        Ok(Response::new(GetUserReply { user: Some(ops::user_view(u, c.user)) }))
     }
 
     async fn get_users(&self, req: Request<GetUsersRequest>) -> Result<Response<GetUsersReply>, Status> {
-        self.caller(&req).await?;
+        let c = self.caller(&req).await?;
         let ids = req.into_inner().user_ids;
         if ids.len() > 100 {
             return Err(Error::rejected(ErrorCode::ErrorBadRequest, "at most 100 users per call").into());
@@ -250,7 +250,7 @@ impl UserService for ClientSvc {
         let mut users = Vec::new();
         for id in ids {
             match ops::get_user(&self.core, UserId(id)).await {
-                Ok(u) => users.push(ops::user_view(u)),
+                Ok(u) => users.push(ops::user_view(u, c.user)),
                 Err(Error::Rejected {
                     code: ErrorCode::ErrorUserNotFound | ErrorCode::ErrorInvalidId,
                     ..
@@ -295,11 +295,11 @@ impl UserService for ClientSvc {
         let Some(store::op_result::Value::User(u)) = res.value else {
             return Err(Error::Internal("update returned no user".into()).into());
         };
-        Ok(Response::new(UpdateUserReply { user: Some(ops::user_view(u)) }))
+        Ok(Response::new(UpdateUserReply { user: Some(ops::user_view(u, c.user)) }))
     }
 
     async fn find_user(&self, req: Request<FindUserRequest>) -> Result<Response<FindUserReply>, Status> {
-        self.caller(&req).await?;
+        let c = self.caller(&req).await?;
         let name = req.into_inner().username;
         let not_found =
             || Status::from(Error::rejected(ErrorCode::ErrorUserNotFound, "no user has this name"));
@@ -308,7 +308,7 @@ impl UserService for ClientSvc {
         }
         let Some(user) = self.account(&format!("u:{name}")).await? else { return Err(not_found()) };
         let u = ops::get_user(&self.core, user).await?;
-        Ok(Response::new(FindUserReply { user: Some(ops::user_view(u)) }))
+        Ok(Response::new(FindUserReply { user: Some(ops::user_view(u, c.user)) }))
     }
 }
 

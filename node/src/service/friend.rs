@@ -59,10 +59,10 @@ impl ClientSvc {
 
     /// The caller's record after an action that must leave one, with the
     /// friend's profile (best effort).
-    async fn friend_reply(&self, rec: Option<store::FriendRecord>) -> Result<Friend> {
+    async fn friend_reply(&self, viewer: UserId, rec: Option<store::FriendRecord>) -> Result<Friend> {
         let rec = rec.ok_or_else(|| Error::Internal("friend action returned no record".into()))?;
         let friend = UserId(rec.friend_id);
-        let mut profile = ops::profiles(&self.core, &[friend]).await;
+        let mut profile = ops::profiles(&self.core, viewer, &[friend]).await;
         let p = profile.remove(&friend);
         Ok(ops::friend_view(rec, p))
     }
@@ -81,7 +81,7 @@ impl FriendService for ClientSvc {
         let rec = self
             .change_friend(c.user, UserId(r.friend_id), FriendAction::Request, r.remarks, r.description)
             .await?;
-        Ok(Response::new(SendFriendRequestReply { friend: Some(self.friend_reply(rec).await?) }))
+        Ok(Response::new(SendFriendRequestReply { friend: Some(self.friend_reply(c.user, rec).await?) }))
     }
 
     async fn accept_friend_request(
@@ -93,7 +93,7 @@ impl FriendService for ClientSvc {
         let rec = self
             .change_friend(c.user, UserId(r.friend_id), FriendAction::Accept, r.remarks, String::new())
             .await?;
-        Ok(Response::new(AcceptFriendRequestReply { friend: Some(self.friend_reply(rec).await?) }))
+        Ok(Response::new(AcceptFriendRequestReply { friend: Some(self.friend_reply(c.user, rec).await?) }))
     }
 
     async fn reject_friend_request(
@@ -142,7 +142,7 @@ impl FriendService for ClientSvc {
             }
         };
         let rec = rec.ok_or_else(|| Error::rejected(ErrorCode::ErrorNotFriend, "no such friend"))?;
-        Ok(Response::new(SetFriendReply { friend: Some(self.friend_reply(Some(rec)).await?) }))
+        Ok(Response::new(SetFriendReply { friend: Some(self.friend_reply(c.user, Some(rec)).await?) }))
     }
 
     async fn list_friends(
@@ -160,7 +160,7 @@ impl FriendService for ClientSvc {
             .collect();
         friends.sort_by_key(|f| f.friend_id);
         let ids: Vec<UserId> = friends.iter().map(|f| UserId(f.friend_id)).collect();
-        let mut profiles = ops::profiles(&self.core, &ids).await;
+        let mut profiles = ops::profiles(&self.core, c.user, &ids).await;
         let friends = friends
             .into_iter()
             .map(|f| {

@@ -135,7 +135,7 @@ impl GatewayService for GatewaySvc {
         let groups = g.user_groups(user_id).await?;
         let super_groups = super_group_heads(&self.core, user_id, groups).await;
         Ok(Response::new(ConnSignInReply {
-            user: Some(ops::user_view(user)),
+            user: Some(ops::user_view(user, user_id)),
             output: Some(SignInOutput {
                 user_id: input.user_id,
                 device_id: input.device_id,

@@ -223,7 +223,7 @@ impl GroupService for ClientSvc {
         let (members, has_more) = replica.members(g, UserId(r.after_user_id), limit as usize).await?;
         let mut profiles = if r.with_profiles {
             let ids: Vec<UserId> = members.iter().map(|m| UserId(m.user_id)).collect();
-            ops::profiles(&self.core, &ids).await
+            ops::profiles(&self.core, c.user, &ids).await
         } else {
             Default::default()
         };

@@ -26,8 +26,10 @@ fn clamp_limit(limit: u32) -> usize {
     (if limit == 0 { DEFAULT_SYNC_LIMIT } else { limit.min(MAX_SYNC_LIMIT) }) as usize
 }
 
-/// Public view of a user (no credentials).
-pub fn user_view(u: UserRecord) -> v1::User {
+/// A user as `viewer` may see it: never credentials, and the phone number
+/// only to the user themself.
+pub fn user_view(u: UserRecord, viewer: UserId) -> v1::User {
+    let phone = if u.user_id == viewer.0 { u.phone } else { String::new() };
     v1::User {
         user_id: u.user_id,
         username: u.username,
@@ -36,7 +38,7 @@ pub fn user_view(u: UserRecord) -> v1::User {
         extra: u.extra,
         created_ms: u.created_ms,
         updated_ms: u.updated_ms,
-        phone: u.phone,
+        phone,
     }
 }
 
@@ -360,9 +362,9 @@ pub async fn ensure_users_exist(core: &Core, users: &[UserId]) -> Result<()> {
     Ok(())
 }
 
-/// Public profiles of `users`, best effort: users whose shard cannot be
-/// read in time (or that do not exist) are left out.
-pub async fn profiles(core: &Core, users: &[UserId]) -> HashMap<UserId, v1::User> {
+/// Profiles of `users` as `viewer` sees them, best effort: users whose
+/// shard cannot be read in time (or that do not exist) are left out.
+pub async fn profiles(core: &Core, viewer: UserId, users: &[UserId]) -> HashMap<UserId, v1::User> {
     let Ok(placement) = core.placement() else { return HashMap::new() };
     let groups = views_lenient(core, users.iter().map(|u| placement.shard_of_user(*u))).await;
     let mut out = HashMap::new();
@@ -370,7 +372,7 @@ pub async fn profiles(core: &Core, users: &[UserId]) -> HashMap<UserId, v1::User
         let Some(Ok(g)) = groups.get(&placement.shard_of_user(u)) else { continue };
         match g.user(u).await {
             Ok(Some(rec)) => {
-                out.insert(u, user_view(rec));
+                out.insert(u, user_view(rec, viewer));
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(user = %u, error = %e, "reading a profile"),

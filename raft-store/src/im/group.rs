@@ -270,6 +270,7 @@ impl Applier<'_> {
         } else if c.by_user_id != 0 {
             reject!(ErrorPermissionDenied, "rooms are managed by the business API");
         }
+        let before = group.clone();
         let m = self.limits.max_name_bytes;
         if let Some(v) = &c.name {
             self.check_len("name", v.len(), m)?;
@@ -286,6 +287,11 @@ impl Applier<'_> {
         if let Some(v) = &c.extra {
             self.check_len("extra", v.len(), self.limits.max_extra_bytes)?;
             group.extra = v.clone();
+        }
+        if group == before {
+            // Nothing changes (a retry of an update that was applied): no
+            // write, no second notification.
+            return Ok(group);
         }
         group.updated_ms = self.now_ms;
         self.save_group(&group);
@@ -407,6 +413,7 @@ impl Applier<'_> {
         let Some(mut target) = self.member(c.group_id, c.user_id)? else {
             reject!(ErrorNotGroupMember, "user {} is not a member of group {}", c.user_id, c.group_id);
         };
+        let unchanged = target.clone();
         let role = match MemberRole::try_from(c.role) {
             Ok(r) => r,
             Err(_) => reject!(ErrorBadRequest, "unknown member role {}", c.role),
@@ -438,6 +445,10 @@ impl Applier<'_> {
             }
             target.set_role(role);
         }
+        if target == unchanged {
+            // Nothing changes (a retried call): no write, no notification.
+            return Ok(group);
+        }
         self.txn.put_msg(keys::member(self.shard, GroupId(c.group_id), UserId(c.user_id)), &target);
         group.updated_ms = self.now_ms;
         self.save_group(&group);
@@ -455,6 +466,15 @@ impl Applier<'_> {
     }
 
     pub(super) fn dissolve_group(&mut self, c: &store::DissolveGroup) -> Result<GroupRecord> {
+        // A retry by the owner after the group was dissolved gets the same
+        // answer (the owner is kept in the dissolved record).
+        if let Some(done) = self.txn.get_msg::<GroupRecord>(&keys::group(self.shard, GroupId(c.group_id)))?
+            && done.dissolved
+            && done.owner_id == c.by_user_id
+            && c.by_user_id != 0
+        {
+            return Ok(done);
+        }
         let mut group = self.load_group(c.group_id)?;
         if self.role_of(c.group_id, c.by_user_id)? != MemberRole::Owner {
             reject!(ErrorPermissionDenied, "only the owner may dissolve group {}", c.group_id);

@@ -67,18 +67,31 @@ impl Applier<'_> {
         let old = self.txn.get_msg::<FriendRecord>(&key)?;
         let old_status = old.as_ref().map(FriendRecord::status);
         let fresh = || FriendRecord { friend_id: c.friend_id, created_ms: self.now_ms, ..Default::default() };
+        // Each action is idempotent: an action whose outcome already holds
+        // (a retry after an unknown outcome, or a repeat) writes nothing,
+        // notifies nobody and answers with the current record.
+        let settled = match action {
+            FriendAction::Request => {
+                matches!(old_status, Some(FriendStatus::Accepted))
+                    || (old_status == Some(FriendStatus::RequestSent)
+                        && (c.description.is_empty()
+                            || old.as_ref().is_some_and(|r| r.description == c.description))
+                        && (c.remarks.is_empty() || old.as_ref().is_some_and(|r| r.remarks == c.remarks)))
+            }
+            FriendAction::Accept => {
+                old_status == Some(FriendStatus::Accepted)
+                    && (c.remarks.is_empty() || old.as_ref().is_some_and(|r| r.remarks == c.remarks))
+            }
+            FriendAction::Reject => old.is_none(),
+            FriendAction::Delete | FriendAction::Unspecified => old.is_none(),
+        };
+        if settled {
+            return Ok(old);
+        }
         let mut notified = action;
         let after = match action {
             FriendAction::Request => {
                 let status = match old_status {
-                    Some(FriendStatus::Accepted) => {
-                        reject!(
-                            ErrorAlreadyExists,
-                            "users {} and {} are friends already",
-                            c.user_id,
-                            c.friend_id
-                        )
-                    }
                     // The other side asked first: this request accepts it.
                     Some(FriendStatus::RequestReceived) => {
                         notified = FriendAction::Accept;
@@ -106,12 +119,7 @@ impl Applier<'_> {
                 }
                 None
             }
-            FriendAction::Delete | FriendAction::Unspecified => {
-                if old.is_none() {
-                    reject!(ErrorNotFriend, "user {} has no friend {}", c.user_id, c.friend_id);
-                }
-                None
-            }
+            FriendAction::Delete | FriendAction::Unspecified => None,
         };
         let after = after.map(|mut rec| {
             if !c.remarks.is_empty() {
