@@ -21,6 +21,7 @@ use anyhow::Context;
 use clap::Args;
 use rim_client::{Client, ClientConfig, ClientError, Credentials, Endpoint, Event, NodeApi, Resume};
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, GroupId, Seq, UserId};
 use rim_proto::v1::{ContentType, ConversationKind, Message};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -153,17 +154,17 @@ struct Chat {
     api: NodeApi,
     me: Credentials,
     my_name: String,
-    names: HashMap<u64, String>,
-    ids: HashMap<String, u64>,
-    peer: Option<(String, u64)>,
+    names: HashMap<UserId, String>,
+    ids: HashMap<String, UserId>,
+    peer: Option<(String, UserId)>,
 }
 
 impl Chat {
-    async fn name_of(&mut self, user_id: u64) -> String {
+    async fn name_of(&mut self, user_id: UserId) -> String {
         if let Some(n) = self.names.get(&user_id) {
             return n.clone();
         }
-        let name = match self.api.get_user(user_id).await {
+        let name = match self.api.get_user(Some(user_id)).await {
             Ok(u) if !u.username.is_empty() => u.username,
             Ok(u) if !u.nickname.is_empty() => u.nickname,
             _ => format!("user-{user_id}"),
@@ -173,14 +174,14 @@ impl Chat {
         name
     }
 
-    async fn id_of(&mut self, name: &str) -> Result<u64, ClientError> {
+    async fn id_of(&mut self, name: &str) -> Result<UserId, ClientError> {
         if let Some(id) = self.ids.get(name) {
             return Ok(*id);
         }
-        let user = self.api.find_user(name).await?;
-        self.names.insert(user.user_id, name.to_string());
-        self.ids.insert(name.to_string(), user.user_id);
-        Ok(user.user_id)
+        let user_id = UserId(self.api.find_user(name).await?.user_id);
+        self.names.insert(user_id, name.to_string());
+        self.ids.insert(name.to_string(), user_id);
+        Ok(user_id)
     }
 
     /// One line for an entry of the user's list.
@@ -191,12 +192,9 @@ impl Chat {
         };
         let time = clock(m.send_time_ms);
         let kind = ConversationKind::try_from(m.conversation_kind).unwrap_or_default();
+        let sender = UserId(m.sender_user_id);
         if matches!(kind, ConversationKind::Group | ConversationKind::SuperGroup | ConversationKind::Room) {
-            let from = if m.sender_user_id == self.me.user_id {
-                "you".to_string()
-            } else {
-                self.name_of(m.sender_user_id).await
-            };
+            let from = if sender == self.me.user_id { "you".to_string() } else { self.name_of(sender).await };
             let place = if kind == ConversationKind::Room { "room" } else { "group" };
             return format!(
                 "[{time}] {place} {} #{} {from}: {text}",
@@ -204,11 +202,11 @@ impl Chat {
                 m.group_seq.max(m.seq)
             );
         }
-        if m.sender_user_id == self.me.user_id {
-            let to = self.name_of(m.conversation_id).await;
+        if sender == self.me.user_id {
+            let to = self.name_of(UserId(m.conversation_id)).await;
             format!("[{time}] #{} you → {to}: {text}", m.seq)
         } else {
-            let from = self.name_of(m.sender_user_id).await;
+            let from = self.name_of(sender).await;
             format!("[{time}] #{} {from}: {text}", m.seq)
         }
     }
@@ -227,7 +225,8 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
             Err(e) => return Err(e).context("registering"),
         }
     }
-    let me = api.sign_in(&args.user, &args.password, args.device).await.context("signing in")?;
+    let device = (args.device != 0).then_some(DeviceId(args.device));
+    let me = api.sign_in(&args.user, &args.password, device).await.context("signing in")?;
     let api = api.authenticated(me.clone());
 
     // Show recent history, then follow the list live from its head.
@@ -244,8 +243,8 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         "signed in as {} (user {}, device {}; reuse it with --device {})",
         chat.my_name, me.user_id, me.device_id, me.device_id
     );
-    if args.recent > 0 && head > 0 {
-        let from = head.saturating_sub(args.recent as u64);
+    if args.recent > 0 && head > Seq::ZERO {
+        let from = Seq(head.0.saturating_sub(args.recent as u64));
         for m in api.history(from, args.recent).await.unwrap_or_default() {
             println!("{}", chat.render(&m).await);
         }
@@ -278,10 +277,10 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The seq of the newest entry of the caller's list (0 if unknown): a
-/// sync after the end returns no entries, only the head.
-async fn list_head(api: &NodeApi) -> u64 {
-    api.sync_page(u64::MAX - 1, 1).await.map(|p| p.last_seq).unwrap_or(0)
+/// The seq of the newest entry of the caller's list ([`Seq::ZERO`] if
+/// unknown): a sync after the end returns no entries, only the head.
+async fn list_head(api: &NodeApi) -> Seq {
+    api.sync_page(Seq(u64::MAX - 1), 1).await.map_or(Seq::ZERO, |p| Seq(p.last_seq))
 }
 
 async fn set_peer(chat: &mut Chat, name: &str) {
@@ -338,22 +337,22 @@ async fn on_line(chat: &mut Chat, client: &Client, line: &str) -> bool {
         Input::SayToGroup(id, text) => {
             let client = client.clone();
             tokio::spawn(async move {
-                if let Err(e) = client.send_group(id, ContentType::Text, text.into_bytes()).await {
+                if let Err(e) = client.send_group(GroupId(id), ContentType::Text, text.into_bytes()).await {
                     println!("! not sent to {id}: {}", describe(&e));
                 }
             });
         }
-        Input::Room(id) => match client.subscribe_room(id, 0).await {
+        Input::Room(id) => match client.subscribe_room(GroupId(id), Seq::ZERO).await {
             Ok(out) => println!("* reading room {id} (at #{})", out.last_seq),
             Err(e) => println!("! room {id}: {}", describe(&e)),
         },
-        Input::Leave(id) => match client.unsubscribe_room(id).await {
+        Input::Leave(id) => match client.unsubscribe_room(GroupId(id)).await {
             Ok(()) => println!("* left room {id}"),
             Err(e) => println!("! room {id}: {}", describe(&e)),
         },
         Input::History(n) => {
             let head = list_head(&chat.api).await;
-            match chat.api.history(head.saturating_sub(n as u64), n).await {
+            match chat.api.history(Seq(head.0.saturating_sub(n as u64)), n).await {
                 Ok(list) if list.is_empty() => println!("(no messages yet)"),
                 Ok(list) => {
                     for m in list {
@@ -366,7 +365,7 @@ async fn on_line(chat: &mut Chat, client: &Client, line: &str) -> bool {
         Input::Devices => match chat.api.list_devices().await {
             Ok(devices) => {
                 for d in devices {
-                    let this = if d.device_id == chat.me.device_id { " (this one)" } else { "" };
+                    let this = if DeviceId(d.device_id) == chat.me.device_id { " (this one)" } else { "" };
                     let info = d.info.unwrap_or_default();
                     let what = [info.brand, info.model, info.system_version].join(" ");
                     let revoked = if d.revoked { ", revoked" } else { "" };
@@ -387,7 +386,7 @@ async fn on_line(chat: &mut Chat, client: &Client, line: &str) -> bool {
 
 /// Sends in the background, so the terminal keeps printing what arrives;
 /// the message shows up once it is stored (it comes back through the list).
-async fn send(client: &Client, to: u64, text: String) {
+async fn send(client: &Client, to: UserId, text: String) {
     let client = client.clone();
     tokio::spawn(async move {
         if let Err(e) = client.send(to, ContentType::Text, text.into_bytes()).await {

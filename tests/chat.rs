@@ -225,8 +225,8 @@ async fn killed_gateway_clients_reconnect_elsewhere_and_lose_nothing() {
     for name in ["gwalice", "gwbob"] {
         api.register(name, PASSWORD).await.expect("register");
     }
-    let alice: Credentials = api.sign_in("gwalice", PASSWORD, 0).await.expect("sign in");
-    let bob: Credentials = api.sign_in("gwbob", PASSWORD, 0).await.expect("sign in");
+    let alice: Credentials = api.sign_in("gwalice", PASSWORD, None).await.expect("sign in");
+    let bob: Credentials = api.sign_in("gwbob", PASSWORD, None).await.expect("sign in");
     let alice_api = api.authenticated(alice.clone());
 
     // Bob prefers gateway A and fails over to B.
@@ -247,7 +247,7 @@ async fn killed_gateway_clients_reconnect_elsewhere_and_lose_nothing() {
         }
         let input = rim_proto::v1::SendInput {
             conversation_kind: rim_proto::v1::ConversationKind::User as i32,
-            conversation_id: bob.user_id,
+            conversation_id: bob.user_id.0,
             client_msg_id: format!("gw-{i}"),
             content_type: ContentType::Text as i32,
             content: format!("m{i}").into_bytes().into(),

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, Seq, UserId};
 use rim_proto::metadata::{DEVICE_ID_METADATA_KEY, TOKEN_METADATA_KEY, USER_ID_METADATA_KEY};
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
@@ -69,20 +70,25 @@ impl NodeApi {
 
     /// Creates a user; returns its id. `ERROR_ALREADY_EXISTS` if the
     /// username is taken.
-    pub async fn register(&self, username: &str, password: &str) -> Result<u64> {
+    pub async fn register(&self, username: &str, password: &str) -> Result<UserId> {
         let request =
             RegisterRequest { username: username.into(), password: password.into(), ..Default::default() };
         let reply = self.auth().register(self.plain(request)).await?;
-        Ok(reply.into_inner().user_id)
+        Ok(UserId(reply.into_inner().user_id))
     }
 
-    /// Signs in with username and password as `device_id` (0 registers a
-    /// new device); returns `(user_id, device_id, token)`.
-    pub async fn sign_in(&self, username: &str, password: &str, device_id: u64) -> Result<Credentials> {
+    /// Signs in with username and password as `device_id` (`None` registers
+    /// a new device); returns `(user_id, device_id, token)`.
+    pub async fn sign_in(
+        &self,
+        username: &str,
+        password: &str,
+        device_id: Option<DeviceId>,
+    ) -> Result<Credentials> {
         let request = SignInRequest {
             username: username.into(),
             password: password.into(),
-            device_id,
+            device_id: wire_device(device_id),
             device: Some(sdk_device()),
         };
         let reply = self.auth().sign_in(self.plain(request)).await?;
@@ -90,12 +96,17 @@ impl NodeApi {
     }
 
     /// Signs in with a phone number and one-time code (creating the user on
-    /// first use) as `device_id` (0 registers a new device).
-    pub async fn sign_in_by_phone(&self, phone: &str, code: &str, device_id: u64) -> Result<Credentials> {
+    /// first use) as `device_id` (`None` registers a new device).
+    pub async fn sign_in_by_phone(
+        &self,
+        phone: &str,
+        code: &str,
+        device_id: Option<DeviceId>,
+    ) -> Result<Credentials> {
         let request = SignInByPhoneRequest {
             phone: phone.into(),
             code: code.into(),
-            device_id,
+            device_id: wire_device(device_id),
             device: Some(sdk_device()),
         };
         let reply = self.auth().sign_in_by_phone(self.plain(request)).await?;
@@ -117,15 +128,13 @@ impl NodeApi {
         Ok(())
     }
 
-    /// A user's profile; 0 = the caller.
-    pub async fn get_user(&self, user_id: u64) -> Result<User> {
-        // The SDK resolves 0 itself: nodes answer it with ERROR_INVALID_ID
-        // although `GetUserRequest` documents it as "the caller".
-        let user_id = match (user_id, &self.credentials) {
-            (0, Some(c)) => c.user_id,
-            _ => user_id,
-        };
-        let request = self.signed(GetUserRequest { user_id })?;
+    /// A user's profile; `None` = the caller.
+    pub async fn get_user(&self, user_id: Option<UserId>) -> Result<User> {
+        // The SDK resolves "the caller" itself: nodes answer a 0 id with
+        // ERROR_INVALID_ID although `GetUserRequest` documents it as "the
+        // caller".
+        let user_id = user_id.or(self.credentials.as_ref().map(|c| c.user_id)).unwrap_or_default();
+        let request = self.signed(GetUserRequest { user_id: user_id.0 })?;
         let reply = UserServiceClient::new(self.channel.clone()).get_user(request).await?;
         reply
             .into_inner()
@@ -146,22 +155,23 @@ impl NodeApi {
 
     /// One page of the caller's list after `after_seq` (`limit` 0 = server
     /// default).
-    pub async fn sync_page(&self, after_seq: u64, limit: u32) -> Result<SyncOutput> {
-        let reply = self.messages().sync(self.signed(SyncInput { after_seq, limit })?).await?;
+    pub async fn sync_page(&self, after_seq: Seq, limit: u32) -> Result<SyncOutput> {
+        let request = self.signed(SyncInput { after_seq: after_seq.0, limit })?;
+        let reply = self.messages().sync(request).await?;
         Ok(reply.into_inner())
     }
 
-    /// The caller's history after `after_seq` (0 = from the start), paging
-    /// until the end of the list or `max` entries.
-    pub async fn history(&self, after_seq: u64, max: usize) -> Result<Vec<Message>> {
+    /// The caller's history after `after_seq` ([`Seq::ZERO`] = from the
+    /// start), paging until the end of the list or `max` entries.
+    pub async fn history(&self, after_seq: Seq, max: usize) -> Result<Vec<Message>> {
         let mut out: Vec<Message> = Vec::new();
         let mut cursor = after_seq;
         while out.len() < max {
             let page = self.sync_page(cursor, 0).await?;
             let before = out.len();
             for message in page.messages {
-                if message.seq > cursor && out.len() < max {
-                    cursor = message.seq;
+                if Seq(message.seq) > cursor && out.len() < max {
+                    cursor = Seq(message.seq);
                     out.push(message);
                 }
             }
@@ -174,9 +184,9 @@ impl NodeApi {
 
     /// Moves the calling device's ack cursor to `seq`; returns the stored
     /// cursor.
-    pub async fn ack(&self, seq: u64) -> Result<u64> {
-        let reply = self.messages().ack(self.signed(AckInput { seq })?).await?;
-        Ok(reply.into_inner().ack_seq)
+    pub async fn ack(&self, seq: Seq) -> Result<Seq> {
+        let reply = self.messages().ack(self.signed(AckInput { seq: seq.0 })?).await?;
+        Ok(Seq(reply.into_inner().ack_seq))
     }
 
     /// Sends a message over gRPC (no retry; the long connection's
@@ -222,15 +232,20 @@ impl NodeApi {
             ClientError::server(ErrorCode::ErrorUnauthenticated, "token is not valid metadata")
         })?;
         let metadata = request.metadata_mut();
-        metadata.insert(USER_ID_METADATA_KEY, credentials.user_id.into());
-        metadata.insert(DEVICE_ID_METADATA_KEY, credentials.device_id.into());
+        metadata.insert(USER_ID_METADATA_KEY, credentials.user_id.0.into());
+        metadata.insert(DEVICE_ID_METADATA_KEY, credentials.device_id.0.into());
         metadata.insert(TOKEN_METADATA_KEY, token);
         Ok(request)
     }
 }
 
 fn credentials_of(reply: SignInReply) -> Credentials {
-    Credentials { user_id: reply.user_id, device_id: reply.device_id, token: reply.token }
+    Credentials { user_id: UserId(reply.user_id), device_id: DeviceId(reply.device_id), token: reply.token }
+}
+
+/// The wire's `device_id` of a sign-in: 0 asks for a new device.
+fn wire_device(device_id: Option<DeviceId>) -> u64 {
+    device_id.map_or(0, |d| d.0)
 }
 
 /// How this SDK describes a device it registers.

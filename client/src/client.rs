@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
+use rim_proto::ids::{GroupId, MessageId, Seq, UserId};
 use rim_proto::v1::{
     AckInput, AckOutput, Command, ContentType, ConversationKind, ReadInput, ReadOutput, RecallInput,
     SendInput, SendOutput, SubscribeRoomOutput, SyncGroupInput, SyncGroupOutput, SyncInput, SyncOutput,
@@ -49,7 +50,7 @@ struct Inner {
     task: Mutex<Option<JoinHandle<()>>>,
     /// Highest group seq handed to the application, per super group or
     /// room (kept by the connection task).
-    cursors: Arc<Mutex<HashMap<u64, u64>>>,
+    cursors: Arc<Mutex<HashMap<GroupId, Seq>>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -160,13 +161,13 @@ impl Client {
     /// [`send_input`]: Client::send_input
     pub async fn send(
         &self,
-        to_user: u64,
+        to_user: UserId,
         content_type: ContentType,
         content: impl Into<Bytes>,
     ) -> Result<SendOutput> {
         let input = SendInput {
             conversation_kind: ConversationKind::User as i32,
-            conversation_id: to_user,
+            conversation_id: to_user.0,
             client_msg_id: new_client_msg_id(),
             content_type: content_type as i32,
             content: content.into(),
@@ -181,12 +182,12 @@ impl Client {
     /// list (small groups: the order shared by every member's copy).
     pub async fn send_group(
         &self,
-        group_id: u64,
+        group_id: GroupId,
         content_type: ContentType,
         content: impl Into<Bytes>,
     ) -> Result<SendOutput> {
         let input = SendInput {
-            conversation_id: group_id,
+            conversation_id: group_id.0,
             client_msg_id: new_client_msg_id(),
             content_type: content_type as i32,
             content: content.into(),
@@ -253,8 +254,8 @@ impl Client {
     /// Reads one page of the user's list after `after_seq` (at most
     /// `limit` entries, 0 = server default). Independent of the event
     /// stream: for history views.
-    pub async fn sync_page(&self, after_seq: u64, limit: u32) -> Result<SyncOutput> {
-        let content = SyncInput { after_seq, limit }.encode_to_vec().into();
+    pub async fn sync_page(&self, after_seq: Seq, limit: u32) -> Result<SyncOutput> {
+        let content = SyncInput { after_seq: after_seq.0, limit }.encode_to_vec().into();
         let data = self.request(Command::Sync, content, self.inner.config.request_timeout).await?;
         Ok(SyncOutput::decode(data)?)
     }
@@ -265,11 +266,12 @@ impl Client {
     /// the event stream: for history views.
     pub async fn sync_group(
         &self,
-        group_id: u64,
-        after_group_seq: u64,
+        group_id: GroupId,
+        after_group_seq: Seq,
         limit: u32,
     ) -> Result<SyncGroupOutput> {
-        let content = SyncGroupInput { group_id, after_group_seq, limit }.encode_to_vec().into();
+        let input = SyncGroupInput { group_id: group_id.0, after_group_seq: after_group_seq.0, limit };
+        let content = input.encode_to_vec().into();
         let data = self.request(Command::SyncGroup, content, self.inner.config.request_timeout).await?;
         Ok(SyncGroupOutput::decode(data)?)
     }
@@ -279,19 +281,22 @@ impl Client {
     /// caller's list for 1:1, its group seq for groups). The recall is a
     /// new entry; retried like [`send`](Client::send) with one generated
     /// `client_msg_id`.
+    ///
+    /// `conversation_id` is the other user's id for 1:1 (`UserId.0`) and
+    /// the group's for groups and rooms (`GroupId.0`): `kind` says which.
     pub async fn recall(
         &self,
         kind: ConversationKind,
         conversation_id: u64,
-        message_id: u64,
-        seq: u64,
+        message_id: MessageId,
+        seq: Seq,
     ) -> Result<SendOutput> {
         let input = RecallInput {
             conversation_kind: kind as i32,
             conversation_id,
-            message_id,
+            message_id: message_id.0,
             client_msg_id: new_client_msg_id(),
-            seq,
+            seq: seq.0,
         };
         self.recall_input(input).await
     }
@@ -310,16 +315,21 @@ impl Client {
     /// Marks conversation (`kind`, `conversation_id`) read up to `read_seq`
     /// (own-list seq for 1:1 and small groups, group seq for super groups
     /// and rooms); returns the stored read position (it only moves
-    /// forward). One attempt.
+    /// forward). One attempt. `conversation_id` is a user's or a group's
+    /// id, as `kind` says (see [`recall`](Client::recall)).
     pub async fn mark_read(
         &self,
         kind: ConversationKind,
         conversation_id: u64,
-        read_seq: u64,
-    ) -> Result<u64> {
-        let input =
-            ReadInput { conversation_kind: kind as i32, conversation_id, read_seq, receipt_message_id: 0 };
-        Ok(self.mark_read_input(input).await?.read_seq)
+        read_seq: Seq,
+    ) -> Result<Seq> {
+        let input = ReadInput {
+            conversation_kind: kind as i32,
+            conversation_id,
+            read_seq: read_seq.0,
+            receipt_message_id: 0,
+        };
+        Ok(Seq(self.mark_read_input(input).await?.read_seq))
     }
 
     /// `READ` of `input` as is (e.g. with a 1:1 read receipt). One attempt.
@@ -330,15 +340,15 @@ impl Client {
         Ok(ReadOutput::decode(data)?)
     }
 
-    /// Reads room `room_id` from now on: its entries after `after_seq` (0:
-    /// from its end; never before its oldest retained entry), then live
+    /// Reads room `room_id` from now on: its entries after `after_seq`
+    /// ([`Seq::ZERO`]: from its end; never before its oldest retained entry), then live
     /// ones, as [`Event::RoomMessage`]s. The client subscribes it again
     /// after every reconnect, after the last room seq it delivered.
     /// Subscribing again restarts from the new `after_seq`. Waits for a
     /// connection (within the request timeout); a refusal (unknown room,
     /// `ERROR_BAD_REQUEST` beyond the per-connection limit) is returned and
     /// the room is not read.
-    pub async fn subscribe_room(&self, room_id: u64, after_seq: u64) -> Result<SubscribeRoomOutput> {
+    pub async fn subscribe_room(&self, room_id: GroupId, after_seq: Seq) -> Result<SubscribeRoomOutput> {
         let timeout = self.inner.config.request_timeout;
         let data = self
             .feed_request(timeout, |timeout, reply| Request::Subscribe { room_id, after_seq, timeout, reply })
@@ -348,7 +358,7 @@ impl Client {
 
     /// Stops reading room `room_id` (at once, whether or not the gateway
     /// answers).
-    pub async fn unsubscribe_room(&self, room_id: u64) -> Result<()> {
+    pub async fn unsubscribe_room(&self, room_id: GroupId) -> Result<()> {
         let timeout = self.inner.config.request_timeout;
         self.feed_request(timeout, |timeout, reply| Request::Unsubscribe { room_id, timeout, reply }).await?;
         Ok(())
@@ -357,7 +367,7 @@ impl Client {
     /// The last group seq handed to the application of each super group and
     /// room read (including those of [`ClientConfig::group_cursors`]). Save
     /// them to resume from them in a later run.
-    pub fn group_cursors(&self) -> HashMap<u64, u64> {
+    pub fn group_cursors(&self) -> HashMap<GroupId, Seq> {
         self.inner.cursors.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -386,10 +396,10 @@ impl Client {
     /// Acknowledges every entry up to `seq` now; returns the stored cursor.
     /// (With [`ClientConfig::auto_ack`] delivered entries are acknowledged
     /// anyway.)
-    pub async fn ack(&self, seq: u64) -> Result<u64> {
-        let content = AckInput { seq }.encode_to_vec().into();
+    pub async fn ack(&self, seq: Seq) -> Result<Seq> {
+        let content = AckInput { seq: seq.0 }.encode_to_vec().into();
         let data = self.request(Command::Ack, content, self.inner.config.request_timeout).await?;
-        Ok(AckOutput::decode(data)?.ack_seq)
+        Ok(Seq(AckOutput::decode(data)?.ack_seq))
     }
 
     /// Closes the client: acknowledges what was delivered to the event

@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use rim_proto::codec::DEFAULT_MAX_FRAME;
+use rim_proto::ids::{DeviceId, GroupId, Seq, UserId};
 
 use crate::transport::Endpoint;
 
@@ -14,9 +15,9 @@ use crate::transport::Endpoint;
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// The user.
-    pub user_id: u64,
+    pub user_id: UserId,
     /// The device of the user.
-    pub device_id: u64,
+    pub device_id: DeviceId,
     /// The device's token (for the long connection and gRPC metadata).
     pub token: String,
 }
@@ -35,11 +36,11 @@ impl fmt::Debug for Credentials {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Resume {
     /// From the device's ack cursor stored on the server
-    /// (`SignInOutput.ack_seq`; 0 for a new device).
+    /// (`SignInOutput.ack_seq`; [`Seq::ZERO`] for a new device).
     #[default]
     FromAck,
     /// After this seq: the application already has every entry up to it.
-    After(u64),
+    After(Seq),
 }
 
 /// How a [`Client`](crate::Client) behaves. [`ClientConfig::new`] gives the
@@ -95,7 +96,7 @@ pub struct ClientConfig {
     /// earlier run, see [`Client::group_cursors`](crate::Client::group_cursors));
     /// a super group without an entry is read from the member's join
     /// point. Default empty.
-    pub group_cursors: HashMap<u64, u64>,
+    pub group_cursors: HashMap<GroupId, Seq>,
 }
 
 impl ClientConfig {
@@ -174,7 +175,7 @@ mod tests {
 
     #[test]
     fn credentials_debug_hides_the_token() {
-        let c = Credentials { user_id: 1, device_id: 2, token: "secret".into() };
+        let c = Credentials { user_id: UserId(1), device_id: DeviceId(2), token: "secret".into() };
         assert!(!format!("{c:?}").contains("secret"));
     }
 }

@@ -47,6 +47,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use rim_proto::ErrorCode;
 use rim_proto::error::{ErrorClass, code_from_number};
+use rim_proto::ids::{GroupId, Seq, UserId};
 use rim_proto::v1::{
     AckInput, AckOutput, Command, ContentType, KickPush, MessagePush, Packet, Reply, SendOutput, SyncInput,
     SyncOutput,
@@ -68,10 +69,10 @@ pub(crate) enum Request {
     Call { command: Command, content: Bytes, timeout: Duration, reply: oneshot::Sender<Result<Bytes>> },
     /// Read room `room_id` after `after_seq` (see `groups`); the
     /// `SUBSCRIBE_ROOM` reply's data (or error) comes back.
-    Subscribe { room_id: u64, after_seq: u64, timeout: Duration, reply: oneshot::Sender<Result<Bytes>> },
+    Subscribe { room_id: GroupId, after_seq: Seq, timeout: Duration, reply: oneshot::Sender<Result<Bytes>> },
     /// Stop reading room `room_id`; the `UNSUBSCRIBE_ROOM` reply comes back
     /// (at once if offline: nothing is subscribed then).
-    Unsubscribe { room_id: u64, timeout: Duration, reply: oneshot::Sender<Result<Bytes>> },
+    Unsubscribe { room_id: GroupId, timeout: Duration, reply: oneshot::Sender<Result<Bytes>> },
     /// Flush the ACK, close the connection, stop.
     Close,
 }
@@ -99,16 +100,16 @@ pub(crate) struct Driver {
     /// `None` until the first sign-in says where to start.
     timeline: Option<Timeline>,
     /// Highest seq handed to the application.
-    delivered: u64,
+    delivered: Seq,
     /// The server's ack cursor for this device, as far as known.
-    acked: u64,
+    acked: Seq,
     /// The super groups and rooms read.
     feeds: Feeds,
     /// Groups to send `UNSUBSCRIBE_ROOM` for (the user left them).
-    unsubscribes: Vec<u64>,
+    unsubscribes: Vec<GroupId>,
     /// Highest group seq handed to the application per group, shared with
     /// the handles ([`Client::group_cursors`](crate::Client::group_cursors)).
-    cursors: Arc<Mutex<HashMap<u64, u64>>>,
+    cursors: Arc<Mutex<HashMap<GroupId, Seq>>>,
     /// Index of the next gateway to try.
     next_gateway: usize,
     /// Failed attempts since the last successful sign-in.
@@ -124,7 +125,7 @@ impl Driver {
         requests: mpsc::Receiver<Request>,
         events: mpsc::Sender<Event>,
         state: watch::Sender<LinkState>,
-        cursors: Arc<Mutex<HashMap<u64, u64>>>,
+        cursors: Arc<Mutex<HashMap<GroupId, Seq>>>,
     ) -> Driver {
         let feeds = Feeds::new(config.push_buffer, config.sync_retry_delay);
         Driver {
@@ -135,8 +136,8 @@ impl Driver {
             outbox: VecDeque::new(),
             state,
             timeline: None,
-            delivered: 0,
-            acked: 0,
+            delivered: Seq::ZERO,
+            acked: Seq::ZERO,
             feeds,
             unsubscribes: Vec::new(),
             cursors,
@@ -318,24 +319,27 @@ impl Driver {
         let mut link = Link::start(&self.config, writer, heartbeat, now);
         self.attempt = 0;
         self.next_ack = None;
+        let ack_seq = Seq(output.ack_seq);
+        let last_seq = Seq(output.last_seq);
         if self.timeline.is_none() {
             let start = match self.config.resume {
-                Resume::FromAck => output.ack_seq,
+                Resume::FromAck => ack_seq,
                 Resume::After(seq) => seq,
             };
             self.delivered = start;
             self.timeline = Some(Timeline::new(start, self.config.push_buffer, self.config.sync_retry_delay));
         }
-        self.acked = self.acked.max(output.ack_seq);
+        self.acked = self.acked.max(ack_seq);
         if let Some(timeline) = &mut self.timeline {
             timeline.connected();
-            timeline.observe_head(output.last_seq, now);
+            timeline.observe_head(last_seq, now);
         }
         self.unsubscribes.clear();
-        self.feeds.signed_in(output.user_id, &output.super_groups, &self.config.group_cursors, now);
-        tracing::debug!(%gateway, last_seq = output.last_seq, ack_seq = output.ack_seq, "signed in");
+        let me = UserId(output.user_id);
+        self.feeds.signed_in(me, &output.super_groups, &self.config.group_cursors, now);
+        tracing::debug!(%gateway, %last_seq, %ack_seq, "signed in");
         let _ = self.state.send(LinkState::Online { gateway: gateway.clone() });
-        self.notify(Event::Connected { gateway, last_seq: output.last_seq });
+        self.notify(Event::Connected { gateway, last_seq });
 
         let mut end = None;
         for packet in early {
@@ -457,7 +461,7 @@ impl Driver {
             self.next_ack = None;
             if self.delivered > self.acked && !link.ack_in_flight() {
                 let seq = self.delivered;
-                let content = AckInput { seq }.encode_to_vec().into();
+                let content = AckInput { seq: seq.0 }.encode_to_vec().into();
                 let timeout = self.config.request_timeout;
                 let _ = link.request(Command::Ack, content, Purpose::Ack(seq), timeout, now);
             }
@@ -476,7 +480,8 @@ impl Driver {
         if let Some(timeline) = &mut self.timeline {
             // `poll_sync` counts the sync as started: ask only if it can start.
             if let Some(after_seq) = room.then(|| timeline.poll_sync(now)).flatten() {
-                let content = SyncInput { after_seq, limit: self.config.sync_page }.encode_to_vec().into();
+                let input = SyncInput { after_seq: after_seq.0, limit: self.config.sync_page };
+                let content = input.encode_to_vec().into();
                 let timeout = self.config.request_timeout;
                 if link.request(Command::Sync, content, Purpose::Sync, timeout, now).is_err() {
                     timeline.sync_failed(now);
@@ -575,8 +580,8 @@ impl Driver {
                 }
             }
             Purpose::Ack(seq) => match result.and_then(|data| Ok(AckOutput::decode(data)?)) {
-                Ok(output) => self.acked = self.acked.max(output.ack_seq).max(seq),
-                Err(e) => tracing::debug!(error = %e, seq, "ack failed"),
+                Ok(output) => self.acked = self.acked.max(Seq(output.ack_seq)).max(seq),
+                Err(e) => tracing::debug!(error = %e, %seq, "ack failed"),
             },
             Purpose::Heartbeat | Purpose::Ignore => {}
             Purpose::Subscribe { group_id, generation, reply } => {
@@ -592,12 +597,12 @@ impl Driver {
         match command {
             Command::Send => {
                 if let (Ok(out), Some(timeline)) = (SendOutput::decode(data.clone()), &mut self.timeline) {
-                    timeline.observe_head(out.seq, now);
+                    timeline.observe_head(Seq(out.seq), now);
                 }
             }
             Command::Ack => {
                 if let Ok(out) = AckOutput::decode(data.clone()) {
-                    self.acked = self.acked.max(out.ack_seq);
+                    self.acked = self.acked.max(Seq(out.ack_seq));
                 }
             }
             _ => {}
@@ -630,7 +635,7 @@ impl Driver {
         }
         if let Some(timeline) = &mut self.timeline {
             if full {
-                timeline.shed(message.seq, Instant::now()); // synced once there is room
+                timeline.shed(Seq(message.seq), Instant::now()); // synced once there is room
             } else {
                 timeline.push(message, Instant::now());
             }
@@ -645,7 +650,7 @@ impl Driver {
         }
         let seq = self.delivered;
         let now = Instant::now();
-        let content = AckInput { seq }.encode_to_vec().into();
+        let content = AckInput { seq: seq.0 }.encode_to_vec().into();
         let Ok(request_id) =
             link.request(Command::Ack, content, Purpose::Ack(seq), self.config.request_timeout, now)
         else {
@@ -661,7 +666,7 @@ impl Driver {
         };
         match tokio::time::timeout(self.config.request_timeout, wait).await {
             Ok(true) => self.acked = seq,
-            _ => tracing::debug!(seq, "final ack not confirmed"),
+            _ => tracing::debug!(%seq, "final ack not confirmed"),
         }
     }
 }

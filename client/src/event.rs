@@ -2,6 +2,7 @@
 //! state ([`LinkState`]).
 
 use rim_proto::ErrorCode;
+use rim_proto::ids::{GroupId, Seq};
 use rim_proto::v1::Message;
 
 use crate::transport::Endpoint;
@@ -19,13 +20,13 @@ pub enum Event {
         /// The gateway.
         gateway: Endpoint,
         /// The user's list head at sign-in.
-        last_seq: u64,
+        last_seq: Seq,
     },
     /// The sync after a (re)connect or a gap is complete: every entry up to
     /// `last_seq` has been delivered.
     Synced {
         /// Highest seq delivered.
-        last_seq: u64,
+        last_seq: Seq,
     },
     /// An entry of the user's own list (1:1 messages, small-group messages,
     /// notifications, the user's own sends from any device). Each seq is
@@ -54,7 +55,7 @@ pub enum Event {
     /// limit). It can still be read with `SYNC_GROUP` where allowed.
     Unsubscribed {
         /// The group or room.
-        group_id: u64,
+        group_id: GroupId,
         /// Why: `ERROR_NOT_GROUP_MEMBER`, `ERROR_GROUP_NOT_FOUND`, ...
         code: ErrorCode,
         /// Detail, for logs.

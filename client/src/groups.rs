@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use rim_proto::ErrorCode;
+use rim_proto::ids::{GroupId, Seq, UserId};
 use rim_proto::store::notification::Event as Notice;
 use rim_proto::store::{GroupKind, Notification};
 use rim_proto::v1::{
@@ -76,14 +77,14 @@ pub enum Change {
     /// The user may now read super group `group_id` after `after`.
     Join {
         /// The super group.
-        group_id: u64,
+        group_id: GroupId,
         /// Its group seq already covered (the notice itself).
-        after: u64,
+        after: Seq,
     },
     /// The user may no longer read `group_id`.
     Leave {
         /// The group.
-        group_id: u64,
+        group_id: GroupId,
         /// `ERROR_NOT_GROUP_MEMBER` (removed) or `ERROR_GROUP_NOT_FOUND`
         /// (dissolved).
         code: ErrorCode,
@@ -92,25 +93,25 @@ pub enum Change {
 
 /// The membership change `message` (an entry of the user's own list or of
 /// a group list) means for user `me`, if any.
-pub fn change_of(me: u64, message: &Message) -> Option<Change> {
+pub fn change_of(me: UserId, message: &Message) -> Option<Change> {
     if message.content_type != ContentType::Notification as i32 {
         return None;
     }
     let notification = Notification::decode(message.content.as_ref()).ok()?;
     // The notice's own position in the group list.
-    let at = message.group_seq;
+    let at = Seq(message.group_seq);
     match notification.event? {
-        Notice::GroupMembersAdded(e) if e.kind == GroupKind::Super as i32 && e.user_ids.contains(&me) => {
-            Some(Change::Join { group_id: e.group_id, after: at.max(e.group_seq) })
+        Notice::GroupMembersAdded(e) if e.kind == GroupKind::Super as i32 && e.user_ids.contains(&me.0) => {
+            Some(Change::Join { group_id: GroupId(e.group_id), after: at.max(Seq(e.group_seq)) })
         }
         Notice::GroupConverted(e) if e.kind == GroupKind::Super as i32 => {
-            Some(Change::Join { group_id: e.group_id, after: at })
+            Some(Change::Join { group_id: GroupId(e.group_id), after: at })
         }
-        Notice::GroupMembersRemoved(e) if e.user_ids.contains(&me) => {
-            Some(Change::Leave { group_id: e.group_id, code: ErrorCode::ErrorNotGroupMember })
+        Notice::GroupMembersRemoved(e) if e.user_ids.contains(&me.0) => {
+            Some(Change::Leave { group_id: GroupId(e.group_id), code: ErrorCode::ErrorNotGroupMember })
         }
         Notice::GroupDissolved(e) => {
-            Some(Change::Leave { group_id: e.group_id, code: ErrorCode::ErrorGroupNotFound })
+            Some(Change::Leave { group_id: GroupId(e.group_id), code: ErrorCode::ErrorGroupNotFound })
         }
         _ => None,
     }
@@ -134,7 +135,7 @@ enum Cursor {
     /// A super group: gap-free.
     Super { timeline: Timeline, syncing: bool },
     /// A room: increasing only.
-    Room { last: u64 },
+    Room { last: Seq },
 }
 
 #[derive(Debug)]
@@ -145,7 +146,7 @@ struct Feed {
 }
 
 impl Feed {
-    fn last(&self) -> u64 {
+    fn last(&self) -> Seq {
         match &self.cursor {
             Cursor::Super { timeline, .. } => timeline.last(),
             Cursor::Room { last } => *last,
@@ -163,8 +164,8 @@ impl Feed {
 /// The feeds of one client. See the [module documentation](self).
 #[derive(Debug)]
 pub struct Feeds {
-    me: u64,
-    feeds: HashMap<u64, Feed>,
+    me: UserId,
+    feeds: HashMap<GroupId, Feed>,
     buffer_limit: usize,
     retry_delay: Duration,
     next_generation: u64,
@@ -176,7 +177,7 @@ impl Feeds {
     /// and refused subscriptions and failed syncs wait `retry_delay`.
     pub fn new(buffer_limit: usize, retry_delay: Duration) -> Feeds {
         Feeds {
-            me: 0,
+            me: UserId::default(),
             feeds: HashMap::new(),
             buffer_limit,
             retry_delay,
@@ -189,10 +190,16 @@ impl Feeds {
     /// (starting after the feed's cursor, else `resume`'s, else the join
     /// point), the super groups no longer listed ended, and every feed to
     /// be subscribed on the new connection.
-    pub fn signed_in(&mut self, me: u64, heads: &[GroupHead], resume: &HashMap<u64, u64>, now: Instant) {
+    pub fn signed_in(
+        &mut self,
+        me: UserId,
+        heads: &[GroupHead],
+        resume: &HashMap<GroupId, Seq>,
+        now: Instant,
+    ) {
         self.me = me;
-        let listed: Vec<u64> = heads.iter().map(|h| h.group_id).collect();
-        let gone: Vec<u64> = self
+        let listed: Vec<GroupId> = heads.iter().map(|h| GroupId(h.group_id)).collect();
+        let gone: Vec<GroupId> = self
             .feeds
             .iter()
             .filter(|(g, f)| f.kind() == FeedKind::SuperGroup && !listed.contains(g))
@@ -202,16 +209,18 @@ impl Feeds {
             self.end(group_id, ErrorCode::ErrorNotGroupMember, "no longer a member");
         }
         for h in heads {
-            match self.feeds.get_mut(&h.group_id) {
+            let group_id = GroupId(h.group_id);
+            let joined = Seq(h.joined_group_seq);
+            match self.feeds.get_mut(&group_id) {
                 // Its cursor rules; nothing before the join point is readable.
                 Some(Feed { cursor: Cursor::Super { timeline, .. }, .. }) => {
-                    timeline.skip_to(h.joined_group_seq, now);
-                    self.collect(h.group_id);
+                    timeline.skip_to(joined, now);
+                    self.collect(group_id);
                 }
                 Some(_) => {}
                 None => {
-                    let start = resume.get(&h.group_id).copied().unwrap_or(0).max(h.joined_group_seq);
-                    self.join(h.group_id, start);
+                    let start = resume.get(&group_id).copied().unwrap_or(Seq::ZERO).max(joined);
+                    self.join(group_id, start);
                 }
             }
         }
@@ -236,7 +245,7 @@ impl Feeds {
 
     /// Reads super group `group_id` after `after`, unless a feed reads it
     /// already (its cursor is kept). Returns whether a feed was added.
-    pub fn join(&mut self, group_id: u64, after: u64) -> bool {
+    pub fn join(&mut self, group_id: GroupId, after: Seq) -> bool {
         if self.feeds.contains_key(&group_id) {
             return false;
         }
@@ -247,37 +256,37 @@ impl Feeds {
         true
     }
 
-    /// Reads room `room_id` after `after` (0: from its end), replacing a
-    /// feed of it.
-    pub fn add_room(&mut self, room_id: u64, after: u64) {
+    /// Reads room `room_id` after `after` ([`Seq::ZERO`]: from its end),
+    /// replacing a feed of it.
+    pub fn add_room(&mut self, room_id: GroupId, after: Seq) {
         let feed = Feed { cursor: Cursor::Room { last: after }, sub: Sub::Needed, generation: 0 };
         self.feeds.insert(room_id, feed);
     }
 
     /// Stops reading `group_id`; whether it was read.
-    pub fn remove(&mut self, group_id: u64) -> bool {
+    pub fn remove(&mut self, group_id: GroupId) -> bool {
         self.feeds.remove(&group_id).is_some()
     }
 
     /// Whether `group_id` is read.
-    pub fn contains(&self, group_id: u64) -> bool {
+    pub fn contains(&self, group_id: GroupId) -> bool {
         self.feeds.contains_key(&group_id)
     }
 
     /// The kind of the feed of `group_id`.
-    pub fn kind(&self, group_id: u64) -> Option<FeedKind> {
+    pub fn kind(&self, group_id: GroupId) -> Option<FeedKind> {
         self.feeds.get(&group_id).map(Feed::kind)
     }
 
     /// The last group seq made ready of each feed.
-    pub fn cursors(&self) -> HashMap<u64, u64> {
+    pub fn cursors(&self) -> HashMap<GroupId, Seq> {
         self.feeds.iter().map(|(g, f)| (*g, f.last())).collect()
     }
 
     /// The next subscription to send, if one is due and fewer than
     /// [`MAX_SUBSCRIBING`] are in flight: `(group_id, after_seq,
     /// generation)`. It counts as in flight.
-    pub fn poll_subscribe(&mut self, now: Instant) -> Option<(u64, u64, u64)> {
+    pub fn poll_subscribe(&mut self, now: Instant) -> Option<(GroupId, Seq, u64)> {
         let in_flight = self.feeds.values().filter(|f| f.sub == Sub::InFlight).count();
         if in_flight >= MAX_SUBSCRIBING {
             return None;
@@ -296,7 +305,7 @@ impl Feeds {
 
     /// Marks `group_id`'s subscription as sent now (whatever is in flight);
     /// `(group_id, after_seq, generation)`.
-    pub fn begin_subscribe(&mut self, group_id: u64) -> Option<(u64, u64, u64)> {
+    pub fn begin_subscribe(&mut self, group_id: GroupId) -> Option<(GroupId, Seq, u64)> {
         self.next_generation += 1;
         let generation = self.next_generation;
         let feed = self.feeds.get_mut(&group_id)?;
@@ -308,7 +317,7 @@ impl Feeds {
     /// The subscription `generation` of `group_id` is in place.
     pub fn subscribe_ok(
         &mut self,
-        group_id: u64,
+        group_id: GroupId,
         generation: u64,
         output: SubscribeRoomOutput,
         now: Instant,
@@ -317,15 +326,16 @@ impl Feeds {
             return;
         };
         feed.sub = Sub::Active;
-        let floor = output.first_seq.saturating_sub(1);
+        let floor = Seq(output.first_seq.saturating_sub(1));
+        let head = Seq(output.last_seq);
         match &mut feed.cursor {
             Cursor::Super { timeline, .. } => {
                 timeline.skip_to(floor, now);
-                timeline.observe_head(output.last_seq, now);
+                timeline.observe_head(head, now);
             }
             // As the gateway: 0 is the room's end; never before its first entry.
             Cursor::Room { last } => {
-                *last = if *last == 0 { output.last_seq } else { (*last).min(output.last_seq) }.max(floor);
+                *last = if *last == Seq::ZERO { head } else { (*last).min(head) }.max(floor);
             }
         }
         self.collect(group_id);
@@ -336,7 +346,7 @@ impl Feeds {
     /// again later; any other ends the feed (returned `true`).
     pub fn subscribe_failed(
         &mut self,
-        group_id: u64,
+        group_id: GroupId,
         generation: u64,
         error: &ClientError,
         now: Instant,
@@ -355,15 +365,15 @@ impl Feeds {
     /// A pushed entry of a group list (`message.conversation_id`'s). Returns
     /// `false` if no feed reads that list.
     pub fn push(&mut self, message: Message, now: Instant) -> bool {
-        let group_id = message.conversation_id;
+        let group_id = GroupId(message.conversation_id);
         let Some(feed) = self.feeds.get_mut(&group_id) else {
             return false;
         };
         match &mut feed.cursor {
             Cursor::Super { timeline, .. } => timeline.push(message, now),
             Cursor::Room { last } => {
-                if message.seq > *last {
-                    *last = message.seq;
+                if Seq(message.seq) > *last {
+                    *last = Seq(message.seq);
                     self.ready.push_back(Event::RoomMessage(message));
                 }
                 return true;
@@ -375,7 +385,7 @@ impl Feeds {
 
     /// A push of `group_id` at `seq` the client had no room for: a super
     /// group syncs it later; a room's is lost.
-    pub fn shed(&mut self, group_id: u64, seq: u64, now: Instant) {
+    pub fn shed(&mut self, group_id: GroupId, seq: Seq, now: Instant) {
         if let Some(Feed { cursor: Cursor::Super { timeline, .. }, .. }) = self.feeds.get_mut(&group_id) {
             timeline.shed(seq, now);
         }
@@ -384,7 +394,7 @@ impl Feeds {
     /// The next group sync to send, if one is due and fewer than
     /// [`MAX_SYNCING`] are in flight: `(group_id, after_group_seq)`. It
     /// counts as in flight.
-    pub fn poll_sync(&mut self, now: Instant) -> Option<(u64, u64)> {
+    pub fn poll_sync(&mut self, now: Instant) -> Option<(GroupId, Seq)> {
         let syncing =
             self.feeds.values().filter(|f| matches!(f.cursor, Cursor::Super { syncing: true, .. })).count();
         if syncing >= MAX_SYNCING {
@@ -405,7 +415,7 @@ impl Feeds {
     }
 
     /// The sync of `group_id` in flight returned `output`.
-    pub fn sync_ok(&mut self, group_id: u64, output: SyncGroupOutput, now: Instant) {
+    pub fn sync_ok(&mut self, group_id: GroupId, output: SyncGroupOutput, now: Instant) {
         let Some(Feed { cursor: Cursor::Super { timeline, syncing }, .. }) = self.feeds.get_mut(&group_id)
         else {
             return;
@@ -414,9 +424,9 @@ impl Feeds {
             return; // stale
         }
         // The list starts later than asked: trimmed, or the join point.
-        let mut floor = output.first_group_seq.saturating_sub(1);
+        let mut floor = Seq(output.first_group_seq.saturating_sub(1));
         if let Some(first) = output.messages.iter().map(|m| m.seq).min() {
-            floor = floor.max(first.saturating_sub(1));
+            floor = floor.max(Seq(first.saturating_sub(1)));
         }
         timeline.skip_to(floor, now);
         let output = SyncOutput {
@@ -431,7 +441,7 @@ impl Feeds {
     /// The sync of `group_id` in flight failed with `error`. A
     /// non-retryable failure (no longer a member, the group is gone) ends
     /// the feed; any other is retried after the delay.
-    pub fn sync_failed(&mut self, group_id: u64, error: &ClientError, now: Instant) {
+    pub fn sync_failed(&mut self, group_id: GroupId, error: &ClientError, now: Instant) {
         let Some(Feed { cursor: Cursor::Super { timeline, syncing }, .. }) = self.feeds.get_mut(&group_id)
         else {
             return;
@@ -471,7 +481,7 @@ impl Feeds {
 
     /// Moves the entries `group_id`'s timeline made ready to the events;
     /// ends the feed after an entry that ends the membership.
-    fn collect(&mut self, group_id: u64) {
+    fn collect(&mut self, group_id: GroupId) {
         let Some(Feed { cursor: Cursor::Super { timeline, .. }, .. }) = self.feeds.get_mut(&group_id) else {
             return;
         };
@@ -496,7 +506,7 @@ impl Feeds {
     }
 
     /// Ends a feed with [`Event::Unsubscribed`].
-    fn end(&mut self, group_id: u64, code: ErrorCode, reason: &str) {
+    fn end(&mut self, group_id: GroupId, code: ErrorCode, reason: &str) {
         if self.feeds.remove(&group_id).is_some() {
             self.ready.push_back(Event::Unsubscribed { group_id, code, reason: reason.to_string() });
         }

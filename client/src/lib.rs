@@ -3,17 +3,18 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), rim_client::ClientError> {
 //! use rim_client::{Client, ClientConfig, Endpoint, Event, NodeApi};
+//! use rim_proto::ids::UserId;
 //! use rim_proto::v1::ContentType;
 //!
 //! // Accounts and tokens come from a node's gRPC listener.
 //! let api = NodeApi::new("127.0.0.1:7100")?;
 //! api.register("alice", "correct horse").await?;
-//! let me = api.sign_in("alice", "correct horse", 0).await?; // new device
+//! let me = api.sign_in("alice", "correct horse", None).await?; // new device
 //!
 //! // The long connection goes to any gateway, TCP or WebSocket.
 //! let gateways = vec![Endpoint::tcp("127.0.0.1:7200"), "ws://127.0.0.1:7201/ws".parse()?];
 //! let (client, mut events) = Client::connect(ClientConfig::new(gateways), me);
-//! client.send(10002, ContentType::Text, "hello").await?;
+//! client.send(UserId(10002), ContentType::Text, "hello").await?;
 //! while let Some(event) = events.recv().await {
 //!     match event {
 //!         Event::Message(m) => println!("#{} from {}", m.seq, m.sender_user_id),
@@ -67,6 +68,16 @@
 //!   or conflict code stops ([`Event::SignInRejected`]).
 //! * **gRPC** ([`NodeApi`]): register, sign in (password or phone code),
 //!   devices, profiles, history pages, over a node's public listener.
+//! * **Ids**: the SDK speaks [`rim_proto::ids`]: users, devices, groups,
+//!   messages and seqs are [`UserId`](rim_proto::ids::UserId),
+//!   [`DeviceId`](rim_proto::ids::DeviceId), [`GroupId`](rim_proto::ids::GroupId),
+//!   [`MessageId`](rim_proto::ids::MessageId) and [`Seq`](rim_proto::ids::Seq)
+//!   in every signature, [`Credentials`] and [`Event`]. The protobuf structs
+//!   (`rim_proto::v1`, e.g. the [`Message`](rim_proto::v1::Message) of an
+//!   event, or the `*_input` escape hatches) keep the wire's integers; the
+//!   SDK converts where it builds a request or reads a reply. A 1:1 or group
+//!   conversation id ([`Client::recall`], [`Client::mark_read`]) stays a
+//!   `u64` whose meaning the `ConversationKind` next to it gives.
 //!
 //! # Invariants
 //!

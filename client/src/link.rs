@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use prost::Message as _;
 use rim_proto::error::ErrorClass;
+use rim_proto::ids::{GroupId, Seq};
 use rim_proto::v1::{Command, Packet, Reply, SignInInput, SignInOutput};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -60,8 +61,8 @@ pub(crate) async fn sign_in(
         .await
         .map_err(SignInFailure::Retry)?;
     let input = SignInInput {
-        user_id: credentials.user_id,
-        device_id: credentials.device_id,
+        user_id: credentials.user_id.0,
+        device_id: credentials.device_id.0,
         token: credentials.token.clone(),
     };
     let packet = Packet {
@@ -125,14 +126,14 @@ pub(crate) enum Purpose {
     Sync,
     /// A `SUBSCRIBE_ROOM` of a feed (see `groups`); `reply` for the
     /// application's [`Client::subscribe_room`](crate::Client::subscribe_room).
-    Subscribe { group_id: u64, generation: u64, reply: Option<oneshot::Sender<Result<Bytes>>> },
+    Subscribe { group_id: GroupId, generation: u64, reply: Option<oneshot::Sender<Result<Bytes>>> },
     /// A feed's `SYNC_GROUP`.
-    GroupSync { group_id: u64 },
+    GroupSync { group_id: GroupId },
     /// A request whose outcome does not matter (an `UNSUBSCRIBE_ROOM` after
     /// the user left a group).
     Ignore,
     /// An automatic ACK of `seq`.
-    Ack(u64),
+    Ack(Seq),
     /// A heartbeat.
     Heartbeat,
 }

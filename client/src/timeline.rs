@@ -8,13 +8,18 @@
 //!
 //! # Rules
 //!
-//! * `last` is the highest seq made ready. Every entry made ready has seq
-//!   `last + 1` at that moment, so the ready entries are `start + 1,
+//! Seqs are [`Seq`]s (a message's wire `seq` is read as one as it comes
+//! in); the seq after `last` is `last.checked_next()`, and nothing follows
+//! [`Seq::MAX`].
+//!
+//! * `last` is the highest seq made ready. Every entry made ready has the
+//!   seq after `last` at that moment, so the ready entries are `start + 1,
 //!   start + 2, ...` in order, each exactly once, across any number of
 //!   reconnects (the timeline outlives connections).
-//! * A push with seq ≤ `last` is a duplicate and dropped. A push of
-//!   `last + 1` is ready at once, unless a sync is pending. A push with a
-//!   larger seq is a gap: it is held back and a sync from `last` starts.
+//! * A push with seq ≤ `last` is a duplicate and dropped. A push of the
+//!   seq after `last` is ready at once, unless a sync is pending. A push
+//!   with a larger seq is a gap: it is held back and a sync from `last`
+//!   starts.
 //! * While a sync is pending (needed, in flight, or waiting for a retry),
 //!   pushes are held back in a bounded buffer keyed by seq, so duplicates
 //!   collapse. On overflow the highest seqs are dropped: syncing fetches
@@ -34,6 +39,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use rim_proto::ids::Seq;
 use rim_proto::v1::{Message, SyncOutput};
 
 /// How long `head > last` may last without progress before a sync starts.
@@ -66,12 +72,12 @@ pub enum SyncProgress {
 /// documentation](self).
 #[derive(Debug)]
 pub struct Timeline {
-    last: u64,
-    head: u64,
+    last: Seq,
+    head: Seq,
     /// Since when `head > last` without progress (`None` when caught up).
     behind_since: Option<Instant>,
     sync: SyncState,
-    buffer: BTreeMap<u64, Message>,
+    buffer: BTreeMap<Seq, Message>,
     buffer_limit: usize,
     retry_delay: Duration,
     failures: u32,
@@ -83,7 +89,7 @@ impl Timeline {
     /// At most `buffer_limit` pushes are held back while syncing; a failed
     /// sync is retried after `retry_delay`. The first sync is
     /// [needed](Self::connected) once connected.
-    pub fn new(last: u64, buffer_limit: usize, retry_delay: Duration) -> Timeline {
+    pub fn new(last: Seq, buffer_limit: usize, retry_delay: Duration) -> Timeline {
         Timeline {
             last,
             head: last,
@@ -100,17 +106,17 @@ impl Timeline {
     /// A timeline like [`new`](Self::new), but caught up: no sync is needed
     /// until a gap shows (a super group's list, whose backlog the gateway
     /// pushes after a subscription).
-    pub fn caught_up(last: u64, buffer_limit: usize, retry_delay: Duration) -> Timeline {
+    pub fn caught_up(last: Seq, buffer_limit: usize, retry_delay: Duration) -> Timeline {
         Timeline { sync: SyncState::Idle, ..Timeline::new(last, buffer_limit, retry_delay) }
     }
 
     /// Highest seq made ready.
-    pub fn last(&self) -> u64 {
+    pub fn last(&self) -> Seq {
         self.last
     }
 
     /// Highest seq the server is known to have.
-    pub fn head(&self) -> u64 {
+    pub fn head(&self) -> Seq {
         self.head
     }
 
@@ -153,7 +159,7 @@ impl Timeline {
     /// Entries up to `seq` cannot be read (before a member's join point,
     /// or trimmed by retention): continue after it. Held entries that
     /// continue it become ready.
-    pub fn skip_to(&mut self, seq: u64, now: Instant) {
+    pub fn skip_to(&mut self, seq: Seq, now: Instant) {
         if seq <= self.last {
             return;
         }
@@ -174,7 +180,7 @@ impl Timeline {
 
     /// The server is known to have entries up to `seq` (a sign-in's or
     /// sync's `last_seq`, a send reply's seq).
-    pub fn observe_head(&mut self, seq: u64, now: Instant) {
+    pub fn observe_head(&mut self, seq: Seq, now: Instant) {
         if seq > self.head {
             self.head = seq;
         }
@@ -185,13 +191,13 @@ impl Timeline {
 
     /// A pushed entry of the user's list (`message.seq` is its seq).
     pub fn push(&mut self, message: Message, now: Instant) {
-        let seq = message.seq;
+        let seq = Seq(message.seq);
         if seq <= self.last {
             return; // duplicate, or already synced
         }
         self.observe_head(seq, now);
         match self.sync {
-            SyncState::Idle if seq == self.last + 1 => self.make_ready(message, now),
+            SyncState::Idle if Some(seq) == self.last.checked_next() => self.make_ready(message, now),
             SyncState::Idle => {
                 self.hold(message);
                 self.sync = SyncState::Needed;
@@ -202,7 +208,7 @@ impl Timeline {
 
     /// A push of `seq` that the driver could not take (the application is
     /// behind): the entry is fetched by a sync instead.
-    pub fn shed(&mut self, seq: u64, now: Instant) {
+    pub fn shed(&mut self, seq: Seq, now: Instant) {
         if seq <= self.last {
             return;
         }
@@ -214,7 +220,7 @@ impl Timeline {
 
     /// Whether to send a sync now; if so, returns its `after_seq` and
     /// counts the sync as in flight. Only call it while connected.
-    pub fn poll_sync(&mut self, now: Instant) -> Option<u64> {
+    pub fn poll_sync(&mut self, now: Instant) -> Option<Seq> {
         let start = match self.sync {
             SyncState::Needed => true,
             SyncState::Waiting { at } => now >= at,
@@ -244,14 +250,15 @@ impl Timeline {
             return SyncProgress::Continue; // not ours (a stale reply)
         }
         let before = self.last;
-        self.observe_head(output.last_seq, now);
+        self.observe_head(Seq(output.last_seq), now);
         output.messages.sort_by_key(|m| m.seq);
         let mut broken = false;
         for message in output.messages {
-            if message.seq <= self.last {
+            let seq = Seq(message.seq);
+            if seq <= self.last {
                 continue;
             }
-            if message.seq != self.last + 1 {
+            if Some(seq) != self.last.checked_next() {
                 broken = true; // never expected of a server; sync again
                 break;
             }
@@ -294,14 +301,14 @@ impl Timeline {
     }
 
     fn make_ready(&mut self, message: Message, now: Instant) {
-        self.last = message.seq;
+        self.last = Seq(message.seq);
         self.behind_since = (self.head > self.last).then_some(now);
         self.ready.push_back(message);
     }
 
     /// Holds a push back; on overflow the highest seq goes.
     fn hold(&mut self, message: Message) {
-        let seq = message.seq;
+        let seq = Seq(message.seq);
         if self.buffer.len() >= self.buffer_limit && !self.buffer.contains_key(&seq) {
             match self.buffer.last_key_value() {
                 Some((&highest, _)) if highest > seq => {
@@ -316,8 +323,12 @@ impl Timeline {
     /// Drops held entries at or below `last`, makes ready those that
     /// continue it.
     fn drain(&mut self, now: Instant) {
-        self.buffer = self.buffer.split_off(&(self.last + 1));
-        while let Some(message) = self.buffer.remove(&(self.last + 1)) {
+        let Some(next) = self.last.checked_next() else {
+            self.buffer.clear(); // nothing follows the last position
+            return;
+        };
+        self.buffer = self.buffer.split_off(&next);
+        while let Some(message) = self.last.checked_next().and_then(|next| self.buffer.remove(&next)) {
             self.make_ready(message, now);
         }
     }
@@ -351,9 +362,9 @@ mod tests {
     /// A timeline that connected and finished its first (empty) sync.
     fn idle(last: u64) -> (Timeline, Instant) {
         let now = Instant::now();
-        let mut t = Timeline::new(last, 8, DELAY);
+        let mut t = Timeline::new(Seq(last), 8, DELAY);
         t.connected();
-        assert_eq!(t.poll_sync(now), Some(last));
+        assert_eq!(t.poll_sync(now), Some(Seq(last)));
         assert_eq!(t.sync_ok(empty_page(false, last), now), SyncProgress::CaughtUp);
         (t, now)
     }
@@ -366,7 +377,7 @@ mod tests {
         assert_eq!(t.poll_sync(now), None);
         t.push(msg(4), now);
         assert_eq!(ready(&mut t), [1, 2]);
-        assert_eq!(t.poll_sync(now), Some(2), "a gap syncs from last");
+        assert_eq!(t.poll_sync(now), Some(Seq(2)), "a gap syncs from last");
         t.push(msg(4), now); // duplicate while syncing
         t.push(msg(5), now);
         assert_eq!(t.sync_ok(page(3..=4, false, 4), now), SyncProgress::CaughtUp);
@@ -382,10 +393,10 @@ mod tests {
     #[test]
     fn pushes_racing_the_first_sync_are_held_and_merged() {
         let now = Instant::now();
-        let mut t = Timeline::new(0, 8, DELAY);
+        let mut t = Timeline::new(Seq(0), 8, DELAY);
         t.connected();
-        t.observe_head(3, now); // sign-in: last_seq 3
-        assert_eq!(t.poll_sync(now), Some(0));
+        t.observe_head(Seq(3), now); // sign-in: last_seq 3
+        assert_eq!(t.poll_sync(now), Some(Seq(0)));
         t.push(msg(4), now); // arrives before the sync reply (gim #46)
         t.push(msg(3), now);
         assert!(t.pop_ready().is_none());
@@ -396,16 +407,16 @@ mod tests {
     #[test]
     fn has_more_pages_and_reconnect_resumes_from_last() {
         let now = Instant::now();
-        let mut t = Timeline::new(10, 8, DELAY);
+        let mut t = Timeline::new(Seq(10), 8, DELAY);
         t.connected();
-        assert_eq!(t.poll_sync(now), Some(10));
+        assert_eq!(t.poll_sync(now), Some(Seq(10)));
         assert_eq!(t.sync_ok(page(11..=12, true, 20), now), SyncProgress::Continue);
-        assert_eq!(t.poll_sync(now), Some(12));
+        assert_eq!(t.poll_sync(now), Some(Seq(12)));
         // The link drops with that sync in flight; a stale reply is ignored.
         t.disconnected();
         assert_eq!(t.sync_ok(page(13..=14, true, 20), now), SyncProgress::Continue);
         t.connected();
-        assert_eq!(t.poll_sync(now), Some(12));
+        assert_eq!(t.poll_sync(now), Some(Seq(12)));
         assert_eq!(t.sync_ok(page(13..=20, false, 20), now), SyncProgress::CaughtUp);
         assert_eq!(ready(&mut t), (11..=20).collect::<Vec<_>>());
     }
@@ -413,18 +424,18 @@ mod tests {
     #[test]
     fn failures_wait_then_retry() {
         let now = Instant::now();
-        let mut t = Timeline::new(0, 8, DELAY);
+        let mut t = Timeline::new(Seq(0), 8, DELAY);
         t.connected();
-        assert_eq!(t.poll_sync(now), Some(0));
+        assert_eq!(t.poll_sync(now), Some(Seq(0)));
         t.sync_failed(now);
         assert_eq!(t.failures(), 1);
         assert_eq!(t.poll_sync(now), None);
         assert_eq!(t.next_deadline(), Some(now + DELAY));
-        assert_eq!(t.poll_sync(now + DELAY), Some(0));
+        assert_eq!(t.poll_sync(now + DELAY), Some(Seq(0)));
         // No progress while behind also counts as a failure.
         assert_eq!(t.sync_ok(empty_page(true, 5), now), SyncProgress::Continue);
         assert_eq!(t.failures(), 2);
-        assert_eq!(t.poll_sync(now + DELAY), Some(0));
+        assert_eq!(t.poll_sync(now + DELAY), Some(Seq(0)));
         assert_eq!(t.sync_ok(page(1..=5, false, 5), now), SyncProgress::CaughtUp);
         assert_eq!(t.failures(), 0);
     }
@@ -432,9 +443,9 @@ mod tests {
     #[test]
     fn buffer_overflow_drops_the_highest_and_syncs_them_again() {
         let now = Instant::now();
-        let mut t = Timeline::new(0, 2, DELAY);
+        let mut t = Timeline::new(Seq(0), 2, DELAY);
         t.connected();
-        assert_eq!(t.poll_sync(now), Some(0));
+        assert_eq!(t.poll_sync(now), Some(Seq(0)));
         for seq in [5, 3, 4, 6] {
             t.push(msg(seq), now);
         }
@@ -442,7 +453,7 @@ mod tests {
         // The sync saw 1..=2 only; 3 and 4 were held, 5 and 6 dropped.
         assert_eq!(t.sync_ok(page(1..=2, false, 2), now), SyncProgress::Continue);
         assert_eq!(ready(&mut t), [1, 2, 3, 4]);
-        assert_eq!(t.poll_sync(now), Some(4));
+        assert_eq!(t.poll_sync(now), Some(Seq(4)));
         assert_eq!(t.sync_ok(page(5..=6, false, 6), now), SyncProgress::CaughtUp);
         assert_eq!(ready(&mut t), [5, 6]);
     }
@@ -451,11 +462,11 @@ mod tests {
     fn shed_pushes_are_synced_later() {
         let (mut t, now) = idle(0);
         t.push(msg(1), now);
-        t.shed(2, now);
-        t.shed(1, now); // already delivered: ignored
-        t.shed(3, now);
-        assert_eq!(t.head(), 3);
-        assert_eq!(t.poll_sync(now), Some(1));
+        t.shed(Seq(2), now);
+        t.shed(Seq(1), now); // already delivered: ignored
+        t.shed(Seq(3), now);
+        assert_eq!(t.head(), Seq(3));
+        assert_eq!(t.poll_sync(now), Some(Seq(1)));
         t.push(msg(4), now);
         assert_eq!(t.sync_ok(page(2..=3, false, 3), now), SyncProgress::CaughtUp);
         assert_eq!(ready(&mut t), [1, 2, 3, 4]);
@@ -464,16 +475,33 @@ mod tests {
     #[test]
     fn a_head_ahead_of_last_syncs_after_the_grace_period() {
         let (mut t, now) = idle(0);
-        t.observe_head(1, now); // e.g. the device's own send, never pushed to it
+        t.observe_head(Seq(1), now); // e.g. the device's own send, never pushed to it
         assert_eq!(t.poll_sync(now), None);
         assert_eq!(t.next_deadline(), Some(now + GAP_GRACE));
         // The push comes in time: no sync.
         t.push(msg(1), now);
         assert_eq!(t.next_deadline(), None);
-        t.observe_head(2, now);
-        assert_eq!(t.poll_sync(now + GAP_GRACE), Some(1));
+        t.observe_head(Seq(2), now);
+        assert_eq!(t.poll_sync(now + GAP_GRACE), Some(Seq(1)));
         assert_eq!(t.sync_ok(page(2..=2, false, 2), now), SyncProgress::CaughtUp);
         assert_eq!(ready(&mut t), [1, 2]);
+    }
+
+    #[test]
+    fn nothing_follows_the_last_position() {
+        let now = Instant::now();
+        let mut t = Timeline::new(Seq(u64::MAX - 1), 8, DELAY);
+        t.connected();
+        assert_eq!(t.poll_sync(now), Some(Seq(u64::MAX - 1)));
+        let last = || Message { seq: u64::MAX, ..Default::default() };
+        t.push(last(), now); // held while syncing
+        assert_eq!(t.sync_ok(empty_page(false, u64::MAX), now), SyncProgress::CaughtUp);
+        assert_eq!(ready(&mut t), [u64::MAX]);
+        assert_eq!(t.last(), Seq::MAX);
+        t.push(last(), now); // a duplicate, never a wrap to seq 0
+        t.skip_to(Seq::MAX, now);
+        assert!(t.pop_ready().is_none());
+        assert!(!t.is_syncing());
     }
 
     /// Random interleavings of reordered, duplicated and lost pushes with
@@ -485,10 +513,10 @@ mod tests {
             let total: u64 = rng.gen_range(1..60);
             let start = Instant::now();
             let mut now = start;
-            let mut t = Timeline::new(0, rng.gen_range(1..6), DELAY);
+            let mut t = Timeline::new(Seq(0), rng.gen_range(1..6), DELAY);
             t.connected();
             let mut appended = 0u64; // the server's list head
-            let mut in_flight: Option<u64> = None;
+            let mut in_flight: Option<Seq> = None;
             let mut pushes: Vec<u64> = Vec::new();
             let mut got = Vec::new();
             for _ in 0..10_000 {
@@ -518,8 +546,8 @@ mod tests {
                             if rng.gen_bool(0.2) {
                                 t.sync_failed(now);
                             } else {
-                                let end = appended.min(after + rng.gen_range(1..5));
-                                let out = page(after + 1..=end, end < appended, appended);
+                                let end = appended.min(after.0 + rng.gen_range(1..5));
+                                let out = page(after.0 + 1..=end, end < appended, appended);
                                 t.sync_ok(out, now);
                             }
                         }

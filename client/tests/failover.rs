@@ -11,6 +11,7 @@ use std::time::Duration;
 use rim_client::{ClientError, Credentials, Event, LinkState, new_client_msg_id};
 use rim_gateway::SessionConfig;
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, Seq, UserId};
 use rim_proto::v1::{Command, ContentType, ConversationKind, SendInput};
 use support::proxy::PacketProxy;
 use support::{Cluster, Kind, another_device, config, connect, endpoint, register, serial, wait_for};
@@ -79,7 +80,7 @@ async fn reconnects_to_another_gateway(kind: Kind) {
     cluster.shutdown().await;
 }
 
-fn alice_id(client: &rim_client::Client) -> u64 {
+fn alice_id(client: &rim_client::Client) -> UserId {
     client.credentials().user_id
 }
 
@@ -171,7 +172,7 @@ async fn rejected_sign_in_and_grpc_helpers() {
     }
 
     // Wrong password and duplicate usernames map to their codes.
-    let err = api.sign_in(&name, "wrong-password", 0).await.unwrap_err();
+    let err = api.sign_in(&name, "wrong-password", None).await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::ErrorUnauthenticated, "{err:?}");
     let err = api.register(&name, "another-password").await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::ErrorAlreadyExists, "{err:?}");
@@ -179,15 +180,15 @@ async fn rejected_sign_in_and_grpc_helpers() {
     // Devices, profile and history over gRPC.
     let alice_api = api.authenticated(alice.clone());
     let devices = alice_api.list_devices().await.unwrap();
-    let ids: Vec<u64> = devices.iter().map(|d| d.device_id).collect();
+    let ids: Vec<DeviceId> = devices.iter().map(|d| DeviceId(d.device_id)).collect();
     assert!(ids.contains(&alice.device_id) && ids.contains(&alice2.device_id), "{ids:?}");
-    assert_eq!(alice_api.get_user(0).await.unwrap().username, name);
-    assert_eq!(alice_api.find_user(&name).await.unwrap().user_id, alice.user_id);
+    assert_eq!(alice_api.get_user(None).await.unwrap().username, name);
+    assert_eq!(alice_api.find_user(&name).await.unwrap().user_id, alice.user_id.0);
     let err = alice_api.find_user("nobody_by_this_name").await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::ErrorUserNotFound, "{err:?}");
-    let phone = api.sign_in_by_phone("+15550100", "123456", 0).await.unwrap();
+    let phone = api.sign_in_by_phone("+15550100", "123456", None).await.unwrap();
     assert_ne!(phone.user_id, alice.user_id);
-    let err = api.sign_in_by_phone("+15550100", "000000", 0).await.unwrap_err();
+    let err = api.sign_in_by_phone("+15550100", "000000", None).await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::ErrorUnauthenticated, "{err:?}");
 
     let (client, mut inbox) = connect("alice", config(vec![endpoint(&gw, Kind::Tcp)]), alice.clone());
@@ -195,14 +196,14 @@ async fn rejected_sign_in_and_grpc_helpers() {
     for i in 0..5 {
         client.send(phone.user_id, ContentType::Text, format!("h{i}")).await.unwrap();
     }
-    let history = alice_api.history(0, 100).await.unwrap();
+    let history = alice_api.history(Seq::ZERO, 100).await.unwrap();
     assert_eq!(history.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
-    assert_eq!(alice_api.history(3, 100).await.unwrap().len(), 2);
-    assert_eq!(alice_api.history(0, 2).await.unwrap().len(), 2);
-    let page = client.sync_page(1, 2).await.unwrap();
+    assert_eq!(alice_api.history(Seq(3), 100).await.unwrap().len(), 2);
+    assert_eq!(alice_api.history(Seq::ZERO, 2).await.unwrap().len(), 2);
+    let page = client.sync_page(Seq(1), 2).await.unwrap();
     assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [2, 3]);
     assert!(page.has_more);
-    assert!(client.ack(4).await.unwrap() >= 4);
+    assert!(client.ack(Seq(4)).await.unwrap() >= Seq(4));
     let unauthenticated = api.list_devices().await.unwrap_err();
     assert_eq!(unauthenticated.code(), ErrorCode::ErrorUnauthenticated);
 
@@ -248,7 +249,7 @@ async fn heartbeats_and_silent_gateway_detection() {
 
         let input = SendInput {
             conversation_kind: ConversationKind::User as i32,
-            conversation_id: bob.user_id,
+            conversation_id: bob.user_id.0,
             client_msg_id: new_client_msg_id(),
             content_type: ContentType::Text as i32,
             content: format!("after round {round}").into_bytes().into(),

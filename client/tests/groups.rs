@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use rim_client::Event;
 use rim_client::groups::{Change, change_of};
 use rim_proto::ErrorCode;
+use rim_proto::ids::{GroupId, Seq, UserId};
 use rim_proto::store;
 use rim_proto::v1::{ContentType, Message};
 use support::*;
 
-async fn propose(c: &Cluster, group_id: u64, op: store::op::Op) {
+async fn propose(c: &Cluster, group_id: GroupId, op: store::op::Op) {
     let node = c.nodes.values().next().unwrap();
-    let shard = node.core.placement().unwrap().shard_of_group(group_id);
+    let shard = node.core.placement().unwrap().shard_of_group(group_id.0);
     let deadline = Instant::now() + WAIT;
     loop {
         match node.core.propose(shard, store::Op { op: Some(op.clone()) }).await {
@@ -30,36 +31,42 @@ async fn propose(c: &Cluster, group_id: u64, op: store::op::Op) {
     }
 }
 
-async fn create_group(c: &Cluster, group_id: u64, kind: store::GroupKind, owner: u64, members: &[u64]) {
+async fn create_group(
+    c: &Cluster,
+    group_id: GroupId,
+    kind: store::GroupKind,
+    owner: UserId,
+    members: &[UserId],
+) {
     let op = store::op::Op::CreateGroup(store::CreateGroup {
-        group_id,
+        group_id: group_id.0,
         kind: kind as i32,
-        owner_id: owner,
+        owner_id: owner.0,
         name: format!("g{group_id}"),
-        member_ids: members.to_vec(),
+        member_ids: members.iter().map(|m| m.0).collect(),
         ..Default::default()
     });
     propose(c, group_id, op).await;
 }
 
 /// The entries of `group` among the events, by kind.
-fn group_messages(inbox: &Inbox, group: u64) -> Vec<Message> {
+fn group_messages(inbox: &Inbox, group: GroupId) -> Vec<Message> {
     inbox
         .events
         .iter()
         .filter_map(|e| match e {
-            Event::GroupMessage(m) if m.conversation_id == group => Some(m.clone()),
+            Event::GroupMessage(m) if m.conversation_id == group.0 => Some(m.clone()),
             _ => None,
         })
         .collect()
 }
 
-fn room_messages(inbox: &Inbox, room: u64) -> Vec<Message> {
+fn room_messages(inbox: &Inbox, room: GroupId) -> Vec<Message> {
     inbox
         .events
         .iter()
         .filter_map(|e| match e {
-            Event::RoomMessage(m) if m.conversation_id == room => Some(m.clone()),
+            Event::RoomMessage(m) if m.conversation_id == room.0 => Some(m.clone()),
             _ => None,
         })
         .collect()
@@ -76,7 +83,7 @@ async fn super_group_entries_arrive_once_in_order_across_a_gateway_failover() {
     let api = c.api();
     let (_, alice) = register(&api, "alice").await;
     let (_, bob) = register(&api, "bob").await;
-    let g = 930_001;
+    let g = GroupId(930_001);
     create_group(&c, g, store::GroupKind::Super, alice.user_id, &[bob.user_id]).await;
     let gw1 = c.gateway("gw-1").await;
     let gw2 = c.gateway("gw-2").await;
@@ -107,7 +114,7 @@ async fn super_group_entries_arrive_once_in_order_across_a_gateway_failover() {
     let texts: Vec<String> = got[1..].iter().map(text).collect();
     assert_eq!(texts, (1..=10).map(|i| format!("m{i}")).collect::<Vec<_>>());
     assert!(inbox.count(|e| matches!(e, Event::Disconnected { .. })) >= 1);
-    assert_eq!(b.group_cursors().get(&g), Some(&11));
+    assert_eq!(b.group_cursors().get(&g), Some(&Seq(11)));
     // Read diffusion: none of it is in bob's own list.
     assert!(inbox.messages().iter().all(|m| !text(m).starts_with('m')));
 
@@ -118,8 +125,8 @@ async fn super_group_entries_arrive_once_in_order_across_a_gateway_failover() {
 }
 
 /// How many entries of `group` are among `events`.
-fn count_group(events: &[Event], group: u64) -> usize {
-    events.iter().filter(|e| matches!(e, Event::GroupMessage(m) if m.conversation_id == group)).count()
+fn count_group(events: &[Event], group: GroupId) -> usize {
+    events.iter().filter(|e| matches!(e, Event::GroupMessage(m) if m.conversation_id == group.0)).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +136,7 @@ async fn the_client_follows_joins_and_removals() {
     let api = c.api();
     let (_, alice) = register(&api, "alice").await;
     let (_, bob) = register(&api, "bob").await;
-    let g = 930_002;
+    let g = GroupId(930_002);
     create_group(&c, g, store::GroupKind::Super, alice.user_id, &[]).await;
     let gw = c.gateway("gw-1").await;
     let (a, _a_inbox) = connect("alice", config(vec![endpoint(&gw, Kind::Ws)]), alice.clone());
@@ -140,9 +147,9 @@ async fn the_client_follows_joins_and_removals() {
     // Added: the notice in bob's own list makes the client subscribe,
     // after the notice: nothing from before the join.
     let add = store::op::Op::AddMembers(store::AddMembers {
-        group_id: g,
-        by_user_id: alice.user_id,
-        user_ids: vec![bob.user_id],
+        group_id: g.0,
+        by_user_id: alice.user_id.0,
+        user_ids: vec![bob.user_id.0],
     });
     propose(&c, g, add).await;
     let me = bob.user_id;
@@ -154,8 +161,8 @@ async fn the_client_follows_joins_and_removals() {
             })
         })
         .await;
-    let bobs = gw.router().user_conns(bob.user_id);
-    wait_for(|| gw.router().room_conns(g).iter().any(|c| bobs.contains(c)).then_some(())).await;
+    let bobs = gw.router().user_conns(bob.user_id.0);
+    wait_for(|| gw.router().room_conns(g.0).iter().any(|c| bobs.contains(c)).then_some(())).await;
     a.send_group(g, ContentType::Text, "after").await.unwrap();
     inbox
         .wait_until("the message after the join", |ev| {
@@ -166,9 +173,9 @@ async fn the_client_follows_joins_and_removals() {
 
     // Removed: the client stops reading the group.
     let remove = store::op::Op::RemoveMembers(store::RemoveMembers {
-        group_id: g,
-        by_user_id: alice.user_id,
-        user_ids: vec![bob.user_id],
+        group_id: g.0,
+        by_user_id: alice.user_id.0,
+        user_ids: vec![bob.user_id.0],
     });
     propose(&c, g, remove).await;
     inbox
@@ -177,8 +184,8 @@ async fn the_client_follows_joins_and_removals() {
         })
         .await;
     // Alice reads the group too; bob's connection no longer does.
-    let bobs = gw.router().user_conns(bob.user_id);
-    wait_for(|| gw.router().room_conns(g).iter().all(|c| !bobs.contains(c)).then_some(())).await;
+    let bobs = gw.router().user_conns(bob.user_id.0);
+    wait_for(|| gw.router().room_conns(g.0).iter().all(|c| !bobs.contains(c)).then_some(())).await;
     let before = group_messages(&inbox, g).len();
     a.send_group(g, ContentType::Text, "gone").await.unwrap();
     // A barrier through bob's own list: a 1:1 message sent after it.
@@ -204,14 +211,14 @@ async fn a_room_is_read_again_after_a_reconnect_until_unsubscribed() {
     let api = c.api();
     let (_, alice) = register(&api, "alice").await;
     let (_, bob) = register(&api, "bob").await;
-    let room = 930_003;
-    create_group(&c, room, store::GroupKind::Room, 0, &[]).await;
+    let room = GroupId(930_003);
+    create_group(&c, room, store::GroupKind::Room, UserId(0), &[]).await;
     let gw1 = c.gateway("gw-1").await;
     let gw2 = c.gateway("gw-2").await;
     let (a, _a_inbox) = connect("alice", config(vec![endpoint(&gw2, Kind::Tcp)]), alice.clone());
     let bob_config = config(vec![endpoint(&gw1, Kind::Ws), endpoint(&gw2, Kind::Tcp)]);
     let (b, mut inbox) = connect("bob", bob_config, bob.clone());
-    let out = b.subscribe_room(room, 0).await.unwrap();
+    let out = b.subscribe_room(room, Seq::ZERO).await.unwrap();
     assert_eq!(out.last_seq, 0);
     for i in 1..=3 {
         assert_eq!(a.send_group(room, ContentType::Text, format!("r{i}")).await.unwrap().group_seq, i);
@@ -233,7 +240,7 @@ async fn a_room_is_read_again_after_a_reconnect_until_unsubscribed() {
 
     // Unsubscribed: the gateway no longer reads it for bob (nor anyone).
     b.unsubscribe_room(room).await.unwrap();
-    assert!(gw2.router().room_conns(room).is_empty());
+    assert!(gw2.router().room_conns(room.0).is_empty());
     assert!(b.group_cursors().contains_key(&room));
     a.close().await;
     b.close().await;
@@ -242,10 +249,11 @@ async fn a_room_is_read_again_after_a_reconnect_until_unsubscribed() {
 }
 
 /// Waits until `room`'s entries up to `seq` arrived.
-async fn wait_room(inbox: &mut Inbox, room: u64, seq: u64) {
+async fn wait_room(inbox: &mut Inbox, room: GroupId, seq: u64) {
     inbox
         .wait_until(&format!("room {room} up to {seq}"), |ev| {
-            ev.iter().any(|e| matches!(e, Event::RoomMessage(m) if m.conversation_id == room && m.seq >= seq))
+            ev.iter()
+                .any(|e| matches!(e, Event::RoomMessage(m) if m.conversation_id == room.0 && m.seq >= seq))
         })
         .await;
 }

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use rim_client::{Event, Resume, new_client_msg_id};
+use rim_proto::ids::Seq;
 use rim_proto::v1::{ContentType, ConversationKind, SendInput};
 use support::proxy::PacketProxy;
 use support::{Cluster, Kind, another_device, config, connect, endpoint, register, serial};
@@ -79,12 +80,12 @@ async fn two_users_chat(kind: Kind) {
     // Both of Alice's devices hold her own sends at the seqs SEND reported.
     for inbox in [&a1_in, &a2_in] {
         let own: HashSet<u64> =
-            inbox.messages().iter().filter(|m| m.sender_user_id == alice_id).map(|m| m.seq).collect();
+            inbox.messages().iter().filter(|m| m.sender_user_id == alice_id.0).map(|m| m.seq).collect();
         assert_eq!(own, alice_seqs, "{}", inbox.name);
     }
     // The message ids agree between sender and receiver.
     let bob_got: HashSet<u64> =
-        b2_in.messages().iter().filter(|m| m.sender_user_id == alice_id).map(|m| m.message_id).collect();
+        b2_in.messages().iter().filter(|m| m.sender_user_id == alice_id.0).map(|m| m.message_id).collect();
     let alice_sent: HashSet<u64> = alice_outs.iter().map(|o| o.message_id).collect();
     assert_eq!(bob_got, alice_sent);
     assert!(bob_outs.iter().all(|o| o.seq > 0 && o.message_id > 0));
@@ -146,7 +147,7 @@ async fn offline_device_catches_up(kind: Kind) {
     // A third start with an explicit cursor resumes there instead.
     b.close().await;
     let mut cfg = config(gateways);
-    cfg.resume = Resume::After(15);
+    cfg.resume = Resume::After(Seq(15));
     let (b, mut b_in) = connect("bob from 15", cfg, bob);
     b_in.wait_until("synced", |ev| ev.iter().any(|e| matches!(e, Event::Synced { .. }))).await;
     b_in.assert_in_order_once();
@@ -207,7 +208,7 @@ async fn send_retry_is_idempotent(kind: Kind) {
     let proxy = PacketProxy::start(kind, upstream).await;
     let mut cfg = config(vec![proxy.endpoint()]);
     cfg.request_timeout = Duration::from_secs(1);
-    cfg.resume = Resume::After(0);
+    cfg.resume = Resume::After(Seq::ZERO);
     let (a, mut a_in) = connect("alice via proxy", cfg, alice.clone());
     a_in.wait_synced_after_connect(1).await;
     proxy.hold_replies(true);
@@ -224,9 +225,10 @@ async fn send_retry_is_idempotent(kind: Kind) {
     // Each message is stored once in both lists.
     let alice_api = api.authenticated(alice);
     let bob_api = api.authenticated(bob);
-    for (who, list) in
-        [("alice", alice_api.history(0, 100).await.unwrap()), ("bob", bob_api.history(0, 100).await.unwrap())]
-    {
+    for (who, list) in [
+        ("alice", alice_api.history(Seq::ZERO, 100).await.unwrap()),
+        ("bob", bob_api.history(Seq::ZERO, 100).await.unwrap()),
+    ] {
         let texts: Vec<String> =
             list.iter().map(|m| String::from_utf8_lossy(&m.content).into_owned()).collect();
         assert_eq!(texts, ["once", "late reply"], "{who}'s list");

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 pub use crate::process::{Proc, http_get, signal_group, tail};
 use crate::proxy::ProxyMesh;
+use rim_proto::ids::NodeId;
 use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::{ClusterMap, GetClusterMapRequest, ReplicaRole};
@@ -266,7 +267,7 @@ async fn cluster_map(addr: SocketAddr, secret: &str) -> std::result::Result<Clus
 #[derive(Debug)]
 pub struct NodeProcess {
     /// Node id (≥ 1).
-    pub id: u64,
+    pub id: NodeId,
     /// The real internal listener (Raft, gateways, admin).
     pub listen: SocketAddr,
     /// The client gRPC listener.
@@ -466,12 +467,12 @@ impl Cluster {
     }
 
     /// Node `id` (panics on an unknown id).
-    pub fn node(&self, id: u64) -> &NodeProcess {
+    pub fn node(&self, id: NodeId) -> &NodeProcess {
         self.nodes.get(&id).unwrap_or_else(|| panic!("no node {id}"))
     }
 
     /// Node `id`, mutably.
-    pub fn node_mut(&mut self, id: u64) -> &mut NodeProcess {
+    pub fn node_mut(&mut self, id: NodeId) -> &mut NodeProcess {
         self.nodes.get_mut(&id).unwrap_or_else(|| panic!("no node {id}"))
     }
 
@@ -528,34 +529,34 @@ impl Cluster {
     }
 
     /// SIGKILL node `id` (no-op when it is not running).
-    pub fn kill(&mut self, id: u64) {
+    pub fn kill(&mut self, id: NodeId) {
         self.node_mut(id).proc.kill();
     }
 
     /// SIGSTOP node `id`.
-    pub fn pause(&mut self, id: u64) -> Result<()> {
+    pub fn pause(&mut self, id: NodeId) -> Result<()> {
         self.node_mut(id).proc.pause()
     }
 
     /// SIGCONT node `id`.
-    pub fn resume(&mut self, id: u64) -> Result<()> {
+    pub fn resume(&mut self, id: NodeId) -> Result<()> {
         self.node_mut(id).proc.resume()
     }
 
     /// Starts node `id` again with its data dir (no-op when running).
-    pub fn start_node(&mut self, id: u64) -> Result<()> {
+    pub fn start_node(&mut self, id: NodeId) -> Result<()> {
         self.node_mut(id).proc.spawn()
     }
 
     /// SIGKILL, then start again with the same data dir and flags.
-    pub fn restart(&mut self, id: u64) -> Result<()> {
+    pub fn restart(&mut self, id: NodeId) -> Result<()> {
         self.kill(id);
         self.start_node(id)
     }
 
     /// Shifts node `id`'s wall clock by `offset_secs` from real time (takes
     /// effect within a second; needs [`ClusterOptions::faketime`]).
-    pub fn set_clock_offset(&mut self, id: u64, offset_secs: i64) -> Result<()> {
+    pub fn set_clock_offset(&mut self, id: NodeId, offset_secs: i64) -> Result<()> {
         if self.opts.faketime.is_none() {
             return Err(ControlError::Binary("the cluster was started without faketime".into()));
         }

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use prost::Message as _;
 use rim_client::{Client, ClientError, Credentials};
+use rim_proto::ids::{GroupId, Seq, UserId};
 use rim_proto::metadata::{DEVICE_ID_METADATA_KEY, TOKEN_METADATA_KEY, USER_ID_METADATA_KEY};
 use rim_proto::v1::group_service_client::GroupServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
@@ -115,8 +116,8 @@ impl GroupRpc {
         let token = MetadataValue::try_from(creds.token.as_str())
             .map_err(|_| tonic::Status::unauthenticated("token is not valid metadata"))?;
         let metadata = request.metadata_mut();
-        metadata.insert(USER_ID_METADATA_KEY, creds.user_id.into());
-        metadata.insert(DEVICE_ID_METADATA_KEY, creds.device_id.into());
+        metadata.insert(USER_ID_METADATA_KEY, creds.user_id.0.into());
+        metadata.insert(DEVICE_ID_METADATA_KEY, creds.device_id.0.into());
         metadata.insert(TOKEN_METADATA_KEY, token);
         Ok(request)
     }
@@ -128,12 +129,12 @@ impl GroupRpc {
         creds: &Credentials,
         kind: GroupKind,
         name: &str,
-        members: Vec<u64>,
-    ) -> Result<u64, tonic::Status> {
+        members: &[UserId],
+    ) -> Result<GroupId, tonic::Status> {
         let request = CreateGroupRequest {
             kind: kind as i32,
             name: name.into(),
-            member_ids: members,
+            member_ids: members.iter().map(|m| m.0).collect(),
             ..Default::default()
         };
         let reply =
@@ -141,7 +142,7 @@ impl GroupRpc {
         reply
             .into_inner()
             .group
-            .map(|g| g.group_id)
+            .map(|g| GroupId(g.group_id))
             .ok_or_else(|| tonic::Status::internal("no group in reply"))
     }
 
@@ -155,11 +156,11 @@ impl GroupRpc {
     pub async fn sync_group(
         &self,
         creds: &Credentials,
-        group: u64,
-        after: u64,
+        group: GroupId,
+        after: Seq,
         limit: u32,
     ) -> Result<SyncGroupOutput, ClientError> {
-        let input = SyncGroupInput { group_id: group, after_group_seq: after, limit };
+        let input = SyncGroupInput { group_id: group.0, after_group_seq: after.0, limit };
         let request = self.signed(creds, input)?;
         Ok(MessageServiceClient::new(self.channel.clone()).sync_group(request).await?.into_inner())
     }
@@ -178,12 +179,12 @@ pub async fn gateway_send_group(
 /// One `SYNC_GROUP` over the gateway connection.
 pub async fn gateway_sync_group(
     client: &Client,
-    group: u64,
-    after: u64,
+    group: GroupId,
+    after: Seq,
     limit: u32,
     timeout: Duration,
 ) -> Result<SyncGroupOutput, ClientError> {
-    let input = SyncGroupInput { group_id: group, after_group_seq: after, limit };
+    let input = SyncGroupInput { group_id: group.0, after_group_seq: after.0, limit };
     let data = client.request(Command::SyncGroup, input.encode_to_vec().into(), timeout).await?;
     Ok(SyncGroupOutput::decode(data)?)
 }
@@ -234,15 +235,16 @@ pub async fn setup(
         .iter()
         .filter_map(|(id, a)| GroupRpc::new(*a, op_timeout).ok().map(|r| (*id, r)))
         .collect();
-    let users: Vec<u64> = accounts.iter().map(|a| a.user).collect();
+    let users: Vec<u64> = accounts.iter().map(|a| a.user.0).collect();
     let mut groups = Vec::new();
     let mut attempt = 0u64;
     for (i, (kind, owner, members)) in plan(&users).into_iter().enumerate() {
-        let Some(creds) = accounts.iter().find(|a| a.user == owner).and_then(|a| a.devices.first()) else {
+        let Some(creds) = accounts.iter().find(|a| a.user == UserId(owner)).and_then(|a| a.devices.first())
+        else {
             return Err(SetupError::Failed(format!("no signed-in device of u{owner}")));
         };
         let name = format!("jepsen-{}-{i}", if kind == ConvKind::Super { "super" } else { "small" });
-        let others: Vec<u64> = members.iter().copied().filter(|u| *u != owner).collect();
+        let others: Vec<UserId> = members.iter().copied().filter(|u| *u != owner).map(UserId).collect();
         let mut value = GroupValue { kind, owner, members: members.clone(), name: name.clone(), group: None };
         loop {
             if Instant::now() >= deadline || rpcs.is_empty() {
@@ -263,11 +265,11 @@ pub async fn setup(
             );
             let group_kind = if kind == ConvKind::Super { GroupKind::Super } else { GroupKind::Small };
             let result =
-                tokio::time::timeout(op_timeout, rpc.create_group(creds, group_kind, &name, others.clone()))
+                tokio::time::timeout(op_timeout, rpc.create_group(creds, group_kind, &name, &others))
                     .await
                     .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("create-group timed out")));
             match result {
-                Ok(id) => {
+                Ok(GroupId(id)) => {
                     value.group = Some(id);
                     recorder.record(OpType::Ok, process, OpBody::CreateGroup(value), Some(&label), None);
                     groups.push(Group { id, kind, owner, members });
@@ -317,7 +319,8 @@ pub async fn final_reads(
         let process = Process::Worker(FINAL_READ_PROCESS_BASE + node);
         let label = format!("n{node}");
         for g in groups.iter().filter(|g| g.kind == ConvKind::Super) {
-            let Some(creds) = accounts.iter().find(|a| a.user == g.owner).and_then(|a| a.devices.first())
+            let Some(creds) =
+                accounts.iter().find(|a| a.user == UserId(g.owner)).and_then(|a| a.devices.first())
             else {
                 continue;
             };
@@ -326,7 +329,7 @@ pub async fn final_reads(
                 let value = FinalReadValue { user: g.owner, group: Some(g.id), ..FinalReadValue::default() };
                 let invoke = OpBody::FinalRead(value.clone());
                 recorder.record(OpType::Invoke, process.clone(), invoke, Some(&label), None);
-                match read_all(&rpc, creds, g.id, deadline).await {
+                match read_all(&rpc, creds, GroupId(g.id), deadline).await {
                     Ok((entries, last_seq)) => {
                         let value =
                             FinalReadValue { entries: Some(entries), last_seq: Some(last_seq), ..value };
@@ -365,18 +368,18 @@ pub async fn final_reads(
 async fn read_all(
     rpc: &GroupRpc,
     creds: &Credentials,
-    group: u64,
+    group: GroupId,
     deadline: Instant,
 ) -> Result<(Vec<crate::history::Entry>, u64), ClientError> {
     let mut entries = Vec::new();
-    let mut after = 0;
+    let mut after = Seq::ZERO;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let page = bounded(left, rpc.sync_group(creds, group, after, FINAL_PAGE)).await?;
         let before = entries.len();
         for m in &page.messages {
-            if m.seq > after {
-                after = m.seq;
+            if Seq(m.seq) > after {
+                after = Seq(m.seq);
                 entries.push(entry(m));
             }
         }

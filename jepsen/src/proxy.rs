@@ -41,6 +41,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use rim_proto::ids::NodeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -617,7 +618,7 @@ impl ProxyMesh {
     }
 
     /// The proxy of link `from→to` (panics on an unknown pair or `from == to`).
-    pub fn link(&self, from: u64, to: u64) -> &LinkProxy {
+    pub fn link(&self, from: NodeId, to: NodeId) -> &LinkProxy {
         self.links.get(&(from, to)).unwrap_or_else(|| panic!("no link {from}→{to}"))
     }
 
@@ -628,19 +629,19 @@ impl ProxyMesh {
 
     /// Where node `from` must dial node `to`: the proxy, or for `from == to`
     /// the node's real address.
-    pub fn addr(&self, from: u64, to: u64) -> SocketAddr {
+    pub fn addr(&self, from: NodeId, to: NodeId) -> SocketAddr {
         if from == to { self.targets[&to] } else { self.link(from, to).addr() }
     }
 
     /// Node `node`'s view of the cluster: its own real address and a proxy
     /// address for every other node.
-    pub fn peers_for(&self, node: u64) -> BTreeMap<u64, SocketAddr> {
+    pub fn peers_for(&self, node: NodeId) -> BTreeMap<NodeId, SocketAddr> {
         self.targets.keys().map(|&to| (to, self.addr(node, to))).collect()
     }
 
     /// Node `node`'s `--peer-via` value: `j=<proxy node→j>` for every other
     /// node `j`.
-    pub fn via_arg(&self, node: u64) -> String {
+    pub fn via_arg(&self, node: NodeId) -> String {
         self.targets
             .keys()
             .filter(|&&to| to != node)
@@ -650,7 +651,7 @@ impl ProxyMesh {
     }
 
     /// Sets both directions of link `from→to`.
-    pub fn set(&self, from: u64, to: u64, mode: Mode) {
+    pub fn set(&self, from: NodeId, to: NodeId, mode: Mode) {
         self.link(from, to).set_mode(mode);
     }
 
@@ -693,7 +694,7 @@ impl ProxyMesh {
     }
 
     /// Cuts `node` off from everyone (black hole both ways).
-    pub fn isolate(&self, node: u64) {
+    pub fn isolate(&self, node: NodeId) {
         self.partition(&grudge::isolate(&self.nodes(), node), Mode::Hold);
     }
 

@@ -448,7 +448,9 @@ async fn list_heads(accounts: &[Account], endpoints: &Endpoints, op_timeout: Dur
         let creds = account.devices.first()?;
         for api in &apis {
             let api = api.authenticated(creds.clone());
-            if let Ok(Ok(out)) = tokio::time::timeout(op_timeout, api.sync_page(0, 1)).await {
+            if let Ok(Ok(out)) =
+                tokio::time::timeout(op_timeout, api.sync_page(rim_proto::ids::Seq::ZERO, 1)).await
+            {
                 heads.push(out.last_seq);
                 continue 'users;
             }

@@ -39,6 +39,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rim_client::{Client, ClientConfig, ClientError, Credentials, Endpoint, Event, NodeApi};
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, GroupId, NodeId, Seq, UserId};
 use rim_proto::v1::{ContentType, Message, SendInput, SendOutput, SyncOutput};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -113,14 +114,14 @@ pub struct Endpoints {
     /// The gateway's WebSocket listener.
     pub gateway_ws: SocketAddr,
     /// Client gRPC listener of each node.
-    pub nodes: BTreeMap<u64, SocketAddr>,
+    pub nodes: BTreeMap<NodeId, SocketAddr>,
 }
 
 /// A registered user and its signed-in devices.
 #[derive(Debug, Clone)]
 pub struct Account {
     /// The user id.
-    pub user: u64,
+    pub user: UserId,
     /// Credentials of devices 1..=devices.
     pub devices: Vec<Credentials>,
 }
@@ -178,7 +179,7 @@ pub async fn setup(
                         }
                     }
                 }
-                match api.sign_in(&name, &password, d).await {
+                match api.sign_in(&name, &password, Some(DeviceId(d))).await {
                     Ok(c) => {
                         devices.push(c);
                         break;
@@ -190,7 +191,7 @@ pub async fn setup(
                 }
             }
         }
-        let user = devices.first().map_or(0, |c| c.user_id);
+        let user = devices.first().map_or(UserId::default(), |c| c.user_id);
         accounts.push(Account { user, devices });
     }
     Ok(accounts)
@@ -237,7 +238,7 @@ pub async fn run(
     opts: &WorkloadOptions,
     stop: watch::Receiver<bool>,
 ) {
-    let users: Vec<u64> = accounts.iter().map(|a| a.user).collect();
+    let users: Vec<u64> = accounts.iter().map(|a| a.user.0).collect();
     let stride = accounts.iter().map(|a| a.devices.len() as u64).sum::<u64>().max(1);
     let mut tasks = tokio::task::JoinSet::new();
     let mut number = 0u64;
@@ -277,10 +278,10 @@ pub async fn run(
                 process: number,
                 stride,
                 creds: creds.clone(),
-                peers: users.iter().copied().filter(|u| *u != account.user).collect(),
+                peers: users.iter().copied().filter(|u| *u != account.user.0).collect(),
                 groups: groups
                     .iter()
-                    .filter(|g| g.members.contains(&account.user))
+                    .filter(|g| g.members.contains(&account.user.0))
                     .map(|g| (g.id, g.kind))
                     .collect(),
                 conn,
@@ -316,8 +317,8 @@ async fn record_pushes(
             _ => continue,
         };
         let mut value = serde_json::json!({
-            "user": creds.user_id,
-            "device": creds.device_id,
+            "user": creds.user_id.0,
+            "device": creds.device_id.0,
             "entries": [entry(&m)],
         });
         if let Some(g) = group {
@@ -427,13 +428,13 @@ impl Worker {
                     if !self.groups.is_empty() && self.rng.gen_bool(opts.group_sends.clamp(0.0, 1.0)) {
                         self.groups[self.rng.gen_range(0..self.groups.len())]
                     } else if self.peers.is_empty() {
-                        (self.creds.user_id, ConvKind::User)
+                        (self.creds.user_id.0, ConvKind::User)
                     } else {
                         (self.peers[self.rng.gen_range(0..self.peers.len())], ConvKind::User)
                     };
                 let v = SendValue {
-                    from: self.creds.user_id,
-                    device: self.creds.device_id,
+                    from: self.creds.user_id.0,
+                    device: self.creds.device_id.0,
                     kind,
                     to,
                     client_msg_id: format!("p{}-{}", self.number, self.sent),
@@ -495,8 +496,8 @@ impl Worker {
 
     async fn sync(&mut self, recorder: &Recorder, after: u64) {
         let mut value = SyncValue {
-            user: self.creds.user_id,
-            device: self.creds.device_id,
+            user: self.creds.user_id.0,
+            device: self.creds.device_id.0,
             after,
             limit: Some(u64::from(SYNC_LIMIT)),
             ..SyncValue::default()
@@ -507,8 +508,8 @@ impl Worker {
         let timeout = self.op_timeout;
         recorder.record(OpType::Invoke, process.clone(), OpBody::Sync(value.clone()), Some(&node), None);
         let result: Result<SyncOutput, ClientError> = match (&self.conn, target) {
-            (_, Some((_, api, _))) => bounded(timeout, api.sync_page(after, SYNC_LIMIT)).await,
-            (Conn::Gateway(c), None) => bounded(timeout, c.sync_page(after, SYNC_LIMIT)).await,
+            (_, Some((_, api, _))) => bounded(timeout, api.sync_page(Seq(after), SYNC_LIMIT)).await,
+            (Conn::Gateway(c), None) => bounded(timeout, c.sync_page(Seq(after), SYNC_LIMIT)).await,
             (Conn::Grpc(_), None) => Err(ClientError::NotConnected),
         };
         match result {
@@ -534,8 +535,8 @@ impl Worker {
     /// op with `group` set); moves the device's group cursor.
     async fn group_sync(&mut self, recorder: &Recorder, group: u64, after: u64) {
         let mut value = SyncValue {
-            user: self.creds.user_id,
-            device: self.creds.device_id,
+            user: self.creds.user_id.0,
+            device: self.creds.device_id.0,
             group: Some(group),
             after,
             limit: Some(u64::from(SYNC_LIMIT)),
@@ -546,9 +547,14 @@ impl Worker {
         let process = Process::Worker(self.process);
         let t = self.op_timeout;
         recorder.record(OpType::Invoke, process.clone(), OpBody::Sync(value.clone()), Some(&node), None);
+        let (group_id, after_seq) = (GroupId(group), Seq(after));
         let result = match (&self.conn, target) {
-            (_, Some((_, _, rpc))) => bounded(t, rpc.sync_group(&self.creds, group, after, SYNC_LIMIT)).await,
-            (Conn::Gateway(c), None) => bounded(t, gateway_sync_group(c, group, after, SYNC_LIMIT, t)).await,
+            (_, Some((_, _, rpc))) => {
+                bounded(t, rpc.sync_group(&self.creds, group_id, after_seq, SYNC_LIMIT)).await
+            }
+            (Conn::Gateway(c), None) => {
+                bounded(t, gateway_sync_group(c, group_id, after_seq, SYNC_LIMIT, t)).await
+            }
             (Conn::Grpc(_), None) => Err(ClientError::NotConnected),
         };
         match result {
@@ -610,7 +616,7 @@ pub async fn final_reads(
             let api = api.authenticated(creds.clone());
             let mut done = false;
             while !done && Instant::now() < deadline {
-                let value = FinalReadValue { user: account.user, ..FinalReadValue::default() };
+                let value = FinalReadValue { user: account.user.0, ..FinalReadValue::default() };
                 recorder.record(
                     OpType::Invoke,
                     process.clone(),
@@ -646,7 +652,7 @@ pub async fn final_reads(
             if done {
                 out.complete += 1;
             } else {
-                out.missing.push((account.user, node));
+                out.missing.push((account.user.0, node));
             }
         }
     }
@@ -656,14 +662,14 @@ pub async fn final_reads(
 /// Every page of the caller's list: the entries and the last page's `last_seq`.
 async fn read_all(api: &NodeApi, deadline: Instant) -> Result<(Vec<Entry>, u64), ClientError> {
     let mut entries = Vec::new();
-    let mut after = 0;
+    let mut after = Seq::ZERO;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let page = bounded(left, api.sync_page(after, FINAL_PAGE)).await?;
         let before = entries.len();
         for m in &page.messages {
-            if m.seq > after {
-                after = m.seq;
+            if Seq(m.seq) > after {
+                after = Seq(m.seq);
                 entries.push(entry(m));
             }
         }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message as _;
+use rim_proto::ids::{GroupId, Seq};
 use rim_proto::v1::{
     Command, ContentType, ConversationKind, Message, SubscribeRoomInput, SubscribeRoomOutput, SyncGroupInput,
     SyncGroupOutput, UnsubscribeRoomInput,
@@ -44,11 +45,11 @@ impl Driver {
     /// Bookkeeping of handing `event` to the application.
     pub(super) fn handed(&mut self, event: &Event) {
         match event {
-            Event::Message(m) => self.delivered = self.delivered.max(m.seq),
+            Event::Message(m) => self.delivered = self.delivered.max(Seq(m.seq)),
             Event::GroupMessage(m) | Event::RoomMessage(m) => {
                 let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
-                let cursor = cursors.entry(m.conversation_id).or_insert(0);
-                *cursor = (*cursor).max(m.seq);
+                let cursor = cursors.entry(GroupId(m.conversation_id)).or_insert(Seq::ZERO);
+                *cursor = (*cursor).max(Seq(m.seq));
             }
             _ => {}
         }
@@ -82,10 +83,10 @@ impl Driver {
     pub(super) fn follow_membership(&mut self, message: &Message) {
         match change_of(self.credentials.user_id, message) {
             Some(Change::Join { group_id, after }) if self.feeds.join(group_id, after) => {
-                tracing::debug!(group = group_id, after, "joined a super group; subscribing");
+                tracing::debug!(group = %group_id, %after, "joined a super group; subscribing");
             }
             Some(Change::Leave { group_id, code }) if self.feeds.remove(group_id) => {
-                tracing::debug!(group = group_id, "left a super group; unsubscribing");
+                tracing::debug!(group = %group_id, "left a super group; unsubscribing");
                 self.unsubscribes.push(group_id);
                 let reason = "the membership ended".into();
                 self.outbox.push_back(Event::Unsubscribed { group_id, code, reason });
@@ -101,13 +102,14 @@ impl Driver {
         // Maybe the own list's copy of a notification (see the module docs).
         if message.content_type == ContentType::Notification as i32
             && let Some(timeline) = &mut self.timeline
-            && message.seq > timeline.last()
+            && Seq(message.seq) > timeline.last()
         {
             timeline.check_soon();
         }
         if full {
-            tracing::debug!(group = message.conversation_id, "group push shed: the application is behind");
-            self.feeds.shed(message.conversation_id, message.seq, now);
+            let group_id = GroupId(message.conversation_id);
+            tracing::debug!(group = %group_id, "group push shed: the application is behind");
+            self.feeds.shed(group_id, Seq(message.seq), now);
         } else if !self.feeds.push(message, now) {
             tracing::trace!("push of a group not read dropped");
         }
@@ -119,11 +121,12 @@ impl Driver {
     pub(super) fn feed_requests(&mut self, link: &mut Link, room: bool, now: Instant) {
         let timeout = self.config.request_timeout;
         for room_id in std::mem::take(&mut self.unsubscribes) {
-            let content = UnsubscribeRoomInput { room_id }.encode_to_vec().into();
+            let content = UnsubscribeRoomInput { room_id: room_id.0 }.encode_to_vec().into();
             let _ = link.request(Command::UnsubscribeRoom, content, Purpose::Ignore, timeout, now);
         }
         while let Some((group_id, after_seq, generation)) = self.feeds.poll_subscribe(now) {
-            let content: Bytes = SubscribeRoomInput { room_id: group_id, after_seq }.encode_to_vec().into();
+            let input = SubscribeRoomInput { room_id: group_id.0, after_seq: after_seq.0 };
+            let content: Bytes = input.encode_to_vec().into();
             let purpose = Purpose::Subscribe { group_id, generation, reply: None };
             if let Err((e, purpose)) = link.request(Command::SubscribeRoom, content, purpose, timeout, now) {
                 self.fail(purpose, e);
@@ -131,7 +134,11 @@ impl Driver {
             }
         }
         while let Some((group_id, after_group_seq)) = room.then(|| self.feeds.poll_sync(now)).flatten() {
-            let input = SyncGroupInput { group_id, after_group_seq, limit: self.config.sync_page };
+            let input = SyncGroupInput {
+                group_id: group_id.0,
+                after_group_seq: after_group_seq.0,
+                limit: self.config.sync_page,
+            };
             let purpose = Purpose::GroupSync { group_id };
             let content = input.encode_to_vec().into();
             if let Err((e, purpose)) = link.request(Command::SyncGroup, content, purpose, timeout, now) {
@@ -149,8 +156,8 @@ impl Driver {
     pub(super) fn subscribe_room(
         &mut self,
         link: &mut Link,
-        room_id: u64,
-        after_seq: u64,
+        room_id: GroupId,
+        after_seq: Seq,
         timeout: Duration,
         reply: oneshot::Sender<Result<Bytes>>,
     ) {
@@ -158,7 +165,8 @@ impl Driver {
         let Some((group_id, after_seq, generation)) = self.feeds.begin_subscribe(room_id) else {
             return;
         };
-        let content = SubscribeRoomInput { room_id: group_id, after_seq }.encode_to_vec().into();
+        let content =
+            SubscribeRoomInput { room_id: group_id.0, after_seq: after_seq.0 }.encode_to_vec().into();
         let purpose = Purpose::Subscribe { group_id, generation, reply: Some(reply) };
         if let Err((e, purpose)) =
             link.request(Command::SubscribeRoom, content, purpose, timeout, Instant::now())
@@ -171,13 +179,13 @@ impl Driver {
     pub(super) fn unsubscribe_room(
         &mut self,
         link: &mut Link,
-        room_id: u64,
+        room_id: GroupId,
         timeout: Duration,
         reply: oneshot::Sender<Result<Bytes>>,
     ) {
         self.feeds.remove(room_id);
         let command = Command::UnsubscribeRoom;
-        let content = UnsubscribeRoomInput { room_id }.encode_to_vec().into();
+        let content = UnsubscribeRoomInput { room_id: room_id.0 }.encode_to_vec().into();
         let purpose = Purpose::Caller { command, reply };
         if let Err((e, purpose)) = link.request(command, content, purpose, timeout, Instant::now()) {
             self.fail(purpose, e);
@@ -187,7 +195,7 @@ impl Driver {
     /// The reply to a feed's `SUBSCRIBE_ROOM`.
     pub(super) fn subscribed(
         &mut self,
-        group_id: u64,
+        group_id: GroupId,
         generation: u64,
         result: Result<Bytes>,
         reply: Option<oneshot::Sender<Result<Bytes>>>,
@@ -201,7 +209,7 @@ impl Driver {
                 }
             }
             Err(e) => {
-                tracing::debug!(group = group_id, error = %e, "subscription failed");
+                tracing::debug!(group = %group_id, error = %e, "subscription failed");
                 let purpose = Purpose::Subscribe { group_id, generation, reply };
                 self.fail(purpose, e);
             }
@@ -209,11 +217,11 @@ impl Driver {
     }
 
     /// The reply to a feed's `SYNC_GROUP`.
-    pub(super) fn group_synced(&mut self, group_id: u64, result: Result<Bytes>, now: Instant) {
+    pub(super) fn group_synced(&mut self, group_id: GroupId, result: Result<Bytes>, now: Instant) {
         match result.and_then(|data| Ok(SyncGroupOutput::decode(data)?)) {
             Ok(output) => self.feeds.sync_ok(group_id, output, now),
             Err(e) => {
-                tracing::debug!(group = group_id, error = %e, "group sync failed");
+                tracing::debug!(group = %group_id, error = %e, "group sync failed");
                 self.feeds.sync_failed(group_id, &e, now);
             }
         }

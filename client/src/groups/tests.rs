@@ -2,14 +2,14 @@ use rim_proto::store::{GroupChanged, GroupMembersChanged};
 
 use super::*;
 
-const ME: u64 = 7;
-const G: u64 = 500;
+const ME: UserId = UserId(7);
+const G: GroupId = GroupId(500);
 const DELAY: Duration = Duration::from_millis(100);
 
-fn entry(group: u64, seq: u64) -> Message {
+fn entry(group: GroupId, seq: u64) -> Message {
     Message {
         conversation_kind: ConversationKind::SuperGroup as i32,
-        conversation_id: group,
+        conversation_id: group.0,
         seq,
         group_seq: seq,
         message_id: 1000 + seq,
@@ -17,11 +17,11 @@ fn entry(group: u64, seq: u64) -> Message {
     }
 }
 
-fn room_entry(room: u64, seq: u64) -> Message {
+fn room_entry(room: GroupId, seq: u64) -> Message {
     Message { conversation_kind: ConversationKind::Room as i32, ..entry(room, seq) }
 }
 
-fn notice(group: u64, seq: u64, event: Notice) -> Message {
+fn notice(group: GroupId, seq: u64, event: Notice) -> Message {
     Message {
         content_type: ContentType::Notification as i32,
         content: Notification { event: Some(event) }.encode_to_vec().into(),
@@ -29,18 +29,18 @@ fn notice(group: u64, seq: u64, event: Notice) -> Message {
     }
 }
 
-fn members(group: u64, kind: GroupKind, users: Vec<u64>, group_seq: u64) -> GroupMembersChanged {
+fn members(group: GroupId, kind: GroupKind, users: Vec<UserId>, group_seq: u64) -> GroupMembersChanged {
     GroupMembersChanged {
-        group_id: group,
+        group_id: group.0,
         kind: kind as i32,
-        user_ids: users,
+        user_ids: users.iter().map(|u| u.0).collect(),
         group_seq,
         ..Default::default()
     }
 }
 
-fn head(group: u64, last: u64, joined: u64) -> GroupHead {
-    GroupHead { group_id: group, last_group_seq: last, joined_group_seq: joined }
+fn head(group: GroupId, last: u64, joined: u64) -> GroupHead {
+    GroupHead { group_id: group.0, last_group_seq: last, joined_group_seq: joined }
 }
 
 fn events(f: &mut Feeds) -> Vec<Event> {
@@ -57,7 +57,7 @@ fn group_seqs(f: &mut Feeds) -> Vec<u64> {
         .collect()
 }
 
-fn page(group: u64, range: std::ops::RangeInclusive<u64>, has_more: bool, first: u64) -> SyncGroupOutput {
+fn page(group: GroupId, range: std::ops::RangeInclusive<u64>, has_more: bool, first: u64) -> SyncGroupOutput {
     SyncGroupOutput {
         messages: range.clone().map(|s| entry(group, s)).collect(),
         has_more,
@@ -72,7 +72,7 @@ fn subscribed(joined: u64, last: u64) -> (Feeds, Instant) {
     let mut f = Feeds::new(8, DELAY);
     f.signed_in(ME, &[head(G, last, joined)], &HashMap::new(), now);
     let (g, after, generation) = f.poll_subscribe(now).expect("subscribes G");
-    assert_eq!((g, after), (G, joined));
+    assert_eq!((g, after), (G, Seq(joined)));
     f.subscribe_ok(G, generation, SubscribeRoomOutput { last_seq: last, first_seq: joined + 1 }, now);
     (f, now)
 }
@@ -83,26 +83,29 @@ fn server(code: rim_proto::ErrorCode) -> ClientError {
 
 #[test]
 fn notifications_tell_joins_and_leaves() {
-    let added = Notice::GroupMembersAdded(members(G, GroupKind::Super, vec![ME, 8], 4));
-    assert_eq!(change_of(ME, &notice(G, 5, added.clone())), Some(Change::Join { group_id: G, after: 5 }));
-    assert_eq!(change_of(9, &notice(G, 5, added)), None, "others joined");
+    let added = Notice::GroupMembersAdded(members(G, GroupKind::Super, vec![ME, UserId(8)], 4));
+    assert_eq!(
+        change_of(ME, &notice(G, 5, added.clone())),
+        Some(Change::Join { group_id: G, after: Seq(5) })
+    );
+    assert_eq!(change_of(UserId(9), &notice(G, 5, added)), None, "others joined");
     let small = Notice::GroupMembersAdded(members(G, GroupKind::Small, vec![ME], 4));
     assert_eq!(change_of(ME, &notice(G, 5, small)), None, "small groups come in the own list");
     let converted = Notice::GroupConverted(GroupChanged {
-        group_id: G,
+        group_id: G.0,
         kind: GroupKind::Super as i32,
         ..Default::default()
     });
-    assert_eq!(change_of(ME, &notice(G, 9, converted)), Some(Change::Join { group_id: G, after: 9 }));
+    assert_eq!(change_of(ME, &notice(G, 9, converted)), Some(Change::Join { group_id: G, after: Seq(9) }));
     let removed = Notice::GroupMembersRemoved(members(G, GroupKind::Super, vec![ME], 0));
     assert_eq!(
         change_of(ME, &notice(G, 6, removed.clone())),
         Some(Change::Leave { group_id: G, code: ErrorCode::ErrorNotGroupMember })
     );
-    assert_eq!(change_of(8, &notice(G, 6, removed)), None);
-    let dissolved = Notice::GroupDissolved(GroupChanged { group_id: G, ..Default::default() });
+    assert_eq!(change_of(UserId(8), &notice(G, 6, removed)), None);
+    let dissolved = Notice::GroupDissolved(GroupChanged { group_id: G.0, ..Default::default() });
     assert_eq!(
-        change_of(8, &notice(G, 7, dissolved)),
+        change_of(UserId(8), &notice(G, 7, dissolved)),
         Some(Change::Leave { group_id: G, code: ErrorCode::ErrorGroupNotFound })
     );
     assert_eq!(change_of(ME, &entry(G, 3)), None, "not a notification");
@@ -118,15 +121,15 @@ fn a_super_group_is_gap_free_and_repaired_by_syncing_from_its_cursor() {
     assert_eq!(f.poll_sync(now), None);
     f.push(entry(G, 6), now);
     assert!(group_seqs(&mut f).is_empty(), "held behind the gap");
-    assert_eq!(f.poll_sync(now), Some((G, 3)));
+    assert_eq!(f.poll_sync(now), Some((G, Seq(3))));
     assert_eq!(f.poll_sync(now), None, "one sync at a time");
     f.push(entry(G, 7), now);
     f.sync_ok(G, page(G, 4..=5, true, 1), now);
     assert_eq!(group_seqs(&mut f), [4, 5, 6, 7], "the held pushes continue the page");
-    assert_eq!(f.poll_sync(now), Some((G, 7)), "has_more pages on");
+    assert_eq!(f.poll_sync(now), Some((G, Seq(7))), "has_more pages on");
     f.sync_ok(G, page(G, 8..=8, false, 1), now);
     assert_eq!(group_seqs(&mut f), [8]);
-    assert_eq!(f.cursors()[&G], 8);
+    assert_eq!(f.cursors()[&G], Seq(8));
     assert_eq!(f.next_deadline(), None);
 }
 
@@ -138,7 +141,7 @@ fn what_the_member_may_not_read_is_skipped() {
     assert_eq!(group_seqs(&mut f), [11]);
     // Trimmed by retention while away: a sync starting later is skipped to.
     f.push(entry(G, 20), now);
-    assert_eq!(f.poll_sync(now), Some((G, 11)));
+    assert_eq!(f.poll_sync(now), Some((G, Seq(11))));
     f.sync_ok(G, page(G, 15..=20, false, 15), now);
     assert_eq!(group_seqs(&mut f), [15, 16, 17, 18, 19, 20]);
 }
@@ -147,12 +150,13 @@ fn what_the_member_may_not_read_is_skipped() {
 fn sign_ins_keep_cursors_resume_from_the_application_and_end_groups_no_longer_listed() {
     let now = Instant::now();
     let mut f = Feeds::new(8, DELAY);
-    let resume = HashMap::from([(G, 30), (G + 1, 2)]);
+    let g1 = GroupId(G.0 + 1);
+    let resume = HashMap::from([(G, Seq(30)), (g1, Seq(2))]);
     // G from the application's cursor; G+1's cursor is before its join point.
-    f.signed_in(ME, &[head(G, 40, 5), head(G + 1, 9, 6)], &resume, now);
+    f.signed_in(ME, &[head(G, 40, 5), head(g1, 9, 6)], &resume, now);
     let mut subs = vec![f.poll_subscribe(now).unwrap(), f.poll_subscribe(now).unwrap()];
     subs.sort();
-    assert_eq!(subs.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(), [(G, 30), (G + 1, 6)]);
+    assert_eq!(subs.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(), [(G, Seq(30)), (g1, Seq(6))]);
     for (g, _, generation) in &subs {
         f.subscribe_ok(*g, *generation, SubscribeRoomOutput { last_seq: 40, first_seq: 1 }, now);
     }
@@ -164,19 +168,19 @@ fn sign_ins_keep_cursors_resume_from_the_application_and_end_groups_no_longer_li
     f.signed_in(ME, &[head(G, 41, 5)], &resume, now);
     let evs = events(&mut f);
     assert!(
-        matches!(&evs[..], [Event::Unsubscribed { group_id, code: ErrorCode::ErrorNotGroupMember, .. }] if *group_id == G + 1),
+        matches!(&evs[..], [Event::Unsubscribed { group_id, code: ErrorCode::ErrorNotGroupMember, .. }] if *group_id == g1),
         "{evs:?}"
     );
     let (g, after, _) = f.poll_subscribe(now).unwrap();
-    assert_eq!((g, after), (G, 31));
+    assert_eq!((g, after), (G, Seq(31)));
     assert_eq!(f.poll_subscribe(now), None);
-    assert!(!f.contains(G + 1));
+    assert!(!f.contains(g1));
 }
 
 #[test]
 fn a_removal_in_the_groups_list_is_delivered_then_ends_the_feed() {
     let (mut f, now) = subscribed(0, 0);
-    let others = Notice::GroupMembersRemoved(members(G, GroupKind::Super, vec![8], 0));
+    let others = Notice::GroupMembersRemoved(members(G, GroupKind::Super, vec![UserId(8)], 0));
     f.push(notice(G, 1, others), now);
     assert_eq!(events(&mut f).len(), 1);
     let me = Notice::GroupMembersRemoved(members(G, GroupKind::Super, vec![ME], 0));
@@ -198,7 +202,7 @@ fn entries_of_a_converted_group_before_its_conversion_are_skipped() {
     f.push(old, now);
     f.push(entry(G, 2), now);
     assert_eq!(group_seqs(&mut f), [2]);
-    assert_eq!(f.cursors()[&G], 2);
+    assert_eq!(f.cursors()[&G], Seq(2));
 }
 
 #[test]
@@ -206,11 +210,11 @@ fn rooms_keep_their_order_only_and_start_from_the_end() {
     let now = Instant::now();
     let mut f = Feeds::new(8, DELAY);
     f.signed_in(ME, &[], &HashMap::new(), now);
-    f.add_room(G, 0);
+    f.add_room(G, Seq::ZERO);
     let (_, after, generation) = f.begin_subscribe(G).unwrap();
-    assert_eq!(after, 0);
+    assert_eq!(after, Seq::ZERO);
     f.subscribe_ok(G, generation, SubscribeRoomOutput { last_seq: 10, first_seq: 3 }, now);
-    assert_eq!(f.cursors()[&G], 10, "live only");
+    assert_eq!(f.cursors()[&G], Seq(10), "live only");
     for seq in [9, 11, 13, 12, 14] {
         f.push(room_entry(G, seq), now);
     }
@@ -220,14 +224,14 @@ fn rooms_keep_their_order_only_and_start_from_the_end() {
     f.disconnected();
     f.signed_in(ME, &[], &HashMap::new(), now);
     assert!(events(&mut f).is_empty(), "rooms are not ended by a sign-in");
-    assert_eq!(f.poll_subscribe(now).map(|s| (s.0, s.1)), Some((G, 14)));
+    assert_eq!(f.poll_subscribe(now).map(|s| (s.0, s.1)), Some((G, Seq(14))));
 }
 
 #[test]
 fn refusals_end_a_feed_and_failures_retry_later_with_bounded_concurrency() {
     let now = Instant::now();
     let mut f = Feeds::new(8, DELAY);
-    let heads: Vec<GroupHead> = (1..=20).map(|g| head(g, 1, 0)).collect();
+    let heads: Vec<GroupHead> = (1..=20).map(|g| head(GroupId(g), 1, 0)).collect();
     f.signed_in(ME, &heads, &HashMap::new(), now);
     let mut sent = Vec::new();
     while let Some(s) = f.poll_subscribe(now) {
@@ -240,7 +244,7 @@ fn refusals_end_a_feed_and_failures_retry_later_with_bounded_concurrency() {
     assert!(matches!(&events(&mut f)[..], [Event::Unsubscribed { code: ErrorCode::ErrorBadRequest, .. }]));
     assert!(!f.subscribe_failed(g2, gen2, &ClientError::Timeout(DELAY), now), "a timeout is retried");
     // Two slots are free: one goes to a new group, the timed-out one waits.
-    let next: Vec<u64> = std::iter::from_fn(|| f.poll_subscribe(now)).map(|s| s.0).collect();
+    let next: Vec<GroupId> = std::iter::from_fn(|| f.poll_subscribe(now)).map(|s| s.0).collect();
     assert_eq!(next.len(), 2);
     assert!(!next.contains(&g2));
     assert_eq!(f.next_deadline(), Some(now + DELAY));
@@ -253,10 +257,10 @@ fn refusals_end_a_feed_and_failures_retry_later_with_bounded_concurrency() {
 fn a_sync_refused_for_good_ends_the_feed() {
     let (mut f, now) = subscribed(0, 5);
     f.push(entry(G, 3), now);
-    assert_eq!(f.poll_sync(now), Some((G, 0)));
+    assert_eq!(f.poll_sync(now), Some((G, Seq::ZERO)));
     f.sync_failed(G, &ClientError::ConnectionLost("x".into()), now);
     assert!(f.contains(G), "retried");
-    assert_eq!(f.poll_sync(now + DELAY), Some((G, 0)));
+    assert_eq!(f.poll_sync(now + DELAY), Some((G, Seq::ZERO)));
     f.sync_failed(G, &server(ErrorCode::ErrorNotGroupMember), now);
     assert!(!f.contains(G));
     assert!(matches!(

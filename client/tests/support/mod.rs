@@ -152,14 +152,14 @@ pub fn username(prefix: &str) -> String {
 pub async fn register(api: &NodeApi, prefix: &str) -> (String, Credentials) {
     let name = username(prefix);
     api.register(&name, PASSWORD).await.unwrap();
-    let creds = api.sign_in(&name, PASSWORD, 0).await.unwrap();
-    assert_ne!(creds.device_id, 0);
+    let creds = api.sign_in(&name, PASSWORD, None).await.unwrap();
+    assert_ne!(creds.device_id.0, 0);
     (name, creds)
 }
 
 /// Signs in another (new) device of `name`.
 pub async fn another_device(api: &NodeApi, name: &str) -> Credentials {
-    api.sign_in(name, PASSWORD, 0).await.unwrap()
+    api.sign_in(name, PASSWORD, None).await.unwrap()
 }
 
 /// Polls `f` until it returns `Some`; panics after [`WAIT`].
