@@ -18,7 +18,7 @@ use support::*;
 
 async fn propose(c: &Cluster, group_id: GroupId, op: store::op::Op) {
     let node = c.nodes.values().next().unwrap();
-    let shard = node.core.placement().unwrap().shard_of_group(group_id.0);
+    let shard = node.core.placement().unwrap().shard_of_group(group_id);
     let deadline = Instant::now() + WAIT;
     loop {
         match node.core.propose(shard, store::Op { op: Some(op.clone()) }).await {

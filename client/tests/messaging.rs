@@ -186,7 +186,7 @@ async fn send_retry_is_idempotent(kind: Kind) {
     a_in.wait_synced_after_connect(1).await;
     let input = SendInput {
         conversation_kind: ConversationKind::User as i32,
-        conversation_id: bob_id,
+        conversation_id: bob_id.0,
         client_msg_id: new_client_msg_id(),
         content_type: ContentType::Text as i32,
         content: "once".into(),
