@@ -33,6 +33,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod group;
+pub mod grpc;
 pub mod http;
 pub mod net;
 mod node;

@@ -461,6 +461,7 @@ async fn serve_internal(core: Arc<Core>, listener: TcpListener) {
     let push = PushServiceServer::with_interceptor(PushSvc { core: core.clone() }, check.clone());
     let admin = AdminServiceServer::with_interceptor(AdminSvc { core: core.clone() }, check);
     let res = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(crate::grpc::fill_rim_code))
         .add_service(raft)
         .add_service(gateway)
         .add_service(push)
@@ -490,12 +491,14 @@ fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Resul
 
 async fn serve_client(core: Arc<Core>, listener: TcpListener) {
     let svc = ClientSvc { core: core.clone() };
+    let limit = crate::grpc::MAX_CLIENT_REQUEST;
     let res = tonic::transport::Server::builder()
-        .add_service(AuthServiceServer::new(svc.clone()))
-        .add_service(UserServiceServer::new(svc.clone()))
-        .add_service(FriendServiceServer::new(svc.clone()))
-        .add_service(GroupServiceServer::new(svc.clone()))
-        .add_service(MessageServiceServer::new(svc))
+        .layer(tower::util::MapResponseLayer::new(crate::grpc::fill_rim_code))
+        .add_service(AuthServiceServer::new(svc.clone()).max_decoding_message_size(limit))
+        .add_service(UserServiceServer::new(svc.clone()).max_decoding_message_size(limit))
+        .add_service(FriendServiceServer::new(svc.clone()).max_decoding_message_size(limit))
+        .add_service(GroupServiceServer::new(svc.clone()).max_decoding_message_size(limit))
+        .add_service(MessageServiceServer::new(svc).max_decoding_message_size(limit))
         .serve_with_incoming_shutdown(incoming(listener), async move { core.stopped().await })
         .await;
     if let Err(e) = res {

@@ -110,6 +110,19 @@ impl ErrorCode {
     }
 }
 
+/// The code of an error status that a gRPC transport made itself, without
+/// a [`CODE_METADATA_KEY`] (a request above the server's size limit, an
+/// undecodable message, an unknown method): what a rim server adds to such
+/// a response so that every error carries a code. Like
+/// [`ErrorCode::from_grpc_code`], except that `OUT_OF_RANGE`, which tonic
+/// uses only for a message above the size limit, is `ERROR_FRAME_TOO_LARGE`.
+pub fn code_of_transport_status(code: tonic::Code) -> ErrorCode {
+    match code {
+        tonic::Code::OutOfRange => ErrorCode::ErrorFrameTooLarge,
+        c => ErrorCode::from_grpc_code(c),
+    }
+}
+
 /// A gRPC error status carrying `code` in [`CODE_METADATA_KEY`].
 pub fn status(code: ErrorCode, message: impl Into<String>) -> tonic::Status {
     let mut metadata = tonic::metadata::MetadataMap::new();

@@ -431,8 +431,8 @@ mod tests {
         assert_eq!(send_result(Ok(ok)), ConnSendResult { output: Some(ok), ..Default::default() });
 
         let errors = [
-            Error::NotLeader { shard: 2, leader: Some(3), addr: Some("10.0.0.3:7101".into()) },
-            Error::NotLeader { shard: 2, leader: None, addr: None },
+            Error::NotLeader { shard: ShardId(2), leader: Some(3), addr: Some("10.0.0.3:7101".into()) },
+            Error::NotLeader { shard: ShardId(2), leader: None, addr: None },
             Error::rejected(ErrorCode::ErrorUserNotFound, "user not found"),
             Error::Timeout("slow".into()),
             Error::Unavailable("no leader".into()),
@@ -452,12 +452,12 @@ mod tests {
         }
         // The hint is the leader's address (docs/protocol.md), never its node id.
         let r = send_result(Err(Error::NotLeader {
-            shard: 2,
+            shard: ShardId(2),
             leader: Some(3),
             addr: Some("10.0.0.3:7101".into()),
         }));
         assert_eq!((r.code, r.leader_addr.as_str()), (ErrorCode::ErrorNotLeader as i32, "10.0.0.3:7101"));
-        let r = send_result(Err(Error::NotLeader { shard: 2, leader: Some(3), addr: None }));
+        let r = send_result(Err(Error::NotLeader { shard: ShardId(2), leader: Some(3), addr: None }));
         assert_eq!(r.leader_addr, "", "a node id is not an address");
     }
 
