@@ -50,6 +50,7 @@ mod action;
 pub mod call;
 mod config;
 mod delivery;
+mod error;
 mod membership;
 mod notice;
 pub mod router;
@@ -60,5 +61,6 @@ pub mod upstream;
 pub mod ws;
 
 pub use call::{Call, CallError, CallId, NodeCall, NodeReply};
-pub use server::{Gateway, GatewayConfig, GatewayError};
+pub use error::{Error, Result};
+pub use server::{Gateway, GatewayConfig};
 pub use session::{Action, Identity, Phase, Session, SessionConfig};

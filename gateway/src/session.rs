@@ -92,6 +92,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use rim_proto::ErrorCode;
 use rim_proto::codec::encoded_frame_len;
+use rim_proto::ids::{DeviceId, GroupId, Seq, ShardId, UserId};
 use rim_proto::v1::{
     AckInput, Command, KickPush, ListKind, MessagePush, Packet, PushedMessage, ReadInput, RecallInput, Reply,
     SendInput, SignInInput, SyncGroupInput, SyncInput, UnsubscribeRoomInput,
@@ -117,9 +118,9 @@ enum Pending {
     GapSync,
     /// A client `SUBSCRIBE_ROOM`: replied to, then the room's backlog is
     /// synced.
-    SubscribeRoom { request_id: u64, room_id: u64 },
+    SubscribeRoom { request_id: u64, room_id: GroupId },
     /// The backlog or gap-repair sync of a subscribed room.
-    RoomSync { room_id: u64 },
+    RoomSync { room_id: GroupId },
 }
 
 /// Most rooms and super groups (together) one connection may be subscribed
@@ -138,9 +139,9 @@ struct Signed {
     list: UserList,
     /// Subscribed rooms and super groups: delivery state of each list
     /// (group seqs).
-    rooms: HashMap<u64, UserList>,
+    rooms: HashMap<GroupId, UserList>,
     /// Which of `rooms` are super groups (known once subscribed).
-    super_groups: HashSet<u64>,
+    super_groups: HashSet<GroupId>,
 }
 
 #[derive(Debug)]
@@ -219,11 +220,11 @@ impl Session {
     }
 
     /// Highest seq of the user's list delivered to the client (or known to
-    /// it at sign-in); 0 before sign-in.
-    pub fn last_delivered_seq(&self) -> u64 {
+    /// it at sign-in); [`Seq::ZERO`] before sign-in.
+    pub fn last_delivered_seq(&self) -> Seq {
         match &self.state {
-            State::SignedIn(s) => s.list.last(),
-            _ => 0,
+            State::SignedIn(s) => Seq(s.list.last()),
+            _ => Seq::ZERO,
         }
     }
 
@@ -243,8 +244,8 @@ impl Session {
 
     /// The rooms and super groups the connection is subscribed to,
     /// ascending.
-    pub fn rooms(&self) -> Vec<u64> {
-        let mut rooms: Vec<u64> = match &self.state {
+    pub fn rooms(&self) -> Vec<GroupId> {
+        let mut rooms: Vec<GroupId> = match &self.state {
             State::SignedIn(s) => s.rooms.keys().copied().collect(),
             _ => Vec::new(),
         };
@@ -254,9 +255,9 @@ impl Session {
 
     /// Highest seq of a subscribed room's list delivered to the client (or
     /// skipped: before `after_seq`, or trimmed by the room's retention).
-    pub fn last_room_seq(&self, room_id: u64) -> Option<u64> {
+    pub fn last_room_seq(&self, room_id: GroupId) -> Option<Seq> {
         match &self.state {
-            State::SignedIn(s) => s.rooms.get(&room_id).map(UserList::last),
+            State::SignedIn(s) => s.rooms.get(&room_id).map(|l| Seq(l.last())),
             _ => None,
         }
     }
@@ -403,7 +404,8 @@ impl Session {
         }
         if let State::SignedIn(s) = &mut self.state {
             let user = s.list.tick(now);
-            let rooms: Vec<u64> = s.rooms.iter_mut().filter_map(|(r, l)| l.tick(now).then_some(*r)).collect();
+            let rooms: Vec<GroupId> =
+                s.rooms.iter_mut().filter_map(|(r, l)| l.tick(now).then_some(*r)).collect();
             if user {
                 self.start_gap_sync();
             }
@@ -472,7 +474,7 @@ impl Session {
         }
         match ListKind::try_from(push.list_kind) {
             Ok(ListKind::User) => {
-                if push.owner_id != signed.id.user_id {
+                if UserId(push.owner_id) != signed.id.user_id {
                     tracing::debug!(
                         conn = self.conn_id,
                         owner = push.owner_id,
@@ -480,7 +482,7 @@ impl Session {
                     );
                     return;
                 }
-                let skip = push.skip_device_id != 0 && push.skip_device_id == signed.id.device_id;
+                let skip = skips(&push, signed.id.device_id);
                 let message = push.message.unwrap_or_default();
                 let mut out = Vec::new();
                 let sync = signed.list.push(Entry { seq: push.seq, message, send: !skip }, &mut out);
@@ -492,7 +494,7 @@ impl Session {
             Ok(ListKind::Group) => self.on_group_push(push),
             Ok(ListKind::Unspecified) | Err(_) => {
                 // Of no list: nothing to order or repair.
-                if !(push.skip_device_id != 0 && push.skip_device_id == signed.id.device_id) {
+                if !skips(&push, signed.id.device_id) {
                     self.send_push(push.seq, push.message.unwrap_or_default(), false);
                 }
             }
@@ -509,7 +511,7 @@ impl Session {
             return;
         };
         let user = s.list.resync();
-        let rooms: Vec<u64> = s.rooms.iter_mut().filter_map(|(r, l)| l.resync().then_some(*r)).collect();
+        let rooms: Vec<GroupId> = s.rooms.iter_mut().filter_map(|(r, l)| l.resync().then_some(*r)).collect();
         if user {
             self.start_gap_sync();
         }
@@ -573,7 +575,7 @@ impl Session {
                 return;
             }
         };
-        let (user_id, device_id) = (input.user_id, input.device_id);
+        let (user_id, device_id) = (UserId(input.user_id), DeviceId(input.device_id));
         self.state = State::SigningIn { held: VecDeque::new() };
         let id = self.call_as(user_id, device_id, NodeCall::SignIn(input));
         self.pending.insert(id, Pending::SignIn { request_id: packet.request_id });
@@ -599,7 +601,7 @@ impl Session {
         }
         output.heartbeat_interval_ms =
             u32::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
-        let id = Identity { user_id: output.user_id, device_id: output.device_id };
+        let id = Identity { user_id: UserId(output.user_id), device_id: DeviceId(output.device_id) };
         let held = match std::mem::replace(&mut self.state, State::Closed) {
             State::SigningIn { held } => held,
             _ => VecDeque::new(),
@@ -622,7 +624,7 @@ impl Session {
             conn_id: self.conn_id,
             user_id: id.user_id,
             device_id: id.device_id,
-            shard_id: reply.shard_id,
+            shard_id: ShardId(reply.shard_id),
         });
         self.reply_to(request_id, command, Reply::ok(output.encode_to_vec()));
         for packet in held {
@@ -657,7 +659,9 @@ impl Session {
             }
             Command::SyncGroup => self.request(packet, |i: SyncGroupInput| NodeCall::SyncGroup(i)),
             Command::UnsubscribeRoom => match UnsubscribeRoomInput::decode(packet.content.clone()) {
-                Ok(input) => self.leave_rooms(&packet, input.room_id),
+                Ok(input) => {
+                    self.leave_rooms(&packet, (input.room_id != 0).then_some(GroupId(input.room_id)))
+                }
                 Err(e) => self.reply_error(&packet, ErrorCode::ErrorBadRequest, format!("bad content: {e}")),
             },
             Command::Recall => self.request(packet, |i: RecallInput| NodeCall::Recall(i)),
@@ -814,11 +818,12 @@ impl Session {
     }
 
     fn call(&mut self, request: NodeCall) -> CallId {
-        let (user_id, device_id) = self.identity().map_or((0, 0), |i| (i.user_id, i.device_id));
+        let (user_id, device_id) =
+            self.identity().map_or((UserId(0), DeviceId(0)), |i| (i.user_id, i.device_id));
         self.call_as(user_id, device_id, request)
     }
 
-    fn call_as(&mut self, user_id: u64, device_id: u64, request: NodeCall) -> CallId {
+    fn call_as(&mut self, user_id: UserId, device_id: DeviceId, request: NodeCall) -> CallId {
         self.next_call += 1;
         let id = CallId(self.next_call);
         self.push_action(Action::Call(Call { id, conn_id: self.conn_id, user_id, device_id, request }));
@@ -854,6 +859,12 @@ impl Session {
         self.state = State::Closed;
         self.pending.clear();
     }
+}
+
+/// Whether `push` names `device` as the one to skip (it has the entry from
+/// its `SEND` reply).
+fn skips(push: &PushedMessage, device: DeviceId) -> bool {
+    push.skip_device_id != 0 && DeviceId(push.skip_device_id) == device
 }
 
 /// The `Reply` relaying a failed call.

@@ -39,6 +39,7 @@ use std::time::Instant;
 
 use prost::Message as _;
 use rim_proto::ErrorCode;
+use rim_proto::ids::GroupId;
 use rim_proto::v1::{
     Command, ConversationKind, Packet, PushPriority, PushedMessage, Reply, SubscribeRoomInput,
     SubscribeRoomOutput, SyncGroupInput, SyncOutput, UnsubscribeRoomInput,
@@ -64,7 +65,7 @@ impl Session {
             // gim: SUBSCRIBE_ROOM of room 0 leaves every room
             // (`SubscribeRoomInput.room_id`); the reply carries an empty
             // SubscribeRoomOutput.
-            return self.leave_rooms(&packet, 0);
+            return self.leave_rooms(&packet, None);
         }
         if self.requests_full() {
             return self.reply_error(&packet, ErrorCode::ErrorBusy, "too many requests in flight");
@@ -72,7 +73,8 @@ impl Session {
         let State::SignedIn(s) = &self.state else {
             return;
         };
-        if !s.rooms.contains_key(&input.room_id) && s.rooms.len() >= MAX_ROOMS_PER_CONNECTION {
+        let room_id = GroupId(input.room_id);
+        if !s.rooms.contains_key(&room_id) && s.rooms.len() >= MAX_ROOMS_PER_CONNECTION {
             let reason = format!("at most {MAX_ROOMS_PER_CONNECTION} rooms and super groups per connection");
             return self.reply_error(&packet, ErrorCode::ErrorBadRequest, reason);
         }
@@ -81,42 +83,46 @@ impl Session {
         // Held back until the backlog is read (see `finish_subscribe_room`).
         list.sync_started(id);
         if let State::SignedIn(s) = &mut self.state {
-            s.rooms.insert(input.room_id, list);
+            s.rooms.insert(room_id, list);
         }
-        let pending = Pending::SubscribeRoom { request_id: packet.request_id, room_id: input.room_id };
+        let pending = Pending::SubscribeRoom { request_id: packet.request_id, room_id };
         self.pending.insert(id, pending);
     }
 
-    /// `UNSUBSCRIBE_ROOM` (or `SUBSCRIBE_ROOM` of room 0): the room (0:
-    /// every room) is dropped here at once and from the push router by the
-    /// call, whose outcome is the reply.
-    pub(super) fn leave_rooms(&mut self, packet: &Packet, room_id: u64) {
+    /// `UNSUBSCRIBE_ROOM` (or `SUBSCRIBE_ROOM` of room 0): the room
+    /// (`None`: every room) is dropped here at once and from the push
+    /// router by the call, whose outcome is the reply.
+    pub(super) fn leave_rooms(&mut self, packet: &Packet, room: Option<GroupId>) {
         if self.requests_full() {
             return self.reply_error(packet, ErrorCode::ErrorBusy, "too many requests in flight");
         }
         if let State::SignedIn(s) = &mut self.state {
-            if room_id == 0 {
-                s.rooms.clear();
-                s.super_groups.clear();
-            } else {
-                s.rooms.remove(&room_id);
-                s.super_groups.remove(&room_id);
+            match room {
+                None => {
+                    s.rooms.clear();
+                    s.super_groups.clear();
+                }
+                Some(room_id) => {
+                    s.rooms.remove(&room_id);
+                    s.super_groups.remove(&room_id);
+                }
             }
         }
+        let room_id = room.map_or(0, |r| r.0);
         let id = self.call(NodeCall::UnsubscribeRoom(UnsubscribeRoomInput { room_id }));
         self.pending.insert(id, Pending::Request { request_id: packet.request_id, command: packet.command });
     }
 
     /// Drops a room here and, fire and forget, from the push router.
-    pub(super) fn drop_room(&mut self, room_id: u64) {
+    pub(super) fn drop_room(&mut self, room_id: GroupId) {
         if let State::SignedIn(s) = &mut self.state {
             s.rooms.remove(&room_id);
             s.super_groups.remove(&room_id);
         }
-        self.call(NodeCall::UnsubscribeRoom(UnsubscribeRoomInput { room_id }));
+        self.call(NodeCall::UnsubscribeRoom(UnsubscribeRoomInput { room_id: room_id.0 }));
     }
 
-    fn is_subscribed(&self, room_id: u64) -> bool {
+    fn is_subscribed(&self, room_id: GroupId) -> bool {
         matches!(&self.state, State::SignedIn(s) if s.rooms.contains_key(&room_id))
     }
 
@@ -124,7 +130,7 @@ impl Session {
         &mut self,
         id: CallId,
         request_id: u64,
-        room_id: u64,
+        room_id: GroupId,
         result: Result<NodeReply, CallError>,
     ) {
         let command = Command::SubscribeRoom as i32;
@@ -166,7 +172,7 @@ impl Session {
         self.start_room_sync(room_id);
     }
 
-    pub(super) fn start_room_sync(&mut self, room_id: u64) {
+    pub(super) fn start_room_sync(&mut self, room_id: GroupId) {
         let State::SignedIn(s) = &self.state else {
             return;
         };
@@ -174,7 +180,7 @@ impl Session {
             return;
         };
         let input = SyncGroupInput {
-            group_id: room_id,
+            group_id: room_id.0,
             after_group_seq: list.last(),
             limit: self.config.resync_batch,
         };
@@ -191,7 +197,7 @@ impl Session {
         &mut self,
         now: Instant,
         id: CallId,
-        room_id: u64,
+        room_id: GroupId,
         result: Result<NodeReply, CallError>,
     ) {
         let delay = self.config.resync_retry_delay;
@@ -222,7 +228,7 @@ impl Session {
             Ok(other) => {
                 tracing::warn!(
                     conn = self.conn_id,
-                    room = room_id,
+                    room = %room_id,
                     ?other,
                     "room sync got a reply of the wrong kind"
                 );
@@ -230,12 +236,12 @@ impl Session {
                 false
             }
             Err(e) if !e.code.is_retryable() => {
-                tracing::info!(conn = self.conn_id, room = room_id, error = %e, "room cannot be read; unsubscribed");
+                tracing::info!(conn = self.conn_id, room = %room_id, error = %e, "room cannot be read; unsubscribed");
                 self.drop_room(room_id);
                 return;
             }
             Err(e) => {
-                tracing::debug!(conn = self.conn_id, room = room_id, error = %e, "room sync failed; retrying");
+                tracing::debug!(conn = self.conn_id, room = %room_id, error = %e, "room sync failed; retrying");
                 list.sync_failed(now, delay);
                 false
             }
@@ -270,11 +276,11 @@ impl Session {
         let State::SignedIn(s) = &mut self.state else {
             return;
         };
-        let room_id = push.owner_id;
+        let room_id = GroupId(push.owner_id);
         let user_id = s.id.user_id;
-        let skip = push.skip_device_id != 0 && push.skip_device_id == s.id.device_id;
+        let skip = super::skips(&push, s.id.device_id);
         let Some(list) = s.rooms.get_mut(&room_id) else {
-            tracing::trace!(conn = self.conn_id, group = room_id, "push of a list not subscribed dropped");
+            tracing::trace!(conn = self.conn_id, group = %room_id, "push of a list not subscribed dropped");
             return;
         };
         let message = push.message.unwrap_or_default();
@@ -304,7 +310,7 @@ impl Session {
     /// ends the user's membership the subscription is dropped and the rest
     /// are not sent. `high`: the entries may not be skipped for a slow
     /// connection (backlog and gap repair, or a high-priority push).
-    fn deliver_group(&mut self, room_id: u64, entries: Vec<Entry>, high: bool) {
+    fn deliver_group(&mut self, room_id: GroupId, entries: Vec<Entry>, high: bool) {
         let State::SignedIn(s) = &self.state else {
             return;
         };
@@ -319,7 +325,7 @@ impl Session {
                 self.send_push(entry.seq, entry.message, droppable);
             }
             if ends {
-                tracing::debug!(conn = self.conn_id, group = room_id, "membership ended; unsubscribed");
+                tracing::debug!(conn = self.conn_id, group = %room_id, "membership ended; unsubscribed");
                 self.drop_room(room_id);
                 return;
             }
