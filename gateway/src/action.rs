@@ -1,4 +1,7 @@
 //! What a session asks its driver to do, and how it describes itself.
+//!
+//! Invariants: users, devices and shards are named with the id types of
+//! [`rim_proto::ids`]; [`Action::Close`] is always a session's last action.
 
 use rim_proto::ErrorCode;
 use rim_proto::ids::{DeviceId, ShardId, UserId};

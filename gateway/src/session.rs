@@ -58,7 +58,8 @@
 //!   `groups` child module): a connection may be subscribed to at most
 //!   [`MAX_ROOMS_PER_CONNECTION`] rooms and super groups together. The
 //!   subscription is kept by the push router (the [`Call`] of the request
-//!   goes to it, see [`NodeCall::SubscribeRoom`]); once it is in place the
+//!   goes to it, not to a node: see [`NodeCall::SubscribeRoom`] and
+//!   [`PushRouter::call`](crate::router::PushRouter::call)); once it is in place the
 //!   client gets `SubscribeRoomOutput`, then the list's entries after
 //!   `after_seq` (`after_seq` 0: live only for a room, from the member's
 //!   join point for a super group), then live entries, each once and in
@@ -81,6 +82,10 @@
 //!   than wait. Normal-priority room pushes are skipped instead.
 //! * A kick sends a `KICK` push, then closes. After the close, inputs are
 //!   ignored.
+//! * Ids: the session's public surface (its [`Identity`], [`Action`]s,
+//!   [`Call`]s, [`Session::rooms`], the seqs it reports) uses the id types
+//!   of [`rim_proto::ids`]; the packets it decodes and encodes keep the
+//!   wire's integers, converted once where a field is read.
 
 mod groups;
 mod online;
@@ -223,7 +228,7 @@ impl Session {
     /// it at sign-in); [`Seq::ZERO`] before sign-in.
     pub fn last_delivered_seq(&self) -> Seq {
         match &self.state {
-            State::SignedIn(s) => Seq(s.list.last()),
+            State::SignedIn(s) => s.list.last(),
             _ => Seq::ZERO,
         }
     }
@@ -257,7 +262,7 @@ impl Session {
     /// skipped: before `after_seq`, or trimmed by the room's retention).
     pub fn last_room_seq(&self, room_id: GroupId) -> Option<Seq> {
         match &self.state {
-            State::SignedIn(s) => s.rooms.get(&room_id).map(|l| Seq(l.last())),
+            State::SignedIn(s) => s.rooms.get(&room_id).map(UserList::last),
             _ => None,
         }
     }
@@ -485,7 +490,7 @@ impl Session {
                 let skip = skips(&push, signed.id.device_id);
                 let message = push.message.unwrap_or_default();
                 let mut out = Vec::new();
-                let sync = signed.list.push(Entry { seq: push.seq, message, send: !skip }, &mut out);
+                let sync = signed.list.push(Entry { seq: Seq(push.seq), message, send: !skip }, &mut out);
                 self.deliver(out);
                 if sync {
                     self.start_gap_sync();
@@ -495,7 +500,7 @@ impl Session {
             Ok(ListKind::Unspecified) | Err(_) => {
                 // Of no list: nothing to order or repair.
                 if !skips(&push, signed.id.device_id) {
-                    self.send_push(push.seq, push.message.unwrap_or_default(), false);
+                    self.send_push(Seq(push.seq), push.message.unwrap_or_default(), false);
                 }
             }
         }
@@ -611,7 +616,7 @@ impl Session {
         self.last_activity = self.last_activity.max(now);
         self.state = State::SignedIn(Box::new(Signed {
             id,
-            list: UserList::new(output.last_seq, self.config.push_buffer_limit),
+            list: UserList::new(Seq(output.last_seq), self.config.push_buffer_limit),
             rooms: HashMap::new(),
             super_groups: HashSet::new(),
         }));
@@ -710,7 +715,7 @@ impl Session {
         let State::SignedIn(s) = &self.state else {
             return;
         };
-        let after_seq = s.list.last();
+        let after_seq = s.list.last().0;
         let id = self.call(NodeCall::Sync(SyncInput { after_seq, limit: self.config.resync_batch }));
         self.pending.insert(id, Pending::GapSync);
         if let State::SignedIn(s) = &mut self.state {
@@ -766,15 +771,16 @@ impl Session {
     /// Sends a `MESSAGE` push of a stored entry. A `droppable` push that
     /// does not fit in the send queue is dropped; any other closes the
     /// session instead.
-    fn send_push(&mut self, seq: u64, message: Message, droppable: bool) {
+    fn send_push(&mut self, seq: Seq, message: Message, droppable: bool) {
         let content = MessagePush { message: Some(message), persisted: true }.encode_to_vec();
-        let packet = Packet { request_id: 0, command: Command::Message as i32, content: content.into(), seq };
+        let packet =
+            Packet { request_id: 0, command: Command::Message as i32, content: content.into(), seq: seq.0 };
         if packet.encoded_len() > self.config.max_frame {
             let reason = format!("push of seq {seq} exceeds the maximum frame");
             return self.close(ErrorCode::ErrorInternal, reason);
         }
         if droppable && self.queued_bytes + encoded_frame_len(&packet) > self.config.send_queue_limit {
-            tracing::debug!(conn = self.conn_id, seq, "normal-priority push dropped for a slow connection");
+            tracing::debug!(conn = self.conn_id, %seq, "normal-priority push dropped for a slow connection");
             return;
         }
         self.send(packet);

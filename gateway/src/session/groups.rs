@@ -11,7 +11,10 @@
 //!
 //! * Membership: the node refuses a non-member's `SyncGroup` with
 //!   `ERROR_NOT_GROUP_MEMBER`, which fails the subscription (see
-//!   [`Upstream`](crate::upstream::Upstream)).
+//!   [`PushRouter::call`](crate::router::PushRouter::call)).
+//!
+//! Subscribed lists are keyed by [`GroupId`]; room 0 of the protocol
+//! ("every room") is `None` here, never `GroupId(0)`.
 //! * `after_seq` 0 means "from the member's join point" for a super group
 //!   (everything the member may read), but "live only" for a room.
 //! * Priority: live room entries of normal priority are skipped rather
@@ -39,7 +42,7 @@ use std::time::Instant;
 
 use prost::Message as _;
 use rim_proto::ErrorCode;
-use rim_proto::ids::GroupId;
+use rim_proto::ids::{GroupId, Seq};
 use rim_proto::v1::{
     Command, ConversationKind, Packet, PushPriority, PushedMessage, Reply, SubscribeRoomInput,
     SubscribeRoomOutput, SyncGroupInput, SyncOutput, UnsubscribeRoomInput,
@@ -51,9 +54,9 @@ use crate::delivery::{Entry, UserList};
 use crate::membership;
 
 impl Session {
-    /// `SUBSCRIBE_ROOM`: the call goes to the push router (through the
-    /// upstream); live pushes of the room are held back from now until its
-    /// backlog has been read.
+    /// `SUBSCRIBE_ROOM`: the call goes to the push router
+    /// ([`PushRouter::call`](crate::router::PushRouter::call)); live pushes
+    /// of the room are held back from now until its backlog has been read.
     pub(super) fn subscribe_room(&mut self, packet: Packet) {
         let input = match SubscribeRoomInput::decode(packet.content.clone()) {
             Ok(input) => input,
@@ -79,7 +82,7 @@ impl Session {
             return self.reply_error(&packet, ErrorCode::ErrorBadRequest, reason);
         }
         let id = self.call(NodeCall::SubscribeRoom(input));
-        let mut list = UserList::new(input.after_seq, self.config.group_push_buffer_limit);
+        let mut list = UserList::new(Seq(input.after_seq), self.config.group_push_buffer_limit);
         // Held back until the backlog is read (see `finish_subscribe_room`).
         list.sync_started(id);
         if let State::SignedIn(s) = &mut self.state {
@@ -181,7 +184,7 @@ impl Session {
         };
         let input = SyncGroupInput {
             group_id: room_id.0,
-            after_group_seq: list.last(),
+            after_group_seq: list.last().0,
             limit: self.config.resync_batch,
         };
         let id = self.call(NodeCall::SyncGroup(input));
@@ -214,7 +217,7 @@ impl Session {
         let again = match result {
             Ok(NodeReply::SyncGroup(output)) => {
                 // Entries trimmed by the room's retention are skipped.
-                let floor = output.first_group_seq.saturating_sub(1);
+                let floor = Seq(output.first_group_seq.saturating_sub(1));
                 if list.last() < floor {
                     list.restart_at(floor);
                 }
@@ -287,15 +290,16 @@ impl Session {
         let ends = membership::ends(&message, room_id, user_id);
         let last_word = ends.then(|| message.clone());
         let mut out = Vec::new();
-        let sync = list.push(Entry { seq: push.seq, message, send: !skip }, &mut out);
-        let caught_up = list.last() >= push.seq;
+        let seq = Seq(push.seq);
+        let sync = list.push(Entry { seq, message, send: !skip }, &mut out);
+        let caught_up = list.last() >= seq;
         let high = push.priority == PushPriority::High as i32;
         self.deliver_group(room_id, out, high);
         if let Some(message) = last_word.filter(|_| !caught_up && self.is_subscribed(room_id)) {
             // The member can no longer read the list: the gap before this
             // entry cannot be repaired, but the client must learn of the end.
             if !skip {
-                self.send_push(push.seq, message, false);
+                self.send_push(seq, message, false);
             }
             self.drop_room(room_id);
             return;
@@ -336,9 +340,10 @@ impl Session {
 /// Where a subscription's delivery starts: after the client's `after_seq`
 /// (0: the room's end, or a super group's join point), never past the
 /// list's end, never before its first readable entry.
-fn start_after(after: u64, output: &SubscribeRoomOutput, super_group: bool) -> u64 {
-    let start = if after == 0 && !super_group { output.last_seq } else { after.min(output.last_seq) };
-    start.max(output.first_seq.saturating_sub(1))
+fn start_after(after: Seq, output: &SubscribeRoomOutput, super_group: bool) -> Seq {
+    let last = Seq(output.last_seq);
+    let start = if after == Seq::ZERO && !super_group { last } else { after.min(last) };
+    start.max(Seq(output.first_seq.saturating_sub(1)))
 }
 
 #[cfg(test)]
@@ -348,10 +353,10 @@ mod tests {
     #[test]
     fn start_after_clamps_to_the_readable_range() {
         let out = SubscribeRoomOutput { last_seq: 10, first_seq: 4 };
-        assert_eq!(start_after(0, &out, false), 10, "a room: live only");
-        assert_eq!(start_after(0, &out, true), 3, "a super group: from the join point");
-        assert_eq!(start_after(2, &out, true), 3);
-        assert_eq!(start_after(7, &out, false), 7);
-        assert_eq!(start_after(99, &out, true), 10);
+        assert_eq!(start_after(Seq(0), &out, false), Seq(10), "a room: live only");
+        assert_eq!(start_after(Seq(0), &out, true), Seq(3), "a super group: from the join point");
+        assert_eq!(start_after(Seq(2), &out, true), Seq(3));
+        assert_eq!(start_after(Seq(7), &out, false), Seq(7));
+        assert_eq!(start_after(Seq(99), &out, true), Seq(10));
     }
 }
