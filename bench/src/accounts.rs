@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, UserId};
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::{
     DeviceInfo, RegisterDeviceRequest, RegisterRequest, SignInByPhoneRequest, SignInRequest,
@@ -28,9 +29,9 @@ const DEADLINE: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct Cred {
     /// User id.
-    pub user: u64,
+    pub user: UserId,
     /// Device id.
-    pub device: u64,
+    pub device: DeviceId,
     /// Token for `SIGN_IN` and gRPC metadata.
     pub token: String,
 }
@@ -172,7 +173,7 @@ pub async fn users(api: &Arc<Api>, prefix: &str, n: usize, concurrency: usize) -
             })
             .await?;
             done.fetch_add(1, Ordering::Relaxed);
-            Ok(Cred { user: r.user_id, device: r.device_id, token: r.token })
+            Ok(Cred { user: UserId(r.user_id), device: DeviceId(r.device_id), token: r.token })
         }
     })
     .await;
@@ -211,7 +212,7 @@ pub async fn phone_users(
             })
             .await?;
             done.fetch_add(1, Ordering::Relaxed);
-            Ok(Cred { user: r.user_id, device: r.device_id, token: r.token })
+            Ok(Cred { user: UserId(r.user_id), device: DeviceId(r.device_id), token: r.token })
         }
     })
     .await;
@@ -250,8 +251,8 @@ pub async fn devices(
                     device: Some(DeviceInfo { model: "rim-bench".into(), ..Default::default() }),
                 });
                 let md = req.metadata_mut();
-                md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, owner.user.into());
-                md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, owner.device.into());
+                md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, owner.user.0.into());
+                md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, owner.device.0.into());
                 let token = owner.token.parse();
                 async move {
                     req.metadata_mut().insert(
@@ -263,13 +264,13 @@ pub async fn devices(
             })
             .await?;
             done.fetch_add(1, Ordering::Relaxed);
-            Ok(Cred { user: owner.user, device: r.device_id, token: r.token })
+            Ok(Cred { user: owner.user, device: DeviceId(r.device_id), token: r.token })
         }
     })
     .await;
     progress.finish().await;
     let mut out: Vec<Vec<Cred>> = owners.iter().map(|o| vec![o.clone()]).collect();
-    let by_user: std::collections::HashMap<u64, usize> =
+    let by_user: std::collections::HashMap<UserId, usize> =
         owners.iter().enumerate().map(|(i, o)| (o.user, i)).collect();
     for c in r? {
         out[by_user[&c.user]].push(c);

@@ -194,8 +194,8 @@ pub async fn run(args: &FailoverArgs, target: &Target) -> anyhow::Result<Outcome
     for i in 0..p {
         let (sender, recipient) = (users[2 * i].clone(), users[2 * i + 1].clone());
         pairs.push(Pair {
-            sender_shard: placement.shard_of_user(sender.user),
-            recipient_shard: placement.shard_of_user(recipient.user),
+            sender_shard: placement.shard_of_user(sender.user).0,
+            recipient_shard: placement.shard_of_user(recipient.user).0,
             sender,
             recipient,
         });

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use rim_proto::ids::{GroupId, UserId};
 use rim_proto::v1::group_service_client::GroupServiceClient;
 use rim_proto::v1::{
     AddGroupMembersRequest, Command, ConversationKind, CreateGroupRequest, GroupKind, SendInput,
@@ -120,8 +121,8 @@ fn authed<T>(c: &Cred, msg: T) -> anyhow::Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(Duration::from_secs(30));
     let md = r.metadata_mut();
-    md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, c.user.into());
-    md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, c.device.into());
+    md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, c.user.0.into());
+    md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, c.device.0.into());
     md.insert(
         rim_proto::metadata::TOKEN_METADATA_KEY,
         c.token.parse().context("token is not valid metadata")?,
@@ -133,7 +134,7 @@ fn authed<T>(c: &Cred, msg: T) -> anyhow::Result<tonic::Request<T>> {
 /// batches. Returns the group id.
 async fn create_group(api: &Api, kind: Kind, users: &[Cred]) -> anyhow::Result<u64> {
     let owner = &users[0];
-    let ids: Vec<u64> = users[1..].iter().map(|c| c.user).collect();
+    let ids: Vec<u64> = users[1..].iter().map(|c| c.user.0).collect();
     let (first, rest) = ids.split_at(ids.len().min(MEMBERS_PER_CALL - 1));
     let req = CreateGroupRequest {
         kind: match kind {
@@ -167,7 +168,7 @@ fn send_group_input(kind: Kind, group: u64, client_msg_id: &str, text: &[u8]) ->
         Kind::Small => ConversationKind::Group,
         Kind::Super => ConversationKind::SuperGroup,
     };
-    SendInput { conversation_kind: kind as i32, ..wire::send_input(group, client_msg_id, text) }
+    wire::send_group_input(kind, GroupId(group), client_msg_id, text)
 }
 
 /// Runs the scenario.
@@ -388,7 +389,13 @@ async fn subscribe_all(conns: Vec<Connected>, group: u64) -> anyhow::Result<Vec<
 /// Reads one member's connection: `MESSAGE` pushes of the sender's group
 /// messages (delivery latency), and on the sender's own connection the
 /// `SEND_GROUP` replies (ack latency).
-async fn read_member(mut rd: OwnedReadHalf, mut reader: Reader, is_sender: bool, sender: u64, run: Arc<Run>) {
+async fn read_member(
+    mut rd: OwnedReadHalf,
+    mut reader: Reader,
+    is_sender: bool,
+    sender: UserId,
+    run: Arc<Run>,
+) {
     loop {
         let p = match reader.next(&mut rd).await {
             Ok(Some(p)) => p,

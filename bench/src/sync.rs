@@ -166,7 +166,7 @@ pub async fn run(args: &SyncArgs, target: &Target) -> anyhow::Result<Outcome> {
         total,
         prefix.clone(),
         args.size,
-        recipients.iter().map(|c| c.user).collect(),
+        recipients.iter().map(|c| c.user.0).collect(),
     ));
     let progress = {
         let fill = fill.clone();
@@ -316,8 +316,8 @@ fn outcome(
         .take(MAX_LISTED_DEVICES)
         .map(|d| {
             Json::obj()
-                .with("user_id", d.user)
-                .with("device_id", d.device)
+                .with("user_id", d.user.0)
+                .with("device_id", d.device.0)
                 .with("complete", d.complete(x))
                 .with("expected", x)
                 .with("received", d.received)

@@ -16,6 +16,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use prost::Message as _;
 use rim_proto::codec::{FrameDecoder, encode_frame};
+use rim_proto::ids::{DeviceId, GroupId, UserId};
 use rim_proto::v1::{
     Command, ContentType, ConversationKind, KickPush, Message, MessagePush, Packet, Reply, SendInput,
     SignInInput, SignInOutput,
@@ -55,15 +56,29 @@ pub fn reply(content: &Bytes) -> anyhow::Result<Reply> {
 }
 
 /// `SIGN_IN` content.
-pub fn sign_in_input(user: u64, device: u64, token: &str) -> SignInInput {
-    SignInInput { user_id: user, device_id: device, token: token.to_string() }
+pub fn sign_in_input(user: UserId, device: DeviceId, token: &str) -> SignInInput {
+    SignInInput { user_id: user.0, device_id: device.0, token: token.to_string() }
 }
 
 /// `SEND` content: a 1:1 text message.
-pub fn send_input(to: u64, client_msg_id: &str, text: &[u8]) -> SendInput {
+pub fn send_input(to: UserId, client_msg_id: &str, text: &[u8]) -> SendInput {
+    text_input(ConversationKind::User, to.0, client_msg_id, text)
+}
+
+/// `SEND_GROUP` content: a text message to a group of `kind`.
+pub fn send_group_input(
+    kind: ConversationKind,
+    group: GroupId,
+    client_msg_id: &str,
+    text: &[u8],
+) -> SendInput {
+    text_input(kind, group.0, client_msg_id, text)
+}
+
+fn text_input(kind: ConversationKind, conversation_id: u64, client_msg_id: &str, text: &[u8]) -> SendInput {
     SendInput {
-        conversation_kind: ConversationKind::User as i32,
-        conversation_id: to,
+        conversation_kind: kind as i32,
+        conversation_id,
         client_msg_id: client_msg_id.to_string(),
         content_type: ContentType::Text as i32,
         content: Bytes::copy_from_slice(text),
@@ -79,8 +94,8 @@ pub fn pushed_message(push: &Bytes) -> Option<Message> {
 /// The send time stamped as the first word of the text of a `MessagePush`
 /// from `sender` (how `send` and `fanout` measure delivery), or `None` for
 /// another sender's or an unstamped message.
-pub fn stamp_from(push: &Bytes, sender: u64) -> Option<u64> {
-    let m = pushed_message(push).filter(|m| m.sender_user_id == sender)?;
+pub fn stamp_from(push: &Bytes, sender: UserId) -> Option<u64> {
+    let m = pushed_message(push).filter(|m| m.sender_user_id == sender.0)?;
     std::str::from_utf8(m.content.split(|b| *b == b' ').next()?).ok()?.parse().ok()
 }
 
@@ -165,8 +180,8 @@ impl std::fmt::Display for SignInError {
 pub async fn sign_in<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     reader: &mut Reader,
-    user: u64,
-    device: u64,
+    user: UserId,
+    device: DeviceId,
     token: &str,
     timeout: Duration,
 ) -> Result<Duration, SignInError> {
@@ -195,7 +210,7 @@ pub async fn sign_in<S: AsyncRead + AsyncWrite + Unpin>(
 /// A signed-in connection.
 pub struct Connected {
     /// The user whose device signed in.
-    pub user: u64,
+    pub user: UserId,
     /// The connection.
     pub stream: TcpStream,
     /// Its reading side's frame decoder.
@@ -269,8 +284,8 @@ mod tests {
     /// content as the same messages, also when the bytes arrive one at a time.
     #[tokio::test]
     async fn packets_round_trip() {
-        let sign_in = sign_in_input(10001, 20001, "tk");
-        let send = send_input(7, "c-1", b"123 hello");
+        let sign_in = sign_in_input(UserId(10001), DeviceId(20001), "tk");
+        let send = send_input(UserId(7), "c-1", b"123 hello");
         let mut wire = request_frame(1, Command::SignIn, &sign_in);
         wire.extend(request_frame(u64::MAX, Command::Send, &send));
         wire.extend(request_frame(3, Command::Heartbeat, &()));
@@ -299,11 +314,11 @@ mod tests {
             Message { sender_user_id: 12, seq: 3, content: Bytes::from_static(b"t=5"), ..Message::default() };
         let push: Bytes = MessagePush { message: Some(m.clone()), persisted: true }.encode_to_vec().into();
         assert_eq!(pushed_message(&push), Some(m.clone()));
-        assert_eq!(stamp_from(&push, 12), None, "no stamp");
+        assert_eq!(stamp_from(&push, UserId(12)), None, "no stamp");
         let stamped = Message { content: Bytes::from_static(b"42 xx"), ..m };
         let stamped: Bytes = MessagePush { message: Some(stamped), persisted: true }.encode_to_vec().into();
-        assert_eq!(stamp_from(&stamped, 12), Some(42));
-        assert_eq!(stamp_from(&stamped, 13), None, "another sender");
+        assert_eq!(stamp_from(&stamped, UserId(12)), Some(42));
+        assert_eq!(stamp_from(&stamped, UserId(13)), None, "another sender");
         let kick = KickPush { code: ErrorCode::ErrorKicked as i32, reason: String::new() };
         assert_eq!(kick_code(&kick.encode_to_vec().into()), ErrorCode::ErrorKicked as i32);
     }

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use rim_proto::ids::NodeId;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -20,7 +21,7 @@ use crate::error::{Error, Result};
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     /// This node's id (≥ 1, unique in the cluster, never reused).
-    pub id: u64,
+    pub id: NodeId,
     /// Data directory (RocksDB and snapshots).
     pub data: PathBuf,
     /// Internal listener: Raft, gateway and admin gRPC (cluster secret required).
@@ -33,14 +34,14 @@ pub struct NodeConfig {
     pub bootstrap: bool,
     /// Initial members for `bootstrap`: node id → internal address.
     #[serde(with = "peers_serde")]
-    pub peers: BTreeMap<u64, String>,
+    pub peers: BTreeMap<NodeId, String>,
     /// Dial these peers at these addresses instead of the addresses the
     /// cluster knows them by (Raft membership, cluster map): node id →
     /// address. Only this node's outgoing internal calls use it, so a test
     /// harness can route each link through its own proxy while gateways,
     /// hints and the membership keep the real addresses. Empty in production.
     #[serde(with = "peers_serde")]
-    pub peer_via: BTreeMap<u64, String>,
+    pub peer_via: BTreeMap<NodeId, String>,
     /// Internal address of a running node to join (new node, empty data dir).
     pub join: Option<String>,
     /// Data shards of a new cluster.

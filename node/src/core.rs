@@ -24,10 +24,10 @@ use prost::Message as _;
 use rim_cluster::Backoff;
 use rim_cluster::{Placement, TokenKey};
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, GroupId, NodeId, ShardId, UserId};
 use rim_proto::store::{self, Op, OpResult, Proposal, ProposalResult, op::Op as O};
 use rim_proto::v1::raft_service_client::RaftServiceClient;
 use rim_proto::v1::{OnlinePush, RaftReply, RaftRequest};
-use rim_raft_store::ShardId;
 
 use crate::auth::CodeVerifier;
 use crate::config::NodeConfig;
@@ -35,8 +35,7 @@ use crate::error::{Error, Result};
 use crate::group::{Group, now_ms};
 use crate::net::{CallError, Peers};
 
-/// The meta group's shard id.
-pub const META: ShardId = ShardId(0);
+pub use rim_cluster::META_SHARD as META;
 
 /// Where [`Core::on_leader`] runs an attempt.
 #[derive(Debug, Clone)]
@@ -44,7 +43,7 @@ pub enum Target {
     /// This node leads the group.
     Local(Arc<Group>),
     /// The node with this id is believed to lead it (or hosts it).
-    Remote(u64),
+    Remote(NodeId),
 }
 
 /// Ids handed out locally from blocks reserved in the meta group.
@@ -61,7 +60,7 @@ pub struct Core {
     /// Connections to peers.
     pub peers: Peers,
     /// Hosted groups by shard id.
-    pub groups: RwLock<BTreeMap<u32, Arc<Group>>>,
+    pub groups: RwLock<BTreeMap<ShardId, Arc<Group>>>,
     /// Latest cluster map known here.
     pub placement: RwLock<Option<Arc<Placement>>>,
     /// Token signing key (from the cluster secret).
@@ -105,12 +104,12 @@ impl Core {
     }
 
     /// This node's id.
-    pub fn id(&self) -> u64 {
+    pub fn id(&self) -> NodeId {
         self.config.id
     }
 
     /// A hosted group.
-    pub fn group(&self, shard: u32) -> Option<Arc<Group>> {
+    pub fn group(&self, shard: ShardId) -> Option<Arc<Group>> {
         self.groups.read().expect("groups lock").get(&shard).cloned()
     }
 
@@ -130,7 +129,7 @@ impl Core {
 
     /// Re-reads the cluster map from the local meta replica if it is newer.
     pub fn refresh_placement(&self) -> Result<()> {
-        let Some(meta) = self.group(META.0) else { return Ok(()) };
+        let Some(meta) = self.group(META) else { return Ok(()) };
         let Some(map) = meta.reader.cluster_map()? else { return Ok(()) };
         let mut cur = self.placement.write().expect("placement lock");
         if cur.as_ref().is_none_or(|p| p.version() < map.version) {
@@ -153,7 +152,7 @@ impl Core {
             Placement::new(map.clone())
                 .map_err(|e| Error::rejected(ErrorCode::ErrorBadRequest, e.to_string()))?;
             let op = Op { op: Some(O::SetClusterMap(store::SetClusterMap { map: Some(map.clone()) })) };
-            match self.propose(META.0, op).await {
+            match self.propose(META, op).await {
                 Ok(_) => {
                     self.refresh_placement()?;
                     return Ok(map.version);
@@ -166,13 +165,13 @@ impl Core {
     }
 
     /// The shard of a user.
-    pub fn shard_of_user(&self, user: u64) -> Result<u32> {
+    pub fn shard_of_user(&self, user: UserId) -> Result<ShardId> {
         Ok(self.placement()?.shard_of_user(user))
     }
 
     /// Proposes `op` on `shard`, wherever its leader is; returns the op's
     /// result, with rejections turned into [`Error::Rejected`].
-    pub async fn propose(&self, shard: u32, op: Op) -> Result<OpResult> {
+    pub async fn propose(&self, shard: ShardId, op: Op) -> Result<OpResult> {
         let r = self.propose_raw(shard, op).await?;
         match ErrorCode::try_from(r.code) {
             Ok(ErrorCode::Ok) => Ok(r),
@@ -182,7 +181,7 @@ impl Core {
     }
 
     /// Like [`Core::propose`] but returns rejections as results.
-    pub async fn propose_raw(&self, shard: u32, op: Op) -> Result<OpResult> {
+    pub async fn propose_raw(&self, shard: ShardId, op: Op) -> Result<OpResult> {
         self.on_leader(shard, "write", |target, left| {
             let op = op.clone();
             async move {
@@ -205,13 +204,13 @@ impl Core {
     /// replication factor), the leader is first the map's hint, then each
     /// voter of the map in turn: a voter that does not lead answers with a
     /// hint or `Unavailable`.
-    pub async fn on_leader<T, F, Fut>(&self, shard: u32, what: &str, mut attempt: F) -> Result<T>
+    pub async fn on_leader<T, F, Fut>(&self, shard: ShardId, what: &str, mut attempt: F) -> Result<T>
     where
         F: FnMut(Target, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
         let mut backoff = Backoff::within(self.timeout);
-        let mut hint: Option<u64> = None;
+        let mut hint: Option<NodeId> = None;
         let mut round = 0usize;
         loop {
             let left = backoff.left();
@@ -233,7 +232,7 @@ impl Core {
             match outcome {
                 Err(Error::NotLeader { leader: Some(l), .. }) if Some(l) != leader => hint = Some(l),
                 Err(e) if rim_cluster::retryable(e.code()) => {
-                    tracing::debug!(shard, what, error = %e, "retrying at the leader");
+                    tracing::debug!(%shard, what, error = %e, "retrying at the leader");
                     backoff.wait().await;
                 }
                 other => return other,
@@ -243,20 +242,20 @@ impl Core {
 
     /// For a group not hosted here: the map's leader hint on the first
     /// round, then the group's voters in turn.
-    fn guess_leader(&self, shard: u32, round: usize) -> Option<u64> {
+    fn guess_leader(&self, shard: ShardId, round: usize) -> Option<NodeId> {
         let p = self.placement().ok()?;
         if round == 0
             && let Some(n) = p.leader_hint(shard)
         {
             return Some(n.node_id);
         }
-        let voters: Vec<u64> = p.replicas_of(shard).into_iter().filter(|v| *v != self.id()).collect();
+        let voters: Vec<NodeId> = p.replicas_of(shard).into_iter().filter(|v| *v != self.id()).collect();
         (!voters.is_empty()).then(|| voters[round % voters.len()])
     }
 
     /// The internal address of node `node`: from any hosted group's
     /// membership, else from the cluster map.
-    pub fn node_addr(&self, shard: u32, node: u64) -> Option<String> {
+    pub fn node_addr(&self, shard: ShardId, node: NodeId) -> Option<String> {
         if let Some(a) = self.group(shard).and_then(|g| g.member_addr(node)) {
             return Some(a);
         }
@@ -270,8 +269,8 @@ impl Core {
     /// payload when it is OK, else the reply's code as an [`Error`].
     pub(crate) async fn call_peer<F, Fut>(
         &self,
-        shard: u32,
-        node: u64,
+        shard: ShardId,
+        node: NodeId,
         payload: Vec<u8>,
         left: Duration,
         rpc: F,
@@ -284,7 +283,7 @@ impl Core {
             .node_addr(shard, node)
             .ok_or_else(|| Error::Unavailable(format!("no address for node {node}")))?;
         let req = RaftRequest {
-            group_id: shard,
+            group_id: shard.0,
             payload: payload.into(),
             target_node_id: node,
             from_node_id: self.id(),
@@ -303,7 +302,13 @@ impl Core {
         }
     }
 
-    async fn propose_remote(&self, shard: u32, node: u64, op: &Op, left: Duration) -> Result<OpResult> {
+    async fn propose_remote(
+        &self,
+        shard: ShardId,
+        node: NodeId,
+        op: &Op,
+        left: Duration,
+    ) -> Result<OpResult> {
         let payload = Proposal { now_ms: 0, ops: vec![op.clone()] }.encode_to_vec();
         let reply = self
             .call_peer(shard, node, payload, left, |mut c, msg| async move { c.propose(msg).await })
@@ -316,7 +321,7 @@ impl Core {
     /// Returns the local replica of `shard` once it reflects every write
     /// acknowledged before this call (a linearizable read), or at once with
     /// follower reads (or the `stale_reads` sabotage) on.
-    pub async fn read_barrier(&self, shard: u32) -> Result<Arc<Group>> {
+    pub async fn read_barrier(&self, shard: ShardId) -> Result<Arc<Group>> {
         let group = self
             .group(shard)
             .ok_or_else(|| Error::Unavailable(format!("group {shard} is not hosted here")))?;
@@ -336,7 +341,7 @@ impl Core {
         Ok(group)
     }
 
-    async fn read_index_remote(&self, shard: u32, node: u64, left: Duration) -> Result<u64> {
+    async fn read_index_remote(&self, shard: ShardId, node: NodeId, left: Duration) -> Result<u64> {
         let reply = self
             .call_peer(shard, node, Vec::new(), left, |mut c, msg| async move { c.read_index(msg).await })
             .await?;
@@ -349,7 +354,7 @@ impl Core {
     /// following leader hints until the request deadline. Nothing is
     /// stored: connections that are not online when it arrives miss it.
     /// A retry after a timeout may deliver it twice.
-    pub async fn push_online(&self, shard: u32, push: OnlinePush) -> Result<()> {
+    pub async fn push_online(&self, shard: ShardId, push: OnlinePush) -> Result<()> {
         let push = Arc::new(push);
         self.on_leader(shard, "online push", |target, left| {
             let push = push.clone();
@@ -374,8 +379,23 @@ impl Core {
         .await
     }
 
+    /// A fresh user id.
+    pub async fn allocate_user(&self) -> Result<UserId> {
+        self.allocate_id(store::IdKind::User).await.map(UserId)
+    }
+
+    /// A fresh device id.
+    pub async fn allocate_device(&self) -> Result<DeviceId> {
+        self.allocate_id(store::IdKind::Device).await.map(DeviceId)
+    }
+
+    /// A fresh group id.
+    pub async fn allocate_group(&self) -> Result<GroupId> {
+        self.allocate_id(store::IdKind::Group).await.map(GroupId)
+    }
+
     /// A fresh id of `kind`, from a block reserved in the meta group.
-    pub async fn allocate_id(&self, kind: store::IdKind) -> Result<u64> {
+    async fn allocate_id(&self, kind: store::IdKind) -> Result<u64> {
         const BLOCK: u32 = 100;
         {
             let mut blocks = self.id_blocks.lock().expect("id lock");
@@ -386,7 +406,7 @@ impl Core {
             }
         }
         let op = Op { op: Some(O::AllocateIds(store::AllocateIds { kind: kind as i32, count: BLOCK })) };
-        let r = self.propose(META.0, op).await?;
+        let r = self.propose(META, op).await?;
         let Some(store::op_result::Value::Ids(range)) = r.value else {
             return Err(Error::Internal("id allocation returned no range".into()));
         };
@@ -405,7 +425,12 @@ impl Core {
     /// revocation at once; one that lacks the device or is behind the token
     /// is first brought up to date (read barrier). A node without a replica
     /// of the shard forwards the read (`Core::view`).
-    pub async fn verify_token(&self, user: u64, device: u64, token: &str) -> Result<rim_cluster::Claims> {
+    pub async fn verify_token(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        token: &str,
+    ) -> Result<rim_cluster::Claims> {
         let claims = self
             .tokens
             .verify(token, now_ms())
@@ -417,7 +442,7 @@ impl Core {
             ));
         }
         let shard = self.shard_of_user(user)?;
-        let (u, d) = (rim_raft_store::UserId(user), rim_raft_store::DeviceId(device));
+        let (u, d) = (user, device);
         let dev = match self.group(shard) {
             Some(local) => {
                 let dev = local.reader.device(u, d)?;
@@ -438,7 +463,7 @@ impl Core {
     }
 
     /// Issues a token for a device at its current token version.
-    pub fn issue_token(&self, user: u64, device: u64, token_version: u64) -> (String, i64) {
+    pub fn issue_token(&self, user: UserId, device: DeviceId, token_version: u64) -> (String, i64) {
         let expires = now_ms() + (self.config.token_ttl_secs as i64) * 1000;
         let claims =
             rim_cluster::Claims { user_id: user, device_id: device, expires_at_ms: expires, token_version };

@@ -1,6 +1,7 @@
 //! The node's error type: what went wrong, named by what the caller does next.
 
 use rim_proto::ErrorCode;
+use rim_proto::ids::{NodeId, ShardId};
 
 /// Errors of `rim-node`.
 #[derive(Debug, thiserror::Error)]
@@ -9,9 +10,9 @@ pub enum Error {
     #[error("not the leader of group {shard}; leader is {leader:?}")]
     NotLeader {
         /// The group.
-        shard: u32,
+        shard: ShardId,
         /// The leader's node id, if known.
-        leader: Option<u64>,
+        leader: Option<NodeId>,
         /// The leader's internal address, if known: what clients and
         /// gateways get in `rim-leader` (docs/protocol.md).
         addr: Option<String>,

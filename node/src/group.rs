@@ -38,6 +38,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft};
+use rim_proto::ids::NodeId;
 use rim_proto::store::{self, Op, OpResult, Proposal, op::Op as O};
 use rim_proto::v1::OnlinePush;
 use rim_raft_store::{
@@ -132,7 +133,7 @@ impl Group {
         let (log, sm) = rim_raft_store::open_shard(db, shard, limits)?;
         let reader = sm.reader();
         let sm = sm.with_events(events.clone());
-        let network = GroupNetwork { group: shard.0, peers };
+        let network = GroupNetwork { group: shard, peers };
         let raft = Raft::new(node_id, config, network, log, sm)
             .await
             .map_err(|e| Error::Internal(format!("starting group {shard}: {e}")))?;
@@ -145,7 +146,7 @@ impl Group {
     }
 
     /// This node's id in the group.
-    pub fn raft_id(&self) -> u64 {
+    pub fn raft_id(&self) -> NodeId {
         self.raft.metrics().borrow().id
     }
 
@@ -155,18 +156,18 @@ impl Group {
     }
 
     /// The current leader as this replica knows it.
-    pub fn leader(&self) -> Option<u64> {
+    pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader
     }
 
     /// `NotLeader` naming this replica's idea of the leader and its address.
     pub fn not_leader(&self) -> Error {
         let leader = self.leader();
-        Error::NotLeader { shard: self.shard.0, leader, addr: leader.and_then(|l| self.member_addr(l)) }
+        Error::NotLeader { shard: self.shard, leader, addr: leader.and_then(|l| self.member_addr(l)) }
     }
 
     /// The internal address of a member of this group.
-    pub fn member_addr(&self, node: u64) -> Option<String> {
+    pub fn member_addr(&self, node: NodeId) -> Option<String> {
         let m = self.raft.metrics().borrow().membership_config.clone();
         m.membership().get_node(&node).map(|n: &BasicNode| n.addr.clone())
     }
@@ -261,7 +262,7 @@ impl Group {
         match res {
             Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(Error::NotLeader {
-                shard: self.shard.0,
+                shard: self.shard,
                 leader: f.leader_id,
                 addr: f.leader_node.map(|n| n.addr),
             }),
@@ -348,7 +349,7 @@ async fn run_proposer(raft: Raft<TypeConfig>, mut queues: Queues, opts: Proposer
                         Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
                             for r in replies {
                                 let _ = r.send(Err(Error::NotLeader {
-                                    shard: shard.0,
+                                    shard,
                                     leader: f.leader_id,
                                     addr: f.leader_node.clone().map(|n| n.addr),
                                 }));

@@ -28,6 +28,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use rim_proto::ids::{NodeId, ShardId};
 use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::raft_service_client::RaftServiceClient;
 use rim_proto::v1::{RaftReply, RaftRequest, SnapshotChunk};
@@ -79,7 +80,12 @@ impl Peers {
     /// Connections from node `me`, authenticated with `secret`; peer `id`
     /// is dialled at `via[id]` when present (see `NodeConfig::peer_via`),
     /// else at the address the caller got from the cluster.
-    pub fn new(me: u64, secret: String, filter: Option<LinkFilter>, via: BTreeMap<u64, String>) -> Peers {
+    pub fn new(
+        me: NodeId,
+        secret: String,
+        filter: Option<LinkFilter>,
+        via: BTreeMap<NodeId, String>,
+    ) -> Peers {
         Peers {
             inner: Arc::new(PeersInner { me, secret, channels: Mutex::new(HashMap::new()), filter, via }),
         }
@@ -91,7 +97,7 @@ impl Peers {
     }
 
     /// Whether the link to `to` is usable (not cut by a test filter).
-    pub fn link_up(&self, to: u64) -> bool {
+    pub fn link_up(&self, to: NodeId) -> bool {
         self.inner.filter.as_ref().is_none_or(|f| !f(self.inner.me, to))
     }
 
@@ -163,7 +169,7 @@ impl Peers {
 #[derive(Clone, Debug)]
 pub struct GroupNetwork {
     /// The group.
-    pub group: u32,
+    pub group: ShardId,
     /// Shared connections.
     pub peers: Peers,
 }
@@ -181,7 +187,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
 pub struct PeerLink {
     target: u64,
     addr: String,
-    group: u32,
+    group: ShardId,
     peers: Peers,
 }
 
@@ -190,7 +196,7 @@ type RpcErr<E> = RPCError<u64, BasicNode, RaftError<u64, E>>;
 impl PeerLink {
     fn request(&self, payload: Vec<u8>) -> RaftRequest {
         RaftRequest {
-            group_id: self.group,
+            group_id: self.group.0,
             payload: payload.into(),
             target_node_id: self.target,
             from_node_id: self.peers.me(),
@@ -244,7 +250,7 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
         let chunk = SnapshotChunk {
-            group_id: self.group,
+            group_id: self.group.0,
             header: self.encode(&rpc)?.into(),
             offset: rpc.offset,
             payload: Default::default(),

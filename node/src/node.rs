@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use openraft::BasicNode;
 use rim_cluster::{Placement, TokenKey};
+use rim_proto::ids::ShardId;
 use rim_proto::store::{self, op::Op as O};
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::admin_service_server::AdminServiceServer;
@@ -25,7 +26,7 @@ use rim_proto::v1::push_service_server::PushServiceServer;
 use rim_proto::v1::raft_service_server::RaftServiceServer;
 use rim_proto::v1::user_service_server::UserServiceServer;
 use rim_proto::v1::{ClusterMap, GetClusterMapRequest, NodeInfo, NodeState};
-use rim_raft_store::{Db, DbOptions, Limits, ShardId};
+use rim_raft_store::{Db, DbOptions, Limits};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
@@ -153,21 +154,20 @@ impl Node {
             max_inflight: config.max_inflight_proposals,
             ack_before_commit: config.sabotage.ack_before_commit,
         };
-        let start_group = |shard: u32| {
+        let start_group = |shard: ShardId| {
             let (core, raft, limits, db) = (core.clone(), raft.clone(), limits.clone(), db.clone());
             async move {
-                let g = Group::start(core.id(), &db, ShardId(shard), limits, raft, core.peers.clone(), popts)
-                    .await?;
+                let g = Group::start(core.id(), &db, shard, limits, raft, core.peers.clone(), popts).await?;
                 core.groups.write().expect("groups lock").insert(shard, g.clone());
                 Ok::<_, Error>(g)
             }
         };
-        start_group(META.0).await?;
+        start_group(META).await?;
         core.refresh_placement()?;
 
         // Which groups live here, and the membership of a new cluster.
         let mut init: Option<ClusterMap> = None;
-        let shards: Vec<u32> = if let Ok(p) = core.placement() {
+        let shards: Vec<ShardId> = if let Ok(p) = core.placement() {
             p.shards_on_node(core.id())
         } else if config.bootstrap {
             let map = bootstrap_map(&config)?;
@@ -176,7 +176,7 @@ impl Node {
             p.shards_on_node(core.id())
         } else if let Some(seed) = &config.join {
             let map = fetch_map(&core, seed).await?;
-            map.shards.iter().map(|s| s.shard_id).collect()
+            map.shards.iter().map(|s| ShardId(s.shard_id)).collect()
         } else {
             return Err(Error::Config(format!(
                 "{} holds no cluster yet: start with --bootstrap --peers ... or --join SEED",
@@ -185,9 +185,9 @@ impl Node {
         };
         // Plus every group this node holds Raft state for (e.g. replicas
         // added by `admin add-node`, which the map does not list).
-        let mut shards: std::collections::BTreeSet<u32> = shards.into_iter().collect();
+        let mut shards: std::collections::BTreeSet<ShardId> = shards.into_iter().collect();
         shards.extend(db.shards_with_state()?);
-        for s in shards.into_iter().filter(|s| *s != META.0) {
+        for s in shards.into_iter().filter(|s| *s != META) {
             start_group(s).await?;
         }
 
@@ -289,7 +289,7 @@ async fn initialize(core: &Core, map: &ClusterMap) -> Result<()> {
         if !shard.replicas.iter().any(|r| r.node_id == core.id() && voter(r)) {
             continue;
         }
-        let Some(g) = core.group(shard.shard_id) else { continue };
+        let Some(g) = core.group(ShardId(shard.shard_id)) else { continue };
         let members: BTreeMap<u64, BasicNode> = shard
             .replicas
             .iter()
@@ -313,7 +313,7 @@ async fn publish_initial_map(core: Arc<Core>, map: ClusterMap) {
             return;
         }
         let op = store::Op { op: Some(O::SetClusterMap(store::SetClusterMap { map: Some(map.clone()) })) };
-        match core.propose_raw(META.0, op).await {
+        match core.propose_raw(META, op).await {
             Ok(_) => {
                 let _ = core.refresh_placement();
                 if core.placement().is_ok() {
@@ -340,7 +340,7 @@ async fn keep_meta_learners(core: Arc<Core>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (Some(meta), Ok(p)) = (core.group(META.0), core.placement()) else { continue };
+        let (Some(meta), Ok(p)) = (core.group(META), core.placement()) else { continue };
         if !meta.is_leader() {
             continue;
         }
@@ -401,7 +401,7 @@ async fn maintain_map(core: Arc<Core>) {
         map.nodes.sort_by_key(|n| n.node_id);
         map.version += 1;
         let op = store::Op { op: Some(O::SetClusterMap(store::SetClusterMap { map: Some(map) })) };
-        if let Err(e) = core.propose(META.0, op).await {
+        if let Err(e) = core.propose(META, op).await {
             tracing::debug!(error = %e, "registering this node's addresses");
         }
     }

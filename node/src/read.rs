@@ -22,12 +22,13 @@
 use std::sync::Arc;
 
 use prost::Message as _;
+use rim_proto::ids::{DeviceId, GroupId, Seq, ShardId, UserId};
 use rim_proto::store::{
     self, DeviceRecord, GroupRecord, ListHead, MemberRecord, ReadAnswer, ReadKind, ReadQuery, UserRecord,
     read_answer::Value as V,
 };
 use rim_proto::v1::Message;
-use rim_raft_store::{DeviceId, GroupId, Page, Reader, Seq, UserId};
+use rim_raft_store::{Page, Reader};
 
 use crate::core::{Core, Target};
 use crate::error::{Error, Result};
@@ -47,7 +48,7 @@ pub enum ShardView<'a> {
         /// The node that forwards.
         core: &'a Core,
         /// The shard.
-        shard: u32,
+        shard: ShardId,
     },
 }
 
@@ -250,7 +251,7 @@ fn clamp(n: usize) -> u32 {
 impl Core {
     /// Linearizable read access to `shard`: the local replica past its read
     /// barrier, or (not hosted here) a view that forwards every read.
-    pub async fn view(&self, shard: u32) -> Result<ShardView<'_>> {
+    pub async fn view(&self, shard: ShardId) -> Result<ShardView<'_>> {
         if self.group(shard).is_some() {
             return Ok(ShardView::Local(self.read_barrier(shard).await?));
         }
@@ -261,7 +262,7 @@ impl Core {
     }
 
     /// Runs `q` on a node that hosts `shard` (see the module doc).
-    pub(crate) async fn read_remote(&self, shard: u32, q: ReadQuery) -> Result<ReadAnswer> {
+    pub(crate) async fn read_remote(&self, shard: ShardId, q: ReadQuery) -> Result<ReadAnswer> {
         let payload = q.encode_to_vec();
         self.on_leader(shard, "forwarded read", |target, left| {
             let (payload, q) = (payload.clone(), q.clone());

@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rim_proto::ids::{ShardId, UserId};
 use rim_proto::store::{self, OutboxRecord, op::Op as O};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -118,7 +119,7 @@ async fn relay_round(core: &Core, group: &Group, cursor: &mut Cursor) -> Result<
             return Ok(());
         }
         let op = O::AckOutbox(store::AckOutbox { outbox_ids: ack.clone() });
-        core.propose(group.shard.0, store::Op { op: Some(op) }).await.map(|_| ())
+        core.propose(group.shard, store::Op { op: Some(op) }).await.map(|_| ())
     };
     if records.is_empty() {
         if let Err(e) = ack_fut.await {
@@ -129,11 +130,11 @@ async fn relay_round(core: &Core, group: &Group, cursor: &mut Cursor) -> Result<
     }
     let placement = core.placement()?;
     // Per destination shard: the records (in order) with their recipients there.
-    let mut by_dest: BTreeMap<u32, Vec<(usize, OutboxRecord)>> = BTreeMap::new();
+    let mut by_dest: BTreeMap<ShardId, Vec<(usize, OutboxRecord)>> = BTreeMap::new();
     for (i, rec) in records.iter().enumerate() {
-        let mut split: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        let mut split: BTreeMap<ShardId, Vec<u64>> = BTreeMap::new();
         for &r in &rec.recipients {
-            split.entry(placement.shard_of_user(r)).or_default().push(r);
+            split.entry(placement.shard_of_user(UserId(r))).or_default().push(r);
         }
         for (dest, recipients) in split {
             let item = OutboxRecord { recipients, ..rec.clone() };
@@ -148,12 +149,12 @@ async fn relay_round(core: &Core, group: &Group, cursor: &mut Cursor) -> Result<
                 if let Some(store::op_result::Value::Delivered(d)) = r.value
                     && !d.missing_users.is_empty()
                 {
-                    tracing::warn!(shard = dest, users = ?d.missing_users, "relay dropped messages to unknown users");
+                    tracing::warn!(shard = %dest, users = ?d.missing_users, "relay dropped messages to unknown users");
                 }
                 None
             }
             Err(e) => {
-                tracing::debug!(to = dest, error = %e, "delivery failed");
+                tracing::debug!(to = %dest, error = %e, "delivery failed");
                 Some(first_index)
             }
         }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Options, WriteOptions};
 
 use crate::error::{Error, Result};
+use crate::ids::ShardId;
 
 /// Column family of Raft logs.
 pub const CF_LOG: &str = "log";
@@ -140,7 +141,7 @@ impl Db {
 
     /// Shards that have Raft state (a vote or log) in this database: the
     /// groups this node hosted before a restart.
-    pub fn shards_with_state(&self) -> Result<Vec<u32>> {
+    pub fn shards_with_state(&self) -> Result<Vec<ShardId>> {
         let cf = self.cf(CF_RAFT);
         let mut out = Vec::new();
         let mut it = self.inner.raw_iterator_cf(cf);
@@ -149,7 +150,7 @@ impl Db {
             let Some(shard) = k.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes) else {
                 break;
             };
-            out.push(shard);
+            out.push(ShardId(shard));
             match shard.checked_add(1) {
                 Some(next) => it.seek(next.to_be_bytes()),
                 None => break,

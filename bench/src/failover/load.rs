@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use rim_proto::ids::UserId;
 use rim_proto::v1::Command;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
@@ -175,7 +176,7 @@ struct Pending {
 /// One sender's schedule and settings.
 pub(super) struct Sender {
     pub(super) pair: usize,
-    pub(super) to: u64,
+    pub(super) to: UserId,
     pub(super) cmid_prefix: String,
     pub(super) on_target: bool,
     pub(super) offset: Duration,
@@ -389,7 +390,7 @@ fn short(e: &anyhow::Error) -> String {
 pub(super) async fn read_recipient(
     mut rd: OwnedReadHalf,
     mut reader: Reader,
-    sender: u64,
+    sender: UserId,
     on_target: bool,
     run: Arc<Run>,
 ) {
@@ -413,7 +414,7 @@ pub(super) async fn read_recipient(
             continue;
         }
         if p.command != Command::Message as i32
-            || wire::pushed_message(&p.content).is_none_or(|m| m.sender_user_id != sender)
+            || wire::pushed_message(&p.content).is_none_or(|m| m.sender_user_id != sender.0)
         {
             continue;
         }

@@ -40,9 +40,10 @@ pub(super) fn choose_shard(
 mod tests {
     use super::*;
     use crate::accounts::Cred;
+    use rim_proto::ids::{DeviceId, UserId};
 
     fn pair(sender_shard: u32) -> Pair {
-        let cred = Cred { user: 1, device: 1, token: String::new() };
+        let cred = Cred { user: UserId(1), device: DeviceId(1), token: String::new() };
         Pair { sender: cred.clone(), recipient: cred, sender_shard, recipient_shard: 1 }
     }
 

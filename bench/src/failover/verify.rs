@@ -177,8 +177,8 @@ async fn read_list(api: &Api, c: &Cred, cmid_prefix: &str, deadline: Instant) ->
             let mut req = tonic::Request::new(SyncInput { after_seq, limit: SYNC_PAGE });
             req.set_timeout(Duration::from_secs(10));
             let md = req.metadata_mut();
-            md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, c.user.into());
-            md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, c.device.into());
+            md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, c.user.0.into());
+            md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, c.device.0.into());
             md.insert(
                 rim_proto::metadata::TOKEN_METADATA_KEY,
                 c.token.parse().context("token is not valid metadata")?,

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rim_proto::ids::UserId;
 use rim_proto::v1::Command;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, watch};
@@ -406,7 +407,7 @@ impl Driver {
 
 /// One sender: its recipient, its in-flight permits and its send counter.
 struct Sender {
-    to: u64,
+    to: UserId,
     id_prefix: String,
     /// Offset of its ticks within a period, as a fraction of the period.
     phase: f64,
@@ -560,7 +561,7 @@ async fn read_sender(mut rd: OwnedReadHalf, mut reader: Reader, run: Arc<Run>, p
 
 /// Reads a recipient's connection: `MESSAGE` pushes from its sender
 /// (delivery latency).
-async fn read_recipient(mut rd: OwnedReadHalf, mut reader: Reader, sender: u64, run: Arc<Run>) {
+async fn read_recipient(mut rd: OwnedReadHalf, mut reader: Reader, sender: UserId, run: Arc<Run>) {
     loop {
         let p = match reader.next(&mut rd).await {
             Ok(Some(p)) => p,

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use rim_proto::codec::encoded_frame_len;
 use rim_proto::error::code_from_number;
+use rim_proto::ids::{DeviceId, UserId};
 use rim_proto::v1::{AckInput, AckOutput, Command, Reply, SignInOutput, SyncInput, SyncOutput};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -63,8 +64,8 @@ pub(super) struct Live {
 /// One device's catch-up, as measured.
 pub(super) struct Device {
     pub(super) index: usize,
-    pub(super) user: u64,
-    pub(super) device: u64,
+    pub(super) user: UserId,
+    pub(super) device: DeviceId,
     /// Since the phase's epoch.
     pub(super) started_us: u64,
     pub(super) done_us: Option<u64>,

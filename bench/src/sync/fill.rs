@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use rim_proto::error::{code_from_number, code_of_status};
+use rim_proto::ids::UserId;
 use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::{Command, ContentType, ConversationKind, SendInput, SyncInput};
 use tokio::io::AsyncWriteExt;
@@ -174,8 +175,8 @@ async fn grpc_worker(
             let mut req = tonic::Request::new(input.clone());
             req.set_timeout(Duration::from_secs(10));
             let md = req.metadata_mut();
-            md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, sender.user.into());
-            md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, sender.device.into());
+            md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, sender.user.0.into());
+            md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, sender.device.0.into());
             md.insert(rim_proto::metadata::TOKEN_METADATA_KEY, token.clone());
             match client.send_message(req).await {
                 Ok(_) => {
@@ -252,7 +253,7 @@ async fn gateway_writer(
             else => return Ok(()),
         };
         let (to, id, text) = fill.job(g);
-        let frame = wire::request_frame(g + 1, Command::Send, &wire::send_input(to, &id, &text));
+        let frame = wire::request_frame(g + 1, Command::Send, &wire::send_input(UserId(to), &id, &text));
         tokio::time::timeout(REQUEST_TIMEOUT, wr.write_all(&frame))
             .await
             .context("fill connection: write timed out")?
@@ -358,8 +359,8 @@ async fn list_head(api: &Api, c: &Cred, after: u64) -> Result<u64, tonic::Status
     let mut req = tonic::Request::new(SyncInput { after_seq: after, limit: 1 });
     req.set_timeout(Duration::from_secs(10));
     let md = req.metadata_mut();
-    md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, c.user.into());
-    md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, c.device.into());
+    md.insert(rim_proto::metadata::USER_ID_METADATA_KEY, c.user.0.into());
+    md.insert(rim_proto::metadata::DEVICE_ID_METADATA_KEY, c.device.0.into());
     md.insert(
         rim_proto::metadata::TOKEN_METADATA_KEY,
         c.token.parse().map_err(|_| tonic::Status::internal("bad token"))?,

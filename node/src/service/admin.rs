@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use openraft::BasicNode;
 use rim_proto::ErrorCode;
+use rim_proto::ids::{NodeId, ShardId};
 use rim_proto::v1::admin_service_server::AdminService;
 use rim_proto::v1::*;
 use tonic::{Request, Response, Status};
@@ -81,7 +82,7 @@ impl AdminSvc {
             .await
     }
 
-    async fn add_to_group(&self, g: &Group, node: u64, addr: &str) -> Result<(), Error> {
+    async fn add_to_group(&self, g: &Group, node: NodeId, addr: &str) -> Result<(), Error> {
         let m = g.raft.metrics().borrow().membership_config.clone();
         if m.membership().voter_ids().any(|v| v == node) {
             return Ok(());
@@ -99,7 +100,7 @@ impl AdminSvc {
         Ok(())
     }
 
-    async fn remove_from_group(&self, g: &Group, node: u64) -> Result<(), Error> {
+    async fn remove_from_group(&self, g: &Group, node: NodeId) -> Result<(), Error> {
         let m = g.raft.metrics().borrow().clone();
         let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
         if !voters.contains(&node) {
@@ -115,7 +116,7 @@ impl AdminSvc {
         // Reachable = answers a ping now (or is this node).
         let mut reachable = 0;
         for v in &remaining {
-            if *v == m.id || self.ping(g.shard.0, *v).await {
+            if *v == m.id || self.ping(g.shard, *v).await {
                 reachable += 1;
             }
         }
@@ -138,7 +139,7 @@ impl AdminSvc {
     }
 
     /// Whether node `node` answers on its internal listener within a second.
-    async fn ping(&self, shard: u32, node: u64) -> bool {
+    async fn ping(&self, shard: ShardId, node: NodeId) -> bool {
         let Some(addr) = self.core.node_addr(shard, node) else { return false };
         let req = RaftRequest {
             group_id: u32::MAX,
@@ -155,12 +156,12 @@ impl AdminSvc {
         reply.is_ok()
     }
 
-    /// The groups a request applies to, each on its leader (this node).
+    /// The groups a request applies to (wire ids), each on its leader (this node).
     fn led_groups(&self, ids: &[u32]) -> Result<Vec<Arc<Group>>, Error> {
         let groups = if ids.is_empty() {
             self.core.all_groups()
         } else {
-            ids.iter().filter_map(|id| self.core.group(*id)).collect()
+            ids.iter().filter_map(|id| self.core.group(ShardId(*id))).collect()
         };
         for g in &groups {
             if !g.is_leader() {
@@ -240,7 +241,7 @@ impl AdminService for AdminSvc {
         let mut p = (*self.core.placement()?).clone();
         for g in self.core.all_groups() {
             if let Some(l) = g.leader() {
-                let _ = p.set_leader(g.shard.0, l);
+                let _ = p.set_leader(g.shard, l);
             }
         }
         Ok(Response::new(GetClusterMapReply { map: Some(p.into_map()) }))

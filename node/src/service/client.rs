@@ -8,13 +8,13 @@
 use std::sync::Arc;
 
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, Seq, UserId};
 use rim_proto::metadata::{DEVICE_ID_METADATA_KEY, TOKEN_METADATA_KEY, USER_ID_METADATA_KEY};
-use rim_proto::store::{self, IdKind, op::Op as O};
+use rim_proto::store::{self, op::Op as O};
 use rim_proto::v1::auth_service_server::AuthService;
 use rim_proto::v1::message_service_server::MessageService;
 use rim_proto::v1::user_service_server::UserService;
 use rim_proto::v1::*;
-use rim_raft_store::UserId;
 use tonic::{Request, Response, Status};
 
 use super::conversation;
@@ -33,9 +33,9 @@ pub struct ClientSvc {
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Caller {
     /// The signed-in user.
-    pub user: u64,
+    pub user: UserId,
     /// The signed-in device.
-    pub device: u64,
+    pub device: DeviceId,
 }
 
 fn meta_u64<T>(req: &Request<T>, key: &str) -> Result<u64> {
@@ -47,8 +47,8 @@ fn meta_u64<T>(req: &Request<T>, key: &str) -> Result<u64> {
 impl ClientSvc {
     /// The caller, after checking the token in the metadata.
     pub(super) async fn caller<T>(&self, req: &Request<T>) -> Result<Caller> {
-        let user = meta_u64(req, USER_ID_METADATA_KEY)?;
-        let device = meta_u64(req, DEVICE_ID_METADATA_KEY)?;
+        let user = UserId(meta_u64(req, USER_ID_METADATA_KEY)?);
+        let device = DeviceId(meta_u64(req, DEVICE_ID_METADATA_KEY)?);
         let token = req
             .metadata()
             .get(TOKEN_METADATA_KEY)
@@ -72,19 +72,19 @@ impl ClientSvc {
     }
 
     /// Looks up the user that claimed `name`, linearizably.
-    async fn account(&self, name: &str) -> Result<Option<u64>> {
+    async fn account(&self, name: &str) -> Result<Option<UserId>> {
         let shard = self.core.placement()?.shard_of_account(name);
         let g = self.core.view(shard).await?;
-        Ok(g.account(name).await?.map(|u| u.0))
+        g.account(name).await
     }
 
     /// Creates a user owning the login `name`.
-    async fn create_user(&self, name: &str, user: store::CreateUser) -> Result<u64> {
-        let id = self.core.allocate_id(IdKind::User).await?;
+    async fn create_user(&self, name: &str, user: store::CreateUser) -> Result<UserId> {
+        let id = self.core.allocate_user().await?;
         let shard = self.core.placement()?.shard_of_account(name);
-        let claim = O::ClaimAccount(store::ClaimAccount { name: name.to_string(), user_id: id });
+        let claim = O::ClaimAccount(store::ClaimAccount { name: name.to_string(), user_id: id.0 });
         self.core.propose(shard, store::Op { op: Some(claim) }).await?;
-        let create = O::CreateUser(store::CreateUser { user_id: id, ..user });
+        let create = O::CreateUser(store::CreateUser { user_id: id.0, ..user });
         match self.core.propose(self.core.shard_of_user(id)?, store::Op { op: Some(create) }).await {
             // A retried creation of this fresh id already happened.
             Ok(_) | Err(Error::Rejected { code: ErrorCode::ErrorAlreadyExists, .. }) => Ok(id),
@@ -92,21 +92,32 @@ impl ClientSvc {
         }
     }
 
-    async fn sign_in_device(&self, user: u64, device: u64, info: Option<DeviceInfo>) -> Result<SignInReply> {
+    /// Signs `user` in on `device` (`None`: a new device).
+    async fn sign_in_device(
+        &self,
+        user: UserId,
+        device: Option<DeviceId>,
+        info: Option<DeviceInfo>,
+    ) -> Result<SignInReply> {
         let (device, is_new_device) = match device {
-            0 => (self.core.allocate_id(IdKind::Device).await?, true),
-            d => (d, ops::get_device(&self.core, user, d).await?.is_none()),
+            None => (self.core.allocate_device().await?, true),
+            Some(d) => (d, ops::get_device(&self.core, user, d).await?.is_none()),
         };
         let (_, token, token_expires_ms) = ops::register_device(&self.core, user, device, info).await?;
         Ok(SignInReply {
-            user_id: user,
-            device_id: device,
+            user_id: user.0,
+            device_id: device.0,
             token,
             token_expires_ms,
             is_new_user: false,
             is_new_device,
         })
     }
+}
+
+/// A device id from a request: 0 asks for a new device.
+fn wire_device(id: u64) -> Option<DeviceId> {
+    (id != 0).then_some(DeviceId(id))
 }
 
 fn valid_username(name: &str) -> bool {
@@ -139,7 +150,7 @@ impl AuthService for ClientSvc {
             ..Default::default()
         };
         let user_id = self.create_user(&name, user).await?;
-        Ok(Response::new(RegisterReply { user_id }))
+        Ok(Response::new(RegisterReply { user_id: user_id.0 }))
     }
 
     async fn sign_in(&self, req: Request<SignInRequest>) -> Result<Response<SignInReply>, Status> {
@@ -151,7 +162,7 @@ impl AuthService for ClientSvc {
         if rec.password_hash.is_empty() || !Self::password_ok(r.password, rec.password_hash).await {
             return Err(denied());
         }
-        Ok(Response::new(self.sign_in_device(user, r.device_id, r.device).await?))
+        Ok(Response::new(self.sign_in_device(user, wire_device(r.device_id), r.device).await?))
     }
 
     async fn sign_in_by_phone(
@@ -174,7 +185,7 @@ impl AuthService for ClientSvc {
                 (self.create_user(&name, u).await?, true)
             }
         };
-        let mut reply = self.sign_in_device(user, r.device_id, r.device).await?;
+        let mut reply = self.sign_in_device(user, wire_device(r.device_id), r.device).await?;
         reply.is_new_user = is_new_user;
         Ok(Response::new(reply))
     }
@@ -184,10 +195,10 @@ impl AuthService for ClientSvc {
         req: Request<RegisterDeviceRequest>,
     ) -> Result<Response<RegisterDeviceReply>, Status> {
         let c = self.caller(&req).await?;
-        let device = self.core.allocate_id(IdKind::Device).await?;
+        let device = self.core.allocate_device().await?;
         let (_, token, token_expires_ms) =
             ops::register_device(&self.core, c.user, device, req.into_inner().device).await?;
-        Ok(Response::new(RegisterDeviceReply { device_id: device, token, token_expires_ms }))
+        Ok(Response::new(RegisterDeviceReply { device_id: device.0, token, token_expires_ms }))
     }
 
     async fn list_devices(
@@ -196,7 +207,7 @@ impl AuthService for ClientSvc {
     ) -> Result<Response<ListDevicesReply>, Status> {
         let c = self.caller(&req).await?;
         let g = self.core.view(self.core.shard_of_user(c.user)?).await?;
-        let devices = g.devices(UserId(c.user)).await?;
+        let devices = g.devices(c.user).await?;
         Ok(Response::new(ListDevicesReply { devices: devices.into_iter().map(ops::device_view).collect() }))
     }
 
@@ -213,7 +224,7 @@ impl AuthService for ClientSvc {
         let c = self.caller(&req).await?;
         let device = req.into_inner().device_id;
         check_id("device_id", device)?;
-        ops::revoke(&self.core, c.user, device).await?;
+        ops::revoke(&self.core, c.user, DeviceId(device)).await?;
         Ok(Response::new(RevokeDeviceReply {}))
     }
 }
@@ -224,7 +235,7 @@ impl UserService for ClientSvc {
         let c = self.caller(&req).await?;
         let id = match req.into_inner().user_id {
             0 => c.user,
-            id => id,
+            id => UserId(id),
         };
         let u = ops::get_user(&self.core, id).await?;
         Ok(Response::new(GetUserReply { user: Some(ops::user_view(u)) }))
@@ -238,7 +249,7 @@ impl UserService for ClientSvc {
         }
         let mut users = Vec::new();
         for id in ids {
-            match ops::get_user(&self.core, id).await {
+            match ops::get_user(&self.core, UserId(id)).await {
                 Ok(u) => users.push(ops::user_view(u)),
                 Err(Error::Rejected {
                     code: ErrorCode::ErrorUserNotFound | ErrorCode::ErrorInvalidId,
@@ -274,7 +285,7 @@ impl UserService for ClientSvc {
             None => None,
         };
         let o = O::UpdateUser(store::UpdateUser {
-            user_id: c.user,
+            user_id: c.user.0,
             nickname: r.nickname,
             avatar_url: r.avatar_url,
             extra: r.extra,
@@ -333,7 +344,7 @@ impl MessageService for ClientSvc {
 
     async fn ack(&self, req: Request<AckInput>) -> Result<Response<AckOutput>, Status> {
         let c = self.caller(&req).await?;
-        Ok(Response::new(ops::ack(&self.core, c.user, c.device, req.into_inner().seq).await?))
+        Ok(Response::new(ops::ack(&self.core, c.user, c.device, Seq(req.into_inner().seq)).await?))
     }
 
     async fn recall(&self, req: Request<RecallInput>) -> Result<Response<SendOutput>, Status> {

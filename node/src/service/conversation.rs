@@ -154,11 +154,11 @@ fn seqs_between(lower: u64, upper: u64) -> u64 {
 }
 
 /// The caller's conversations, newest first.
-pub async fn list(core: &Core, user: u64, req: ListConversationsRequest) -> Result<ListConversationsReply> {
+pub async fn list(core: &Core, u: UserId, req: ListConversationsRequest) -> Result<ListConversationsReply> {
     let limit = (if req.limit == 0 { DEFAULT_LIMIT } else { req.limit.min(MAX_LIMIT) }) as usize;
     let placement = core.placement()?;
-    let g = core.view(placement.shard_of_user(user)).await?;
-    let u = UserId(user);
+    let g = core.view(placement.shard_of_user(u)).await?;
+    let user = u.0;
     let tail = g.tail(u, OWN_TAIL).await?;
     let reads: HashMap<(i32, u64), u64> =
         g.read_positions(u).await?.into_iter().map(|(k, c, r)| ((k, c), r.read_seq)).collect();
@@ -172,9 +172,10 @@ pub async fn list(core: &Core, user: u64, req: ListConversationsRequest) -> Resu
     let last_seq = g.user_head(u).await?.last_seq.max(tail.first().map_or(0, |m| m.seq));
     let mut lines = own_lines(user, &tail, &reads);
 
-    let replicas = ops::views_lenient(core, supers.iter().map(|g| placement.shard_of_group(*g))).await;
+    let replicas =
+        ops::views_lenient(core, supers.iter().map(|g| placement.shard_of_group(GroupId(*g)))).await;
     for gid in supers {
-        let shard = placement.shard_of_group(gid);
+        let shard = placement.shard_of_group(GroupId(gid));
         let read = reads.get(&(ConversationKind::SuperGroup as i32, gid)).copied().unwrap_or(0);
         let line = match replicas.get(&shard) {
             Some(Ok(r)) => super_line(r, user, gid, read).await,

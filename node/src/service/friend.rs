@@ -6,10 +6,10 @@
 //! normally within milliseconds.
 
 use rim_proto::ErrorCode;
+use rim_proto::ids::UserId;
 use rim_proto::store::{self, FriendAction, op::Op as O};
 use rim_proto::v1::friend_service_server::FriendService;
 use rim_proto::v1::*;
-use rim_raft_store::UserId;
 use tonic::{Request, Response, Status};
 
 use super::client::ClientSvc;
@@ -31,19 +31,19 @@ impl ClientSvc {
     /// record after it (`None`: the relation is gone).
     async fn change_friend(
         &self,
-        user: u64,
-        friend: u64,
+        user: UserId,
+        friend: UserId,
         action: FriendAction,
         remarks: String,
         description: String,
     ) -> Result<Option<store::FriendRecord>> {
-        check_id("friend_id", friend)?;
+        check_id("friend_id", friend.0)?;
         if friend == user {
             return Err(Error::rejected(ErrorCode::ErrorBadRequest, "a user cannot befriend themselves"));
         }
         let o = O::ChangeFriend(store::ChangeFriend {
-            user_id: user,
-            friend_id: friend,
+            user_id: user.0,
+            friend_id: friend.0,
             action: action as i32,
             remarks,
             description,
@@ -61,8 +61,9 @@ impl ClientSvc {
     /// friend's profile (best effort).
     async fn friend_reply(&self, rec: Option<store::FriendRecord>) -> Result<Friend> {
         let rec = rec.ok_or_else(|| Error::Internal("friend action returned no record".into()))?;
-        let mut profile = ops::profiles(&self.core, &[rec.friend_id]).await;
-        let p = profile.remove(&rec.friend_id);
+        let friend = UserId(rec.friend_id);
+        let mut profile = ops::profiles(&self.core, &[friend]).await;
+        let p = profile.remove(&friend);
         Ok(ops::friend_view(rec, p))
     }
 }
@@ -76,9 +77,10 @@ impl FriendService for ClientSvc {
         let c = self.caller(&req).await?;
         let r = req.into_inner();
         check_id("friend_id", r.friend_id)?;
-        ops::ensure_user_exists(&self.core, r.friend_id).await?;
-        let rec =
-            self.change_friend(c.user, r.friend_id, FriendAction::Request, r.remarks, r.description).await?;
+        ops::ensure_user_exists(&self.core, UserId(r.friend_id)).await?;
+        let rec = self
+            .change_friend(c.user, UserId(r.friend_id), FriendAction::Request, r.remarks, r.description)
+            .await?;
         Ok(Response::new(SendFriendRequestReply { friend: Some(self.friend_reply(rec).await?) }))
     }
 
@@ -88,8 +90,9 @@ impl FriendService for ClientSvc {
     ) -> Result<Response<AcceptFriendRequestReply>, Status> {
         let c = self.caller(&req).await?;
         let r = req.into_inner();
-        let rec =
-            self.change_friend(c.user, r.friend_id, FriendAction::Accept, r.remarks, String::new()).await?;
+        let rec = self
+            .change_friend(c.user, UserId(r.friend_id), FriendAction::Accept, r.remarks, String::new())
+            .await?;
         Ok(Response::new(AcceptFriendRequestReply { friend: Some(self.friend_reply(rec).await?) }))
     }
 
@@ -99,7 +102,8 @@ impl FriendService for ClientSvc {
     ) -> Result<Response<RejectFriendRequestReply>, Status> {
         let c = self.caller(&req).await?;
         let r = req.into_inner();
-        self.change_friend(c.user, r.friend_id, FriendAction::Reject, String::new(), String::new()).await?;
+        self.change_friend(c.user, UserId(r.friend_id), FriendAction::Reject, String::new(), String::new())
+            .await?;
         Ok(Response::new(RejectFriendRequestReply {}))
     }
 
@@ -109,7 +113,8 @@ impl FriendService for ClientSvc {
     ) -> Result<Response<DeleteFriendReply>, Status> {
         let c = self.caller(&req).await?;
         let r = req.into_inner();
-        self.change_friend(c.user, r.friend_id, FriendAction::Delete, String::new(), String::new()).await?;
+        self.change_friend(c.user, UserId(r.friend_id), FriendAction::Delete, String::new(), String::new())
+            .await?;
         Ok(Response::new(DeleteFriendReply {}))
     }
 
@@ -119,7 +124,7 @@ impl FriendService for ClientSvc {
         check_id("friend_id", r.friend_id)?;
         let shard = self.core.shard_of_user(c.user)?;
         let o = O::SetFriend(store::SetFriend {
-            user_id: c.user,
+            user_id: c.user.0,
             friend_id: r.friend_id,
             status: store::FriendStatus::Unspecified as i32,
             remarks: r.remarks,
@@ -132,7 +137,7 @@ impl FriendService for ClientSvc {
             // The record as applied (this replica waits for the write).
             _ => {
                 let g = self.core.view(shard).await?;
-                let friends = g.friends(UserId(c.user)).await?;
+                let friends = g.friends(c.user).await?;
                 friends.into_iter().find(|f| f.friend_id == r.friend_id)
             }
         };
@@ -148,18 +153,18 @@ impl FriendService for ClientSvc {
         let include_pending = req.into_inner().include_pending;
         let g = self.core.view(self.core.shard_of_user(c.user)?).await?;
         let mut friends: Vec<store::FriendRecord> = g
-            .friends(UserId(c.user))
+            .friends(c.user)
             .await?
             .into_iter()
             .filter(|f| include_pending || f.status() == store::FriendStatus::Accepted)
             .collect();
         friends.sort_by_key(|f| f.friend_id);
-        let ids: Vec<u64> = friends.iter().map(|f| f.friend_id).collect();
+        let ids: Vec<UserId> = friends.iter().map(|f| UserId(f.friend_id)).collect();
         let mut profiles = ops::profiles(&self.core, &ids).await;
         let friends = friends
             .into_iter()
             .map(|f| {
-                let p = profiles.remove(&f.friend_id);
+                let p = profiles.remove(&UserId(f.friend_id));
                 ops::friend_view(f, p)
             })
             .collect();

@@ -40,16 +40,18 @@ use std::sync::Arc;
 
 use futures::Stream;
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, GroupId, Seq, ShardId, UserId};
 use rim_proto::store;
 use rim_proto::v1::gateway_service_server::GatewayService;
 use rim_proto::v1::subscribe_event::Event;
 use rim_proto::v1::*;
-use rim_raft_store::{GroupId, ListRef, UserId};
+use rim_raft_store::ListRef;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::client::Caller;
 use super::ops;
 use crate::core::Core;
 use crate::error::Error;
@@ -68,14 +70,16 @@ pub struct GatewaySvc {
     pub core: Arc<Core>,
 }
 
-fn conn(c: Option<ConnContext>) -> Result<ConnContext, Status> {
+fn conn(c: Option<ConnContext>) -> Result<Caller, Status> {
     Ok(checked_conn(c)?)
 }
 
-fn checked_conn(c: Option<ConnContext>) -> Result<ConnContext, Error> {
+/// The connection's user and device (the gateway verified its token at
+/// sign-in); the user must not be 0.
+fn checked_conn(c: Option<ConnContext>) -> Result<Caller, Error> {
     let c = c.ok_or_else(|| Error::rejected(ErrorCode::ErrorBadRequest, "connection context missing"))?;
     ops::check_id("user_id", c.user_id)?;
-    Ok(c)
+    Ok(Caller { user: UserId(c.user_id), device: DeviceId(c.device_id) })
 }
 
 /// One `Send`: what both `Send` and each item of `SendBatch` run.
@@ -86,7 +90,7 @@ async fn send_one(core: &Core, r: ConnSendRequest) -> Result<SendOutput, Error> 
         let kind = if r.group { ConversationKind::Group } else { ConversationKind::User };
         input.conversation_kind = kind as i32;
     }
-    ops::send(core, c.user_id, c.device_id, input).await
+    ops::send(core, c.user, c.device, input).await
 }
 
 /// The `SendBatch` result of one item: its output, or what the status
@@ -117,18 +121,19 @@ impl GatewayService for GatewaySvc {
         let input = r.input.unwrap_or_default();
         ops::check_id("user_id", input.user_id)?;
         ops::check_id("device_id", input.device_id)?;
-        let shard = self.core.shard_of_user(input.user_id)?;
+        let (user_id, device_id) = (UserId(input.user_id), DeviceId(input.device_id));
+        let shard = self.core.shard_of_user(user_id)?;
         // Linearizable: a logout acknowledged before this sign-in is seen.
         let g = self.core.view(shard).await?;
-        let claims = self.core.verify_token(input.user_id, input.device_id, &input.token).await?;
+        let claims = self.core.verify_token(user_id, device_id, &input.token).await?;
         let user = g
-            .user(UserId(input.user_id))
+            .user(user_id)
             .await?
             .ok_or_else(|| Error::rejected(ErrorCode::ErrorUserNotFound, "user not found"))?;
-        let dev = g.device(UserId(input.user_id), rim_raft_store::DeviceId(input.device_id)).await?;
-        let head = g.user_head(UserId(input.user_id)).await?;
-        let groups = g.user_groups(UserId(input.user_id)).await?;
-        let super_groups = super_group_heads(&self.core, input.user_id, groups).await;
+        let dev = g.device(user_id, device_id).await?;
+        let head = g.user_head(user_id).await?;
+        let groups = g.user_groups(user_id).await?;
+        let super_groups = super_group_heads(&self.core, user_id, groups).await;
         Ok(Response::new(ConnSignInReply {
             user: Some(ops::user_view(user)),
             output: Some(SignInOutput {
@@ -141,14 +146,14 @@ impl GatewayService for GatewaySvc {
                 super_groups,
             }),
             token_version: claims.token_version,
-            shard_id: shard,
+            shard_id: shard.0,
         }))
     }
 
     async fn sync(&self, req: Request<ConnSyncRequest>) -> Result<Response<SyncOutput>, Status> {
         let r = req.into_inner();
         let c = conn(r.conn)?;
-        Ok(Response::new(ops::sync(&self.core, c.user_id, r.input.unwrap_or_default()).await?))
+        Ok(Response::new(ops::sync(&self.core, c.user, r.input.unwrap_or_default()).await?))
     }
 
     async fn sync_group(
@@ -157,15 +162,13 @@ impl GatewayService for GatewaySvc {
     ) -> Result<Response<SyncGroupOutput>, Status> {
         let r = req.into_inner();
         let c = conn(r.conn)?;
-        Ok(Response::new(ops::sync_group(&self.core, c.user_id, r.input.unwrap_or_default()).await?))
+        Ok(Response::new(ops::sync_group(&self.core, c.user, r.input.unwrap_or_default()).await?))
     }
 
     async fn ack(&self, req: Request<ConnAckRequest>) -> Result<Response<AckOutput>, Status> {
         let r = req.into_inner();
         let c = conn(r.conn)?;
-        Ok(Response::new(
-            ops::ack(&self.core, c.user_id, c.device_id, r.input.unwrap_or_default().seq).await?,
-        ))
+        Ok(Response::new(ops::ack(&self.core, c.user, c.device, Seq(r.input.unwrap_or_default().seq)).await?))
     }
 
     async fn send(&self, req: Request<ConnSendRequest>) -> Result<Response<SendOutput>, Status> {
@@ -194,20 +197,18 @@ impl GatewayService for GatewaySvc {
     async fn recall(&self, req: Request<ConnRecallRequest>) -> Result<Response<SendOutput>, Status> {
         let r = req.into_inner();
         let c = conn(r.conn)?;
-        Ok(Response::new(ops::recall(&self.core, c.user_id, c.device_id, r.input.unwrap_or_default()).await?))
+        Ok(Response::new(ops::recall(&self.core, c.user, c.device, r.input.unwrap_or_default()).await?))
     }
 
     async fn mark_read(&self, req: Request<ConnReadRequest>) -> Result<Response<ReadOutput>, Status> {
         let r = req.into_inner();
         let c = conn(r.conn)?;
-        Ok(Response::new(
-            ops::mark_read(&self.core, c.user_id, c.device_id, r.input.unwrap_or_default()).await?,
-        ))
+        Ok(Response::new(ops::mark_read(&self.core, c.user, c.device, r.input.unwrap_or_default()).await?))
     }
 
     async fn logout(&self, req: Request<ConnLogoutRequest>) -> Result<Response<ConnLogoutReply>, Status> {
         let c = conn(req.into_inner().conn)?;
-        ops::revoke(&self.core, c.user_id, c.device_id).await?;
+        ops::revoke(&self.core, c.user, c.device).await?;
         Ok(Response::new(ConnLogoutReply {}))
     }
 
@@ -215,7 +216,7 @@ impl GatewayService for GatewaySvc {
         // Presence is soft state held by gateways and push subscriptions;
         // nothing durable changes when a connection goes away.
         let c = conn(req.into_inner().conn)?;
-        tracing::debug!(user = c.user_id, device = c.device_id, "connection offline");
+        tracing::debug!(user = %c.user, device = %c.device, "connection offline");
         Ok(Response::new(ConnOfflineReply {}))
     }
 
@@ -245,7 +246,7 @@ async fn serve_subscription(
     mut inbound: Streaming<SubscribeRequest>,
     tx: &mpsc::Sender<Result<SubscribeEvent, Status>>,
 ) -> StreamEnd {
-    let shard = first.shard_id;
+    let shard = ShardId(first.shard_id);
     let end = |code: ErrorCode, leader: Option<u64>| StreamEnd {
         code: code as i32,
         leader_node_id: leader.unwrap_or(0),
@@ -317,7 +318,7 @@ async fn serve_subscription(
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(shard, missed = n, "push stream lagged behind apply; ending it");
+                    tracing::warn!(%shard, missed = n, "push stream lagged behind apply; ending it");
                     return end(ErrorCode::ErrorUnavailable, Some(core.id()));
                 }
                 Err(broadcast::error::RecvError::Closed) => return end(ErrorCode::ErrorUnavailable, None),
@@ -326,7 +327,7 @@ async fn serve_subscription(
                 Ok(p) => forward_online(shard, &p, &users, &groups, tx),
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     // Online-only pushes are never stored: what was missed is gone.
-                    tracing::warn!(shard, missed = n, "push stream lagged behind online pushes");
+                    tracing::warn!(%shard, missed = n, "push stream lagged behind online pushes");
                     metrics::counter!("rim_push_online_dropped_total").increment(n);
                 }
                 Err(broadcast::error::RecvError::Closed) => return end(ErrorCode::ErrorUnavailable, None),
@@ -341,7 +342,7 @@ async fn serve_subscription(
 /// subscribed group (GROUP list). A full queue drops the push (online-only
 /// pushes are best effort, and the next stored entry ends the stream).
 fn forward_online(
-    shard: u32,
+    shard: ShardId,
     p: &OnlinePush,
     users: &HashSet<u64>,
     groups: &HashSet<u64>,
@@ -357,7 +358,7 @@ fn forward_online(
     for (kind, owner) in targets {
         let m = PushedMessage { list_kind: kind as i32, owner_id: owner, ..push.clone() };
         if tx.try_send(Ok(SubscribeEvent { event: Some(Event::Message(m)) })).is_err() {
-            tracing::debug!(shard, owner, "push stream full; online push dropped");
+            tracing::debug!(%shard, owner, "push stream full; online push dropped");
             metrics::counter!("rim_push_online_dropped_total").increment(1);
         }
     }
@@ -367,27 +368,27 @@ fn forward_online(
 /// linearizably on its shard, with the member's join point from the group's
 /// member record. Groups that cannot be read (or that the user left in the
 /// meantime) are skipped: a sign-in does not fail over them.
-async fn super_group_heads(core: &Core, user: u64, groups: Vec<store::UserGroupRecord>) -> Vec<GroupHead> {
+async fn super_group_heads(core: &Core, user: UserId, groups: Vec<store::UserGroupRecord>) -> Vec<GroupHead> {
     let supers: Vec<u64> =
         groups.iter().filter(|g| g.kind() == store::GroupKind::Super).map(|g| g.group_id).collect();
     if supers.is_empty() {
         return Vec::new();
     }
     let Ok(placement) = core.placement() else { return Vec::new() };
-    let shards = ops::views_lenient(core, supers.iter().map(|g| placement.shard_of_group(*g))).await;
+    let shards = ops::views_lenient(core, supers.iter().map(|g| placement.shard_of_group(GroupId(*g)))).await;
     let mut heads = Vec::with_capacity(supers.len());
     for g in supers {
-        let shard = placement.shard_of_group(g);
+        let shard = placement.shard_of_group(GroupId(g));
         let replica = match shards.get(&shard) {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
-                tracing::warn!(user, group = g, shard, error = %e, "sign-in skips an unreadable super group");
+                tracing::warn!(%user, group = g, %shard, error = %e, "sign-in skips an unreadable super group");
                 continue;
             }
             None => continue,
         };
         let read = async || -> Result<Option<GroupHead>, Error> {
-            let Some(m) = replica.member(GroupId(g), UserId(user)).await? else { return Ok(None) };
+            let Some(m) = replica.member(GroupId(g), user).await? else { return Ok(None) };
             let head = replica.group_head(GroupId(g)).await?;
             Ok(Some(GroupHead {
                 group_id: g,
@@ -398,7 +399,7 @@ async fn super_group_heads(core: &Core, user: u64, groups: Vec<store::UserGroupR
         match read().await {
             Ok(Some(h)) => heads.push(h),
             Ok(None) => {}
-            Err(e) => tracing::warn!(user, group = g, error = %e, "sign-in skips an unreadable super group"),
+            Err(e) => tracing::warn!(%user, group = g, error = %e, "sign-in skips an unreadable super group"),
         }
     }
     heads

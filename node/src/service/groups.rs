@@ -9,10 +9,10 @@
 //! follows through the relay: eventually, normally within milliseconds.
 
 use rim_proto::ErrorCode;
-use rim_proto::store::{self, IdKind, op::Op as O};
+use rim_proto::ids::{GroupId, Seq, ShardId, UserId};
+use rim_proto::store::{self, op::Op as O};
 use rim_proto::v1::group_service_server::GroupService;
 use rim_proto::v1::*;
-use rim_raft_store::{GroupId, UserId};
 use tonic::{Request, Response, Status};
 
 use super::client::ClientSvc;
@@ -36,7 +36,7 @@ fn not_found(g: u64) -> Error {
 }
 
 /// Distinct ids in request order, at most [`MAX_USERS_PER_CALL`], none 0.
-fn user_ids(ids: Vec<u64>) -> Result<Vec<u64>> {
+fn user_ids(ids: Vec<u64>) -> Result<Vec<UserId>> {
     let mut seen = std::collections::HashSet::new();
     let ids: Vec<u64> = ids.into_iter().filter(|u| seen.insert(*u)).collect();
     if ids.len() > MAX_USERS_PER_CALL {
@@ -48,13 +48,18 @@ fn user_ids(ids: Vec<u64>) -> Result<Vec<u64>> {
     for &u in &ids {
         check_id("user_id", u)?;
     }
-    Ok(ids)
+    Ok(ids.into_iter().map(UserId).collect())
+}
+
+/// User ids as the stored operations carry them.
+fn wire(ids: &[UserId]) -> Vec<u64> {
+    ids.iter().map(|u| u.0).collect()
 }
 
 impl ClientSvc {
-    fn group_shard(&self, g: u64) -> Result<u32> {
+    fn group_shard(&self, g: u64) -> Result<ShardId> {
         check_id("group_id", g)?;
-        Ok(self.core.placement()?.shard_of_group(g))
+        Ok(self.core.placement()?.shard_of_group(GroupId(g)))
     }
 
     /// The group's shard replica (linearizable) and its live record.
@@ -67,10 +72,10 @@ impl ClientSvc {
     /// The public view of a group just written, with its list head.
     async fn group_reply(&self, rec: store::GroupRecord) -> Result<Group> {
         let head = if rec.kind() == store::GroupKind::Small {
-            0
+            Seq::ZERO
         } else {
             let replica = self.core.view(self.group_shard(rec.group_id)?).await?;
-            replica.group_head(GroupId(rec.group_id)).await?.last_seq
+            Seq(replica.group_head(GroupId(rec.group_id)).await?.last_seq)
         };
         Ok(ops::group_view(rec, head))
     }
@@ -109,16 +114,16 @@ impl GroupService for ClientSvc {
             ops::ensure_users_exist(&self.core, &ids).await?;
             ids
         };
-        let id = self.core.allocate_id(IdKind::Group).await?;
+        let id = self.core.allocate_group().await?.0;
         let o = O::CreateGroup(store::CreateGroup {
             group_id: id,
             kind: kind as i32,
-            owner_id: c.user,
+            owner_id: c.user.0,
             name: r.name,
             avatar_url: r.avatar_url,
             introduction: r.introduction,
             extra: r.extra,
-            member_ids: members,
+            member_ids: wire(&members),
             retention: r
                 .retention
                 .map(|r| store::Retention { max_count: r.max_count, max_age_ms: r.max_age_ms }),
@@ -142,7 +147,7 @@ impl GroupService for ClientSvc {
         let r = req.into_inner();
         let o = O::UpdateGroup(store::UpdateGroup {
             group_id: r.group_id,
-            by_user_id: c.user,
+            by_user_id: c.user.0,
             name: r.name,
             avatar_url: r.avatar_url,
             introduction: r.introduction,
@@ -159,13 +164,13 @@ impl GroupService for ClientSvc {
         let c = self.caller(&req).await?;
         let g = req.into_inner().group_id;
         let (replica, rec) = self.load_group(g).await?;
-        let me = replica.member(GroupId(g), UserId(c.user)).await?;
+        let me = replica.member(GroupId(g), c.user).await?;
         if me.is_none() && rec.kind() != store::GroupKind::Room {
             return Err(Error::rejected(ErrorCode::ErrorNotGroupMember, "not a member of this group").into());
         }
         let head = replica.group_head(GroupId(g)).await?;
         Ok(Response::new(GetGroupReply {
-            group: Some(ops::group_view(rec, head.last_seq)),
+            group: Some(ops::group_view(rec, Seq(head.last_seq))),
             me: me.map(|m| ops::member_view(m, None)),
         }))
     }
@@ -177,23 +182,24 @@ impl GroupService for ClientSvc {
         let c = self.caller(&req).await?;
         let placement = self.core.placement()?;
         let mine = self.core.view(placement.shard_of_user(c.user)).await?;
-        let records = mine.user_groups(UserId(c.user)).await?;
+        let records = mine.user_groups(c.user).await?;
         let replicas =
-            ops::views(&self.core, records.iter().map(|r| placement.shard_of_group(r.group_id))).await?;
+            ops::views(&self.core, records.iter().map(|r| placement.shard_of_group(GroupId(r.group_id))))
+                .await?;
         let mut groups = Vec::with_capacity(records.len());
         for r in records {
-            let replica = &replicas[&placement.shard_of_group(r.group_id)];
+            let replica = &replicas[&placement.shard_of_group(GroupId(r.group_id))];
             let g = GroupId(r.group_id);
             let Some(rec) = replica.group(g).await?.filter(|x| !x.dissolved) else {
                 continue;
             };
             // The own list of groups follows removals through the relay:
             // the group's shard has the last word.
-            if replica.member(g, UserId(c.user)).await?.is_none() {
+            if replica.member(g, c.user).await?.is_none() {
                 continue;
             }
             let head = replica.group_head(g).await?;
-            groups.push(ops::group_view(rec, head.last_seq));
+            groups.push(ops::group_view(rec, Seq(head.last_seq)));
         }
         groups.sort_by_key(|g| g.group_id);
         Ok(Response::new(ListMyGroupsReply { groups }))
@@ -210,13 +216,13 @@ impl GroupService for ClientSvc {
         if rec.kind() == store::GroupKind::Room {
             return Ok(Response::new(ListGroupMembersReply { members: Vec::new(), has_more: false }));
         }
-        if replica.member(g, UserId(c.user)).await?.is_none() {
+        if replica.member(g, c.user).await?.is_none() {
             return Err(Error::rejected(ErrorCode::ErrorNotGroupMember, "not a member of this group").into());
         }
         let limit = if r.limit == 0 { DEFAULT_MEMBERS_PAGE } else { r.limit.min(MAX_MEMBERS_PAGE) };
         let (members, has_more) = replica.members(g, UserId(r.after_user_id), limit as usize).await?;
         let mut profiles = if r.with_profiles {
-            let ids: Vec<u64> = members.iter().map(|m| m.user_id).collect();
+            let ids: Vec<UserId> = members.iter().map(|m| UserId(m.user_id)).collect();
             ops::profiles(&self.core, &ids).await
         } else {
             Default::default()
@@ -224,7 +230,7 @@ impl GroupService for ClientSvc {
         let members = members
             .into_iter()
             .map(|m| {
-                let p = profiles.remove(&m.user_id);
+                let p = profiles.remove(&UserId(m.user_id));
                 ops::member_view(m, p)
             })
             .collect();
@@ -239,7 +245,11 @@ impl GroupService for ClientSvc {
         let r = req.into_inner();
         let ids = user_ids(r.user_ids)?;
         ops::ensure_users_exist(&self.core, &ids).await?;
-        let o = O::AddMembers(store::AddMembers { group_id: r.group_id, by_user_id: c.user, user_ids: ids });
+        let o = O::AddMembers(store::AddMembers {
+            group_id: r.group_id,
+            by_user_id: c.user.0,
+            user_ids: wire(&ids),
+        });
         let added = self.members_changed(r.group_id, o).await?;
         counted("add_members");
         Ok(Response::new(AddGroupMembersReply { added_user_ids: added }))
@@ -254,8 +264,8 @@ impl GroupService for ClientSvc {
         let ids = user_ids(r.user_ids)?;
         let o = O::RemoveMembers(store::RemoveMembers {
             group_id: r.group_id,
-            by_user_id: c.user,
-            user_ids: ids,
+            by_user_id: c.user.0,
+            user_ids: wire(&ids),
         });
         let removed = self.members_changed(r.group_id, o).await?;
         counted("remove_members");
@@ -279,7 +289,7 @@ impl GroupService for ClientSvc {
         }
         let o = O::SetMember(store::SetMember {
             group_id: r.group_id,
-            by_user_id: c.user,
+            by_user_id: c.user.0,
             user_id: r.user_id,
             role: r.role,
             nickname: r.nickname,
@@ -302,8 +312,8 @@ impl GroupService for ClientSvc {
         let g = req.into_inner().group_id;
         let o = O::RemoveMembers(store::RemoveMembers {
             group_id: g,
-            by_user_id: c.user,
-            user_ids: vec![c.user],
+            by_user_id: c.user.0,
+            user_ids: vec![c.user.0],
         });
         self.members_changed(g, o).await?;
         counted("leave");
@@ -319,7 +329,7 @@ impl GroupService for ClientSvc {
         check_id("new_owner_id", r.new_owner_id)?;
         let o = O::SetMember(store::SetMember {
             group_id: r.group_id,
-            by_user_id: c.user,
+            by_user_id: c.user.0,
             user_id: r.new_owner_id,
             role: store::MemberRole::Owner as i32,
             nickname: None,
@@ -335,7 +345,7 @@ impl GroupService for ClientSvc {
     ) -> Result<Response<DissolveGroupReply>, Status> {
         let c = self.caller(&req).await?;
         let g = req.into_inner().group_id;
-        let o = O::DissolveGroup(store::DissolveGroup { group_id: g, by_user_id: c.user });
+        let o = O::DissolveGroup(store::DissolveGroup { group_id: g, by_user_id: c.user.0 });
         self.propose_group(g, o).await?;
         counted("dissolve");
         Ok(Response::new(DissolveGroupReply {}))

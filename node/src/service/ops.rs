@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, GroupId, Seq, ShardId, UserId};
 use rim_proto::store::{self, DeviceRecord, UserRecord, op::Op as O};
 use rim_proto::v1::{self, ConversationKind};
-use rim_raft_store::{DeviceId, GroupId, Seq, UserId};
 
 use crate::core::Core;
 use crate::error::{Error, Result};
@@ -59,7 +59,8 @@ pub fn device_view(d: DeviceRecord) -> v1::Device {
     }
 }
 
-/// Checks an id from a request.
+/// Checks an id from a request (the wire form, before it becomes an id
+/// type: 0 names nothing).
 pub fn check_id(what: &str, id: u64) -> Result<()> {
     if id == 0 {
         return Err(Error::rejected(ErrorCode::ErrorInvalidId, format!("{what} must not be 0")));
@@ -68,18 +69,23 @@ pub fn check_id(what: &str, id: u64) -> Result<()> {
 }
 
 /// Sends a message as `(user, device)`.
-pub async fn send(core: &Core, user: u64, device: u64, input: v1::SendInput) -> Result<v1::SendOutput> {
+pub async fn send(
+    core: &Core,
+    user: UserId,
+    device: DeviceId,
+    input: v1::SendInput,
+) -> Result<v1::SendOutput> {
     check_id("conversation_id", input.conversation_id)?;
     let kind = ConversationKind::try_from(input.conversation_kind).unwrap_or(ConversationKind::Unspecified);
     let placement = core.placement()?;
     let (shard, o) = match kind {
         ConversationKind::User => {
-            if input.conversation_id != user {
-                ensure_user_exists(core, input.conversation_id).await?;
+            if input.conversation_id != user.0 {
+                ensure_user_exists(core, UserId(input.conversation_id)).await?;
             }
             let o = O::SendToUser(store::SendToUser {
-                sender_user_id: user,
-                sender_device_id: device,
+                sender_user_id: user.0,
+                sender_device_id: device.0,
                 recipient_user_id: input.conversation_id,
                 client_msg_id: input.client_msg_id,
                 content_type: input.content_type,
@@ -91,15 +97,15 @@ pub async fn send(core: &Core, user: u64, device: u64, input: v1::SendInput) -> 
         ConversationKind::Group | ConversationKind::SuperGroup | ConversationKind::Room => {
             let o = O::SendToGroup(store::SendToGroup {
                 group_id: input.conversation_id,
-                sender_user_id: user,
-                sender_device_id: device,
+                sender_user_id: user.0,
+                sender_device_id: device.0,
                 client_msg_id: input.client_msg_id,
                 content_type: input.content_type,
                 content: input.content,
                 mentions: input.mentions,
                 refers_to: input.refers_to,
             });
-            (placement.shard_of_group(input.conversation_id), o)
+            (placement.shard_of_group(GroupId(input.conversation_id)), o)
         }
         _ => return Err(Error::rejected(ErrorCode::ErrorBadRequest, "unknown conversation kind")),
     };
@@ -120,10 +126,10 @@ pub async fn send(core: &Core, user: u64, device: u64, input: v1::SendInput) -> 
 /// Fails with `ERROR_USER_NOT_FOUND` unless `user` exists. Users are never
 /// deleted, so a local replica that has the user settles it without a read
 /// barrier; only an absent user costs a linearizable read.
-pub async fn ensure_user_exists(core: &Core, user: u64) -> Result<()> {
+pub async fn ensure_user_exists(core: &Core, user: UserId) -> Result<()> {
     let shard = core.shard_of_user(user)?;
     if let Some(g) = core.group(shard)
-        && g.reader.user(UserId(user))?.is_some()
+        && g.reader.user(user)?.is_some()
     {
         return Ok(());
     }
@@ -131,33 +137,34 @@ pub async fn ensure_user_exists(core: &Core, user: u64) -> Result<()> {
 }
 
 /// Reads `user`'s list after `after_seq`.
-pub async fn sync(core: &Core, user: u64, input: v1::SyncInput) -> Result<v1::SyncOutput> {
+pub async fn sync(core: &Core, user: UserId, input: v1::SyncInput) -> Result<v1::SyncOutput> {
     let shard = core.shard_of_user(user)?;
     let g = core.view(shard).await?;
     // Entries and last_seq come from one snapshot (see `Reader::sync`).
-    let page = g.sync(UserId(user), Seq(input.after_seq), clamp_limit(input.limit)).await?;
+    let page = g.sync(user, Seq(input.after_seq), clamp_limit(input.limit)).await?;
     Ok(v1::SyncOutput { messages: page.messages, has_more: page.has_more, last_seq: page.head.last_seq })
 }
 
 /// Reads a group list after `after_group_seq`, for a member (or anyone, for rooms).
-pub async fn sync_group(core: &Core, user: u64, input: v1::SyncGroupInput) -> Result<v1::SyncGroupOutput> {
+pub async fn sync_group(core: &Core, user: UserId, input: v1::SyncGroupInput) -> Result<v1::SyncGroupOutput> {
     check_id("group_id", input.group_id)?;
-    let shard = core.placement()?.shard_of_group(input.group_id);
+    let group_id = GroupId(input.group_id);
+    let shard = core.placement()?.shard_of_group(group_id);
     let g = core.view(shard).await?;
     let group = g
-        .group(GroupId(input.group_id))
+        .group(group_id)
         .await?
         .filter(|gr| !gr.dissolved)
         .ok_or_else(|| Error::rejected(ErrorCode::ErrorGroupNotFound, "group not found"))?;
     let mut after = input.after_group_seq;
     if group.kind() != store::GroupKind::Room {
         let m = g
-            .member(GroupId(input.group_id), UserId(user))
+            .member(group_id, user)
             .await?
             .ok_or_else(|| Error::rejected(ErrorCode::ErrorNotGroupMember, "not a member"))?;
         after = after.max(m.joined_group_seq);
     }
-    let page = g.sync_group(GroupId(input.group_id), Seq(after), clamp_limit(input.limit)).await?;
+    let page = g.sync_group(group_id, Seq(after), clamp_limit(input.limit)).await?;
     Ok(v1::SyncGroupOutput {
         messages: page.messages,
         has_more: page.has_more,
@@ -167,10 +174,10 @@ pub async fn sync_group(core: &Core, user: u64, input: v1::SyncGroupInput) -> Re
 }
 
 /// Moves a device's ack cursor.
-pub async fn ack(core: &Core, user: u64, device: u64, seq: u64) -> Result<v1::AckOutput> {
+pub async fn ack(core: &Core, user: UserId, device: DeviceId, seq: Seq) -> Result<v1::AckOutput> {
     let shard = core.shard_of_user(user)?;
-    let r =
-        core.propose(shard, op(O::AckSeq(store::AckSeq { user_id: user, device_id: device, seq }))).await?;
+    let ack = store::AckSeq { user_id: user.0, device_id: device.0, seq: seq.0 };
+    let r = core.propose(shard, op(O::AckSeq(ack))).await?;
     match r.value {
         Some(store::op_result::Value::AckSeq(ack_seq)) => Ok(v1::AckOutput { ack_seq }),
         _ => Err(Error::Internal("ack returned no cursor".into())),
@@ -178,9 +185,9 @@ pub async fn ack(core: &Core, user: u64, device: u64, seq: u64) -> Result<v1::Ac
 }
 
 /// Bumps a device's token version (logout, kick).
-pub async fn revoke(core: &Core, user: u64, device: u64) -> Result<()> {
+pub async fn revoke(core: &Core, user: UserId, device: DeviceId) -> Result<()> {
     let shard = core.shard_of_user(user)?;
-    core.propose(shard, op(O::RevokeDevice(store::RevokeDevice { user_id: user, device_id: device })))
+    core.propose(shard, op(O::RevokeDevice(store::RevokeDevice { user_id: user.0, device_id: device.0 })))
         .await?;
     Ok(())
 }
@@ -188,15 +195,15 @@ pub async fn revoke(core: &Core, user: u64, device: u64) -> Result<()> {
 /// Registers (or re-registers) a device and issues a token for it.
 pub async fn register_device(
     core: &Core,
-    user: u64,
-    device: u64,
+    user: UserId,
+    device: DeviceId,
     info: Option<v1::DeviceInfo>,
 ) -> Result<(DeviceRecord, String, i64)> {
     let info = info.unwrap_or_default();
     let shard = core.shard_of_user(user)?;
     let o = O::RegisterDevice(store::RegisterDevice {
-        user_id: user,
-        device_id: device,
+        user_id: user.0,
+        device_id: device.0,
         device_type: info.device_type,
         brand: info.brand,
         model: info.model,
@@ -212,22 +219,27 @@ pub async fn register_device(
 }
 
 /// A user's record, read linearizably.
-pub async fn get_user(core: &Core, user: u64) -> Result<UserRecord> {
-    check_id("user_id", user)?;
+pub async fn get_user(core: &Core, user: UserId) -> Result<UserRecord> {
+    check_id("user_id", user.0)?;
     let g = core.view(core.shard_of_user(user)?).await?;
-    g.user(UserId(user)).await?.ok_or_else(|| Error::rejected(ErrorCode::ErrorUserNotFound, "user not found"))
+    g.user(user).await?.ok_or_else(|| Error::rejected(ErrorCode::ErrorUserNotFound, "user not found"))
 }
 
 /// A device's record, read linearizably.
-pub async fn get_device(core: &Core, user: u64, device: u64) -> Result<Option<DeviceRecord>> {
+pub async fn get_device(core: &Core, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>> {
     let g = core.view(core.shard_of_user(user)?).await?;
-    g.device(UserId(user), DeviceId(device)).await
+    g.device(user, device).await
 }
 
 /// Recalls a message as `(user, device)`: proposed to the caller's shard for
 /// 1:1 (`seq` = the message's seq in the caller's list), to the group's shard
 /// for groups (`seq` = its group seq).
-pub async fn recall(core: &Core, user: u64, device: u64, input: v1::RecallInput) -> Result<v1::SendOutput> {
+pub async fn recall(
+    core: &Core,
+    user: UserId,
+    device: DeviceId,
+    input: v1::RecallInput,
+) -> Result<v1::SendOutput> {
     check_id("message_id", input.message_id)?;
     check_id("seq", input.seq)?;
     let kind = ConversationKind::try_from(input.conversation_kind).unwrap_or(ConversationKind::Unspecified);
@@ -235,7 +247,7 @@ pub async fn recall(core: &Core, user: u64, device: u64, input: v1::RecallInput)
         ConversationKind::User => core.shard_of_user(user)?,
         ConversationKind::Group | ConversationKind::SuperGroup | ConversationKind::Room => {
             check_id("conversation_id", input.conversation_id)?;
-            core.placement()?.shard_of_group(input.conversation_id)
+            core.placement()?.shard_of_group(GroupId(input.conversation_id))
         }
         _ => {
             return Err(Error::rejected(
@@ -245,8 +257,8 @@ pub async fn recall(core: &Core, user: u64, device: u64, input: v1::RecallInput)
         }
     };
     let o = O::Recall(store::Recall {
-        user_id: user,
-        device_id: device,
+        user_id: user.0,
+        device_id: device.0,
         conversation_kind: input.conversation_kind,
         conversation_id: input.conversation_id,
         message_id: input.message_id,
@@ -268,7 +280,12 @@ pub async fn recall(core: &Core, user: u64, device: u64, input: v1::RecallInput)
 
 /// Moves `user`'s read position in a conversation (and, 1:1 with a
 /// `receipt_message_id`, sends the peer a read receipt).
-pub async fn mark_read(core: &Core, user: u64, device: u64, input: v1::ReadInput) -> Result<v1::ReadOutput> {
+pub async fn mark_read(
+    core: &Core,
+    user: UserId,
+    device: DeviceId,
+    input: v1::ReadInput,
+) -> Result<v1::ReadOutput> {
     let kind = ConversationKind::try_from(input.conversation_kind).unwrap_or(ConversationKind::Unspecified);
     if kind == ConversationKind::Unspecified {
         return Err(Error::rejected(ErrorCode::ErrorBadRequest, "conversation_kind is required"));
@@ -277,8 +294,8 @@ pub async fn mark_read(core: &Core, user: u64, device: u64, input: v1::ReadInput
         check_id("conversation_id", input.conversation_id)?;
     }
     let o = O::MarkRead(store::MarkRead {
-        user_id: user,
-        device_id: device,
+        user_id: user.0,
+        device_id: device.0,
         conversation_kind: input.conversation_kind,
         conversation_id: input.conversation_id,
         read_seq: input.read_seq,
@@ -296,8 +313,8 @@ pub async fn mark_read(core: &Core, user: u64, device: u64, input: v1::ReadInput
 /// the first shard that cannot be read.
 pub async fn views(
     core: &Core,
-    shards: impl IntoIterator<Item = u32>,
-) -> Result<BTreeMap<u32, ShardView<'_>>> {
+    shards: impl IntoIterator<Item = ShardId>,
+) -> Result<BTreeMap<ShardId, ShardView<'_>>> {
     let mut out = BTreeMap::new();
     for (shard, g) in views_lenient(core, shards).await {
         out.insert(shard, g?);
@@ -308,23 +325,23 @@ pub async fn views(
 /// Like [`views`], but returns each shard's outcome.
 pub async fn views_lenient(
     core: &Core,
-    shards: impl IntoIterator<Item = u32>,
-) -> BTreeMap<u32, Result<ShardView<'_>>> {
-    let shards: BTreeSet<u32> = shards.into_iter().collect();
+    shards: impl IntoIterator<Item = ShardId>,
+) -> BTreeMap<ShardId, Result<ShardView<'_>>> {
+    let shards: BTreeSet<ShardId> = shards.into_iter().collect();
     let reads = shards.into_iter().map(|s| async move { (s, core.view(s).await) });
     futures::future::join_all(reads).await.into_iter().collect()
 }
 
 /// Fails with `ERROR_USER_NOT_FOUND` (naming the first) unless every user
 /// exists; like [`ensure_user_exists`], local replicas settle existing users.
-pub async fn ensure_users_exist(core: &Core, users: &[u64]) -> Result<()> {
+pub async fn ensure_users_exist(core: &Core, users: &[UserId]) -> Result<()> {
     let placement = core.placement()?;
     let mut unsure = Vec::new();
     for &u in users {
-        check_id("user_id", u)?;
+        check_id("user_id", u.0)?;
         let shard = placement.shard_of_user(u);
         let known = match core.group(shard) {
-            Some(g) => g.reader.user(UserId(u))?.is_some(),
+            Some(g) => g.reader.user(u)?.is_some(),
             None => false,
         };
         if !known {
@@ -336,7 +353,7 @@ pub async fn ensure_users_exist(core: &Core, users: &[u64]) -> Result<()> {
     }
     let groups = views(core, unsure.iter().map(|(s, _)| *s)).await?;
     for (shard, u) in unsure {
-        if groups[&shard].user(UserId(u)).await?.is_none() {
+        if groups[&shard].user(u).await?.is_none() {
             return Err(Error::rejected(ErrorCode::ErrorUserNotFound, format!("user {u} not found")));
         }
     }
@@ -345,18 +362,18 @@ pub async fn ensure_users_exist(core: &Core, users: &[u64]) -> Result<()> {
 
 /// Public profiles of `users`, best effort: users whose shard cannot be
 /// read in time (or that do not exist) are left out.
-pub async fn profiles(core: &Core, users: &[u64]) -> HashMap<u64, v1::User> {
+pub async fn profiles(core: &Core, users: &[UserId]) -> HashMap<UserId, v1::User> {
     let Ok(placement) = core.placement() else { return HashMap::new() };
     let groups = views_lenient(core, users.iter().map(|u| placement.shard_of_user(*u))).await;
     let mut out = HashMap::new();
     for &u in users {
         let Some(Ok(g)) = groups.get(&placement.shard_of_user(u)) else { continue };
-        match g.user(UserId(u)).await {
+        match g.user(u).await {
             Ok(Some(rec)) => {
                 out.insert(u, user_view(rec));
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(user = u, error = %e, "reading a profile"),
+            Err(e) => tracing::warn!(user = %u, error = %e, "reading a profile"),
         }
     }
     out
@@ -378,7 +395,7 @@ pub fn friend_view(f: store::FriendRecord, profile: Option<v1::User>) -> v1::Fri
 
 /// Public view of a group; `last_group_seq` is reported for super groups
 /// and rooms only (small groups are read from the members' own lists).
-pub fn group_view(g: store::GroupRecord, last_group_seq: u64) -> v1::Group {
+pub fn group_view(g: store::GroupRecord, last_group_seq: Seq) -> v1::Group {
     let small = g.kind() == store::GroupKind::Small;
     v1::Group {
         group_id: g.group_id,
@@ -393,7 +410,7 @@ pub fn group_view(g: store::GroupRecord, last_group_seq: u64) -> v1::Group {
         updated_ms: g.updated_ms,
         dissolved: g.dissolved,
         retention: g.retention.map(|r| v1::Retention { max_count: r.max_count, max_age_ms: r.max_age_ms }),
-        last_group_seq: if small { 0 } else { last_group_seq },
+        last_group_seq: if small { 0 } else { last_group_seq.0 },
     }
 }
 

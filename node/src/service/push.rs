@@ -18,10 +18,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rim_proto::ErrorCode;
+use rim_proto::ids::{GroupId, ShardId, UserId};
 use rim_proto::store::{self, op::Op as O};
 use rim_proto::v1::push_service_server::PushService;
 use rim_proto::v1::*;
-use rim_raft_store::{GroupId, UserId};
 use tonic::{Request, Response, Status};
 
 use super::ops::{check_id, op};
@@ -126,12 +126,12 @@ fn recipients(ids: Vec<u64>) -> Result<Vec<u64>> {
 
 /// Hands one online push per shard to the shards' leaders, concurrently;
 /// fails (after trying all) with the first failure.
-async fn push_to_shards(core: &Core, pushes: BTreeMap<u32, OnlinePush>) -> Result<()> {
+async fn push_to_shards(core: &Core, pushes: BTreeMap<ShardId, OnlinePush>) -> Result<()> {
     let sends = pushes.into_iter().map(|(shard, p)| async move { (shard, core.push_online(shard, p).await) });
     let mut first = None;
     for (shard, res) in futures::future::join_all(sends).await {
         if let Err(e) = res {
-            tracing::warn!(shard, error = %e, "online push not handed to the shard leader");
+            tracing::warn!(%shard, error = %e, "online push not handed to the shard leader");
             first.get_or_insert(e);
         }
     }
@@ -141,10 +141,10 @@ async fn push_to_shards(core: &Core, pushes: BTreeMap<u32, OnlinePush>) -> Resul
 /// Online-only push to users, grouped by the shard that owns them.
 async fn push_users_online(core: &Core, users: &[u64], push: PushedMessage) -> Result<()> {
     let placement = core.placement()?;
-    let mut by_shard: BTreeMap<u32, OnlinePush> = BTreeMap::new();
+    let mut by_shard: BTreeMap<ShardId, OnlinePush> = BTreeMap::new();
     for &u in users {
         by_shard
-            .entry(placement.shard_of_user(u))
+            .entry(placement.shard_of_user(UserId(u)))
             .or_insert_with(|| OnlinePush { push: Some(push.clone()), ..Default::default() })
             .user_ids
             .push(u);
@@ -157,7 +157,7 @@ impl PushSvc {
     /// shard's replica.
     async fn group(&self, g: u64) -> Result<(crate::read::ShardView<'_>, store::GroupRecord)> {
         check_id("group_id", g)?;
-        let replica = self.core.view(self.core.placement()?.shard_of_group(g)).await?;
+        let replica = self.core.view(self.core.placement()?.shard_of_group(GroupId(g))).await?;
         let rec =
             replica.group(GroupId(g)).await?.filter(|r| !r.dissolved).ok_or_else(|| {
                 Error::rejected(ErrorCode::ErrorGroupNotFound, format!("group {g} not found"))
@@ -177,7 +177,7 @@ impl PushSvc {
             mentions: Vec::new(),
             refers_to: 0,
         });
-        let r = self.core.propose(self.core.placement()?.shard_of_group(g), op(o)).await?;
+        let r = self.core.propose(self.core.placement()?.shard_of_group(GroupId(g)), op(o)).await?;
         match r.value {
             Some(store::op_result::Value::Sent(s)) => Ok(s),
             _ => Err(Error::Internal("group push returned no result".into())),
@@ -186,7 +186,7 @@ impl PushSvc {
 
     /// An online-only push to the streams subscribed to a super group or room.
     async fn push_group_online(&self, g: u64, push: PushedMessage) -> Result<()> {
-        let shard = self.core.placement()?.shard_of_group(g);
+        let shard = self.core.placement()?.shard_of_group(GroupId(g));
         let p = OnlinePush { group_ids: vec![g], push: Some(push), ..Default::default() };
         push_to_shards(&self.core, BTreeMap::from([(shard, p)])).await
     }
@@ -206,7 +206,7 @@ impl PushService for PushSvc {
             push_users_online(&self.core, &users, online(&c, ConversationKind::System, 0, 0)).await?;
             return Ok(Response::new(PushToUsersReply { message_id: 0 }));
         }
-        let shard = self.core.shard_of_user(users[0])?;
+        let shard = self.core.shard_of_user(UserId(users[0]))?;
         let o = O::PushToUsers(store::PushToUsers {
             user_ids: users,
             sender_user_id: c.sender_user_id,
@@ -281,11 +281,16 @@ impl PushService for PushSvc {
         let c = content(r.content)?;
         counted("all", false);
         let push = online(&c, ConversationKind::System, 0, r.priority);
-        let pushes: BTreeMap<u32, OnlinePush> = self
+        let pushes: BTreeMap<ShardId, OnlinePush> = self
             .core
             .placement()?
             .data_shards()
-            .map(|s| (s.shard_id, OnlinePush { all: true, push: Some(push.clone()), ..Default::default() }))
+            .map(|s| {
+                (
+                    ShardId(s.shard_id),
+                    OnlinePush { all: true, push: Some(push.clone()), ..Default::default() },
+                )
+            })
             .collect();
         push_to_shards(&self.core, pushes).await?;
         Ok(Response::new(PushToAllReply {}))

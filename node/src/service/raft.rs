@@ -9,6 +9,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use prost::Message as _;
 use rim_proto::ErrorCode;
+use rim_proto::ids::ShardId;
 use rim_proto::store::{Proposal, ProposalResult, ReadQuery};
 use rim_proto::v1::raft_service_server::RaftService;
 use rim_proto::v1::{OnlinePush, RaftReply, RaftRequest, SnapshotChunk};
@@ -51,7 +52,7 @@ impl RaftSvc {
             let msg = format!("this is node {}, not {target}", self.core.id());
             return Err(Ok(refuse(ErrorCode::ErrorBadRequest, msg)));
         }
-        self.core.group(group_id).ok_or_else(|| {
+        self.core.group(ShardId(group_id)).ok_or_else(|| {
             Ok(refuse(ErrorCode::ErrorUnavailable, format!("group {group_id} is not hosted here")))
         })
     }
@@ -136,7 +137,7 @@ impl RaftService for RaftSvc {
         let r = req.into_inner();
         let g = route!(self, r);
         let q = ReadQuery::decode(r.payload.as_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let answer = match self.core.read_barrier(g.shard.0).await {
+        let answer = match self.core.read_barrier(g.shard).await {
             Ok(g) => crate::read::execute(&g.reader, &q),
             Err(e) => Err(e),
         };
