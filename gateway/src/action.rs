@@ -1,6 +1,10 @@
 //! What a session asks its driver to do, and how it describes itself.
+//!
+//! Invariants: users, devices and shards are named with the id types of
+//! [`rim_proto::ids`]; [`Action::Close`] is always a session's last action.
 
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, ShardId, UserId};
 use rim_proto::v1::Packet;
 
 use crate::call::Call;
@@ -26,11 +30,11 @@ pub enum Action {
         /// The connection.
         conn_id: u64,
         /// The signed-in user.
-        user_id: u64,
+        user_id: UserId,
         /// The signed-in device.
-        device_id: u64,
+        device_id: DeviceId,
         /// The shard owning the user (`ConnSignInReply.shard_id`).
-        shard_id: u32,
+        shard_id: ShardId,
     },
     /// The connection no longer serves `(user_id, device_id)`. The router
     /// removes the route only if it still points at `conn_id`, so a kicked
@@ -39,9 +43,9 @@ pub enum Action {
         /// The connection.
         conn_id: u64,
         /// Its user.
-        user_id: u64,
+        user_id: UserId,
         /// Its device.
-        device_id: u64,
+        device_id: DeviceId,
     },
     /// Close the connection (after writing what was sent before). Always
     /// the last action; no other follows.
@@ -70,7 +74,7 @@ pub enum Phase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Identity {
     /// The user.
-    pub user_id: u64,
+    pub user_id: UserId,
     /// The device.
-    pub device_id: u64,
+    pub device_id: DeviceId,
 }

@@ -1,17 +1,32 @@
-//! What a session asks logic nodes for, and what comes back.
+//! What a session asks the gateway and the logic nodes for, and what comes
+//! back.
 //!
 //! A [`Session`](crate::Session) never talks to a node itself. When it needs
 //! one (a client request, its own gap-repair sync, the `Offline` notice) it
 //! emits an [`Action::Call`](crate::Action::Call) holding a [`Call`]; the
-//! gateway runs the matching `GatewayService` RPC (following leader hints,
-//! with a timeout) and hands the outcome back with
+//! driver hands it to [`PushRouter::call`](crate::router::PushRouter::call),
+//! which serves room subscriptions itself ([`NodeCall::is_room`]) and passes
+//! every other call to [`Upstream::call`](crate::upstream::Upstream::call)
+//! (the matching `GatewayService` RPC, following leader hints, with a
+//! timeout). The outcome comes back with
 //! [`Session::on_reply`](crate::Session::on_reply) under the same
 //! [`CallId`]. Outcomes of calls the session no longer waits for (it closed,
 //! or the call was fire-and-forget) are ignored.
+//!
+//! # Invariants
+//!
+//! * A [`Call`] names its user and device with the id types; the request
+//!   itself is the client's protobuf input, relayed as it came (the wire
+//!   keeps plain integers, converted where a value is read).
+//! * A failed call is a [`CallError`]: the one outcome type a session
+//!   consumes, a plain value (`Clone`, `PartialEq`) carrying the code,
+//!   message and retry hint relayed to the client. It stays apart from
+//!   [`crate::Error`] for the reasons given there.
 
 use bytes::Bytes;
 use prost::Message as _;
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, UserId};
 use rim_proto::v1::{
     AckInput, AckOutput, ConnSignInReply, ReadInput, ReadOutput, RecallInput, SendInput, SendOutput,
     SignInInput, SubscribeRoomInput, SubscribeRoomOutput, SyncGroupInput, SyncGroupOutput, SyncInput,
@@ -32,9 +47,9 @@ pub struct Call {
     /// The connection (`ConnContext.conn_id`).
     pub conn_id: u64,
     /// The user: the signed-in one, or the one claimed by `SIGN_IN`.
-    pub user_id: u64,
+    pub user_id: UserId,
     /// The device: the signed-in one, or the one claimed by `SIGN_IN`.
-    pub device_id: u64,
+    pub device_id: DeviceId,
     /// What to ask.
     pub request: NodeCall,
 }
@@ -64,19 +79,20 @@ pub enum NodeCall {
     /// `MarkRead`; reply [`NodeReply::Read`].
     MarkRead(ReadInput),
     /// `SUBSCRIBE_ROOM` (room id not 0) of a room or super group: served
-    /// by the gateway itself, not relayed.
-    /// [`Upstream::call`](crate::upstream::Upstream::call) reads the
+    /// by the gateway itself, not relayed (see [`NodeCall::is_room`]).
+    /// [`PushRouter::call`](crate::router::PushRouter::call) reads the
     /// list's head on a node (`SyncGroup`: an unknown group fails with the
     /// node's `ERROR_GROUP_NOT_FOUND`, a non-member of a super group with
-    /// `ERROR_NOT_GROUP_MEMBER`) and subscribes the connection in its push
-    /// router (and so the group's shard stream); reply
+    /// `ERROR_NOT_GROUP_MEMBER`) and subscribes the connection (and so the
+    /// group's shard stream); reply
     /// [`NodeReply::SubscribeRoom`] for a room, [`NodeReply::SubscribeGroup`]
     /// for a super group, with the list's `last_seq` and `first_seq`. The
     /// session then syncs the backlog after `after_seq` itself
     /// (`SyncGroup` calls) and pushes it.
     SubscribeRoom(SubscribeRoomInput),
     /// `UNSUBSCRIBE_ROOM` (or `SUBSCRIBE_ROOM` of room 0): the gateway's
-    /// push router drops the room (0: all rooms) for this connection;
+    /// push router drops the room (0: all rooms) for this connection (not
+    /// relayed, see [`NodeCall::is_room`]);
     /// reply [`NodeReply::Empty`]. Also sent, fire and forget, when a
     /// subscription fails or its room cannot be read any more.
     UnsubscribeRoom(UnsubscribeRoomInput),
@@ -89,6 +105,15 @@ pub enum NodeCall {
         /// Why the connection ended (`OK` for a clean close).
         reason: ErrorCode,
     },
+}
+
+impl NodeCall {
+    /// Whether the push router serves this call itself (a room or
+    /// super-group subscription change): it is never sent to a node, and
+    /// [`Upstream::call`](crate::upstream::Upstream::call) refuses it.
+    pub fn is_room(&self) -> bool {
+        matches!(self, NodeCall::SubscribeRoom(_) | NodeCall::UnsubscribeRoom(_))
+    }
 }
 
 /// A node's successful answer to a [`NodeCall`].

@@ -16,16 +16,20 @@
 //! a room, whose entries carry the room seq; [`UserList::restart_at`] skips
 //! what the room's retention trimmed).
 //!
-//! # Invariant
+//! # Invariants
 //!
-//! Entries handed out by [`UserList`] (through the `out` vectors) have seqs
-//! `start + 1, start + 2, ...` in that order, each exactly once, where
-//! `start` is the seq the list was created with. `last()` is always the seq
-//! of the last entry handed out (or `start`).
+//! * Entries handed out by [`UserList`] (through the `out` vectors) have
+//!   seqs `start + 1, start + 2, ...` in that order, each exactly once,
+//!   where `start` is the seq the list was created with. `last()` is always
+//!   the seq of the last entry handed out (or `start`).
+//! * Seqs are [`Seq`]s, advanced only with [`Seq::checked_next`]: after
+//!   [`Seq::MAX`] nothing follows, so nothing more is handed out (and
+//!   nothing wraps to the start of the list).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use rim_proto::ids::Seq;
 use rim_proto::v1::{Message, SyncOutput};
 
 use crate::call::CallId;
@@ -34,8 +38,8 @@ use crate::call::CallId;
 /// already has).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Entry {
-    /// Its seq in the user's list.
-    pub(crate) seq: u64,
+    /// Its seq in the list.
+    pub(crate) seq: Seq,
     /// The entry.
     pub(crate) message: Message,
     /// `false` when the push said to skip this connection's device (the
@@ -61,12 +65,12 @@ enum SyncState {
 #[derive(Debug)]
 pub(crate) struct UserList {
     /// Highest seq delivered to the client (or known to it at sign-in).
-    last: u64,
+    last: Seq,
     sync: SyncState,
     /// Pushes held back while a sync is pending, by seq (so duplicates
     /// collapse and the order is the seq order). Every key is > `last`
     /// whenever control is outside this module.
-    buffer: BTreeMap<u64, Entry>,
+    buffer: BTreeMap<Seq, Entry>,
     /// Most pushes held back; beyond it the buffer is dropped and the
     /// session relies on syncing.
     buffer_limit: usize,
@@ -77,12 +81,12 @@ pub(crate) struct UserList {
 impl UserList {
     /// A list whose entries up to `last` the client already has (or gets by
     /// its own sync).
-    pub(crate) fn new(last: u64, buffer_limit: usize) -> UserList {
+    pub(crate) fn new(last: Seq, buffer_limit: usize) -> UserList {
         UserList { last, sync: SyncState::Idle, buffer: BTreeMap::new(), buffer_limit, failures: 0 }
     }
 
     /// Highest seq delivered.
-    pub(crate) fn last(&self) -> u64 {
+    pub(crate) fn last(&self) -> Seq {
         self.last
     }
 
@@ -90,9 +94,9 @@ impl UserList {
     /// to `seq` count as delivered (a room's retention trimmed them, or the
     /// client asked to start there), and held-back entries at or below it
     /// are dropped. The sync state is kept.
-    pub(crate) fn restart_at(&mut self, seq: u64) {
+    pub(crate) fn restart_at(&mut self, seq: Seq) {
         self.last = seq;
-        self.buffer = self.buffer.split_off(&seq.saturating_add(1));
+        self.drop_delivered();
     }
 
     /// Pushes currently held back.
@@ -126,7 +130,7 @@ impl UserList {
             return false; // duplicate, or covered by the client's own sync
         }
         match self.sync {
-            SyncState::Idle if entry.seq == self.last + 1 => {
+            SyncState::Idle if Some(entry.seq) == self.last.checked_next() => {
                 self.last = entry.seq;
                 out.push(entry);
                 false
@@ -192,15 +196,16 @@ impl UserList {
         output.messages.sort_by_key(|m| m.seq);
         let mut broken = false;
         for message in output.messages {
-            if message.seq <= self.last {
+            let seq = Seq(message.seq);
+            if seq <= self.last {
                 continue;
             }
-            if message.seq != self.last + 1 {
+            if Some(seq) != self.last.checked_next() {
                 broken = true; // not gap-free: never expected, so sync again
                 break;
             }
-            self.last = message.seq;
-            out.push(Entry { seq: message.seq, message, send: true });
+            self.last = seq;
+            out.push(Entry { seq, message, send: true });
         }
         self.drain(out);
         let progressed = self.last > before;
@@ -247,10 +252,19 @@ impl UserList {
     /// Drops held-back entries at or below `last` and hands out the ones
     /// that continue it.
     fn drain(&mut self, out: &mut Vec<Entry>) {
-        self.buffer = self.buffer.split_off(&(self.last + 1));
-        while let Some(entry) = self.buffer.remove(&(self.last + 1)) {
+        self.drop_delivered();
+        while let Some(entry) = self.last.checked_next().and_then(|next| self.buffer.remove(&next)) {
             self.last = entry.seq;
             out.push(entry);
+        }
+    }
+
+    /// Drops held-back entries at or below `last` (all of them after
+    /// [`Seq::MAX`]: nothing follows it).
+    fn drop_delivered(&mut self) {
+        match self.last.checked_next() {
+            Some(next) => self.buffer = self.buffer.split_off(&next),
+            None => self.buffer.clear(),
         }
     }
 }
@@ -260,11 +274,11 @@ mod tests {
     use super::*;
 
     fn entry(seq: u64) -> Entry {
-        Entry { seq, message: Message { seq, ..Default::default() }, send: true }
+        Entry { seq: Seq(seq), message: Message { seq, ..Default::default() }, send: true }
     }
 
     fn seqs(out: &[Entry]) -> Vec<u64> {
-        out.iter().map(|e| e.seq).collect()
+        out.iter().map(|e| e.seq.0).collect()
     }
 
     fn sync_output(range: std::ops::RangeInclusive<u64>, has_more: bool) -> SyncOutput {
@@ -278,20 +292,20 @@ mod tests {
 
     #[test]
     fn in_order_pushes_pass_duplicates_drop() {
-        let mut list = UserList::new(3, 8);
+        let mut list = UserList::new(Seq(3), 8);
         let mut out = Vec::new();
         assert!(!list.push(entry(4), &mut out));
         assert!(!list.push(entry(4), &mut out));
         assert!(!list.push(entry(2), &mut out));
         assert!(!list.push(entry(5), &mut out));
         assert_eq!(seqs(&out), [4, 5]);
-        assert_eq!(list.last(), 5);
+        assert_eq!(list.last(), Seq(5));
     }
 
     #[test]
     fn gap_buffers_then_sync_fills_in_order() {
         let now = Instant::now();
-        let mut list = UserList::new(0, 8);
+        let mut list = UserList::new(Seq::ZERO, 8);
         let mut out = Vec::new();
         assert!(list.push(entry(3), &mut out));
         list.sync_started(CallId(1));
@@ -308,7 +322,7 @@ mod tests {
     fn has_more_syncs_again_and_no_progress_waits() {
         let now = Instant::now();
         let delay = Duration::from_secs(1);
-        let mut list = UserList::new(0, 8);
+        let mut list = UserList::new(Seq::ZERO, 8);
         let mut out = Vec::new();
         assert!(list.resync());
         list.sync_started(CallId(1));
@@ -324,7 +338,7 @@ mod tests {
     #[test]
     fn overflow_drops_buffer_and_repeats_sync() {
         let now = Instant::now();
-        let mut list = UserList::new(0, 2);
+        let mut list = UserList::new(Seq::ZERO, 2);
         let mut out = Vec::new();
         assert!(list.push(entry(2), &mut out));
         list.sync_started(CallId(1));
@@ -334,5 +348,18 @@ mod tests {
         // The sync covered 1..=2 only; the dropped 3 and 4 need another one.
         assert!(list.sync_ok(now, Duration::from_secs(1), sync_output(1..=2, false), &mut out));
         assert_eq!(seqs(&out), [1, 2]);
+    }
+
+    #[test]
+    fn nothing_follows_the_last_seq() {
+        let mut list = UserList::new(Seq(u64::MAX - 1), 8);
+        let mut out = Vec::new();
+        assert!(!list.push(entry(u64::MAX), &mut out));
+        assert_eq!(list.last(), Seq::MAX);
+        assert!(!list.push(entry(u64::MAX), &mut out), "a duplicate of the last seq");
+        assert!(!list.push(entry(1), &mut out), "no wrap to the start");
+        assert_eq!(seqs(&out), [u64::MAX]);
+        list.restart_at(Seq::MAX);
+        assert_eq!(list.buffered(), 0);
     }
 }

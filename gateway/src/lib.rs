@@ -23,10 +23,14 @@
 //!   [`Session::next_deadline`]; no thread or task per connection. The
 //!   WebSocket transport (tokio-tungstenite, `/ws`) carries one `Packet` per
 //!   binary message, or its JSON form in text messages.
-//! * **Node calls** ([`upstream`]): [`Action::Call`] is carried out on a tokio
-//!   runtime against the shard leaders (cached cluster map, `NotLeader`
-//!   hints followed) and the outcome comes back to the connection's event
-//!   loop through a channel and a waker, as [`Session::on_reply`].
+//! * **Calls** ([`call`], [`upstream`]): [`Action::Call`] is handed to
+//!   [`PushRouter::call`](router::PushRouter::call) on a tokio runtime. Room
+//!   subscriptions are served there; every other call is a node call,
+//!   carried out by [`Upstream::call`](upstream::Upstream::call) against the
+//!   shard leaders (cached cluster map, `NotLeader` hints followed, rounds
+//!   spaced by the cluster's one retry policy, [`rim_cluster::Backoff`]).
+//!   The outcome comes back to the connection's event loop through a
+//!   channel and a waker, as [`Session::on_reply`].
 //! * **Push router** ([`router`]): maps `(user, device)` to the connection that
 //!   serves it ([`Action::Register`], [`Action::Unregister`]; a second
 //!   sign-in of a device kicks the older connection with
@@ -45,11 +49,24 @@
 //! * **Best-effort notices** (`notice`): `Offline` calls when a connection
 //!   ends are bounded (a mass disconnect must not become one node call per
 //!   connection) and dropped beyond the bound: nothing durable needs them.
+//!
+//! # Invariants
+//!
+//! * The dependency runs one way: transports → router → upstream. The
+//!   upstream knows nothing of the router or the sessions.
+//! * Every public signature names users, devices, groups, seqs and shards
+//!   with the id types of [`rim_proto::ids`]; the generated protobuf
+//!   structs keep their integers, converted where they are read.
+//! * Fallible public APIs return [`Result`] with the crate's [`Error`]
+//!   (stable [`Error::code`]); the one other error type, [`CallError`], is
+//!   a node call's outcome as the session relays it (see the `error`
+//!   module).
 
 mod action;
 pub mod call;
 mod config;
 mod delivery;
+mod error;
 mod membership;
 mod notice;
 pub mod router;
@@ -60,5 +77,6 @@ pub mod upstream;
 pub mod ws;
 
 pub use call::{Call, CallError, CallId, NodeCall, NodeReply};
-pub use server::{Gateway, GatewayConfig, GatewayError};
+pub use error::{Error, Result};
+pub use server::{Gateway, GatewayConfig};
 pub use session::{Action, Identity, Phase, Session, SessionConfig};

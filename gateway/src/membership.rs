@@ -7,6 +7,7 @@
 //! gets (see the session's `groups` module).
 
 use prost::Message as _;
+use rim_proto::ids::{GroupId, UserId};
 use rim_proto::store::Notification;
 use rim_proto::store::notification::Event;
 use rim_proto::v1::{ContentType, Message};
@@ -14,7 +15,7 @@ use rim_proto::v1::{ContentType, Message};
 /// Whether `message`, an entry of group `group_id`'s list, ends `user_id`'s
 /// reading of it: it removes the user from the group, or dissolves the
 /// group. Undecodable notifications end nothing.
-pub(crate) fn ends(message: &Message, group_id: u64, user_id: u64) -> bool {
+pub(crate) fn ends(message: &Message, group_id: GroupId, user_id: UserId) -> bool {
     if message.content_type != ContentType::Notification as i32 {
         return false;
     }
@@ -22,8 +23,8 @@ pub(crate) fn ends(message: &Message, group_id: u64, user_id: u64) -> bool {
         return false;
     };
     match notification.event {
-        Some(Event::GroupMembersRemoved(e)) => e.group_id == group_id && e.user_ids.contains(&user_id),
-        Some(Event::GroupDissolved(e)) => e.group_id == group_id,
+        Some(Event::GroupMembersRemoved(e)) => e.group_id == group_id.0 && e.user_ids.contains(&user_id.0),
+        Some(Event::GroupDissolved(e)) => e.group_id == group_id.0,
         _ => false,
     }
 }
@@ -48,20 +49,20 @@ mod tests {
 
     #[test]
     fn removal_of_the_user_and_dissolution_end_it() {
-        assert!(ends(&notice(Event::GroupMembersRemoved(changed(5, vec![1, 2]))), 5, 2));
-        assert!(!ends(&notice(Event::GroupMembersRemoved(changed(5, vec![1, 2]))), 5, 3));
-        assert!(!ends(&notice(Event::GroupMembersRemoved(changed(6, vec![2]))), 5, 2));
-        assert!(!ends(&notice(Event::GroupMembersAdded(changed(5, vec![2]))), 5, 2));
+        assert!(ends(&notice(Event::GroupMembersRemoved(changed(5, vec![1, 2]))), GroupId(5), UserId(2)));
+        assert!(!ends(&notice(Event::GroupMembersRemoved(changed(5, vec![1, 2]))), GroupId(5), UserId(3)));
+        assert!(!ends(&notice(Event::GroupMembersRemoved(changed(6, vec![2]))), GroupId(5), UserId(2)));
+        assert!(!ends(&notice(Event::GroupMembersAdded(changed(5, vec![2]))), GroupId(5), UserId(2)));
         let dissolved = Event::GroupDissolved(GroupChanged { group_id: 5, ..Default::default() });
-        assert!(ends(&notice(dissolved), 5, 9));
+        assert!(ends(&notice(dissolved), GroupId(5), UserId(9)));
         let mut text = notice(Event::GroupMembersRemoved(changed(5, vec![2])));
         text.content_type = ContentType::Text as i32;
-        assert!(!ends(&text, 5, 2));
+        assert!(!ends(&text, GroupId(5), UserId(2)));
         let garbage = Message {
             content_type: ContentType::Notification as i32,
             content: vec![0xff, 0xff].into(),
             ..Default::default()
         };
-        assert!(!ends(&garbage, 5, 2));
+        assert!(!ends(&garbage, GroupId(5), UserId(2)));
     }
 }

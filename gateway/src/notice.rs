@@ -92,8 +92,8 @@ mod tests {
         let offline = |i: u64| Call {
             id: CallId(i),
             conn_id: i,
-            user_id: 1,
-            device_id: i,
+            user_id: rim_proto::ids::UserId(1),
+            device_id: rim_proto::ids::DeviceId(i),
             request: NodeCall::Offline { reason: rim_proto::ErrorCode::Ok },
         };
         let before = dropped_total();

@@ -30,11 +30,12 @@ use axum::routing::get;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::SessionConfig;
+use crate::error::{Error, Result};
 use crate::router::{PushRouter, RouterOptions};
 use crate::tcp::{DEFAULT_FIRST_CONN_ID, TcpGateway, TcpOptions};
-use crate::upstream::{Upstream, UpstreamError, UpstreamOptions};
+use crate::upstream::{Upstream, UpstreamOptions};
 use crate::ws::WsGateway;
-use crate::{CallError, SessionConfig};
 
 /// Everything a gateway process needs. [`Default`] listens nowhere and
 /// knows no seeds: set at least one listener and the seeds.
@@ -81,28 +82,6 @@ impl Default for GatewayConfig {
     }
 }
 
-/// Why a gateway could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
-    /// The configuration cannot work (no listener, no seeds, ...).
-    #[error("invalid gateway configuration: {0}")]
-    Config(String),
-    /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address asked for.
-        addr: String,
-        /// What the OS said.
-        source: std::io::Error,
-    },
-    /// The node client could not be built.
-    #[error(transparent)]
-    Upstream(#[from] UpstreamError),
-    /// The cluster could not be reached in time.
-    #[error("cluster not reachable: {0}")]
-    Unreachable(CallError),
-}
-
 /// A running gateway. Stop it with [`shutdown`](Self::shutdown).
 pub struct Gateway {
     upstream: Upstream,
@@ -131,12 +110,12 @@ impl Gateway {
     /// Binds the configured listeners and starts serving. Must be called on
     /// a tokio runtime (node calls and the WebSocket transport run on it).
     /// Does not wait for the cluster: see [`wait_ready`](Self::wait_ready).
-    pub async fn start(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+    pub async fn start(config: GatewayConfig) -> Result<Gateway> {
         if config.tcp_listen.is_none() && config.ws_listen.is_none() {
-            return Err(GatewayError::Config("neither a TCP nor a WebSocket listener is set".into()));
+            return Err(Error::Config("neither a TCP nor a WebSocket listener is set".into()));
         }
         if config.seeds.is_empty() {
-            return Err(GatewayError::Config("no seed node addresses".into()));
+            return Err(Error::Config("no seed node addresses".into()));
         }
         let mut options = UpstreamOptions::new(
             config.seeds.clone(),
@@ -161,7 +140,7 @@ impl Gateway {
 
         if let Some(addr) = &config.tcp_listen {
             let listener = std::net::TcpListener::bind(addr.as_str())
-                .map_err(|source| GatewayError::Bind { addr: addr.clone(), source })?;
+                .map_err(|source| Error::Bind { addr: addr.clone(), source })?;
             let tcp = TcpGateway::start_with_conn_ids(
                 listener,
                 upstream.clone(),
@@ -171,7 +150,10 @@ impl Gateway {
                 config.tcp.clone(),
                 conn_ids.clone(),
             )
-            .map_err(|source| GatewayError::Bind { addr: addr.clone(), source })?;
+            .map_err(|e| match e {
+                Error::Io(source) => Error::Bind { addr: addr.clone(), source },
+                other => other,
+            })?;
             gw.tcp_addr = Some(tcp.local_addr());
             gw.tcp_open = Some(tcp.connection_counter());
             gw.tcp = Some(tcp);
@@ -203,13 +185,13 @@ impl Gateway {
 
     /// Waits until the cluster map has been loaded from a seed, so that
     /// sign-ins can be routed.
-    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), GatewayError> {
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match self.upstream.ensure_map().await {
                 Ok(_) => return Ok(()),
                 Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(GatewayError::Unreachable(e));
+                    return Err(Error::Call(e));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -260,10 +242,8 @@ impl Gateway {
     }
 }
 
-async fn bind_tokio(addr: &str) -> Result<tokio::net::TcpListener, GatewayError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| GatewayError::Bind { addr: addr.to_string(), source })
+async fn bind_tokio(addr: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr: addr.to_string(), source })
 }
 
 fn http_app(upstream: Upstream, router: PushRouter, tcp_open: Option<Arc<AtomicUsize>>) -> Router {

@@ -58,7 +58,8 @@
 //!   `groups` child module): a connection may be subscribed to at most
 //!   [`MAX_ROOMS_PER_CONNECTION`] rooms and super groups together. The
 //!   subscription is kept by the push router (the [`Call`] of the request
-//!   goes to it, see [`NodeCall::SubscribeRoom`]); once it is in place the
+//!   goes to it, not to a node: see [`NodeCall::SubscribeRoom`] and
+//!   [`PushRouter::call`](crate::router::PushRouter::call)); once it is in place the
 //!   client gets `SubscribeRoomOutput`, then the list's entries after
 //!   `after_seq` (`after_seq` 0: live only for a room, from the member's
 //!   join point for a super group), then live entries, each once and in
@@ -81,6 +82,10 @@
 //!   than wait. Normal-priority room pushes are skipped instead.
 //! * A kick sends a `KICK` push, then closes. After the close, inputs are
 //!   ignored.
+//! * Ids: the session's public surface (its [`Identity`], [`Action`]s,
+//!   [`Call`]s, [`Session::rooms`], the seqs it reports) uses the id types
+//!   of [`rim_proto::ids`]; the packets it decodes and encodes keep the
+//!   wire's integers, converted once where a field is read.
 
 mod groups;
 mod online;
@@ -92,6 +97,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use rim_proto::ErrorCode;
 use rim_proto::codec::encoded_frame_len;
+use rim_proto::ids::{DeviceId, GroupId, Seq, ShardId, UserId};
 use rim_proto::v1::{
     AckInput, Command, KickPush, ListKind, MessagePush, Packet, PushedMessage, ReadInput, RecallInput, Reply,
     SendInput, SignInInput, SyncGroupInput, SyncInput, UnsubscribeRoomInput,
@@ -117,9 +123,9 @@ enum Pending {
     GapSync,
     /// A client `SUBSCRIBE_ROOM`: replied to, then the room's backlog is
     /// synced.
-    SubscribeRoom { request_id: u64, room_id: u64 },
+    SubscribeRoom { request_id: u64, room_id: GroupId },
     /// The backlog or gap-repair sync of a subscribed room.
-    RoomSync { room_id: u64 },
+    RoomSync { room_id: GroupId },
 }
 
 /// Most rooms and super groups (together) one connection may be subscribed
@@ -138,9 +144,9 @@ struct Signed {
     list: UserList,
     /// Subscribed rooms and super groups: delivery state of each list
     /// (group seqs).
-    rooms: HashMap<u64, UserList>,
+    rooms: HashMap<GroupId, UserList>,
     /// Which of `rooms` are super groups (known once subscribed).
-    super_groups: HashSet<u64>,
+    super_groups: HashSet<GroupId>,
 }
 
 #[derive(Debug)]
@@ -219,11 +225,11 @@ impl Session {
     }
 
     /// Highest seq of the user's list delivered to the client (or known to
-    /// it at sign-in); 0 before sign-in.
-    pub fn last_delivered_seq(&self) -> u64 {
+    /// it at sign-in); [`Seq::ZERO`] before sign-in.
+    pub fn last_delivered_seq(&self) -> Seq {
         match &self.state {
             State::SignedIn(s) => s.list.last(),
-            _ => 0,
+            _ => Seq::ZERO,
         }
     }
 
@@ -243,8 +249,8 @@ impl Session {
 
     /// The rooms and super groups the connection is subscribed to,
     /// ascending.
-    pub fn rooms(&self) -> Vec<u64> {
-        let mut rooms: Vec<u64> = match &self.state {
+    pub fn rooms(&self) -> Vec<GroupId> {
+        let mut rooms: Vec<GroupId> = match &self.state {
             State::SignedIn(s) => s.rooms.keys().copied().collect(),
             _ => Vec::new(),
         };
@@ -254,7 +260,7 @@ impl Session {
 
     /// Highest seq of a subscribed room's list delivered to the client (or
     /// skipped: before `after_seq`, or trimmed by the room's retention).
-    pub fn last_room_seq(&self, room_id: u64) -> Option<u64> {
+    pub fn last_room_seq(&self, room_id: GroupId) -> Option<Seq> {
         match &self.state {
             State::SignedIn(s) => s.rooms.get(&room_id).map(UserList::last),
             _ => None,
@@ -403,7 +409,8 @@ impl Session {
         }
         if let State::SignedIn(s) = &mut self.state {
             let user = s.list.tick(now);
-            let rooms: Vec<u64> = s.rooms.iter_mut().filter_map(|(r, l)| l.tick(now).then_some(*r)).collect();
+            let rooms: Vec<GroupId> =
+                s.rooms.iter_mut().filter_map(|(r, l)| l.tick(now).then_some(*r)).collect();
             if user {
                 self.start_gap_sync();
             }
@@ -472,7 +479,7 @@ impl Session {
         }
         match ListKind::try_from(push.list_kind) {
             Ok(ListKind::User) => {
-                if push.owner_id != signed.id.user_id {
+                if UserId(push.owner_id) != signed.id.user_id {
                     tracing::debug!(
                         conn = self.conn_id,
                         owner = push.owner_id,
@@ -480,10 +487,10 @@ impl Session {
                     );
                     return;
                 }
-                let skip = push.skip_device_id != 0 && push.skip_device_id == signed.id.device_id;
+                let skip = skips(&push, signed.id.device_id);
                 let message = push.message.unwrap_or_default();
                 let mut out = Vec::new();
-                let sync = signed.list.push(Entry { seq: push.seq, message, send: !skip }, &mut out);
+                let sync = signed.list.push(Entry { seq: Seq(push.seq), message, send: !skip }, &mut out);
                 self.deliver(out);
                 if sync {
                     self.start_gap_sync();
@@ -492,8 +499,8 @@ impl Session {
             Ok(ListKind::Group) => self.on_group_push(push),
             Ok(ListKind::Unspecified) | Err(_) => {
                 // Of no list: nothing to order or repair.
-                if !(push.skip_device_id != 0 && push.skip_device_id == signed.id.device_id) {
-                    self.send_push(push.seq, push.message.unwrap_or_default(), false);
+                if !skips(&push, signed.id.device_id) {
+                    self.send_push(Seq(push.seq), push.message.unwrap_or_default(), false);
                 }
             }
         }
@@ -509,7 +516,7 @@ impl Session {
             return;
         };
         let user = s.list.resync();
-        let rooms: Vec<u64> = s.rooms.iter_mut().filter_map(|(r, l)| l.resync().then_some(*r)).collect();
+        let rooms: Vec<GroupId> = s.rooms.iter_mut().filter_map(|(r, l)| l.resync().then_some(*r)).collect();
         if user {
             self.start_gap_sync();
         }
@@ -573,7 +580,7 @@ impl Session {
                 return;
             }
         };
-        let (user_id, device_id) = (input.user_id, input.device_id);
+        let (user_id, device_id) = (UserId(input.user_id), DeviceId(input.device_id));
         self.state = State::SigningIn { held: VecDeque::new() };
         let id = self.call_as(user_id, device_id, NodeCall::SignIn(input));
         self.pending.insert(id, Pending::SignIn { request_id: packet.request_id });
@@ -599,7 +606,7 @@ impl Session {
         }
         output.heartbeat_interval_ms =
             u32::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
-        let id = Identity { user_id: output.user_id, device_id: output.device_id };
+        let id = Identity { user_id: UserId(output.user_id), device_id: DeviceId(output.device_id) };
         let held = match std::mem::replace(&mut self.state, State::Closed) {
             State::SigningIn { held } => held,
             _ => VecDeque::new(),
@@ -609,7 +616,7 @@ impl Session {
         self.last_activity = self.last_activity.max(now);
         self.state = State::SignedIn(Box::new(Signed {
             id,
-            list: UserList::new(output.last_seq, self.config.push_buffer_limit),
+            list: UserList::new(Seq(output.last_seq), self.config.push_buffer_limit),
             rooms: HashMap::new(),
             super_groups: HashSet::new(),
         }));
@@ -622,7 +629,7 @@ impl Session {
             conn_id: self.conn_id,
             user_id: id.user_id,
             device_id: id.device_id,
-            shard_id: reply.shard_id,
+            shard_id: ShardId(reply.shard_id),
         });
         self.reply_to(request_id, command, Reply::ok(output.encode_to_vec()));
         for packet in held {
@@ -657,7 +664,9 @@ impl Session {
             }
             Command::SyncGroup => self.request(packet, |i: SyncGroupInput| NodeCall::SyncGroup(i)),
             Command::UnsubscribeRoom => match UnsubscribeRoomInput::decode(packet.content.clone()) {
-                Ok(input) => self.leave_rooms(&packet, input.room_id),
+                Ok(input) => {
+                    self.leave_rooms(&packet, (input.room_id != 0).then_some(GroupId(input.room_id)))
+                }
                 Err(e) => self.reply_error(&packet, ErrorCode::ErrorBadRequest, format!("bad content: {e}")),
             },
             Command::Recall => self.request(packet, |i: RecallInput| NodeCall::Recall(i)),
@@ -706,7 +715,7 @@ impl Session {
         let State::SignedIn(s) = &self.state else {
             return;
         };
-        let after_seq = s.list.last();
+        let after_seq = s.list.last().0;
         let id = self.call(NodeCall::Sync(SyncInput { after_seq, limit: self.config.resync_batch }));
         self.pending.insert(id, Pending::GapSync);
         if let State::SignedIn(s) = &mut self.state {
@@ -762,15 +771,16 @@ impl Session {
     /// Sends a `MESSAGE` push of a stored entry. A `droppable` push that
     /// does not fit in the send queue is dropped; any other closes the
     /// session instead.
-    fn send_push(&mut self, seq: u64, message: Message, droppable: bool) {
+    fn send_push(&mut self, seq: Seq, message: Message, droppable: bool) {
         let content = MessagePush { message: Some(message), persisted: true }.encode_to_vec();
-        let packet = Packet { request_id: 0, command: Command::Message as i32, content: content.into(), seq };
+        let packet =
+            Packet { request_id: 0, command: Command::Message as i32, content: content.into(), seq: seq.0 };
         if packet.encoded_len() > self.config.max_frame {
             let reason = format!("push of seq {seq} exceeds the maximum frame");
             return self.close(ErrorCode::ErrorInternal, reason);
         }
         if droppable && self.queued_bytes + encoded_frame_len(&packet) > self.config.send_queue_limit {
-            tracing::debug!(conn = self.conn_id, seq, "normal-priority push dropped for a slow connection");
+            tracing::debug!(conn = self.conn_id, %seq, "normal-priority push dropped for a slow connection");
             return;
         }
         self.send(packet);
@@ -814,11 +824,12 @@ impl Session {
     }
 
     fn call(&mut self, request: NodeCall) -> CallId {
-        let (user_id, device_id) = self.identity().map_or((0, 0), |i| (i.user_id, i.device_id));
+        let (user_id, device_id) =
+            self.identity().map_or((UserId(0), DeviceId(0)), |i| (i.user_id, i.device_id));
         self.call_as(user_id, device_id, request)
     }
 
-    fn call_as(&mut self, user_id: u64, device_id: u64, request: NodeCall) -> CallId {
+    fn call_as(&mut self, user_id: UserId, device_id: DeviceId, request: NodeCall) -> CallId {
         self.next_call += 1;
         let id = CallId(self.next_call);
         self.push_action(Action::Call(Call { id, conn_id: self.conn_id, user_id, device_id, request }));
@@ -854,6 +865,12 @@ impl Session {
         self.state = State::Closed;
         self.pending.clear();
     }
+}
+
+/// Whether `push` names `device` as the one to skip (it has the entry from
+/// its `SEND` reply).
+fn skips(push: &PushedMessage, device: DeviceId) -> bool {
+    push.skip_device_id != 0 && DeviceId(push.skip_device_id) == device
 }
 
 /// The `Reply` relaying a failed call.

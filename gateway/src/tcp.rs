@@ -24,7 +24,8 @@
 //!   [`Session::next_deadline`] sets the poll timeout;
 //!   [`Session::on_tick`] runs when one passes.
 //! * **Actions**: [`Action::Send`] encodes a frame into the queue;
-//!   [`Action::Call`] runs [`Upstream::call`] on the tokio runtime, whose
+//!   [`Action::Call`] runs [`PushRouter::call`] (room subscriptions there,
+//!   node calls through [`Upstream::call`]) on the tokio runtime, whose
 //!   outcome comes back through the loop's bounded channel plus its waker
 //!   ([`Session::on_reply`]); [`Action::Register`] / [`Action::Unregister`]
 //!   go to the [`PushRouter`], with a sink that queues the router's
@@ -144,7 +145,7 @@ impl TcpGateway {
         config: SessionConfig,
         runtime: tokio::runtime::Handle,
         options: TcpOptions,
-    ) -> io::Result<TcpGateway> {
+    ) -> crate::Result<TcpGateway> {
         Self::start_with_conn_ids(listener, upstream, router, config, runtime, options, default_conn_ids())
     }
 
@@ -161,7 +162,7 @@ impl TcpGateway {
         runtime: tokio::runtime::Handle,
         options: TcpOptions,
         conn_ids: Arc<AtomicU64>,
-    ) -> io::Result<TcpGateway> {
+    ) -> crate::Result<TcpGateway> {
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         let open = Arc::new(AtomicUsize::new(0));
@@ -379,17 +380,18 @@ impl Ctx {
     /// Runs `call` on the runtime; its outcome comes back as an
     /// [`Inbound::Reply`] (except for fire-and-forget calls).
     fn spawn_call(&self, key: usize, conn_id: u64, call: Call) {
-        let upstream = self.upstream.clone();
-        let tx = self.tx.clone();
-        let shared = self.shared.clone();
         if matches!(call.request, NodeCall::Offline { .. }) {
             // Best effort and bounded: a mass disconnect must not become
             // one concurrent node call per closed connection.
-            self.notices.send(&self.runtime, &upstream, call);
+            self.notices.send(&self.runtime, &self.upstream, call);
             return;
         }
+        // Room calls are served by the router, the rest by a node.
+        let router = self.router.clone();
+        let tx = self.tx.clone();
+        let shared = self.shared.clone();
         self.runtime.spawn(async move {
-            let result = upstream.call(&call).await;
+            let result = router.call(&call).await;
             // Waits for room rather than lose the outcome the session waits for.
             if tx.send(Inbound::Reply { key, conn_id, id: call.id, result }).await.is_ok() {
                 shared.wake();

@@ -6,29 +6,24 @@
 //! it on demand ([`Upstream::refresh_map`]) or when a node answers
 //! `ERROR_WRONG_SHARD`.
 //!
-//! [`Upstream::call`] carries out a session's [`Call`] with the matching
-//! `GatewayService` RPC. Any node can answer a unary call (it forwards to
-//! the right shard's leader), but the user's shard leader is tried first
-//! when known (from the map's hints, from `rim-leader` hints of earlier
-//! answers, or from the push router's stream ends). A node that is
-//! unreachable or answers `ERROR_UNAVAILABLE` / `ERROR_NOT_LEADER` /
-//! `ERROR_WRONG_SHARD` is skipped for the next one (the hinted leader
-//! first), with a short backoff after a full round, until the call's
-//! deadline ([`UpstreamOptions::request_timeout`]). Then the call fails
-//! with `ERROR_TIMEOUT` if some attempt was cut off by the deadline, or
+//! [`Upstream::call`] carries out a session's node [`Call`] with the
+//! matching `GatewayService` RPC. Any node can answer a unary call (it
+//! forwards to the right shard's leader), but the user's shard leader is
+//! tried first when known (from the map's hints, from `rim-leader` hints of
+//! earlier answers, or from the push router's stream ends). A node that is
+//! unreachable or answers an outcome [`rim_cluster::retryable`] calls worth
+//! another try (`ERROR_UNAVAILABLE`, `ERROR_NOT_LEADER`), or
+//! `ERROR_WRONG_SHARD` (which also refreshes the map), is skipped for the
+//! next one (the hinted leader first); after a full round the call waits
+//! the shared [`Backoff`] and starts another, until the call's deadline
+//! ([`UpstreamOptions::request_timeout`]). Then the call fails with
+//! `ERROR_TIMEOUT` if some attempt was cut off by the deadline, or
 //! `ERROR_UNAVAILABLE` if no node answered.
 //!
-//! Room and super-group subscriptions are the exception: they live in the
-//! gateway's [`PushRouter`] (the one created over this upstream, see
-//! [`PushRouter::new`]), not on a node. [`NodeCall::SubscribeRoom`] reads
-//! the list's head with a `SyncGroup` call (so an unknown group fails with
-//! the node's `ERROR_GROUP_NOT_FOUND`, a group the user may not read with
-//! `ERROR_NOT_GROUP_MEMBER`), tells a room from a super group by the kind
-//! of its entries (a small group fails with `ERROR_BAD_REQUEST`: its
-//! messages are in the members' own lists; a converted one is a super
-//! group), then subscribes the connection in the router;
-//! [`NodeCall::UnsubscribeRoom`] only tells the router. Without a router
-//! both fail with `ERROR_UNKNOWN_COMMAND`.
+//! Room and super-group subscriptions are not node calls: the push router
+//! serves them ([`PushRouter::call`](crate::router::PushRouter::call)),
+//! and `Upstream` knows nothing of it. Given one,
+//! [`Upstream::call`] fails with `ERROR_UNKNOWN_COMMAND`.
 //!
 //! Sends ([`NodeCall::Send`]) are batched: an attempt at a node hands the
 //! `ConnSendRequest` to that node's batcher, which carries the sends waiting
@@ -39,25 +34,24 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use rim_cluster::Placement;
+use rim_cluster::{Backoff, Placement, retryable};
 use rim_proto::ErrorCode;
+use rim_proto::ids::{NodeId, ShardId, UserId};
 use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::gateway_service_client::GatewayServiceClient;
 use rim_proto::v1::{
     ConnAckRequest, ConnContext, ConnLogoutRequest, ConnOfflineRequest, ConnReadRequest, ConnRecallRequest,
-    ConnSendRequest, ConnSignInRequest, ConnSyncGroupRequest, ConnSyncRequest, ConversationKind,
-    GetClusterMapRequest, NodeState, SendOutput, SubscribeRoomInput, SubscribeRoomOutput, SyncGroupInput,
-    SyncGroupOutput,
+    ConnSendRequest, ConnSignInRequest, ConnSyncGroupRequest, ConnSyncRequest, GetClusterMapRequest,
+    NodeState, SendOutput,
 };
-use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::call::{Call, CallError, NodeCall, NodeReply};
-use crate::router::{self, PushRouter};
+use crate::error::Error;
 
 pub mod batch;
 
@@ -90,25 +84,6 @@ impl UpstreamOptions {
     }
 }
 
-/// Why an [`Upstream`] cannot be built.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum UpstreamError {
-    /// No seed address was given.
-    #[error("no seed node addresses")]
-    NoSeeds,
-    /// The cluster secret cannot travel as gRPC metadata.
-    #[error("the cluster secret is not valid ASCII metadata")]
-    BadSecret,
-    /// A seed address does not form a valid URI.
-    #[error("bad node address {0:?}")]
-    BadAddress(String),
-    /// The request timeout is zero.
-    #[error("the request timeout must be positive")]
-    ZeroTimeout,
-}
-
-/// Backoff after a full round of failed attempts: first and maximum.
-const ROUND_BACKOFF: (Duration, Duration) = (Duration::from_millis(25), Duration::from_millis(400));
 /// Shortest time an attempt on one node is given (unless the call's
 /// deadline is nearer).
 const MIN_ATTEMPT: Duration = Duration::from_millis(500);
@@ -132,12 +107,9 @@ struct Inner {
     map: RwLock<Option<Arc<Placement>>>,
     /// Leader hints learned from answers and stream ends, by shard; they
     /// override the map's hints.
-    leaders: Mutex<HashMap<u32, LeaderHint>>,
+    leaders: Mutex<HashMap<ShardId, LeaderHint>>,
     /// Spreads calls without a known leader over the nodes.
     next: AtomicUsize,
-    /// The push router keeping this gateway's room subscriptions (the
-    /// latest one created over this upstream).
-    router: Mutex<Option<Weak<router::Inner>>>,
 }
 
 /// What the upstream learned about a shard's leader.
@@ -164,18 +136,24 @@ enum Attempt {
 impl Upstream {
     /// An upstream over `options.seeds`. Connects lazily: nothing is
     /// contacted until the first call or [`refresh_map`](Self::refresh_map).
-    pub fn new(options: UpstreamOptions) -> Result<Upstream, UpstreamError> {
+    /// Fails with [`Error::Config`] without seeds, with a zero request
+    /// timeout, a secret that is not ASCII metadata, or a seed that does
+    /// not form a URI.
+    pub fn new(options: UpstreamOptions) -> crate::Result<Upstream> {
         if options.seeds.is_empty() {
-            return Err(UpstreamError::NoSeeds);
+            return Err(Error::Config("no seed node addresses".into()));
         }
         if options.request_timeout.is_zero() {
-            return Err(UpstreamError::ZeroTimeout);
+            return Err(Error::Config("the request timeout must be positive".into()));
         }
         let secret: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
-            options.cluster_secret.parse().map_err(|_| UpstreamError::BadSecret)?;
+            options
+                .cluster_secret
+                .parse()
+                .map_err(|_| Error::Config("the cluster secret is not valid ASCII metadata".into()))?;
         for seed in &options.seeds {
             Endpoint::from_shared(format!("http://{seed}"))
-                .map_err(|_| UpstreamError::BadAddress(seed.clone()))?;
+                .map_err(|_| Error::Config(format!("bad node address {seed:?}")))?;
         }
         let batchers = batch::Batchers::new(secret.clone(), options.request_timeout);
         Ok(Upstream {
@@ -187,7 +165,6 @@ impl Upstream {
                 map: RwLock::new(None),
                 leaders: Mutex::new(HashMap::new()),
                 next: AtomicUsize::new(0),
-                router: Mutex::new(None),
             }),
         })
     }
@@ -324,18 +301,18 @@ impl Upstream {
     }
 
     /// The shard of a user, if the map is loaded.
-    pub fn shard_of_user(&self, user_id: u64) -> Option<u32> {
-        self.cluster_map().map(|m| m.shard_of_user(rim_proto::ids::UserId(user_id)).0)
+    pub fn shard_of_user(&self, user_id: UserId) -> Option<ShardId> {
+        self.cluster_map().map(|m| m.shard_of_user(user_id))
     }
 
     /// The ids of the data shards, if the map is loaded.
-    pub fn data_shards(&self) -> Vec<u32> {
-        self.cluster_map().map(|m| m.data_shards().map(|s| s.shard_id).collect()).unwrap_or_default()
+    pub fn data_shards(&self) -> Vec<ShardId> {
+        self.cluster_map().map(|m| m.data_shards().map(|s| ShardId(s.shard_id)).collect()).unwrap_or_default()
     }
 
     /// The best known leader address of a shard: a learned hint, else the
     /// map's hint.
-    pub fn leader_addr(&self, shard_id: u32) -> Option<String> {
+    pub fn leader_addr(&self, shard_id: ShardId) -> Option<String> {
         let learned = self.inner.leaders.lock().unwrap_or_else(|e| e.into_inner()).get(&shard_id).cloned();
         let not_at = match learned {
             Some(LeaderHint::At(a)) => return Some(a),
@@ -343,13 +320,13 @@ impl Upstream {
             None => None,
         };
         let map = self.cluster_map()?;
-        map.leader_hint(rim_proto::ids::ShardId(shard_id))
+        map.leader_hint(shard_id)
             .map(|n| n.internal_addr.clone())
             .filter(|a| !a.is_empty() && not_at.as_ref() != Some(a))
     }
 
     /// Records that `addr` leads shard `shard_id`.
-    pub fn note_leader(&self, shard_id: u32, addr: &str) {
+    pub fn note_leader(&self, shard_id: ShardId, addr: &str) {
         if addr.is_empty() {
             return;
         }
@@ -359,7 +336,7 @@ impl Upstream {
 
     /// Records that `addr` failed as shard `shard_id`'s leader (unreachable,
     /// or no longer leading): it is not preferred until named again.
-    pub fn note_not_leader(&self, shard_id: u32, addr: &str) {
+    pub fn note_not_leader(&self, shard_id: ShardId, addr: &str) {
         let mut leaders = self.inner.leaders.lock().unwrap_or_else(|e| e.into_inner());
         let stale = match leaders.get(&shard_id) {
             Some(LeaderHint::At(a)) => a == addr,
@@ -371,7 +348,7 @@ impl Upstream {
     }
 
     /// The internal address of a node of the cached map.
-    pub fn node_addr(&self, node_id: u64) -> Option<String> {
+    pub fn node_addr(&self, node_id: NodeId) -> Option<String> {
         let map = self.cluster_map()?;
         map.node(node_id).map(|n| n.internal_addr.clone()).filter(|a| !a.is_empty())
     }
@@ -379,7 +356,7 @@ impl Upstream {
     /// The order in which to try nodes for a call about `user_id`: its
     /// shard's leader first if known, then the other nodes, rotated so that
     /// calls spread.
-    fn candidates(&self, shard: Option<u32>) -> Vec<String> {
+    fn candidates(&self, shard: Option<ShardId>) -> Vec<String> {
         let mut nodes = self.node_addrs();
         if !nodes.is_empty() {
             let k = self.inner.next.fetch_add(1, Ordering::Relaxed) % nodes.len();
@@ -392,85 +369,18 @@ impl Upstream {
         nodes
     }
 
-    /// Makes `router` the push router serving room subscriptions.
-    pub(crate) fn set_router(&self, router: Weak<router::Inner>) {
-        *self.inner.router.lock().unwrap_or_else(|e| e.into_inner()) = Some(router);
-    }
-
-    /// The push router serving room subscriptions, while it exists.
-    fn router(&self) -> Result<PushRouter, CallError> {
-        let weak = self.inner.router.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        weak.and_then(|w| w.upgrade()).map(PushRouter::from_inner).ok_or_else(|| {
-            CallError::new(ErrorCode::ErrorUnknownCommand, "rooms are not available: no push router")
-        })
-    }
-
     /// Carries out `call` (see the [module documentation](self)).
     pub async fn call(&self, call: &Call) -> Result<NodeReply, CallError> {
-        match &call.request {
-            NodeCall::SubscribeRoom(input) => self.subscribe_room(call, *input).await,
-            NodeCall::UnsubscribeRoom(input) => {
-                self.router()?.unsubscribe_room(call.conn_id, input.room_id, call.id);
-                Ok(NodeReply::Empty)
-            }
-            _ => self.call_node(call).await,
+        if call.request.is_room() {
+            let reason = "room subscriptions are served by the push router, not by a node";
+            return Err(CallError::new(ErrorCode::ErrorUnknownCommand, reason));
         }
-    }
-
-    /// `SUBSCRIBE_ROOM`: the list's head from a node, then the router's
-    /// subscription (see the [module documentation](self)).
-    async fn subscribe_room(&self, call: &Call, input: SubscribeRoomInput) -> Result<NodeReply, CallError> {
-        if input.room_id == 0 {
-            return Err(CallError::new(ErrorCode::ErrorInvalidId, "room_id must not be 0"));
-        }
-        let router = self.router()?;
-        let head = self.read_group(call, input.room_id, 0).await?;
-        let last_seq = head.last_group_seq;
-        let first = head.messages.first().map(|m| (m.seq, m.conversation_kind));
-        // Every entry of a room is a room entry, every entry of a super group
-        // a super-group entry (or, for a converted group, a small-group entry
-        // before its conversion: the newest entry tells). A member reads at
-        // least its join notice, so an empty list is a room.
-        let super_group = match first {
-            None => false,
-            Some((_, k)) if k == ConversationKind::Room as i32 => false,
-            Some((_, k)) if k == ConversationKind::SuperGroup as i32 => true,
-            Some((seq, k)) if k == ConversationKind::Group as i32 && last_seq > seq => {
-                let newest = self.read_group(call, input.room_id, last_seq - 1).await?;
-                let kind = newest.messages.first().map(|m| m.conversation_kind);
-                if kind != Some(ConversationKind::SuperGroup as i32) {
-                    return Err(not_readable(input.room_id));
-                }
-                true
-            }
-            Some(_) => return Err(not_readable(input.room_id)),
-        };
-        let shard = self.ensure_map().await?.shard_of_group(rim_proto::ids::GroupId(input.room_id)).0;
-        router.subscribe_room(call.conn_id, input.room_id, shard, call.id)?;
-        if super_group {
-            // The first entry the member may read: after its join point.
-            let first_seq = first.map_or(last_seq + 1, |(seq, _)| seq).max(head.first_group_seq);
-            return Ok(NodeReply::SubscribeGroup(SubscribeRoomOutput { last_seq, first_seq }));
-        }
-        Ok(NodeReply::SubscribeRoom(SubscribeRoomOutput { last_seq, first_seq: head.first_group_seq }))
-    }
-
-    /// One entry of group `group_id`'s list after `after` (a `SyncGroup`
-    /// call on behalf of `call`'s connection), with the list's head.
-    async fn read_group(&self, call: &Call, group_id: u64, after: u64) -> Result<SyncGroupOutput, CallError> {
-        let probe = Call {
-            request: NodeCall::SyncGroup(SyncGroupInput { group_id, after_group_seq: after, limit: 1 }),
-            ..call.clone()
-        };
-        match self.call_node(&probe).await? {
-            NodeReply::SyncGroup(output) => Ok(output),
-            other => Err(CallError::new(ErrorCode::ErrorInternal, format!("group head read got {other:?}"))),
-        }
+        self.call_node(call).await
     }
 
     /// Carries out a call served by a node.
     async fn call_node(&self, call: &Call) -> Result<NodeReply, CallError> {
-        let deadline = Instant::now() + self.inner.options.request_timeout;
+        let mut backoff = Backoff::within(self.inner.options.request_timeout);
         if self.cluster_map().is_none() {
             // Without the map every node is still a candidate (the seeds),
             // so a failure here only costs the leader preference.
@@ -479,14 +389,13 @@ impl Upstream {
             }
         }
         let user = match &call.request {
-            NodeCall::SignIn(input) => input.user_id,
+            NodeCall::SignIn(input) => UserId(input.user_id),
             _ => call.user_id,
         };
-        let mut backoff = ROUND_BACKOFF.0;
         let mut last = CallError::new(ErrorCode::ErrorUnavailable, "no node answered");
         let mut timed_out = false;
         loop {
-            let shard = if user != 0 { self.shard_of_user(user) } else { None };
+            let shard = if user != UserId(0) { self.shard_of_user(user) } else { None };
             let mut queue = self.candidates(shard);
             let mut tried: Vec<String> = Vec::new();
             let mut refresh = false;
@@ -494,14 +403,13 @@ impl Upstream {
                 if tried.contains(&addr) {
                     continue;
                 }
-                let now = Instant::now();
-                if now >= deadline {
+                let left = backoff.left();
+                if left.is_zero() {
                     return Err(give_up(last, timed_out));
                 }
                 tried.push(addr.clone());
                 // One node may not take the whole budget: another may answer.
                 let budget = self.inner.options.request_timeout / 2;
-                let left = deadline - now;
                 let limit = if budget >= MIN_ATTEMPT { left.min(budget) } else { left };
                 match self.attempt(&addr, call, limit).await {
                     Attempt::Done(r) => return r,
@@ -527,12 +435,9 @@ impl Upstream {
             if refresh {
                 let _ = self.refresh_map().await;
             }
-            let now = Instant::now();
-            if now + backoff >= deadline {
+            if !backoff.wait().await {
                 return Err(give_up(last, timed_out));
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(ROUND_BACKOFF.1);
         }
     }
 
@@ -554,7 +459,7 @@ impl Upstream {
                 let error = status_error(&status);
                 let hint = rim_proto::error::leader_of_status(&status).map(str::to_string);
                 match error.code {
-                    ErrorCode::ErrorUnavailable | ErrorCode::ErrorNotLeader => {
+                    code if retryable(code) => {
                         Attempt::Next { error, hint, refresh: false, timed_out: false }
                     }
                     ErrorCode::ErrorWrongShard => {
@@ -578,8 +483,8 @@ impl Upstream {
     /// The connection context of `call`.
     fn conn(&self, call: &Call) -> Option<ConnContext> {
         Some(ConnContext {
-            user_id: call.user_id,
-            device_id: call.device_id,
+            user_id: call.user_id.0,
+            device_id: call.device_id.0,
             gateway_id: self.inner.options.gateway_id.clone(),
             conn_id: call.conn_id,
             client_addr: String::new(),
@@ -664,18 +569,11 @@ impl Upstream {
                 NodeReply::Empty
             }
             NodeCall::SubscribeRoom(_) | NodeCall::UnsubscribeRoom(_) => {
-                return Err(tonic::Status::internal("room subscriptions are kept by the push router"));
+                let reason = "room subscriptions are served by the push router";
+                return Err(rim_proto::error::status(ErrorCode::ErrorUnknownCommand, reason));
             }
         })
     }
-}
-
-/// `SUBSCRIBE_ROOM` of a group that is neither a room nor a super group.
-fn not_readable(group_id: u64) -> CallError {
-    let reason = format!(
-        "group {group_id} is neither a room nor a super group (a small group's messages are in its members' own lists)"
-    );
-    CallError::new(ErrorCode::ErrorBadRequest, reason)
 }
 
 fn rim_code_missing(status: &tonic::Status) -> bool {
@@ -692,7 +590,7 @@ pub fn status_error(status: &tonic::Status) -> CallError {
 fn give_up(last: CallError, timed_out: bool) -> CallError {
     if timed_out {
         CallError::new(ErrorCode::ErrorTimeout, format!("call timed out; last error: {}", last.message))
-    } else if last.code.is_retryable() {
+    } else if retryable(last.code) || last.code == ErrorCode::ErrorWrongShard {
         CallError {
             code: ErrorCode::ErrorUnavailable,
             message: format!("no node could serve the call: {}", last.message),

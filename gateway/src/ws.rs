@@ -55,7 +55,8 @@
 //!   A client that stops reading makes the session's send-queue limit close
 //!   the connection; if the writer queue itself fills, the connection is
 //!   dropped at once.
-//! * `Call`: [`Upstream::call`] on a spawned task, its outcome fed back with
+//! * `Call`: [`PushRouter::call`] (room subscriptions there, node calls
+//!   through [`Upstream::call`]) on a spawned task, its outcome fed back with
 //!   [`Session::on_reply`] (the `Offline` call after a close is a bounded,
 //!   best-effort notice: see the `notice` module).
 //! * `Register` / `Unregister`: [`PushRouter::register`] with a bounded
@@ -103,6 +104,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::call::{CallError, CallId, NodeCall, NodeReply};
+use crate::error::{Error, Result};
 use crate::notice::Notices;
 use crate::router::{ConnEvent, PushRouter};
 use crate::session::{Action, Session, SessionConfig};
@@ -408,7 +410,7 @@ impl Conn {
                     }
                     Ok(packet) => self.session.on_packet(now, packet),
                     Err(e) => {
-                        self.session.on_decode_error(now, &CodecError::BadPacket(e.into_decode_error()))
+                        self.session.on_decode_error(now, &CodecError::BadPacket(json_decode_error(&e)))
                     }
                 }
             }
@@ -463,10 +465,11 @@ impl Conn {
                     self.shared.notices.send(&tokio::runtime::Handle::current(), &self.shared.upstream, call);
                 }
                 Action::Call(call) => {
-                    let upstream = self.shared.upstream.clone();
+                    // Room calls are served by the router, the rest by a node.
+                    let router = self.shared.router.clone();
                     let replies = self.reply_tx.clone();
                     tokio::spawn(async move {
-                        let result = upstream.call(&call).await;
+                        let result = router.call(&call).await;
                         let _ = replies.send((call.id, result)).await;
                     });
                 }
@@ -635,25 +638,12 @@ fn close_frame(code: ErrorCode) -> CloseFrame {
 
 // ------------------------------------------------------------------ JSON
 
-/// Why a text message is not a `Packet` in the [JSON form](self#json-form).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JsonPacketError(pub String);
-
-impl std::fmt::Display for JsonPacketError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "bad JSON packet: {}", self.0)
-    }
-}
-
-impl std::error::Error for JsonPacketError {}
-
-impl JsonPacketError {
-    /// As the decode error of a [`CodecError::BadPacket`].
-    fn into_decode_error(self) -> prost::DecodeError {
-        // prost offers no other way to build a DecodeError with a message.
-        #[allow(deprecated)]
-        prost::DecodeError::new(self.to_string())
-    }
+/// `error` (of [`packet_from_json`]) as the decode error of a
+/// [`CodecError::BadPacket`].
+fn json_decode_error(error: &Error) -> prost::DecodeError {
+    // prost offers no other way to build a DecodeError with a message.
+    #[allow(deprecated)]
+    prost::DecodeError::new(error.to_string())
 }
 
 /// `packet` in the [JSON form](self#json-form) the server writes:
@@ -670,11 +660,11 @@ pub fn packet_to_json(packet: &Packet) -> String {
 
 /// Reads a `Packet` from its [JSON form](self#json-form) (leniently, as
 /// documented there).
-pub fn packet_from_json(text: &str) -> Result<Packet, JsonPacketError> {
+pub fn packet_from_json(text: &str) -> Result<Packet> {
     let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| JsonPacketError(format!("not JSON: {e}")))?;
+        serde_json::from_str(text).map_err(|e| Error::BadPacket(format!("not JSON: {e}")))?;
     let serde_json::Value::Object(obj) = value else {
-        return Err(JsonPacketError("not a JSON object".into()));
+        return Err(Error::BadPacket("not a JSON object".into()));
     };
     let field = |names: &[&str]| names.iter().find_map(|n| obj.get(*n)).filter(|v| !v.is_null());
     let request_id = field(&["request_id", "requestId"]).map(|v| json_u64(v, "request_id")).transpose()?;
@@ -683,14 +673,14 @@ pub fn packet_from_json(text: &str) -> Result<Packet, JsonPacketError> {
     let content = match field(&["content"]) {
         None => Bytes::new(),
         Some(serde_json::Value::String(s)) => Bytes::from(
-            base64_decode(s).ok_or_else(|| JsonPacketError("content is not valid base64".into()))?,
+            base64_decode(s).ok_or_else(|| Error::BadPacket("content is not valid base64".into()))?,
         ),
         Some(serde_json::Value::Array(items)) => {
             let bytes: Option<Vec<u8>> =
                 items.iter().map(|v| v.as_u64().and_then(|b| u8::try_from(b).ok())).collect();
-            Bytes::from(bytes.ok_or_else(|| JsonPacketError("content array holds a non-byte".into()))?)
+            Bytes::from(bytes.ok_or_else(|| Error::BadPacket("content array holds a non-byte".into()))?)
         }
-        Some(_) => return Err(JsonPacketError("content must be a base64 string or a byte array".into())),
+        Some(_) => return Err(Error::BadPacket("content must be a base64 string or a byte array".into())),
     };
     Ok(Packet {
         request_id: request_id.unwrap_or(0),
@@ -700,16 +690,16 @@ pub fn packet_from_json(text: &str) -> Result<Packet, JsonPacketError> {
     })
 }
 
-fn json_u64(value: &serde_json::Value, name: &str) -> Result<u64, JsonPacketError> {
+fn json_u64(value: &serde_json::Value, name: &str) -> Result<u64> {
     let parsed = match value {
         serde_json::Value::Number(n) => n.as_u64(),
         serde_json::Value::String(s) => s.parse().ok(),
         _ => None,
     };
-    parsed.ok_or_else(|| JsonPacketError(format!("{name} must be an unsigned integer")))
+    parsed.ok_or_else(|| Error::BadPacket(format!("{name} must be an unsigned integer")))
 }
 
-fn json_command(value: &serde_json::Value) -> Result<i32, JsonPacketError> {
+fn json_command(value: &serde_json::Value) -> Result<i32> {
     let parsed = match value {
         serde_json::Value::Number(n) => n.as_i64().and_then(|c| i32::try_from(c).ok()),
         serde_json::Value::String(s) => s
@@ -719,7 +709,7 @@ fn json_command(value: &serde_json::Value) -> Result<i32, JsonPacketError> {
             .or_else(|| Command::from_str_name(&format!("COMMAND_{s}")).map(|c| c as i32)),
         _ => None,
     };
-    parsed.ok_or_else(|| JsonPacketError("command must be a number or a command name".into()))
+    parsed.ok_or_else(|| Error::BadPacket("command must be a number or a command name".into()))
 }
 
 const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

@@ -9,6 +9,7 @@ use std::time::Instant;
 use prost::Message as _;
 use rim_gateway::SessionConfig;
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, UserId};
 use rim_proto::v1::*;
 
 mod cluster;
@@ -36,8 +37,8 @@ async fn two_users_chat(kinds: [Kind; 4]) {
     let (mut b1, _) = gw.signed_in(kinds[2], &bob).await;
     let (mut b2, out) = gw.signed_in(kinds[3], &bob2).await;
     assert_eq!((out.user_id, out.device_id, out.last_seq), (bob.user, bob2.device, 0));
-    assert_eq!(gw.router.user_conns(alice.user).len(), 2);
-    assert_eq!(gw.router.user_conns(bob.user).len(), 2);
+    assert_eq!(gw.router.user_conns(UserId(alice.user)).len(), 2);
+    assert_eq!(gw.router.user_conns(UserId(bob.user)).len(), 2);
 
     // Both lists hold the same entries in the same order: seq i is cmids[i-1].
     let script = [(true, "a-1"), (true, "a-2"), (false, "b-1"), (true, "a-3"), (false, "b-2")];
@@ -104,7 +105,8 @@ async fn offline_device_syncs_on_reconnect(kind: Kind) {
     assert_eq!(AckOutput::decode(ack.data).unwrap().ack_seq, 2);
     let last = 2;
     drop(b);
-    wait_for(WAIT, || gw.router.device_conn(bob.user, bob.device).is_none().then_some(())).await;
+    wait_for(WAIT, || gw.router.device_conn(UserId(bob.user), DeviceId(bob.device)).is_none().then_some(()))
+        .await;
 
     let missed: Vec<String> = (3..=7).map(|i| format!("m{i}")).collect();
     for cmid in &missed {
@@ -151,11 +153,11 @@ async fn second_sign_in_kicks_the_first(first: Kind, second: Kind) {
     let (mut old, _) = gw.signed_in(first, &bob).await;
     a.send_text(bob.user, "before").await;
     assert_eq!(old.push(1).await.client_msg_id, "before");
-    let old_conn = gw.router.device_conn(bob.user, bob.device).unwrap();
+    let old_conn = gw.router.device_conn(UserId(bob.user), DeviceId(bob.device)).unwrap();
 
     let (mut new, out) = gw.signed_in(second, &bob).await;
     assert_eq!(out.last_seq, 1);
-    let new_conn = gw.router.device_conn(bob.user, bob.device).unwrap();
+    let new_conn = gw.router.device_conn(UserId(bob.user), DeviceId(bob.device)).unwrap();
     assert_ne!(new_conn, old_conn);
 
     let (code, packets) = old.closed_within(WAIT).await;
@@ -172,13 +174,13 @@ async fn second_sign_in_kicks_the_first(first: Kind, second: Kind) {
 
     // The old connection's end (unregister, offline notice) left the new
     // one's route alone: it keeps getting every push.
-    assert_eq!(gw.router.user_conns(bob.user), [new_conn]);
+    assert_eq!(gw.router.user_conns(UserId(bob.user)), [new_conn]);
     for (seq, cmid) in [(2, "after-1"), (3, "after-2"), (4, "after-3")] {
         a.send_text(bob.user, cmid).await;
         assert_eq!(new.push(seq).await.client_msg_id, cmid);
     }
     assert_eq!(new.heartbeat().await.code, ErrorCode::Ok as i32);
-    assert_eq!(gw.router.device_conn(bob.user, bob.device), Some(new_conn));
+    assert_eq!(gw.router.device_conn(UserId(bob.user), DeviceId(bob.device)), Some(new_conn));
     assert_eq!(gw.router.stats().kicks, 1);
     let started = Instant::now();
     gw.shutdown().await;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use rim_gateway::SessionConfig;
 use rim_proto::ErrorCode;
+use rim_proto::ids::UserId;
 use rim_proto::v1::*;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -93,7 +94,8 @@ async fn receivers_get_exactly_the_acked_messages_across_a_leader_failure() {
         Receiver::start(&gw, "carol over WebSocket", Kind::Ws, &carol, stopped.clone()).await,
     ];
     for user in [bob.user, carol.user] {
-        wait_for(Duration::from_secs(20), || gw.router.is_subscribed(shard, user).then_some(())).await;
+        wait_for(Duration::from_secs(20), || gw.router.is_subscribed(shard, UserId(user)).then_some(()))
+            .await;
     }
     let (mut sender, _) = gw.signed_in(Kind::Tcp, &alice).await;
 

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use rim_gateway::SessionConfig;
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, UserId};
 use rim_proto::v1::*;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -152,10 +153,10 @@ async fn tcp_bad_input_gets_the_documented_errors_and_others_are_unaffected() {
     // goes with it.
     let dave = register(&c, "dave").await;
     let (mut client, _) = gw.signed_in(Kind::Tcp, &dave).await;
-    assert_eq!(gw.router.user_conns(dave.user).len(), 1);
+    assert_eq!(gw.router.user_conns(UserId(dave.user)).len(), 1);
     client.write_raw(&[0x03, 0xff, 0xff, 0xff]).await;
     expect_frame_error(&mut client, ErrorCode::ErrorMalformedFrame, 0).await;
-    wait_for(WAIT, || gw.router.user_conns(dave.user).is_empty().then_some(())).await;
+    wait_for(WAIT, || gw.router.user_conns(UserId(dave.user)).is_empty().then_some(())).await;
     w.check("a malformed body").await;
 
     // Garbage: a valid prefix, then bytes that are no Packet.
@@ -218,7 +219,7 @@ async fn ws_bad_input_gets_the_documented_errors_and_others_are_unaffected() {
     let (mut client, _) = gw.signed_in(Kind::Ws, &dave).await;
     client.send_ws(WsMessage::Binary(Bytes::from_static(&[0x0a, 0x05]))).await;
     expect_frame_error(&mut client, ErrorCode::ErrorMalformedFrame, 1008).await;
-    wait_for(WAIT, || gw.router.user_conns(dave.user).is_empty().then_some(())).await;
+    wait_for(WAIT, || gw.router.user_conns(UserId(dave.user)).is_empty().then_some(())).await;
     w.check("a malformed message after sign-in").await;
     gw.shutdown().await;
     c.shutdown().await;
@@ -285,7 +286,7 @@ async fn silent_connection_is_closed(kind: Kind) {
     if kind == Kind::Ws {
         assert_eq!(code, Some(1008));
     }
-    wait_for(WAIT, || gw.router.user_conns(alice.user).is_empty().then_some(())).await;
+    wait_for(WAIT, || gw.router.user_conns(UserId(alice.user)).is_empty().then_some(())).await;
 
     // Silence before sign-in is timed out the same way.
     let mut client = gw.connect(kind).await;
@@ -352,7 +353,7 @@ async fn slow_reader_is_disconnected(kind: Kind) {
     let gw = Gateway::start(c.seeds(), config).await;
     let (mut a, _) = gw.signed_in(Kind::Tcp, &alice).await;
     let (mut slow, _) = gw.signed_in_with(kind, &bob, Some(4096)).await;
-    let slow_conn = gw.router.device_conn(bob.user, bob.device).unwrap();
+    let slow_conn = gw.router.device_conn(UserId(bob.user), DeviceId(bob.device)).unwrap();
     let (mut fast, _) = gw.signed_in(kind, &bob2).await;
 
     // The fast device reads on its own task, noting when each push came.
@@ -381,7 +382,7 @@ async fn slow_reader_is_disconnected(kind: Kind) {
         let started = Instant::now();
         a.send_sized(bob.user, &cmid, SIZE).await;
         sent.push((cmid, started));
-        if gw.router.device_conn(bob.user, bob.device) != Some(slow_conn) {
+        if gw.router.device_conn(UserId(bob.user), DeviceId(bob.device)) != Some(slow_conn) {
             after_drop += 1;
         }
     }

@@ -11,6 +11,7 @@ use common::*;
 use prost::Message as _;
 use rim_gateway::{Action, CallError, CallId, NodeCall, NodeReply, Session, SessionConfig};
 use rim_proto::ErrorCode;
+use rim_proto::ids::{GroupId, Seq};
 use rim_proto::store::{self, GroupChanged, GroupKind, GroupMembersChanged, Notification};
 use rim_proto::v1::{
     Command, ContentType, ConversationKind, ListKind, Message, MessagePush, Packet, PushPriority,
@@ -144,7 +145,7 @@ fn a_super_group_backlog_then_live_pushes_each_once_and_gaps_repaired() {
     assert_eq!((input.group_id, input.after_group_seq), (GROUP, 8));
     s.on_reply(t0, id, Ok(page(9..=10, 1, false)));
     assert_eq!(pushed_seqs(&drain(&mut s)), [9, 10]);
-    assert_eq!(s.last_room_seq(GROUP), Some(10));
+    assert_eq!(s.last_room_seq(GroupId(GROUP)), Some(Seq(10)));
 
     // A stream re-established: everything is synced from the cursor again.
     s.on_resync_needed(t0);
@@ -239,7 +240,7 @@ fn small_group_entries_of_a_converted_group_are_not_sent_from_its_list() {
     let out = SyncGroupOutput { messages, has_more: false, last_group_seq: 4, first_group_seq: 1 };
     s.on_reply(t0, id, Ok(NodeReply::SyncGroup(out)));
     assert_eq!(pushed_seqs(&drain(&mut s)), [3, 4]);
-    assert_eq!(s.last_room_seq(GROUP), Some(4));
+    assert_eq!(s.last_room_seq(GroupId(GROUP)), Some(Seq(4)));
 }
 
 #[test]
@@ -338,7 +339,7 @@ fn online_pushes_reach_their_addressees_without_touching_cursors() {
     assert_eq!(online_ids(&actions), [1, 3, 5]);
     assert!(calls(&actions).is_empty(), "no gap checks");
     assert_eq!(s.last_delivered_seq(), before);
-    assert_eq!(s.last_room_seq(GROUP), Some(3));
+    assert_eq!(s.last_room_seq(GroupId(GROUP)), Some(Seq(3)));
 }
 
 #[test]

@@ -12,6 +12,7 @@ use proptest::prelude::*;
 use prost::Message as _;
 use rim_gateway::{CallError, CallId, NodeReply, Session, SessionConfig};
 use rim_proto::ErrorCode;
+use rim_proto::ids::Seq;
 use rim_proto::v1::{Command, MessagePush, SyncInput, SyncOutput};
 
 fn sync_reply(range: std::ops::RangeInclusive<u64>, has_more: bool, last_seq: u64) -> NodeReply {
@@ -31,7 +32,7 @@ fn pushes_continuing_the_list_are_sent_and_duplicates_dropped() {
     let p = &sent(&actions)[0];
     assert_eq!((p.request_id, p.command, p.seq), (0, Command::Message as i32, 6));
     assert!(MessagePush::decode(p.content.clone()).unwrap().persisted);
-    assert_eq!(s.last_delivered_seq(), 8);
+    assert_eq!(s.last_delivered_seq(), Seq(8));
 }
 
 #[test]
@@ -202,7 +203,7 @@ fn skipped_device_pushes_count_as_delivered_without_being_sent() {
     other.skip_device_id = DEVICE + 1;
     s.on_push(t0, other);
     assert_eq!(pushed_seqs(&drain(&mut s)), [2]);
-    assert_eq!(s.last_delivered_seq(), 2);
+    assert_eq!(s.last_delivered_seq(), Seq(2));
 }
 
 #[test]

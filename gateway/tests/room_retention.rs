@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use rim_gateway::SessionConfig;
 use rim_proto::ErrorCode;
+use rim_proto::ids::GroupId;
 use rim_proto::v1::*;
 
 mod cluster;
@@ -67,7 +68,7 @@ async fn a_rooms_retention_bound_holds_and_a_subscriber_catches_up_by_subscribin
     // Away for longer than the retention, on a new connection: what was
     // trimmed is skipped, the rest comes in order, then live entries.
     drop(a);
-    wait_for(Duration::from_secs(20), || gw.router.room_conns(room).is_empty().then_some(())).await;
+    wait_for(Duration::from_secs(20), || gw.router.room_conns(GroupId(room)).is_empty().then_some(())).await;
     for i in 16..=25 {
         send_group(&mut sender, room, &format!("r{i}")).await;
     }
@@ -108,7 +109,7 @@ async fn a_stalled_room_subscriber_neither_holds_up_the_others_nor_is_closed() {
     subscribed(&mut stalled, room, 0).await;
     let (mut fast, _) = gw.signed_in(Kind::Ws, &alice).await;
     subscribed(&mut fast, room, 0).await;
-    wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(room).then_some(())).await;
+    wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(GroupId(room)).then_some(())).await;
     let (mut sender, _) = gw.signed_in(Kind::Tcp, &carol).await;
 
     let sending = tokio::spawn(async move {
@@ -121,7 +122,7 @@ async fn a_stalled_room_subscriber_neither_holds_up_the_others_nor_is_closed() {
     let pushed = pushes_through(&mut fast, room, N).await;
     assert_eq!(consecutive(&pushed, 1), cmids(1..=N));
     let mut sender = sending.await.unwrap();
-    assert_eq!(gw.router.room_conns(room).len(), 2, "the stalled subscriber is still subscribed");
+    assert_eq!(gw.router.room_conns(GroupId(room)).len(), 2, "the stalled subscriber is still subscribed");
 
     // Bob reads again: an increasing subsequence (entries were skipped for
     // him, not queued without bound), and his connection is open.

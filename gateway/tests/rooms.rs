@@ -15,6 +15,7 @@ use prost::Message as _;
 use rim_gateway::SessionConfig;
 use rim_gateway::session::MAX_ROOMS_PER_CONNECTION;
 use rim_proto::ErrorCode;
+use rim_proto::ids::{GroupId, Seq, ShardId};
 use rim_proto::store;
 use rim_proto::v1::*;
 use tokio::sync::watch;
@@ -33,7 +34,7 @@ async fn create_room(c: &Cluster, room: u64) {
 
 async fn create_group(c: &Cluster, group_id: u64, kind: store::GroupKind, owner_id: u64) {
     let node = c.nodes.values().next().unwrap();
-    let shard = node.core.placement().unwrap().shard_of_group(group_id);
+    let shard = node.core.placement().unwrap().shard_of_group(GroupId(group_id));
     let op = store::Op {
         op: Some(store::op::Op::CreateGroup(store::CreateGroup {
             group_id,
@@ -46,8 +47,8 @@ async fn create_group(c: &Cluster, group_id: u64, kind: store::GroupKind, owner_
     node.core.propose(shard, op).await.expect("group created");
 }
 
-fn shard_of_room(c: &Cluster, room: u64) -> u32 {
-    c.nodes.values().next().unwrap().core.placement().unwrap().shard_of_group(room)
+fn shard_of_room(c: &Cluster, room: u64) -> ShardId {
+    c.nodes.values().next().unwrap().core.placement().unwrap().shard_of_group(GroupId(room))
 }
 
 /// `SUBSCRIBE_ROOM`; the reply.
@@ -147,7 +148,7 @@ async fn subscribers_on_both_transports_get_each_room_message_once_with_its_seq(
     let out = subscribed(&mut a, room, 0).await;
     assert_eq!((out.last_seq, out.first_seq), (0, 1), "an empty room");
     subscribed(&mut b, room, 0).await;
-    assert_eq!(gw.router.room_conns(room).len(), 2);
+    assert_eq!(gw.router.room_conns(GroupId(room)).len(), 2);
 
     for i in 1..=3 {
         assert_eq!(send_room(&mut sender, room, &format!("r{i}")).await, i);
@@ -160,7 +161,7 @@ async fn subscribers_on_both_transports_get_each_room_message_once_with_its_seq(
     }
     // The sender did not subscribe: rooms have no members and no fan-out.
     assert!(settle(&mut sender).await.is_empty());
-    wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(room).then_some(())).await;
+    wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(GroupId(room)).then_some(())).await;
 
     gw.shutdown().await;
     c.shutdown().await;
@@ -244,17 +245,18 @@ async fn unsubscribing_closing_and_kicks_end_room_subscriptions() {
         let (mut a, _) = gw.signed_in(kind, &alice).await;
         subscribed(&mut a, r1, 0).await;
         subscribed(&mut a, r2, 0).await;
-        let conn = gw.router.room_conns(r1);
+        let conn = gw.router.room_conns(GroupId(r1));
         assert_eq!(conn.len(), 1);
         wait_for(Duration::from_secs(20), || {
-            (gw.router.is_room_subscribed(r1) && gw.router.is_room_subscribed(r2)).then_some(())
+            (gw.router.is_room_subscribed(GroupId(r1)) && gw.router.is_room_subscribed(GroupId(r2)))
+                .then_some(())
         })
         .await;
 
         // UNSUBSCRIBE_ROOM of r1: its pushes stop, r2's go on. Both rooms
         // are on one shard, so one stream carries their pushes in order.
         unsubscribe(&mut a, r1).await;
-        assert!(gw.router.room_conns(r1).is_empty());
+        assert!(gw.router.room_conns(GroupId(r1)).is_empty());
         let s1 = send_room(&mut sender, r1, &format!("{kind:?}-a")).await;
         let s2 = send_room(&mut sender, r2, &format!("{kind:?}-b")).await;
         let pushed = room_pushes_through(&mut a, r2, s2).await;
@@ -262,17 +264,19 @@ async fn unsubscribing_closing_and_kicks_end_room_subscriptions() {
         assert!(settle(&mut a).await.iter().all(|m| m.conversation_id != r1));
         assert!(s1 > 0);
         // Nobody here reads r1 any more: it left the shard's stream.
-        wait_for(Duration::from_secs(20), || (!gw.router.is_room_subscribed(r1)).then_some(())).await;
+        wait_for(Duration::from_secs(20), || (!gw.router.is_room_subscribed(GroupId(r1))).then_some(()))
+            .await;
 
         // UNSUBSCRIBE_ROOM 0 leaves every room.
         unsubscribe(&mut a, 0).await;
-        assert!(gw.router.room_conns(r2).is_empty());
-        wait_for(Duration::from_secs(20), || (!gw.router.is_room_subscribed(r2)).then_some(())).await;
+        assert!(gw.router.room_conns(GroupId(r2)).is_empty());
+        wait_for(Duration::from_secs(20), || (!gw.router.is_room_subscribed(GroupId(r2))).then_some(()))
+            .await;
 
         // SUBSCRIBE_ROOM of room 0 too (gim), with an empty output.
         subscribed(&mut a, r1, 0).await;
         assert_eq!(subscribed(&mut a, 0, 0).await, SubscribeRoomOutput::default());
-        assert!(gw.router.room_conns(r1).is_empty());
+        assert!(gw.router.room_conns(GroupId(r1)).is_empty());
         send_room(&mut sender, r1, &format!("{kind:?}-c")).await;
         let s2 = send_room(&mut sender, r2, &format!("{kind:?}-d")).await;
         subscribed(&mut a, r2, s2 - 1).await;
@@ -282,17 +286,19 @@ async fn unsubscribing_closing_and_kicks_end_room_subscriptions() {
 
         // Closing the connection ends its subscriptions.
         drop(a);
-        wait_for(Duration::from_secs(20), || gw.router.room_conns(r2).is_empty().then_some(())).await;
-        wait_for(Duration::from_secs(20), || (!gw.router.is_room_subscribed(r2)).then_some(())).await;
+        wait_for(Duration::from_secs(20), || gw.router.room_conns(GroupId(r2)).is_empty().then_some(()))
+            .await;
+        wait_for(Duration::from_secs(20), || (!gw.router.is_room_subscribed(GroupId(r2))).then_some(()))
+            .await;
 
         // So does a kick: the device signs in again elsewhere.
         let (mut a, _) = gw.signed_in(kind, &alice).await;
         subscribed(&mut a, r1, 0).await;
-        let old = gw.router.room_conns(r1);
+        let old = gw.router.room_conns(GroupId(r1));
         let (mut a2, _) = gw.signed_in(Kind::Tcp, &alice).await;
         a.closed_within(e2e::WAIT).await;
-        assert!(gw.router.room_conns(r1).iter().all(|id| !old.contains(id)));
-        assert!(gw.router.room_conns(r1).is_empty());
+        assert!(gw.router.room_conns(GroupId(r1)).iter().all(|id| !old.contains(id)));
+        assert!(gw.router.room_conns(GroupId(r1)).is_empty());
         assert!(settle(&mut a2).await.is_empty());
     }
 
@@ -323,7 +329,7 @@ async fn bad_and_unknown_rooms_and_too_many_rooms_are_refused() {
         // An unknown room: the node's answer.
         let reply = subscribe(&mut a, 424_242, 0).await;
         assert_eq!(reply.code, ErrorCode::ErrorGroupNotFound as i32, "{}", reply.message);
-        assert!(gw.router.room_conns(424_242).is_empty());
+        assert!(gw.router.room_conns(GroupId(424_242)).is_empty());
         // A group is not a room, and its non-members may not read it.
         let reply = subscribe(&mut a, group, 0).await;
         assert_eq!(reply.code, ErrorCode::ErrorBadRequest as i32, "{}", reply.message);
@@ -427,7 +433,7 @@ async fn room_subscriptions_survive_a_leader_change_of_the_rooms_shard() {
         Subscriber::start(&gw, "alice over TCP", Kind::Tcp, &alice, room, stopped.clone()).await,
         Subscriber::start(&gw, "bob over WebSocket", Kind::Ws, &bob, room, stopped.clone()).await,
     ];
-    wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(room).then_some(())).await;
+    wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(GroupId(room)).then_some(())).await;
     let (mut sender, _) = gw.signed_in(Kind::Tcp, &carol).await;
 
     let mut acked: Vec<String> = Vec::new();
@@ -461,7 +467,7 @@ async fn room_subscriptions_survive_a_leader_change_of_the_rooms_shard() {
     tokio::time::timeout(Duration::from_secs(30), stopping).await.expect("the node stopped").unwrap();
     assert_ne!(c.leader(shard).await, old);
     assert!(gw.router.stats().subscriptions > subscriptions, "re-subscribed");
-    assert!(gw.router.is_room_subscribed(room), "the room is on the new stream");
+    assert!(gw.router.is_room_subscribed(GroupId(room)), "the room is on the new stream");
 
     // Every subscriber gets the whole room sequence, gap-free, none twice:
     // by push, or by the resync after the stream broke.
@@ -567,8 +573,8 @@ mod session {
         let actions = drain(&mut s);
         assert!(pushed_seqs(&actions).is_empty());
         assert_eq!(room_sync(&actions).map(|(_, i)| i.after_group_seq), Some(7), "a gap is repaired");
-        assert_eq!(s.last_room_seq(ROOM), Some(7));
-        assert_eq!(s.rooms(), [ROOM]);
+        assert_eq!(s.last_room_seq(GroupId(ROOM)), Some(Seq(7)));
+        assert_eq!(s.rooms(), [GroupId(ROOM)]);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use futures::Stream;
 use rim_gateway::upstream::{Upstream, UpstreamOptions};
 use rim_gateway::{Call, CallId, Gateway, GatewayConfig, NodeCall, NodeReply};
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, UserId};
 use rim_proto::v1::gateway_service_server::{GatewayService, GatewayServiceServer};
 use rim_proto::v1::*;
 use tonic::{Request, Response, Status, Streaming};
@@ -253,8 +254,8 @@ async fn a_node_without_send_batch_gets_unary_sends() {
             let call = Call {
                 id: CallId(1),
                 conn_id: i as u64,
-                user_id: 1,
-                device_id: 1,
+                user_id: UserId(1),
+                device_id: DeviceId(1),
                 request: NodeCall::Send { input, group: false },
             };
             match up.call(&call).await {

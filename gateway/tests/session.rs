@@ -9,6 +9,7 @@ use bytes::Bytes;
 use common::*;
 use prost::Message as _;
 use rim_gateway::{Action, CallError, CallId, NodeCall, NodeReply, Phase, Session, SessionConfig};
+use rim_proto::ids::{DeviceId, Seq, ShardId, UserId};
 use rim_proto::v1::{
     AckInput, AckOutput, Command, KickPush, ListKind, MessagePush, Packet, PushPriority, PushedMessage,
     ReadInput, ReadOutput, RecallInput, SendInput, SendOutput, SignInOutput, SubscribeRoomInput,
@@ -77,12 +78,17 @@ fn successful_sign_in_replies_registers_and_calls_with_identity() {
     // The route first: once the client has the reply, it is routed.
     assert_eq!(
         actions[0],
-        Action::Register { conn_id: CONN, user_id: USER, device_id: DEVICE, shard_id: SHARD }
+        Action::Register {
+            conn_id: CONN,
+            user_id: UserId(USER),
+            device_id: DeviceId(DEVICE),
+            shard_id: ShardId(SHARD)
+        }
     );
     assert_eq!(actions.len(), 2);
     assert_eq!(s.phase(), Phase::SignedIn);
-    assert_eq!(s.last_delivered_seq(), 42);
-    assert_eq!(s.identity().map(|i| (i.user_id, i.device_id)), Some((USER, DEVICE)));
+    assert_eq!(s.last_delivered_seq(), Seq(42));
+    assert_eq!(s.identity().map(|i| (i.user_id, i.device_id)), Some((UserId(USER), DeviceId(DEVICE))));
 
     // Later calls carry the signed-in identity.
     s.on_packet(t0, packet(10, Command::Ack, AckInput { seq: 3 }));
@@ -265,7 +271,10 @@ fn silent_connection_is_closed_after_three_intervals() {
     assert_eq!(s.next_deadline(), Some(t0 + Duration::from_secs(150)));
     s.on_tick(t0 + Duration::from_secs(150));
     let actions = drain(&mut s);
-    assert_eq!(actions[0], Action::Unregister { conn_id: CONN, user_id: USER, device_id: DEVICE });
+    assert_eq!(
+        actions[0],
+        Action::Unregister { conn_id: CONN, user_id: UserId(USER), device_id: DeviceId(DEVICE) }
+    );
     assert!(matches!(&calls(&actions)[0].request, NodeCall::Offline { reason: ErrorCode::ErrorTimeout }));
     assert!(closes_with(&actions, ErrorCode::ErrorTimeout));
 }
@@ -563,7 +572,10 @@ fn kick_sends_kick_then_closes_and_nothing_follows() {
     assert_eq!((p.request_id, p.command), (0, Command::Kick as i32));
     let kick = KickPush::decode(p.content.clone()).unwrap();
     assert_eq!((kick.code, kick.reason.as_str()), (ErrorCode::ErrorKicked as i32, "signed in elsewhere"));
-    assert_eq!(actions[1], Action::Unregister { conn_id: CONN, user_id: USER, device_id: DEVICE });
+    assert_eq!(
+        actions[1],
+        Action::Unregister { conn_id: CONN, user_id: UserId(USER), device_id: DeviceId(DEVICE) }
+    );
     assert!(matches!(calls(&actions)[0].request, NodeCall::Offline { reason: ErrorCode::ErrorKicked }));
     assert!(closes_with(&actions, ErrorCode::ErrorKicked));
     assert_eq!(actions.len(), 4);
@@ -599,7 +611,10 @@ fn peer_close_unregisters_and_reports_offline_without_close_action() {
     s.on_close(t0);
     let actions = drain(&mut s);
     assert_eq!(actions.len(), 2, "{actions:?}");
-    assert_eq!(actions[0], Action::Unregister { conn_id: CONN, user_id: USER, device_id: DEVICE });
+    assert_eq!(
+        actions[0],
+        Action::Unregister { conn_id: CONN, user_id: UserId(USER), device_id: DeviceId(DEVICE) }
+    );
     assert!(matches!(calls(&actions)[0].request, NodeCall::Offline { reason: ErrorCode::Ok }));
     assert!(s.is_closed());
     s.on_packet(t0, packet(1, Command::Heartbeat, ()));
@@ -728,7 +743,7 @@ fn online_only_pushes_pass_through_without_gap_checks() {
     assert!(calls(&actions).is_empty());
     let content = MessagePush::decode(sent(&actions)[0].content.clone()).unwrap();
     assert!(!content.persisted);
-    assert_eq!(s.last_delivered_seq(), 10);
+    assert_eq!(s.last_delivered_seq(), Seq(10));
 }
 
 #[test]

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use rim_gateway::SessionConfig;
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, GroupId, UserId};
 use rim_proto::store::notification::Event as Notice;
 use rim_proto::v1::*;
 
@@ -77,7 +78,7 @@ async fn a_super_group_message_reaches_every_online_member_once_across_two_gatew
         assert!(matches!(notification(&backlog[0]), Some(Notice::GroupMembersAdded(_))), "{name}");
     }
     for gw in [&gw1, &gw2] {
-        wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(g).then_some(())).await;
+        wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(GroupId(g)).then_some(())).await;
     }
 
     for i in 1..=5 {
@@ -121,7 +122,7 @@ async fn an_offline_member_catches_up_when_it_subscribes_again() {
 
     // Bob goes offline; the group goes on.
     drop(b);
-    wait_for(Duration::from_secs(20), || (gw.router.room_conns(g).len() == 1).then_some(())).await;
+    wait_for(Duration::from_secs(20), || (gw.router.room_conns(GroupId(g)).len() == 1).then_some(())).await;
     for i in 4..=8 {
         send_group(&mut a, g, &format!("s{i}")).await;
     }
@@ -168,7 +169,7 @@ async fn a_member_added_later_reads_nothing_from_before_its_join() {
     assert!(out.super_groups.iter().all(|h| h.group_id != g));
     let reply = subscribe(&mut e, g, 0).await;
     assert_eq!(reply.code, ErrorCode::ErrorNotGroupMember as i32, "{}", reply.message);
-    assert!(gw.router.room_conns(g).is_empty(), "a refused subscription leaves nothing behind");
+    assert!(gw.router.room_conns(GroupId(g)).is_empty(), "a refused subscription leaves nothing behind");
     drop(e);
 
     add_members(&c, g, alice.user, &[erin.user]).await;
@@ -213,14 +214,14 @@ async fn a_removed_member_stops_receiving_and_a_dissolved_group_ends_every_subsc
     for client in [&mut b, &mut c1, &mut c2] {
         subscribed(client, g, 1).await;
     }
-    wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(g).then_some(())).await;
+    wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(GroupId(g)).then_some(())).await;
     assert_eq!(send_group(&mut a, g, "s1").await, 2);
     for client in [&mut b, &mut c1, &mut c2] {
         assert_eq!(texts(&pushes_through(client, g, 2).await), ["s1"]);
     }
 
     // Carol is removed: both her connections get the notice, then nothing.
-    let carols = gw.router.user_conns(carol.user);
+    let carols = gw.router.user_conns(UserId(carol.user));
     assert_eq!(carols.len(), 2);
     remove_members(&c, g, alice.user, &[carol.user]).await;
     for client in [&mut b, &mut c1, &mut c2] {
@@ -231,7 +232,7 @@ async fn a_removed_member_stops_receiving_and_a_dissolved_group_ends_every_subsc
         }
     }
     wait_for(Duration::from_secs(20), || {
-        gw.router.room_conns(g).iter().all(|id| !carols.contains(id)).then_some(())
+        gw.router.room_conns(GroupId(g)).iter().all(|id| !carols.contains(id)).then_some(())
     })
     .await;
     assert_eq!(send_group(&mut a, g, "s2").await, 4);
@@ -252,8 +253,8 @@ async fn a_removed_member_stops_receiving_and_a_dissolved_group_ends_every_subsc
         let pushed = pushes_through(client, g, 5).await;
         assert!(matches!(notification(pushed.last().unwrap()), Some(Notice::GroupDissolved(_))));
     }
-    wait_for(Duration::from_secs(20), || gw.router.room_conns(g).is_empty().then_some(())).await;
-    wait_for(Duration::from_secs(20), || (!gw.router.is_room_subscribed(g)).then_some(())).await;
+    wait_for(Duration::from_secs(20), || gw.router.room_conns(GroupId(g)).is_empty().then_some(())).await;
+    wait_for(Duration::from_secs(20), || (!gw.router.is_room_subscribed(GroupId(g))).then_some(())).await;
     for client in [&mut a, &mut b] {
         assert_eq!(client.heartbeat().await.code, ErrorCode::Ok as i32, "the connection stays open");
     }
@@ -281,10 +282,10 @@ async fn a_member_too_slow_for_the_group_is_closed_and_the_others_get_everything
     // Carol subscribes, then never reads again (a tiny receive buffer).
     let (mut stalled, _) = gw.signed_in_with(Kind::Tcp, &carol, Some(4096)).await;
     subscribed(&mut stalled, g, 1).await;
-    let stalled_conn = gw.router.device_conn(carol.user, carol.device).unwrap();
+    let stalled_conn = gw.router.device_conn(UserId(carol.user), DeviceId(carol.device)).unwrap();
     let (mut fast, _) = gw.signed_in(Kind::Ws, &bob).await;
     subscribed(&mut fast, g, 1).await;
-    wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(g).then_some(())).await;
+    wait_for(Duration::from_secs(20), || gw.router.is_room_subscribed(GroupId(g)).then_some(())).await;
     let (mut a, _) = gw.signed_in(Kind::Tcp, &alice).await;
 
     // Bob reads on his own task, at his pace.
@@ -313,7 +314,7 @@ async fn a_member_too_slow_for_the_group_is_closed_and_the_others_get_everything
         let cmid = format!("s{}", sent.len() + 1);
         send_group_sized(&mut a, g, &cmid, SIZE).await;
         sent.push(cmid);
-        if !gw.router.room_conns(g).contains(&stalled_conn) {
+        if !gw.router.room_conns(GroupId(g)).contains(&stalled_conn) {
             after_drop += 1;
         }
     }

@@ -16,6 +16,7 @@ use rim_gateway::tcp::{DEFAULT_FIRST_CONN_ID, TcpGateway, TcpOptions};
 use rim_gateway::upstream::{Upstream, UpstreamOptions};
 use rim_proto::ErrorCode;
 use rim_proto::codec::{FrameDecoder, encode_frame};
+use rim_proto::ids::{DeviceId, UserId};
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,12 +48,7 @@ impl Gateway {
         let mut opts = UpstreamOptions::new(seeds, SECRET, "gw-tcp-test");
         opts.request_timeout = Duration::from_secs(10);
         let upstream = Upstream::new(opts).unwrap();
-        let router_opts = RouterOptions {
-            subscribe_timeout: Duration::from_secs(3),
-            backoff_min: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(500),
-            request_queue: 16,
-        };
+        let router_opts = RouterOptions { subscribe_timeout: Duration::from_secs(3), request_queue: 16 };
         let router = PushRouter::new(upstream.clone(), router_opts);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let runtime = tokio::runtime::Handle::current();
@@ -262,7 +258,7 @@ async fn tcp_clients_sign_in_send_and_receive_pushes() {
     assert_eq!(b.sign_in(&bob).await.last_seq, 0);
     assert_eq!(b2.sign_in(&bob2).await.last_seq, 0);
     assert_eq!(gw.tcp.as_ref().unwrap().connections(), 3);
-    let conns = gw.router.user_conns(bob.user);
+    let conns = gw.router.user_conns(UserId(bob.user));
     assert_eq!(conns.len(), 2);
     assert!(conns.iter().all(|&id| id >= DEFAULT_FIRST_CONN_ID), "{conns:?}");
 
@@ -286,7 +282,7 @@ async fn tcp_clients_sign_in_send_and_receive_pushes() {
 
     // A clean close unregisters the connection.
     drop(b2);
-    cluster::wait_for(WAIT, || (gw.router.user_conns(bob.user).len() == 1).then_some(())).await;
+    cluster::wait_for(WAIT, || (gw.router.user_conns(UserId(bob.user)).len() == 1).then_some(())).await;
     cluster::wait_for(WAIT, || (gw.tcp.as_ref().unwrap().connections() == 2).then_some(())).await;
 
     // Shutdown kicks every connection with ERROR_UNAVAILABLE, then closes.
@@ -392,7 +388,7 @@ async fn tcp_second_sign_in_of_a_device_kicks_the_first() {
 
     let mut a = Client::connect(gw.addr()).await;
     a.sign_in(&alice).await;
-    assert_eq!(gw.router.device_conn(alice.user, alice.device), Some(1_000));
+    assert_eq!(gw.router.device_conn(UserId(alice.user), DeviceId(alice.device)), Some(1_000));
     let mut first = Client::connect(gw.addr()).await;
     first.sign_in(&bob).await;
     let mut second = Client::connect(gw.addr()).await;
@@ -414,8 +410,12 @@ async fn tcp_second_sign_in_of_a_device_kicks_the_first() {
     a.send_text(bob.user, "after-kick").await;
     let m = second.push(1).await.message.unwrap();
     assert_eq!(m.client_msg_id, "after-kick");
-    assert_eq!(gw.router.device_conn(bob.user, bob.device), Some(1_002), "the second connection");
-    assert_eq!(gw.router.user_conns(bob.user).len(), 1);
+    assert_eq!(
+        gw.router.device_conn(UserId(bob.user), DeviceId(bob.device)),
+        Some(1_002),
+        "the second connection"
+    );
+    assert_eq!(gw.router.user_conns(UserId(bob.user)).len(), 1);
     gw.shutdown().await;
     c.shutdown().await;
 }

@@ -8,6 +8,7 @@ use rim_gateway::router::{ConnEvent, PushRouter, RouterOptions};
 use rim_gateway::upstream::{Upstream, UpstreamOptions};
 use rim_gateway::{Call, CallId, NodeCall, NodeReply};
 use rim_proto::ErrorCode;
+use rim_proto::ids::{DeviceId, ShardId, UserId};
 use rim_proto::v1::*;
 use tokio::sync::mpsc;
 
@@ -21,7 +22,7 @@ fn upstream(c: &Cluster) -> Upstream {
 }
 
 fn call(id: u64, conn_id: u64, d: &Device, request: NodeCall) -> Call {
-    Call { id: CallId(id), conn_id, user_id: d.user, device_id: d.device, request }
+    Call { id: CallId(id), conn_id, user_id: UserId(d.user), device_id: DeviceId(d.device), request }
 }
 
 fn sign_in(d: &Device, token: &str) -> NodeCall {
@@ -94,12 +95,7 @@ async fn wait_resync(rx: &mut mpsc::Receiver<ConnEvent>) {
 }
 
 fn fast_router(up: &Upstream) -> PushRouter {
-    let opts = RouterOptions {
-        subscribe_timeout: Duration::from_secs(3),
-        backoff_min: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(500),
-        request_queue: 16,
-    };
+    let opts = RouterOptions { subscribe_timeout: Duration::from_secs(3), request_queue: 16 };
     PushRouter::new(up.clone(), opts)
 }
 
@@ -112,14 +108,14 @@ async fn upstream_signs_in_sends_and_syncs() -> anyhow::Result<()> {
     let up = upstream(&c);
     let map = up.refresh_map().await?;
     assert!(map.data_shards().count() >= 2, "the map lists the data shards");
-    assert_eq!(up.shard_of_user(bob.user), Some(c.shard_of_user(bob.user)));
+    assert_eq!(up.shard_of_user(UserId(bob.user)), Some(c.shard_of_user(bob.user)));
 
     // (a) sign-in: a valid token succeeds, a bad one fails with an auth code.
     match up.call(&call(1, 10, &alice, sign_in(&alice, &alice.token))).await {
         Ok(NodeReply::SignIn(r)) => {
             let out = r.output.unwrap();
             assert_eq!((out.user_id, out.device_id), (alice.user, alice.device));
-            assert_eq!(r.shard_id, c.shard_of_user(alice.user));
+            assert_eq!(ShardId(r.shard_id), c.shard_of_user(alice.user));
         }
         other => panic!("sign-in failed: {other:?}"),
     }
@@ -194,9 +190,9 @@ async fn router_delivers_pushes_and_kicks_older_device_connections() -> anyhow::
 
     // (c) bob's connection gets a resync once subscribed, then alice's message.
     let (tx1, mut rx1) = mpsc::channel(64);
-    router.register(101, bob.user, bob.device, shard, tx1);
+    router.register(101, UserId(bob.user), DeviceId(bob.device), shard, tx1);
     wait_resync(&mut rx1).await;
-    assert!(router.is_subscribed(shard, bob.user));
+    assert!(router.is_subscribed(shard, UserId(bob.user)));
     let leader = c.leader(shard).await;
     assert_eq!(router.stream_node(shard).as_deref(), Some(c.configs[&leader].listen.as_str()));
     let sent = send(&up, &alice, bob.user, "m1").await;
@@ -205,7 +201,7 @@ async fn router_delivers_pushes_and_kicks_older_device_connections() -> anyhow::
 
     // (e) the same device on another connection kicks the first.
     let (tx2, mut rx2) = mpsc::channel(64);
-    router.register(102, bob.user, bob.device, shard, tx2);
+    router.register(102, UserId(bob.user), DeviceId(bob.device), shard, tx2);
     loop {
         match next_event(&mut rx1, Duration::from_secs(5)).await {
             Some(ConnEvent::Kick(k)) => {
@@ -219,10 +215,13 @@ async fn router_delivers_pushes_and_kicks_older_device_connections() -> anyhow::
     assert!(next_event(&mut rx1, Duration::from_secs(5)).await.is_none(), "kicked: its channel closes");
     // The user stayed subscribed, so the new connection resyncs at once.
     wait_resync(&mut rx2).await;
-    assert!(!router.unregister(101, bob.user, bob.device), "the kicked connection removes nothing");
-    assert_eq!(router.device_conn(bob.user, bob.device), Some(102));
-    assert_eq!(router.user_conns(bob.user), [102]);
-    assert!(router.is_subscribed(shard, bob.user));
+    assert!(
+        !router.unregister(101, UserId(bob.user), DeviceId(bob.device)),
+        "the kicked connection removes nothing"
+    );
+    assert_eq!(router.device_conn(UserId(bob.user), DeviceId(bob.device)), Some(102));
+    assert_eq!(router.user_conns(UserId(bob.user)), [102]);
+    assert!(router.is_subscribed(shard, UserId(bob.user)));
     send(&up, &alice, bob.user, "m2").await;
     let (push, _) = wait_push(&mut rx2, bob.user, 2).await;
     assert_eq!(push.message.unwrap().client_msg_id, "m2");
@@ -232,29 +231,29 @@ async fn router_delivers_pushes_and_kicks_older_device_connections() -> anyhow::
     let (tx3, mut rx3) = mpsc::channel(64);
     // Registered from a thread outside the runtime, as a mio event loop would.
     std::thread::scope(|s| {
-        s.spawn(|| router.register(103, bob.user, bob.device + 1_000, shard, tx3));
+        s.spawn(|| router.register(103, UserId(bob.user), DeviceId(bob.device + 1_000), shard, tx3));
     });
     wait_resync(&mut rx3).await;
     send(&up, &alice, bob.user, "m3").await;
     wait_push(&mut rx2, bob.user, 3).await;
     wait_push(&mut rx3, bob.user, 3).await;
-    assert!(router.unregister(103, bob.user, bob.device + 1_000));
-    assert_eq!(router.user_conns(bob.user), [102]);
+    assert!(router.unregister(103, UserId(bob.user), DeviceId(bob.device + 1_000)));
+    assert_eq!(router.user_conns(UserId(bob.user)), [102]);
 
     // A connection that stops reading is dropped; the others keep receiving.
     let (tx4, rx4) = mpsc::channel(1);
-    router.register(104, bob.user, bob.device + 2_000, shard, tx4);
+    router.register(104, UserId(bob.user), DeviceId(bob.device + 2_000), shard, tx4);
     for i in 4..8 {
         send(&up, &alice, bob.user, &format!("m{i}")).await;
         wait_push(&mut rx2, bob.user, i).await;
     }
     wait_for(Duration::from_secs(5), || (router.stats().overflows == 1).then_some(())).await;
-    assert_eq!(router.user_conns(bob.user), [102]);
+    assert_eq!(router.user_conns(UserId(bob.user)), [102]);
     drop(rx4);
 
     // The last unregister removes the user from the stream.
-    assert!(router.unregister(102, bob.user, bob.device));
-    wait_for(Duration::from_secs(5), || (!router.is_subscribed(shard, bob.user)).then_some(())).await;
+    assert!(router.unregister(102, UserId(bob.user), DeviceId(bob.device)));
+    wait_for(Duration::from_secs(5), || (!router.is_subscribed(shard, UserId(bob.user))).then_some(())).await;
     router.shutdown().await;
     c.shutdown().await;
     Ok(())
@@ -272,7 +271,7 @@ async fn router_resubscribes_to_the_new_leader_and_signals_resync() -> anyhow::R
     let shard = c.shard_of_user(bob.user);
 
     let (tx, mut rx) = mpsc::channel(256);
-    router.register(7, bob.user, bob.device, shard, tx);
+    router.register(7, UserId(bob.user), DeviceId(bob.device), shard, tx);
     wait_resync(&mut rx).await;
     send(&up, &alice, bob.user, "before").await;
     wait_push(&mut rx, bob.user, 1).await;

@@ -13,6 +13,7 @@ use rim_gateway::router::{PushRouter, RouterOptions};
 use rim_gateway::upstream::{Upstream, UpstreamOptions};
 use rim_gateway::ws::serve_ws;
 use rim_proto::ErrorCode;
+use rim_proto::ids::UserId;
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::*;
 use tokio::net::TcpStream;
@@ -38,12 +39,7 @@ impl Gateway {
     async fn start(up: Upstream, config: SessionConfig) -> Gateway {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let opts = RouterOptions {
-            subscribe_timeout: Duration::from_secs(3),
-            backoff_min: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(500),
-            request_queue: 16,
-        };
+        let opts = RouterOptions { subscribe_timeout: Duration::from_secs(3), request_queue: 16 };
         let router = PushRouter::new(up.clone(), opts);
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {
@@ -281,7 +277,7 @@ async fn ws_second_sign_in_of_a_device_kicks_the_first() {
     assert_eq!(reply_to(&mut second, 2).await.code, ErrorCode::Ok as i32);
     let sent = send_text(&mut a, 10, bob.user, "after-kick").await;
     assert_eq!(wait_message(&mut second, 1).await.message_id, sent.message_id);
-    let conns = gw.router.user_conns(bob.user);
+    let conns = gw.router.user_conns(UserId(bob.user));
     assert_eq!(conns.len(), 1, "only the second connection is routed: {conns:?}");
     gw.shutdown().await;
     c.shutdown().await;

@@ -11,7 +11,10 @@
 //!
 //! * Membership: the node refuses a non-member's `SyncGroup` with
 //!   `ERROR_NOT_GROUP_MEMBER`, which fails the subscription (see
-//!   [`Upstream`](crate::upstream::Upstream)).
+//!   [`PushRouter::call`](crate::router::PushRouter::call)).
+//!
+//! Subscribed lists are keyed by [`GroupId`]; room 0 of the protocol
+//! ("every room") is `None` here, never `GroupId(0)`.
 //! * `after_seq` 0 means "from the member's join point" for a super group
 //!   (everything the member may read), but "live only" for a room.
 //! * Priority: live room entries of normal priority are skipped rather
@@ -39,6 +42,7 @@ use std::time::Instant;
 
 use prost::Message as _;
 use rim_proto::ErrorCode;
+use rim_proto::ids::{GroupId, Seq};
 use rim_proto::v1::{
     Command, ConversationKind, Packet, PushPriority, PushedMessage, Reply, SubscribeRoomInput,
     SubscribeRoomOutput, SyncGroupInput, SyncOutput, UnsubscribeRoomInput,
@@ -50,9 +54,9 @@ use crate::delivery::{Entry, UserList};
 use crate::membership;
 
 impl Session {
-    /// `SUBSCRIBE_ROOM`: the call goes to the push router (through the
-    /// upstream); live pushes of the room are held back from now until its
-    /// backlog has been read.
+    /// `SUBSCRIBE_ROOM`: the call goes to the push router
+    /// ([`PushRouter::call`](crate::router::PushRouter::call)); live pushes
+    /// of the room are held back from now until its backlog has been read.
     pub(super) fn subscribe_room(&mut self, packet: Packet) {
         let input = match SubscribeRoomInput::decode(packet.content.clone()) {
             Ok(input) => input,
@@ -64,7 +68,7 @@ impl Session {
             // gim: SUBSCRIBE_ROOM of room 0 leaves every room
             // (`SubscribeRoomInput.room_id`); the reply carries an empty
             // SubscribeRoomOutput.
-            return self.leave_rooms(&packet, 0);
+            return self.leave_rooms(&packet, None);
         }
         if self.requests_full() {
             return self.reply_error(&packet, ErrorCode::ErrorBusy, "too many requests in flight");
@@ -72,51 +76,56 @@ impl Session {
         let State::SignedIn(s) = &self.state else {
             return;
         };
-        if !s.rooms.contains_key(&input.room_id) && s.rooms.len() >= MAX_ROOMS_PER_CONNECTION {
+        let room_id = GroupId(input.room_id);
+        if !s.rooms.contains_key(&room_id) && s.rooms.len() >= MAX_ROOMS_PER_CONNECTION {
             let reason = format!("at most {MAX_ROOMS_PER_CONNECTION} rooms and super groups per connection");
             return self.reply_error(&packet, ErrorCode::ErrorBadRequest, reason);
         }
         let id = self.call(NodeCall::SubscribeRoom(input));
-        let mut list = UserList::new(input.after_seq, self.config.group_push_buffer_limit);
+        let mut list = UserList::new(Seq(input.after_seq), self.config.group_push_buffer_limit);
         // Held back until the backlog is read (see `finish_subscribe_room`).
         list.sync_started(id);
         if let State::SignedIn(s) = &mut self.state {
-            s.rooms.insert(input.room_id, list);
+            s.rooms.insert(room_id, list);
         }
-        let pending = Pending::SubscribeRoom { request_id: packet.request_id, room_id: input.room_id };
+        let pending = Pending::SubscribeRoom { request_id: packet.request_id, room_id };
         self.pending.insert(id, pending);
     }
 
-    /// `UNSUBSCRIBE_ROOM` (or `SUBSCRIBE_ROOM` of room 0): the room (0:
-    /// every room) is dropped here at once and from the push router by the
-    /// call, whose outcome is the reply.
-    pub(super) fn leave_rooms(&mut self, packet: &Packet, room_id: u64) {
+    /// `UNSUBSCRIBE_ROOM` (or `SUBSCRIBE_ROOM` of room 0): the room
+    /// (`None`: every room) is dropped here at once and from the push
+    /// router by the call, whose outcome is the reply.
+    pub(super) fn leave_rooms(&mut self, packet: &Packet, room: Option<GroupId>) {
         if self.requests_full() {
             return self.reply_error(packet, ErrorCode::ErrorBusy, "too many requests in flight");
         }
         if let State::SignedIn(s) = &mut self.state {
-            if room_id == 0 {
-                s.rooms.clear();
-                s.super_groups.clear();
-            } else {
-                s.rooms.remove(&room_id);
-                s.super_groups.remove(&room_id);
+            match room {
+                None => {
+                    s.rooms.clear();
+                    s.super_groups.clear();
+                }
+                Some(room_id) => {
+                    s.rooms.remove(&room_id);
+                    s.super_groups.remove(&room_id);
+                }
             }
         }
+        let room_id = room.map_or(0, |r| r.0);
         let id = self.call(NodeCall::UnsubscribeRoom(UnsubscribeRoomInput { room_id }));
         self.pending.insert(id, Pending::Request { request_id: packet.request_id, command: packet.command });
     }
 
     /// Drops a room here and, fire and forget, from the push router.
-    pub(super) fn drop_room(&mut self, room_id: u64) {
+    pub(super) fn drop_room(&mut self, room_id: GroupId) {
         if let State::SignedIn(s) = &mut self.state {
             s.rooms.remove(&room_id);
             s.super_groups.remove(&room_id);
         }
-        self.call(NodeCall::UnsubscribeRoom(UnsubscribeRoomInput { room_id }));
+        self.call(NodeCall::UnsubscribeRoom(UnsubscribeRoomInput { room_id: room_id.0 }));
     }
 
-    fn is_subscribed(&self, room_id: u64) -> bool {
+    fn is_subscribed(&self, room_id: GroupId) -> bool {
         matches!(&self.state, State::SignedIn(s) if s.rooms.contains_key(&room_id))
     }
 
@@ -124,7 +133,7 @@ impl Session {
         &mut self,
         id: CallId,
         request_id: u64,
-        room_id: u64,
+        room_id: GroupId,
         result: Result<NodeReply, CallError>,
     ) {
         let command = Command::SubscribeRoom as i32;
@@ -166,7 +175,7 @@ impl Session {
         self.start_room_sync(room_id);
     }
 
-    pub(super) fn start_room_sync(&mut self, room_id: u64) {
+    pub(super) fn start_room_sync(&mut self, room_id: GroupId) {
         let State::SignedIn(s) = &self.state else {
             return;
         };
@@ -174,8 +183,8 @@ impl Session {
             return;
         };
         let input = SyncGroupInput {
-            group_id: room_id,
-            after_group_seq: list.last(),
+            group_id: room_id.0,
+            after_group_seq: list.last().0,
             limit: self.config.resync_batch,
         };
         let id = self.call(NodeCall::SyncGroup(input));
@@ -191,7 +200,7 @@ impl Session {
         &mut self,
         now: Instant,
         id: CallId,
-        room_id: u64,
+        room_id: GroupId,
         result: Result<NodeReply, CallError>,
     ) {
         let delay = self.config.resync_retry_delay;
@@ -208,7 +217,7 @@ impl Session {
         let again = match result {
             Ok(NodeReply::SyncGroup(output)) => {
                 // Entries trimmed by the room's retention are skipped.
-                let floor = output.first_group_seq.saturating_sub(1);
+                let floor = Seq(output.first_group_seq.saturating_sub(1));
                 if list.last() < floor {
                     list.restart_at(floor);
                 }
@@ -222,7 +231,7 @@ impl Session {
             Ok(other) => {
                 tracing::warn!(
                     conn = self.conn_id,
-                    room = room_id,
+                    room = %room_id,
                     ?other,
                     "room sync got a reply of the wrong kind"
                 );
@@ -230,12 +239,12 @@ impl Session {
                 false
             }
             Err(e) if !e.code.is_retryable() => {
-                tracing::info!(conn = self.conn_id, room = room_id, error = %e, "room cannot be read; unsubscribed");
+                tracing::info!(conn = self.conn_id, room = %room_id, error = %e, "room cannot be read; unsubscribed");
                 self.drop_room(room_id);
                 return;
             }
             Err(e) => {
-                tracing::debug!(conn = self.conn_id, room = room_id, error = %e, "room sync failed; retrying");
+                tracing::debug!(conn = self.conn_id, room = %room_id, error = %e, "room sync failed; retrying");
                 list.sync_failed(now, delay);
                 false
             }
@@ -270,26 +279,27 @@ impl Session {
         let State::SignedIn(s) = &mut self.state else {
             return;
         };
-        let room_id = push.owner_id;
+        let room_id = GroupId(push.owner_id);
         let user_id = s.id.user_id;
-        let skip = push.skip_device_id != 0 && push.skip_device_id == s.id.device_id;
+        let skip = super::skips(&push, s.id.device_id);
         let Some(list) = s.rooms.get_mut(&room_id) else {
-            tracing::trace!(conn = self.conn_id, group = room_id, "push of a list not subscribed dropped");
+            tracing::trace!(conn = self.conn_id, group = %room_id, "push of a list not subscribed dropped");
             return;
         };
         let message = push.message.unwrap_or_default();
         let ends = membership::ends(&message, room_id, user_id);
         let last_word = ends.then(|| message.clone());
         let mut out = Vec::new();
-        let sync = list.push(Entry { seq: push.seq, message, send: !skip }, &mut out);
-        let caught_up = list.last() >= push.seq;
+        let seq = Seq(push.seq);
+        let sync = list.push(Entry { seq, message, send: !skip }, &mut out);
+        let caught_up = list.last() >= seq;
         let high = push.priority == PushPriority::High as i32;
         self.deliver_group(room_id, out, high);
         if let Some(message) = last_word.filter(|_| !caught_up && self.is_subscribed(room_id)) {
             // The member can no longer read the list: the gap before this
             // entry cannot be repaired, but the client must learn of the end.
             if !skip {
-                self.send_push(push.seq, message, false);
+                self.send_push(seq, message, false);
             }
             self.drop_room(room_id);
             return;
@@ -304,7 +314,7 @@ impl Session {
     /// ends the user's membership the subscription is dropped and the rest
     /// are not sent. `high`: the entries may not be skipped for a slow
     /// connection (backlog and gap repair, or a high-priority push).
-    fn deliver_group(&mut self, room_id: u64, entries: Vec<Entry>, high: bool) {
+    fn deliver_group(&mut self, room_id: GroupId, entries: Vec<Entry>, high: bool) {
         let State::SignedIn(s) = &self.state else {
             return;
         };
@@ -319,7 +329,7 @@ impl Session {
                 self.send_push(entry.seq, entry.message, droppable);
             }
             if ends {
-                tracing::debug!(conn = self.conn_id, group = room_id, "membership ended; unsubscribed");
+                tracing::debug!(conn = self.conn_id, group = %room_id, "membership ended; unsubscribed");
                 self.drop_room(room_id);
                 return;
             }
@@ -330,9 +340,10 @@ impl Session {
 /// Where a subscription's delivery starts: after the client's `after_seq`
 /// (0: the room's end, or a super group's join point), never past the
 /// list's end, never before its first readable entry.
-fn start_after(after: u64, output: &SubscribeRoomOutput, super_group: bool) -> u64 {
-    let start = if after == 0 && !super_group { output.last_seq } else { after.min(output.last_seq) };
-    start.max(output.first_seq.saturating_sub(1))
+fn start_after(after: Seq, output: &SubscribeRoomOutput, super_group: bool) -> Seq {
+    let last = Seq(output.last_seq);
+    let start = if after == Seq::ZERO && !super_group { last } else { after.min(last) };
+    start.max(Seq(output.first_seq.saturating_sub(1)))
 }
 
 #[cfg(test)]
@@ -342,10 +353,10 @@ mod tests {
     #[test]
     fn start_after_clamps_to_the_readable_range() {
         let out = SubscribeRoomOutput { last_seq: 10, first_seq: 4 };
-        assert_eq!(start_after(0, &out, false), 10, "a room: live only");
-        assert_eq!(start_after(0, &out, true), 3, "a super group: from the join point");
-        assert_eq!(start_after(2, &out, true), 3);
-        assert_eq!(start_after(7, &out, false), 7);
-        assert_eq!(start_after(99, &out, true), 10);
+        assert_eq!(start_after(Seq(0), &out, false), Seq(10), "a room: live only");
+        assert_eq!(start_after(Seq(0), &out, true), Seq(3), "a super group: from the join point");
+        assert_eq!(start_after(Seq(2), &out, true), Seq(3));
+        assert_eq!(start_after(Seq(7), &out, false), Seq(7));
+        assert_eq!(start_after(Seq(99), &out, true), Seq(10));
     }
 }

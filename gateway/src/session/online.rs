@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message as _;
 use rim_proto::codec::encoded_frame_len;
+use rim_proto::ids::{GroupId, UserId};
 use rim_proto::v1::{Command, ListKind, MessagePush, Packet, PushPriority, PushedMessage};
 
 use super::{Session, State};
@@ -42,12 +43,12 @@ impl Session {
         let State::SignedIn(s) = &self.state else {
             return;
         };
-        if push.skip_device_id != 0 && push.skip_device_id == s.id.device_id {
+        if super::skips(&push, s.id.device_id) {
             return;
         }
         let addressed = match ListKind::try_from(push.list_kind) {
-            Ok(ListKind::User) => push.owner_id == s.id.user_id,
-            Ok(ListKind::Group) => s.rooms.contains_key(&push.owner_id),
+            Ok(ListKind::User) => UserId(push.owner_id) == s.id.user_id,
+            Ok(ListKind::Group) => s.rooms.contains_key(&GroupId(push.owner_id)),
             Ok(ListKind::Unspecified) | Err(_) => true,
         };
         if !addressed {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rim_node::{Node, NodeConfig, NodeOptions};
+use rim_proto::ids::{ShardId, UserId};
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::*;
 
@@ -103,7 +104,7 @@ impl Cluster {
     }
 
     /// The leader of `shard` among running nodes, waiting for one.
-    pub async fn leader(&self, shard: u32) -> u64 {
+    pub async fn leader(&self, shard: ShardId) -> u64 {
         wait_for(Duration::from_secs(20), || {
             self.nodes
                 .iter()
@@ -113,8 +114,8 @@ impl Cluster {
         .await
     }
 
-    pub fn shard_of_user(&self, user: u64) -> u32 {
-        self.nodes.values().next().unwrap().core.shard_of_user(user).unwrap()
+    pub fn shard_of_user(&self, user: u64) -> ShardId {
+        self.nodes.values().next().unwrap().core.shard_of_user(UserId(user)).unwrap()
     }
 
     pub async fn shutdown(self) {

@@ -66,12 +66,7 @@ impl Gateway {
         let mut opts = UpstreamOptions::new(seeds, SECRET, id);
         opts.request_timeout = Duration::from_secs(10);
         let upstream = Upstream::new(opts).unwrap();
-        let router_opts = RouterOptions {
-            subscribe_timeout: Duration::from_secs(3),
-            backoff_min: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(500),
-            request_queue: 16,
-        };
+        let router_opts = RouterOptions { subscribe_timeout: Duration::from_secs(3), request_queue: 16 };
         let router = PushRouter::new(upstream.clone(), router_opts);
         let ids = Arc::new(AtomicU64::new(1));
 

@@ -16,7 +16,7 @@ use crate::e2e::{Client, is_push, message_of};
 
 async fn propose(c: &Cluster, group_id: u64, op: store::op::Op) {
     let node = c.nodes.values().next().unwrap();
-    let shard = node.core.placement().unwrap().shard_of_group(group_id);
+    let shard = node.core.placement().unwrap().shard_of_group(rim_proto::ids::GroupId(group_id));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match node.core.propose(shard, store::Op { op: Some(op.clone()) }).await {
