@@ -38,6 +38,7 @@
 
 pub mod checker;
 pub mod control;
+pub mod error;
 pub mod groups;
 pub mod history;
 pub mod nemesis;
@@ -47,3 +48,5 @@ pub mod recorder;
 pub mod report;
 pub mod run;
 pub mod workload;
+
+pub use error::{Error, Result};
