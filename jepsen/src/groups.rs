@@ -214,7 +214,9 @@ pub fn plan(users: &[u64]) -> Vec<(ConvKind, u64, Vec<u64>)> {
 }
 
 /// Creates the groups of [`plan`], recording `create-group` ops, trying the
-/// nodes in turn until `deadline`.
+/// nodes in turn until `deadline`. A node answering `UNIMPLEMENTED` is
+/// [`Error::GroupsUnimplemented`] (the run goes on without groups); no
+/// success before the deadline is [`Error::GroupSetupFailed`].
 pub async fn setup(
     recorder: &Recorder,
     endpoints: &Endpoints,

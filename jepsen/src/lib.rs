@@ -35,6 +35,11 @@
 //! * [`run`]: one complete `rim-jepsen test` run, from start-up to verdict;
 //! * [`report`]: the run's HTML timeline and SVG plots with fault windows,
 //!   and delivery lag.
+//!
+//! The harness's errors (controlling processes, setting up the workload,
+//! reading a history, writing a run's files) are one type, [`Error`] (see
+//! [`error`]), with its [`Result`]: a variant says what went wrong and what
+//! the caller does next.
 
 pub mod checker;
 pub mod control;

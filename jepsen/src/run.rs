@@ -152,7 +152,8 @@ pub struct RunSummary {
     pub git_rev: String,
 }
 
-/// Runs one test. Needs a multi-threaded tokio runtime.
+/// Runs one test. Needs a multi-threaded tokio runtime. An error means the
+/// run could not be carried out (the verdict is then "unknown").
 pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome> {
     let started = Instant::now();
     let mut summary = RunSummary { git_rev: git_rev(), ..RunSummary::default() };
