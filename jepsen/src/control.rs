@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use crate::error::{Error, Result, io_err};
 pub use crate::process::{Proc, http_get, signal_group, tail};
 use crate::proxy::ProxyMesh;
 use rim_proto::ids::NodeId;
@@ -64,55 +65,6 @@ pub fn find_faketime() -> Option<PathBuf> {
 /// Default fixed phone sign-in code of harness nodes.
 pub const DEV_CODE: &str = "123456";
 
-/// What went wrong controlling a process.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// The `rim` binary was not found.
-    #[error("{0}")]
-    Binary(String),
-    /// An I/O error (spawn, log file, listener, signal).
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// A process is not healthy within the deadline.
-    #[error("{name} not healthy within {within:?} (last: {last}); log tail:\n{log_tail}")]
-    Unhealthy {
-        /// `node 2`, `gateway`.
-        name: String,
-        /// The deadline.
-        within: Duration,
-        /// The last answer or error.
-        last: String,
-        /// The end of its log.
-        log_tail: String,
-    },
-    /// A process exited on its own.
-    #[error("{name} exited on its own with {status}; log tail:\n{log_tail}")]
-    Exited {
-        /// `node 2`, `gateway`.
-        name: String,
-        /// Its exit status.
-        status: ExitStatus,
-        /// The end of its log.
-        log_tail: String,
-    },
-    /// The operation needs a running process.
-    #[error("{0} is not running")]
-    NotRunning(String),
-}
-
-/// Results of this module.
-pub type Result<T> = std::result::Result<T, ControlError>;
-
-pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ControlError {
-    let what = what.into();
-    move |source| ControlError::Io { what, source }
-}
-
 /// The built `rim` binary: `$RIM_BIN`, else `debug/rim` (then `release/rim`)
 /// in `$CARGO_TARGET_DIR`, in the target dir holding the running executable
 /// (a test binary lives in `<target>/debug/deps/`), or in
@@ -123,7 +75,7 @@ pub fn rim_bin() -> Result<PathBuf> {
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(ControlError::Binary(format!("RIM_BIN={} is not a file", p.display())))
+            Err(Error::NoRimBinary(format!("RIM_BIN={} is not a file", p.display())))
         };
     }
     let mut dirs: Vec<PathBuf> = Vec::new();
@@ -149,7 +101,7 @@ pub fn rim_bin() -> Result<PathBuf> {
             tried.push(p.display().to_string());
         }
     }
-    Err(ControlError::Binary(format!(
+    Err(Error::NoRimBinary(format!(
         "the rim binary was not found (tried {}); build it with `cargo build -p rim` \
          or point RIM_BIN at it",
         tried.join(", ")
@@ -386,7 +338,7 @@ impl Cluster {
     /// [`Cluster::wait_healthy`]). Needs a tokio runtime when proxied.
     pub async fn start(opts: ClusterOptions) -> Result<Cluster> {
         if !opts.bin.is_file() {
-            return Err(ControlError::Binary(format!("{} is not a file", opts.bin.display())));
+            return Err(Error::NoRimBinary(format!("{} is not a file", opts.bin.display())));
         }
         let (root, tmp) = match &opts.dir {
             Some(d) => {
@@ -558,7 +510,7 @@ impl Cluster {
     /// effect within a second; needs [`ClusterOptions::faketime`]).
     pub fn set_clock_offset(&mut self, id: NodeId, offset_secs: i64) -> Result<()> {
         if self.opts.faketime.is_none() {
-            return Err(ControlError::Binary("the cluster was started without faketime".into()));
+            return Err(Error::NoFaketime);
         }
         let file = self.node(id).dir.join(FAKETIME_FILE);
         std::fs::write(&file, format!("{offset_secs:+}\n"))

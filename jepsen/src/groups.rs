@@ -40,6 +40,7 @@ use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+use crate::error::{Error, Result};
 use crate::history::{ConvKind, FinalReadValue, GroupValue, OpBody, OpType, Process};
 use crate::recorder::Recorder;
 use crate::workload::{Account, Endpoints, FINAL_READ_PROCESS_BASE, FinalReads, bounded, entry};
@@ -212,24 +213,17 @@ pub fn plan(users: &[u64]) -> Vec<(ConvKind, u64, Vec<u64>)> {
     out
 }
 
-/// Why groups could not be set up.
-#[derive(Debug)]
-pub enum SetupError {
-    /// The nodes do not serve `GroupService` yet: run without groups.
-    Unimplemented(String),
-    /// Creation failed until the deadline.
-    Failed(String),
-}
-
 /// Creates the groups of [`plan`], recording `create-group` ops, trying the
-/// nodes in turn until `deadline`.
+/// nodes in turn until `deadline`. A node answering `UNIMPLEMENTED` is
+/// [`Error::GroupsUnimplemented`] (the run goes on without groups); no
+/// success before the deadline is [`Error::GroupSetupFailed`].
 pub async fn setup(
     recorder: &Recorder,
     endpoints: &Endpoints,
     accounts: &[Account],
     op_timeout: Duration,
     deadline: Instant,
-) -> Result<Vec<Group>, SetupError> {
+) -> Result<Vec<Group>> {
     let rpcs: Vec<(u64, GroupRpc)> = endpoints
         .nodes
         .iter()
@@ -241,14 +235,14 @@ pub async fn setup(
     for (i, (kind, owner, members)) in plan(&users).into_iter().enumerate() {
         let Some(creds) = accounts.iter().find(|a| a.user == UserId(owner)).and_then(|a| a.devices.first())
         else {
-            return Err(SetupError::Failed(format!("no signed-in device of u{owner}")));
+            return Err(Error::GroupSetupFailed(format!("no signed-in device of u{owner}")));
         };
         let name = format!("jepsen-{}-{i}", if kind == ConvKind::Super { "super" } else { "small" });
         let others: Vec<UserId> = members.iter().copied().filter(|u| *u != owner).map(UserId).collect();
         let mut value = GroupValue { kind, owner, members: members.clone(), name: name.clone(), group: None };
         loop {
             if Instant::now() >= deadline || rpcs.is_empty() {
-                return Err(SetupError::Failed(format!(
+                return Err(Error::GroupSetupFailed(format!(
                     "creating {name}: no node succeeded before the deadline"
                 )));
             }
@@ -292,7 +286,7 @@ pub async fn setup(
                         Some(text.clone()),
                     );
                     if unimplemented {
-                        return Err(SetupError::Unimplemented(text));
+                        return Err(Error::GroupsUnimplemented(text));
                     }
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }

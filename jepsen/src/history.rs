@@ -71,6 +71,8 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 
+use crate::error::{Error, Result, io_err};
+
 /// `f` of a send.
 pub const F_SEND: &str = "send";
 /// `f` of a device sync.
@@ -437,22 +439,6 @@ impl From<Op> for RawOp {
     }
 }
 
-/// Errors of reading a history.
-#[derive(Debug, thiserror::Error)]
-pub enum HistoryError {
-    /// The file could not be read.
-    #[error("reading the history: {0}")]
-    Io(#[from] io::Error),
-    /// A line (not the last one) is not a valid operation.
-    #[error("history line {line}: {message}")]
-    Parse {
-        /// 1-based line number.
-        line: usize,
-        /// What is wrong.
-        message: String,
-    },
-}
-
 /// Streaming JSONL writer: one line per op, flushed as it is written, so a
 /// crash loses at most the line being written. Buffering is bounded by one
 /// line (each line is serialised first, then written and flushed).
@@ -516,27 +502,30 @@ pub struct LoadedHistory {
     pub warnings: Vec<String>,
 }
 
+/// What [`Error::Io`] says of a history that could not be read.
+const READING: &str = "reading the history";
+
 /// Reads `path` (see [`parse_history`]).
-pub fn read_history(path: impl AsRef<Path>) -> Result<LoadedHistory, HistoryError> {
-    parse_history(BufReader::new(File::open(path)?))
+pub fn read_history(path: impl AsRef<Path>) -> Result<LoadedHistory> {
+    parse_history(BufReader::new(File::open(path).map_err(io_err(READING))?))
 }
 
 /// Parses JSONL. Blank lines are skipped. A last line that does not parse
 /// (the writer crashed mid-line) is dropped with a warning; any other bad
 /// line is an error.
-pub fn parse_history(mut input: impl BufRead) -> Result<LoadedHistory, HistoryError> {
+pub fn parse_history(mut input: impl BufRead) -> Result<LoadedHistory> {
     let mut out = LoadedHistory::default();
     let mut line = String::new();
     let mut pending: Option<(usize, String)> = None;
     let mut number = 0;
     loop {
         line.clear();
-        if input.read_line(&mut line)? == 0 {
+        if input.read_line(&mut line).map_err(io_err(READING))? == 0 {
             break;
         }
         number += 1;
         if let Some((n, message)) = pending.take() {
-            return Err(HistoryError::Parse { line: n, message });
+            return Err(Error::BadHistoryLine { line: n, message });
         }
         let text = line.trim();
         if text.is_empty() {
@@ -662,7 +651,7 @@ mod tests {
         let good = serde_json::to_string(&send_invoke()).unwrap();
         let text = format!("{good}\nnot json\n{good}\n");
         match parse_history(text.as_bytes()) {
-            Err(HistoryError::Parse { line, .. }) => assert_eq!(line, 2),
+            Err(Error::BadHistoryLine { line, .. }) => assert_eq!(line, 2),
             other => panic!("{other:?}"),
         }
     }

@@ -35,9 +35,15 @@
 //! * [`run`]: one complete `rim-jepsen test` run, from start-up to verdict;
 //! * [`report`]: the run's HTML timeline and SVG plots with fault windows,
 //!   and delivery lag.
+//!
+//! The harness's errors (controlling processes, setting up the workload,
+//! reading a history, writing a run's files) are one type, [`Error`] (see
+//! [`error`]), with its [`Result`]: a variant says what went wrong and what
+//! the caller does next.
 
 pub mod checker;
 pub mod control;
+pub mod error;
 pub mod groups;
 pub mod history;
 pub mod nemesis;
@@ -47,3 +53,5 @@ pub mod recorder;
 pub mod report;
 pub mod run;
 pub mod workload;
+
+pub use error::{Error, Result};

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::control::{ControlError, Result, io_err};
+use crate::error::{Error, Result, io_err};
 
 /// The last `n` lines of a file (or why it cannot be read).
 pub fn tail(path: &Path, n: usize) -> String {
@@ -45,7 +45,7 @@ fn signal(target: &str, sig: &str) -> Result<()> {
     if status.success() {
         Ok(())
     } else {
-        Err(ControlError::Io { what, source: std::io::Error::other(format!("exited with {status}")) })
+        Err(Error::Io { what, source: std::io::Error::other(format!("exited with {status}")) })
     }
 }
 
@@ -189,7 +189,7 @@ impl Proc {
         }
         match self.exited {
             Some(status) if self.child.is_none() => {
-                Err(ControlError::Exited { name: self.name.clone(), status, log_tail: self.log_tail(40) })
+                Err(Error::Exited { name: self.name.clone(), status, log_tail: self.log_tail(40) })
             }
             _ => Ok(()),
         }
@@ -239,7 +239,7 @@ impl Proc {
     /// SIGSTOP to the process group.
     pub fn pause(&mut self) -> Result<()> {
         self.check()?;
-        let pg = self.pgid().ok_or_else(|| ControlError::NotRunning(self.name.clone()))?;
+        let pg = self.pgid().ok_or_else(|| Error::NotRunning(self.name.clone()))?;
         signal_group(pg, "STOP")?;
         self.paused = true;
         Ok(())
@@ -247,7 +247,7 @@ impl Proc {
 
     /// SIGCONT to the process group.
     pub fn resume(&mut self) -> Result<()> {
-        let pg = self.pgid().ok_or_else(|| ControlError::NotRunning(self.name.clone()))?;
+        let pg = self.pgid().ok_or_else(|| Error::NotRunning(self.name.clone()))?;
         signal_group(pg, "CONT")?;
         self.paused = false;
         Ok(())
@@ -260,7 +260,7 @@ impl Proc {
         loop {
             self.check()?;
             if self.child.is_none() {
-                return Err(ControlError::NotRunning(self.name.clone()));
+                return Err(Error::NotRunning(self.name.clone()));
             }
             let last = match http_get(addr, path, Duration::from_secs(2)).await {
                 Ok((200, _)) => return Ok(()),
@@ -268,7 +268,7 @@ impl Proc {
                 Err(e) => e,
             };
             if Instant::now() >= deadline {
-                return Err(ControlError::Unhealthy {
+                return Err(Error::Unhealthy {
                     name: self.name.clone(),
                     within: timeout,
                     last,

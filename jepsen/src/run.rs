@@ -29,7 +29,8 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 
 use crate::checker::{CheckOptions, Consistency, Results};
-use crate::control::{Cluster, ClusterOptions, ControlError, Layout, find_faketime, http_get};
+use crate::control::{Cluster, ClusterOptions, Layout, find_faketime, http_get};
+use crate::error::{Error, Result, io_err};
 use crate::groups;
 use crate::history::read_history;
 use crate::nemesis::{self, Fault, NemesisOptions};
@@ -151,33 +152,9 @@ pub struct RunSummary {
     pub git_rev: String,
 }
 
-/// Why a run could not be carried out (the verdict is then "unknown").
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Starting or controlling processes failed.
-    #[error(transparent)]
-    Control(#[from] ControlError),
-    /// The workload could not set up its users.
-    #[error(transparent)]
-    Workload(#[from] workload::WorkloadError),
-    /// The workload could not create its groups.
-    #[error("setting up groups: {0}")]
-    Groups(String),
-    /// Files of the run directory.
-    #[error("{0}: {1}")]
-    Io(String, std::io::Error),
-    /// Reading back the history.
-    #[error(transparent)]
-    History(#[from] crate::history::HistoryError),
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
-    let what = what.into();
-    move |e| RunError::Io(what, e)
-}
-
-/// Runs one test. Needs a multi-threaded tokio runtime.
-pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
+/// Runs one test. Needs a multi-threaded tokio runtime. An error means the
+/// run could not be carried out (the verdict is then "unknown").
+pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome> {
     let started = Instant::now();
     let mut summary = RunSummary { git_rev: git_rev(), ..RunSummary::default() };
     let dir = run_dir(&opts.store, opts.nemesis.seed)?;
@@ -220,19 +197,19 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
     let http: BTreeMap<u64, std::net::SocketAddr> = cluster.nodes().map(|n| (n.id, n.http)).collect();
 
     let recorder =
-        Arc::new(Recorder::create(&dir.join("history.jsonl")).map_err(io("creating history.jsonl"))?);
+        Arc::new(Recorder::create(&dir.join("history.jsonl")).map_err(io_err("creating history.jsonl"))?);
     let accounts =
         workload::setup(&endpoints, &opts.workload, Instant::now() + Duration::from_secs(90)).await?;
     if opts.workload.group_sends > 0.0 {
         let deadline = Instant::now() + Duration::from_secs(60);
         match groups::setup(&recorder, &endpoints, &accounts, opts.workload.op_timeout, deadline).await {
             Ok(g) => summary.groups = g,
-            Err(groups::SetupError::Unimplemented(e)) => {
+            Err(Error::GroupsUnimplemented(e)) => {
                 let why = format!("group sends skipped: the nodes do not serve GroupService ({e})");
                 say(true, &format!("rim-jepsen: {why}"));
                 summary.skipped.push(why);
             }
-            Err(groups::SetupError::Failed(e)) => return Err(RunError::Groups(e)),
+            Err(e) => return Err(e),
         }
     }
     say(
@@ -318,9 +295,8 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
     {
         results.mark_unknown(e);
     }
-    crate::checker::write_results(&dir, &results)
-        .map_err(|e| RunError::Io("writing results".into(), std::io::Error::other(e.to_string())))?;
-    crate::report::write_report(&dir, &history.ops, &results).map_err(io("writing the report"))?;
+    crate::checker::write_results(&dir, &results)?;
+    crate::report::write_report(&dir, &history.ops, &results).map_err(io_err("writing the report"))?;
     if results.valid == crate::checker::Validity::Valid && !opts.keep_data {
         // A few hundred MB per run otherwise (RocksDB preallocates).
         for id in 1..=opts.nodes {
@@ -330,7 +306,7 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome, RunError> {
     summary.wall_secs = started.elapsed().as_secs_f64();
     let test = serde_json::json!({ "options": opts, "summary": summary });
     std::fs::write(dir.join("test.json"), serde_json::to_vec_pretty(&test).unwrap_or_default())
-        .map_err(io("writing test.json"))?;
+        .map_err(io_err("writing test.json"))?;
     Ok(RunOutcome { dir, results, summary })
 }
 
@@ -341,11 +317,11 @@ fn say(on: bool, line: &str) {
 }
 
 /// Creates `store/<unix-secs>-s<seed>` and points `store/latest` at it.
-fn run_dir(store: &Path, seed: u64) -> Result<PathBuf, RunError> {
+fn run_dir(store: &Path, seed: u64) -> Result<PathBuf> {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let name = format!("{secs}-s{seed}");
     let dir = store.join(&name);
-    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let latest = store.join("latest");
     let _ = std::fs::remove_file(&latest);
     let _ = std::os::unix::fs::symlink(&name, &latest);

@@ -44,6 +44,7 @@ use rim_proto::v1::{ContentType, Message, SendInput, SendOutput, SyncOutput};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::error::{Error, Result};
 use crate::groups::{Group, GroupRpc, conv_kind, conversation_kind, gateway_send_group, gateway_sync_group};
 use crate::history::{
     ConvKind, Entry, F_PUSH, FinalReadValue, OpBody, OpType, Process, SendValue, SyncValue,
@@ -126,26 +127,9 @@ pub struct Account {
     pub devices: Vec<Credentials>,
 }
 
-/// Why the workload could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkloadError {
-    /// Registration or sign-in did not succeed in time.
-    #[error("setting up user {name}: {last}")]
-    Setup {
-        /// The user name.
-        name: String,
-        /// The last error.
-        last: String,
-    },
-}
-
 /// Registers `opts.users` users and signs in their devices, trying the
 /// nodes in turn until `deadline`.
-pub async fn setup(
-    endpoints: &Endpoints,
-    opts: &WorkloadOptions,
-    deadline: Instant,
-) -> Result<Vec<Account>, WorkloadError> {
+pub async fn setup(endpoints: &Endpoints, opts: &WorkloadOptions, deadline: Instant) -> Result<Vec<Account>> {
     let apis: Vec<NodeApi> = endpoints
         .nodes
         .values()
@@ -162,11 +146,11 @@ pub async fn setup(
         for d in 1..=opts.devices {
             loop {
                 if Instant::now() >= deadline {
-                    return Err(WorkloadError::Setup { name, last });
+                    return Err(Error::UserSetupFailed { name, last });
                 }
                 turn += 1;
                 let Some(api) = apis.get(turn % apis.len().max(1)) else {
-                    return Err(WorkloadError::Setup { name, last });
+                    return Err(Error::UserSetupFailed { name, last });
                 };
                 if d == 1 {
                     match api.register(&name, &password).await {

@@ -69,7 +69,8 @@ pub use anomaly::{Anomaly, AnomalyGroup, AnomalyKind, MAX_EXAMPLES};
 pub use liveness::{IndeterminateFates, OutcomeCounts, Percentiles, Stats, Window};
 pub use report::render_text;
 
-use crate::history::{HistoryError, LoadedHistory, Op, read_history};
+use crate::error::{Result, io_err};
+use crate::history::{LoadedHistory, Op, read_history};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -259,25 +260,9 @@ pub fn check_loaded(history: &LoadedHistory, options: &CheckOptions) -> Results 
     results
 }
 
-/// Errors of [`check_dir`].
-#[derive(Debug, thiserror::Error)]
-pub enum CheckDirError {
-    /// `history.jsonl` could not be read.
-    #[error(transparent)]
-    History(#[from] HistoryError),
-    /// A results file could not be written.
-    #[error("writing {path}: {source}")]
-    Write {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
 /// Reads `dir/history.jsonl`, checks it, writes `dir/results.json` and
 /// `dir/results.txt`, and returns the results.
-pub fn check_dir(dir: &Path, options: &CheckOptions) -> Result<Results, CheckDirError> {
+pub fn check_dir(dir: &Path, options: &CheckOptions) -> Result<Results> {
     let history = read_history(dir.join("history.jsonl"))?;
     let results = check_loaded(&history, options);
     write_results(dir, &results)?;
@@ -285,11 +270,10 @@ pub fn check_dir(dir: &Path, options: &CheckOptions) -> Result<Results, CheckDir
 }
 
 /// Writes `dir/results.json` and `dir/results.txt`.
-pub fn write_results(dir: &Path, results: &Results) -> Result<(), CheckDirError> {
+pub fn write_results(dir: &Path, results: &Results) -> Result<()> {
     let write = |name: &str, text: String| {
         let path = dir.join(name);
-        std::fs::write(&path, text)
-            .map_err(|source| CheckDirError::Write { path: path.display().to_string(), source })
+        std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))
     };
     let json = serde_json::to_string_pretty(results).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     write("results.json", json + "\n")?;
