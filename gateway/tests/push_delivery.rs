@@ -155,7 +155,7 @@ fn a_success_resets_the_failure_count() {
     let mut s = signed_in(config, t0, 0);
     for round in 0..3u64 {
         let now = t0 + delay * (round as u32 * 2);
-        let last = s.last_delivered_seq();
+        let last = s.last_delivered_seq().0;
         s.on_push(now, user_push(last + 2));
         let (id, _) = sync_call(&drain(&mut s)).unwrap();
         s.on_reply(now, id, Err(CallError::new(ErrorCode::ErrorTimeout, "slow")));

@@ -15,7 +15,7 @@ use prost::Message as _;
 use rim_gateway::SessionConfig;
 use rim_gateway::session::MAX_ROOMS_PER_CONNECTION;
 use rim_proto::ErrorCode;
-use rim_proto::ids::{GroupId, Seq, ShardId};
+use rim_proto::ids::{GroupId, ShardId};
 use rim_proto::store;
 use rim_proto::v1::*;
 use tokio::sync::watch;
@@ -492,6 +492,7 @@ mod session {
 
     use rim_gateway::{Action, CallError, CallId, NodeCall, NodeReply, SessionConfig};
     use rim_proto::ErrorCode;
+    use rim_proto::ids::{GroupId, Seq};
     use rim_proto::v1::*;
 
     use crate::common::{

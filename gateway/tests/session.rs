@@ -63,7 +63,7 @@ fn successful_sign_in_replies_registers_and_calls_with_identity() {
     let mut s = Session::new(CONN, cfg(), t0);
     s.on_packet(t0, sign_in_packet(9));
     let call = only_call(&drain(&mut s));
-    assert_eq!((call.conn_id, call.user_id, call.device_id), (CONN, USER, DEVICE));
+    assert_eq!((call.conn_id, call.user_id, call.device_id), (CONN, UserId(USER), DeviceId(DEVICE)));
     assert_eq!(s.phase(), Phase::SigningIn);
 
     s.on_reply(t0, call.id, Ok(sign_in_reply(42)));
@@ -93,7 +93,7 @@ fn successful_sign_in_replies_registers_and_calls_with_identity() {
     // Later calls carry the signed-in identity.
     s.on_packet(t0, packet(10, Command::Ack, AckInput { seq: 3 }));
     let call = only_call(&drain(&mut s));
-    assert_eq!((call.conn_id, call.user_id, call.device_id), (CONN, USER, DEVICE));
+    assert_eq!((call.conn_id, call.user_id, call.device_id), (CONN, UserId(USER), DeviceId(DEVICE)));
 }
 
 #[test]
