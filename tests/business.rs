@@ -7,23 +7,13 @@ mod support;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::push_service_client::PushServiceClient;
 use rim_proto::v1::*;
 use support::*;
 
 /// A PushService client on a node's internal listener (cluster secret).
 fn push_client(addr: &str) -> PushServiceClient<tonic::transport::Channel> {
-    let ch =
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint").connect_lazy();
-    PushServiceClient::new(ch)
-}
-
-fn internal<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.set_timeout(Duration::from_secs(10));
-    r.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, SECRET.parse().expect("metadata"));
-    r
+    PushServiceClient::new(endpoint(addr).connect_lazy())
 }
 
 fn content(text: &str, cmid: &str) -> PushContent {
@@ -74,7 +64,7 @@ async fn business_pushes_reach_connections_online_only_or_persisted() {
     let mut users = Vec::new();
     for i in 0..40 {
         users.push(api.phone_sign_in(&format!("+3361000{i:04}")).await);
-        let shards: std::collections::BTreeSet<u32> =
+        let shards: std::collections::BTreeSet<rim_proto::ids::ShardId> =
             users.iter().map(|s: &Session| placement.shard_of_user(s.user)).collect();
         if users.len() >= 3 && shards.len() >= 2 {
             break;
@@ -88,7 +78,7 @@ async fn business_pushes_reach_connections_online_only_or_persisted() {
 
     // A persisted push to every user first: once a connection got it, its
     // user's shard stream is up (online-only pushes reach only live streams).
-    let ids: Vec<u64> = users.iter().map(|s| s.user).collect();
+    let ids: Vec<u64> = users.iter().map(|s| s.user.0).collect();
     let req2 = PushToUsersRequest {
         user_ids: ids.clone(),
         content: Some(content("stored-2", "biz-2")),
@@ -96,7 +86,7 @@ async fn business_pushes_reach_connections_online_only_or_persisted() {
     };
     let stored = retry(Duration::from_secs(20), "persisted push", || {
         let mut p = push.clone();
-        let req = internal(req2.clone());
+        let req = with_secret(req2.clone());
         async move { p.push_to_users(req).await.map(|r| r.into_inner()) }
     })
     .await;
@@ -112,13 +102,13 @@ async fn business_pushes_reach_connections_online_only_or_persisted() {
     }
     // Online-only to one user: that connection only, seq 0, not persisted.
     let req = PushToUsersRequest {
-        user_ids: vec![users[0].user],
+        user_ids: vec![users[0].user.0],
         content: Some(content("hey-0", "")),
         persist: false,
     };
     let r = retry(Duration::from_secs(20), "push to users", || {
         let mut p = push.clone();
-        let req = internal(req.clone());
+        let req = with_secret(req.clone());
         async move { p.push_to_users(req).await.map(|r| r.into_inner()) }
     })
     .await;
@@ -130,7 +120,7 @@ async fn business_pushes_reach_connections_online_only_or_persisted() {
     let req = PushToAllRequest { content: Some(content("all-1", "")), priority: PushPriority::High as i32 };
     retry(Duration::from_secs(20), "push to all", || {
         let mut p = push.clone();
-        let req = internal(req.clone());
+        let req = with_secret(req.clone());
         async move { p.push_to_all(req).await.map(|r| r.into_inner()) }
     })
     .await;
@@ -141,7 +131,7 @@ async fn business_pushes_reach_connections_online_only_or_persisted() {
     };
     retry(Duration::from_secs(20), "persisted push 3", || {
         let mut p = push.clone();
-        let req = internal(req3.clone());
+        let req = with_secret(req3.clone());
         async move { p.push_to_users(req).await.map(|r| r.into_inner()) }
     })
     .await;
@@ -164,7 +154,7 @@ async fn business_pushes_reach_connections_online_only_or_persisted() {
     // The persisted push is in every list exactly once, also after a retry with the same key.
     retry(Duration::from_secs(20), "persisted push retry", || {
         let mut p = push.clone();
-        let req = internal(req2.clone());
+        let req = with_secret(req2.clone());
         async move { p.push_to_users(req).await.map(|r| r.into_inner()) }
     })
     .await;
@@ -179,11 +169,11 @@ async fn business_pushes_reach_connections_online_only_or_persisted() {
     }
     // Clients cannot have the API forge notifications.
     let bad = PushToUsersRequest {
-        user_ids: vec![users[0].user],
+        user_ids: vec![users[0].user.0],
         content: Some(PushContent { content_type: ContentType::Notification as i32, ..content("x", "") }),
         persist: true,
     };
-    let err = push.clone().push_to_users(internal(bad)).await.expect_err("notification refused");
+    let err = push.clone().push_to_users(with_secret(bad)).await.expect_err("notification refused");
     assert_eq!(code(&err), ErrorCode::ErrorBadRequest);
     // Without the cluster secret the API refuses.
     let mut unauth = tonic::Request::new(PushToAllRequest { content: Some(content("x", "")), priority: 0 });
@@ -204,7 +194,7 @@ async fn recall_and_read_receipts_over_the_connection() {
 
     let send = SendInput {
         conversation_kind: ConversationKind::User as i32,
-        conversation_id: bob.user,
+        conversation_id: bob.user.0,
         client_msg_id: "r-1".into(),
         content_type: ContentType::Text as i32,
         content: b"oops".to_vec().into(),
@@ -218,7 +208,7 @@ async fn recall_and_read_receipts_over_the_connection() {
     // Alice recalls it: a new RECALL entry referring to it, pushed to bob.
     let recall = RecallInput {
         conversation_kind: ConversationKind::User as i32,
-        conversation_id: bob.user,
+        conversation_id: bob.user.0,
         message_id: sent.message_id,
         client_msg_id: "r-1-recall".into(),
         seq: sent.seq,
@@ -233,7 +223,7 @@ async fn recall_and_read_receipts_over_the_connection() {
     .await;
     // Bob cannot recall alice's message.
     let foreign = RecallInput {
-        conversation_id: alice.user,
+        conversation_id: alice.user.0,
         client_msg_id: "r-x".into(),
         seq: bob_seq,
         ..recall.clone()
@@ -244,7 +234,7 @@ async fn recall_and_read_receipts_over_the_connection() {
     // Bob reads up to the message with a receipt: alice gets a READ_RECEIPT push.
     let read = ReadInput {
         conversation_kind: ConversationKind::User as i32,
-        conversation_id: alice.user,
+        conversation_id: alice.user.0,
         read_seq: bob_seq,
         receipt_message_id: sent.message_id,
     };

@@ -9,6 +9,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use rim_proto::ids::{GroupId, ShardId, UserId};
 use rim_proto::v1::{ContentType, ConversationKind, GroupKind, Message};
 use support::*;
 
@@ -16,7 +17,7 @@ use support::*;
 async fn users_on_every_shard(c: &ProcCluster, client: &Client, per_shard: usize) -> Vec<Session> {
     let placement = c.placement(1).await;
     let shards = placement.data_shards().count();
-    let mut count: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut count: BTreeMap<ShardId, usize> = BTreeMap::new();
     let mut users = Vec::new();
     for i in 0..200 {
         let s = client.phone_sign_in(&format!("+1555000{i:04}")).await;
@@ -31,11 +32,11 @@ async fn users_on_every_shard(c: &ProcCluster, client: &Client, per_shard: usize
 }
 
 /// The group's text messages in a member's list, as client_msg_ids in list order.
-fn group_texts(list: &[Message], group: u64) -> Vec<&Message> {
+fn group_texts(list: &[Message], group: GroupId) -> Vec<&Message> {
     list.iter()
         .filter(|m| {
             m.conversation_kind == ConversationKind::Group as i32
-                && m.conversation_id == group
+                && m.conversation_id == group.0
                 && m.content_type == ContentType::Text as i32
         })
         .collect()
@@ -49,9 +50,9 @@ async fn group_order_holds_across_a_leader_kill_of_the_group_shard() {
     let first = c.client(1);
     let users = users_on_every_shard(&c, &first, 1).await;
     let owner = users[0].clone();
-    let members: Vec<u64> = users.iter().map(|s| s.user).collect();
+    let members: Vec<UserId> = users.iter().map(|s| s.user).collect();
     let group = first.create_group(&owner, GroupKind::Small, &members).await;
-    let gid = group.group_id;
+    let gid = GroupId(group.group_id);
     assert_eq!(group.kind, GroupKind::Small as i32);
     assert_eq!(group.member_count as usize, members.len());
     let placement = c.placement(1).await;

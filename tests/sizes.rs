@@ -13,6 +13,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use rim_proto::ids::{GroupId, NodeId, ShardId, UserId};
 use rim_proto::v1::gateway_service_client::GatewayServiceClient;
 use rim_proto::v1::group_service_client::GroupServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
@@ -24,7 +25,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// `rim admin status` through node `via` lists every group of the cluster
 /// with a leader, although no node hosts them all.
-fn admin_status_lists_every_group(c: &ProcCluster, via: u64, groups: usize) {
+fn admin_status_lists_every_group(c: &ProcCluster, via: NodeId, groups: usize) {
     let out = rim_command()
         .args(["admin", "--addr", &c.nodes[&via].internal, "--cluster-secret", SECRET, "status"])
         .output()
@@ -45,9 +46,9 @@ fn admin_status_lists_every_group(c: &ProcCluster, via: u64, groups: usize) {
 }
 
 /// One phone user per data shard, each signed in through a different node.
-async fn one_user_per_shard(c: &ProcCluster, tag: &str) -> BTreeMap<u32, Session> {
+async fn one_user_per_shard(c: &ProcCluster, tag: &str) -> BTreeMap<ShardId, Session> {
     let placement = c.placement(1).await;
-    let shards: BTreeSet<u32> = placement.data_shards().map(|s| s.shard_id).collect();
+    let shards: BTreeSet<ShardId> = placement.data_shards().map(|s| ShardId(s.shard_id)).collect();
     let ids = c.ids();
     let mut users = BTreeMap::new();
     for i in 0..400u64 {
@@ -67,22 +68,20 @@ async fn one_user_per_shard(c: &ProcCluster, tag: &str) -> BTreeMap<u32, Session
 async fn check_layout(c: &ProcCluster) {
     let placement = c.placement(1).await;
     for s in placement.shards() {
-        let l = c.leader(s.shard_id, WAIT).await;
-        assert!(
-            placement.replicas_of(s.shard_id).contains(&l),
-            "leader {l} of {} is not a voter",
-            s.shard_id
-        );
+        let shard = ShardId(s.shard_id);
+        let l = c.leader(shard, WAIT).await;
+        assert!(placement.replicas_of(shard).contains(&l), "leader {l} of {shard} is not a voter");
     }
     for id in c.ids() {
         let p = c.placement(id).await;
         assert_eq!(p.shards().len(), placement.shards().len(), "node {id} knows the map");
         let status = retry(WAIT, "cluster_status", || c.status(id)).await;
-        let hosted: BTreeSet<u32> = status.groups.iter().map(|g| g.group_id).collect();
-        let expected: BTreeSet<u32> =
+        let hosted: BTreeSet<ShardId> = status.groups.iter().map(|g| ShardId(g.group_id)).collect();
+        let expected: BTreeSet<ShardId> =
             placement.shards_on_node(id).into_iter().chain([rim_cluster::META_SHARD]).collect();
         assert_eq!(hosted, expected, "node {id} hosts exactly its groups and the meta group");
-        let meta = status.groups.iter().find(|g| g.group_id == rim_cluster::META_SHARD).expect("meta group");
+        let meta =
+            status.groups.iter().find(|g| g.group_id == rim_cluster::META_SHARD.0).expect("meta group");
         assert!(meta.leader_node_id != 0, "node {id} knows the meta leader");
     }
 }
@@ -90,9 +89,9 @@ async fn check_layout(c: &ProcCluster) {
 /// For every ordered pair of shards, the user on the first sends to the user
 /// on the second through a rotating running node; every message shows up
 /// in the recipient's list (read through yet another node).
-async fn sends_between_every_pair(c: &ProcCluster, users: &BTreeMap<u32, Session>, tag: &str) {
-    let running: Vec<u64> = c.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect();
-    let mut expected: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+async fn sends_between_every_pair(c: &ProcCluster, users: &BTreeMap<ShardId, Session>, tag: &str) {
+    let running: Vec<NodeId> = c.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect();
+    let mut expected: BTreeMap<UserId, Vec<String>> = BTreeMap::new();
     let mut k = 0usize;
     for (sa, a) in users {
         for (sb, b) in users {
@@ -120,14 +119,14 @@ async fn sends_between_every_pair(c: &ProcCluster, users: &BTreeMap<u32, Session
 }
 
 /// A node that hosts no replica of `shard`.
-fn outsider(placement: &rim_cluster::Placement, shard: u32) -> Option<u64> {
+fn outsider(placement: &rim_cluster::Placement, shard: ShardId) -> Option<NodeId> {
     let voters = placement.replicas_of(shard);
     placement.nodes().iter().map(|n| n.node_id).find(|id| !voters.contains(id))
 }
 
 /// Requests of every kind, each sent to a node without a replica of the
 /// shards involved: the node forwards the writes and the reads.
-async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap<u32, Session>) {
+async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap<ShardId, Session>) {
     let placement = c.placement(1).await;
     for (shard, s) in users {
         let Some(out) = outsider(&placement, *shard) else { continue };
@@ -135,12 +134,12 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
         // User reads: profile, own list, devices, conversations.
         let u = UserServiceClient::new(client.channel.clone());
         let me = retry(WAIT, "get_user", || {
-            let r = Client::authed(s, GetUserRequest { user_id: s.user });
+            let r = Client::authed(s, GetUserRequest { user_id: s.user.0 });
             let mut u = u.clone();
             async move { u.get_user(r).await.map(|r| r.into_inner()) }
         })
         .await;
-        assert_eq!(me.user.map(|x| x.user_id), Some(s.user));
+        assert_eq!(me.user.map(|x| x.user_id), Some(s.user.0));
         let list = retry(WAIT, "sync on an outsider", || client.sync_all(s)).await;
         assert!(!list.is_empty(), "user {} has messages", s.user);
         let m = MessageServiceClient::new(client.channel.clone());
@@ -156,15 +155,15 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
     // Groups: a small group and a super group with a member on every shard,
     // created, written and read through nodes without the group's replica.
     let owner = users.values().next().expect("a user");
-    let members: Vec<u64> = users.values().map(|s| s.user).filter(|u| *u != owner.user).collect();
+    let members: Vec<UserId> = users.values().map(|s| s.user).filter(|u| *u != owner.user).collect();
     for kind in [GroupKind::Small, GroupKind::Super] {
         let g = c.client(1).create_group(owner, kind, &members).await;
-        let gshard = placement.shard_of_group(g.group_id);
+        let gid = GroupId(g.group_id);
+        let gshard = placement.shard_of_group(gid);
         let Some(out) = outsider(&placement, gshard) else { continue };
         let client = c.client(out);
         let cmid = format!("group-{}", g.group_id);
-        retry(WAIT, "send_group on an outsider", || client.send_group(owner, g.group_id, &cmid, "hi all"))
-            .await;
+        retry(WAIT, "send_group on an outsider", || client.send_group(owner, gid, &cmid, "hi all")).await;
         for s in users.values() {
             let gs = GroupServiceClient::new(client.channel.clone());
             let got = retry(WAIT, "get_group on an outsider", || {
@@ -184,8 +183,7 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
             })
             .await;
             if kind == GroupKind::Super {
-                let feed =
-                    retry(WAIT, "sync_group on an outsider", || client.sync_group_all(s, g.group_id)).await;
+                let feed = retry(WAIT, "sync_group on an outsider", || client.sync_group_all(s, gid)).await;
                 assert!(
                     feed.iter().any(|m| m.client_msg_id == cmid),
                     "user {} reads the super group",
@@ -205,36 +203,28 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
     // user whose shard it does not host (token checked by a forwarded read).
     for (shard, s) in users {
         let Some(out) = outsider(&placement, *shard) else { continue };
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.nodes[&out].internal))
-            .expect("endpoint")
-            .connect_lazy();
-        let gw = GatewayServiceClient::new(ch);
+        let gw = GatewayServiceClient::new(endpoint(&c.nodes[&out].internal).connect_lazy());
         let reply = retry(WAIT, "conn_sign_in on an outsider", || {
-            let mut r = tonic::Request::new(ConnSignInRequest {
+            let r = with_secret(ConnSignInRequest {
                 conn: Some(ConnContext {
-                    user_id: s.user,
-                    device_id: s.device,
+                    user_id: s.user.0,
+                    device_id: s.device.0,
                     gateway_id: "sizes-test".into(),
                     conn_id: 1,
                     client_addr: "127.0.0.1:1".into(),
                 }),
-                input: Some(SignInInput { user_id: s.user, device_id: s.device, token: s.token.clone() }),
+                input: Some(SignInInput { user_id: s.user.0, device_id: s.device.0, token: s.token.clone() }),
             });
-            r.set_timeout(Duration::from_secs(10));
-            r.metadata_mut()
-                .insert(rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY, SECRET.parse().expect("metadata"));
             let mut gw = gw.clone();
             async move { gw.conn_sign_in(r).await.map(|r| r.into_inner()) }
         })
         .await;
-        assert_eq!(reply.output.map(|o| o.user_id), Some(s.user));
+        assert_eq!(reply.output.map(|o| o.user_id), Some(s.user.0));
         // A forged token is refused there too.
-        let mut r = tonic::Request::new(ConnSignInRequest {
+        let r = with_secret(ConnSignInRequest {
             conn: None,
-            input: Some(SignInInput { user_id: s.user, device_id: s.device, token: "forged".into() }),
+            input: Some(SignInInput { user_id: s.user.0, device_id: s.device.0, token: "forged".into() }),
         });
-        r.metadata_mut()
-            .insert(rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY, SECRET.parse().expect("metadata"));
         let err = gw.clone().conn_sign_in(r).await.expect_err("forged token");
         assert!(!code(&err).is_retryable(), "forged token: {err:?}");
     }
@@ -242,7 +232,7 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
 
 /// Sign-in over a gateway for the user of every shard, then a message from
 /// each to each: every push arrives on its connection.
-async fn chat_over_a_gateway(c: &ProcCluster, users: &BTreeMap<u32, Session>, tag: &str) {
+async fn chat_over_a_gateway(c: &ProcCluster, users: &BTreeMap<ShardId, Session>, tag: &str) {
     let gw = GatewayProc::start(&format!("gw-{tag}"), &c.internal_addrs()).await;
     let mut conns = Vec::new();
     for s in users.values() {
@@ -253,7 +243,7 @@ async fn chat_over_a_gateway(c: &ProcCluster, users: &BTreeMap<u32, Session>, ta
             if i == j {
                 continue;
             }
-            let to = conns[j].0.user;
+            let to = conns[j].0.user.0;
             let send = SendInput {
                 conversation_kind: ConversationKind::User as i32,
                 conversation_id: to,
@@ -283,7 +273,7 @@ async fn chat_over_a_gateway(c: &ProcCluster, users: &BTreeMap<u32, Session>, ta
 
 /// Kills each node in turn: with any one node down, every group still has
 /// a quorum, and sends between every pair of shards go through.
-async fn survives_any_single_kill(c: &mut ProcCluster, users: &BTreeMap<u32, Session>) {
+async fn survives_any_single_kill(c: &mut ProcCluster, users: &BTreeMap<ShardId, Session>) {
     for id in c.ids() {
         c.kill(id);
         sends_between_every_pair(c, users, &format!("without-{id}")).await;

@@ -11,6 +11,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rim_proto::ids::{GroupId, UserId};
 use rim_proto::v1::group_service_client::GroupServiceClient;
 use rim_proto::v1::{AddGroupMembersRequest, Command, ContentType, GroupKind, SubscribeRoomInput};
 use support::*;
@@ -36,12 +37,12 @@ async fn many_users(client: &Client, n: usize, concurrency: usize) -> Vec<Sessio
     out
 }
 
-async fn add_members(client: &Client, owner: &Session, group: u64, ids: &[u64]) {
+async fn add_members(client: &Client, owner: &Session, group: GroupId, ids: &[UserId]) {
     for chunk in ids.chunks(1_000) {
         retry(Duration::from_secs(60), "add_group_members", || {
             let mut g = GroupServiceClient::new(client.channel.clone());
-            let req =
-                Client::authed(owner, AddGroupMembersRequest { group_id: group, user_ids: chunk.to_vec() });
+            let user_ids = chunk.iter().map(|u| u.0).collect();
+            let req = Client::authed(owner, AddGroupMembersRequest { group_id: group.0, user_ids });
             async move { g.add_group_members(req).await.map(|r| r.into_inner()) }
         })
         .await;
@@ -49,9 +50,9 @@ async fn add_members(client: &Client, owner: &Session, group: u64, ids: &[u64]) 
 }
 
 /// Text messages of `group` in a list.
-fn texts_of(list: &[rim_proto::v1::Message], group: u64) -> Vec<(u64, String)> {
+fn texts_of(list: &[rim_proto::v1::Message], group: GroupId) -> Vec<(u64, String)> {
     list.iter()
-        .filter(|m| m.conversation_id == group && m.content_type == ContentType::Text as i32)
+        .filter(|m| m.conversation_id == group.0 && m.content_type == ContentType::Text as i32)
         .map(|m| (m.message_id, m.client_msg_id.clone()))
         .collect()
 }
@@ -70,11 +71,11 @@ async fn super_group_of_ten_thousand_reaches_every_online_member_once() {
     let late = &late[0];
     eprintln!("{} users signed in ({:?})", users.len(), t0.elapsed());
     let owner = &members[0];
-    let first: Vec<u64> = members[1..1_000].iter().map(|s| s.user).collect();
+    let first: Vec<UserId> = members[1..1_000].iter().map(|s| s.user).collect();
     let group = api.create_group(owner, GroupKind::Super, &first).await;
-    let gid = group.group_id;
+    let gid = GroupId(group.group_id);
     assert_eq!(group.kind, GroupKind::Super as i32);
-    let rest: Vec<u64> = members[1_000..].iter().map(|s| s.user).collect();
+    let rest: Vec<UserId> = members[1_000..].iter().map(|s| s.user).collect();
     add_members(&api, owner, gid, &rest).await;
     eprintln!("super group {gid} has {MEMBERS} members ({:?})", t0.elapsed());
 
@@ -86,14 +87,14 @@ async fn super_group_of_ten_thousand_reaches_every_online_member_once() {
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire_owned().await.expect("semaphore");
             let (mut conn, out) = Conn::sign_in(&gw, &s).await;
-            let head = out.super_groups.iter().find(|h| h.group_id == gid);
+            let head = out.super_groups.iter().find(|h| h.group_id == gid.0);
             assert!(
                 head.is_some(),
                 "user {}'s sign-in lists super group {gid}: {:?}",
                 s.user,
                 out.super_groups
             );
-            let sub = SubscribeRoomInput { room_id: gid, after_seq: head.map_or(0, |h| h.last_group_seq) };
+            let sub = SubscribeRoomInput { room_id: gid.0, after_seq: head.map_or(0, |h| h.last_group_seq) };
             conn.call(Command::SubscribeRoom, &sub)
                 .await
                 .unwrap_or_else(|r| panic!("subscribe {}: {r:?}", s.user));
@@ -124,7 +125,7 @@ async fn super_group_of_ten_thousand_reaches_every_online_member_once() {
     for (i, conn) in conns.iter_mut().enumerate() {
         let msgs = conn.messages_until(Duration::from_secs(30), |m| texts_of(m, gid).len() >= 2).await;
         assert_eq!(texts_of(&msgs, gid), want, "online member #{i} (user {})", members[i].user);
-        for m in msgs.iter().filter(|m| m.conversation_id == gid) {
+        for m in msgs.iter().filter(|m| m.conversation_id == gid.0) {
             assert_eq!(m.seq, m.group_seq, "pushes of a super group carry the group seq");
         }
     }

@@ -4,17 +4,17 @@
 //! flag does not. The consistency harness relies on these flags to show that
 //! its checker catches real anomalies.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
 use rim_node::{Node, NodeConfig, NodeOptions, Sabotage};
+use rim_proto::ids::{DeviceId, NodeId, Seq, ShardId, UserId};
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::{Message, SignInRequest, SyncInput};
-use rim_raft_store::{Seq, UserId};
+use rim_testkit::cluster::*;
+use rim_testkit::grpc::*;
+use rim_testkit::wait::*;
 
 /// How often `cmid` appears in a list.
 fn count(list: &[Message], cmid: &str) -> usize {
@@ -22,13 +22,13 @@ fn count(list: &[Message], cmid: &str) -> usize {
 }
 
 /// A user's list as the local replica of node `id` holds it.
-fn local_list(c: &Cluster, id: u64, user: u64) -> Vec<Message> {
+fn local_list(c: &Cluster, id: NodeId, user: UserId) -> Vec<Message> {
     let g = c.node(id).core.group(c.shard_of_user(user)).unwrap();
-    g.reader.sync(UserId(user), Seq(0), 500).unwrap().messages
+    g.reader.sync(user, Seq(0), 500).unwrap().messages
 }
 
 /// Waits until every running node applied what `leader` has applied.
-async fn converge(c: &Cluster, shard: u32, leader: u64) {
+async fn converge(c: &Cluster, shard: ShardId, leader: NodeId) {
     let target =
         c.node(leader).core.group(shard).unwrap().raft.metrics().borrow().last_applied.unwrap().index;
     for n in c.nodes.values() {
@@ -37,8 +37,8 @@ async fn converge(c: &Cluster, shard: u32, leader: u64) {
 }
 
 /// Waits until a node other than `old` leads `shard`, as node `via` sees it.
-async fn new_leader(c: &Cluster, shard: u32, old: u64, via: u64) -> u64 {
-    wait_for(Duration::from_secs(20), || {
+async fn new_leader(c: &Cluster, shard: ShardId, old: NodeId, via: NodeId) -> NodeId {
+    wait_for(Duration::from_secs(20), &format!("a new leader of shard {shard} other than node {old}"), || {
         let l = c.node(via).core.group(shard).unwrap().leader()?;
         (l != old && c.node(l).core.group(shard).unwrap().is_leader()).then_some(l)
     })
@@ -52,21 +52,21 @@ async fn new_leader(c: &Cluster, shard: u32, old: u64, via: u64) -> u64 {
 /// the final list.
 async fn sends_through_a_cut_off_leader(
     sabotage: bool,
-) -> (Vec<(String, rim_proto::v1::SendOutput)>, BTreeMap<u64, Vec<Message>>) {
-    let c = Cluster::start(3, 2, |cfg| {
+) -> (Vec<(String, rim_proto::v1::SendOutput)>, BTreeMap<NodeId, Vec<Message>>) {
+    let c = Cluster::start_with(3, 2, |cfg| {
         cfg.sabotage.ack_before_commit = sabotage;
         cfg.request_timeout_ms = 1_500;
     })
     .await;
-    let client = c.client(1).await;
+    let client = c.client(1);
     client.register("abc").await;
     let me = client.sign_in("abc").await;
     let shard = c.shard_of_user(me.user);
     let old = c.leader(shard).await;
-    let via_old = c.client(old).await;
-    send_until_acked(&via_old, &me, me.user, "before").await;
+    let via_old = c.client(old);
+    via_old.send_acked(&me, me.user, "before", "payload").await;
     // (With the sabotage that ack means nothing yet: wait until it is applied everywhere.)
-    wait_for(Duration::from_secs(20), || {
+    wait_for(Duration::from_secs(20), "\"before\" applied on every node", || {
         (1..=3).all(|id| count(&local_list(&c, id, me.user), "before") == 1).then_some(())
     })
     .await;
@@ -81,11 +81,11 @@ async fn sends_through_a_cut_off_leader(
     }
     let other = (1..=3).find(|i| *i != old).unwrap();
     let new = new_leader(&c, shard, old, other).await;
-    send_until_acked(&c.client(new).await, &me, me.user, "after").await;
+    c.client(new).send_acked(&me, me.user, "after", "payload").await;
     c.heal();
     converge(&c, shard, new).await;
     // (Again, with the sabotage "after" may not have committed at its ack.)
-    wait_for(Duration::from_secs(20), || {
+    wait_for(Duration::from_secs(20), "\"after\" applied on every node", || {
         (1..=3).all(|id| count(&local_list(&c, id, me.user), "after") == 1).then_some(())
     })
     .await;
@@ -125,36 +125,35 @@ async fn without_ack_before_commit_a_cut_off_leader_acks_nothing() {
 /// Sends a message while a follower is cut off, then syncs through that
 /// follower; returns the sync's outcome.
 async fn sync_through_a_cut_off_follower(sabotage: bool) -> Result<Vec<Message>, tonic::Status> {
-    let c = Cluster::start(3, 2, |cfg| {
+    let c = Cluster::start_with(3, 2, |cfg| {
         cfg.sabotage.stale_reads = sabotage;
         cfg.request_timeout_ms = 1_500;
     })
     .await;
-    let client = c.client(1).await;
+    let client = c.client(1);
     client.register("stale").await;
     // With the sabotage, sign-in's own reads are stale too: retry until node 1 caught up.
-    let me = wait_for_async(Duration::from_secs(20), || async {
+    let me = eventually(Duration::from_secs(20), "a sign-in served by node 1", || async {
         let mut a = AuthServiceClient::new(client.channel.clone());
-        let req =
-            SignInRequest { username: "stale".into(), password: "secret-pw".into(), ..Default::default() };
+        let req = SignInRequest { username: "stale".into(), password: PASSWORD.into(), ..Default::default() };
         let r = a.sign_in(req).await.ok()?.into_inner();
-        Some(Session { user: r.user_id, device: r.device_id, token: r.token })
+        Some(Session { user: UserId(r.user_id), device: DeviceId(r.device_id), token: r.token })
     })
     .await;
     let shard = c.shard_of_user(me.user);
     let leader = c.leader(shard).await;
     let follower = (1..=3).find(|i| *i != leader).unwrap();
-    send_until_acked(&c.client(leader).await, &me, me.user, "old").await;
+    c.client(leader).send_acked(&me, me.user, "old", "payload").await;
     // The follower has the device (token check) and the first message.
-    wait_for(Duration::from_secs(20), || {
+    wait_for(Duration::from_secs(20), &format!("\"old\" on follower {follower}"), || {
         (count(&local_list(&c, follower, me.user), "old") == 1).then_some(())
     })
     .await;
 
     c.isolate(follower);
-    let fresh = send_until_acked(&c.client(leader).await, &me, me.user, "fresh").await;
+    let fresh = c.client(leader).send_acked(&me, me.user, "fresh", "payload").await;
     assert!(fresh.seq > 0);
-    let mut m = MessageServiceClient::new(c.client(follower).await.channel);
+    let mut m = MessageServiceClient::new(c.client(follower).channel);
     let res = m.sync(Client::authed(&me, SyncInput { after_seq: 0, limit: 100 })).await;
     c.heal();
     c.shutdown().await;
@@ -183,12 +182,12 @@ async fn without_stale_reads_a_cut_off_follower_refuses_to_read() {
 /// is retried from Carol's record on, redelivering Bob's message each time.
 /// Returns how often Bob's list holds it after at least two retries.
 async fn copies_after_relay_retries(sabotage: bool) -> usize {
-    let c = Cluster::start(3, 4, |cfg| {
+    let c = Cluster::start_with(3, 4, |cfg| {
         cfg.sabotage.no_relay_dedup = sabotage;
         cfg.request_timeout_ms = 1_500;
     })
     .await;
-    let client = c.client(1).await;
+    let client = c.client(1);
     let (alice, bob) = users_on_two_shards(&c, &client, "dd").await;
     let (a, b) = (c.shard_of_user(alice.user), c.shard_of_user(bob.user));
     let mut carol = None;
@@ -203,8 +202,8 @@ async fn copies_after_relay_retries(sabotage: bool) -> usize {
     let shard_c = c.shard_of_user(carol);
     // Every replica knows Carol (the send checks she exists), then C loses
     // its quorum: its group stops on two nodes.
-    wait_for(Duration::from_secs(20), || {
-        let known = |id: u64| c.node(id).core.group(shard_c).unwrap().reader.user(UserId(carol)).unwrap();
+    wait_for(Duration::from_secs(20), "every replica knows carol", || {
+        let known = |id: NodeId| c.node(id).core.group(shard_c).unwrap().reader.user(carol).unwrap();
         (1..=3).all(|id| known(id).is_some()).then_some(())
     })
     .await;
@@ -212,17 +211,23 @@ async fn copies_after_relay_retries(sabotage: bool) -> usize {
         c.node(id).core.group(shard_c).unwrap().raft.shutdown().await.unwrap();
     }
 
-    send_until_acked(&client, &alice, carol, "to-carol").await;
-    send_until_acked(&client, &alice, bob.user, "to-bob").await;
+    client.send_acked(&alice, carol, "to-carol", "payload").await;
+    client.send_acked(&alice, bob.user, "to-bob", "payload").await;
 
     let leader_b = c.leader(b).await;
     let gb = c.node(leader_b).core.group(b).unwrap();
     let applied = || gb.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
-    let bob_list = || gb.reader.sync(UserId(bob.user), Seq(0), 500).unwrap().messages;
+    let bob_list = || gb.reader.sync(bob.user, Seq(0), 500).unwrap().messages;
     // The first delivery, then two more `Deliver` entries on B: retries (no
     // other writes go to B meanwhile).
-    let first = wait_for(Duration::from_secs(30), || (count(&bob_list(), "to-bob") > 0).then(applied)).await;
-    wait_for(Duration::from_secs(30), || (applied() >= first + 2).then_some(())).await;
+    let first = wait_for(Duration::from_secs(30), "bob's first delivery", || {
+        (count(&bob_list(), "to-bob") > 0).then(applied)
+    })
+    .await;
+    wait_for(Duration::from_secs(30), "two more entries on shard B", || {
+        (applied() >= first + 2).then_some(())
+    })
+    .await;
     let copies = count(&bob_list(), "to-bob");
     assert_eq!(count(&bob_list(), "to-carol"), 0);
     drop(gb);
@@ -248,13 +253,6 @@ async fn relay_retries_are_deduplicated_without_the_sabotage() {
 const CRASH_DIR: &str = "RIM_BROKEN_CRASH_DIR";
 const CRASH_ADDRS: &str = "RIM_BROKEN_CRASH_ADDRS";
 const CRASH_SABOTAGE: &str = "RIM_BROKEN_CRASH_SABOTAGE";
-
-/// A loopback address outside the kernel's ephemeral range, free now and handed
-/// out once per process (see `rim_testkit`): an outgoing connection cannot take
-/// it before the node binds it.
-fn free_addr() -> String {
-    rim_testkit::free_addr_string()
-}
 
 /// A one-node cluster (one shard) on `dir`; `addrs` = internal, client, http.
 fn single_node(dir: &std::path::Path, addrs: &[String], skip_fsync: bool) -> NodeConfig {
@@ -288,7 +286,7 @@ async fn skip_fsync_crash_child() {
     let cfg = single_node(&dir, &addrs, std::env::var(CRASH_SABOTAGE).as_deref() == Ok("1"));
     let node = Node::start(cfg.clone(), NodeOptions::default()).await.unwrap();
     node.wait_ready(Duration::from_secs(30)).await.unwrap();
-    let client = Client::connect(&cfg.client_listen).await;
+    let client = Client::connect(&cfg.client_listen);
     client.register("crash").await;
     node.shutdown().await;
 
@@ -297,7 +295,7 @@ async fn skip_fsync_crash_child() {
     let me = client.sign_in("crash").await;
     let mut record = format!("{}\n", me.user);
     for i in 0..5 {
-        let out = send_until_acked(&client, &me, me.user, &format!("c{i}")).await;
+        let out = client.send_acked(&me, me.user, &format!("c{i}"), "payload").await;
         record.push_str(&format!("c{i} {}\n", out.seq));
     }
     let path = dir.join("acked.txt");
@@ -311,7 +309,7 @@ async fn skip_fsync_crash_child() {
 /// acked sends and the user's list after recovery.
 async fn crash_and_recover(skip_fsync: bool) -> (Vec<String>, Vec<Message>) {
     let dir = tempfile::tempdir().unwrap();
-    let addrs = vec![free_addr(), free_addr(), free_addr()];
+    let addrs: Vec<String> = (0..3).map(|_| rim_testkit::free_addr_string()).collect();
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.args(["skip_fsync_crash_child", "--exact", "--nocapture", "--test-threads=1"])
         .env(CRASH_DIR, dir.path())
@@ -322,7 +320,7 @@ async fn crash_and_recover(skip_fsync: bool) -> (Vec<String>, Vec<Message>) {
     let record = std::fs::read_to_string(dir.path().join("acked.txt"))
         .unwrap_or_else(|e| panic!("child wrote no record ({e}): {}", String::from_utf8_lossy(&out.stderr)));
     let mut lines = record.lines();
-    let user: u64 = lines.next().unwrap().parse().unwrap();
+    let user = UserId(lines.next().unwrap().parse().unwrap());
     let acked: Vec<String> = lines.map(|l| l.split(' ').next().unwrap().to_string()).collect();
     assert_eq!(acked.len(), 5, "{record}");
 
@@ -333,7 +331,7 @@ async fn crash_and_recover(skip_fsync: bool) -> (Vec<String>, Vec<Message>) {
     // Everything in the recovered log is applied before we look.
     let last = g.raft.metrics().borrow().last_log_index.unwrap_or(0);
     g.wait_applied(last, Duration::from_secs(30)).await.unwrap();
-    let list = g.reader.sync(UserId(user), Seq(0), 100).unwrap().messages;
+    let list = g.reader.sync(user, Seq(0), 100).unwrap().messages;
     drop(g);
     node.shutdown().await;
     (acked, list)

@@ -1,22 +1,22 @@
 //! In-process cluster tests: 3 nodes, 4 shards, real gRPC on loopback.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
 use rim_proto::ErrorCode;
-use rim_raft_store::UserId;
+use rim_proto::ids::{Seq, UserId};
+use rim_testkit::cluster::*;
+use rim_testkit::grpc::*;
+use rim_testkit::wait::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_on_different_shards_exchange_messages_exactly_once() {
     let _g = serial().await;
-    let c = Cluster::start(3, 4, |_| {}).await;
-    let client = c.client(1).await;
+    let c = Cluster::start(3, 4).await;
+    let client = c.client(1);
     let (alice, bob) = users_on_two_shards(&c, &client, "x").await;
 
-    let other = c.client(2).await; // any node accepts writes
+    let other = c.client(2); // any node accepts writes
     let mut acked = Vec::new();
     for i in 0..20 {
         let from = if i % 2 == 0 { &alice } else { &bob };
@@ -25,7 +25,7 @@ async fn users_on_different_shards_exchange_messages_exactly_once() {
         acked.push(via.send(from, to, &format!("m{i}"), "hello").await.unwrap());
     }
     // Own copies are there at ack time (read-your-writes), with gap-free seqs.
-    let alice_list = client.sync_all(&alice).await;
+    let alice_list = client.sync_all(&alice).await.unwrap();
     assert_eq!(
         alice_list.iter().map(|m| m.seq).collect::<Vec<_>>(),
         (1..=alice_list.len() as u64).collect::<Vec<_>>()
@@ -33,9 +33,11 @@ async fn users_on_different_shards_exchange_messages_exactly_once() {
 
     // Deliveries are eventual: wait until both lists hold all 20, then check exactly once.
     for s in [&alice, &bob] {
-        let list = wait_for_async(Duration::from_secs(20), || async {
-            Some(client.sync_all(s).await).filter(|l| l.len() >= 20)
-        })
+        let list = eventually(
+            Duration::from_secs(20),
+            &format!("20 messages in the list of user {}", s.user),
+            || async { Some(client.sync_all(s).await.unwrap()).filter(|l| l.len() >= 20) },
+        )
         .await;
         let ids: Vec<&str> = list.iter().map(|m| m.client_msg_id.as_str()).collect();
         let unique: BTreeSet<&str> = ids.iter().copied().collect();
@@ -44,10 +46,10 @@ async fn users_on_different_shards_exchange_messages_exactly_once() {
         assert_eq!(list.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>(), "gap-free");
     }
     // Per-sender order is kept in the recipient's list.
-    let bob_list = client.sync_all(&bob).await;
+    let bob_list = client.sync_all(&bob).await.unwrap();
     let from_alice: Vec<&str> = bob_list
         .iter()
-        .filter(|m| m.sender_user_id == alice.user)
+        .filter(|m| m.sender_user_id == alice.user.0)
         .map(|m| m.client_msg_id.as_str())
         .collect();
     let expected: Vec<String> = (0..20).step_by(2).map(|i| format!("m{i}")).collect();
@@ -56,15 +58,15 @@ async fn users_on_different_shards_exchange_messages_exactly_once() {
     // A second device of the sender sees the messages by sync.
     let alice2 = client.sign_in("xa").await;
     assert_ne!(alice2.device, alice.device);
-    assert_eq!(client.sync_all(&alice2).await.len(), 20);
+    assert_eq!(client.sync_all(&alice2).await.unwrap().len(), 20);
     c.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_documented_codes() {
     let _g = serial().await;
-    let c = Cluster::start(3, 4, |_| {}).await;
-    let client = c.client(1).await;
+    let c = Cluster::start(3, 4).await;
+    let client = c.client(1);
     client.register("carol").await;
     client.register("dave").await;
     let carol = client.sign_in("carol").await;
@@ -99,9 +101,12 @@ async fn bad_requests_get_documented_codes() {
         ErrorCode::ErrorUnauthenticated
     );
 
-    assert_eq!(code(&client.send(&carol, 0, "b5", "x").await.unwrap_err()), ErrorCode::ErrorInvalidId);
     assert_eq!(
-        code(&client.send(&carol, 999_999, "b6", "x").await.unwrap_err()),
+        code(&client.send(&carol, UserId(0), "b5", "x").await.unwrap_err()),
+        ErrorCode::ErrorInvalidId
+    );
+    assert_eq!(
+        code(&client.send(&carol, UserId(999_999), "b6", "x").await.unwrap_err()),
         ErrorCode::ErrorUserNotFound
     );
     let big = "x".repeat(65 * 1024);
@@ -157,12 +162,12 @@ async fn bad_requests_get_documented_codes() {
     let mut users = rim_proto::v1::user_service_client::UserServiceClient::new(client.channel.clone());
     let find = |name: &str| Client::authed(&dave, rim_proto::v1::FindUserRequest { username: name.into() });
     let found = users.find_user(find("carol")).await.unwrap().into_inner().user.unwrap();
-    assert_eq!((found.user_id, found.username.as_str()), (carol.user, "carol"));
+    assert_eq!((found.user_id, found.username.as_str()), (carol.user.0, "carol"));
     assert_eq!(code(&users.find_user(find("nobody")).await.unwrap_err()), ErrorCode::ErrorUserNotFound);
     assert_eq!(code(&users.find_user(find("bad name!")).await.unwrap_err()), ErrorCode::ErrorUserNotFound);
     let me =
         users.get_user(Client::authed(&dave, rim_proto::v1::GetUserRequest { user_id: 0 })).await.unwrap();
-    assert_eq!(me.into_inner().user.unwrap().user_id, dave.user, "user_id 0 means the caller");
+    assert_eq!(me.into_inner().user.unwrap().user_id, dave.user.0, "user_id 0 means the caller");
     let many = rim_proto::v1::GetUsersRequest { user_ids: (1..=101).collect() };
     let err = users.get_users(Client::authed(&dave, many)).await.unwrap_err();
     assert_eq!(code(&err), ErrorCode::ErrorBadRequest, "at most 100 ids per GetUsers");
@@ -172,14 +177,14 @@ async fn bad_requests_get_documented_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_during_sends_loses_nothing_acked() {
     let _g = serial().await;
-    let mut c = Cluster::start(3, 4, |_| {}).await;
-    let client = c.client(1).await;
+    let mut c = Cluster::start(3, 4).await;
+    let client = c.client(1);
     let (alice, bob) = users_on_two_shards(&c, &client, "k").await;
     let shard = c.shard_of_user(alice.user);
     let victim = c.leader(shard).await;
     // Send through a node that survives.
     let via_id = (1..=3).find(|i| *i != victim).unwrap();
-    let via = c.client(via_id).await;
+    let via = c.client(via_id);
 
     let mut acked: Vec<(String, u64)> = Vec::new();
     let mut killed = false;
@@ -190,7 +195,7 @@ async fn leader_kill_during_sends_loses_nothing_acked() {
         }
         let cmid = format!("s{i}");
         // Retry with the same id until acknowledged: never a duplicate.
-        let out = send_until_acked(&via, &alice, bob.user, &cmid).await;
+        let out = via.send_acked(&alice, bob.user, &cmid, "payload").await;
         acked.push((cmid, out.seq));
     }
     assert!(killed);
@@ -202,7 +207,7 @@ async fn leader_kill_during_sends_loses_nothing_acked() {
         let g = node.core.group(shard).unwrap();
         let applied = c.nodes[&new_leader].core.group(shard).unwrap().raft.metrics().borrow().last_applied;
         g.wait_applied(applied.map(|l| l.index).unwrap_or(0), Duration::from_secs(20)).await.unwrap();
-        let list = g.reader.sync(UserId(alice.user), rim_raft_store::Seq(0), 1000).unwrap().messages;
+        let list = g.reader.sync(alice.user, Seq(0), 1000).unwrap().messages;
         let got = texts(&list);
         let want: Vec<(u64, String)> = acked.iter().map(|(c, s)| (*s, c.clone())).collect();
         assert_eq!(got, want, "replica on node {id}");
@@ -213,13 +218,10 @@ async fn leader_kill_during_sends_loses_nothing_acked() {
     let target =
         c.nodes[&new_leader].core.group(shard).unwrap().raft.metrics().borrow().last_applied.unwrap().index;
     g.wait_applied(target, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(
-        texts(&g.reader.sync(UserId(alice.user), rim_raft_store::Seq(0), 1000).unwrap().messages).len(),
-        60
-    );
+    assert_eq!(texts(&g.reader.sync(alice.user, Seq(0), 1000).unwrap().messages).len(), 60);
     // Bob got each message exactly once.
-    let bob_list = wait_for_async(Duration::from_secs(30), || async {
-        Some(client.sync_all(&bob).await).filter(|l| l.len() >= 60)
+    let bob_list = eventually(Duration::from_secs(30), "60 messages in bob's list", || async {
+        Some(client.sync_all(&bob).await.unwrap()).filter(|l| l.len() >= 60)
     })
     .await;
     let ids: BTreeSet<String> = bob_list.iter().map(|m| m.client_msg_id.clone()).collect();

@@ -1,18 +1,19 @@
 //! In-process fault tests: partitions, snapshots, relay under leader
 //! changes, push streams, health endpoints.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
 use futures::StreamExt;
+use rim_cluster::META_SHARD;
+use rim_proto::ids::{Seq, ShardId};
 use rim_proto::store::{self, op::Op as O};
 use rim_proto::v1::gateway_service_client::GatewayServiceClient;
 use rim_proto::v1::subscribe_event::Event;
 use rim_proto::v1::{SubscribeEvent, SubscribeRequest};
-use rim_raft_store::{Seq, UserId};
+use rim_testkit::cluster::*;
+use rim_testkit::grpc::*;
+use rim_testkit::wait::*;
 
 fn send_op(from: u64, to: u64, cmid: &str) -> store::Op {
     store::Op {
@@ -31,8 +32,8 @@ fn send_op(from: u64, to: u64, cmid: &str) -> store::Op {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_minority_leader_cannot_acknowledge() {
     let _g = serial().await;
-    let c = Cluster::start(3, 4, |_| {}).await;
-    let client = c.client(1).await;
+    let c = Cluster::start(3, 4).await;
+    let client = c.client(1);
     let (alice, bob) = users_on_two_shards(&c, &client, "p").await;
     let shard = c.shard_of_user(alice.user);
     let old = c.leader(shard).await;
@@ -40,18 +41,18 @@ async fn a_partitioned_minority_leader_cannot_acknowledge() {
 
     // The old leader is alone: its write must not be acknowledged.
     let g = c.node(old).core.group(shard).unwrap();
-    let res = g.propose(send_op(alice.user, bob.user, "minority"), Duration::from_secs(3)).await;
+    let res = g.propose(send_op(alice.user.0, bob.user.0, "minority"), Duration::from_secs(3)).await;
     assert!(res.is_err(), "a minority leader acknowledged a write: {res:?}");
 
     // The majority elects a new leader and takes writes.
     let majority: Vec<u64> = (1..=3).filter(|i| *i != old).collect();
-    let new = wait_for(Duration::from_secs(20), || {
+    let new = wait_for(Duration::from_secs(20), &format!("a majority leader of shard {shard}"), || {
         let l = c.node(majority[0]).core.group(shard).unwrap().leader()?;
         (l != old && c.node(l).core.group(shard).unwrap().is_leader()).then_some(l)
     })
     .await;
-    let via = c.client(majority[0]).await;
-    let ok = send_until_acked(&via, &alice, bob.user, "majority").await;
+    let via = c.client(majority[0]);
+    let ok = via.send_acked(&alice, bob.user, "majority", "payload").await;
 
     c.heal();
     // Everyone converges on the majority's history; the minority write is gone.
@@ -59,7 +60,7 @@ async fn a_partitioned_minority_leader_cannot_acknowledge() {
     for id in 1..=3 {
         let g = c.node(id).core.group(shard).unwrap();
         g.wait_applied(target, Duration::from_secs(30)).await.unwrap();
-        let list = texts(&g.reader.sync(UserId(alice.user), Seq(0), 100).unwrap().messages);
+        let list = texts(&g.reader.sync(alice.user, Seq(0), 100).unwrap().messages);
         assert_eq!(list, vec![(ok.seq, "majority".to_string())], "node {id}");
     }
     c.shutdown().await;
@@ -68,12 +69,12 @@ async fn a_partitioned_minority_leader_cannot_acknowledge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_far_behind_catches_up_by_snapshot() {
     let _g = serial().await;
-    let mut c = Cluster::start(3, 2, |cfg| {
+    let mut c = Cluster::start_with(3, 2, |cfg| {
         cfg.snapshot_after = 20;
         cfg.keep_logs_after_snapshot = 0;
     })
     .await;
-    let client = c.client(1).await;
+    let client = c.client(1);
     let (alice, bob) = users_on_two_shards(&c, &client, "s").await;
     let shard = c.shard_of_user(alice.user);
     let leader = c.leader(shard).await;
@@ -82,12 +83,15 @@ async fn a_node_far_behind_catches_up_by_snapshot() {
 
     let mut acked = Vec::new();
     for i in 0..80 {
-        let o = send_until_acked(&client, &alice, bob.user, &format!("m{i}")).await;
+        let o = client.send_acked(&alice, bob.user, &format!("m{i}"), "payload").await;
         acked.push((o.seq, format!("m{i}")));
     }
     // The log behind the leader's snapshot is gone.
     let lg = c.node(leader).core.group(shard).unwrap();
-    let purged = wait_for(Duration::from_secs(20), || lg.raft.metrics().borrow().purged).await;
+    let purged = wait_for(Duration::from_secs(20), &format!("a purged log on node {leader}"), || {
+        lg.raft.metrics().borrow().purged
+    })
+    .await;
     assert!(purged.index > 10, "log purged up to {purged:?}");
 
     c.start_node(lagger).await;
@@ -96,14 +100,18 @@ async fn a_node_far_behind_catches_up_by_snapshot() {
     g.wait_applied(target, Duration::from_secs(30)).await.unwrap();
     let snap = g.raft.metrics().borrow().snapshot;
     assert!(snap.is_some_and(|s| s.index >= purged.index), "caught up without a snapshot? {snap:?}");
-    assert_eq!(texts(&g.reader.sync(UserId(alice.user), Seq(0), 500).unwrap().messages), acked);
+    assert_eq!(texts(&g.reader.sync(alice.user, Seq(0), 500).unwrap().messages), acked);
     // The relay keeps writing (outbox acks) for a moment: compare the two
     // replicas once they have applied the same index.
-    wait_for(Duration::from_secs(20), || {
-        let at = |g: &rim_node::group::Group| g.raft.metrics().borrow().last_applied;
-        let same_point = at(&g) == at(&lg) && at(&g).is_some();
-        (same_point && g.reader.digest().unwrap() == lg.reader.digest().unwrap()).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "the lagger and the leader at the same point, with the same digest",
+        || {
+            let at = |g: &rim_node::group::Group| g.raft.metrics().borrow().last_applied;
+            let same_point = at(&g) == at(&lg) && at(&g).is_some();
+            (same_point && g.reader.digest().unwrap() == lg.reader.digest().unwrap()).then_some(())
+        },
+    )
     .await;
     c.shutdown().await;
 }
@@ -111,21 +119,21 @@ async fn a_node_far_behind_catches_up_by_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_delivers_exactly_once_across_a_destination_leader_change() {
     let _g = serial().await;
-    let mut c = Cluster::start(3, 4, |_| {}).await;
-    let client = c.client(1).await;
+    let mut c = Cluster::start(3, 4).await;
+    let client = c.client(1);
     let (alice, bob) = users_on_two_shards(&c, &client, "r").await;
     let dest = c.shard_of_user(bob.user);
     let victim = c.leader(dest).await;
     let via_id = (1..=3).find(|i| *i != victim).unwrap();
-    let via = c.client(via_id).await;
+    let via = c.client(via_id);
     for i in 0..40 {
         if i == 10 {
             c.stop_node(victim).await;
         }
-        send_until_acked(&via, &alice, bob.user, &format!("d{i}")).await;
+        via.send_acked(&alice, bob.user, &format!("d{i}"), "payload").await;
     }
-    let list = wait_for_async(Duration::from_secs(30), || async {
-        Some(via.sync_all(&bob).await).filter(|l| l.len() >= 40)
+    let list = eventually(Duration::from_secs(30), "40 messages in bob's list", || async {
+        Some(via.sync_all(&bob).await.unwrap()).filter(|l| l.len() >= 40)
     })
     .await;
     let got: Vec<String> = list.iter().map(|m| m.client_msg_id.clone()).collect();
@@ -138,8 +146,8 @@ async fn relay_delivers_exactly_once_across_a_destination_leader_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_leaders_push_applied_entries_to_subscribed_gateways() {
     let _g = serial().await;
-    let mut c = Cluster::start(3, 4, |_| {}).await;
-    let client = c.client(1).await;
+    let mut c = Cluster::start(3, 4).await;
+    let client = c.client(1);
     let (alice, bob) = users_on_two_shards(&c, &client, "u").await;
     let shard = c.shard_of_user(bob.user);
     let leader = c.leader(shard).await;
@@ -153,8 +161,8 @@ async fn shard_leaders_push_applied_entries_to_subscribed_gateways() {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(SubscribeRequest {
         gateway_id: "gw-test".into(),
-        shard_id: shard,
-        add_user_ids: vec![bob.user],
+        shard_id: shard.0,
+        add_user_ids: vec![bob.user.0],
         ..Default::default()
     })
     .await
@@ -164,11 +172,11 @@ async fn shard_leaders_push_applied_entries_to_subscribed_gateways() {
     let mut stream = gw.subscribe(req).await.unwrap().into_inner();
     assert!(matches!(next(&mut stream).await.unwrap().unwrap().event, Some(Event::Subscribed(1))));
 
-    let sent = send_until_acked(&client, &alice, bob.user, "pushed").await;
+    let sent = client.send_acked(&alice, bob.user, "pushed", "payload").await;
     let ev = next(&mut stream).await.unwrap().unwrap();
     match ev.event {
         Some(Event::Message(m)) => {
-            assert_eq!(m.owner_id, bob.user);
+            assert_eq!(m.owner_id, bob.user.0);
             assert_eq!(m.seq, 1);
             assert_eq!(m.message.unwrap().message_id, sent.message_id);
         }
@@ -207,10 +215,10 @@ async fn http_get(addr: &str, path: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_serve_health_and_prometheus_metrics() {
     let _g = serial().await;
-    let c = Cluster::start(3, 2, |_| {}).await;
-    let client = c.client(1).await;
+    let c = Cluster::start(3, 2).await;
+    let client = c.client(1);
     let (alice, bob) = users_on_two_shards(&c, &client, "h").await;
-    send_until_acked(&client, &alice, bob.user, "m").await;
+    client.send_acked(&alice, bob.user, "m", "payload").await;
     let (status, body) = http_get(&c.configs[&1].http_listen, "/healthz").await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = http_get(&c.configs[&1].http_listen, "/metrics").await;
@@ -218,7 +226,7 @@ async fn nodes_serve_health_and_prometheus_metrics() {
     for name in ["rim_proposals_total", "rim_raft_term", "rim_raft_applied_index", "rim_send_seconds"] {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
     }
-    let ids: BTreeSet<u64> = [alice.user, bob.user].into();
+    let ids: BTreeSet<u64> = [alice.user.0, bob.user.0].into();
     assert_eq!(ids.len(), 2);
     c.shutdown().await;
 }
@@ -226,11 +234,11 @@ async fn nodes_serve_health_and_prometheus_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_and_remove_a_node_safely() {
     let _g = serial().await;
-    let mut c = Cluster::start(3, 2, |_| {}).await;
-    let client = c.client(1).await;
+    let mut c = Cluster::start(3, 2).await;
+    let client = c.client(1);
     let (alice, bob) = users_on_two_shards(&c, &client, "n").await;
     for i in 0..10 {
-        send_until_acked(&client, &alice, bob.user, &format!("before{i}")).await;
+        client.send_acked(&alice, bob.user, &format!("before{i}"), "payload").await;
     }
     // A fourth node joins through node 1.
     let mut cfg = c.configs[&1].clone();
@@ -260,12 +268,12 @@ async fn add_and_remove_a_node_safely() {
             rim_proto::v1::admin_service_client::AdminServiceClient::new(ch)
         }
     };
-    for shard in [0u32, 1, 2] {
+    for shard in [META_SHARD, ShardId(1), ShardId(2)] {
         let leader = c.leader(shard).await;
         let req = rim_proto::v1::AddNodeRequest {
             node_id: 4,
             internal_addr: cfg.listen.clone(),
-            group_ids: vec![shard],
+            group_ids: vec![shard.0],
             ..Default::default()
         };
         admin(leader).await.add_node(secret(tonic::Request::new(req))).await.unwrap();
@@ -288,9 +296,9 @@ async fn add_and_remove_a_node_safely() {
     let voters: BTreeSet<u64> =
         g4.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
     assert_eq!(voters, [1, 2, 3, 4].into());
-    assert_eq!(texts(&g4.reader.sync(UserId(alice.user), Seq(0), 100).unwrap().messages).len(), 10);
+    assert_eq!(texts(&g4.reader.sync(alice.user, Seq(0), 100).unwrap().messages).len(), 10);
     // The cluster map records the new replica.
-    let map = wait_for(Duration::from_secs(10), || {
+    let map = wait_for(Duration::from_secs(10), "node 4 in the cluster map", || {
         let _ = c.node(1).core.refresh_placement();
         c.node(1).core.placement().ok().filter(|p| p.replicas_of(shard).contains(&4))
     })
@@ -310,13 +318,13 @@ async fn add_and_remove_a_node_safely() {
     let (keep, down_a, down_b) = (others[0], others[1], others[2]);
     c.stop_node(down_a).await;
     c.stop_node(down_b).await;
-    let req = rim_proto::v1::RemoveNodeRequest { node_id: keep, group_ids: vec![shard] };
+    let req = rim_proto::v1::RemoveNodeRequest { node_id: keep, group_ids: vec![shard.0] };
     let err = admin(leader).await.remove_node(secret(tonic::Request::new(req))).await.unwrap_err();
     assert_eq!(code(&err), rim_proto::ErrorCode::ErrorBadRequest, "{err:?}");
     // Removing a down node is fine while a majority of the rest is up.
     c.start_node(down_a).await;
     let leader = c.leader(shard).await;
-    let req = rim_proto::v1::RemoveNodeRequest { node_id: down_b, group_ids: vec![shard] };
+    let req = rim_proto::v1::RemoveNodeRequest { node_id: down_b, group_ids: vec![shard.0] };
     admin(leader).await.remove_node(secret(tonic::Request::new(req))).await.unwrap();
     let voters: BTreeSet<u64> = c
         .node(leader)
@@ -332,28 +340,28 @@ async fn add_and_remove_a_node_safely() {
         .collect();
     let expected: BTreeSet<u64> = [1, 2, 3, 4].into_iter().filter(|n| *n != down_b).collect();
     assert_eq!(voters, expected);
-    let via = c.client(leader).await;
-    send_until_acked(&via, &alice, bob.user, "after-remove").await;
+    let via = c.client(leader);
+    via.send_acked(&alice, bob.user, "after-remove", "payload").await;
     c.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sends_share_raft_entries() {
     let _g = serial().await;
-    let c = Cluster::start(3, 2, |cfg| cfg.max_inflight_proposals = 1).await;
-    let client = c.client(1).await;
+    let c = Cluster::start_with(3, 2, |cfg| cfg.max_inflight_proposals = 1).await;
+    let client = c.client(1);
     client.register("batcher").await;
     let me = client.sign_in("batcher").await;
     let shard = c.shard_of_user(me.user);
     let leader = c.leader(shard).await;
-    let via = c.client(leader).await;
+    let via = c.client(leader);
     let g = c.node(leader).core.group(shard).unwrap();
     let before = g.raft.metrics().borrow().last_log_index.unwrap_or(0);
     // 100 notes-to-self at once (no relay work), through the leader.
     let sends: Vec<_> = (0..100)
         .map(|i| {
             let (via, me) = (via.clone(), me.clone());
-            tokio::spawn(async move { send_until_acked(&via, &me, me.user, &format!("n{i}")).await })
+            tokio::spawn(async move { via.send_acked(&me, me.user, &format!("n{i}"), "payload").await })
         })
         .collect();
     let mut seqs: Vec<u64> = Vec::new();
@@ -370,8 +378,8 @@ async fn concurrent_sends_share_raft_entries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_connection_sign_in_checks_tokens_linearizably() {
     let _g = serial().await;
-    let c = Cluster::start(3, 2, |_| {}).await;
-    let client = c.client(1).await;
+    let c = Cluster::start(3, 2).await;
+    let client = c.client(1);
     client.register("gwuser").await;
     let s = client.sign_in("gwuser").await;
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.configs[&2].listen))
@@ -379,15 +387,23 @@ async fn gateway_connection_sign_in_checks_tokens_linearizably() {
         .connect_lazy();
     let mut gw = GatewayServiceClient::new(ch);
     let sign_in = |token: &str| rim_proto::v1::ConnSignInRequest {
-        conn: Some(rim_proto::v1::ConnContext { user_id: s.user, device_id: s.device, ..Default::default() }),
-        input: Some(rim_proto::v1::SignInInput { user_id: s.user, device_id: s.device, token: token.into() }),
+        conn: Some(rim_proto::v1::ConnContext {
+            user_id: s.user.0,
+            device_id: s.device.0,
+            ..Default::default()
+        }),
+        input: Some(rim_proto::v1::SignInInput {
+            user_id: s.user.0,
+            device_id: s.device.0,
+            token: token.into(),
+        }),
     };
     // The internal listener wants the cluster secret.
     let err = gw.conn_sign_in(sign_in(&s.token)).await.unwrap_err();
     assert_eq!(code(&err), rim_proto::ErrorCode::ErrorPermissionDenied);
 
     let ok = gw.conn_sign_in(secret(tonic::Request::new(sign_in(&s.token)))).await.unwrap().into_inner();
-    assert_eq!(ok.output.unwrap().user_id, s.user);
+    assert_eq!(ok.output.unwrap().user_id, s.user.0);
     let err = gw.conn_sign_in(secret(tonic::Request::new(sign_in("v1.1.2.3.4.00")))).await.unwrap_err();
     assert_eq!(code(&err), rim_proto::ErrorCode::ErrorUnauthenticated);
 

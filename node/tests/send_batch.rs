@@ -3,15 +3,15 @@
 //! items' order, with sends for shards the called node does not lead
 //! forwarded like unary ones; every accepted send in the lists once.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
 use rim_proto::ErrorCode;
 use rim_proto::v1::gateway_service_client::GatewayServiceClient;
 use rim_proto::v1::*;
+use rim_testkit::cluster::*;
+use rim_testkit::grpc::*;
+use rim_testkit::wait::*;
 use tonic::transport::Channel;
 
 fn gateway(c: &Cluster, node: u64) -> GatewayServiceClient<Channel> {
@@ -30,8 +30,8 @@ fn secret<T>(msg: T) -> tonic::Request<T> {
 
 fn conn(s: &Session) -> Option<ConnContext> {
     Some(ConnContext {
-        user_id: s.user,
-        device_id: s.device,
+        user_id: s.user.0,
+        device_id: s.device.0,
         gateway_id: "gw-batch".into(),
         ..Default::default()
     })
@@ -70,8 +70,8 @@ async fn unary(gw: &mut GatewayServiceClient<Channel>, req: ConnSendRequest) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_batch_answers_each_item_as_a_unary_send_would() {
     let _g = serial().await;
-    let c = Cluster::start(3, 4, |_| {}).await;
-    let client = c.client(1).await;
+    let c = Cluster::start(3, 4).await;
+    let client = c.client(1);
     let (a, b) = users_on_two_shards(&c, &client, "sb").await;
     let (shard_a, shard_b) = (c.shard_of_user(a.user), c.shard_of_user(b.user));
     let (leader_a, leader_b) = (c.leader(shard_a).await, c.leader(shard_b).await);
@@ -83,18 +83,18 @@ async fn send_batch_answers_each_item_as_a_unary_send_would() {
 
     let mut items = Vec::new();
     for i in 1..=5 {
-        items.push(text(&a, b.user, &format!("a-{i}")));
-        items.push(text(&b, a.user, &format!("b-{i}")));
+        items.push(text(&a, b.user.0, &format!("a-{i}")));
+        items.push(text(&b, a.user.0, &format!("b-{i}")));
     }
     // A retry inside the same batch: the same message, once in the lists.
-    items.push(text(&a, b.user, "a-1"));
+    items.push(text(&a, b.user.0, "a-1"));
     // To a user that does not exist.
     items.push(text(&a, 9_999_999_999, "to-nobody"));
     // Empty, no connection context, no user, no conversation, no idempotency key.
     items.push(ConnSendRequest::default());
-    items.push(ConnSendRequest { conn: Some(ConnContext::default()), ..text(&a, b.user, "no-user") });
+    items.push(ConnSendRequest { conn: Some(ConnContext::default()), ..text(&a, b.user.0, "no-user") });
     items.push(text(&a, 0, "no-conversation"));
-    items.push(text(&a, b.user, ""));
+    items.push(text(&a, b.user.0, ""));
     // A group that does not exist (SEND_GROUP: the kind comes from `group`).
     let mut to_group = text(&b, 9_999_999_999, "no-group");
     to_group.group = true;
@@ -152,10 +152,14 @@ async fn send_batch_answers_each_item_as_a_unary_send_would() {
         })
         .collect();
     for s in [&a, &b] {
-        let list = wait_for_async(Duration::from_secs(20), || async {
-            let list = texts(&client.sync_all(s).await);
-            (list.len() >= 10).then_some(list)
-        })
+        let list = eventually(
+            Duration::from_secs(20),
+            &format!("10 texts in the list of user {}", s.user),
+            || async {
+                let list = texts(&client.sync_all(s).await.unwrap());
+                (list.len() >= 10).then_some(list)
+            },
+        )
         .await;
         let mut cmids: Vec<&str> = list.iter().map(|(_, cmid)| cmid.as_str()).collect();
         cmids.sort_unstable();
@@ -164,7 +168,7 @@ async fn send_batch_answers_each_item_as_a_unary_send_would() {
         assert_eq!(cmids, want, "user {}: each accepted send once, nothing else", s.user);
         for (seq, cmid) in &list {
             let (told, from) = sent[cmid];
-            if from.user == s.user {
+            if from.user.0 == s.user.0 {
                 assert_eq!(*seq, told, "{cmid}: the seq its sender was told");
             }
         }
@@ -179,7 +183,7 @@ async fn send_batch_answers_each_item_as_a_unary_send_would() {
     let err = gw.send_batch(secret(ConnSendBatchRequest { items: over })).await.unwrap_err();
     assert_eq!(code(&err), ErrorCode::ErrorBadRequest);
     // Without the cluster secret nothing is served.
-    let err = gw.send_batch(ConnSendBatchRequest { items: vec![text(&a, b.user, "x")] }).await.unwrap_err();
+    let err = gw.send_batch(ConnSendBatchRequest { items: vec![text(&a, b.user.0, "x")] }).await.unwrap_err();
     assert_eq!(code(&err), ErrorCode::ErrorPermissionDenied);
     c.shutdown().await;
 }

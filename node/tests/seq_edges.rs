@@ -11,13 +11,13 @@
 //! unread (`lower + 1` overflowed: a panic in debug builds, a wrong count
 //! in release builds).
 
-mod common;
-
-use common::*;
 use rim_node::service::conversation::GROUP_SCAN;
 use rim_proto::v1::group_service_client::GroupServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::*;
+use rim_testkit::cluster::*;
+use rim_testkit::grpc::*;
+use rim_testkit::wait::*;
 
 const LAST: u64 = u64::MAX;
 
@@ -46,7 +46,7 @@ async fn create_group(c: &Client, owner: &Session, kind: GroupKind, members: &[&
     let create = CreateGroupRequest {
         kind: kind as i32,
         name: "edges".into(),
-        member_ids: members.iter().map(|m| m.user).collect(),
+        member_ids: members.iter().map(|m| m.user.0).collect(),
         ..Default::default()
     };
     let reply = GroupServiceClient::new(c.channel.clone()).create_group(Client::authed(owner, create)).await;
@@ -69,8 +69,8 @@ async fn group_send(c: &Client, s: &Session, g: u64, text: impl Into<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_after_the_last_seq_return_nothing() {
     let _g = serial().await;
-    let c = Cluster::start(3, 2, |_| {}).await;
-    let client = c.client(1).await;
+    let c = Cluster::start(3, 2).await;
+    let client = c.client(1);
     let (alice, bob, carol) =
         (user(&client, "edge-a").await, user(&client, "edge-b").await, user(&client, "edge-c").await);
 
@@ -93,7 +93,7 @@ async fn reads_after_the_last_seq_return_nothing() {
     let g = create_group(&client, &alice, GroupKind::Super, &[&bob]).await;
     group_send(&client, &alice, g, "before-join-1").await;
     group_send(&client, &alice, g, "before-join-2").await;
-    let add = AddGroupMembersRequest { group_id: g, user_ids: vec![carol.user] };
+    let add = AddGroupMembersRequest { group_id: g, user_ids: vec![carol.user.0] };
     GroupServiceClient::new(client.channel.clone())
         .add_group_members(Client::authed(&alice, add))
         .await
@@ -151,8 +151,8 @@ async fn unread(c: &Client, s: &Session, g: u64, read_seq: u64) -> Conversation 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_position_past_a_super_groups_head_counts_nothing_unread() {
     let _g = serial().await;
-    let c = Cluster::start(3, 2, |_| {}).await;
-    let client = c.client(1).await;
+    let c = Cluster::start(3, 2).await;
+    let client = c.client(1);
     let (alice, bob) = (user(&client, "read-a").await, user(&client, "read-b").await);
     let g = create_group(&client, &alice, GroupKind::Super, &[&bob]).await;
     // More entries than the view scans, so it estimates the rest from seqs.

@@ -1,21 +1,19 @@
 //! Friends and groups through the client API: 3 nodes, 4 shards, users on
 //! different shards, notifications in every list.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
-use common::*;
 use prost::Message as _;
 use rim_proto::ErrorCode;
+use rim_proto::ids::ShardId;
 use rim_proto::store::{self, notification::Event};
 use rim_proto::v1::friend_service_client::FriendServiceClient;
 use rim_proto::v1::group_service_client::GroupServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::*;
-
-const WAIT: Duration = Duration::from_secs(20);
+use rim_testkit::cluster::*;
+use rim_testkit::grpc::*;
+use rim_testkit::wait::*;
 
 fn friends(c: &Client) -> FriendServiceClient<tonic::transport::Channel> {
     FriendServiceClient::new(c.channel.clone())
@@ -37,7 +35,7 @@ async fn list_friends(c: &Client, s: &Session, pending: bool) -> BTreeMap<u64, F
 /// Waits until `s`'s side of the relation with `other` has `status`
 /// (UNSPECIFIED: no relation).
 async fn wait_status(c: &Client, s: &Session, other: u64, status: FriendStatus) -> Option<Friend> {
-    wait_for_async(WAIT, || async {
+    eventually(WAIT, &format!("status {status:?} of user {} with {other}", s.user), || async {
         let f = list_friends(c, s, true).await.remove(&other);
         let now = f.as_ref().map_or(FriendStatus::Unspecified, |f| f.status());
         (now == status).then_some(f)
@@ -69,7 +67,7 @@ async fn users_on_every_shard(
     shards: u32,
     per_shard: usize,
 ) -> Vec<Session> {
-    let mut by_shard: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut by_shard: BTreeMap<ShardId, Vec<String>> = BTreeMap::new();
     for i in 0..200 {
         if by_shard.len() == shards as usize && by_shard.values().all(|v| v.len() >= per_shard) {
             break;
@@ -94,38 +92,38 @@ async fn users_on_every_shard(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn friends_request_accept_remark_delete_reject_and_cross_across_shards() {
     let _g = serial().await;
-    let c = Cluster::start(3, 4, |_| {}).await;
-    let client = c.client(1).await;
+    let c = Cluster::start(3, 4).await;
+    let client = c.client(1);
     let (a, b) = users_on_two_shards(&c, &client, "fr").await;
-    let other = c.client(2).await;
+    let other = c.client(2);
 
     // Request: the asker's side at once, the other side through the relay.
     let req = SendFriendRequestRequest {
-        friend_id: b.user,
+        friend_id: b.user.0,
         remarks: "bob".into(),
         description: "hi, it's a".into(),
     };
     let f = friends(&client).send_friend_request(Client::authed(&a, req)).await.unwrap().into_inner();
     let f = f.friend.unwrap();
-    assert_eq!((f.friend_id, f.status(), f.remarks.as_str()), (b.user, FriendStatus::RequestSent, "bob"));
-    assert_eq!(f.profile.unwrap().user_id, b.user);
-    let got = wait_status(&other, &b, a.user, FriendStatus::RequestReceived).await.unwrap();
+    assert_eq!((f.friend_id, f.status(), f.remarks.as_str()), (b.user.0, FriendStatus::RequestSent, "bob"));
+    assert_eq!(f.profile.unwrap().user_id, b.user.0);
+    let got = wait_status(&other, &b, a.user.0, FriendStatus::RequestReceived).await.unwrap();
     assert_eq!(got.description, "hi, it's a");
     assert!(list_friends(&other, &b, false).await.is_empty(), "pending requests only when asked for");
 
     // Accept: both sides become friends.
-    let acc = AcceptFriendRequestRequest { friend_id: a.user, remarks: "alice".into() };
+    let acc = AcceptFriendRequestRequest { friend_id: a.user.0, remarks: "alice".into() };
     let f = friends(&other).accept_friend_request(Client::authed(&b, acc)).await.unwrap().into_inner();
     assert_eq!(f.friend.unwrap().status(), FriendStatus::Accepted);
-    let got = wait_status(&client, &a, b.user, FriendStatus::Accepted).await.unwrap();
+    let got = wait_status(&client, &a, b.user.0, FriendStatus::Accepted).await.unwrap();
     assert_eq!(got.remarks, "bob");
     let listed = list_friends(&client, &a, false).await;
-    assert_eq!(listed.keys().copied().collect::<Vec<_>>(), vec![b.user]);
-    assert!(listed[&b.user].profile.as_ref().unwrap().username.starts_with("frb"), "profiles are filled");
+    assert_eq!(listed.keys().copied().collect::<Vec<_>>(), vec![b.user.0]);
+    assert!(listed[&b.user.0].profile.as_ref().unwrap().username.starts_with("frb"), "profiles are filled");
 
     // Remarks and extra of the caller's side only.
     let set = SetFriendRequest {
-        friend_id: b.user,
+        friend_id: b.user.0,
         remarks: Some("bobby".into()),
         extra: Some(b"x".to_vec().into()),
     };
@@ -134,56 +132,56 @@ async fn friends_request_accept_remark_delete_reject_and_cross_across_shards() {
         (f.remarks.as_str(), f.extra.as_ref(), f.status()),
         ("bobby", &b"x"[..], FriendStatus::Accepted)
     );
-    assert_eq!(list_friends(&other, &b, false).await[&a.user].remarks, "alice");
+    assert_eq!(list_friends(&other, &b, false).await[&a.user.0].remarks, "alice");
 
     // Every change is a SYSTEM notification in both lists, once each.
     use store::FriendAction as A;
-    let want = vec![(a.user, b.user, A::Request), (b.user, a.user, A::Accept)];
+    let want = vec![(a.user.0, b.user.0, A::Request), (b.user.0, a.user.0, A::Accept)];
     for s in [&a, &b] {
-        let events = wait_for_async(WAIT, || async {
-            Some(friend_events(&client.sync_all(s).await)).filter(|e| e.len() >= 2)
+        let events = eventually(WAIT, &format!("2 friend notifications for user {}", s.user), || async {
+            Some(friend_events(&client.sync_all(s).await.unwrap())).filter(|e| e.len() >= 2)
         })
         .await;
         assert_eq!(events, want, "notifications of user {}", s.user);
     }
 
     // Delete ends both sides.
-    let del = DeleteFriendRequest { friend_id: a.user };
+    let del = DeleteFriendRequest { friend_id: a.user.0 };
     friends(&other).delete_friend(Client::authed(&b, del)).await.unwrap();
-    wait_status(&client, &a, b.user, FriendStatus::Unspecified).await;
+    wait_status(&client, &a, b.user.0, FriendStatus::Unspecified).await;
     assert!(list_friends(&other, &b, true).await.is_empty());
-    let events = wait_for_async(WAIT, || async {
-        Some(friend_events(&client.sync_all(&a).await)).filter(|e| e.len() >= 3)
+    let events = eventually(WAIT, "3 friend notifications for a", || async {
+        Some(friend_events(&client.sync_all(&a).await.unwrap())).filter(|e| e.len() >= 3)
     })
     .await;
-    assert_eq!(events[2], (b.user, a.user, A::Delete));
-    let set = SetFriendRequest { friend_id: b.user, remarks: Some("gone".into()), extra: None };
+    assert_eq!(events[2], (b.user.0, a.user.0, A::Delete));
+    let set = SetFriendRequest { friend_id: b.user.0, remarks: Some("gone".into()), extra: None };
     let err = friends(&client).set_friend(Client::authed(&a, set)).await.unwrap_err();
     assert_eq!(code(&err), ErrorCode::ErrorNotFriend);
 
     // Reject: the asker's pending request disappears.
-    let req = SendFriendRequestRequest { friend_id: a.user, ..Default::default() };
+    let req = SendFriendRequestRequest { friend_id: a.user.0, ..Default::default() };
     friends(&other).send_friend_request(Client::authed(&b, req)).await.unwrap();
-    wait_status(&client, &a, b.user, FriendStatus::RequestReceived).await;
+    wait_status(&client, &a, b.user.0, FriendStatus::RequestReceived).await;
     friends(&client)
-        .reject_friend_request(Client::authed(&a, RejectFriendRequestRequest { friend_id: b.user }))
+        .reject_friend_request(Client::authed(&a, RejectFriendRequestRequest { friend_id: b.user.0 }))
         .await
         .unwrap();
-    wait_status(&other, &b, a.user, FriendStatus::Unspecified).await;
+    wait_status(&other, &b, a.user.0, FriendStatus::Unspecified).await;
     assert!(list_friends(&client, &a, true).await.is_empty());
 
     // Crossing requests end as friends on both sides.
     let (mut fa, mut fb) = (friends(&client), friends(&other));
-    let to_b = SendFriendRequestRequest { friend_id: b.user, ..Default::default() };
-    let to_a = SendFriendRequestRequest { friend_id: a.user, ..Default::default() };
+    let to_b = SendFriendRequestRequest { friend_id: b.user.0, ..Default::default() };
+    let to_a = SendFriendRequestRequest { friend_id: a.user.0, ..Default::default() };
     let (ra, rb) = tokio::join!(
         fa.send_friend_request(Client::authed(&a, to_b)),
         fb.send_friend_request(Client::authed(&b, to_a)),
     );
     ra.unwrap();
     rb.unwrap();
-    wait_status(&client, &a, b.user, FriendStatus::Accepted).await;
-    wait_status(&other, &b, a.user, FriendStatus::Accepted).await;
+    wait_status(&client, &a, b.user.0, FriendStatus::Accepted).await;
+    wait_status(&other, &b, a.user.0, FriendStatus::Accepted).await;
 
     // Refusals.
     let err = friends(&client)
@@ -205,7 +203,7 @@ async fn friends_request_accept_remark_delete_reject_and_cross_across_shards() {
     let err = friends(&client)
         .send_friend_request(Client::authed(
             &a,
-            SendFriendRequestRequest { friend_id: a.user, ..Default::default() },
+            SendFriendRequestRequest { friend_id: a.user.0, ..Default::default() },
         ))
         .await
         .unwrap_err();
@@ -244,15 +242,15 @@ async fn group_texts(c: &Client, s: &Session, g: u64) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_messages_reach_every_member_once_in_one_order_and_roles_are_enforced() {
     let _g = serial().await;
-    let c = Cluster::start(3, 4, |_| {}).await;
-    let client = c.client(1).await;
-    let via2 = c.client(2).await;
+    let c = Cluster::start(3, 4).await;
+    let client = c.client(1);
+    let via2 = c.client(2);
     let users = users_on_every_shard(&c, &client, "gm", 4, 2).await;
     let (owner, members, outsider) = (&users[0], &users[1..7], &users[7]);
 
     let create = CreateGroupRequest {
         name: "team".into(),
-        member_ids: members.iter().map(|m| m.user).collect(),
+        member_ids: members.iter().map(|m| m.user.0).collect(),
         ..Default::default()
     };
     let g = groups(&client)
@@ -262,7 +260,7 @@ async fn group_messages_reach_every_member_once_in_one_order_and_roles_are_enfor
         .into_inner()
         .group
         .unwrap();
-    assert_eq!((g.kind(), g.member_count, g.owner_id), (GroupKind::Small, 7, owner.user));
+    assert_eq!((g.kind(), g.member_count, g.owner_id), (GroupKind::Small, 7, owner.user.0));
     let gid = g.group_id;
 
     // Several senders through two nodes, concurrently.
@@ -279,7 +277,7 @@ async fn group_messages_reach_every_member_once_in_one_order_and_roles_are_enfor
     let everyone: Vec<&Session> = std::iter::once(owner).chain(members.iter()).collect();
     let mut orders = BTreeSet::new();
     for s in &everyone {
-        let list = wait_for_async(WAIT, || async {
+        let list = eventually(WAIT, &format!("16 group messages for user {}", s.user), || async {
             Some(group_texts(&client, s, gid).await).filter(|l| l.len() >= 16)
         })
         .await;
@@ -303,10 +301,10 @@ async fn group_messages_reach_every_member_once_in_one_order_and_roles_are_enfor
         .unwrap_err();
     assert_eq!(code(&err), ErrorCode::ErrorNotGroupMember);
     let m0 = &members[0];
-    let add = AddGroupMembersRequest { group_id: gid, user_ids: vec![outsider.user] };
+    let add = AddGroupMembersRequest { group_id: gid, user_ids: vec![outsider.user.0] };
     let err = groups(&client).add_group_members(Client::authed(m0, add)).await.unwrap_err();
     assert_eq!(code(&err), ErrorCode::ErrorPermissionDenied);
-    let rm = RemoveGroupMembersRequest { group_id: gid, user_ids: vec![members[1].user] };
+    let rm = RemoveGroupMembersRequest { group_id: gid, user_ids: vec![members[1].user.0] };
     let err = groups(&client).remove_group_members(Client::authed(m0, rm)).await.unwrap_err();
     assert_eq!(code(&err), ErrorCode::ErrorPermissionDenied);
     let up = UpdateGroupRequest { group_id: gid, name: Some("mine".into()), ..Default::default() };
@@ -319,15 +317,15 @@ async fn group_messages_reach_every_member_once_in_one_order_and_roles_are_enfor
 
     // A removed member stops getting messages; added back, it gets them again.
     let gone = &members[1];
-    let rm = RemoveGroupMembersRequest { group_id: gid, user_ids: vec![gone.user, outsider.user] };
+    let rm = RemoveGroupMembersRequest { group_id: gid, user_ids: vec![gone.user.0, outsider.user.0] };
     let removed = groups(&client).remove_group_members(Client::authed(owner, rm)).await.unwrap().into_inner();
-    assert_eq!(removed.removed_user_ids, vec![gone.user]);
+    assert_eq!(removed.removed_user_ids, vec![gone.user.0]);
     group_send(&client, owner, gid, "after-remove").await.unwrap();
-    let add = AddGroupMembersRequest { group_id: gid, user_ids: vec![gone.user, members[2].user] };
+    let add = AddGroupMembersRequest { group_id: gid, user_ids: vec![gone.user.0, members[2].user.0] };
     let added = groups(&client).add_group_members(Client::authed(owner, add)).await.unwrap().into_inner();
-    assert_eq!(added.added_user_ids, vec![gone.user]);
+    assert_eq!(added.added_user_ids, vec![gone.user.0]);
     group_send(&client, owner, gid, "after-readd").await.unwrap();
-    let list = wait_for_async(WAIT, || async {
+    let list = eventually(WAIT, "\"after-readd\" for the re-added member", || async {
         Some(group_texts(&client, gone, gid).await)
             .filter(|l| l.last().map(String::as_str) == Some("after-readd"))
     })
@@ -341,7 +339,7 @@ async fn group_messages_reach_every_member_once_in_one_order_and_roles_are_enfor
         .await
         .unwrap_err();
     assert_eq!(code(&err), ErrorCode::ErrorPermissionDenied);
-    let t = TransferGroupRequest { group_id: gid, new_owner_id: m0.user };
+    let t = TransferGroupRequest { group_id: gid, new_owner_id: m0.user.0 };
     let err = groups(&client).transfer_group(Client::authed(&members[2], t)).await.unwrap_err();
     assert_eq!(code(&err), ErrorCode::ErrorPermissionDenied);
     groups(&client).transfer_group(Client::authed(owner, t)).await.unwrap();
@@ -350,7 +348,7 @@ async fn group_messages_reach_every_member_once_in_one_order_and_roles_are_enfor
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(got.group.unwrap().owner_id, m0.user);
+    assert_eq!(got.group.unwrap().owner_id, m0.user.0);
     assert_eq!(got.me.unwrap().role(), MemberRole::Admin, "the old owner stays as an admin");
     groups(&client).leave_group(Client::authed(owner, LeaveGroupRequest { group_id: gid })).await.unwrap();
     let err = groups(&client)
@@ -370,7 +368,7 @@ async fn group_messages_reach_every_member_once_in_one_order_and_roles_are_enfor
 
     // The members' own lists of groups follow (through the relay).
     for s in [m0, &members[5]] {
-        wait_for_async(WAIT, || async {
+        eventually(WAIT, &format!("group {gid} in the groups of user {}", s.user), || async {
             let r = groups(&client)
                 .list_my_groups(Client::authed(s, ListMyGroupsRequest {}))
                 .await
@@ -390,7 +388,7 @@ async fn group_messages_reach_every_member_once_in_one_order_and_roles_are_enfor
     // Roles: only the owner sets them; an admin may then add members.
     let set = SetGroupMemberRequest {
         group_id: gid,
-        user_id: members[3].user,
+        user_id: members[3].user.0,
         role: MemberRole::Admin as i32,
         ..Default::default()
     };
@@ -399,13 +397,13 @@ async fn group_messages_reach_every_member_once_in_one_order_and_roles_are_enfor
     let m =
         groups(&client).set_group_member(Client::authed(m0, set)).await.unwrap().into_inner().member.unwrap();
     assert_eq!(m.role(), MemberRole::Admin);
-    let add = AddGroupMembersRequest { group_id: gid, user_ids: vec![outsider.user] };
+    let add = AddGroupMembersRequest { group_id: gid, user_ids: vec![outsider.user.0] };
     let added =
         groups(&client).add_group_members(Client::authed(&members[3], add)).await.unwrap().into_inner();
-    assert_eq!(added.added_user_ids, vec![outsider.user]);
+    assert_eq!(added.added_user_ids, vec![outsider.user.0]);
     let nick = SetGroupMemberRequest {
         group_id: gid,
-        user_id: members[5].user,
+        user_id: members[5].user.0,
         nickname: Some("five".into()),
         ..Default::default()
     };
@@ -433,11 +431,11 @@ async fn group_messages_reach_every_member_once_in_one_order_and_roles_are_enfor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_members_are_listed_in_pages_by_user_id() {
     let _g = serial().await;
-    let c = Cluster::start(3, 4, |_| {}).await;
-    let client = c.client(1).await;
+    let c = Cluster::start(3, 4).await;
+    let client = c.client(1);
     let users = users_on_every_shard(&c, &client, "pg", 4, 3).await;
     let owner = &users[0];
-    let ids: Vec<u64> = users[1..].iter().map(|s| s.user).collect();
+    let ids: Vec<u64> = users[1..].iter().map(|s| s.user.0).collect();
     let create = CreateGroupRequest { name: "paged".into(), member_ids: ids.clone(), ..Default::default() };
     let gid = groups(&client)
         .create_group(Client::authed(owner, create))
@@ -448,7 +446,7 @@ async fn group_members_are_listed_in_pages_by_user_id() {
         .unwrap()
         .group_id;
 
-    let mut all: Vec<u64> = users.iter().map(|s| s.user).collect();
+    let mut all: Vec<u64> = users.iter().map(|s| s.user.0).collect();
     all.sort_unstable();
     let (mut after, mut seen, mut pages) = (0, Vec::new(), 0);
     loop {

@@ -1,45 +1,29 @@
 //! Harness for real-process tests: `rim node` processes with temp data dirs,
-//! free loopback ports and per-process log files, plus a small gRPC client
-//! that retries retryable errors under a deadline.
+//! free loopback ports and per-process log files, `rim gateway` processes,
+//! and a raw framed-protocol connection to a gateway.
+//!
+//! The gRPC client, sessions, deadline loops and the `serial` lock come from
+//! `rim_testkit` (re-exported here), shared with the in-process tests.
 #![allow(dead_code, missing_docs)]
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::future::Future;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use rim_proto::ErrorCode;
-use rim_proto::metadata::{
-    CLUSTER_SECRET_METADATA_KEY, DEVICE_ID_METADATA_KEY, TOKEN_METADATA_KEY, USER_ID_METADATA_KEY,
-};
+use rim_proto::ids::{NodeId, ShardId};
 use rim_proto::v1::admin_service_client::AdminServiceClient;
-use rim_proto::v1::auth_service_client::AuthServiceClient;
-use rim_proto::v1::group_service_client::GroupServiceClient;
-use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::*;
+pub use rim_testkit::grpc::*;
+pub use rim_testkit::wait::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::Channel;
-
-/// Cluster secret of every test cluster (≥ 16 characters).
-pub const SECRET: &str = "process-test-secret-0123456789";
-/// Fixed phone sign-in code of the test nodes.
-pub const DEV_CODE: &str = "123456";
-/// Password of every registered test user.
-pub const PASSWORD: &str = "secret-pw";
 
 /// The built `rim` binary.
 pub fn rim_bin() -> &'static str {
     env!("CARGO_BIN_EXE_rim")
-}
-
-/// The tests start whole clusters: run them one at a time (2 cores).
-pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
 }
 
 /// A loopback address outside the kernel's ephemeral range, free now and handed
@@ -75,7 +59,7 @@ pub fn tail(path: &Path, n: usize) -> String {
 /// One `rim node` process (running or not) with its temp dir, which holds
 /// `data/` and `node.log` (stdout and stderr of every run, appended).
 pub struct NodeProc {
-    pub id: u64,
+    pub id: NodeId,
     pub internal: String,
     pub client: String,
     pub http: String,
@@ -86,7 +70,7 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
-    fn new(id: u64, internal: String, peers: &str, shards: u32, extra: &[&str]) -> NodeProc {
+    fn new(id: NodeId, internal: String, peers: &str, shards: u32, extra: &[&str]) -> NodeProc {
         let dir = tempfile::tempdir().expect("tempdir");
         let (client, http) = (free_addr(), free_addr());
         let data = dir.path().join("data");
@@ -224,7 +208,7 @@ pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
 
 /// N `rim node` processes bootstrapped together.
 pub struct ProcCluster {
-    pub nodes: BTreeMap<u64, NodeProc>,
+    pub nodes: BTreeMap<NodeId, NodeProc>,
 }
 
 impl ProcCluster {
@@ -236,7 +220,7 @@ impl ProcCluster {
     /// The nodes of a new cluster (`--bootstrap`, `extra` flags for every
     /// node), none started yet.
     pub fn create(n: u64, shards: u32, extra: &[&str]) -> ProcCluster {
-        let internal: BTreeMap<u64, String> = (1..=n).map(|id| (id, free_addr())).collect();
+        let internal: BTreeMap<NodeId, String> = (1..=n).map(|id| (id, free_addr())).collect();
         let peers = internal.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
         ProcCluster {
             nodes: internal
@@ -256,11 +240,11 @@ impl ProcCluster {
         c
     }
 
-    pub fn ids(&self) -> Vec<u64> {
+    pub fn ids(&self) -> Vec<NodeId> {
         self.nodes.keys().copied().collect()
     }
 
-    pub fn node(&mut self, id: u64) -> &mut NodeProc {
+    pub fn node(&mut self, id: NodeId) -> &mut NodeProc {
         self.nodes.get_mut(&id).expect("no such node")
     }
 
@@ -272,7 +256,7 @@ impl ProcCluster {
         }
     }
 
-    pub fn kill(&mut self, id: u64) {
+    pub fn kill(&mut self, id: NodeId) {
         self.node(id).kill();
     }
 
@@ -282,22 +266,21 @@ impl ProcCluster {
         }
     }
 
-    pub fn client(&self, id: u64) -> Client {
+    pub fn client(&self, id: NodeId) -> Client {
         Client::connect(&self.nodes[&id].client)
     }
 
     /// The admin view of node `id` (internal listener, cluster secret).
-    pub async fn status(&self, id: u64) -> Result<ClusterStatusReply, tonic::Status> {
+    pub async fn status(&self, id: NodeId) -> Result<ClusterStatusReply, tonic::Status> {
         let ch = endpoint(&self.nodes[&id].internal).connect_lazy();
-        let mut r = tonic::Request::new(ClusterStatusRequest::default());
+        let mut r = with_secret(ClusterStatusRequest::default());
         r.set_timeout(Duration::from_secs(5));
-        r.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, SECRET.parse().expect("secret metadata"));
         AdminServiceClient::new(ch).cluster_status(r).await.map(|r| r.into_inner())
     }
 
     /// The placement as node `id` knows it, waiting until it has a cluster
     /// map (a healthy node may not have one yet).
-    pub async fn placement(&self, id: u64) -> rim_cluster::Placement {
+    pub async fn placement(&self, id: NodeId) -> rim_cluster::Placement {
         let map = eventually(Duration::from_secs(20), &format!("node {id} has a cluster map"), || async {
             retry(Duration::from_secs(20), "cluster_status", || self.status(id)).await.map
         })
@@ -306,7 +289,7 @@ impl ProcCluster {
     }
 
     /// The leader of `shard` that every running node hosting it agrees on.
-    pub async fn leader(&self, shard: u32, timeout: Duration) -> u64 {
+    pub async fn leader(&self, shard: ShardId, timeout: Duration) -> NodeId {
         let deadline = Instant::now() + timeout;
         loop {
             let mut seen = Vec::new();
@@ -316,7 +299,7 @@ impl ProcCluster {
                 }
                 // Nodes without a replica of the shard have no say.
                 match self.status(*id).await {
-                    Ok(s) => match s.groups.iter().find(|g| g.group_id == shard) {
+                    Ok(s) => match s.groups.iter().find(|g| g.group_id == shard.0) {
                         Some(g) => seen.push(g.leader_node_id),
                         None => continue,
                     },
@@ -353,241 +336,6 @@ impl Drop for ProcCluster {
             }
         }
     }
-}
-
-fn endpoint(addr: &str) -> tonic::transport::Endpoint {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_timeout(Duration::from_secs(2))
-}
-
-/// The `rim-code` of a failed call.
-pub fn code(s: &tonic::Status) -> ErrorCode {
-    rim_proto::error::code_of_status(s)
-}
-
-/// Runs `f` until it succeeds; retryable errors are retried until `timeout`,
-/// any other error fails the test.
-pub async fn retry<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, tonic::Status>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => {
-                assert!(code(&e).is_retryable(), "{what}: non-retryable error {:?}: {e:?}", code(&e));
-                assert!(Instant::now() < deadline, "{what}: still failing after {timeout:?}: {e:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// Polls the async probe `f` until it returns `Some`, or panics after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A signed-in device.
-#[derive(Clone, Debug)]
-pub struct Session {
-    pub user: u64,
-    pub device: u64,
-    pub token: String,
-}
-
-/// A gRPC client of one node's client listener.
-#[derive(Clone)]
-pub struct Client {
-    pub channel: Channel,
-}
-
-impl Client {
-    pub fn connect(addr: &str) -> Client {
-        Client { channel: endpoint(addr).connect_lazy() }
-    }
-
-    pub fn authed<T>(s: &Session, msg: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        r.set_timeout(Duration::from_secs(10));
-        r.metadata_mut().insert(USER_ID_METADATA_KEY, s.user.to_string().parse().expect("metadata"));
-        r.metadata_mut().insert(DEVICE_ID_METADATA_KEY, s.device.to_string().parse().expect("metadata"));
-        r.metadata_mut().insert(TOKEN_METADATA_KEY, s.token.parse().expect("metadata"));
-        r
-    }
-
-    /// Registers `username` (a retry that finds it already registered is
-    /// fine: the first attempt went through) and signs in a new device.
-    pub async fn register_and_sign_in(&self, username: &str) -> Session {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let mut a = AuthServiceClient::new(self.channel.clone());
-            let mut req = tonic::Request::new(RegisterRequest {
-                username: username.into(),
-                password: PASSWORD.into(),
-                ..Default::default()
-            });
-            req.set_timeout(Duration::from_secs(10));
-            match a.register(req).await {
-                Ok(_) => break,
-                Err(e) if attempts > 1 && code(&e) == ErrorCode::ErrorAlreadyExists => break,
-                Err(e) => {
-                    assert!(code(&e).is_retryable(), "register {username}: {e:?}");
-                    assert!(Instant::now() < deadline, "register {username}: still failing: {e:?}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-        let r = retry(Duration::from_secs(30), "sign_in", || {
-            let mut a = AuthServiceClient::new(self.channel.clone());
-            let mut req = tonic::Request::new(SignInRequest {
-                username: username.into(),
-                password: PASSWORD.into(),
-                ..Default::default()
-            });
-            req.set_timeout(Duration::from_secs(10));
-            async move { a.sign_in(req).await.map(|r| r.into_inner()) }
-        })
-        .await;
-        Session { user: r.user_id, device: r.device_id, token: r.token }
-    }
-
-    pub async fn send(
-        &self,
-        s: &Session,
-        to: u64,
-        cmid: &str,
-        text: &str,
-    ) -> Result<SendOutput, tonic::Status> {
-        let mut m = MessageServiceClient::new(self.channel.clone());
-        let input = SendInput {
-            conversation_kind: ConversationKind::User as i32,
-            conversation_id: to,
-            client_msg_id: cmid.into(),
-            content_type: ContentType::Text as i32,
-            content: text.as_bytes().to_vec().into(),
-            ..Default::default()
-        };
-        m.send_message(Self::authed(s, input)).await.map(|r| r.into_inner())
-    }
-
-    /// Sends until acknowledged, retrying with the same `client_msg_id`.
-    pub async fn send_acked(&self, s: &Session, to: u64, cmid: &str, text: &str) -> SendOutput {
-        retry(Duration::from_secs(30), &format!("send {cmid}"), || self.send(s, to, cmid, text)).await
-    }
-
-    /// The whole list of `s.user`, page by page.
-    pub async fn sync_all(&self, s: &Session) -> Result<Vec<Message>, tonic::Status> {
-        let mut m = MessageServiceClient::new(self.channel.clone());
-        let mut out = Vec::new();
-        let mut after = 0;
-        loop {
-            let r = m.sync(Self::authed(s, SyncInput { after_seq: after, limit: 200 })).await?.into_inner();
-            after = r.messages.last().map(|x| x.seq).unwrap_or(after);
-            out.extend(r.messages);
-            if !r.has_more {
-                return Ok(out);
-            }
-        }
-    }
-
-    /// Signs in by phone (the dev code; no password hashing, so cheap),
-    /// creating the user on first use.
-    pub async fn phone_sign_in(&self, phone: &str) -> Session {
-        let r = retry(Duration::from_secs(30), "sign_in_by_phone", || {
-            let mut a = AuthServiceClient::new(self.channel.clone());
-            let mut req = tonic::Request::new(SignInByPhoneRequest {
-                phone: phone.into(),
-                code: DEV_CODE.into(),
-                ..Default::default()
-            });
-            req.set_timeout(Duration::from_secs(10));
-            async move { a.sign_in_by_phone(req).await.map(|r| r.into_inner()) }
-        })
-        .await;
-        Session { user: r.user_id, device: r.device_id, token: r.token }
-    }
-
-    /// Creates a group owned by `owner` (retrying retryable errors; a
-    /// retry may create a second group, which tests never see).
-    pub async fn create_group(&self, owner: &Session, kind: GroupKind, members: &[u64]) -> Group {
-        retry(Duration::from_secs(30), "create_group", || {
-            let mut g = GroupServiceClient::new(self.channel.clone());
-            let req = CreateGroupRequest {
-                kind: kind as i32,
-                name: "test group".into(),
-                member_ids: members.to_vec(),
-                ..Default::default()
-            };
-            let req = Self::authed(owner, req);
-            async move { g.create_group(req).await.map(|r| r.into_inner().group.expect("group")) }
-        })
-        .await
-    }
-
-    /// Sends a text to a group.
-    pub async fn send_group(
-        &self,
-        s: &Session,
-        group: u64,
-        cmid: &str,
-        text: &str,
-    ) -> Result<SendOutput, tonic::Status> {
-        let mut m = MessageServiceClient::new(self.channel.clone());
-        let input = SendInput {
-            conversation_id: group,
-            client_msg_id: cmid.into(),
-            content_type: ContentType::Text as i32,
-            content: text.as_bytes().to_vec().into(),
-            ..Default::default()
-        };
-        m.send_group_message(Self::authed(s, input)).await.map(|r| r.into_inner())
-    }
-
-    /// The whole of a super group's (or room's) list as `s` may read it.
-    pub async fn sync_group_all(&self, s: &Session, group: u64) -> Result<Vec<Message>, tonic::Status> {
-        let mut m = MessageServiceClient::new(self.channel.clone());
-        let mut out = Vec::new();
-        let mut after = 0;
-        loop {
-            let input = SyncGroupInput { group_id: group, after_group_seq: after, limit: 200 };
-            let r = m.sync_group(Self::authed(s, input)).await?.into_inner();
-            after = r.messages.last().map(|x| x.group_seq.max(x.seq)).unwrap_or(after);
-            out.extend(r.messages);
-            if !r.has_more {
-                return Ok(out);
-            }
-        }
-    }
-
-    /// `sync_all`, retrying retryable errors.
-    pub async fn sync_all_retry(&self, s: &Session) -> Vec<Message> {
-        retry(Duration::from_secs(30), "sync", || self.sync_all(s)).await
-    }
-}
-
-/// Text messages of a list, as `(seq, client_msg_id)`.
-pub fn texts(list: &[Message]) -> Vec<(u64, String)> {
-    list.iter()
-        .filter(|m| m.content_type == ContentType::Text as i32)
-        .map(|m| (m.seq, m.client_msg_id.clone()))
-        .collect()
 }
 
 /// One `rim gateway` process (TCP listener) against the cluster's internal
@@ -661,7 +409,7 @@ impl Conn {
             .expect("connect timeout")
             .expect("connect");
         let mut c = Conn { stream, dec: rim_proto::FrameDecoder::default(), next_id: 0, pushes: Vec::new() };
-        let input = SignInInput { user_id: s.user, device_id: s.device, token: s.token.clone() };
+        let input = SignInInput { user_id: s.user.0, device_id: s.device.0, token: s.token.clone() };
         let out = c
             .call(rim_proto::v1::Command::SignIn, &input)
             .await
