@@ -161,8 +161,8 @@ async fn the_client_follows_joins_and_removals() {
             })
         })
         .await;
-    let bobs = gw.router().user_conns(bob.user_id.0);
-    wait_for(|| gw.router().room_conns(g.0).iter().any(|c| bobs.contains(c)).then_some(())).await;
+    let bobs = gw.router().user_conns(bob.user_id);
+    wait_for(|| gw.router().room_conns(g).iter().any(|c| bobs.contains(c)).then_some(())).await;
     a.send_group(g, ContentType::Text, "after").await.unwrap();
     inbox
         .wait_until("the message after the join", |ev| {
@@ -184,8 +184,8 @@ async fn the_client_follows_joins_and_removals() {
         })
         .await;
     // Alice reads the group too; bob's connection no longer does.
-    let bobs = gw.router().user_conns(bob.user_id.0);
-    wait_for(|| gw.router().room_conns(g.0).iter().all(|c| !bobs.contains(c)).then_some(())).await;
+    let bobs = gw.router().user_conns(bob.user_id);
+    wait_for(|| gw.router().room_conns(g).iter().all(|c| !bobs.contains(c)).then_some(())).await;
     let before = group_messages(&inbox, g).len();
     a.send_group(g, ContentType::Text, "gone").await.unwrap();
     // A barrier through bob's own list: a 1:1 message sent after it.
@@ -240,7 +240,7 @@ async fn a_room_is_read_again_after_a_reconnect_until_unsubscribed() {
 
     // Unsubscribed: the gateway no longer reads it for bob (nor anyone).
     b.unsubscribe_room(room).await.unwrap();
-    assert!(gw2.router().room_conns(room.0).is_empty());
+    assert!(gw2.router().room_conns(room).is_empty());
     assert!(b.group_cursors().contains_key(&room));
     a.close().await;
     b.close().await;

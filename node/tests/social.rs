@@ -233,6 +233,7 @@ async fn group_send(c: &Client, s: &Session, g: u64, cmid: &str) -> Result<SendO
 async fn group_texts(c: &Client, s: &Session, g: u64) -> Vec<String> {
     c.sync_all(s)
         .await
+        .unwrap()
         .into_iter()
         .filter(|m| m.conversation_id == g && m.content_type == ContentType::Text as i32)
         .map(|m| m.client_msg_id)
