@@ -14,17 +14,17 @@ use rim_proto::ErrorCode;
 use rim_proto::ids::{DeviceId, Seq, UserId};
 use rim_proto::v1::{Command, ContentType, ConversationKind, SendInput};
 use support::proxy::PacketProxy;
-use support::{Cluster, Kind, another_device, config, connect, endpoint, register, serial, wait_for};
+use support::{Kind, another_device, api, cluster, config, connect, endpoint, register, serial, wait_for};
 
 /// With two gateways, the one the client is on shuts down: the client
 /// reconnects to the other, syncs, and gets every message sent meanwhile
 /// exactly once.
 async fn reconnects_to_another_gateway(kind: Kind) {
     let _serial = serial().await;
-    let cluster = Cluster::start().await;
+    let cluster = cluster().await;
     let gw1 = cluster.gateway("gw-1").await;
     let gw2 = cluster.gateway("gw-2").await;
-    let api = cluster.api();
+    let api = api(&cluster);
     let (_, alice) = register(&api, "alice").await;
     let (_, bob) = register(&api, "bob").await;
     let bob_id = bob.user_id;
@@ -99,9 +99,9 @@ async fn reconnects_to_another_gateway_over_ws() {
 /// second in turn). The second keeps working.
 async fn second_sign_in_kicks_the_first(kind: Kind) {
     let _serial = serial().await;
-    let cluster = Cluster::start().await;
+    let cluster = cluster().await;
     let gw = cluster.gateway("gw-kick").await;
-    let api = cluster.api();
+    let api = api(&cluster);
     let (_, alice) = register(&api, "alice").await;
     let (_, bob) = register(&api, "bob").await;
     let gateways = vec![endpoint(&gw, kind)];
@@ -151,9 +151,9 @@ async fn second_sign_in_kicks_the_first_over_ws() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_sign_in_and_grpc_helpers() {
     let _serial = serial().await;
-    let cluster = Cluster::start().await;
+    let cluster = cluster().await;
     let gw = cluster.gateway("gw-api").await;
-    let api = cluster.api();
+    let api = api(&cluster);
     let (name, alice) = register(&api, "alice").await;
     let alice2 = another_device(&api, &name).await;
     assert_eq!(alice2.user_id, alice.user_id);
@@ -218,11 +218,11 @@ async fn rejected_sign_in_and_grpc_helpers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_and_silent_gateway_detection() {
     let _serial = serial().await;
-    let cluster = Cluster::start().await;
+    let cluster = cluster().await;
     let session =
         SessionConfig { heartbeat_interval: Duration::from_millis(300), ..SessionConfig::default() };
     let gw = cluster.gateway_with("gw-heartbeat", session).await;
-    let api = cluster.api();
+    let api = api(&cluster);
     let (_, alice) = register(&api, "alice").await;
     let (_, bob) = register(&api, "bob").await;
     let alice_api = api.authenticated(alice);

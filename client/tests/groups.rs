@@ -79,8 +79,8 @@ fn text(m: &Message) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn super_group_entries_arrive_once_in_order_across_a_gateway_failover() {
     let _g = serial().await;
-    let c = Cluster::start().await;
-    let api = c.api();
+    let c = cluster().await;
+    let api = api(&c);
     let (_, alice) = register(&api, "alice").await;
     let (_, bob) = register(&api, "bob").await;
     let g = GroupId(930_001);
@@ -132,8 +132,8 @@ fn count_group(events: &[Event], group: GroupId) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_follows_joins_and_removals() {
     let _g = serial().await;
-    let c = Cluster::start().await;
-    let api = c.api();
+    let c = cluster().await;
+    let api = api(&c);
     let (_, alice) = register(&api, "alice").await;
     let (_, bob) = register(&api, "bob").await;
     let g = GroupId(930_002);
@@ -207,8 +207,8 @@ async fn the_client_follows_joins_and_removals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_is_read_again_after_a_reconnect_until_unsubscribed() {
     let _g = serial().await;
-    let c = Cluster::start().await;
-    let api = c.api();
+    let c = cluster().await;
+    let api = api(&c);
     let (_, alice) = register(&api, "alice").await;
     let (_, bob) = register(&api, "bob").await;
     let room = GroupId(930_003);

@@ -12,16 +12,16 @@ use rim_client::{Event, Resume, new_client_msg_id};
 use rim_proto::ids::Seq;
 use rim_proto::v1::{ContentType, ConversationKind, SendInput};
 use support::proxy::PacketProxy;
-use support::{Cluster, Kind, another_device, config, connect, endpoint, register, serial};
+use support::{Kind, another_device, api, cluster, config, connect, endpoint, register, serial};
 
 /// Alice (two devices) and Bob (two devices) chat. Every device gets every
 /// entry of its user's list exactly once, in seq order; a sender's other
 /// device gets its own sent messages too, and so does the sending device.
 async fn two_users_chat(kind: Kind) {
     let _serial = serial().await;
-    let cluster = Cluster::start().await;
+    let cluster = cluster().await;
     let gw = cluster.gateway("gw-chat").await;
-    let api = cluster.api();
+    let api = api(&cluster);
     let (alice_name, alice1) = register(&api, "alice").await;
     let alice2 = another_device(&api, &alice_name).await;
     let (bob_name, bob1) = register(&api, "bob").await;
@@ -113,9 +113,9 @@ async fn two_users_chat_over_ws() {
 /// next start (from its ack cursor, acknowledged on close), none twice.
 async fn offline_device_catches_up(kind: Kind) {
     let _serial = serial().await;
-    let cluster = Cluster::start().await;
+    let cluster = cluster().await;
     let gw = cluster.gateway("gw-offline").await;
-    let api = cluster.api();
+    let api = api(&cluster);
     let (_, alice) = register(&api, "alice").await;
     let (_, bob) = register(&api, "bob").await;
     let bob_id = bob.user_id;
@@ -174,9 +174,9 @@ async fn offline_device_catches_up_over_ws() {
 /// timeout is retried with the same id and stored once.
 async fn send_retry_is_idempotent(kind: Kind) {
     let _serial = serial().await;
-    let cluster = Cluster::start().await;
+    let cluster = cluster().await;
     let gw = cluster.gateway("gw-retry").await;
-    let api = cluster.api();
+    let api = api(&cluster);
     let (_, alice) = register(&api, "alice").await;
     let (_, bob) = register(&api, "bob").await;
     let bob_id = bob.user_id;

@@ -58,7 +58,8 @@ pub struct GatewayConfig {
     pub request_timeout: Duration,
     /// Session limits and timers (both transports).
     pub session: SessionConfig,
-    /// TCP event loops and connection limit.
+    /// TCP event loops, and the connection limit of each transport (TCP and
+    /// WebSocket alike).
     pub tcp: TcpOptions,
     /// Push-stream timers.
     pub router: RouterOptions,
@@ -164,7 +165,8 @@ impl Gateway {
             tracing::info!(addr = ?gw.ws_addr, "WebSocket gateway listening on /ws");
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let ws = WsGateway::new(upstream.clone(), router.clone(), config.session.clone())
-                .with_conn_ids(conn_ids.clone());
+                .with_conn_ids(conn_ids.clone())
+                .with_max_connections(config.tcp.max_connections);
             let task = tokio::spawn(ws.serve(listener, async move {
                 let _ = stop_rx.await;
             }));
@@ -292,6 +294,12 @@ fn render_metrics(router: &PushRouter, upstream: &Upstream, tcp_open: Option<usi
         s.overflows,
     );
     metric("rim_gateway_kicks_total", "counter", "Connections kicked by a newer sign-in.", s.kicks);
+    metric(
+        "rim_gateway_ws_connections_refused_total",
+        "counter",
+        "WebSocket connections refused at the connection limit.",
+        crate::ws::refused_total(),
+    );
     metric(
         "rim_gateway_offline_notices_dropped_total",
         "counter",

@@ -120,6 +120,12 @@ const PUSH_QUEUE: usize = 1024;
 const OUT_QUEUE: usize = 4096;
 /// Longest time for the WebSocket handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest message a connection may send before it signed in (a sign-in
+/// packet with a token is well under 1 KiB; even as JSON). Anything larger
+/// closes the connection with `ERROR_FRAME_TOO_LARGE` before it is parsed.
+pub const MAX_MESSAGE_BEFORE_SIGN_IN: usize = 16 << 10;
+/// Default for [`WsGateway::with_max_connections`] (the same as TCP's).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 /// How long a closing connection may take to write what it queued, and
 /// then to receive the client's close reply.
 const LINGER: Duration = Duration::from_secs(2);
@@ -129,6 +135,15 @@ const FLUSH_BATCH: usize = 64 * 1024;
 /// Connection ids handed out by gateways built with [`WsGateway::new`].
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// WebSocket connections refused at the connection limit, process-wide.
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// WebSocket connections refused because the gateway served
+/// [`WsGateway::with_max_connections`] already (every gateway of the process).
+pub fn refused_total() -> u64 {
+    REFUSED.load(Ordering::Relaxed)
+}
+
 /// A WebSocket gateway: accepts connections at [`WS_PATH`] and runs one
 /// session per connection. See the [module documentation](self).
 #[derive(Debug, Clone)]
@@ -137,6 +152,7 @@ pub struct WsGateway {
     router: PushRouter,
     config: SessionConfig,
     conn_ids: ConnIds,
+    max_connections: usize,
 }
 
 /// Where connection ids come from.
@@ -163,7 +179,20 @@ impl WsGateway {
     /// with `router` and use `config`. Connection ids come from a
     /// process-wide counter of this module.
     pub fn new(upstream: Upstream, router: PushRouter, config: SessionConfig) -> WsGateway {
-        WsGateway { upstream, router, config, conn_ids: ConnIds::Global }
+        WsGateway {
+            upstream,
+            router,
+            config,
+            conn_ids: ConnIds::Global,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+
+    /// Serves at most `max` connections at once; beyond it a new connection
+    /// is closed as soon as it is accepted, before its handshake.
+    pub fn with_max_connections(mut self, max: usize) -> WsGateway {
+        self.max_connections = max;
+        self
     }
 
     /// Takes connection ids from `counter` (`fetch_add(1)`) instead. Every
@@ -195,6 +224,11 @@ impl WsGateway {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) if tasks.len() >= self.max_connections => {
+                        tracing::debug!(%peer, max = self.max_connections, "websocket connection limit reached; refused");
+                        REFUSED.fetch_add(1, Ordering::Relaxed);
+                        drop(tcp);
+                    }
                     Ok((tcp, peer)) => {
                         let _ = tcp.set_nodelay(true);
                         let conn_id = self.conn_ids.next();
@@ -392,6 +426,19 @@ impl Conn {
         self.sync_written();
         let now = Instant::now();
         let max_frame = self.shared.config.max_frame;
+        // Before sign-in, a message is bounded far below the frame limit:
+        // nobody may make the gateway parse megabytes without a token.
+        let early = self.session.identity().is_none();
+        let len = match &msg {
+            Some(Ok(Message::Binary(data))) => data.len(),
+            Some(Ok(Message::Text(text))) => text.len(),
+            _ => 0,
+        };
+        if early && len > MAX_MESSAGE_BEFORE_SIGN_IN {
+            let e = CodecError::FrameTooLarge { len: len as u64, max: MAX_MESSAGE_BEFORE_SIGN_IN };
+            self.session.on_decode_error(now, &e);
+            return;
+        }
         match msg {
             Some(Ok(Message::Binary(data))) => {
                 self.json = false;

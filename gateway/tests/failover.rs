@@ -74,11 +74,11 @@ async fn receivers_get_exactly_the_acked_messages_across_a_leader_failure() {
     let alice = register(&c, "alice").await;
     let bob = register(&c, "bob").await;
     let bob2 = another_device(&c, "bob").await;
-    let shard = c.shard_of_user(bob.user);
+    let shard = c.shard_of_user(UserId(bob.user));
     let mut carol = None;
     for i in 0..32 {
         let d = register(&c, &format!("carol{i}")).await;
-        if d.user != bob.user && c.shard_of_user(d.user) == shard {
+        if d.user != bob.user && c.shard_of_user(UserId(d.user)) == shard {
             carol = Some(d);
             break;
         }

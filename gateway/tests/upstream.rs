@@ -108,14 +108,14 @@ async fn upstream_signs_in_sends_and_syncs() -> anyhow::Result<()> {
     let up = upstream(&c);
     let map = up.refresh_map().await?;
     assert!(map.data_shards().count() >= 2, "the map lists the data shards");
-    assert_eq!(up.shard_of_user(UserId(bob.user)), Some(c.shard_of_user(bob.user)));
+    assert_eq!(up.shard_of_user(UserId(bob.user)), Some(c.shard_of_user(UserId(bob.user))));
 
     // (a) sign-in: a valid token succeeds, a bad one fails with an auth code.
     match up.call(&call(1, 10, &alice, sign_in(&alice, &alice.token))).await {
         Ok(NodeReply::SignIn(r)) => {
             let out = r.output.unwrap();
             assert_eq!((out.user_id, out.device_id), (alice.user, alice.device));
-            assert_eq!(ShardId(r.shard_id), c.shard_of_user(alice.user));
+            assert_eq!(ShardId(r.shard_id), c.shard_of_user(UserId(alice.user)));
         }
         other => panic!("sign-in failed: {other:?}"),
     }
@@ -186,7 +186,7 @@ async fn router_delivers_pushes_and_kicks_older_device_connections() -> anyhow::
     let up = upstream(&c);
     up.refresh_map().await?;
     let router = fast_router(&up);
-    let shard = c.shard_of_user(bob.user);
+    let shard = c.shard_of_user(UserId(bob.user));
 
     // (c) bob's connection gets a resync once subscribed, then alice's message.
     let (tx1, mut rx1) = mpsc::channel(64);
@@ -268,7 +268,7 @@ async fn router_resubscribes_to_the_new_leader_and_signals_resync() -> anyhow::R
     let up = upstream(&c);
     up.refresh_map().await?;
     let router = fast_router(&up);
-    let shard = c.shard_of_user(bob.user);
+    let shard = c.shard_of_user(UserId(bob.user));
 
     let (tx, mut rx) = mpsc::channel(256);
     router.register(7, UserId(bob.user), DeviceId(bob.device), shard, tx);

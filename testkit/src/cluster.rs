@@ -10,11 +10,18 @@
 //! Link cuts ([`Cluster::isolate`], [`Cluster::heal`]) act on the internal
 //! links (Raft, forwarding, relay) through the node's `LinkFilter`; the
 //! client listeners stay reachable, so a test can still call a cut-off node.
+//!
+//! [`Cluster::gateway`] starts a gateway in the process too (TCP and
+//! WebSocket on ports the kernel picks, one event loop thread), seeded with
+//! every node's internal address.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rim_gateway::SessionConfig;
+use rim_gateway::server::{Gateway, GatewayConfig};
+use rim_gateway::tcp::TcpOptions;
 use rim_node::{Node, NodeConfig, NodeOptions};
 use rim_proto::ids::{NodeId, ShardId, UserId};
 
@@ -199,6 +206,30 @@ impl Cluster {
     /// The internal addresses of every node (a gateway's seeds).
     pub fn seeds(&self) -> Vec<String> {
         self.configs.values().map(|c| c.listen.clone()).collect()
+    }
+
+    /// A gateway serving TCP and WebSocket on loopback, following this
+    /// cluster, ready to take connections.
+    pub async fn gateway(&self, id: &str) -> Gateway {
+        self.gateway_with(id, SessionConfig::default()).await
+    }
+
+    /// [`Cluster::gateway`] with session settings `session`.
+    pub async fn gateway_with(&self, id: &str, session: SessionConfig) -> Gateway {
+        let config = GatewayConfig {
+            session,
+            tcp_listen: Some("127.0.0.1:0".into()),
+            ws_listen: Some("127.0.0.1:0".into()),
+            seeds: self.seeds(),
+            cluster_secret: SECRET.into(),
+            gateway_id: id.into(),
+            request_timeout: Duration::from_secs(10),
+            tcp: TcpOptions { event_loop_threads: 1, ..TcpOptions::default() },
+            ..GatewayConfig::default()
+        };
+        let gw = Gateway::start(config).await.unwrap_or_else(|e| panic!("gateway {id}: {e}"));
+        gw.wait_ready(READY).await.unwrap_or_else(|e| panic!("gateway {id} not ready: {e}"));
+        gw
     }
 
     /// A gRPC client of node `id`'s client listener.

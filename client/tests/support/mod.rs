@@ -1,40 +1,28 @@
-//! Test support for the client SDK's integration tests: a real in-process
-//! 3-node cluster (temp dirs, loopback gRPC, dev code "123456"), gateways
-//! serving TCP and WebSocket, registered users, and an event inbox that
-//! waits for conditions with deadlines.
-#![allow(dead_code, missing_docs)]
+//! Test support for the client SDK's integration tests, over the shared
+//! harness (`rim_testkit`): its in-process cluster and gateways, plus what
+//! only SDK tests need (client configs, registered users, and an event
+//! inbox that waits for conditions with deadlines).
+#![allow(dead_code, missing_docs, unused_imports)]
 
 pub mod proxy;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rim_client::{Backoff, Client, ClientConfig, Credentials, Endpoint, Event, NodeApi};
-use rim_gateway::SessionConfig;
-use rim_gateway::server::{Gateway, GatewayConfig};
-use rim_gateway::tcp::TcpOptions;
-use rim_node::{Node, NodeConfig, NodeOptions};
+use rim_gateway::server::Gateway;
 use rim_proto::v1::Message;
 use tokio::sync::mpsc;
 
-pub const SECRET: &str = "test-cluster-secret-0123456789";
+pub use rim_testkit::grpc::SECRET;
 pub const PASSWORD: &str = "secret-pw";
 /// Longest any single condition may take on a loaded 2-core machine.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// Cluster tests run one at a time (clusters are heavy).
-pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
-}
-
-/// A loopback address outside the kernel's ephemeral range, free now and handed
-/// out once per process (see `rim_testkit`): an outgoing connection cannot take
-/// it before the node binds it.
-pub fn free_addr() -> String {
-    rim_testkit::free_addr_string()
-}
+pub use rim_testkit::cluster::Cluster;
+pub use rim_testkit::free_addr_string as free_addr;
+pub use rim_testkit::wait::serial;
 
 /// Which gateway transport a test runs over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,85 +31,14 @@ pub enum Kind {
     Ws,
 }
 
-pub struct Cluster {
-    pub _dirs: Vec<tempfile::TempDir>,
-    pub configs: BTreeMap<u64, NodeConfig>,
-    pub nodes: BTreeMap<u64, Node>,
+/// The client SDK's gRPC API of node 1's public listener.
+pub fn api(c: &Cluster) -> NodeApi {
+    NodeApi::new(&c.configs[&1].client_listen).unwrap()
 }
 
-impl Cluster {
-    pub async fn start() -> Cluster {
-        let n = 3;
-        let addrs: BTreeMap<u64, String> = (1..=n).map(|id| (id, free_addr())).collect();
-        let mut c = Cluster { _dirs: Vec::new(), configs: BTreeMap::new(), nodes: BTreeMap::new() };
-        for id in 1..=n {
-            let dir = tempfile::tempdir().unwrap();
-            let cfg = NodeConfig {
-                id,
-                data: dir.path().to_path_buf(),
-                listen: addrs[&id].clone(),
-                client_listen: free_addr(),
-                http_listen: free_addr(),
-                bootstrap: true,
-                peers: addrs.clone(),
-                shards: 2,
-                cluster_secret: SECRET.into(),
-                heartbeat_ms: 100,
-                election_min_ms: 500,
-                election_max_ms: 1000,
-                dev_code: Some("123456".into()),
-                ..NodeConfig::default()
-            };
-            c._dirs.push(dir);
-            c.configs.insert(id, cfg);
-        }
-        for id in 1..=n {
-            let node = Node::start(c.configs[&id].clone(), NodeOptions::default()).await.unwrap();
-            c.nodes.insert(id, node);
-        }
-        for node in c.nodes.values() {
-            node.wait_ready(WAIT).await.unwrap();
-        }
-        c
-    }
-
-    pub fn seeds(&self) -> Vec<String> {
-        self.configs.values().map(|c| c.listen.clone()).collect()
-    }
-
-    /// The gRPC API of node 1's public listener.
-    pub fn api(&self) -> NodeApi {
-        NodeApi::new(&self.configs[&1].client_listen).unwrap()
-    }
-
-    /// A gateway serving TCP and WebSocket on loopback, ready.
-    pub async fn gateway(&self, id: &str) -> Gateway {
-        self.gateway_with(id, SessionConfig::default()).await
-    }
-
-    /// A gateway with session settings `session`.
-    pub async fn gateway_with(&self, id: &str, session: SessionConfig) -> Gateway {
-        let config = GatewayConfig {
-            session,
-            tcp_listen: Some("127.0.0.1:0".into()),
-            ws_listen: Some("127.0.0.1:0".into()),
-            seeds: self.seeds(),
-            cluster_secret: SECRET.into(),
-            gateway_id: id.into(),
-            request_timeout: Duration::from_secs(10),
-            tcp: TcpOptions { event_loop_threads: 1, ..TcpOptions::default() },
-            ..GatewayConfig::default()
-        };
-        let gw = Gateway::start(config).await.unwrap();
-        gw.wait_ready(WAIT).await.unwrap();
-        gw
-    }
-
-    pub async fn shutdown(self) {
-        for n in self.nodes.into_values() {
-            n.shutdown().await;
-        }
-    }
+/// The cluster every SDK test runs against: 3 nodes, 2 data shards.
+pub async fn cluster() -> Cluster {
+    Cluster::start(3, 2).await
 }
 
 /// The endpoint of `gw` for `kind`.
@@ -163,15 +80,8 @@ pub async fn another_device(api: &NodeApi, name: &str) -> Credentials {
 }
 
 /// Polls `f` until it returns `Some`; panics after [`WAIT`].
-pub async fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "condition not met within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+pub async fn wait_for<T>(f: impl FnMut() -> Option<T>) -> T {
+    rim_testkit::wait::wait_for(WAIT, "condition", f).await
 }
 
 /// A client's events, read as they come and kept.

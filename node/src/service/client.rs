@@ -177,9 +177,12 @@ impl AuthService for ClientSvc {
         let (user, is_new_user) = match self.account(&name).await? {
             Some(u) => (u, false),
             None => {
+                // The nickname is public: never the number itself.
+                let last4: String =
+                    r.phone.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
                 let u = store::CreateUser {
                     phone: r.phone.clone(),
-                    nickname: r.phone.clone(),
+                    nickname: format!("user …{last4}"),
                     ..Default::default()
                 };
                 (self.create_user(&name, u).await?, true)
