@@ -15,10 +15,17 @@
 //!
 //! Keys are stored without the shard prefix, so a snapshot of shard 3 can be
 //! installed as shard 3 on any node (the prefix is the installer's).
+//!
+//! A shard's directory has one lock ([`SnapshotDir::lock`]), shared by every
+//! clone of its [`SnapshotDir`]. A build holds it from creating its file to
+//! its cleanup, an install throughout, and removing files needs it
+//! ([`LockedDir::remove_all_but`]), so a cleanup never deletes a file that a
+//! build or install of the same shard is still writing.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::error::{Error, Result};
 
@@ -130,9 +137,13 @@ impl<R: Read> SnapshotReader<R> {
 }
 
 /// Where a shard keeps its snapshot files.
+///
+/// Clones share the directory's lock; a shard must be open in one
+/// `StateMachine` at a time for the lock to cover all its writers.
 #[derive(Clone, Debug)]
 pub(super) struct SnapshotDir {
     dir: PathBuf,
+    lock: Arc<Mutex<()>>,
 }
 
 impl SnapshotDir {
@@ -140,7 +151,7 @@ impl SnapshotDir {
     pub(super) fn new(data_dir: &Path, shard: u32) -> Result<SnapshotDir> {
         let dir = data_dir.join("snapshots").join(shard.to_string());
         std::fs::create_dir_all(&dir)?;
-        Ok(SnapshotDir { dir })
+        Ok(SnapshotDir { dir, lock: Arc::default() })
     }
 
     /// Path of a file in the directory.
@@ -148,15 +159,39 @@ impl SnapshotDir {
         self.dir.join(name)
     }
 
+    /// Waits until no other build or install of the shard holds the
+    /// directory, and holds it until the returned guard is dropped.
+    pub(super) fn lock(&self) -> LockedDir<'_> {
+        // The lock guards no data, so a holder's panic leaves nothing broken.
+        let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        LockedDir { dir: self, _guard: guard }
+    }
+}
+
+/// A [`SnapshotDir`] held exclusively (see [`SnapshotDir::lock`]).
+pub(super) struct LockedDir<'a> {
+    dir: &'a SnapshotDir,
+    _guard: MutexGuard<'a, ()>,
+}
+
+impl LockedDir<'_> {
+    /// Path of a file in the directory.
+    pub(super) fn path(&self, name: &str) -> PathBuf {
+        self.dir.path(name)
+    }
+
     /// Makes a renamed or created file's directory entry durable.
     pub(super) fn sync(&self) -> Result<()> {
-        File::open(&self.dir)?.sync_all()?;
+        File::open(&self.dir.dir)?.sync_all()?;
         Ok(())
     }
 
     /// Removes every file except `keep` (older snapshots, abandoned temps).
+    /// Callers pass the file the snapshot pointer names; holding the lock
+    /// means no build or install is writing another one. openraft's receive
+    /// files (`recv-*.tmp`) may go too: they are read through an open handle.
     pub(super) fn remove_all_but(&self, keep: &str) -> Result<()> {
-        for entry in std::fs::read_dir(&self.dir)? {
+        for entry in std::fs::read_dir(&self.dir.dir)? {
             let entry = entry?;
             if entry.file_name().to_str() != Some(keep) {
                 // A file still open elsewhere stays readable until closed.

@@ -19,8 +19,19 @@
 //!   `Installing` marker names it, the shard's range is replaced, and the
 //!   marker is cleared in the final synced batch. Opening a shard whose
 //!   marker is set redoes the install from the file.
+//! * Builds and installs of a shard are exclusive: a build holds the shard's
+//!   snapshot directory lock from creating its temporary file until its
+//!   cleanup, an install for its whole duration. So no cleanup deletes a file
+//!   the other is writing, and cleanup always keeps the file the snapshot
+//!   pointer (`RaftTag::Snapshot`) names.
+//! * The pointer only moves forward: a build that finds the pointer at or
+//!   past its own `last_log_id` (an install or a later build got there
+//!   first) writes nothing and returns the current snapshot. An install
+//!   replaces the pointer with the installed snapshot, which openraft only
+//!   sends past the applied state, so past any snapshot built from it.
 
-use std::io::{Seek, SeekFrom};
+use std::fs::File;
+use std::io::{ErrorKind, Seek, SeekFrom};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -31,7 +42,7 @@ use openraft::{
 use rim_proto::ids::ShardId;
 use tokio::sync::oneshot;
 
-use super::snapshot::{INSTALL_BATCH_BYTES, SnapshotDir, SnapshotReader, SnapshotWriter};
+use super::snapshot::{INSTALL_BATCH_BYTES, LockedDir, SnapshotDir, SnapshotReader, SnapshotWriter};
 use super::{Entry, LogId, Response, StorageError, TypeConfig, sm_err};
 use crate::db::{self, CF_RAFT, CF_SM, Db};
 use crate::error::{Error, Result};
@@ -43,6 +54,9 @@ type Membership = StoredMembership<u64, openraft::BasicNode>;
 
 /// Distinguishes snapshots built in the same process at the same index.
 static SNAPSHOT_NONCE: AtomicU64 = AtomicU64::new(0);
+/// How often reading the current snapshot retries when the file it names was
+/// replaced between reading the pointer and opening the file.
+const OPEN_ATTEMPTS: usize = 4;
 
 /// The state machine of one shard.
 #[derive(Debug)]
@@ -86,7 +100,7 @@ impl StateMachine {
         };
         if let Some((meta, name)) = sm.read_raft::<(Meta, String)>(RaftTag::Installing)? {
             tracing::warn!(shard = %shard, file = %name, "finishing an interrupted snapshot install");
-            load_snapshot_file(&sm.db, shard, &sm.snapshots, &meta, &name)?;
+            load_snapshot_file(&sm.db, shard, &sm.snapshots.lock(), &meta, &name)?;
         }
         sm.applied = sm.read_meta(MetaTag::Applied)?.flatten();
         sm.membership = sm.read_meta(MetaTag::Membership)?.unwrap_or_default();
@@ -116,8 +130,7 @@ impl StateMachine {
     }
 
     fn read_raft<T: serde::de::DeserializeOwned>(&self, tag: RaftTag) -> Result<Option<T>> {
-        let v = self.db.raw().get_pinned_cf(self.db.cf(CF_RAFT), keys::raft_key(self.shard, tag))?;
-        v.map(|v| db::decode_serde(&v)).transpose()
+        read_raft(&self.db, self.shard, tag)
     }
 
     /// Applies entries; see the module doc for the atomicity argument.
@@ -160,18 +173,33 @@ impl StateMachine {
         Ok(replies)
     }
 
-    fn current_snapshot(&self) -> Result<Option<(Meta, std::fs::File)>> {
-        let Some((meta, name)) = self.read_raft::<(Meta, String)>(RaftTag::Snapshot)? else {
-            return Ok(None);
-        };
-        Ok(Some((meta, std::fs::File::open(self.snapshots.path(&name))?)))
+    /// The snapshot the pointer names. A build or install may move the
+    /// pointer and remove the file it named between the read and the open;
+    /// the pointer then names a newer file, so read it again.
+    fn current_snapshot(&self) -> Result<Option<(Meta, File)>> {
+        let mut attempt = 1;
+        loop {
+            let Some((meta, name)) = self.read_raft::<(Meta, String)>(RaftTag::Snapshot)? else {
+                return Ok(None);
+            };
+            match File::open(self.snapshots.path(&name)) {
+                Err(e) if e.kind() == ErrorKind::NotFound && attempt < OPEN_ATTEMPTS => attempt += 1,
+                file => return Ok(Some((meta, file?))),
+            }
+        }
     }
+}
+
+/// A row of the shard's `raft` table.
+fn read_raft<T: serde::de::DeserializeOwned>(db: &Db, shard: ShardId, tag: RaftTag) -> Result<Option<T>> {
+    let v = db.raw().get_pinned_cf(db.cf(CF_RAFT), keys::raft_key(shard, tag))?;
+    v.map(|v| db::decode_serde(&v)).transpose()
 }
 
 /// Replaces the shard's `sm` range with the records of a snapshot file and
 /// clears the install marker, all ending in one synced batch.
-fn load_snapshot_file(db: &Db, shard: ShardId, dir: &SnapshotDir, meta: &Meta, name: &str) -> Result<()> {
-    let file = std::fs::File::open(dir.path(name))?;
+fn load_snapshot_file(db: &Db, shard: ShardId, dir: &LockedDir<'_>, meta: &Meta, name: &str) -> Result<()> {
+    let file = File::open(dir.path(name))?;
     let mut reader = SnapshotReader::open(file)?;
     let cf = db.cf(CF_SM);
     let prefix = keys::shard_prefix(shard);
@@ -196,24 +224,19 @@ fn load_snapshot_file(db: &Db, shard: ShardId, dir: &SnapshotDir, meta: &Meta, n
 }
 
 /// Copies a received snapshot into the shard's directory durably, checks it,
-/// marks the install, then loads it.
-fn install_file(
-    db: &Db,
-    shard: ShardId,
-    dir: &SnapshotDir,
-    meta: &Meta,
-    mut received: std::fs::File,
-) -> Result<()> {
+/// marks the install, then loads it, holding the directory throughout.
+fn install_file(db: &Db, shard: ShardId, dir: &SnapshotDir, meta: &Meta, mut received: File) -> Result<()> {
+    let dir = dir.lock();
     received.seek(SeekFrom::Start(0))?;
     let name = file_name(meta);
     let tmp = dir.path(&format!("{name}.tmp"));
     {
-        let mut out = std::fs::File::create(&tmp)?;
+        let mut out = File::create(&tmp)?;
         std::io::copy(&mut received, &mut out)?;
         out.sync_all()?;
     }
     // Check the whole file before touching the shard's state.
-    let mut check = SnapshotReader::open(std::fs::File::open(&tmp)?)?;
+    let mut check = SnapshotReader::open(File::open(&tmp)?)?;
     while check.next_record()?.is_some() {}
     std::fs::rename(&tmp, dir.path(&name))?;
     dir.sync()?;
@@ -222,7 +245,7 @@ fn install_file(
     let marker = db::encode_serde(&(meta, &name))?;
     batch.put_cf(db.cf(CF_RAFT), keys::raft_key(shard, RaftTag::Installing), marker);
     db.raw().write_opt(batch, &db.durable())?;
-    load_snapshot_file(db, shard, dir, meta, &name)
+    load_snapshot_file(db, shard, &dir, meta, &name)
 }
 
 fn file_name(meta: &Meta) -> String {
@@ -300,40 +323,80 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 /// only until the view exists, and `build_snapshot` tells the thread to write.
 #[derive(Debug)]
 pub struct SnapshotBuilder {
-    go: Option<oneshot::Sender<()>>,
-    done: Option<oneshot::Receiver<Result<(Meta, String)>>>,
-    snapshots: SnapshotDir,
+    go: Option<oneshot::Sender<Option<BuildHook>>>,
+    done: Option<oneshot::Receiver<Result<(Meta, File)>>>,
+    hook: Option<BuildHook>,
 }
+
+/// Runs on the build thread between writing the temporary file and renaming
+/// it (see [`SnapshotBuilder::before_rename`]).
+struct BuildHook(Box<dyn FnOnce() + Send + Sync>);
+
+impl std::fmt::Debug for BuildHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BuildHook")
+    }
+}
+
+/// A RocksDB point-in-time view.
+type View<'a> = rocksdb::SnapshotWithThreadMode<'a, rocksdb::DB>;
 
 impl SnapshotBuilder {
     async fn start(db: Db, shard: ShardId, snapshots: SnapshotDir) -> SnapshotBuilder {
         let (taken_tx, taken_rx) = oneshot::channel();
-        let (go_tx, go_rx) = oneshot::channel::<()>();
+        let (go_tx, go_rx) = oneshot::channel::<Option<BuildHook>>();
         let (done_tx, done_rx) = oneshot::channel();
-        let dir = snapshots.clone();
         let spawned = std::thread::Builder::new().name(format!("snap-{shard}")).spawn(move || {
             let raw = db.arc();
             let view = raw.snapshot();
             let _ = taken_tx.send(());
-            if go_rx.blocking_recv().is_err() {
+            let Ok(hook) = go_rx.blocking_recv() else {
                 return; // builder dropped unused
-            }
-            let _ = done_tx.send(write_snapshot(&db, &view, shard, &dir));
+            };
+            let _ = done_tx.send(write_snapshot(&db, &view, shard, &snapshots, hook));
         });
         if spawned.is_ok() {
             let _ = taken_rx.await;
         }
-        SnapshotBuilder { go: Some(go_tx), done: Some(done_rx), snapshots }
+        SnapshotBuilder { go: Some(go_tx), done: Some(done_rx), hook: None }
+    }
+
+    /// Test hook: `hook` runs on the build thread once the temporary file is
+    /// written, before it is renamed and published (if the build writes one).
+    #[doc(hidden)]
+    pub fn before_rename(&mut self, hook: impl FnOnce() + Send + Sync + 'static) {
+        self.hook = Some(BuildHook(Box::new(hook)));
     }
 }
 
-/// Writes the file for `view` and makes it the shard's current snapshot.
+/// Makes a snapshot of `view` the shard's current one, unless the pointer is
+/// already at or past it, and returns the current snapshot with its file
+/// opened while the shard's snapshot directory is held (so no install can
+/// remove it first).
 fn write_snapshot(
     db: &Db,
-    view: &rocksdb::SnapshotWithThreadMode<'_, rocksdb::DB>,
+    view: &View<'_>,
     shard: ShardId,
     dir: &SnapshotDir,
-) -> Result<(Meta, String)> {
+    hook: Option<BuildHook>,
+) -> Result<(Meta, File)> {
+    let meta = view_meta(db, view, shard)?;
+    let dir = dir.lock();
+    let current = read_raft::<(Meta, String)>(db, shard, RaftTag::Snapshot)?;
+    if let Some((current, name)) = current
+        && current.last_log_id >= meta.last_log_id
+    {
+        // An install or a later build got there first: never go back.
+        return Ok((current, File::open(dir.path(&name))?));
+    }
+    let name = file_name(&meta);
+    write_file(db, view, shard, &dir, &meta, &name, hook)?;
+    publish(db, shard, &dir, &meta, &name)?;
+    Ok((meta, File::open(dir.path(&name))?))
+}
+
+/// The meta of a snapshot of `view`, with a fresh snapshot id.
+fn view_meta(db: &Db, view: &View<'_>, shard: ShardId) -> Result<Meta> {
     let cf = db.cf(CF_SM);
     let get = |tag| -> Result<Option<Vec<u8>>> { Ok(view.get_cf(cf, keys::meta(shard, tag))?) };
     let last_log_id: Option<LogId> =
@@ -345,45 +408,59 @@ fn write_snapshot(
         Some(l) => format!("{}-{}-{}-{nonce}", l.leader_id.term, l.index, std::process::id()),
         None => format!("0-0-{}-{nonce}", std::process::id()),
     };
-    let meta = Meta { last_log_id, last_membership, snapshot_id };
-    let name = file_name(&meta);
-    let tmp = dir.path(&format!("{name}.tmp"));
+    Ok(Meta { last_log_id, last_membership, snapshot_id })
+}
 
-    let mut w = SnapshotWriter::create(&tmp, &db::encode_serde(&meta)?)?;
+/// Writes the shard's records in `view` to `{name}.tmp`, then renames it to
+/// `name` durably.
+fn write_file(
+    db: &Db,
+    view: &View<'_>,
+    shard: ShardId,
+    dir: &LockedDir<'_>,
+    meta: &Meta,
+    name: &str,
+    hook: Option<BuildHook>,
+) -> Result<()> {
+    let tmp = dir.path(&format!("{name}.tmp"));
+    let mut w = SnapshotWriter::create(&tmp, &db::encode_serde(meta)?)?;
     let mut opts = rocksdb::ReadOptions::default();
     opts.set_iterate_upper_bound(keys::shard_end(shard).to_vec());
     let prefix = keys::shard_prefix(shard);
-    let iter =
-        view.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+    let iter = view.iterator_cf_opt(
+        db.cf(CF_SM),
+        opts,
+        rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+    );
     for item in iter {
         let (k, v) = item?;
         w.record(&k[prefix.len()..], &v)?;
     }
     w.finish()?;
-    std::fs::rename(&tmp, dir.path(&name))?;
-    dir.sync()?;
+    if let Some(BuildHook(hook)) = hook {
+        hook();
+    }
+    std::fs::rename(&tmp, dir.path(name))?;
+    dir.sync()
+}
 
+/// Points the shard's snapshot pointer at `name` and removes older files.
+fn publish(db: &Db, shard: ShardId, dir: &LockedDir<'_>, meta: &Meta, name: &str) -> Result<()> {
     let mut batch = rocksdb::WriteBatch::default();
-    batch.put_cf(
-        db.cf(CF_RAFT),
-        keys::raft_key(shard, RaftTag::Snapshot),
-        db::encode_serde(&(&meta, &name))?,
-    );
+    batch.put_cf(db.cf(CF_RAFT), keys::raft_key(shard, RaftTag::Snapshot), db::encode_serde(&(meta, name))?);
     db.raw().write_opt(batch, &db.durable())?;
-    dir.remove_all_but(&name)?;
-    Ok((meta, name))
+    dir.remove_all_but(name)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let fail = |e: Error| -> StorageError { StorageIOError::write_snapshot(None, &e).into() };
         if let Some(go) = self.go.take() {
-            let _ = go.send(());
+            let _ = go.send(self.hook.take());
         }
         let done = self.done.take().ok_or_else(|| fail(Error::Corrupt("snapshot builder reused".into())))?;
-        let (meta, name) =
+        let (meta, file) =
             done.await.map_err(|_| fail(Error::Corrupt("snapshot thread died".into())))?.map_err(fail)?;
-        let file = std::fs::File::open(self.snapshots.path(&name)).map_err(|e| fail(e.into()))?;
         Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
     }
 }
