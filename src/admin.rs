@@ -20,8 +20,9 @@ pub struct AdminArgs {
     /// Internal address of any node.
     #[arg(long, default_value = "127.0.0.1:7101", env = "RIM_ADMIN_ADDR")]
     addr: String,
-    /// Cluster secret.
-    #[arg(long, env = "RIM_CLUSTER_SECRET")]
+    /// The nodes' admin secret (`admin_secret`), or their cluster secret
+    /// where no admin secret is set.
+    #[arg(long, alias = "admin-secret", env = "RIM_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: String,
     #[command(subcommand)]
     cmd: AdminCmd,

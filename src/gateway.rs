@@ -26,8 +26,9 @@ pub struct GatewayArgs {
     /// Internal addresses of some logic nodes, comma-separated.
     #[arg(long, env = "RIM_GATEWAY_SEEDS", value_delimiter = ',', required = true)]
     seeds: Vec<String>,
-    /// Shared cluster secret.
-    #[arg(long, env = "RIM_CLUSTER_SECRET", hide_env_values = true)]
+    /// The nodes' gateway secret (`gateway_secret`), or their cluster
+    /// secret where no gateway secret is set.
+    #[arg(long, alias = "gateway-secret", env = "RIM_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: String,
     /// Gateway id shown by the nodes (default: gw-<pid>).
     #[arg(long, env = "RIM_GATEWAY_ID")]

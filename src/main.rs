@@ -98,6 +98,10 @@ struct NodeArgs {
     /// Serve reads from the local replica without a read barrier (weaker).
     #[arg(long)]
     follower_reads: bool,
+    /// Turn every client rate limit off (`[limits]`, docs/security.md):
+    /// for benchmarks that measure raw capacity, never in production.
+    #[arg(long)]
+    no_rate_limits: bool,
     /// TEST ONLY: deliberately break safety for the consistency self-test
     /// (ack-before-commit,stale-reads,skip-fsync,no-relay-dedup; also RIM_SABOTAGE).
     #[arg(long, value_name = "FLAGS")]
@@ -153,6 +157,9 @@ impl NodeArgs {
         }
         if self.follower_reads {
             c.follower_reads = true;
+        }
+        if self.no_rate_limits {
+            c.limits = rim_node::throttle::RateLimits::unlimited();
         }
         if let Some(v) = self.sabotage {
             c.sabotage = rim_node::Sabotage::parse(&v)?;

@@ -212,6 +212,7 @@ async fn everything_on_nodes_without_a_replica(c: &ProcCluster, users: &BTreeMap
                     gateway_id: "sizes-test".into(),
                     conn_id: 1,
                     client_addr: "127.0.0.1:1".into(),
+                    token_version: None,
                 }),
                 input: Some(SignInInput { user_id: s.user.0, device_id: s.device.0, token: s.token.clone() }),
             });

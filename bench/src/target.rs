@@ -351,6 +351,8 @@ async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
             &secret,
             "--dev-code",
             SPAWN_DEV_CODE,
+            // Benchmarks measure capacity, not the per-user rate limits.
+            "--no-rate-limits",
         ]
         .iter()
         .map(|s| s.to_string())

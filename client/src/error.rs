@@ -91,7 +91,11 @@ impl ClientError {
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.parse::<i32>().ok())
             .unwrap_or(code as i32);
-        ClientError::Server { code, number, message: status.message().to_string(), retry_after: None }
+        let retry_after = match rim_proto::error::retry_after_of_status(status) {
+            0 => None,
+            ms => Some(Duration::from_millis(u64::from(ms))),
+        };
+        ClientError::Server { code, number, message: status.message().to_string(), retry_after }
     }
 
     /// A server error with `code`, for errors the SDK detects itself in a

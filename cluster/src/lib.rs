@@ -42,6 +42,11 @@
 //! gateway calling a node) waits between rounds with [`Backoff`] and retries
 //! only what [`retryable`] allows ([`retry`]).
 //!
+//! # Rate limits
+//!
+//! Every limit on how often a client may do something (sign in, register,
+//! send) is a [`Limiter`] of token buckets ([`rate`]).
+//!
 //! # Tokens
 //!
 //! A device token ([`token`]) is HMAC-SHA256-signed with a key derived from
@@ -64,6 +69,7 @@
 
 pub mod error;
 pub mod placement;
+pub mod rate;
 pub mod retry;
 pub mod token;
 
@@ -72,5 +78,6 @@ pub use placement::{
     DEFAULT_REPLICATION, DEFAULT_SLOTS, Key, KeyKind, MAX_SLOTS, META_REPLICATION, META_SHARD, Placement,
     bootstrap_map, slot_of,
 };
+pub use rate::{Limited, Limiter, Rate};
 pub use retry::{Backoff, retryable};
-pub use token::{Claims, MAX_TOKEN_LEN, TOKEN_FORMAT, TokenError, TokenKey};
+pub use token::{Claims, MAX_TOKEN_LEN, TOKEN_FORMAT, TokenError, TokenKey, TokenKeys};

@@ -42,8 +42,10 @@
 //!   with `ERROR_TOKEN_REVOKED`. A revoked token therefore stays
 //!   cryptographically valid until it expires; keep expiries finite.
 //!
-//! There is one key per cluster; rotating the secret invalidates every token
-//! (devices sign in again).
+//! A cluster has a set of keys ([`TokenKeys`]): one signs, every one
+//! verifies, so keys rotate without signing anybody out. Without configured
+//! keys, a node derives one from the cluster secret (a development default:
+//! the token key should not be the secret that also authenticates nodes).
 //!
 //! # Why a second error type
 //!
@@ -187,6 +189,85 @@ impl TokenKey {
     }
 }
 
+/// The token keys of a cluster: one signs, all verify. Rotating keys is
+/// adding the new key, making it the signing key, and removing the old one
+/// once the tokens it signed have expired (or their devices signed in
+/// again). Each key has an operator-chosen id, for configuration and logs;
+/// tokens do not name their key: verification tries the signing key first,
+/// then the others (a handful at most), so a token signed by any configured
+/// key verifies.
+///
+/// `Debug` prints the ids only.
+#[derive(Clone)]
+pub struct TokenKeys {
+    /// `(id, key)`, the signing key first.
+    keys: Vec<(String, TokenKey)>,
+}
+
+impl fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.ids()).finish()
+    }
+}
+
+impl TokenKeys {
+    /// Most keys in a set (each verification may try them all).
+    pub const MAX_KEYS: usize = 4;
+
+    /// The keys `(id, secret)`, signing with the one whose id is `signing`.
+    /// Refuses an empty set, duplicate or empty ids, more than
+    /// [`TokenKeys::MAX_KEYS`] keys, a secret shorter than 16 bytes, and a
+    /// signing id that is not in the set.
+    pub fn new(keys: &[(String, String)], signing: &str) -> Result<TokenKeys> {
+        let bad = |m: String| Err(Error::InvalidInput(m));
+        if keys.is_empty() || keys.len() > TokenKeys::MAX_KEYS {
+            return bad(format!("1 to {} token keys, got {}", TokenKeys::MAX_KEYS, keys.len()));
+        }
+        let mut out: Vec<(String, TokenKey)> = Vec::with_capacity(keys.len());
+        for (id, secret) in keys {
+            if id.is_empty() || out.iter().any(|(seen, _)| seen == id) {
+                return bad(format!("token key ids must be unique and non-empty: {id:?}"));
+            }
+            if secret.len() < 16 {
+                return bad(format!("token key {id:?}: the secret must be at least 16 bytes"));
+            }
+            out.push((id.clone(), TokenKey::from_secret(secret)?));
+        }
+        let Some(at) = out.iter().position(|(id, _)| id == signing) else {
+            return bad(format!("the signing token key {signing:?} is not among the keys"));
+        };
+        out.swap(0, at);
+        Ok(TokenKeys { keys: out })
+    }
+
+    /// One key, with id `id`.
+    pub fn single(id: &str, key: TokenKey) -> TokenKeys {
+        TokenKeys { keys: vec![(id.to_string(), key)] }
+    }
+
+    /// The ids, the signing key's first.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|(id, _)| id.as_str())
+    }
+
+    /// Signs `claims` with the signing key.
+    pub fn sign(&self, claims: &Claims) -> String {
+        self.keys[0].1.sign(claims)
+    }
+
+    /// Checks `token` against every key (module docs): the claims if one
+    /// key signed it and it has not expired.
+    pub fn verify(&self, token: &str, now_ms: i64) -> Result<Claims, TokenError> {
+        for (_, key) in &self.keys {
+            match key.verify(token, now_ms) {
+                Err(TokenError::BadSignature) => continue,
+                other => return other,
+            }
+        }
+        Err(TokenError::BadSignature)
+    }
+}
+
 /// Splits a token into (signed text, claims, MAC) if it has the right shape.
 fn parse(token: &str) -> Option<(&str, Claims, [u8; MAC_LEN])> {
     if token.len() > MAX_TOKEN_LEN {
@@ -306,6 +387,41 @@ mod tests {
         let t = key().sign(&claims());
         assert_eq!(key().verify(&t, 2_000), Err(TokenError::Expired));
         assert_eq!(key().verify(&t, i64::MAX), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn a_key_set_signs_with_one_key_and_verifies_with_all() {
+        let pair = |id: &str, secret: &str| (id.to_string(), secret.to_string());
+        let old = TokenKeys::new(&[pair("old", "the old secret, 16+")], "old").unwrap();
+        let rotating =
+            TokenKeys::new(&[pair("old", "the old secret, 16+"), pair("new", "the new secret, 16+")], "new")
+                .unwrap();
+        let new = TokenKeys::new(&[pair("new", "the new secret, 16+")], "new").unwrap();
+        let from_old = old.sign(&claims());
+        let from_new = rotating.sign(&claims());
+        assert_ne!(from_old, from_new, "the rotating set signs with the new key");
+        assert_eq!(rotating.verify(&from_old, 0), Ok(claims()), "old tokens still verify");
+        assert_eq!(rotating.verify(&from_new, 0), Ok(claims()));
+        assert_eq!(new.verify(&from_new, 0), Ok(claims()));
+        assert_eq!(new.verify(&from_old, 0), Err(TokenError::BadSignature), "the old key is gone");
+        assert_eq!(rotating.verify(&from_old, 2_000), Err(TokenError::Expired), "authentic but expired");
+        assert_eq!(rotating.verify("v1.nope", 0), Err(TokenError::Malformed));
+        assert_eq!(rotating.ids().collect::<Vec<_>>(), ["new", "old"]);
+        assert_eq!(format!("{rotating:?}"), r#"["new", "old"]"#, "Debug shows ids, never secrets");
+    }
+
+    #[test]
+    fn a_key_set_refuses_bad_configurations() {
+        let pair = |id: &str, secret: &str| (id.to_string(), secret.to_string());
+        let good = pair("a", "sixteen bytes ok");
+        assert!(TokenKeys::new(&[], "a").is_err(), "empty");
+        assert!(TokenKeys::new(&[good.clone(), good.clone()], "a").is_err(), "duplicate id");
+        assert!(TokenKeys::new(&[pair("", "sixteen bytes ok")], "").is_err(), "empty id");
+        assert!(TokenKeys::new(&[pair("a", "short")], "a").is_err(), "short secret");
+        assert!(TokenKeys::new(std::slice::from_ref(&good), "b").is_err(), "unknown signing id");
+        let five: Vec<_> = (0..5).map(|i| pair(&i.to_string(), "sixteen bytes ok")).collect();
+        assert!(TokenKeys::new(&five, "0").is_err(), "too many keys");
+        assert!(TokenKeys::new(&[good], "a").is_ok());
     }
 
     #[test]

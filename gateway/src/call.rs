@@ -50,6 +50,9 @@ pub struct Call {
     pub user_id: UserId,
     /// The device: the signed-in one, or the one claimed by `SIGN_IN`.
     pub device_id: DeviceId,
+    /// The device's token version the connection signed in with
+    /// (`ConnContext.token_version`); `None` before sign-in.
+    pub token_version: Option<u64>,
     /// What to ask.
     pub request: NodeCall,
 }

@@ -27,6 +27,14 @@ pub struct SessionConfig {
     /// Most packets held while the sign-in call is in flight; more get
     /// `ERROR_BUSY` (default 16).
     pub max_pending_before_sign_in: usize,
+    /// Most packets a connection may send before its sign-in completed
+    /// (the `SIGN_IN`, heartbeats, commands held or refused meanwhile); the
+    /// next one closes it with `ERROR_NOT_SIGNED_IN` (default 64). With
+    /// the transports' smaller frame limit before sign-in
+    /// ([`MAX_FRAME_BEFORE_SIGN_IN`](crate::session::MAX_FRAME_BEFORE_SIGN_IN))
+    /// it bounds what a connection that never signs in can make the
+    /// gateway do.
+    pub max_packets_before_sign_in: usize,
     /// Most pushes held back while syncing a gap; on overflow they are
     /// dropped and the session syncs again (default 1024).
     pub push_buffer_limit: usize,
@@ -60,6 +68,7 @@ impl Default for SessionConfig {
             send_queue_limit: 4 * DEFAULT_MAX_FRAME,
             max_inflight_requests: 64,
             max_pending_before_sign_in: 16,
+            max_packets_before_sign_in: 64,
             push_buffer_limit: 1024,
             group_push_buffer_limit: 64,
             resync_batch: 200,

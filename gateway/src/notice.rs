@@ -94,6 +94,7 @@ mod tests {
             conn_id: i,
             user_id: rim_proto::ids::UserId(1),
             device_id: rim_proto::ids::DeviceId(i),
+            token_version: None,
             request: NodeCall::Offline { reason: rim_proto::ErrorCode::Ok },
         };
         let before = dropped_total();

@@ -91,7 +91,7 @@ mod groups;
 mod online;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -137,10 +137,21 @@ enum Pending {
 /// a gap, which bounds a connection's memory.
 pub const MAX_ROOMS_PER_CONNECTION: usize = 64;
 
+/// Largest frame (TCP) or message (WebSocket) a connection may send before
+/// it signed in: a `SIGN_IN` with its token is well under 1 KiB, even as
+/// JSON. Anything larger closes the connection with
+/// `ERROR_FRAME_TOO_LARGE` before it is decoded.
+pub const MAX_FRAME_BEFORE_SIGN_IN: usize = 16 << 10;
+
 /// State that exists once signed in.
 #[derive(Debug)]
 struct Signed {
     id: Identity,
+    /// The device's token version at sign-in, sent with every call.
+    token_version: u64,
+    /// When the token expires: the session closes with
+    /// `ERROR_TOKEN_EXPIRED` then.
+    expires_at: Option<Instant>,
     list: UserList,
     /// Subscribed rooms and super groups: delivery state of each list
     /// (group seqs).
@@ -169,6 +180,8 @@ pub struct Session {
     next_call: u64,
     pending: HashMap<CallId, Pending>,
     queued_bytes: usize,
+    /// Packets received before the sign-in completed.
+    early_packets: usize,
     /// Normal-priority online-only pushes dropped (queue more than half full).
     dropped_pushes: u64,
     actions: VecDeque<Action>,
@@ -186,6 +199,7 @@ impl Session {
             next_call: 0,
             pending: HashMap::new(),
             queued_bytes: 0,
+            early_packets: 0,
             dropped_pushes: 0,
             actions: VecDeque::new(),
         }
@@ -214,6 +228,11 @@ impl Session {
     /// Whether the session has closed.
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
+    }
+
+    /// Whether the sign-in completed (and the session is not closed).
+    pub fn is_signed_in(&self) -> bool {
+        matches!(self.state, State::SignedIn(_))
     }
 
     /// The signed-in user and device.
@@ -287,6 +306,7 @@ impl Session {
                     .values()
                     .filter_map(UserList::deadline)
                     .chain(s.list.deadline())
+                    .chain(s.expires_at)
                     .fold(idle, Instant::min),
             ),
         }
@@ -310,6 +330,12 @@ impl Session {
             return;
         }
         self.last_activity = now;
+        if !self.is_signed_in() {
+            self.early_packets += 1;
+            if self.early_packets > self.config.max_packets_before_sign_in {
+                return self.close(ErrorCode::ErrorNotSignedIn, "too many packets before sign-in");
+            }
+        }
         match &mut self.state {
             State::Closed => {}
             State::AwaitingSignIn => {
@@ -407,6 +433,14 @@ impl Session {
             self.close(ErrorCode::ErrorTimeout, format!("no packet from the client for {secs} s"));
             return;
         }
+        let expired = matches!(&self.state, State::SignedIn(s) if s.expires_at.is_some_and(|at| now >= at));
+        if expired {
+            let kick = KickPush {
+                code: ErrorCode::ErrorTokenExpired as i32,
+                reason: "the token expired; sign in again".into(),
+            };
+            return self.on_kick(now, kick);
+        }
         if let State::SignedIn(s) = &mut self.state {
             let user = s.list.tick(now);
             let rooms: Vec<GroupId> =
@@ -429,6 +463,28 @@ impl Session {
         let Some(pending) = self.pending.remove(&id) else {
             return;
         };
+        // A node that finds the device signed out (its kick was lost, or
+        // the token expired meanwhile) ends the connection, whatever the call.
+        let signed_out = match &result {
+            Err(e) if matches!(e.code, ErrorCode::ErrorTokenRevoked | ErrorCode::ErrorTokenExpired) => {
+                Some(KickPush { code: e.code as i32, reason: e.message.clone() })
+            }
+            _ => None,
+        };
+        if let (Some(kick), true) = (signed_out, self.is_signed_in()) {
+            let request = match pending {
+                Pending::Request { request_id, command } => Some((request_id, command)),
+                Pending::Logout { request_id } => Some((request_id, Command::Logout as i32)),
+                Pending::SubscribeRoom { request_id, .. } => {
+                    Some((request_id, Command::SubscribeRoom as i32))
+                }
+                Pending::SignIn { .. } | Pending::GapSync | Pending::RoomSync { .. } => None,
+            };
+            if let (Some((request_id, command)), Err(e)) = (request, &result) {
+                self.reply_to(request_id, command, error_reply(e));
+            }
+            return self.on_kick(now, kick);
+        }
         match pending {
             Pending::SignIn { request_id } => self.finish_sign_in(now, request_id, result),
             Pending::Request { request_id, command } => {
@@ -607,6 +663,7 @@ impl Session {
         output.heartbeat_interval_ms =
             u32::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
         let id = Identity { user_id: UserId(output.user_id), device_id: DeviceId(output.device_id) };
+        let expires_at = expiry_instant(now, reply.token_expires_ms);
         let held = match std::mem::replace(&mut self.state, State::Closed) {
             State::SigningIn { held } => held,
             _ => VecDeque::new(),
@@ -616,6 +673,8 @@ impl Session {
         self.last_activity = self.last_activity.max(now);
         self.state = State::SignedIn(Box::new(Signed {
             id,
+            token_version: reply.token_version,
+            expires_at,
             list: UserList::new(Seq(output.last_seq), self.config.push_buffer_limit),
             rooms: HashMap::new(),
             super_groups: HashSet::new(),
@@ -832,7 +891,12 @@ impl Session {
     fn call_as(&mut self, user_id: UserId, device_id: DeviceId, request: NodeCall) -> CallId {
         self.next_call += 1;
         let id = CallId(self.next_call);
-        self.push_action(Action::Call(Call { id, conn_id: self.conn_id, user_id, device_id, request }));
+        let token_version = match &self.state {
+            State::SignedIn(s) => Some(s.token_version),
+            _ => None,
+        };
+        let call = Call { id, conn_id: self.conn_id, user_id, device_id, token_version, request };
+        self.push_action(Action::Call(call));
         id
     }
 
@@ -871,6 +935,19 @@ impl Session {
 /// its `SEND` reply).
 fn skips(push: &PushedMessage, device: DeviceId) -> bool {
     push.skip_device_id != 0 && DeviceId(push.skip_device_id) == device
+}
+
+/// The instant a token expiring at Unix ms `expires_ms` expires, as seen
+/// from `now` (`None`: no expiry given).
+fn expiry_instant(now: Instant, expires_ms: i64) -> Option<Instant> {
+    if expires_ms <= 0 {
+        return None;
+    }
+    let wall_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let left = u64::try_from(expires_ms.saturating_sub(wall_ms)).unwrap_or(0);
+    Some(now + Duration::from_millis(left))
 }
 
 /// The `Reply` relaying a failed call.

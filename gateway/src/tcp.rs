@@ -12,10 +12,14 @@
 //! generation number: messages addressed to a slab key whose connection has
 //! been replaced are recognised by the id and dropped.
 //!
-//! * **Readable**: read until `WouldBlock` (mio is edge-triggered) into one
-//!   scratch buffer per loop, feed the decoder, hand every frame to
-//!   [`Session::on_packet`] (a decode error to [`Session::on_decode_error`]).
-//!   End of stream or a read error ends the connection
+//! * **Readable**: read into one scratch buffer per loop, feed the decoder,
+//!   hand every frame to [`Session::on_packet`] (a decode error to
+//!   [`Session::on_decode_error`]). A connection is read until `WouldBlock`
+//!   (mio is edge-triggered) or until it used its [`READ_BUDGET`] for this
+//!   turn of the loop; then it goes to the back of the loop's ready queue
+//!   and is read again after every other event, timer and reply of the turn
+//!   was handled, so one flooding client cannot starve the others nor the
+//!   timers. End of stream or a read error ends the connection
 //!   ([`Session::on_close`]).
 //! * **Writable**: flush the queue and report it with
 //!   [`Session::on_written`]. Interest in `WRITABLE` is registered only while
@@ -44,15 +48,18 @@
 //!
 //! * A peer's end of stream closes the connection at once, even if replies
 //!   were still due (a half-closed client gets nothing more).
-//! * A connection that floods the gateway is read until `WouldBlock` in one
-//!   go; its session's own limits (in-flight requests, send queue) bound
-//!   the work it causes.
+//! * A connection that floods the gateway is read [`READ_BUDGET`] bytes per
+//!   turn; its session's own limits (in-flight requests, send queue, packets
+//!   before sign-in) bound the work it causes.
+//! * Before its sign-in completed, a connection's frames may be at most
+//!   [`MAX_FRAME_BEFORE_SIGN_IN`] bytes; the decoder's limit rises to
+//!   [`SessionConfig::max_frame`] once the session signed in.
 //! * If the router refuses an event because the loop's channel is full, the
 //!   connection is kicked with `ERROR_UNAVAILABLE` (its client reconnects
 //!   and syncs).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -72,7 +79,7 @@ use tokio::sync::mpsc;
 use crate::call::{Call, CallError, CallId, NodeCall, NodeReply};
 use crate::notice::Notices;
 use crate::router::{ConnEvent, ConnSink, PushRouter};
-use crate::session::{Action, Session, SessionConfig};
+use crate::session::{Action, MAX_FRAME_BEFORE_SIGN_IN, Session, SessionConfig};
 use crate::upstream::Upstream;
 
 /// Token of the listening socket (outside any slab key in practice).
@@ -81,6 +88,8 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 /// Bytes read from a socket at once, into the loop's scratch buffer.
 const SCRATCH: usize = 64 * 1024;
+/// Bytes read from one connection per turn of the event loop.
+pub const READ_BUDGET: usize = 4 * SCRATCH;
 /// Messages (call outcomes and router events) queued towards one loop.
 const INBOUND_QUEUE: usize = 64 * 1024;
 /// How long a closing connection may take to flush what is queued.
@@ -187,6 +196,7 @@ impl TcpGateway {
                 slab: Slab::new(),
                 timers: BinaryHeap::new(),
                 scratch: vec![0; SCRATCH],
+                ready: VecDeque::new(),
                 rx,
                 ctx: Ctx {
                     upstream: upstream.clone(),
@@ -336,6 +346,15 @@ impl Conn {
         }
     }
 
+    /// Raises the decoder's frame limit from [`MAX_FRAME_BEFORE_SIGN_IN`]
+    /// to the session's once it signed in.
+    fn fit_decoder(&mut self) {
+        let max = self.session.config().max_frame;
+        if self.decoder.max_frame() < max && self.session.is_signed_in() {
+            self.decoder.set_max_frame(max);
+        }
+    }
+
     /// Writes the queue until it is empty or the socket would block;
     /// returns the bytes written.
     fn flush(&mut self) -> io::Result<usize> {
@@ -424,6 +443,9 @@ struct EventLoop {
     /// are skipped when they come up.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     scratch: Vec<u8>,
+    /// Connections `(slab key, id)` that used their read budget and may
+    /// have more to read.
+    ready: VecDeque<(usize, u64)>,
     rx: mpsc::Receiver<Inbound>,
     ctx: Ctx,
     /// Set once shutting down: when to give up flushing.
@@ -459,6 +481,7 @@ impl EventLoop {
                 }
             }
             busy = self.drain_inbound(now);
+            busy |= self.read_ready(now);
             if self.stopping.is_none() && self.ctx.shared.stop.load(Ordering::Acquire) {
                 self.begin_shutdown(now);
             }
@@ -522,7 +545,7 @@ impl EventLoop {
         self.poll.registry().register(&mut stream, Token(key), Interest::READABLE)?;
         let id = self.ctx.conn_ids.fetch_add(1, Ordering::Relaxed);
         let config = self.ctx.config.clone();
-        let decoder = FrameDecoder::new(config.max_frame);
+        let decoder = FrameDecoder::new(config.max_frame.min(MAX_FRAME_BEFORE_SIGN_IN));
         entry.insert(Conn {
             id,
             stream,
@@ -537,26 +560,51 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Reads until `WouldBlock`, feeding the session; ends the connection
-    /// at end of stream or on a read error.
+    /// Reads the connections that used their budget last turn (those
+    /// queued before this call, once each); returns whether any is still
+    /// queued.
+    fn read_ready(&mut self, now: Instant) -> bool {
+        for _ in 0..self.ready.len() {
+            let Some((key, id)) = self.ready.pop_front() else { break };
+            if self.slab.get(key).is_some_and(|c| c.id == id) {
+                self.on_readable(key, now);
+            }
+        }
+        !self.ready.is_empty()
+    }
+
+    /// Reads until `WouldBlock` or [`READ_BUDGET`], feeding the session;
+    /// ends the connection at end of stream or on a read error.
     fn on_readable(&mut self, key: usize, now: Instant) {
         let Some(id) = self.slab.get(key).map(|c| c.id) else {
             return;
         };
+        let mut budget = READ_BUDGET;
         loop {
             let Some(conn) = self.slab.get_mut(key).filter(|c| c.id == id) else {
                 return;
             };
+            if budget == 0 {
+                // More may be waiting: edge-triggered readiness will not
+                // say so again, so the loop comes back for it.
+                self.ready.push_back((key, id));
+                return;
+            }
             match conn.stream.read(&mut self.scratch) {
                 Ok(0) => break,
                 Ok(n) => {
+                    budget = budget.saturating_sub(n);
                     if conn.closing.is_some() || conn.session.is_closed() {
                         continue; // discarded: the connection is closing
                     }
                     conn.decoder.push(&self.scratch[..n]);
+                    conn.fit_decoder();
                     while !conn.session.is_closed() {
                         match conn.decoder.next_frame() {
-                            Ok(Some(packet)) => conn.session.on_packet(now, packet),
+                            Ok(Some(packet)) => {
+                                conn.session.on_packet(now, packet);
+                                conn.fit_decoder();
+                            }
                             Ok(None) => break,
                             Err(e) => {
                                 conn.session.on_decode_error(now, &e);

@@ -488,6 +488,7 @@ impl Upstream {
             gateway_id: self.inner.options.gateway_id.clone(),
             conn_id: call.conn_id,
             client_addr: String::new(),
+            token_version: call.token_version,
         })
     }
 
@@ -583,7 +584,10 @@ fn rim_code_missing(status: &tonic::Status) -> bool {
 /// The [`CallError`] of a node's error status.
 pub fn status_error(status: &tonic::Status) -> CallError {
     let code = rim_proto::error::code_of_status(status);
-    let retry_after_ms = if code == ErrorCode::ErrorBusy { 100 } else { 0 };
+    let retry_after_ms = match rim_proto::error::retry_after_of_status(status) {
+        0 if code == ErrorCode::ErrorBusy => 100,
+        hint => hint,
+    };
     CallError { code, message: status.message().to_string(), retry_after_ms }
 }
 

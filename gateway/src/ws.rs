@@ -120,10 +120,9 @@ const PUSH_QUEUE: usize = 1024;
 const OUT_QUEUE: usize = 4096;
 /// Longest time for the WebSocket handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest message a connection may send before it signed in (a sign-in
-/// packet with a token is well under 1 KiB; even as JSON). Anything larger
-/// closes the connection with `ERROR_FRAME_TOO_LARGE` before it is parsed.
-pub const MAX_MESSAGE_BEFORE_SIGN_IN: usize = 16 << 10;
+/// Largest message a connection may send before it signed in (the
+/// session's [`MAX_FRAME_BEFORE_SIGN_IN`](crate::session::MAX_FRAME_BEFORE_SIGN_IN)).
+pub const MAX_MESSAGE_BEFORE_SIGN_IN: usize = crate::session::MAX_FRAME_BEFORE_SIGN_IN;
 /// Default for [`WsGateway::with_max_connections`] (the same as TCP's).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 /// How long a closing connection may take to write what it queued, and

@@ -256,6 +256,7 @@ async fn a_node_without_send_batch_gets_unary_sends() {
                 conn_id: i as u64,
                 user_id: UserId(1),
                 device_id: DeviceId(1),
+                token_version: None,
                 request: NodeCall::Send { input, group: false },
             };
             match up.call(&call).await {

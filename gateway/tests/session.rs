@@ -45,6 +45,93 @@ fn command_before_sign_in_gets_not_signed_in_and_stays_open() {
 }
 
 #[test]
+fn packets_before_sign_in_are_budgeted_then_close_and_signed_in_sessions_are_not() {
+    let t0 = Instant::now();
+    let config = SessionConfig { max_packets_before_sign_in: 5, ..cfg() };
+    let mut s = Session::new(CONN, config.clone(), t0);
+    for i in 1..=5 {
+        s.on_packet(t0, packet(i, Command::Heartbeat, ()));
+        assert!(!s.is_closed(), "packet {i} is within the budget");
+    }
+    s.on_packet(t0, packet(6, Command::Heartbeat, ()));
+    let actions = drain(&mut s);
+    assert!(closes_with(&actions, ErrorCode::ErrorNotSignedIn), "{actions:?}");
+    assert!(s.is_closed());
+
+    // The budget counts until the sign-in completes, then no longer.
+    let mut s = Session::new(CONN, config, t0);
+    s.on_packet(t0, sign_in_packet(1));
+    let call = only_call(&drain(&mut s));
+    s.on_reply(t0, call.id, Ok(sign_in_reply(0)));
+    assert!(s.is_signed_in());
+    for i in 2..100 {
+        s.on_packet(t0, packet(i, Command::Heartbeat, ()));
+    }
+    assert!(!s.is_closed());
+    let replies = sent(&drain(&mut s)).iter().filter(|p| p.command == Command::Heartbeat as i32).count();
+    assert_eq!(replies, 98);
+}
+
+/// A session signed in with `reply` (a `ConnSignIn` answer).
+fn signed_in_with(t0: Instant, reply: NodeReply) -> Session {
+    let mut s = Session::new(CONN, cfg(), t0);
+    s.on_packet(t0, sign_in_packet(1));
+    let call = only_call(&drain(&mut s));
+    s.on_reply(t0, call.id, Ok(reply));
+    drain(&mut s);
+    assert!(s.is_signed_in());
+    s
+}
+
+fn kick_code(actions: &[Action]) -> Option<i32> {
+    sent(actions)
+        .iter()
+        .find(|p| p.command == Command::Kick as i32)
+        .map(|p| KickPush::decode(p.content.clone()).unwrap().code)
+}
+
+#[test]
+fn an_expiring_token_ends_the_session_with_a_kick_when_it_expires() {
+    let t0 = Instant::now();
+    let wall_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let NodeReply::SignIn(mut reply) = sign_in_reply(0) else { unreachable!() };
+    reply.token_expires_ms = wall_ms + 5_000;
+    let mut s = signed_in_with(t0, NodeReply::SignIn(reply));
+    let deadline = s.next_deadline().unwrap();
+    assert!(deadline <= t0 + Duration::from_secs(5), "the expiry is a deadline: {:?}", deadline - t0);
+    s.on_tick(t0 + Duration::from_secs(2));
+    assert!(!s.is_closed(), "not yet");
+    s.on_tick(t0 + Duration::from_secs(6));
+    let actions = drain(&mut s);
+    assert_eq!(kick_code(&actions), Some(ErrorCode::ErrorTokenExpired as i32), "{actions:?}");
+    assert!(closes_with(&actions, ErrorCode::ErrorTokenExpired));
+}
+
+#[test]
+fn calls_carry_the_token_version_and_a_signed_out_answer_kicks() {
+    let t0 = Instant::now();
+    let mut s = signed_in_with(t0, sign_in_reply(0));
+    s.on_packet(t0, packet(7, Command::Sync, SyncInput::default()));
+    let call = only_call(&drain(&mut s));
+    assert_eq!(call.token_version, Some(1), "the version the node checked at sign-in");
+    let revoked = CallError::new(ErrorCode::ErrorTokenRevoked, "device signed out");
+    s.on_reply(t0, call.id, Err(revoked));
+    let actions = drain(&mut s);
+    let replies = sent(&actions);
+    let answer = replies.iter().find(|p| p.request_id == 7).expect("the SYNC is answered");
+    assert_eq!(reply_of(answer).code, ErrorCode::ErrorTokenRevoked as i32);
+    assert_eq!(kick_code(&actions), Some(ErrorCode::ErrorTokenRevoked as i32));
+    assert!(closes_with(&actions, ErrorCode::ErrorTokenRevoked));
+    // Any other refusal leaves the session up.
+    let mut s = signed_in_with(t0, sign_in_reply(0));
+    s.on_packet(t0, packet(8, Command::Sync, SyncInput::default()));
+    let call = only_call(&drain(&mut s));
+    s.on_reply(t0, call.id, Err(CallError::new(ErrorCode::ErrorUnavailable, "no leader")));
+    assert!(!s.is_closed());
+}
+
+#[test]
 fn command_before_sign_in_closes_when_configured() {
     let t0 = Instant::now();
     let mut s = Session::new(CONN, SessionConfig { close_before_sign_in: true, ..cfg() }, t0);

@@ -3,7 +3,6 @@
 //! needed.
 #![allow(missing_docs)]
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
@@ -20,13 +19,11 @@ use rim_proto::ids::{DeviceId, UserId};
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 mod cluster;
+mod wire;
 use cluster::{Cluster, Device, SECRET, free_addr, register, serial};
-
-/// How long any single wait may take.
-const WAIT: Duration = Duration::from_secs(20);
+use wire::{Client, WAIT};
 
 /// A gateway over `seeds`, with its router.
 struct Gateway {
@@ -77,155 +74,6 @@ impl Gateway {
         tokio::task::spawn_blocking(move || tcp.shutdown()).await.unwrap();
         self.router.shutdown().await;
     }
-}
-
-/// A client speaking the framing over a plain tokio socket.
-struct Client {
-    stream: TcpStream,
-    decoder: FrameDecoder,
-    /// Packets received while waiting for something else.
-    unread: VecDeque<Packet>,
-    next_request: u64,
-}
-
-impl Client {
-    async fn connect(addr: std::net::SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        Client { stream, decoder: FrameDecoder::default(), unread: VecDeque::new(), next_request: 0 }
-    }
-
-    fn frame(packet: &Packet) -> BytesMut {
-        let mut wire = BytesMut::new();
-        encode_frame(packet, &mut wire);
-        wire
-    }
-
-    async fn write(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    /// Sends a request; returns its request id.
-    async fn send(&mut self, command: Command, content: Vec<u8>) -> u64 {
-        self.next_request += 1;
-        let packet = Packet {
-            request_id: self.next_request,
-            command: command as i32,
-            content: content.into(),
-            seq: 0,
-        };
-        self.write(&Self::frame(&packet)).await;
-        self.next_request
-    }
-
-    /// The next packet from the wire; `None` at end of stream (or a reset).
-    async fn read_packet(&mut self, deadline: Instant) -> Option<Packet> {
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Some(p) = self.decoder.next_frame().expect("well-formed frames from the gateway") {
-                return Some(p);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
-                Err(_) => panic!("no packet from the gateway in time"),
-                Ok(Ok(0)) | Ok(Err(_)) => {
-                    assert_eq!(self.decoder.buffered(), 0, "the stream ended inside a frame");
-                    return None;
-                }
-                Ok(Ok(n)) => self.decoder.push(&buf[..n]),
-            }
-        }
-    }
-
-    /// The next packet, unread ones first; panics at end of stream.
-    async fn next(&mut self) -> Packet {
-        if let Some(p) = self.unread.pop_front() {
-            return p;
-        }
-        let deadline = Instant::now() + WAIT;
-        self.read_packet(deadline).await.expect("a packet, not the end of the stream")
-    }
-
-    /// Waits for the reply to `request_id`, keeping other packets.
-    async fn reply(&mut self, request_id: u64) -> Reply {
-        if let Some(i) = self.unread.iter().position(|p| p.request_id == request_id && is_reply(p)) {
-            let p = self.unread.remove(i).unwrap();
-            return Reply::decode(p.content).unwrap();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let p = self.read_packet(deadline).await.expect("a reply, not the end of the stream");
-            if p.request_id == request_id && is_reply(&p) {
-                return Reply::decode(p.content).unwrap();
-            }
-            self.unread.push_back(p);
-        }
-    }
-
-    async fn request(&mut self, command: Command, content: Vec<u8>) -> Reply {
-        let id = self.send(command, content).await;
-        self.reply(id).await
-    }
-
-    /// Waits for a `MESSAGE` push of `seq`, keeping other packets.
-    async fn push(&mut self, seq: u64) -> MessagePush {
-        if let Some(i) = self.unread.iter().position(|p| p.command == Command::Message as i32 && p.seq == seq)
-        {
-            let p = self.unread.remove(i).unwrap();
-            return MessagePush::decode(p.content).unwrap();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let p = self.read_packet(deadline).await.expect("a push, not the end of the stream");
-            if p.command == Command::Message as i32 && p.seq == seq {
-                return MessagePush::decode(p.content).unwrap();
-            }
-            self.unread.push_back(p);
-        }
-    }
-
-    /// Expects the end of the stream (after any packets already read).
-    async fn eof(&mut self) {
-        let deadline = Instant::now() + WAIT;
-        if let Some(p) = self.read_packet(deadline).await {
-            panic!("expected the end of the stream, got {p:?}");
-        }
-    }
-
-    async fn sign_in(&mut self, d: &Device) -> SignInOutput {
-        let input = SignInInput { user_id: d.user, device_id: d.device, token: d.token.clone() };
-        let reply = self.request(Command::SignIn, input.encode_to_vec()).await;
-        assert_eq!(reply.code, ErrorCode::Ok as i32, "sign-in: {}", reply.message);
-        SignInOutput::decode(reply.data).unwrap()
-    }
-
-    /// Sends a text to `to`, retrying retryable errors with the same
-    /// client_msg_id.
-    async fn send_text(&mut self, to: u64, cmid: &str) -> SendOutput {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let input = SendInput {
-                conversation_kind: ConversationKind::User as i32,
-                conversation_id: to,
-                client_msg_id: cmid.into(),
-                content_type: ContentType::Text as i32,
-                content: cmid.as_bytes().to_vec().into(),
-                ..Default::default()
-            };
-            let reply = self.request(Command::Send, input.encode_to_vec()).await;
-            if reply.code == ErrorCode::Ok as i32 {
-                return SendOutput::decode(reply.data).unwrap();
-            }
-            let code = ErrorCode::try_from(reply.code).unwrap();
-            assert!(code.is_retryable(), "send {cmid}: {} {}", code.as_str_name(), reply.message);
-            assert!(Instant::now() < deadline, "send {cmid} never acknowledged: {}", reply.message);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-fn is_reply(p: &Packet) -> bool {
-    p.command != Command::Message as i32 && p.command != Command::Kick as i32
 }
 
 /// Signs `name` in again through the auth service, as a new device.
@@ -416,6 +264,89 @@ async fn tcp_second_sign_in_of_a_device_kicks_the_first() {
         "the second connection"
     );
     assert_eq!(gw.router.user_conns(UserId(bob.user)).len(), 1);
+    gw.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_that_never_sign_in_get_a_small_budget() {
+    let _g = serial().await;
+    let gw = Gateway::start(vec![free_addr()], SessionConfig::default(), TcpOptions::default());
+
+    // A frame above the pre-sign-in maximum is refused before it is read,
+    // although it is far below the signed-in maximum.
+    let mut client = Client::connect(gw.addr()).await;
+    let big = rim_gateway::session::MAX_FRAME_BEFORE_SIGN_IN + 1;
+    let mut wire = BytesMut::new();
+    prost::encoding::encode_varint(big as u64, &mut wire);
+    client.write(&wire).await;
+    let p = client.next().await;
+    let reply = Reply::decode(p.content).unwrap();
+    assert_eq!(reply.code, ErrorCode::ErrorFrameTooLarge as i32, "{}", reply.message);
+    client.eof().await;
+
+    // Packets beyond the budget close the connection.
+    let budget = SessionConfig::default().max_packets_before_sign_in;
+    let mut client = Client::connect(gw.addr()).await;
+    let mut wire = BytesMut::new();
+    for i in 0..budget as u64 + 10 {
+        let packet = Packet { request_id: i + 1, command: Command::Heartbeat as i32, ..Default::default() };
+        encode_frame(&packet, &mut wire);
+    }
+    client.write(&wire).await;
+    let mut refused = 0;
+    while let Some(p) = client.read_packet(Instant::now() + WAIT).await {
+        if p.request_id != 0 {
+            assert_eq!(Reply::decode(p.content).unwrap().code, ErrorCode::ErrorNotSignedIn as i32);
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, budget, "every packet within the budget was answered, none after it");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_a_flood_beyond_the_read_budget_is_read_to_the_end() {
+    let _g = serial().await;
+    let c = Cluster::start(3, 2).await;
+    let alice = register(&c, "alice").await;
+    let gw = Gateway::start(c.seeds(), SessionConfig::default(), TcpOptions::default());
+    let mut client = Client::connect(gw.addr()).await;
+    client.sign_in(&alice).await;
+
+    // Far more than one turn's read budget in one write: edge-triggered
+    // readiness reports it once, so the loop must come back for the rest.
+    let n = 3 * rim_gateway::tcp::READ_BUDGET / 4096 + 7;
+    let mut wire = BytesMut::new();
+    for i in 0..n as u64 {
+        let mut packet =
+            Packet { request_id: 1_000 + i, command: Command::Heartbeat as i32, ..Default::default() };
+        packet.content = vec![7u8; 4096].into();
+        encode_frame(&packet, &mut wire);
+    }
+    let (mut reader, mut writer) = client.stream.into_split();
+    let write = tokio::spawn(async move {
+        writer.write_all(&wire).await.unwrap();
+        writer
+    });
+    let mut decoder = FrameDecoder::default();
+    let mut answered = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + WAIT;
+    while answered < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let read = tokio::time::timeout(left, reader.read(&mut buf)).await;
+        let len = read.unwrap_or_else(|_| panic!("only {answered} of {n} heartbeats answered")).unwrap();
+        assert!(len > 0, "the gateway closed after {answered} of {n} heartbeats");
+        decoder.push(&buf[..len]);
+        while let Some(p) = decoder.next_frame().unwrap() {
+            if p.command == Command::Heartbeat as i32 {
+                assert_eq!(p.request_id, 1_000 + answered as u64, "in order");
+                answered += 1;
+            }
+        }
+    }
+    drop(write.await.unwrap());
     gw.shutdown().await;
     c.shutdown().await;
 }

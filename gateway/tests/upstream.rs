@@ -22,7 +22,14 @@ fn upstream(c: &Cluster) -> Upstream {
 }
 
 fn call(id: u64, conn_id: u64, d: &Device, request: NodeCall) -> Call {
-    Call { id: CallId(id), conn_id, user_id: UserId(d.user), device_id: DeviceId(d.device), request }
+    Call {
+        id: CallId(id),
+        conn_id,
+        user_id: UserId(d.user),
+        device_id: DeviceId(d.device),
+        token_version: None,
+        request,
+    }
 }
 
 fn sign_in(d: &Device, token: &str) -> NodeCall {

@@ -50,8 +50,21 @@ pub struct NodeConfig {
     pub slots: u32,
     /// Replicas per shard.
     pub replication: usize,
-    /// Shared secret of internal listeners and the token signing key.
+    /// The secret nodes authenticate each other with (Raft, forwarded
+    /// calls, joining). Without the secrets below, it stands in for them.
     pub cluster_secret: String,
+    /// The secret gateways present (empty: the cluster secret).
+    pub gateway_secret: String,
+    /// The secret admin tools present (empty: the cluster secret).
+    pub admin_secret: String,
+    /// API keys of the push API, stored as SHA-256 digests (`[[api_keys]]`;
+    /// none: the push API accepts the cluster secret).
+    pub api_keys: Vec<crate::credentials::ApiKeyConfig>,
+    /// Token signing keys (`[[token_keys]]`; none: one key derived from the
+    /// cluster secret). Every key verifies; `token_signing_key` signs.
+    pub token_keys: Vec<crate::credentials::TokenKeyConfig>,
+    /// The id of the token key that signs new tokens (default: the first).
+    pub token_signing_key: String,
     /// Raft heartbeat interval.
     pub heartbeat_ms: u64,
     /// Lower bound of the election timeout.
@@ -82,6 +95,9 @@ pub struct NodeConfig {
     pub request_timeout_ms: u64,
     /// Groups with more members use read diffusion (0: all of them).
     pub small_group_limit: u32,
+    /// Client rate limits and load shedding (`[limits]` in TOML;
+    /// docs/security.md lists every limit with its default).
+    pub limits: crate::throttle::RateLimits,
     /// Deliberately broken behaviour for the consistency harness's self-test
     /// (`[sabotage]` in TOML, `--sabotage` / `RIM_SABOTAGE=a,b`). All off by
     /// default; never turn one on outside tests (docs/consistency.md,
@@ -167,6 +183,11 @@ impl Default for NodeConfig {
             slots: 256,
             replication: 3,
             cluster_secret: String::new(),
+            gateway_secret: String::new(),
+            admin_secret: String::new(),
+            api_keys: Vec::new(),
+            token_keys: Vec::new(),
+            token_signing_key: String::new(),
             heartbeat_ms: 100,
             election_min_ms: 400,
             election_max_ms: 800,
@@ -180,6 +201,7 @@ impl Default for NodeConfig {
             max_inflight_proposals: 1,
             request_timeout_ms: 5_000,
             small_group_limit: 500,
+            limits: crate::throttle::RateLimits::default(),
             sabotage: Sabotage::default(),
         }
     }
@@ -283,6 +305,14 @@ impl NodeConfig {
         if self.cluster_secret.len() < 16 {
             return bad("cluster_secret must be at least 16 characters".into());
         }
+        for (name, secret) in [("gateway_secret", &self.gateway_secret), ("admin_secret", &self.admin_secret)]
+        {
+            if !secret.is_empty() && (secret.len() < 16 || *secret == self.cluster_secret) {
+                return bad(format!("{name} must be at least 16 characters and differ from cluster_secret"));
+            }
+        }
+        crate::credentials::Credentials::from_config(self)?;
+        self.token_keys()?;
         if self.heartbeat_ms == 0 || self.election_min_ms <= 2 * self.heartbeat_ms {
             return bad(format!(
                 "election_min_ms ({}) must exceed twice heartbeat_ms ({})",
@@ -299,6 +329,22 @@ impl NodeConfig {
             return bad("token_ttl_secs must be ≥ 1".into());
         }
         Ok(())
+    }
+}
+
+impl NodeConfig {
+    /// The token keys: the configured ones, or one derived from the
+    /// cluster secret.
+    pub fn token_keys(&self) -> Result<rim_cluster::TokenKeys> {
+        let config = |e: rim_cluster::Error| Error::Config(format!("token keys: {e}"));
+        if self.token_keys.is_empty() {
+            let key = rim_cluster::TokenKey::from_secret(&self.cluster_secret).map_err(config)?;
+            return Ok(rim_cluster::TokenKeys::single("cluster-secret", key));
+        }
+        let keys: Vec<(String, String)> =
+            self.token_keys.iter().map(|k| (k.id.clone(), k.secret.clone())).collect();
+        let signing = if self.token_signing_key.is_empty() { &keys[0].0 } else { &self.token_signing_key };
+        rim_cluster::TokenKeys::new(&keys, signing).map_err(config)
     }
 }
 
@@ -386,6 +432,57 @@ mod tests {
         let e = c.apply_env([("RIM_SABOTAGE".to_string(), "lose-everything".to_string())]).unwrap_err();
         assert!(e.to_string().contains("lose-everything"), "{e}");
         assert!(NodeConfig::from_toml("[sabotage]\nnope = true\n").is_err());
+    }
+
+    #[test]
+    fn rate_limits_read_from_toml() {
+        let c = NodeConfig::from_toml("[limits]\nsends_per_sec = 5\nauth_per_ip_per_sec = 0.5\n").unwrap();
+        assert_eq!(c.limits.sends_per_sec, 5.0, "an integer is a rate too");
+        assert_eq!(c.limits.auth_per_ip_per_sec, 0.5);
+        assert_eq!(
+            c.limits.send_burst,
+            crate::throttle::RateLimits::default().send_burst,
+            "the rest default"
+        );
+        assert!(NodeConfig::from_toml("[limits]\nsends_per_minute = 5\n").is_err(), "unknown keys refused");
+    }
+
+    #[test]
+    fn credentials_read_from_toml_and_are_validated() {
+        let text = r#"
+            gateway_secret = "gateway-secret-0123"
+            token_signing_key = "new"
+            [[token_keys]]
+            id = "old"
+            secret = "old-token-secret-0123"
+            [[token_keys]]
+            id = "new"
+            secret = "new-token-secret-0123"
+            [[api_keys]]
+            name = "backend"
+            sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+            scopes = ["push.users"]
+        "#;
+        let c = NodeConfig { ..NodeConfig::from_toml(text).unwrap() };
+        let c = NodeConfig {
+            id: 1,
+            bootstrap: true,
+            peers: valid().peers,
+            cluster_secret: valid().cluster_secret,
+            ..c
+        };
+        c.validate().unwrap();
+        assert_eq!(c.token_keys().unwrap().ids().collect::<Vec<_>>(), ["new", "old"]);
+        assert_eq!(c.api_keys[0].scopes, ["push.users"]);
+        let same = NodeConfig { gateway_secret: c.cluster_secret.clone(), ..c.clone() };
+        assert!(same.validate().unwrap_err().to_string().contains("gateway_secret"));
+        let unknown = NodeConfig { token_signing_key: "nope".into(), ..c.clone() };
+        assert!(unknown.validate().is_err());
+        assert_eq!(
+            valid().token_keys().unwrap().ids().collect::<Vec<_>>(),
+            ["cluster-secret"],
+            "the fallback"
+        );
     }
 
     #[test]

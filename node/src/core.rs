@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use rim_cluster::Backoff;
-use rim_cluster::{Placement, TokenKey};
+use rim_cluster::{Placement, TokenKeys};
 use rim_proto::ErrorCode;
 use rim_proto::ids::{DeviceId, GroupId, NodeId, ShardId, UserId};
 use rim_proto::store::{self, Op, OpResult, Proposal, ProposalResult, op::Op as O};
@@ -64,12 +64,14 @@ pub struct Core {
     pub groups: RwLock<BTreeMap<ShardId, Arc<Group>>>,
     /// Latest cluster map known here.
     pub placement: RwLock<Option<Arc<Placement>>>,
-    /// Token signing key (from the cluster secret).
-    pub tokens: TokenKey,
+    /// Token keys: one signs, all verify.
+    pub tokens: TokenKeys,
     /// Phone sign-in code verifier.
     pub codes: Arc<dyn CodeVerifier>,
     /// What apply refuses; writes are checked against it before proposing.
     pub limits: Arc<Limits>,
+    /// Client rate limits and the password-hashing slots.
+    pub throttle: crate::throttle::Throttle,
     /// Request deadline inside the node.
     pub timeout: Duration,
     id_blocks: Mutex<BTreeMap<i32, IdBlock>>,
@@ -88,12 +90,14 @@ impl Core {
     pub fn new(
         config: NodeConfig,
         peers: Peers,
-        tokens: TokenKey,
+        tokens: TokenKeys,
         codes: Arc<dyn CodeVerifier>,
         limits: Arc<Limits>,
     ) -> Core {
         let timeout = Duration::from_millis(config.request_timeout_ms);
+        let throttle = crate::throttle::Throttle::new(&config.limits);
         Core {
+            throttle,
             config,
             peers,
             groups: RwLock::new(BTreeMap::new()),
@@ -446,16 +450,7 @@ impl Core {
         device: DeviceId,
         token: &str,
     ) -> Result<rim_cluster::Claims> {
-        let claims = self
-            .tokens
-            .verify(token, now_ms())
-            .map_err(|e| Error::rejected(e.code(), format!("token refused: {e}")))?;
-        if claims.user_id != user || claims.device_id != device {
-            return Err(Error::rejected(
-                ErrorCode::ErrorUnauthenticated,
-                "token belongs to another user or device",
-            ));
-        }
+        let claims = self.token_claims(user, device, token)?;
         let shard = self.shard_of_user(user)?;
         let (u, d) = (user, device);
         let dev = match self.group(shard) {
@@ -474,6 +469,41 @@ impl Core {
             Some(d) if d.token_version == claims.token_version => Ok(claims),
             Some(_) => Err(Error::rejected(ErrorCode::ErrorTokenRevoked, "device signed out")),
             None => Err(Error::rejected(ErrorCode::ErrorDeviceNotFound, "unknown device")),
+        }
+    }
+
+    /// The claims of `token` if its signature and expiry are valid and it
+    /// names `(user, device)`: the local, stateless half of
+    /// [`Core::verify_token`], checked before any read barrier is spent on
+    /// the caller.
+    pub fn token_claims(&self, user: UserId, device: DeviceId, token: &str) -> Result<rim_cluster::Claims> {
+        let claims = self
+            .tokens
+            .verify(token, now_ms())
+            .map_err(|e| Error::rejected(e.code(), format!("token refused: {e}")))?;
+        if claims.user_id != user || claims.device_id != device {
+            return Err(Error::rejected(
+                ErrorCode::ErrorUnauthenticated,
+                "token belongs to another user or device",
+            ));
+        }
+        Ok(claims)
+    }
+
+    /// Refuses, with `ERROR_TOKEN_REVOKED`, a connection of `(user, device)`
+    /// signed in at token version `version` if this node's replica of the
+    /// user's shard holds a newer version (the device logged out or was
+    /// revoked since). A local read without a barrier: cheap enough for
+    /// every gateway call, and a lagging replica only delays the refusal.
+    /// A shard not hosted here, or a replica that has not seen the version
+    /// yet: no refusal.
+    pub fn check_device_version(&self, user: UserId, device: DeviceId, version: u64) -> Result<()> {
+        let Some(local) = self.group(self.shard_of_user(user)?) else { return Ok(()) };
+        match local.reader.device(user, device)? {
+            Some(d) if d.token_version > version => {
+                Err(Error::rejected(ErrorCode::ErrorTokenRevoked, "device signed out"))
+            }
+            _ => Ok(()),
         }
     }
 

@@ -31,6 +31,17 @@ pub enum Error {
         /// Detail.
         message: String,
     },
+    /// Too many requests (a rate limit) or too much work queued: retry
+    /// after the hint, with the same idempotency key.
+    #[error("{code:?}: {message} (retry after {retry_after_ms} ms)")]
+    Overloaded {
+        /// `ERROR_RATE_LIMITED` or `ERROR_BUSY`.
+        code: ErrorCode,
+        /// Which limit.
+        message: String,
+        /// How long to wait, in milliseconds.
+        retry_after_ms: u32,
+    },
     /// Invalid configuration.
     #[error("config: {0}")]
     Config(String),
@@ -51,13 +62,22 @@ impl Error {
         Error::Rejected { code, message: message.into() }
     }
 
+    /// A refusal by the rate limit named `what`.
+    pub fn rate_limited(what: &str, limited: rim_cluster::Limited) -> Error {
+        Error::Overloaded {
+            code: ErrorCode::ErrorRateLimited,
+            message: format!("rate limit: {what}"),
+            retry_after_ms: limited.retry_after_ms(),
+        }
+    }
+
     /// The stable client-facing code.
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::NotLeader { .. } => ErrorCode::ErrorNotLeader,
             Error::Unavailable(_) => ErrorCode::ErrorUnavailable,
             Error::Timeout(_) => ErrorCode::ErrorTimeout,
-            Error::Rejected { code, .. } => *code,
+            Error::Rejected { code, .. } | Error::Overloaded { code, .. } => *code,
             Error::Store(e) => e.code(),
             Error::Config(_) | Error::Io(_) | Error::Internal(_) => ErrorCode::ErrorInternal,
         }
@@ -68,6 +88,9 @@ impl Error {
         match self {
             Error::NotLeader { addr: Some(a), .. } => {
                 rim_proto::error::status_with_leader(self.code(), self.to_string(), a)
+            }
+            Error::Overloaded { code, retry_after_ms, .. } => {
+                rim_proto::error::status_with_retry_after(*code, self.to_string(), *retry_after_ms)
             }
             _ => rim_proto::error::status(self.code(), self.to_string()),
         }

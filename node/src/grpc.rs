@@ -17,6 +17,11 @@ use rim_proto::error::{CODE_METADATA_KEY, code_of_transport_status};
 /// is refused with `ERROR_FRAME_TOO_LARGE` before it is decoded.
 pub const MAX_CLIENT_REQUEST: usize = 1 << 20;
 
+/// How often a node's servers ping an idle HTTP/2 connection.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is dropped.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Adds `rim-code` to an error response that has a `grpc-status` but no
 /// code (a trailers-only response made by the transport).
 pub fn fill_rim_code<B>(mut response: Response<B>) -> Response<B> {
@@ -55,6 +60,8 @@ mod tests {
     fn transport_errors_get_a_code_and_handler_codes_are_kept() {
         let too_large = fill_rim_code(response(&[("grpc-status", "11")]));
         assert_eq!(rim_code(&too_large), Some(ErrorCode::ErrorFrameTooLarge as i32));
+        let undecodable = fill_rim_code(response(&[("grpc-status", "13")]));
+        assert_eq!(rim_code(&undecodable), Some(ErrorCode::ErrorMalformedFrame as i32));
         let unknown = fill_rim_code(response(&[("grpc-status", "12")]));
         assert_eq!(rim_code(&unknown), Some(ErrorCode::ErrorUnknownCommand as i32));
         let handler = fill_rim_code(response(&[("grpc-status", "5"), (CODE_METADATA_KEY, "4000")]));

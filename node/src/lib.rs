@@ -31,6 +31,7 @@
 pub mod auth;
 pub mod config;
 pub mod core;
+pub mod credentials;
 pub mod error;
 pub mod group;
 pub mod grpc;
@@ -40,6 +41,7 @@ mod node;
 pub mod read;
 pub mod relay;
 pub mod service;
+pub mod throttle;
 
 pub use config::{NodeConfig, Sabotage};
 pub use error::{Error, Result};

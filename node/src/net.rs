@@ -50,6 +50,13 @@ use tonic::transport::{Channel, Endpoint};
 /// not, and a follower refused such a batch on every retry.
 pub const RAFT_MESSAGE_LIMIT: usize = 64 << 20;
 
+/// Most entry bytes sent in one `AppendEntries` (at least one entry is
+/// always sent; entries are at most `MAX_ENTRY_BYTES`). openraft times an
+/// `AppendEntries` out after one heartbeat interval whatever its size, and a
+/// batch that a loaded follower cannot take and fsync in that time was
+/// retried, whole, for ever.
+pub const APPEND_BUDGET: usize = 512 << 10;
+
 /// Decides whether the link `from → to` is cut (tests only).
 pub type LinkFilter = Arc<dyn Fn(u64, u64) -> bool + Send + Sync>;
 
@@ -238,19 +245,55 @@ impl PeerLink {
     }
 }
 
+/// The application bytes of an entry (what dominates its encoded size).
+fn entry_bytes(e: &rim_raft_store::raft::Entry) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(r) => prost::Message::encoded_len(&r.0),
+        _ => 64,
+    }
+}
+
+/// Keeps the longest prefix of `entries` within [`APPEND_BUDGET`] bytes (at
+/// least one entry); returns the log id of the last one kept if any were
+/// dropped.
+fn fit_append(entries: &mut Vec<rim_raft_store::raft::Entry>) -> Option<openraft::LogId<u64>> {
+    let mut bytes = 0;
+    let keep = entries
+        .iter()
+        .position(|e| {
+            bytes += entry_bytes(e);
+            bytes > APPEND_BUDGET
+        })
+        .map_or(entries.len(), |over| over.max(1));
+    if keep >= entries.len() {
+        return None;
+    }
+    entries.truncate(keep);
+    entries.last().map(|e| e.log_id)
+}
+
 impl RaftNetwork<TypeConfig> for PeerLink {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcErr<openraft::error::Infallible>> {
+        // openraft gives every AppendEntries one heartbeat interval, however
+        // many bytes it carries: send a prefix that fits, and report it as a
+        // partial success so openraft sends the rest next.
+        let sent_up_to = fit_append(&mut rpc.entries);
         let req = self.request(self.encode(&rpc)?);
         let msg = self.peers.request(req, option.hard_ttl());
         let reply = self
             .peers
             .call(self.target, &self.addr, option.hard_ttl(), |mut c, _| async move { c.append(msg).await })
             .await;
-        self.decode(reply)
+        match (self.decode(reply)?, sent_up_to) {
+            (AppendEntriesResponse::Success, Some(last)) => {
+                Ok(AppendEntriesResponse::PartialSuccess(Some(last)))
+            }
+            (other, _) => Ok(other),
+        }
     }
 
     async fn install_snapshot(
@@ -287,5 +330,46 @@ impl RaftNetwork<TypeConfig> for PeerLink {
             .call(self.target, &self.addr, option.hard_ttl(), |mut c, _| async move { c.vote(msg).await })
             .await;
         self.decode(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+    use rim_proto::store::{self, Proposal, op::Op as O};
+    use rim_raft_store::Request;
+    use rim_raft_store::raft::Entry;
+
+    use super::*;
+
+    /// An entry at `index` whose application payload is about `bytes` long.
+    fn entry(index: u64, bytes: usize) -> Entry {
+        let push = store::PushToUsers { content: vec![0u8; bytes].into(), ..Default::default() };
+        let proposal = Proposal { now_ms: 1, ops: vec![store::Op { op: Some(O::PushToUsers(push)) }] };
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Request(proposal)),
+        }
+    }
+
+    #[test]
+    fn appends_are_cut_to_the_byte_budget_keeping_at_least_one_entry() {
+        let quarter = APPEND_BUDGET / 4;
+        let mut small: Vec<Entry> = (1..=3).map(|i| entry(i, quarter)).collect();
+        assert_eq!(fit_append(&mut small), None, "within the budget: all of it");
+        assert_eq!(small.len(), 3);
+
+        let mut big: Vec<Entry> = (1..=8).map(|i| entry(i, quarter)).collect();
+        let last = fit_append(&mut big).expect("cut");
+        assert_eq!(big.len(), 3, "three quarters and a bit fit, the fourth does not");
+        assert_eq!(last.index, 3);
+        assert!(big.iter().map(entry_bytes).sum::<usize>() <= APPEND_BUDGET);
+
+        let mut huge = vec![entry(1, 2 * APPEND_BUDGET), entry(2, 10)];
+        assert_eq!(fit_append(&mut huge).map(|l| l.index), Some(1), "one entry even above the budget");
+        assert_eq!(huge.len(), 1);
+
+        let mut none: Vec<Entry> = Vec::new();
+        assert_eq!(fit_append(&mut none), None);
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::BasicNode;
-use rim_cluster::{Placement, TokenKey};
+use rim_cluster::Placement;
 use rim_proto::ids::ShardId;
 use rim_proto::store::{self, op::Op as O};
 use rim_proto::v1::admin_service_client::AdminServiceClient;
@@ -36,6 +36,7 @@ use tonic::service::interceptor::InterceptedService;
 use crate::auth::{CodeVerifier, FixedCodeVerifier, NoCodeVerifier};
 use crate::config::NodeConfig;
 use crate::core::{Core, META};
+use crate::credentials::Credentials;
 use crate::error::{Error, Result};
 use crate::group::{Group, ProposerOptions};
 use crate::net::{LinkFilter, Peers};
@@ -126,8 +127,7 @@ impl Node {
         if !config.fsync {
             tracing::warn!("fsync is OFF: acknowledged writes can be lost on a crash");
         }
-        let tokens =
-            TokenKey::from_secret(&config.cluster_secret).map_err(|e| Error::Config(e.to_string()))?;
+        let tokens = config.token_keys()?;
         let codes: Arc<dyn CodeVerifier> = match &config.dev_code {
             Some(code) => Arc::new(FixedCodeVerifier::new(code.clone())),
             None => Arc::new(NoCodeVerifier),
@@ -434,33 +434,40 @@ async fn fetch_map(core: &Core, seed: &str) -> Result<ClusterMap> {
     map.into_inner().map.ok_or_else(|| Error::Unavailable("seed has no cluster map".into()))
 }
 
-fn check_secret(
-    expected: String,
-) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
-    move |req: tonic::Request<()>| {
-        if rim_proto::metadata::has_cluster_secret(req.metadata(), &expected) {
-            Ok(req)
-        } else {
-            Err(rim_proto::error::status(
-                rim_proto::ErrorCode::ErrorPermissionDenied,
-                "cluster secret required",
-            ))
-        }
-    }
-}
-
 async fn serve_internal(core: Arc<Core>, listener: TcpListener) {
-    let check = check_secret(core.config.cluster_secret.clone());
+    use crate::credentials::Role;
+    let creds = match Credentials::from_config(&core.config) {
+        Ok(c) => c,
+        Err(e) => return tracing::error!(error = %e, "internal listener not started"),
+    };
+    creds.warn_fallbacks();
     let raft = InterceptedService::new(
         RaftServiceServer::new(RaftSvc { core: core.clone() })
             .max_decoding_message_size(crate::net::RAFT_MESSAGE_LIMIT)
             .max_encoding_message_size(crate::net::RAFT_MESSAGE_LIMIT),
-        check.clone(),
+        creds.interceptor("RaftService", |r| *r == Role::Peer),
     );
-    let gateway = GatewayServiceServer::with_interceptor(GatewaySvc { core: core.clone() }, check.clone());
-    let push = PushServiceServer::with_interceptor(PushSvc { core: core.clone() }, check.clone());
-    let admin = AdminServiceServer::with_interceptor(AdminSvc { core: core.clone() }, check);
+    let gateway = GatewayServiceServer::with_interceptor(
+        GatewaySvc { core: core.clone() },
+        creds.interceptor("GatewayService", |r| matches!(r, Role::Peer | Role::Gateway)),
+    );
+    // Which push methods a key may call is the handlers' check (scopes).
+    let push = PushServiceServer::with_interceptor(
+        PushSvc { core: core.clone() },
+        creds.interceptor("PushService", |r| matches!(r, Role::Peer | Role::Push { .. })),
+    );
+    // Gateways read the map; changes need an admin (the handlers' check).
+    let admin = AdminServiceServer::with_interceptor(
+        AdminSvc { core: core.clone() },
+        creds.interceptor("AdminService", |r| matches!(r, Role::Peer | Role::Admin | Role::Gateway)),
+    );
+    // Authenticated peers only: no request timeout (a snapshot upload and
+    // a push subscription run as long as they need) and no per-connection
+    // limit (a gateway multiplexes its connections' calls on a few
+    // channels); keepalive finds dead peers.
     let res = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(crate::grpc::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(crate::grpc::KEEPALIVE_TIMEOUT))
         .layer(tower::util::MapResponseLayer::new(crate::grpc::fill_rim_code))
         .add_service(raft)
         .add_service(gateway)
@@ -492,7 +499,17 @@ fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Resul
 async fn serve_client(core: Arc<Core>, listener: TcpListener) {
     let svc = ClientSvc { core: core.clone() };
     let limit = crate::grpc::MAX_CLIENT_REQUEST;
+    // Every client is a stranger: bounded concurrent calls per connection,
+    // every call done (or cut off) within the node's own deadline plus the
+    // wait for a password-hashing slot, and keepalive to drop dead peers.
+    let per_connection = core.config.limits.grpc_calls_per_connection.max(1);
+    let deadline = core.timeout + crate::throttle::HASH_WAIT + crate::grpc::KEEPALIVE_TIMEOUT;
     let res = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(per_connection)
+        .max_concurrent_streams(u32::try_from(per_connection).ok())
+        .timeout(deadline)
+        .http2_keepalive_interval(Some(crate::grpc::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(crate::grpc::KEEPALIVE_TIMEOUT))
         .layer(tower::util::MapResponseLayer::new(crate::grpc::fill_rim_code))
         .add_service(AuthServiceServer::new(svc.clone()).max_decoding_message_size(limit))
         .add_service(UserServiceServer::new(svc.clone()).max_decoding_message_size(limit))

@@ -91,3 +91,52 @@ async fn a_phone_number_is_shown_to_its_owner_only() {
     assert!(seen.iter().all(|u| u.phone.is_empty()), "GetUsers hides it: {seen:?}");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_of_a_revoked_device_is_refused_by_its_next_call() {
+    use rim_proto::v1::auth_service_client::AuthServiceClient;
+    use rim_proto::v1::gateway_service_client::GatewayServiceClient;
+    use rim_testkit::grpc::{endpoint, with_secret};
+
+    let _g = serial().await;
+    let c = Cluster::start(1, 1).await;
+    let client = c.client(1);
+    let s = client.register_and_sign_in("revoked_conn").await;
+    let mut gw = GatewayServiceClient::new(endpoint(&c.configs[&1].listen).connect_lazy());
+    let ctx = |token_version: Option<u64>| ConnContext {
+        user_id: s.user.0,
+        device_id: s.device.0,
+        token_version,
+        ..Default::default()
+    };
+    let input = SignInInput { user_id: s.user.0, device_id: s.device.0, token: s.token.clone() };
+    let signed = gw
+        .conn_sign_in(with_secret(ConnSignInRequest { conn: Some(ctx(None)), input: Some(input) }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(signed.token_expires_ms > 0, "the gateway learns when to close the connection");
+    let version = Some(signed.token_version);
+    let sync = |token_version: Option<u64>| ConnSyncRequest {
+        conn: Some(ctx(token_version)),
+        input: Some(SyncInput::default()),
+    };
+    gw.sync(with_secret(sync(version))).await.expect("signed in: served");
+
+    // The device logs out elsewhere (the connection's kick is not what this
+    // tests): its connection's next call is refused.
+    let mut auth = AuthServiceClient::new(client.channel.clone());
+    auth.logout(Client::authed(&s, LogoutRequest {})).await.unwrap();
+    let err = gw.sync(with_secret(sync(version))).await.unwrap_err();
+    assert_eq!(code(&err), ErrorCode::ErrorTokenRevoked, "{err:?}");
+    let err = gw
+        .send(with_secret(ConnSendRequest {
+            conn: Some(ctx(version)),
+            input: Some(send_input(s.user, "after-logout", ContentType::Text, b"x".to_vec())),
+            group: false,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), ErrorCode::ErrorTokenRevoked, "{err:?}");
+    c.shutdown().await;
+}

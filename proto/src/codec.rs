@@ -254,6 +254,12 @@ impl FrameDecoder {
         self.framing.max_frame
     }
 
+    /// Changes the maximum frame body length for the frames not yet
+    /// decoded (a transport raises it once a connection signed in).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.framing.max_frame = max_frame;
+    }
+
     /// Appends received bytes. Ignored once a fatal error was returned.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.framing.fatal.is_none() {

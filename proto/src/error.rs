@@ -12,7 +12,7 @@
 
 use crate::v1::{ErrorCode, Reply};
 
-pub use crate::metadata::{CODE_METADATA_KEY, LEADER_METADATA_KEY};
+pub use crate::metadata::{CODE_METADATA_KEY, LEADER_METADATA_KEY, RETRY_AFTER_METADATA_KEY};
 
 /// What a caller should do about an error, by code range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,7 +64,7 @@ impl ErrorCode {
             E::Ok => C::Ok,
             E::ErrorUnavailable | E::ErrorNotLeader | E::ErrorWrongShard => C::Unavailable,
             E::ErrorTimeout => C::DeadlineExceeded,
-            E::ErrorBusy | E::ErrorGroupFull => C::ResourceExhausted,
+            E::ErrorBusy | E::ErrorRateLimited | E::ErrorGroupFull => C::ResourceExhausted,
             E::ErrorBadRequest
             | E::ErrorMalformedFrame
             | E::ErrorFrameTooLarge
@@ -115,10 +115,15 @@ impl ErrorCode {
 /// undecodable message, an unknown method): what a rim server adds to such
 /// a response so that every error carries a code. Like
 /// [`ErrorCode::from_grpc_code`], except that `OUT_OF_RANGE`, which tonic
-/// uses only for a message above the size limit, is `ERROR_FRAME_TOO_LARGE`.
+/// uses only for a message above the size limit, is `ERROR_FRAME_TOO_LARGE`,
+/// and `INTERNAL`, which a tonic server makes itself only for a request
+/// body it cannot decode (rim's handlers always add their own code), is
+/// `ERROR_MALFORMED_FRAME`: the client's fault, not a server fault to
+/// report.
 pub fn code_of_transport_status(code: tonic::Code) -> ErrorCode {
     match code {
         tonic::Code::OutOfRange => ErrorCode::ErrorFrameTooLarge,
+        tonic::Code::Internal => ErrorCode::ErrorMalformedFrame,
         c => ErrorCode::from_grpc_code(c),
     }
 }
@@ -138,6 +143,30 @@ pub fn status_with_leader(code: ErrorCode, message: impl Into<String>, leader_ad
         status.metadata_mut().insert(LEADER_METADATA_KEY, value);
     }
     status
+}
+
+/// Like [`status`], with a retry hint in [`RETRY_AFTER_METADATA_KEY`]
+/// (for `ERROR_RATE_LIMITED` and `ERROR_BUSY`; 0 adds none).
+pub fn status_with_retry_after(
+    code: ErrorCode,
+    message: impl Into<String>,
+    retry_after_ms: u32,
+) -> tonic::Status {
+    let mut status = status(code, message);
+    if retry_after_ms > 0 {
+        status.metadata_mut().insert(RETRY_AFTER_METADATA_KEY, retry_after_ms.into());
+    }
+    status
+}
+
+/// The retry hint of a status in milliseconds (0: none).
+pub fn retry_after_of_status(status: &tonic::Status) -> u32 {
+    status
+        .metadata()
+        .get(RETRY_AFTER_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The rim error code of a gRPC status: its `rim-code` entry if present and
@@ -208,6 +237,18 @@ mod tests {
     /// Every code this build knows (they are all below 6000).
     fn all_codes() -> Vec<ErrorCode> {
         (0..6000).filter_map(|n| ErrorCode::try_from(n).ok()).collect()
+    }
+
+    #[test]
+    fn retry_hints_round_trip() {
+        let s = status_with_retry_after(ErrorCode::ErrorRateLimited, "slow down", 1500);
+        assert_eq!(code_of_status(&s), ErrorCode::ErrorRateLimited);
+        assert_eq!(retry_after_of_status(&s), 1500);
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert!(ErrorCode::ErrorRateLimited.is_retryable());
+        assert_eq!(retry_after_of_status(&status(ErrorCode::ErrorBusy, "x")), 0);
+        let none = status_with_retry_after(ErrorCode::ErrorBusy, "x", 0);
+        assert!(none.metadata().get(RETRY_AFTER_METADATA_KEY).is_none());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! | [`CLUSTER_SECRET_METADATA_KEY`] | internal calls (Raft, gateway, admin) | the shared cluster secret |
 //! | [`CODE_METADATA_KEY`] | error statuses | the decimal [`ErrorCode`](crate::ErrorCode) |
 //! | [`LEADER_METADATA_KEY`] | `ERROR_NOT_LEADER` / `ERROR_WRONG_SHARD` | the leader's address, when known |
+//! | [`RETRY_AFTER_METADATA_KEY`] | `ERROR_RATE_LIMITED` / `ERROR_BUSY` | milliseconds to wait before retrying |
 //!
 //! A secret is checked with [`has_cluster_secret`], which compares in
 //! constant time so the time a refusal takes tells nothing about how much
@@ -37,6 +38,11 @@ pub const CODE_METADATA_KEY: &str = "rim-code";
 /// Metadata entry holding the leader's address, with `ERROR_NOT_LEADER` /
 /// `ERROR_WRONG_SHARD`, when known.
 pub const LEADER_METADATA_KEY: &str = "rim-leader";
+
+/// Metadata entry holding how long to wait before retrying, in decimal
+/// milliseconds, with `ERROR_RATE_LIMITED` (and `ERROR_BUSY` when known):
+/// the gRPC twin of `Reply.retry_after_ms`.
+pub const RETRY_AFTER_METADATA_KEY: &str = "rim-retry-after-ms";
 
 /// Whether `metadata` carries `expected` in [`CLUSTER_SECRET_METADATA_KEY`].
 /// The comparison takes the same time wherever the values differ (only the

@@ -43,7 +43,7 @@ pub mod raft;
 
 pub use db::{Db, DbOptions};
 pub use error::{Error, Result};
-pub use im::read::MAX_PAGE_BYTES;
+pub use im::read::{MAX_PAGE_BYTES, MAX_TAIL_BYTES};
 pub use im::read::{Page, Reader};
 pub use im::{Appended, ApplyEffects, Limits, ListRef};
 pub use raft::{AppliedEvent, LogStore, Request, Response, StateMachine, TypeConfig};

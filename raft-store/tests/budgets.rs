@@ -17,7 +17,7 @@ use prost::Message as _;
 use rim_proto::ErrorCode;
 use rim_proto::store::{self, GroupKind, op::Op as O};
 use rim_proto::v1::ContentType;
-use rim_raft_store::{GroupId, Limits, MAX_PAGE_BYTES, Page, Seq, UserId};
+use rim_raft_store::{GroupId, Limits, MAX_PAGE_BYTES, MAX_TAIL_BYTES, Page, Seq, UserId};
 
 const A: u64 = 101;
 const B: u64 = 202;
@@ -50,6 +50,29 @@ fn read_all(mut read: impl FnMut(Seq) -> Page) -> (Vec<u64>, usize) {
             return (seqs, pages);
         }
     }
+}
+
+#[tokio::test]
+async fn a_tail_read_stops_at_its_byte_budget() {
+    let mut n = Node::new(&[1]);
+    n.apply(1, vec![create_user(A), create_user(B)]).await;
+    let body = "x".repeat(BIG);
+    // More than MAX_TAIL_BYTES of large messages, then small ones.
+    let large = (MAX_TAIL_BYTES / BIG + 8) as u64;
+    for i in 0..large {
+        sent(&n.apply1(1, send(A, B, &format!("tail-{i}"), &body)).await);
+    }
+    let r = n.reader(1);
+    let tail = r.tail(UserId(B), 2_000).unwrap();
+    let bytes: usize = tail.iter().map(|m| m.encoded_len()).sum();
+    assert!(bytes <= MAX_TAIL_BYTES + BIG + 256, "{bytes} bytes");
+    assert!((tail.len() as u64) < large, "the budget, not the count, ended the read");
+    assert_eq!(tail[0].seq, large, "newest first");
+    assert!(tail.windows(2).all(|w| w[0].seq == w[1].seq + 1), "contiguous");
+    for i in 0..5 {
+        sent(&n.apply1(1, send(A, B, &format!("small-{i}"), "hi")).await);
+    }
+    assert_eq!(n.reader(1).tail(UserId(B), 5).unwrap().len(), 5, "small entries: the count ends it");
 }
 
 #[tokio::test]

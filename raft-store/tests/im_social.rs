@@ -498,9 +498,11 @@ async fn receipt_dedup_records_leave_with_the_window() {
     for i in 0..3 {
         n.apply1(1, send(B, A, &format!("f{i}"), "x")).await;
     }
-    // B's list grew past the window: the receipt is no longer remembered.
-    n.apply1(1, mark_read(B, ConversationKind::User, A, 1, id)).await;
-    assert_eq!(receipts(&n), 2, "the documented limit of the window");
+    // B's list grew past the window: the message can no longer be found by
+    // its id, so a receipt for it is refused rather than sent twice.
+    let r = n.apply1(1, mark_read(B, ConversationKind::User, A, 1, id)).await;
+    assert_eq!(code(&r), ErrorCode::ErrorMessageNotFound);
+    assert_eq!(receipts(&n), 1);
 }
 
 #[tokio::test]
@@ -779,4 +781,30 @@ async fn retried_operations_answer_ok_and_change_nothing() {
         ErrorCode::ErrorGroupNotFound,
         "only the owner's retry"
     );
+}
+
+#[tokio::test]
+async fn an_orphaned_account_claim_is_taken_over_only_when_old_and_unchanged() {
+    let mut n = Node::new(&[1]);
+    let claim = |user_id: u64, replaces_user_id: u64| {
+        op(O::ClaimAccount(store::ClaimAccount { name: "u:orphan".into(), user_id, replaces_user_id }))
+    };
+    let window = Limits::default().orphan_claim_ms;
+    assert_eq!(at(&mut n, 1, T0, claim(A, 0)).await.code, 0);
+    // Taken, and too young to take over.
+    let r = at(&mut n, 1, T0 + 1, claim(B, 0)).await;
+    assert_eq!(r.code, ErrorCode::ErrorAlreadyExists as i32);
+    let r = at(&mut n, 1, T0 + window - 1, claim(B, A)).await;
+    assert_eq!(r.code, ErrorCode::ErrorAlreadyExists as i32, "a registration may still be creating A");
+    // Old enough, but naming another owner: refused.
+    let r = at(&mut n, 1, T0 + window, claim(B, C)).await;
+    assert_eq!(r.code, ErrorCode::ErrorAlreadyExists as i32);
+    assert_eq!(n.reader(1).account("u:orphan").unwrap(), Some(UserId(A)));
+    // Old enough and still A's: taken over, and the new claim is young again.
+    assert_eq!(at(&mut n, 1, T0 + window, claim(B, A)).await.code, 0);
+    assert_eq!(n.reader(1).account("u:orphan").unwrap(), Some(UserId(B)));
+    let r = at(&mut n, 1, T0 + window + 1, claim(C, B)).await;
+    assert_eq!(r.code, ErrorCode::ErrorAlreadyExists as i32);
+    // Retrying the winning claim is fine.
+    assert_eq!(at(&mut n, 1, T0 + window + 2, claim(B, A)).await.code, 0);
 }

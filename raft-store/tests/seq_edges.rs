@@ -214,3 +214,38 @@ async fn the_push_log_at_the_last_position_refuses_idempotent_pushes() {
     // A push without an id is not logged and still goes through.
     assert_eq!(code(&n.apply1(1, push("")).await), ErrorCode::Ok);
 }
+
+#[tokio::test]
+async fn a_read_receipt_names_a_message_the_peer_sent_to_the_reader() {
+    const C: u64 = 303;
+    let mut n = Node::new(&[1]);
+    n.apply(1, vec![create_user(A), create_user(B), create_user(C), register_device(B, 5)]).await;
+    let from_a = sent(&n.apply1(1, send(A, B, "m-a", "x")).await);
+    let from_c = sent(&n.apply1(1, send(C, B, "m-c", "x")).await);
+    let own = sent(&n.apply1(1, send(B, A, "m-b", "x")).await);
+    let receipt = |message_id| {
+        op(O::MarkRead(store::MarkRead {
+            user_id: B,
+            device_id: 5,
+            conversation_kind: ConversationKind::User as i32,
+            conversation_id: A,
+            read_seq: 1,
+            receipt_message_id: message_id,
+        }))
+    };
+    // Made up, sent by someone else, or sent by the reader: refused, and
+    // the position does not move either.
+    for bad in [999_999, from_c.message_id, own.message_id] {
+        let r = n.apply1(1, receipt(bad)).await;
+        assert_eq!(r.code, ErrorCode::ErrorMessageNotFound as i32, "receipt for {bad}: {}", r.message);
+    }
+    assert_eq!(n.reader(1).read_position(UserId(B), ConversationKind::User as i32, A).unwrap(), 0);
+    let r = n.apply1(1, receipt(from_a.message_id)).await;
+    assert_eq!(r.code, 0, "{}", r.message);
+    let receipts: Vec<_> = list(&n.reader(1), A)
+        .into_iter()
+        .filter(|m| m.content_type == rim_proto::v1::ContentType::ReadReceipt as i32)
+        .collect();
+    assert_eq!(receipts.len(), 1);
+    assert_eq!(receipts[0].refers_to, from_a.message_id);
+}

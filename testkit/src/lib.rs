@@ -4,6 +4,7 @@
 //! | --- | --- | --- |
 //! | [`ports`] | loopback ports outside the kernel's ephemeral range ([`free_port`], [`free_addr_string`], ...) | always |
 //! | [`wait`] | the [`serial`](wait::serial) lock and deadline loops: [`wait_for`](wait::wait_for), [`eventually`](wait::eventually), [`retry`](wait::retry) | always |
+//! | [`panics`] | a [`PanicCounter`](panics::PanicCounter) for tests that assert nothing panicked | always |
 //! | [`grpc`] | a gRPC [`Client`](grpc::Client) of a node's client listener, signed-in [`Session`](grpc::Session)s, [`code`](grpc::code), [`texts`](grpc::texts) | always |
 //! | `cluster` | an in-process `Cluster` of real `rim-node` nodes, with link cuts | feature `cluster` |
 //!
@@ -68,6 +69,7 @@
 //!   listen" on new ports.
 
 pub mod grpc;
+pub mod panics;
 pub mod ports;
 pub mod wait;
 

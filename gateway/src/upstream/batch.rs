@@ -376,7 +376,7 @@ pub fn outcome(r: ConnSendResult) -> Result<SendOutput, tonic::Status> {
     }
     let code = rim_proto::error::code_from_number(r.code);
     if r.leader_addr.is_empty() {
-        Err(rim_proto::error::status(code, r.message))
+        Err(rim_proto::error::status_with_retry_after(code, r.message, r.retry_after_ms))
     } else {
         Err(rim_proto::error::status_with_leader(code, r.message, &r.leader_addr))
     }
@@ -410,6 +410,16 @@ mod tests {
         let s = outcome(missing).unwrap_err();
         assert_eq!(rim_proto::error::code_of_status(&s), ErrorCode::ErrorUserNotFound);
         assert_eq!(rim_proto::error::leader_of_status(&s), None);
+
+        let limited = ConnSendResult {
+            code: ErrorCode::ErrorRateLimited as i32,
+            retry_after_ms: 750,
+            ..Default::default()
+        };
+        let s = outcome(limited).unwrap_err();
+        assert_eq!(rim_proto::error::code_of_status(&s), ErrorCode::ErrorRateLimited);
+        assert_eq!(rim_proto::error::retry_after_of_status(&s), 750);
+        assert_eq!(crate::upstream::status_error(&s).retry_after_ms, 750, "reaches Reply.retry_after_ms");
 
         // A code from a newer node maps by class, like Reply.code.
         let newer = ConnSendResult { code: 1999, ..Default::default() };

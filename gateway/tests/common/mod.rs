@@ -43,6 +43,7 @@ pub fn sign_in_reply(last_seq: u64) -> NodeReply {
         }),
         token_version: 1,
         shard_id: SHARD,
+        token_expires_ms: 0,
     })
 }
 

@@ -172,6 +172,16 @@ impl AdminSvc {
     }
 }
 
+/// Changes to the cluster need an admin (or a node: a joining node adds
+/// itself); a gateway's credential only reads.
+fn changes_allowed<T>(req: &Request<T>) -> Result<(), Status> {
+    use crate::credentials::{Role, denied, role_of};
+    match role_of(req) {
+        Some(Role::Admin | Role::Peer) => Ok(()),
+        _ => Err(denied("changing the cluster needs the admin secret")),
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
     async fn cluster_status(
@@ -188,6 +198,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn add_node(&self, req: Request<AddNodeRequest>) -> Result<Response<AddNodeReply>, Status> {
+        changes_allowed(&req)?;
         let r = req.into_inner();
         if r.node_id == 0 || r.internal_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(Error::rejected(
@@ -215,6 +226,7 @@ impl AdminService for AdminSvc {
         &self,
         req: Request<RemoveNodeRequest>,
     ) -> Result<Response<RemoveNodeReply>, Status> {
+        changes_allowed(&req)?;
         let r = req.into_inner();
         let mut version = 0;
         for g in self.led_groups(&r.group_ids)? {

@@ -58,17 +58,22 @@ impl ClientSvc {
         Ok(Caller { user, device })
     }
 
-    async fn hash(password: String) -> Result<String> {
+    /// Hashes a password on a blocking thread, in one of the node's
+    /// bounded hashing slots.
+    async fn hash(&self, password: String) -> Result<String> {
+        let _slot = self.core.throttle.hashing().await?;
         tokio::task::spawn_blocking(move || crate::auth::hash_password(&password))
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(Error::Internal)
     }
 
-    async fn password_ok(password: String, phc: String) -> bool {
+    /// Whether `password` matches `phc`, checked like [`ClientSvc::hash`].
+    async fn password_ok(&self, password: String, phc: String) -> Result<bool> {
+        let _slot = self.core.throttle.hashing().await?;
         tokio::task::spawn_blocking(move || crate::auth::verify_password(&password, &phc))
             .await
-            .unwrap_or(false)
+            .map_err(|e| Error::Internal(e.to_string()))
     }
 
     /// Looks up the user that claimed `name`, linearizably.
@@ -78,11 +83,51 @@ impl ClientSvc {
         g.account(name).await
     }
 
-    /// Creates a user owning the login `name`.
-    async fn create_user(&self, name: &str, user: store::CreateUser) -> Result<UserId> {
+    /// Who owns `name`: nobody, a user, or a claim whose user was never
+    /// created (a registration interrupted between its two steps), which a
+    /// new registration may take over once it is old enough.
+    async fn owner(&self, name: &str) -> Result<Owner> {
+        let Some(user) = self.account(name).await? else { return Ok(Owner::Nobody) };
+        match ops::get_user(&self.core, user).await {
+            Ok(_) => Ok(Owner::User(user)),
+            Err(Error::Rejected { code: ErrorCode::ErrorUserNotFound, .. }) => Ok(Owner::Orphan(user)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Refuses a user record the state machine would refuse (field sizes).
+    fn check_create(&self, user: &store::CreateUser) -> Result<()> {
+        let probe =
+            store::Op { op: Some(O::CreateUser(store::CreateUser { user_id: u64::MAX, ..user.clone() })) };
+        self.core.limits.check_op(&probe).map_err(Error::from)
+    }
+
+    /// Revokes every device of the caller but the calling one.
+    async fn revoke_other_devices(&self, c: Caller) -> Result<()> {
+        let g = self.core.view(self.core.shard_of_user(c.user)?).await?;
+        for d in g.devices(c.user).await? {
+            if d.device_id != c.device.0 {
+                ops::revoke(&self.core, c.user, DeviceId(d.device_id)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a user owning the login `name` (taking it over from
+    /// `orphan`, a claim whose user was never created, if given).
+    async fn create_user(
+        &self,
+        name: &str,
+        user: store::CreateUser,
+        orphan: Option<UserId>,
+    ) -> Result<UserId> {
         let id = self.core.allocate_user().await?;
         let shard = self.core.placement()?.shard_of_account(name);
-        let claim = O::ClaimAccount(store::ClaimAccount { name: name.to_string(), user_id: id.0 });
+        let claim = O::ClaimAccount(store::ClaimAccount {
+            name: name.to_string(),
+            user_id: id.0,
+            replaces_user_id: orphan.map_or(0, |u| u.0),
+        });
         self.core.propose(shard, store::Op { op: Some(claim) }).await?;
         let create = O::CreateUser(store::CreateUser { user_id: id.0, ..user });
         match self.core.propose(self.core.shard_of_user(id)?, store::Op { op: Some(create) }).await {
@@ -115,6 +160,13 @@ impl ClientSvc {
     }
 }
 
+/// Who owns an account name ([`ClientSvc::owner`]).
+enum Owner {
+    Nobody,
+    User(UserId),
+    Orphan(UserId),
+}
+
 /// A device id from a request: 0 asks for a new device.
 fn wire_device(id: u64) -> Option<DeviceId> {
     (id != 0).then_some(DeviceId(id))
@@ -124,42 +176,71 @@ fn valid_username(name: &str) -> bool {
     (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
+/// Passwords: 8..=256 bytes (the `.proto` contract).
+fn check_password(password: &str) -> Result<()> {
+    if !(8..=256).contains(&password.len()) {
+        return Err(Error::rejected(ErrorCode::ErrorBadRequest, "password: 8-256 bytes"));
+    }
+    Ok(())
+}
+
+/// The client's address, for per-address limits (none in in-process tests).
+fn peer_ip<T>(req: &Request<T>) -> Option<std::net::IpAddr> {
+    req.remote_addr().map(|a| a.ip())
+}
+
 #[tonic::async_trait]
 impl AuthService for ClientSvc {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
+        self.core.throttle.auth(peer_ip(&req), None)?;
         let r = req.into_inner();
         if !valid_username(&r.username) {
             return Err(
                 Error::rejected(ErrorCode::ErrorBadRequest, "username: 1-64 of [A-Za-z0-9_.-]").into()
             );
         }
-        if r.password.len() < 6 || r.password.len() > 256 {
-            return Err(Error::rejected(ErrorCode::ErrorBadRequest, "password: 6-256 bytes").into());
-        }
-        let name = format!("u:{}", r.username);
-        if self.account(&name).await?.is_some() {
-            return Err(Error::rejected(ErrorCode::ErrorAlreadyExists, "username taken").into());
-        }
-        let password_hash = Self::hash(r.password).await?;
-        let user = store::CreateUser {
+        check_password(&r.password)?;
+        let mut user = store::CreateUser {
             username: r.username,
-            password_hash,
             nickname: r.nickname,
             avatar_url: r.avatar_url,
             extra: r.extra,
             ..Default::default()
         };
-        let user_id = self.create_user(&name, user).await?;
+        // Whatever the state machine would refuse is refused before the
+        // name is claimed: a refused registration must not burn the name.
+        self.check_create(&user)?;
+        let name = format!("u:{}", user.username);
+        let orphan = match self.owner(&name).await? {
+            Owner::User(_) => {
+                return Err(Error::rejected(ErrorCode::ErrorAlreadyExists, "username taken").into());
+            }
+            Owner::Orphan(u) => Some(u),
+            Owner::Nobody => None,
+        };
+        user.password_hash = self.hash(r.password).await?;
+        let user_id = self.create_user(&name, user, orphan).await?;
         Ok(Response::new(RegisterReply { user_id: user_id.0 }))
     }
 
     async fn sign_in(&self, req: Request<SignInRequest>) -> Result<Response<SignInReply>, Status> {
+        let ip = peer_ip(&req);
         let r = req.into_inner();
         let denied =
             || Status::from(Error::rejected(ErrorCode::ErrorUnauthenticated, "wrong username or password"));
-        let Some(user) = self.account(&format!("u:{}", r.username)).await? else { return Err(denied()) };
-        let rec = ops::get_user(&self.core, user).await?;
-        if rec.password_hash.is_empty() || !Self::password_ok(r.password, rec.password_hash).await {
+        if !valid_username(&r.username) || r.password.len() > 256 {
+            return Err(denied());
+        }
+        let name = format!("u:{}", r.username);
+        self.core.throttle.auth(ip, Some(&name))?;
+        let Some(user) = self.account(&name).await? else { return Err(denied()) };
+        let rec = match ops::get_user(&self.core, user).await {
+            Ok(rec) => rec,
+            // A claim whose user was never created.
+            Err(Error::Rejected { code: ErrorCode::ErrorUserNotFound, .. }) => return Err(denied()),
+            Err(e) => return Err(e.into()),
+        };
+        if rec.password_hash.is_empty() || !self.password_ok(r.password, rec.password_hash).await? {
             return Err(denied());
         }
         Ok(Response::new(self.sign_in_device(user, wire_device(r.device_id), r.device).await?))
@@ -169,23 +250,32 @@ impl AuthService for ClientSvc {
         &self,
         req: Request<SignInByPhoneRequest>,
     ) -> Result<Response<SignInReply>, Status> {
+        let ip = peer_ip(&req);
         let r = req.into_inner();
-        if r.phone.is_empty() || r.phone.len() > 32 || !self.core.codes.verify(&r.phone, &r.code) {
+        let name = format!("p:{}", r.phone);
+        if r.phone.is_empty() || r.phone.len() > 32 {
             return Err(Error::rejected(ErrorCode::ErrorUnauthenticated, "wrong phone or code").into());
         }
-        let name = format!("p:{}", r.phone);
-        let (user, is_new_user) = match self.account(&name).await? {
-            Some(u) => (u, false),
-            None => {
+        self.core.throttle.auth(ip, Some(&name))?;
+        if !self.core.codes.verify(&r.phone, &r.code) {
+            return Err(Error::rejected(ErrorCode::ErrorUnauthenticated, "wrong phone or code").into());
+        }
+        let (user, is_new_user) = match self.owner(&name).await? {
+            Owner::User(u) => (u, false),
+            owner => {
+                let orphan = match owner {
+                    Owner::Orphan(u) => Some(u),
+                    _ => None,
+                };
                 // The nickname is public: never the number itself.
-                let last4: String =
-                    r.phone.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
+                let last4 = r.phone.char_indices().rev().nth(3).map_or(&r.phone[..], |(i, _)| &r.phone[i..]);
                 let u = store::CreateUser {
                     phone: r.phone.clone(),
                     nickname: format!("user …{last4}"),
                     ..Default::default()
                 };
-                (self.create_user(&name, u).await?, true)
+                self.check_create(&u)?;
+                (self.create_user(&name, u, orphan).await?, true)
             }
         };
         let mut reply = self.sign_in_device(user, wire_device(r.device_id), r.device).await?;
@@ -272,18 +362,22 @@ impl UserService for ClientSvc {
         let r = req.into_inner();
         let password_hash = match r.new_password {
             Some(pw) => {
+                check_password(&pw)?;
                 let rec = ops::get_user(&self.core, c.user).await?;
                 if !rec.password_hash.is_empty()
-                    && !Self::password_ok(r.old_password, rec.password_hash).await
+                    && !self.password_ok(r.old_password, rec.password_hash).await?
                 {
                     return Err(
                         Error::rejected(ErrorCode::ErrorUnauthenticated, "old password is wrong").into()
                     );
                 }
-                if pw.len() < 6 || pw.len() > 256 {
-                    return Err(Error::rejected(ErrorCode::ErrorBadRequest, "password: 6-256 bytes").into());
+                let hash = self.hash(pw).await?;
+                if !r.keep_other_devices {
+                    // Before the change: a failure leaves the old password
+                    // valid, so the client can simply retry.
+                    self.revoke_other_devices(c).await?;
                 }
-                Some(Self::hash(pw).await?)
+                Some(hash)
             }
             None => None,
         };

@@ -70,8 +70,20 @@ pub struct GatewaySvc {
     pub core: Arc<Core>,
 }
 
-fn conn(c: Option<ConnContext>) -> Result<Caller, Status> {
-    Ok(checked_conn(c)?)
+fn conn(core: &Core, c: Option<ConnContext>) -> Result<Caller, Status> {
+    Ok(current_conn(core, c)?)
+}
+
+/// [`checked_conn`], and the device is still signed in at the version the
+/// connection signed in with, as far as this node's replica of the user's
+/// shard knows ([`Core::check_device_version`]).
+fn current_conn(core: &Core, c: Option<ConnContext>) -> Result<Caller, Error> {
+    let version = c.as_ref().and_then(|c| c.token_version);
+    let caller = checked_conn(c)?;
+    if let Some(version) = version {
+        core.check_device_version(caller.user, caller.device, version)?;
+    }
+    Ok(caller)
 }
 
 /// The connection's user and device (the gateway verified its token at
@@ -84,7 +96,7 @@ fn checked_conn(c: Option<ConnContext>) -> Result<Caller, Error> {
 
 /// One `Send`: what both `Send` and each item of `SendBatch` run.
 async fn send_one(core: &Core, r: ConnSendRequest) -> Result<SendOutput, Error> {
-    let c = checked_conn(r.conn)?;
+    let c = current_conn(core, r.conn)?;
     let mut input = r.input.unwrap_or_default();
     if input.conversation_kind == ConversationKind::Unspecified as i32 {
         let kind = if r.group { ConversationKind::Group } else { ConversationKind::User };
@@ -105,7 +117,7 @@ fn send_result(r: Result<SendOutput, Error>) -> ConnSendResult {
                 code: rim_proto::error::code_of_status(&status) as i32,
                 message: status.message().to_string(),
                 leader_addr: rim_proto::error::leader_of_status(&status).unwrap_or_default().to_string(),
-                retry_after_ms: 0,
+                retry_after_ms: rim_proto::error::retry_after_of_status(&status),
             }
         }
     }
@@ -123,14 +135,20 @@ impl GatewayService for GatewaySvc {
         ops::check_id("device_id", input.device_id)?;
         let (user_id, device_id) = (UserId(input.user_id), DeviceId(input.device_id));
         let shard = self.core.shard_of_user(user_id)?;
+        // The signature first: a forged token costs no read barrier.
+        let claims = self.core.token_claims(user_id, device_id, &input.token)?;
         // Linearizable: a logout acknowledged before this sign-in is seen.
         let g = self.core.view(shard).await?;
-        let claims = self.core.verify_token(user_id, device_id, &input.token).await?;
+        let dev = g.device(user_id, device_id).await?;
+        match &dev {
+            Some(d) if d.token_version == claims.token_version => {}
+            Some(_) => return Err(Error::rejected(ErrorCode::ErrorTokenRevoked, "device signed out").into()),
+            None => return Err(Error::rejected(ErrorCode::ErrorDeviceNotFound, "unknown device").into()),
+        }
         let user = g
             .user(user_id)
             .await?
             .ok_or_else(|| Error::rejected(ErrorCode::ErrorUserNotFound, "user not found"))?;
-        let dev = g.device(user_id, device_id).await?;
         let head = g.user_head(user_id).await?;
         let groups = g.user_groups(user_id).await?;
         let super_groups = super_group_heads(&self.core, user_id, groups).await;
@@ -147,12 +165,13 @@ impl GatewayService for GatewaySvc {
             }),
             token_version: claims.token_version,
             shard_id: shard.0,
+            token_expires_ms: claims.expires_at_ms,
         }))
     }
 
     async fn sync(&self, req: Request<ConnSyncRequest>) -> Result<Response<SyncOutput>, Status> {
         let r = req.into_inner();
-        let c = conn(r.conn)?;
+        let c = conn(&self.core, r.conn)?;
         Ok(Response::new(ops::sync(&self.core, c.user, r.input.unwrap_or_default()).await?))
     }
 
@@ -161,13 +180,13 @@ impl GatewayService for GatewaySvc {
         req: Request<ConnSyncGroupRequest>,
     ) -> Result<Response<SyncGroupOutput>, Status> {
         let r = req.into_inner();
-        let c = conn(r.conn)?;
+        let c = conn(&self.core, r.conn)?;
         Ok(Response::new(ops::sync_group(&self.core, c.user, r.input.unwrap_or_default()).await?))
     }
 
     async fn ack(&self, req: Request<ConnAckRequest>) -> Result<Response<AckOutput>, Status> {
         let r = req.into_inner();
-        let c = conn(r.conn)?;
+        let c = conn(&self.core, r.conn)?;
         Ok(Response::new(ops::ack(&self.core, c.user, c.device, Seq(r.input.unwrap_or_default().seq)).await?))
     }
 
@@ -196,18 +215,18 @@ impl GatewayService for GatewaySvc {
 
     async fn recall(&self, req: Request<ConnRecallRequest>) -> Result<Response<SendOutput>, Status> {
         let r = req.into_inner();
-        let c = conn(r.conn)?;
+        let c = conn(&self.core, r.conn)?;
         Ok(Response::new(ops::recall(&self.core, c.user, c.device, r.input.unwrap_or_default()).await?))
     }
 
     async fn mark_read(&self, req: Request<ConnReadRequest>) -> Result<Response<ReadOutput>, Status> {
         let r = req.into_inner();
-        let c = conn(r.conn)?;
+        let c = conn(&self.core, r.conn)?;
         Ok(Response::new(ops::mark_read(&self.core, c.user, c.device, r.input.unwrap_or_default()).await?))
     }
 
     async fn logout(&self, req: Request<ConnLogoutRequest>) -> Result<Response<ConnLogoutReply>, Status> {
-        let c = conn(req.into_inner().conn)?;
+        let c = conn(&self.core, req.into_inner().conn)?;
         ops::revoke(&self.core, c.user, c.device).await?;
         Ok(Response::new(ConnLogoutReply {}))
     }
@@ -215,7 +234,7 @@ impl GatewayService for GatewaySvc {
     async fn offline(&self, req: Request<ConnOfflineRequest>) -> Result<Response<ConnOfflineReply>, Status> {
         // Presence is soft state held by gateways and push subscriptions;
         // nothing durable changes when a connection goes away.
-        let c = conn(req.into_inner().conn)?;
+        let c = checked_conn(req.into_inner().conn)?;
         tracing::debug!(user = %c.user, device = %c.device, "connection offline");
         Ok(Response::new(ConnOfflineReply {}))
     }
@@ -467,6 +486,5 @@ mod tests {
         assert_eq!(missing.code(), ErrorCode::ErrorBadRequest);
         let no_user = checked_conn(Some(ConnContext::default())).unwrap_err();
         assert_eq!(no_user.code(), ErrorCode::ErrorInvalidId);
-        assert_eq!(conn(None).unwrap_err().message(), missing.to_status().message());
     }
 }

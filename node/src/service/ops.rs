@@ -78,6 +78,7 @@ pub async fn send(
     input: v1::SendInput,
 ) -> Result<v1::SendOutput> {
     check_id("conversation_id", input.conversation_id)?;
+    core.throttle.send(user, input.content.len())?;
     let kind = ConversationKind::try_from(input.conversation_kind).unwrap_or(ConversationKind::Unspecified);
     let placement = core.placement()?;
     let (shard, o) = match kind {
@@ -202,6 +203,10 @@ pub async fn register_device(
     info: Option<v1::DeviceInfo>,
 ) -> Result<(DeviceRecord, String, i64)> {
     let info = info.unwrap_or_default();
+    if v1::DeviceType::try_from(info.device_type).is_err() {
+        let t = info.device_type;
+        return Err(Error::rejected(ErrorCode::ErrorBadRequest, format!("unknown device_type {t}")));
+    }
     let shard = core.shard_of_user(user)?;
     let o = O::RegisterDevice(store::RegisterDevice {
         user_id: user.0,
@@ -294,6 +299,21 @@ pub async fn mark_read(
     }
     if kind != ConversationKind::System {
         check_id("conversation_id", input.conversation_id)?;
+    }
+    // A read position names a conversation that exists: no records for
+    // made-up ids. (The state machine checks a receipt's message.)
+    match kind {
+        ConversationKind::User if input.conversation_id != user.0 => {
+            ensure_user_exists(core, UserId(input.conversation_id)).await?;
+        }
+        ConversationKind::Group | ConversationKind::SuperGroup | ConversationKind::Room => {
+            let group = GroupId(input.conversation_id);
+            let g = core.view(core.placement()?.shard_of_group(group)).await?;
+            if g.group(group).await?.is_none() {
+                return Err(Error::rejected(ErrorCode::ErrorGroupNotFound, format!("no group {group}")));
+            }
+        }
+        _ => {}
     }
     let o = O::MarkRead(store::MarkRead {
         user_id: user.0,

@@ -153,6 +153,17 @@ async fn push_users_online(core: &Core, users: &[u64], push: PushedMessage) -> R
 }
 
 impl PushSvc {
+    /// Whether the caller may use `scope` of the push API
+    /// ([`crate::credentials`]: API keys by scope; the cluster secret only
+    /// while no API key is configured).
+    fn authorize<T>(&self, req: &Request<T>, scope: &str) -> Result<(), Status> {
+        let keys_configured = !self.core.config.api_keys.is_empty();
+        match crate::credentials::role_of(req) {
+            Some(role) if role.may_push(scope, keys_configured) => Ok(()),
+            _ => Err(crate::credentials::denied(&format!("this credential may not use {scope}"))),
+        }
+    }
+
     /// The group's live record, read linearizably on its shard, and the
     /// shard's replica.
     async fn group(&self, g: u64) -> Result<(crate::read::ShardView<'_>, store::GroupRecord)> {
@@ -198,6 +209,7 @@ impl PushService for PushSvc {
         &self,
         req: Request<PushToUsersRequest>,
     ) -> Result<Response<PushToUsersReply>, Status> {
+        self.authorize(&req, "push.users")?;
         let r = req.into_inner();
         let c = content(r.content)?;
         let users = recipients(r.user_ids)?;
@@ -227,6 +239,7 @@ impl PushService for PushSvc {
         &self,
         req: Request<PushToGroupRequest>,
     ) -> Result<Response<PushToGroupReply>, Status> {
+        self.authorize(&req, "push.group")?;
         let r = req.into_inner();
         let c = content(r.content)?;
         check_id("group_id", r.group_id)?;
@@ -259,6 +272,7 @@ impl PushService for PushSvc {
     }
 
     async fn push_room(&self, req: Request<PushRoomRequest>) -> Result<Response<PushRoomReply>, Status> {
+        self.authorize(&req, "push.room")?;
         let r = req.into_inner();
         let c = content(r.content)?;
         let (_, rec) = self.group(r.room_id).await?;
@@ -277,6 +291,7 @@ impl PushService for PushSvc {
     }
 
     async fn push_to_all(&self, req: Request<PushToAllRequest>) -> Result<Response<PushToAllReply>, Status> {
+        self.authorize(&req, "push.all")?;
         let r = req.into_inner();
         let c = content(r.content)?;
         counted("all", false);

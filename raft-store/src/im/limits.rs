@@ -58,6 +58,12 @@ pub struct Limits {
     /// How long after sending a sender may recall a message, in ms (0: no
     /// limit). Group owners and admins may recall any message at any time.
     pub recall_window_ms: i64,
+    /// How long after its claim an account name whose user was never
+    /// created may be claimed again, in ms (a registration interrupted
+    /// between claiming the name and creating the user). Far above any
+    /// request's deadline, so a registration still in progress is never
+    /// overtaken.
+    pub orphan_claim_ms: i64,
     /// Sabotage, for the consistency harness's self-test only: `Deliver`
     /// appends a message even when the recipient's list already holds its
     /// id, so a relay retry duplicates it.
@@ -80,6 +86,7 @@ impl Default for Limits {
             max_trim_per_op: 64,
             dedup_window: 100_000,
             recall_window_ms: 120_000,
+            orphan_claim_ms: 60_000,
             no_relay_dedup: false,
         }
     }
@@ -119,6 +126,21 @@ impl Limits {
                 Ok(())
             }
             O::Recall(c) => self.check_client_msg_id(&c.client_msg_id),
+            // Profile fields: checked before the account name is claimed, so
+            // a refused registration never burns the name.
+            O::CreateUser(c) => {
+                let names = [("username", &c.username), ("nickname", &c.nickname), ("phone", &c.phone)];
+                for (what, v) in names.into_iter().chain([("avatar_url", &c.avatar_url)]) {
+                    self.check_field(what, v.len(), self.max_name_bytes)?;
+                }
+                self.check_field("extra", c.extra.len(), self.max_extra_bytes)
+            }
+            O::UpdateUser(c) => {
+                for (what, v) in [("nickname", &c.nickname), ("avatar_url", &c.avatar_url)] {
+                    self.check_field(what, v.as_ref().map_or(0, String::len), self.max_name_bytes)?;
+                }
+                self.check_field("extra", c.extra.as_ref().map_or(0, |e| e.len()), self.max_extra_bytes)
+            }
             O::PushToUsers(c) => {
                 if !c.client_msg_id.is_empty() {
                     self.check_client_msg_id(&c.client_msg_id)?;
@@ -127,6 +149,14 @@ impl Limits {
             }
             _ => Ok(()),
         }
+    }
+
+    /// A field of at most `max` bytes.
+    fn check_field(&self, what: &str, len: usize, max: usize) -> Result<()> {
+        if len > max {
+            reject!(ErrorBadRequest, "{what} is {len} bytes, the limit is {max}");
+        }
+        Ok(())
     }
 
     /// A send's idempotency key: 1..=`max_client_msg_id` bytes.

@@ -23,6 +23,12 @@ type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 /// default 4 MiB message, over TCP, WebSocket and gRPC.
 pub const MAX_PAGE_BYTES: usize = 512 << 10;
 
+/// Most bytes of entries one tail read returns (at least one entry): what
+/// the conversation view reads of a list, whatever the entries' sizes, so a
+/// list of large messages cannot make one view read (and forward) hundreds
+/// of MiB.
+pub const MAX_TAIL_BYTES: usize = 4 << 20;
+
 /// A page of a list, read from one consistent snapshot: without
 /// `has_more`, the last entry returned is the head's `last_seq` (or the
 /// page is empty and `after` ≥ it).
@@ -221,7 +227,7 @@ impl Reader {
         let cf = self.db.cf(CF_SM);
         let iter =
             self.db.raw().iterator_cf(cf, rocksdb::IteratorMode::From(&last, rocksdb::Direction::Reverse));
-        let (rows, _) = collect_range(iter, prefix, n, usize::MAX)?;
+        let (rows, _) = collect_range(iter, prefix, n, MAX_TAIL_BYTES)?;
         rows.iter().map(|(_, v)| db::decode(v)).collect()
     }
 

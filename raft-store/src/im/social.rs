@@ -348,6 +348,22 @@ impl Applier<'_> {
             self.txn.put_msg(key, &rec);
         }
         if kind == K::User && c.receipt_message_id != 0 {
+            // A receipt names a message the peer sent this user (found by
+            // its delivery mark, within the dedup window): never an
+            // arbitrary id.
+            let mark = keys::delivered(self.shard, user, MessageId(c.receipt_message_id));
+            let received = match self.txn.get_msg::<store::DeliveredMark>(&mark)? {
+                Some(m) => self.txn.get_msg::<Message>(&keys::user_msg(self.shard, user, Seq(m.seq)))?,
+                None => None,
+            };
+            if received.is_none_or(|m| m.sender_user_id != c.conversation_id) {
+                reject!(
+                    ErrorMessageNotFound,
+                    "no message {} from user {} to acknowledge",
+                    c.receipt_message_id,
+                    c.conversation_id
+                );
+            }
             let cmid = keys::receipt_client_msg_id(MessageId(c.receipt_message_id));
             let idem_key = keys::idempotency(self.shard, user, keys::RECEIPT_SCOPE, &cmid);
             if !self.txn.exists(&idem_key)? {

@@ -71,11 +71,22 @@ impl Applier<'_> {
         }
         self.check_len("account name", c.name.len(), self.limits.max_name_bytes)?;
         let key = keys::account(self.shard, &c.name);
+        let claim = store::AccountRecord { user_id: c.user_id, claimed_ms: self.now_ms };
         match self.txn.get_msg::<store::AccountRecord>(&key)? {
             Some(a) if a.user_id == c.user_id => Ok(()),
+            // An orphaned claim, old enough that no registration can still
+            // be creating its user: taken over.
+            Some(a)
+                if c.replaces_user_id != 0
+                    && a.user_id == c.replaces_user_id
+                    && self.now_ms.saturating_sub(a.claimed_ms) >= self.limits.orphan_claim_ms =>
+            {
+                self.txn.put_msg(key, &claim);
+                Ok(())
+            }
             Some(_) => reject!(ErrorAlreadyExists, "account name {:?} is taken", c.name),
             None => {
-                self.txn.put_msg(key, &store::AccountRecord { user_id: c.user_id });
+                self.txn.put_msg(key, &claim);
                 Ok(())
             }
         }
@@ -219,7 +230,11 @@ impl Applier<'_> {
         let seq = self.append_to_user(sender, msg.clone())?;
         if recipient != sender {
             if self.is_local_user(recipient)? {
-                self.append_to_user(recipient, msg)?;
+                // The same mark a relayed delivery leaves: it lets MarkRead
+                // find the message a read receipt names.
+                let mark_key = keys::delivered(self.shard, recipient, message_id);
+                let at = self.append_to_user(recipient, msg)?;
+                self.txn.put_msg(mark_key, &store::DeliveredMark { seq: at.0 });
             } else {
                 self.push_outbox(msg, vec![recipient.0])?;
             }

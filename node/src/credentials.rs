@@ -1,0 +1,316 @@
+//! Who may call a node's internal listener, and what each caller may do.
+//!
+//! Four kinds of callers, four credentials (docs/security.md):
+//!
+//! | caller | credential | may call |
+//! |---|---|---|
+//! | another node | the cluster secret | everything |
+//! | a gateway | the gateway secret | `GatewayService`; `GetClusterMap`, `ClusterStatus` |
+//! | an operator's tool | the admin secret | `AdminService`; `GetClusterMap` |
+//! | the app's backend | an API key | the `PushService` methods its scopes name |
+//!
+//! Secrets travel in the `rim-cluster-secret` metadata entry (its name is
+//! historical: it carries whichever secret the caller holds), API keys in
+//! `rim-api-key`. Nodes keep only the SHA-256 digest of each API key.
+//! Every comparison takes the same time wherever the values differ, and the
+//! caller's [`Role`] travels to the handler in the request's extensions.
+//!
+//! Fallbacks, for development and upgrades, each logged as a warning at
+//! start-up: without a gateway or admin secret, gateways or tools present
+//! the cluster secret (and so get a node's rights); without API keys, the
+//! push API accepts the cluster secret. Once API keys are configured, the
+//! push API accepts nothing else.
+//!
+//! Invariant: a request reaches a handler only with a credential that one of
+//! the four matches, and only a handler whose service admits that role.
+
+use std::sync::Arc;
+
+use rim_proto::ErrorCode;
+use rim_proto::metadata::{CLUSTER_SECRET_METADATA_KEY, secrets_equal};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Status};
+
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+
+/// Metadata entry carrying an API key of the push API.
+pub const API_KEY_METADATA_KEY: &str = "rim-api-key";
+
+/// What an API key may do: `push.users`, `push.group`, `push.room`,
+/// `push.all`, or `push` for all four.
+pub const SCOPES: [&str; 5] = ["push", "push.users", "push.group", "push.room", "push.all"];
+
+/// One API key of the push API (`[[api_keys]]` in the node's TOML).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// A name for logs (never the key).
+    pub name: String,
+    /// Lowercase hex SHA-256 of the key (`printf %s KEY | sha256sum`).
+    pub sha256: String,
+    /// What the key may do ([`SCOPES`]).
+    pub scopes: Vec<String>,
+}
+
+/// One token signing key (`[[token_keys]]` in the node's TOML).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenKeyConfig {
+    /// The key's id, for configuration and logs.
+    pub id: String,
+    /// The secret the key is derived from (at least 16 bytes).
+    pub secret: String,
+}
+
+/// Who a caller is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Another node (the cluster secret).
+    Peer,
+    /// A gateway.
+    Gateway,
+    /// An operator's tool.
+    Admin,
+    /// The app's backend, with the scopes of its API key.
+    Push {
+        /// The key's name.
+        key: String,
+        /// Its scopes.
+        scopes: Vec<String>,
+    },
+}
+
+impl Role {
+    /// Whether this caller may use the push API's `scope`.
+    pub fn may_push(&self, scope: &str, keys_configured: bool) -> bool {
+        match self {
+            Role::Push { scopes, .. } => scopes.iter().any(|s| s == "push" || s == scope),
+            Role::Peer => !keys_configured,
+            Role::Gateway | Role::Admin => false,
+        }
+    }
+}
+
+struct ApiKey {
+    name: String,
+    digest: [u8; 32],
+    scopes: Vec<String>,
+}
+
+/// The credentials a node accepts.
+#[derive(Clone)]
+pub struct Credentials {
+    cluster: String,
+    gateway: Option<String>,
+    admin: Option<String>,
+    api_keys: Arc<Vec<ApiKey>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.api_keys.iter().map(|k| k.name.as_str()).collect();
+        f.debug_struct("Credentials")
+            .field("gateway", &self.gateway.is_some())
+            .field("admin", &self.admin.is_some())
+            .field("api_keys", &names)
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// The credentials of `config` (checked: see [`NodeConfig::validate`]).
+    pub fn from_config(config: &NodeConfig) -> Result<Credentials> {
+        let secret = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let mut api_keys = Vec::new();
+        for k in &config.api_keys {
+            let digest = decode_digest(&k.sha256).ok_or_else(|| {
+                Error::Config(format!("api key {:?}: sha256 must be 64 hex digits", k.name))
+            })?;
+            if let Some(bad) = k.scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
+                return Err(Error::Config(format!("api key {:?}: unknown scope {bad:?}", k.name)));
+            }
+            api_keys.push(ApiKey { name: k.name.clone(), digest, scopes: k.scopes.clone() });
+        }
+        Ok(Credentials {
+            cluster: config.cluster_secret.clone(),
+            gateway: secret(&config.gateway_secret),
+            admin: secret(&config.admin_secret),
+            api_keys: Arc::new(api_keys),
+        })
+    }
+
+    /// Logs the fallbacks in use (module docs).
+    pub fn warn_fallbacks(&self) {
+        if self.gateway.is_none() {
+            tracing::warn!("no gateway_secret: gateways authenticate with the cluster secret");
+        }
+        if self.admin.is_none() {
+            tracing::warn!("no admin_secret: admin tools authenticate with the cluster secret");
+        }
+        if self.api_keys.is_empty() {
+            tracing::warn!("no api_keys: the push API accepts the cluster secret");
+        }
+    }
+
+    /// Whether API keys are configured (then only they open the push API).
+    pub fn api_keys_configured(&self) -> bool {
+        !self.api_keys.is_empty()
+    }
+
+    /// The role the credential in `metadata` proves, if any.
+    pub fn role(&self, metadata: &MetadataMap) -> Option<Role> {
+        if let Some(given) = metadata.get(CLUSTER_SECRET_METADATA_KEY).map(|v| v.as_bytes()) {
+            // Every comparison runs, whichever matches.
+            let peer = secrets_equal(given, self.cluster.as_bytes());
+            let gateway = self.gateway.as_ref().is_some_and(|s| secrets_equal(given, s.as_bytes()));
+            let admin = self.admin.as_ref().is_some_and(|s| secrets_equal(given, s.as_bytes()));
+            return match (peer, admin, gateway) {
+                (true, _, _) => Some(Role::Peer),
+                (_, true, _) => Some(Role::Admin),
+                (_, _, true) => Some(Role::Gateway),
+                _ => None,
+            };
+        }
+        let given = metadata.get(API_KEY_METADATA_KEY)?.as_bytes();
+        let digest: [u8; 32] = Sha256::digest(given).into();
+        let mut found = None;
+        for k in self.api_keys.iter() {
+            if secrets_equal(&digest, &k.digest) && found.is_none() {
+                found = Some(Role::Push { key: k.name.clone(), scopes: k.scopes.clone() });
+            }
+        }
+        found
+    }
+
+    /// An interceptor admitting the callers `admit` accepts; the caller's
+    /// [`Role`] goes into the request's extensions for the handler.
+    pub fn interceptor(
+        &self,
+        service: &'static str,
+        admit: fn(&Role) -> bool,
+    ) -> impl Fn(Request<()>) -> std::result::Result<Request<()>, Status> + Clone + use<> {
+        let creds = self.clone();
+        move |mut req: Request<()>| match creds.role(req.metadata()) {
+            Some(role) if admit(&role) => {
+                req.extensions_mut().insert(role);
+                Ok(req)
+            }
+            Some(_) => Err(denied(&format!("this credential may not call {service}"))),
+            None => Err(denied("a valid credential is required")),
+        }
+    }
+}
+
+/// The caller's role, as the interceptor recorded it.
+pub fn role_of<T>(req: &Request<T>) -> Option<&Role> {
+    req.extensions().get::<Role>()
+}
+
+/// `ERROR_PERMISSION_DENIED` with `why`.
+pub fn denied(why: &str) -> Status {
+    rim_proto::error::status(ErrorCode::ErrorPermissionDenied, why)
+}
+
+fn decode_digest(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        let s = std::str::from_utf8(pair).ok()?;
+        *o = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Lowercase hex SHA-256 of `key`: what `[[api_keys]] sha256` holds.
+pub fn api_key_digest(key: &str) -> String {
+    Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> NodeConfig {
+        NodeConfig {
+            cluster_secret: "cluster-secret-0123456789".into(),
+            gateway_secret: "gateway-secret-0123456789".into(),
+            admin_secret: "admin-secret-0123456789".into(),
+            api_keys: vec![ApiKeyConfig {
+                name: "backend".into(),
+                sha256: api_key_digest("key-of-the-backend"),
+                scopes: vec!["push.users".into()],
+            }],
+            ..NodeConfig::default()
+        }
+    }
+
+    fn with(key: &'static str, value: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert(key, value.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn each_credential_proves_its_role_only() {
+        let c = Credentials::from_config(&config()).unwrap();
+        let secret = |v: &str| c.role(&with(CLUSTER_SECRET_METADATA_KEY, v));
+        assert_eq!(secret("cluster-secret-0123456789"), Some(Role::Peer));
+        assert_eq!(secret("gateway-secret-0123456789"), Some(Role::Gateway));
+        assert_eq!(secret("admin-secret-0123456789"), Some(Role::Admin));
+        assert_eq!(secret("admin-secret-012345678"), None);
+        assert_eq!(c.role(&MetadataMap::new()), None);
+        let push = c.role(&with(API_KEY_METADATA_KEY, "key-of-the-backend")).unwrap();
+        assert!(push.may_push("push.users", true));
+        assert!(!push.may_push("push.all", true), "only its scopes");
+        assert_eq!(c.role(&with(API_KEY_METADATA_KEY, "key-of-the-backenD")), None);
+        // A secret is not an API key, nor the other way round.
+        assert_eq!(c.role(&with(API_KEY_METADATA_KEY, "cluster-secret-0123456789")), None);
+        assert_eq!(secret("key-of-the-backend"), None);
+        assert!(!Role::Peer.may_push("push.users", true), "with keys configured, only keys push");
+        assert!(Role::Peer.may_push("push.users", false), "the fallback");
+        assert!(!format!("{c:?}").contains("secret-0123"), "Debug never shows a secret");
+    }
+
+    #[test]
+    fn without_separate_secrets_the_cluster_secret_is_everything() {
+        let c = Credentials::from_config(&NodeConfig {
+            cluster_secret: "cluster-secret-0123456789".into(),
+            ..NodeConfig::default()
+        })
+        .unwrap();
+        assert_eq!(c.role(&with(CLUSTER_SECRET_METADATA_KEY, "cluster-secret-0123456789")), Some(Role::Peer));
+        assert_eq!(c.role(&with(CLUSTER_SECRET_METADATA_KEY, "")), None, "an empty secret never matches");
+        assert!(!c.api_keys_configured());
+    }
+
+    #[test]
+    fn bad_api_key_configurations_are_refused() {
+        let mut c = config();
+        c.api_keys[0].sha256 = "not hex".into();
+        assert!(Credentials::from_config(&c).is_err());
+        let mut c = config();
+        c.api_keys[0].scopes = vec!["admin".into()];
+        assert!(Credentials::from_config(&c).is_err());
+    }
+
+    #[test]
+    fn the_interceptor_admits_and_records_roles() {
+        let c = Credentials::from_config(&config()).unwrap();
+        let gate = c.interceptor("GatewayService", |r| matches!(r, Role::Peer | Role::Gateway));
+        let mut ok = Request::new(());
+        ok.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, "gateway-secret-0123456789".parse().unwrap());
+        let ok = gate(ok).unwrap();
+        assert_eq!(role_of(&ok), Some(&Role::Gateway));
+        let mut admin = Request::new(());
+        admin.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, "admin-secret-0123456789".parse().unwrap());
+        let refused = gate(admin).unwrap_err();
+        assert_eq!(rim_proto::error::code_of_status(&refused), ErrorCode::ErrorPermissionDenied);
+        assert!(gate(Request::new(())).is_err());
+    }
+}
