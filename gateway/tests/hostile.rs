@@ -127,8 +127,12 @@ async fn honest_users_do_not_notice_hostile_ones() {
     let _g = serial().await;
     let panics = rim_testkit::panics::PanicCounter::install();
     let c = Cluster::start_with(3, 2, |cfg| {
-        cfg.limits.sends_per_sec = 20.0;
-        cfg.limits.send_burst = 40.0;
+        // The harness turns the limits off; this test wants them on.
+        cfg.limits = rim_node::throttle::RateLimits {
+            sends_per_sec: 20.0,
+            send_burst: 40.0,
+            ..rim_node::throttle::RateLimits::default()
+        };
     })
     .await;
     let api = c.client(1);

@@ -100,6 +100,9 @@ impl Cluster {
                 election_min_ms: 500,
                 election_max_ms: 1000,
                 dev_code: Some(DEV_CODE.into()),
+                // Tests send as fast as they can from one user; the tests of
+                // the rate limits themselves set the limits they check.
+                limits: rim_node::throttle::RateLimits::unlimited(),
                 ..NodeConfig::default()
             };
             tweak(&mut cfg);

@@ -95,6 +95,8 @@ impl NodeProc {
             SECRET.into(),
             "--dev-code".into(),
             DEV_CODE.into(),
+            // As in the in-process harness: the rate limits have tests of their own.
+            "--no-rate-limits".into(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
         NodeProc { id, internal, client, http, args, child: None, runs: 0, dir }
