@@ -307,7 +307,10 @@ impl NodeConfig {
         }
         for (name, secret) in [("gateway_secret", &self.gateway_secret), ("admin_secret", &self.admin_secret)]
         {
-            if !secret.is_empty() && (secret.len() < 16 || *secret == self.cluster_secret) {
+            if !secret.is_empty()
+                && (secret.len() < 16
+                    || rim_proto::metadata::secrets_equal(secret.as_bytes(), self.cluster_secret.as_bytes()))
+            {
                 return bad(format!("{name} must be at least 16 characters and differ from cluster_secret"));
             }
         }
