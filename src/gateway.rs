@@ -4,10 +4,12 @@
 //! node addresses. SIGTERM or Ctrl-C stops accepting, tells clients to
 //! reconnect elsewhere, drains and exits.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use rim_cluster::{LinkTls, LinkTlsConfig};
 use rim_gateway::{Gateway, GatewayConfig};
 
 /// Flags of `rim gateway` (each also readable from its `RIM_GATEWAY_*`
@@ -42,6 +44,25 @@ pub struct GatewayArgs {
     /// Heartbeat interval told to clients, in seconds (idle timeout = 3 intervals).
     #[arg(long, env = "RIM_GATEWAY_HEARTBEAT_SECS")]
     heartbeat_secs: Option<u64>,
+    /// Certificate chain (PEM) of the client-facing listeners: with
+    /// --tls-key, TCP speaks TLS and WebSocket is wss://.
+    #[arg(long, env = "RIM_GATEWAY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "RIM_GATEWAY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) verifying the nodes: the links to them use TLS.
+    #[arg(long, env = "RIM_GATEWAY_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to nodes that require one.
+    #[arg(long, env = "RIM_GATEWAY_UPSTREAM_CERT", requires_all = ["upstream_key", "upstream_ca"])]
+    upstream_cert: Option<PathBuf>,
+    /// Private key (PEM) of --upstream-cert.
+    #[arg(long, env = "RIM_GATEWAY_UPSTREAM_KEY", requires = "upstream_cert")]
+    upstream_key: Option<PathBuf>,
+    /// Name the nodes' certificates carry (default: each seed's host).
+    #[arg(long, env = "RIM_GATEWAY_UPSTREAM_SERVER_NAME", requires = "upstream_ca")]
+    upstream_server_name: Option<String>,
 }
 
 impl GatewayArgs {
@@ -69,6 +90,19 @@ impl GatewayArgs {
             anyhow::ensure!(h >= 1, "--heartbeat-secs must be at least 1");
             c.session.heartbeat_interval = Duration::from_secs(h);
         }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            c.tls = Some(rim_cluster::tls::server_config(cert, key)?);
+        }
+        if let Some(ca) = self.upstream_ca {
+            let files = LinkTlsConfig {
+                ca,
+                cert: self.upstream_cert,
+                key: self.upstream_key,
+                require_client_cert: false,
+                server_name: self.upstream_server_name,
+            };
+            c.upstream_tls = Some(LinkTls::load(&files)?);
+        }
         anyhow::ensure!(c.cluster_secret.len() >= 16, "the cluster secret must be at least 16 bytes");
         Ok(c)
     }
@@ -76,12 +110,14 @@ impl GatewayArgs {
 
 /// Runs a gateway until SIGTERM or Ctrl-C.
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
-    let gateway = Gateway::start(args.into_config()?).await.context("starting the gateway")?;
+    let config = args.into_config()?;
+    let (tcp, ws) = if config.tls.is_some() { ("TCP+TLS", "wss") } else { ("TCP", "ws") };
+    let gateway = Gateway::start(config).await.context("starting the gateway")?;
     if let Some(a) = gateway.tcp_addr() {
-        println!("rim gateway: TCP on {a}");
+        println!("rim gateway: {tcp} on {a}");
     }
     if let Some(a) = gateway.ws_addr() {
-        println!("rim gateway: WebSocket on ws://{a}/ws");
+        println!("rim gateway: WebSocket on {ws}://{a}/ws");
     }
     if let Some(a) = gateway.http_addr() {
         println!("rim gateway: metrics on http://{a}/metrics");

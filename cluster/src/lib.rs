@@ -54,6 +54,12 @@
 //! gateway verifies it locally ([`TokenKey::verify`]). Revocation is a version
 //! bump in the user's shard, checked by the caller at connection sign-in.
 //!
+//! # TLS
+//!
+//! [`tls`] loads certificates once and builds every TLS configuration: the
+//! internal gRPC links ([`tls::LinkTls`], [`tls::endpoint`]) and the
+//! gateway's client-facing listeners ([`tls::server_config`]).
+//!
 //! # Invariants
 //!
 //! * A key's slot depends only on its kind, its bytes and the slot count.
@@ -71,6 +77,7 @@ pub mod error;
 pub mod placement;
 pub mod rate;
 pub mod retry;
+pub mod tls;
 pub mod token;
 
 pub use error::{Error, Result};
@@ -80,4 +87,5 @@ pub use placement::{
 };
 pub use rate::{Limited, Limiter, Rate};
 pub use retry::{Backoff, retryable};
+pub use tls::{LinkTls, LinkTlsConfig};
 pub use token::{Claims, MAX_TOKEN_LEN, TOKEN_FORMAT, TokenError, TokenKey, TokenKeys};

@@ -52,6 +52,11 @@ pub struct GatewayConfig {
     pub seeds: Vec<String>,
     /// The shared cluster secret.
     pub cluster_secret: String,
+    /// TLS of the client-facing listeners (TCP and WebSocket alike), from
+    /// [`rim_cluster::tls::server_config`]; `None` serves plaintext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS of the links to the nodes; `None` dials plaintext.
+    pub upstream_tls: Option<rim_cluster::LinkTls>,
     /// This gateway's id (stable for the process's life; shown by nodes).
     pub gateway_id: String,
     /// Deadline of one node call, retries included.
@@ -74,6 +79,8 @@ impl Default for GatewayConfig {
             http_listen: None,
             seeds: Vec::new(),
             cluster_secret: String::new(),
+            tls: None,
+            upstream_tls: None,
             gateway_id: format!("gw-{}", std::process::id()),
             request_timeout: Duration::from_secs(5),
             session: SessionConfig::default(),

@@ -6,6 +6,7 @@
 //! | [`wait`] | the [`serial`](wait::serial) lock and deadline loops: [`wait_for`](wait::wait_for), [`eventually`](wait::eventually), [`retry`](wait::retry) | always |
 //! | [`panics`] | a [`PanicCounter`](panics::PanicCounter) for tests that assert nothing panicked | always |
 //! | [`grpc`] | a gRPC [`Client`](grpc::Client) of a node's client listener, signed-in [`Session`](grpc::Session)s, [`code`](grpc::code), [`texts`](grpc::texts) | always |
+//! | [`tls`] | a [`TestPki`](tls::TestPki): a CA, a loopback certificate, and an untrusted CA, as PEM files | always |
 //! | `cluster` | an in-process `Cluster` of real `rim-node` nodes, with link cuts | feature `cluster` |
 //!
 //! Everything speaks the id types of [`rim_proto::ids`]: a [`Session`](grpc::Session)
@@ -71,6 +72,7 @@
 pub mod grpc;
 pub mod panics;
 pub mod ports;
+pub mod tls;
 pub mod wait;
 
 #[cfg(feature = "cluster")]
