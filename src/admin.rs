@@ -6,10 +6,12 @@
 //! changes ask the given node for the cluster map, then every node of the
 //! map for its groups, and take each group as its leader reports it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use rim_cluster::{LinkTls, LinkTlsConfig};
 use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::*;
@@ -24,6 +26,8 @@ pub struct AdminArgs {
     /// where no admin secret is set.
     #[arg(long, alias = "admin-secret", env = "RIM_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: String,
+    #[command(flatten)]
+    tls: LinkTlsArgs,
     #[command(subcommand)]
     cmd: AdminCmd,
 }
@@ -49,54 +53,91 @@ enum AdminCmd {
     },
 }
 
-fn request<T>(secret: &str, msg: T) -> anyhow::Result<tonic::Request<T>> {
-    let mut r = tonic::Request::new(msg);
-    r.set_timeout(Duration::from_secs(120));
-    r.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, secret.parse().context("bad secret")?);
-    Ok(r)
+/// TLS of the links to the nodes' internal listeners (`rim admin`, and
+/// any other tool dialling them).
+#[derive(Args, Debug, Default)]
+pub struct LinkTlsArgs {
+    /// CA bundle (PEM) verifying the nodes: connect over TLS.
+    #[arg(long = "ca", env = "RIM_TLS_CA")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM), for nodes that require one.
+    #[arg(long = "cert", env = "RIM_TLS_CERT", requires_all = ["key", "ca"])]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long = "key", env = "RIM_TLS_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Name the nodes' certificates carry (default: each address's host).
+    #[arg(long = "server-name", env = "RIM_TLS_SERVER_NAME", requires = "ca")]
+    server_name: Option<String>,
 }
 
-async fn client(addr: &str) -> anyhow::Result<AdminServiceClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    Ok(AdminServiceClient::new(ch))
+impl LinkTlsArgs {
+    /// The loaded TLS material, if a CA was given.
+    pub fn load(self) -> anyhow::Result<Option<LinkTls>> {
+        let Some(ca) = self.ca else { return Ok(None) };
+        let files = LinkTlsConfig {
+            ca,
+            cert: self.cert,
+            key: self.key,
+            require_client_cert: false,
+            server_name: self.server_name,
+        };
+        Ok(Some(LinkTls::load(&files)?))
+    }
+}
+
+/// How this tool reaches the nodes: the credential it presents and the
+/// TLS of its links.
+struct Admin {
+    secret: String,
+    tls: Option<LinkTls>,
+}
+
+impl Admin {
+    fn request<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(Duration::from_secs(120));
+        r.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, self.secret.parse().context("bad secret")?);
+        Ok(r)
+    }
+
+    async fn client(&self, addr: &str) -> anyhow::Result<AdminServiceClient<tonic::transport::Channel>> {
+        let ch = rim_cluster::tls::endpoint(addr, self.tls.as_ref())?
+            .connect_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        Ok(AdminServiceClient::new(ch))
+    }
 }
 
 /// Runs an admin command.
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
-    let mut c = client(&args.addr).await?;
+    let admin = Admin { secret: args.cluster_secret, tls: args.tls.load()? };
+    let mut c = admin.client(&args.addr).await?;
     match args.cmd {
         AdminCmd::Status => {
-            let s = cluster_status(&mut c, &args.cluster_secret).await?;
+            let s = cluster_status(&admin, &mut c).await?;
             print_status(&s);
         }
         AdminCmd::AddNode { id, internal_addr } => {
-            for g in groups_by_leader(&mut c, &args.cluster_secret).await? {
-                let mut leader = client(&g.1).await?;
+            for g in groups_by_leader(&admin, &mut c).await? {
+                let mut leader = admin.client(&g.1).await?;
                 let req = AddNodeRequest {
                     node_id: id,
                     internal_addr: internal_addr.clone(),
                     group_ids: vec![g.0],
                     ..Default::default()
                 };
-                leader
-                    .add_node(request(&args.cluster_secret, req)?)
-                    .await
-                    .with_context(|| format!("group {}", g.0))?;
+                leader.add_node(admin.request(req)?).await.with_context(|| format!("group {}", g.0))?;
                 println!("group {:>3}: node {id} added", g.0);
             }
         }
         AdminCmd::RemoveNode { id } => {
-            for g in groups_by_leader(&mut c, &args.cluster_secret).await? {
-                let mut leader = client(&g.1).await?;
+            for g in groups_by_leader(&admin, &mut c).await? {
+                let mut leader = admin.client(&g.1).await?;
                 let req = RemoveNodeRequest { node_id: id, group_ids: vec![g.0] };
-                leader
-                    .remove_node(request(&args.cluster_secret, req)?)
-                    .await
-                    .with_context(|| format!("group {}", g.0))?;
+                leader.remove_node(admin.request(req)?).await.with_context(|| format!("group {}", g.0))?;
                 println!("group {:>3}: node {id} removed", g.0);
             }
         }
@@ -108,10 +149,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
 /// its leader reports it (else as any node hosting it does), merged into one
 /// status reply. Nodes that do not answer are listed as unreachable.
 async fn cluster_status(
+    admin: &Admin,
     c: &mut AdminServiceClient<tonic::transport::Channel>,
-    secret: &str,
 ) -> anyhow::Result<ClusterStatusReply> {
-    let first = c.cluster_status(request(secret, ClusterStatusRequest::default())?).await?.into_inner();
+    let first = c.cluster_status(admin.request(ClusterStatusRequest::default())?).await?.into_inner();
     let map = first.map.clone().context("node has no cluster map")?;
     let mut groups: std::collections::BTreeMap<u32, GroupStatus> = std::collections::BTreeMap::new();
     let mut unreachable = Vec::new();
@@ -124,8 +165,8 @@ async fn cluster_status(
     };
     merge(first.node_id, &first);
     for n in map.nodes.iter().filter(|n| n.node_id != first.node_id && n.state != NodeState::Removed as i32) {
-        let reply = match client(&n.internal_addr).await {
-            Ok(mut other) => other.cluster_status(request(secret, ClusterStatusRequest::default())?).await,
+        let reply = match admin.client(&n.internal_addr).await {
+            Ok(mut other) => other.cluster_status(admin.request(ClusterStatusRequest::default())?).await,
             Err(e) => Err(tonic::Status::unavailable(e.to_string())),
         };
         match reply {
@@ -143,10 +184,10 @@ async fn cluster_status(
 
 /// Every group of the cluster with its leader's internal address.
 async fn groups_by_leader(
+    admin: &Admin,
     c: &mut AdminServiceClient<tonic::transport::Channel>,
-    secret: &str,
 ) -> anyhow::Result<Vec<(u32, String)>> {
-    let s = cluster_status(c, secret).await?;
+    let s = cluster_status(admin, c).await?;
     let map = s.map.context("node has no cluster map")?;
     let mut out = Vec::new();
     for g in &s.groups {

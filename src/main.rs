@@ -3,6 +3,7 @@
 //! Each subcommand parses its flags into the typed options of a library and
 //! calls it: `rim node` runs a logic node (`rim-node`), `rim admin` talks to
 //! a node's admin service, `rim gateway` runs a gateway (`rim-gateway`),
+//! `rim cert` writes TLS certificates,
 //! `rim dev` starts a local cluster with a gateway, `rim bench` measures a
 //! cluster (`rim-bench`).
 
@@ -14,6 +15,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin;
+mod cert;
 mod chat;
 mod dev;
 mod gateway;
@@ -39,6 +41,8 @@ enum Command {
     Gateway(gateway::GatewayArgs),
     /// Inspect and change a running cluster.
     Admin(admin::AdminArgs),
+    /// Write a private CA and a certificate signed by it (PEM) for TLS.
+    Cert(cert::CertArgs),
     /// Interactive terminal chat client (through a gateway).
     Chat(chat::ChatArgs),
     /// Load generation and performance figures against a cluster.
@@ -92,6 +96,24 @@ struct NodeArgs {
     /// Shared cluster secret (also RIM_CLUSTER_SECRET).
     #[arg(long)]
     cluster_secret: Option<String>,
+    /// TLS certificate chain (PEM) of this node's gRPC listeners, also
+    /// presented to peers that require client certificates (`[tls]`).
+    #[arg(long, env = "RIM_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "RIM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) verifying peers (and, with
+    /// --tls-require-client-cert, every caller of the internal listener).
+    #[arg(long, env = "RIM_TLS_CA", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS: the internal listener requires a client certificate
+    /// signed by --tls-ca.
+    #[arg(long, requires = "tls_cert")]
+    tls_require_client_cert: bool,
+    /// Name every peer's certificate carries (default: each address's host).
+    #[arg(long, env = "RIM_TLS_SERVER_NAME", requires = "tls_cert")]
+    tls_server_name: Option<String>,
     /// Development: accept this fixed phone sign-in code (logged loudly).
     #[arg(long)]
     dev_code: Option<String>,
@@ -152,6 +174,15 @@ impl NodeArgs {
         if let Some(v) = self.cluster_secret {
             c.cluster_secret = v;
         }
+        if let (Some(cert), Some(key), Some(ca)) = (self.tls_cert, self.tls_key, self.tls_ca) {
+            c.tls = Some(rim_cluster::LinkTlsConfig {
+                ca,
+                cert: Some(cert),
+                key: Some(key),
+                require_client_cert: self.tls_require_client_cert,
+                server_name: self.tls_server_name,
+            });
+        }
         if let Some(v) = self.dev_code {
             c.dev_code = Some(v);
         }
@@ -184,6 +215,7 @@ fn main() -> anyhow::Result<()> {
         Command::Node(args) => rt.block_on(run_node(args.into_config()?)),
         Command::Gateway(args) => rt.block_on(gateway::run(args)),
         Command::Admin(args) => rt.block_on(admin::run(args)),
+        Command::Cert(args) => cert::run(args),
         Command::Dev(args) => rt.block_on(dev::run(args)),
         Command::Chat(args) => rt.block_on(chat::run(args)),
         Command::Bench(args) => rt.block_on(rim_bench::run(args, shutdown_signal())),

@@ -48,9 +48,12 @@ use crate::error::{Error, Result};
 
 pub mod pki;
 
+/// Longest TLS handshake a server waits for before dropping the connection.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Files of an internal link's TLS (`[tls]` of a node's TOML, `--tls-*`
 /// flags of a gateway or the admin CLI).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkTlsConfig {
     /// PEM bundle of the CAs that verify the other side: the servers this
@@ -144,7 +147,7 @@ impl LinkTls {
         let Some(identity) = &self.identity else {
             return Err(Error::InvalidInput("TLS: serving needs `cert` and `key`".into()));
         };
-        let mut c = ServerTlsConfig::new().identity(identity.clone());
+        let mut c = ServerTlsConfig::new().identity(identity.clone()).timeout(HANDSHAKE_TIMEOUT);
         if verify_clients && self.require_client_cert {
             c = c.client_ca_root(self.ca.clone());
         }

@@ -131,6 +131,7 @@ impl Gateway {
             config.gateway_id.clone(),
         );
         options.request_timeout = config.request_timeout;
+        options.tls = config.upstream_tls.clone();
         let upstream = Upstream::new(options)?;
         let router = PushRouter::new(upstream.clone(), config.router.clone());
         let conn_ids = Arc::new(AtomicU64::new(DEFAULT_FIRST_CONN_ID));

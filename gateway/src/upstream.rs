@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use rim_cluster::{Backoff, Placement, retryable};
+use rim_cluster::{Backoff, LinkTls, Placement, retryable};
 use rim_proto::ErrorCode;
 use rim_proto::ids::{NodeId, ShardId, UserId};
 use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
@@ -48,7 +48,7 @@ use rim_proto::v1::{
     ConnSendRequest, ConnSignInRequest, ConnSyncGroupRequest, ConnSyncRequest, GetClusterMapRequest,
     NodeState, SendOutput,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::call::{Call, CallError, NodeCall, NodeReply};
 use crate::error::Error;
@@ -58,7 +58,7 @@ pub mod batch;
 pub use batch::SendBatchStats;
 
 /// How an [`Upstream`] reaches the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct UpstreamOptions {
     /// Internal (`host:port`) addresses of some logic nodes; any one that
     /// answers is enough to load the cluster map.
@@ -70,6 +70,8 @@ pub struct UpstreamOptions {
     /// This gateway's id, stable for the process's life
     /// (`ConnContext.gateway_id`, `SubscribeRequest.gateway_id`).
     pub gateway_id: String,
+    /// TLS of the links to the nodes (`None`: plaintext).
+    pub tls: Option<LinkTls>,
 }
 
 impl UpstreamOptions {
@@ -80,6 +82,7 @@ impl UpstreamOptions {
             cluster_secret: cluster_secret.into(),
             request_timeout: Duration::from_secs(5),
             gateway_id: gateway_id.into(),
+            tls: None,
         }
     }
 }
@@ -152,7 +155,7 @@ impl Upstream {
                 .parse()
                 .map_err(|_| Error::Config("the cluster secret is not valid ASCII metadata".into()))?;
         for seed in &options.seeds {
-            Endpoint::from_shared(format!("http://{seed}"))
+            rim_cluster::tls::endpoint(seed, options.tls.as_ref())
                 .map_err(|_| Error::Config(format!("bad node address {seed:?}")))?;
         }
         let batchers = batch::Batchers::new(secret.clone(), options.request_timeout);
@@ -190,7 +193,7 @@ impl Upstream {
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = rim_cluster::tls::endpoint(addr, self.inner.options.tls.as_ref())
             .map_err(|e| CallError::new(ErrorCode::ErrorInternal, format!("bad node address {addr}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT.min(self.inner.options.request_timeout))
             .tcp_nodelay(true)

@@ -53,6 +53,11 @@ pub struct NodeConfig {
     /// The secret nodes authenticate each other with (Raft, forwarded
     /// calls, joining). Without the secrets below, it stands in for them.
     pub cluster_secret: String,
+    /// TLS of the internal and client gRPC listeners and of every call this
+    /// node makes to its peers (`[tls]` in TOML; none: plaintext). The
+    /// internal listener requires client certificates when
+    /// `require_client_cert` is set; the client listener never does.
+    pub tls: Option<rim_cluster::LinkTlsConfig>,
     /// The secret gateways present (empty: the cluster secret).
     pub gateway_secret: String,
     /// The secret admin tools present (empty: the cluster secret).
@@ -183,6 +188,7 @@ impl Default for NodeConfig {
             slots: 256,
             replication: 3,
             cluster_secret: String::new(),
+            tls: None,
             gateway_secret: String::new(),
             admin_secret: String::new(),
             api_keys: Vec::new(),
@@ -284,6 +290,12 @@ impl NodeConfig {
             }
             if self.peers.contains_key(&0) {
                 return bad("node ids must be ≥ 1".into());
+            }
+        }
+        if let Some(tls) = &self.tls {
+            let loaded = rim_cluster::LinkTls::load(tls).map_err(|e| Error::Config(format!("tls: {e}")))?;
+            if !loaded.has_identity() {
+                return bad("tls: a node serves TLS, so it needs `cert` and `key`".into());
             }
         }
         if self.peer_via.contains_key(&self.id) {

@@ -37,12 +37,13 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use rim_cluster::LinkTls;
 use rim_proto::ids::{NodeId, ShardId};
 use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
 use rim_proto::v1::raft_service_client::RaftServiceClient;
 use rim_proto::v1::{RaftReply, RaftRequest, SnapshotChunk};
 use rim_raft_store::TypeConfig;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Largest Raft RPC message, both directions. An `AppendEntries` carries at
 /// most `max_payload_entries` entries of at most `MAX_ENTRY_BYTES` each (see
@@ -73,6 +74,8 @@ struct PeersInner {
     filter: Option<LinkFilter>,
     /// Per-peer dial addresses overriding the cluster's (`peer_via`).
     via: BTreeMap<u64, String>,
+    /// TLS of every peer link (`None`: plaintext).
+    tls: Option<LinkTls>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -95,16 +98,22 @@ pub enum CallError {
 impl Peers {
     /// Connections from node `me`, authenticated with `secret`; peer `id`
     /// is dialled at `via[id]` when present (see `NodeConfig::peer_via`),
-    /// else at the address the caller got from the cluster.
+    /// else at the address the caller got from the cluster; over TLS when
+    /// `tls` is set.
     pub fn new(
         me: NodeId,
         secret: String,
         filter: Option<LinkFilter>,
         via: BTreeMap<NodeId, String>,
+        tls: Option<LinkTls>,
     ) -> Peers {
-        Peers {
-            inner: Arc::new(PeersInner { me, secret, channels: Mutex::new(HashMap::new()), filter, via }),
-        }
+        let channels = Mutex::new(HashMap::new());
+        Peers { inner: Arc::new(PeersInner { me, secret, channels, filter, via, tls }) }
+    }
+
+    /// TLS of the peer links, if any.
+    pub fn tls(&self) -> Option<&LinkTls> {
+        self.inner.tls.as_ref()
     }
 
     /// This node's id.
@@ -122,7 +131,7 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let ep = Endpoint::from_shared(format!("http://{addr}"))
+        let ep = rim_cluster::tls::endpoint(addr, self.inner.tls.as_ref())
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::BasicNode;
-use rim_cluster::Placement;
+use rim_cluster::{LinkTls, Placement};
 use rim_proto::ids::ShardId;
 use rim_proto::store::{self, op::Op as O};
 use rim_proto::v1::admin_service_client::AdminServiceClient;
@@ -132,11 +132,16 @@ impl Node {
             Some(code) => Arc::new(FixedCodeVerifier::new(code.clone())),
             None => Arc::new(NoCodeVerifier),
         };
+        let tls = match &config.tls {
+            Some(files) => Some(LinkTls::load(files).map_err(|e| Error::Config(format!("tls: {e}")))?),
+            None => None,
+        };
         let peers = Peers::new(
             config.id,
             config.cluster_secret.clone(),
             opts.link_filter.clone(),
             config.peer_via.clone(),
+            tls,
         );
         let limits = Arc::new(Limits {
             small_group_limit: config.small_group_limit,
@@ -192,8 +197,9 @@ impl Node {
         }
 
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(serve_internal(core.clone(), internal)));
-        tasks.push(tokio::spawn(serve_client(core.clone(), client)));
+        let (internal_server, client_server) = (server_builder(&core, true)?, server_builder(&core, false)?);
+        tasks.push(tokio::spawn(serve_internal(core.clone(), internal_server, internal)));
+        tasks.push(tokio::spawn(serve_client(core.clone(), client_server, client)));
         let http_core = core.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = crate::http::serve(http_core, http).await {
@@ -422,7 +428,7 @@ async fn watch_leader(g: Arc<Group>) {
 }
 
 async fn fetch_map(core: &Core, seed: &str) -> Result<ClusterMap> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{seed}"))
+    let ch = rim_cluster::tls::endpoint(seed, core.peers.tls())
         .map_err(|e| Error::Config(e.to_string()))?
         .connect()
         .await
@@ -434,7 +440,7 @@ async fn fetch_map(core: &Core, seed: &str) -> Result<ClusterMap> {
     map.into_inner().map.ok_or_else(|| Error::Unavailable("seed has no cluster map".into()))
 }
 
-async fn serve_internal(core: Arc<Core>, listener: TcpListener) {
+async fn serve_internal(core: Arc<Core>, builder: tonic::transport::Server, listener: TcpListener) {
     use crate::credentials::Role;
     let creds = match Credentials::from_config(&core.config) {
         Ok(c) => c,
@@ -465,7 +471,7 @@ async fn serve_internal(core: Arc<Core>, listener: TcpListener) {
     // a push subscription run as long as they need) and no per-connection
     // limit (a gateway multiplexes its connections' calls on a few
     // channels); keepalive finds dead peers.
-    let res = tonic::transport::Server::builder()
+    let res = builder
         .http2_keepalive_interval(Some(crate::grpc::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(crate::grpc::KEEPALIVE_TIMEOUT))
         .layer(tower::util::MapResponseLayer::new(crate::grpc::fill_rim_code))
@@ -478,6 +484,15 @@ async fn serve_internal(core: Arc<Core>, listener: TcpListener) {
     if let Err(e) = res {
         tracing::error!(error = %e, "internal listener stopped");
     }
+}
+
+/// A gRPC server builder, serving TLS when the node has it (`verify_clients`:
+/// require client certificates if the configuration asks for mutual TLS).
+fn server_builder(core: &Core, verify_clients: bool) -> Result<tonic::transport::Server> {
+    let builder = tonic::transport::Server::builder();
+    let Some(tls) = core.peers.tls() else { return Ok(builder) };
+    let config = tls.server(verify_clients).map_err(|e| Error::Config(format!("tls: {e}")))?;
+    builder.tls_config(config).map_err(|e| Error::Config(format!("tls: {e}")))
 }
 
 /// The accepted connections of `listener`, with Nagle's algorithm off.
@@ -496,7 +511,7 @@ fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Resul
     })
 }
 
-async fn serve_client(core: Arc<Core>, listener: TcpListener) {
+async fn serve_client(core: Arc<Core>, builder: tonic::transport::Server, listener: TcpListener) {
     let svc = ClientSvc { core: core.clone() };
     let limit = crate::grpc::MAX_CLIENT_REQUEST;
     // Every client is a stranger: bounded concurrent calls per connection,
@@ -504,7 +519,7 @@ async fn serve_client(core: Arc<Core>, listener: TcpListener) {
     // wait for a password-hashing slot, and keepalive to drop dead peers.
     let per_connection = core.config.limits.grpc_calls_per_connection.max(1);
     let deadline = core.timeout + crate::throttle::HASH_WAIT + crate::grpc::KEEPALIVE_TIMEOUT;
-    let res = tonic::transport::Server::builder()
+    let res = builder
         .concurrency_limit_per_connection(per_connection)
         .max_concurrent_streams(u32::try_from(per_connection).ok())
         .timeout(deadline)

@@ -228,6 +228,7 @@ impl Cluster {
             gateway_id: id.into(),
             request_timeout: Duration::from_secs(10),
             tcp: TcpOptions { event_loop_threads: 1, ..TcpOptions::default() },
+            upstream_tls: self.tls(),
             ..GatewayConfig::default()
         };
         let gw = Gateway::start(config).await.unwrap_or_else(|e| panic!("gateway {id}: {e}"));
@@ -235,10 +236,18 @@ impl Cluster {
         gw
     }
 
-    /// A gRPC client of node `id`'s client listener.
+    /// A gRPC client of node `id`'s client listener (over TLS if the
+    /// nodes serve it).
     pub fn client(&self, id: NodeId) -> Client {
         let cfg = self.configs.get(&id).unwrap_or_else(|| panic!("no config for node {id}"));
-        Client::connect(&cfg.client_listen)
+        Client::connect_with(&cfg.client_listen, self.tls().as_ref())
+    }
+
+    /// The TLS material of the nodes' links (the first node's `tls`), as a
+    /// client of them uses it; `None` for a plaintext cluster.
+    pub fn tls(&self) -> Option<rim_cluster::LinkTls> {
+        let files = self.configs.values().next()?.tls.as_ref()?;
+        Some(rim_cluster::LinkTls::load(files).unwrap_or_else(|e| panic!("the cluster's TLS files: {e}")))
     }
 
     /// Stops every node.

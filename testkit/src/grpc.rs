@@ -47,7 +47,12 @@ const RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// A lazily connected endpoint of `addr` (`host:port`, plain HTTP/2).
 pub fn endpoint(addr: &str) -> Endpoint {
-    Endpoint::from_shared(format!("http://{addr}"))
+    endpoint_with(addr, None)
+}
+
+/// [`endpoint`], over TLS with `tls` when it is set.
+pub fn endpoint_with(addr: &str, tls: Option<&rim_cluster::LinkTls>) -> Endpoint {
+    rim_cluster::tls::endpoint(addr, tls)
         .unwrap_or_else(|e| panic!("bad address {addr}: {e}"))
         .connect_timeout(Duration::from_secs(2))
 }
@@ -84,7 +89,12 @@ impl Client {
     /// A client of the node whose client listener is `addr`. Connects on
     /// first use (and reconnects after a restart).
     pub fn connect(addr: &str) -> Client {
-        Client { channel: endpoint(addr).connect_lazy() }
+        Client::connect_with(addr, None)
+    }
+
+    /// [`Client::connect`], over TLS with `tls` when it is set.
+    pub fn connect_with(addr: &str, tls: Option<&rim_cluster::LinkTls>) -> Client {
+        Client { channel: endpoint_with(addr, tls).connect_lazy() }
     }
 
     /// `msg` as a request of `s` (user, device and token metadata), with a

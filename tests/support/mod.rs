@@ -353,6 +353,11 @@ impl GatewayProc {
     /// Starts a gateway named `id` with `seeds` (internal node addresses)
     /// and waits until its `/healthz` answers 200.
     pub async fn start(id: &str, seeds: &[String]) -> GatewayProc {
+        GatewayProc::start_with(id, seeds, &[]).await
+    }
+
+    /// [`GatewayProc::start`] with `extra` flags.
+    pub async fn start_with(id: &str, seeds: &[String], extra: &[&str]) -> GatewayProc {
         let dir = tempfile::tempdir().expect("tempdir");
         let (tcp, http) = (free_addr(), free_addr());
         let log = File::create(dir.path().join("gateway.log")).expect("gateway log");
@@ -360,6 +365,7 @@ impl GatewayProc {
         let child = rim_command()
             .args(["gateway", "--id", id, "--tcp", &tcp, "--http", &http, "--cluster-secret", SECRET])
             .args(["--seeds", &seeds.join(",")])
+            .args(extra)
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err))
             .spawn()
