@@ -36,6 +36,7 @@ pub mod error;
 pub mod group;
 pub mod grpc;
 pub mod http;
+pub mod jwt;
 pub mod net;
 mod node;
 pub mod read;
