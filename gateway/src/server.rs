@@ -64,7 +64,8 @@ pub struct GatewayConfig {
     /// Session limits and timers (both transports).
     pub session: SessionConfig,
     /// TCP event loops, and the connection limit of each transport (TCP and
-    /// WebSocket alike).
+    /// WebSocket alike). Its `tls` is not read: [`tls`](Self::tls) serves
+    /// both transports.
     pub tcp: TcpOptions,
     /// Push-stream timers.
     pub router: RouterOptions,
@@ -149,13 +150,14 @@ impl Gateway {
         if let Some(addr) = &config.tcp_listen {
             let listener = std::net::TcpListener::bind(addr.as_str())
                 .map_err(|source| Error::Bind { addr: addr.clone(), source })?;
+            let options = TcpOptions { tls: config.tls.clone(), ..config.tcp.clone() };
             let tcp = TcpGateway::start_with_conn_ids(
                 listener,
                 upstream.clone(),
                 router.clone(),
                 config.session.clone(),
                 tokio::runtime::Handle::current(),
-                config.tcp.clone(),
+                options,
                 conn_ids.clone(),
             )
             .map_err(|e| match e {
