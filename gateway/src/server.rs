@@ -12,6 +12,9 @@
 //! * Both transports register with the same router, so they draw connection
 //!   ids from **one** counter: ids never collide, and a device signing in
 //!   over WebSocket kicks its older TCP connection and vice versa.
+//! * With [`GatewayConfig::tls`] both client listeners speak TLS (TCP
+//!   inside TLS, WebSocket as `wss://`) with the same certificate; no
+//!   plaintext port is opened beside them.
 //! * [`Gateway::shutdown`] stops accepting first, then tells every client
 //!   (`KICK` with `ERROR_UNAVAILABLE`, so SDKs reconnect elsewhere), drains
 //!   what is queued within a short linger, and only then closes the push
@@ -171,11 +174,14 @@ impl Gateway {
         if let Some(addr) = &config.ws_listen {
             let listener = bind_tokio(addr).await?;
             gw.ws_addr = listener.local_addr().ok();
-            tracing::info!(addr = ?gw.ws_addr, "WebSocket gateway listening on /ws");
+            tracing::info!(addr = ?gw.ws_addr, tls = config.tls.is_some(), "WebSocket gateway listening on /ws");
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
-            let ws = WsGateway::new(upstream.clone(), router.clone(), config.session.clone())
+            let mut ws = WsGateway::new(upstream.clone(), router.clone(), config.session.clone())
                 .with_conn_ids(conn_ids.clone())
                 .with_max_connections(config.tcp.max_connections);
+            if let Some(tls) = &config.tls {
+                ws = ws.with_tls(tls.clone());
+            }
             let task = tokio::spawn(ws.serve(listener, async move {
                 let _ = stop_rx.await;
             }));

@@ -21,6 +21,18 @@
 //! * Other paths than [`WS_PATH`] are refused with HTTP 404 during the
 //!   handshake.
 //!
+//! # TLS (`wss://`)
+//!
+//! With [`WsGateway::with_tls`], every accepted connection is first the
+//! server side of a TLS handshake (tokio-rustls), then the WebSocket
+//! handshake runs over it; everything after is the same. The TLS handshake
+//! runs in the connection's task, so it counts against the connection
+//! limit, and it must complete within [`SessionConfig::sign_in_timeout`]
+//! (a client that connects and never finishes it is dropped, as one that
+//! never signs in is). A failed handshake (an untrusted certificate on the
+//! client's side, plaintext sent to the TLS port, garbage) ends that
+//! connection only.
+//!
 //! # JSON form
 //!
 //! A deliberately small mapping of `Packet`, one object per text message:
@@ -92,6 +104,7 @@ use prost::Message as _;
 use rim_proto::codec::{decode_unframed, encoded_frame_len};
 use rim_proto::v1::{Command, Packet};
 use rim_proto::{CodecError, ErrorCode};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -152,6 +165,7 @@ pub struct WsGateway {
     config: SessionConfig,
     conn_ids: ConnIds,
     max_connections: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Where connection ids come from.
@@ -184,7 +198,16 @@ impl WsGateway {
             config,
             conn_ids: ConnIds::Global,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            tls: None,
         }
+    }
+
+    /// Serves `wss://`: every connection is a TLS session with `config`
+    /// (e.g. [`rim_cluster::tls::server_config`]) before its WebSocket
+    /// handshake. See [TLS](self#tls-wss).
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> WsGateway {
+        self.tls = Some(config);
+        self
     }
 
     /// Serves at most `max` connections at once; beyond it a new connection
@@ -215,6 +238,7 @@ impl WsGateway {
             config: self.config,
             ws_config,
             notices: Notices::default(),
+            tls: self.tls.map(tokio_rustls::TlsAcceptor::from),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -279,9 +303,15 @@ struct Shared {
     config: SessionConfig,
     ws_config: WebSocketConfig,
     notices: Notices,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-type Ws = WebSocketStream<TcpStream>;
+/// A connection's byte stream: the TCP socket, or a TLS session over it.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
+
+type Ws = WebSocketStream<Box<dyn Socket>>;
 
 /// Handshake callback: only [`WS_PATH`] is upgraded.
 #[allow(clippy::result_large_err, reason = "the signature is tungstenite's `Callback`")]
@@ -302,20 +332,23 @@ async fn connection(
     conn_id: u64,
     mut stop: watch::Receiver<bool>,
 ) {
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(tcp, check_path, Some(shared.ws_config));
-    let ws = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match r {
-            Ok(Ok(ws)) => ws,
-            Ok(Err(e)) => {
-                tracing::debug!(conn = conn_id, %peer, error = %e, "websocket handshake failed");
+    let socket: Box<dyn Socket> = match &shared.tls {
+        None => Box::new(tcp),
+        Some(acceptor) => {
+            let handshake = acceptor.accept(tcp);
+            let limit = shared.config.sign_in_timeout;
+            let Some(tls) = bounded(handshake, limit, &mut stop, "TLS handshake", conn_id, peer).await else {
                 return;
-            }
-            Err(_) => {
-                tracing::debug!(conn = conn_id, %peer, "websocket handshake timed out");
-                return;
-            }
-        },
-        _ = stop.wait_for(|s| *s) => return,
+            };
+            Box::new(tls)
+        }
+    };
+    let handshake =
+        tokio_tungstenite::accept_hdr_async_with_config(socket, check_path, Some(shared.ws_config));
+    let Some(ws) =
+        bounded(handshake, HANDSHAKE_TIMEOUT, &mut stop, "websocket handshake", conn_id, peer).await
+    else {
+        return;
     };
     tracing::debug!(conn = conn_id, %peer, "websocket connection open");
     let (sink, stream) = ws.split();
@@ -338,6 +371,32 @@ async fn connection(
     let stream = conn.run(stream, reply_rx, stop).await;
     conn.finish(stream, writer).await;
     tracing::debug!(conn = conn_id, %peer, "websocket connection ended");
+}
+
+/// Runs a handshake for at most `limit`, unless the gateway stops first;
+/// `None` (logged as `what` failing) if it failed, timed out or was cut.
+async fn bounded<T, E: std::fmt::Display>(
+    handshake: impl Future<Output = std::result::Result<T, E>>,
+    limit: Duration,
+    stop: &mut watch::Receiver<bool>,
+    what: &str,
+    conn_id: u64,
+    peer: SocketAddr,
+) -> Option<T> {
+    tokio::select! {
+        r = tokio::time::timeout(limit, handshake) => match r {
+            Ok(Ok(done)) => Some(done),
+            Ok(Err(e)) => {
+                tracing::debug!(conn = conn_id, %peer, error = %e, "{what} failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(conn = conn_id, %peer, "{what} timed out");
+                None
+            }
+        },
+        _ = stop.wait_for(|s| *s) => None,
+    }
 }
 
 /// The outcome of one node call.
