@@ -336,45 +336,32 @@ mod tests {
 
     #[test]
     fn endpoints_parse() {
-        assert_eq!("127.0.0.1:7000".parse::<Endpoint>().unwrap(), Endpoint::Tcp("127.0.0.1:7000".into()));
-        assert_eq!("tcp://gw:7000".parse::<Endpoint>().unwrap(), Endpoint::Tcp("gw:7000".into()));
-        assert_eq!(
-            "ws://gw:7001".parse::<Endpoint>().unwrap(),
-            Endpoint::WebSocket("ws://gw:7001/ws".into())
-        );
-        assert_eq!(
-            "ws://gw:7001/other".parse::<Endpoint>().unwrap(),
-            Endpoint::WebSocket("ws://gw:7001/other".into())
-        );
-        assert_eq!(Endpoint::ws("1.2.3.4:5").to_string(), "ws://1.2.3.4:5/ws");
-        assert_eq!(Endpoint::tcp("1.2.3.4:5").to_string(), "tcp://1.2.3.4:5");
-        assert_eq!("tls://gw:7000".parse::<Endpoint>().unwrap(), Endpoint::Tls("gw:7000".into()));
-        assert_eq!(Endpoint::tls("1.2.3.4:5").to_string(), "tls://1.2.3.4:5");
-        assert_eq!(
-            "wss://gw:7001".parse::<Endpoint>().unwrap(),
-            Endpoint::WebSocket("wss://gw:7001/ws".into())
-        );
-        assert_eq!(
-            "wss://gw:7001/other".parse::<Endpoint>().unwrap(),
-            Endpoint::WebSocket("wss://gw:7001/other".into())
-        );
-        assert_eq!(Endpoint::wss("1.2.3.4:5").to_string(), "wss://1.2.3.4:5/ws");
-        let tls: Vec<bool> = ["tcp://a:1", "tls://a:1", "ws://a:1", "wss://a:1"]
-            .map(|e| e.parse::<Endpoint>().unwrap().is_tls())
-            .into();
-        assert_eq!(tls, [false, true, false, true]);
-        for bad in [
-            "",
-            "gw",
-            "http://gw:1",
-            "ws://",
-            "ws:///ws",
-            "tcp://",
-            "tls://",
-            "tls://gw:1/x",
-            "wss://",
-            "https://gw:1",
-        ] {
+        let parsed = [
+            ("127.0.0.1:7000", Endpoint::Tcp("127.0.0.1:7000".into()), false),
+            ("tcp://gw:7000", Endpoint::Tcp("gw:7000".into()), false),
+            ("tls://gw:7000", Endpoint::Tls("gw:7000".into()), true),
+            ("ws://gw:7001", Endpoint::WebSocket("ws://gw:7001/ws".into()), false),
+            ("ws://gw:7001/other", Endpoint::WebSocket("ws://gw:7001/other".into()), false),
+            ("wss://gw:7001", Endpoint::WebSocket("wss://gw:7001/ws".into()), true),
+            ("wss://gw:7001/other", Endpoint::WebSocket("wss://gw:7001/other".into()), true),
+        ];
+        for (text, endpoint, tls) in parsed {
+            assert_eq!(text.parse::<Endpoint>().unwrap(), endpoint, "{text}");
+            assert_eq!(endpoint.is_tls(), tls, "{text}");
+        }
+        let shown = [
+            (Endpoint::tcp("1.2.3.4:5"), "tcp://1.2.3.4:5"),
+            (Endpoint::tls("1.2.3.4:5"), "tls://1.2.3.4:5"),
+            (Endpoint::ws("1.2.3.4:5"), "ws://1.2.3.4:5/ws"),
+            (Endpoint::wss("1.2.3.4:5"), "wss://1.2.3.4:5/ws"),
+        ];
+        for (endpoint, text) in shown {
+            assert_eq!(endpoint.to_string(), text);
+            assert_eq!(text.parse::<Endpoint>().unwrap(), endpoint, "round trip");
+        }
+        let bad =
+            ["", "gw", "http://gw:1", "https://gw:1", "ws://", "ws:///ws", "wss://", "tcp://", "tls://"];
+        for bad in bad.into_iter().chain(["tls://gw:1/x"]) {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad:?} parsed");
         }
     }
