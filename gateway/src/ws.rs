@@ -78,7 +78,8 @@
 //!   connection's push queue overflowed), the session is kicked with
 //!   `ERROR_BUSY`: the client reconnects and syncs.
 //! * `Close`: a close frame after everything queued before it, then a short
-//!   linger for the client's close reply.
+//!   linger for the client's close reply, then the end of the byte stream
+//!   (`close_notify` under TLS).
 //!
 //! Close frames carry `1000` (normal) for `OK`, `1001` (going away) for
 //! `ERROR_UNAVAILABLE`, `1009` (too big) for `ERROR_FRAME_TOO_LARGE`, and
@@ -104,10 +105,10 @@ use prost::Message as _;
 use rim_proto::codec::{decode_unframed, encoded_frame_len};
 use rim_proto::v1::{Command, Packet};
 use rim_proto::{CodecError, ErrorCode};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -312,6 +313,8 @@ trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
 
 type Ws = WebSocketStream<Box<dyn Socket>>;
+/// The writing half of a WebSocket connection over `S`.
+type WsSink<S> = SplitSink<WebSocketStream<S>, Message>;
 
 /// Handshake callback: only [`WS_PATH`] is upgraded.
 #[allow(clippy::result_large_err, reason = "the signature is tungstenite's `Callback`")]
@@ -634,7 +637,11 @@ impl Conn {
 
     /// After the session closed: lets the writer finish (close frame
     /// included) and waits briefly for the client's close reply.
-    async fn finish(mut self, mut stream: SplitStream<Ws>, mut writer: tokio::task::JoinHandle<()>) {
+    async fn finish(
+        mut self,
+        mut stream: SplitStream<Ws>,
+        mut writer: JoinHandle<Option<WsSink<Box<dyn Socket>>>>,
+    ) {
         // Late actions (none are expected after the close) are still honoured.
         self.run_actions();
         self.events = None;
@@ -646,21 +653,32 @@ impl Conn {
             writer.abort();
             return;
         }
-        if tokio::time::timeout(LINGER, &mut writer).await.is_err() {
-            writer.abort();
-            return;
-        }
-        if ending != Ending::Closing {
-            return;
-        }
-        let drain = async {
-            while let Some(Ok(msg)) = stream.next().await {
-                if msg.is_close() {
-                    break;
-                }
+        let sink = match tokio::time::timeout(LINGER, &mut writer).await {
+            Ok(Ok(sink)) => sink,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                writer.abort();
+                return;
             }
         };
-        let _ = tokio::time::timeout(LINGER, drain).await;
+        if ending == Ending::Closing {
+            let drain = async {
+                while let Some(Ok(msg)) = stream.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+        }
+        // Last, the end of the byte stream itself: under TLS a close_notify,
+        // so that the client can tell a complete stream from a cut one (in
+        // plaintext a FIN, as dropping the socket would send).
+        if let Some(sink) = sink
+            && let Ok(mut ws) = stream.reunite(sink)
+        {
+            let _ = tokio::time::timeout(LINGER, ws.get_mut().shutdown()).await;
+        }
     }
 }
 
@@ -693,11 +711,16 @@ fn far_future() -> tokio::time::Instant {
 /// [`FLUSH_BATCH`] plus one message) is not counted while a slow client
 /// keeps it from leaving; everything queued behind it is, so a client that
 /// stops reading still hits the limit.
+///
+/// Returns the sink once everything was written (the close frame, or the
+/// close reply when the queue's sender went away), `None` if a write
+/// failed.
 async fn write_loop<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    mut sink: WsSink<S>,
     mut rx: mpsc::Receiver<Out>,
     written: Arc<AtomicUsize>,
-) where
+) -> Option<WsSink<S>>
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     while let Some(first) = rx.recv().await {
@@ -708,26 +731,23 @@ async fn write_loop<S>(
                 Out::Message(message, len) => {
                     // Before the bytes can reach the client: see above.
                     written.fetch_add(len, Ordering::AcqRel);
-                    if sink.feed(message).await.is_err() {
-                        return;
-                    }
+                    sink.feed(message).await.ok()?;
                     batch += len;
                 }
                 Out::Close(frame) => {
-                    let _ = sink.feed(Message::Close(Some(frame))).await;
-                    let _ = sink.flush().await;
-                    return;
+                    sink.feed(Message::Close(Some(frame))).await.ok()?;
+                    sink.flush().await.ok()?;
+                    return Some(sink);
                 }
             }
             if batch < FLUSH_BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        if sink.flush().await.is_err() {
-            return;
-        }
+        sink.flush().await.ok()?;
     }
-    let _ = sink.close().await;
+    sink.close().await.ok()?;
+    Some(sink)
 }
 
 /// The close frame ending a session closed with `code`.

@@ -325,3 +325,68 @@ async fn tls_garbage_after_the_handshake_closes_only_that_connection() {
     }
     gw.shutdown().await;
 }
+
+/// Closes end with the peer's `close_notify` (a clean TLS end, not a bare
+/// TCP end that could hide a truncation): at shutdown on both transports,
+/// and after a refused frame on TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_closes_send_close_notify() {
+    let _g = serial().await;
+    let pki = TestPki::new();
+    let config = SessionConfig { max_frame: 1024, ..SessionConfig::default() };
+    let gw = Gateway::start_tls(vec![free_addr()], config, &pki).await;
+    let client_tls = gw.client_tls.clone().unwrap();
+    let heartbeat = frame(&e2e::packet(1, Command::Heartbeat as i32, Vec::new()));
+    let connect_tcp = async || {
+        let addr = gw.addr(Kind::Tcp);
+        let mut tls = tls_handshake(&client_tls, addr, tcp_connect(addr).await).await.unwrap();
+        tls.write_all(&heartbeat).await.unwrap();
+        let mut buf = [0u8; 256];
+        assert!(tls.read(&mut buf).await.unwrap() > 0, "the heartbeat's reply");
+        tls
+    };
+    // Reads to the end: `Ok(0)` from tokio-rustls is close_notify, an
+    // unexpected end of the TCP stream is an error.
+    async fn clean_end(stream: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("closed in time") {
+                Ok(0) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("no close_notify: {e}"),
+            }
+        }
+    }
+
+    // A frame above the maximum: the error reply, then close_notify.
+    let mut refused = connect_tcp().await;
+    let mut wire = bytes::BytesMut::new();
+    prost::encoding::encode_varint(4096, &mut wire);
+    refused.write_all(&wire).await.unwrap();
+    let mut decoder = FrameDecoder::default();
+    decoder.push(&clean_end(&mut refused).await);
+    let reply = Reply::decode(decoder.next_frame().unwrap().expect("the error reply").content).unwrap();
+    assert_eq!(reply.code, ErrorCode::ErrorFrameTooLarge as i32);
+
+    let mut tcp = connect_tcp().await;
+    let mut raw_ws = {
+        let addr = gw.addr(Kind::Ws);
+        let tls = tls_handshake(&client_tls, addr, tcp_connect(addr).await).await.unwrap();
+        tokio_tungstenite::client_async(format!("wss://{addr}/ws"), tls).await.unwrap().0
+    };
+    let shutdown = tokio::spawn(gw.shutdown());
+    clean_end(&mut tcp).await;
+    // The WebSocket close handshake, then close_notify: the stream ends
+    // without an error.
+    loop {
+        match tokio::time::timeout(WAIT, raw_ws.next()).await.expect("closed in time") {
+            Some(Ok(m)) if m.is_close() => {}
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("wss: {e}"),
+            None => break,
+        }
+    }
+    assert_eq!(clean_end(raw_ws.get_mut()).await, b"", "nothing after close_notify");
+    shutdown.await.unwrap();
+}
