@@ -81,8 +81,9 @@
 //!   connection is kicked with `ERROR_UNAVAILABLE` (its client reconnects
 //!   and syncs).
 //! * TLS handshakes run on the event loop's thread: their public-key
-//!   operations (well under a millisecond each with ECDSA keys) delay the
-//!   loop's other connections while many clients connect at once.
+//!   operations (a fraction of a millisecond with an ECDSA key such as
+//!   `rim_cluster::tls::pki` makes, more with RSA) delay the loop's other
+//!   connections while many clients connect at once.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -118,7 +119,8 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 /// Bytes read from a socket at once, into the loop's scratch buffer.
 const SCRATCH: usize = 64 * 1024;
-/// Bytes read from one connection per turn of the event loop.
+/// Bytes read from one connection per turn of the event loop (off the
+/// wire: ciphertext under TLS).
 pub const READ_BUDGET: usize = 4 * SCRATCH;
 /// Messages (call outcomes and router events) queued towards one loop.
 const INBOUND_QUEUE: usize = 64 * 1024;
