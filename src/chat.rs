@@ -2,7 +2,7 @@
 //!
 //! It signs in over gRPC (a node's client listener, `--api`), holds one
 //! long connection to a gateway (`--gateway`, several for failover; TCP or
-//! `ws://`), and prints every entry of the user's list as it arrives:
+//! `ws://`, or inside TLS as `tls://` and `wss://`, trusting `--ca`), and prints every entry of the user's list as it arrives:
 //! messages from others and the user's own sends from any device, each once
 //! and in seq order (the SDK syncs after every reconnect and on seq gaps).
 //!
@@ -15,6 +15,7 @@
 //! SDK reads the user's super groups by itself.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -40,9 +41,14 @@ pub struct ChatArgs {
     /// Whom plain lines are sent to (login name).
     #[arg(long)]
     to: Option<String>,
-    /// Gateways, comma-separated: host:port (TCP) or ws://host:port/ws.
+    /// Gateways, comma-separated: host:port (TCP), ws://host:port/ws, or
+    /// with TLS tls://host:port and wss://host:port/ws.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7400")]
     gateway: Vec<String>,
+    /// CA bundle (PEM) that tls:// and wss:// gateways' certificates must
+    /// chain to.
+    #[arg(long, env = "RIM_CHAT_CA")]
+    ca: Option<PathBuf>,
     /// A node's client gRPC listener (sign-in, history, devices).
     #[arg(long, default_value = "127.0.0.1:7201")]
     api: String,
@@ -217,6 +223,14 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     let gateways =
         args.gateway.iter().map(|g| g.trim().parse::<Endpoint>()).collect::<Result<Vec<_>, _>>()?;
     anyhow::ensure!(!gateways.is_empty(), "--gateway needs at least one address");
+    let tls = match &args.ca {
+        Some(ca) => Some(rim_cluster::tls::client_config(ca)?),
+        None => None,
+    };
+    anyhow::ensure!(
+        tls.is_some() || !gateways.iter().any(Endpoint::is_tls),
+        "tls:// and wss:// gateways need --ca (the CA their certificates chain to)"
+    );
     let api = NodeApi::new(&args.api)?;
     if args.register {
         match api.register(&args.user, &args.password).await {
@@ -256,6 +270,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
 
     let mut config = ClientConfig::new(gateways);
     config.resume = Resume::After(head);
+    config.tls = tls;
     let (client, mut events) = Client::connect(config, me);
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let stop = crate::shutdown_signal();

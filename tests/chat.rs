@@ -286,3 +286,69 @@ async fn killed_gateway_clients_reconnect_elsewhere_and_lose_nothing() {
     bob_client.close().await;
     gw_b.interrupt(Duration::from_secs(30)).await;
 }
+
+/// `rim gateway --tls-cert --tls-key` serves TCP and WebSocket inside TLS;
+/// `rim chat --ca` talks through it over `tls://` and `wss://`, and without
+/// `--ca` refuses a TLS gateway at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rim_chat_over_tls_and_wss_through_a_tls_gateway() {
+    let _g = serial().await;
+    let mut cluster = ProcCluster::start(3, 2).await;
+    let seeds = cluster.internal_addrs().join(",");
+    let pki = rim_testkit::tls::TestPki::new();
+    let (tcp, ws) = (free_addr(), free_addr());
+    let [cert, key, ca] = [&pki.cert, &pki.key, &pki.ca].map(|p| p.display().to_string());
+    let gw_args = [
+        "gateway",
+        "--tcp",
+        &tcp,
+        "--ws",
+        &ws,
+        "--seeds",
+        &seeds,
+        "--cluster-secret",
+        SECRET,
+        "--threads",
+        "1",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ];
+    let gw = Terminal::spawn("gw-tls", &gw_args.map(String::from));
+    gw.expect(&format!("TCP+TLS on {tcp}"), Duration::from_secs(30)).await;
+    gw.expect(&format!("wss://{ws}/ws"), Duration::from_secs(30)).await;
+
+    let api = cluster.node(1).client.clone();
+    let chat = |user: &str, gateway: String, with_ca: bool| {
+        let mut args =
+            ["chat", "--register", "--user", user, "--password", PASSWORD, "--api", &api, "--gateway"]
+                .map(String::from)
+                .to_vec();
+        args.push(gateway);
+        if with_ca {
+            args.extend(["--ca".to_string(), ca.clone()]);
+        }
+        args
+    };
+
+    // Without --ca a TLS gateway is refused before anything is sent.
+    let mut no_ca = Terminal::spawn("no-ca", &chat("tlscarol", format!("tls://{tcp}"), false));
+    let exit = tokio::time::timeout(Duration::from_secs(30), no_ca.child.wait()).await.expect("exits");
+    assert!(!exit.expect("wait").success(), "rim chat without --ca ran against a TLS gateway");
+
+    let mut bob = Terminal::spawn("bob-wss", &chat("tlsbob", format!("wss://{ws}/ws"), true));
+    bob.expect("* connected to wss://", Duration::from_secs(60)).await;
+    let mut alice = Terminal::spawn("alice-tls", &chat("tlsalice", format!("tls://{tcp}"), true));
+    alice.expect("* connected to tls://", Duration::from_secs(60)).await;
+    alice.type_line("/to tlsbob").await;
+    alice.type_line("hello over tls").await;
+    bob.expect("tlsalice: hello over tls", Duration::from_secs(30)).await;
+    bob.type_line("/to tlsalice").await;
+    bob.type_line("hello over wss").await;
+    alice.expect("tlsbob: hello over wss", Duration::from_secs(30)).await;
+
+    alice.interrupt(Duration::from_secs(20)).await;
+    bob.interrupt(Duration::from_secs(20)).await;
+    gw.interrupt(Duration::from_secs(30)).await;
+}

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rim_proto::codec::DEFAULT_MAX_FRAME;
@@ -49,9 +50,17 @@ pub enum Resume {
 pub struct ClientConfig {
     /// Gateways to connect to, tried in rotation (at least one).
     pub gateways: Vec<Endpoint>,
+    /// TLS of `tls://` and `wss://` gateways: the CAs to trust (e.g. from
+    /// `rim_cluster::tls::client_config`, or any rustls configuration); the
+    /// name checked is each endpoint's host. Required by TLS endpoints
+    /// (without it the client stops with
+    /// [`Event::SignInRejected`](crate::Event::SignInRejected)); default
+    /// `None`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Where the user's list is read from on the first sign-in.
     pub resume: Resume,
-    /// Time to open a connection (TCP or WebSocket handshake); default 5 s.
+    /// Time to open a connection (TCP, TLS and WebSocket handshakes);
+    /// default 5 s.
     pub connect_timeout: Duration,
     /// Time for one request's reply (sign-in, sync, ack, one send attempt);
     /// default 10 s.
@@ -104,6 +113,7 @@ impl ClientConfig {
     pub fn new(gateways: Vec<Endpoint>) -> ClientConfig {
         ClientConfig {
             gateways,
+            tls: None,
             resume: Resume::FromAck,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),

@@ -30,7 +30,9 @@
 //!
 //! * **Transports** ([`transport`]): a TCP link carries varint-length
 //!   prefixed `Packet` frames ([`rim_proto::codec`]); a WebSocket link
-//!   (`ws://host:port/ws`) one `Packet` per binary message. Both are one
+//!   (`ws://host:port/ws`) one `Packet` per binary message. Either may run
+//!   inside TLS (`tls://host:port`, `wss://host:port/ws`), verified against
+//!   the CAs of [`ClientConfig::tls`] for the endpoint's host. All are one
 //!   reader/writer pair; nothing above them knows which one is in use.
 //! * **The connection task** (one per [`Client`]) owns the link, the
 //!   timeline and the event queue. [`Client`] handles (cheap clones) talk

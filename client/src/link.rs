@@ -57,9 +57,11 @@ pub(crate) async fn sign_in(
     credentials: &Credentials,
     endpoint: &Endpoint,
 ) -> Result<SignedIn, SignInFailure> {
-    let (mut reader, mut writer) = transport::connect(endpoint, config.connect_timeout, config.max_frame)
-        .await
-        .map_err(SignInFailure::Retry)?;
+    let opened =
+        transport::connect(endpoint, config.connect_timeout, config.max_frame, config.tls.as_ref()).await;
+    // A network failure is worth another try; a configuration error is not.
+    let (mut reader, mut writer) = opened
+        .map_err(|e| if e.is_retryable() { SignInFailure::Retry(e) } else { SignInFailure::Fatal(e) })?;
     let input = SignInInput {
         user_id: credentials.user_id.0,
         device_id: credentials.device_id.0,

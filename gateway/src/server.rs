@@ -12,6 +12,9 @@
 //! * Both transports register with the same router, so they draw connection
 //!   ids from **one** counter: ids never collide, and a device signing in
 //!   over WebSocket kicks its older TCP connection and vice versa.
+//! * With [`GatewayConfig::tls`] both client listeners speak TLS (TCP
+//!   inside TLS, WebSocket as `wss://`) with the same certificate; no
+//!   plaintext port is opened beside them.
 //! * [`Gateway::shutdown`] stops accepting first, then tells every client
 //!   (`KICK` with `ERROR_UNAVAILABLE`, so SDKs reconnect elsewhere), drains
 //!   what is queued within a short linger, and only then closes the push
@@ -64,7 +67,8 @@ pub struct GatewayConfig {
     /// Session limits and timers (both transports).
     pub session: SessionConfig,
     /// TCP event loops, and the connection limit of each transport (TCP and
-    /// WebSocket alike).
+    /// WebSocket alike). Its `tls` is not read: [`tls`](Self::tls) serves
+    /// both transports.
     pub tcp: TcpOptions,
     /// Push-stream timers.
     pub router: RouterOptions,
@@ -150,13 +154,14 @@ impl Gateway {
         if let Some(addr) = &config.tcp_listen {
             let listener = std::net::TcpListener::bind(addr.as_str())
                 .map_err(|source| Error::Bind { addr: addr.clone(), source })?;
+            let options = TcpOptions { tls: config.tls.clone(), ..config.tcp.clone() };
             let tcp = TcpGateway::start_with_conn_ids(
                 listener,
                 upstream.clone(),
                 router.clone(),
                 config.session.clone(),
                 tokio::runtime::Handle::current(),
-                config.tcp.clone(),
+                options,
                 conn_ids.clone(),
             )
             .map_err(|e| match e {
@@ -170,11 +175,14 @@ impl Gateway {
         if let Some(addr) = &config.ws_listen {
             let listener = bind_tokio(addr).await?;
             gw.ws_addr = listener.local_addr().ok();
-            tracing::info!(addr = ?gw.ws_addr, "WebSocket gateway listening on /ws");
+            tracing::info!(addr = ?gw.ws_addr, tls = config.tls.is_some(), "WebSocket gateway listening on /ws");
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
-            let ws = WsGateway::new(upstream.clone(), router.clone(), config.session.clone())
+            let mut ws = WsGateway::new(upstream.clone(), router.clone(), config.session.clone())
                 .with_conn_ids(conn_ids.clone())
                 .with_max_connections(config.tcp.max_connections);
+            if let Some(tls) = &config.tls {
+                ws = ws.with_tls(tls.clone());
+            }
             let task = tokio::spawn(ws.serve(listener, async move {
                 let _ = stop_rx.await;
             }));

@@ -6,24 +6,28 @@
 //! [`TcpGateway::start`] spawns [`TcpOptions::event_loop_threads`] event-loop
 //! threads (default one). There is no thread or task per connection: each
 //! loop owns a [`mio::Poll`], a clone of the listening socket, a
-//! [`mio::Waker`] and a slab of connections. A connection is its socket, a
-//! [`FrameDecoder`] holding the bytes of an incomplete frame, an outbound
-//! byte queue, its [`Session`] and a connection id that doubles as a
-//! generation number: messages addressed to a slab key whose connection has
-//! been replaced are recognised by the id and dropped.
+//! [`mio::Waker`] and a slab of connections. A connection is its link (the
+//! socket, plain or TLS, and an outbound plaintext queue: the `link`
+//! module), a [`FrameDecoder`] holding the bytes of an incomplete frame,
+//! its [`Session`] and a connection id that doubles as a generation number:
+//! messages addressed to a slab key whose connection has been replaced are
+//! recognised by the id and dropped.
 //!
-//! * **Readable**: read into one scratch buffer per loop, feed the decoder,
-//!   hand every frame to [`Session::on_packet`] (a decode error to
+//! * **Readable**: read into one scratch buffer per loop (under TLS,
+//!   decrypted at once, all of it), feed the plaintext to the decoder, hand
+//!   every frame to [`Session::on_packet`] (a decode error to
 //!   [`Session::on_decode_error`]). A connection is read until `WouldBlock`
 //!   (mio is edge-triggered) or until it used its [`READ_BUDGET`] for this
-//!   turn of the loop; then it goes to the back of the loop's ready queue
-//!   and is read again after every other event, timer and reply of the turn
-//!   was handled, so one flooding client cannot starve the others nor the
-//!   timers. End of stream or a read error ends the connection
-//!   ([`Session::on_close`]).
-//! * **Writable**: flush the queue and report it with
-//!   [`Session::on_written`]. Interest in `WRITABLE` is registered only while
-//!   the queue is non-empty after a write hit `WouldBlock`.
+//!   turn of the loop (bytes off the wire: ciphertext under TLS); then it
+//!   goes to the back of the loop's ready queue and is read again after
+//!   every other event, timer and reply of the turn was handled, so one
+//!   flooding client cannot starve the others nor the timers. End of stream
+//!   (or the peer's TLS `close_notify`), a read error or a TLS error ends
+//!   the connection ([`Session::on_close`]).
+//! * **Writable**: flush the queue and report what left with
+//!   [`Session::on_written`] (under TLS, the plaintext of records that left
+//!   whole). Interest in `WRITABLE` is registered only while there is
+//!   something to write after a write hit `WouldBlock`.
 //! * **Timers**: a heap of per-connection deadlines from
 //!   [`Session::next_deadline`] sets the poll timeout;
 //!   [`Session::on_tick`] runs when one passes.
@@ -44,6 +48,25 @@
 //! sends every session's `KICK` ([`Session::on_shutdown`]), flushes, closes
 //! and joins the threads.
 //!
+//! # TLS
+//!
+//! With [`TcpOptions::tls`], every accepted connection is the server side of
+//! a rustls [`ServerConnection`](rustls::ServerConnection) driven sans-IO on
+//! the loop: the same frames, inside TLS records. The `link` module holds
+//! the only code that differs; its invariants:
+//!
+//! * a connection's plaintext is processed before the loop waits again:
+//!   rustls never holds decrypted bytes across a wait, so edge-triggered
+//!   readiness strands nothing;
+//! * rustls holds at most one record of a connection's output (plus the
+//!   handshake): the session's send-queue limit still bounds what a slow
+//!   reader costs, and still closes it;
+//! * the handshake is part of the time to sign in: a client that connects
+//!   and never completes it is closed at
+//!   [`SessionConfig::sign_in_timeout`] like one that never signs in;
+//! * a TLS alert or garbage ends that connection only; a closing connection
+//!   sends `close_notify` after its last frame (kick, shutdown, any close).
+//!
 //! # Limits
 //!
 //! * A peer's end of stream closes the connection at once, even if replies
@@ -57,17 +80,20 @@
 //! * If the router refuses an event because the loop's channel is full, the
 //!   connection is kicked with `ERROR_UNAVAILABLE` (its client reconnects
 //!   and syncs).
+//! * TLS handshakes run on the event loop's thread: their public-key
+//!   operations (a fraction of a millisecond with an ECDSA key such as
+//!   `rim_cluster::tls::pki` makes, more with RSA) delay the loop's other
+//!   connections while many clients connect at once.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use rim_proto::ErrorCode;
@@ -82,13 +108,19 @@ use crate::router::{ConnEvent, ConnSink, PushRouter};
 use crate::session::{Action, MAX_FRAME_BEFORE_SIGN_IN, Session, SessionConfig};
 use crate::upstream::Upstream;
 
+mod link;
+
+use link::{Link, Read};
+pub use link::{TLS_BUFFER_LIMIT, TLS_RECORD};
+
 /// Token of the listening socket (outside any slab key in practice).
 const LISTENER: Token = Token(usize::MAX - 1);
 /// Token of the loop's waker.
 const WAKER: Token = Token(usize::MAX - 2);
 /// Bytes read from a socket at once, into the loop's scratch buffer.
 const SCRATCH: usize = 64 * 1024;
-/// Bytes read from one connection per turn of the event loop.
+/// Bytes read from one connection per turn of the event loop (off the
+/// wire: ciphertext under TLS).
 pub const READ_BUDGET: usize = 4 * SCRATCH;
 /// Messages (call outcomes and router events) queued towards one loop.
 const INBOUND_QUEUE: usize = 64 * 1024;
@@ -96,8 +128,6 @@ const INBOUND_QUEUE: usize = 64 * 1024;
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// How long a shutting-down loop waits for its connections to flush.
 const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
-/// An idle outbound buffer above this capacity is released.
-const KEEP_OUT_CAPACITY: usize = 64 * 1024;
 
 /// First connection id of the process-wide counter used by
 /// [`TcpGateway::start`]: far above the WebSocket transport's default
@@ -111,7 +141,7 @@ fn default_conn_ids() -> Arc<AtomicU64> {
 }
 
 /// Options of a [`TcpGateway`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct TcpOptions {
     /// Most open connections over all event loops; connections beyond it
     /// are closed as soon as they are accepted (default 100 000).
@@ -119,11 +149,16 @@ pub struct TcpOptions {
     /// Event-loop threads, each serving its share of the connections
     /// (default 1; 0 is taken as 1).
     pub event_loop_threads: usize,
+    /// TLS: every connection is the server side of a TLS session with this
+    /// configuration (e.g. [`rim_cluster::tls::server_config`]); `None`
+    /// (the default) speaks plaintext. [`Gateway::start`](crate::Gateway::start)
+    /// sets it from [`GatewayConfig::tls`](crate::GatewayConfig::tls).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for TcpOptions {
     fn default() -> Self {
-        TcpOptions { max_connections: 100_000, event_loop_threads: 1 }
+        TcpOptions { max_connections: 100_000, event_loop_threads: 1, tls: None }
     }
 }
 
@@ -207,6 +242,7 @@ impl TcpGateway {
                     shared: shared.clone(),
                     open: open.clone(),
                     max_connections: options.max_connections,
+                    tls: options.tls.clone(),
                     conn_ids: conn_ids.clone(),
                     notices: notices.clone(),
                 },
@@ -216,7 +252,7 @@ impl TcpGateway {
                 std::thread::Builder::new().name(format!("rim-tcp-{i}")).spawn(move || event_loop.run())?;
             gateway.loops.push((shared, thread));
         }
-        tracing::info!(addr = %local_addr, threads, "TCP gateway listening");
+        tracing::info!(addr = %local_addr, threads, tls = options.tls.is_some(), "TCP gateway listening");
         Ok(gateway)
     }
 
@@ -324,10 +360,9 @@ struct Conn {
     /// Connection id, unique among the router's connections: also the
     /// generation of the slab key.
     id: u64,
-    stream: TcpStream,
+    /// The socket (plain or TLS) and the encoded frames not yet written.
+    link: Link,
     decoder: FrameDecoder,
-    /// Encoded frames not yet written.
-    out: BytesMut,
     session: Session,
     /// Whether `WRITABLE` is registered.
     write_interest: bool,
@@ -354,28 +389,6 @@ impl Conn {
             self.decoder.set_max_frame(max);
         }
     }
-
-    /// Writes the queue until it is empty or the socket would block;
-    /// returns the bytes written.
-    fn flush(&mut self) -> io::Result<usize> {
-        let mut written = 0;
-        while !self.out.is_empty() {
-            match self.stream.write(&self.out) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.out.advance(n);
-                    written += n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if self.out.is_empty() && self.out.capacity() > KEEP_OUT_CAPACITY {
-            self.out = BytesMut::new();
-        }
-        Ok(written)
-    }
 }
 
 /// What the loop needs besides its connections.
@@ -389,6 +402,8 @@ struct Ctx {
     /// Open connections over all loops of the gateway.
     open: Arc<AtomicUsize>,
     max_connections: usize,
+    /// TLS of every connection, if any.
+    tls: Option<Arc<rustls::ServerConfig>>,
     /// Where connection ids come from.
     conn_ids: Arc<AtomicU64>,
     /// Bounded best-effort `Offline` notices (shared by all loops).
@@ -538,19 +553,21 @@ impl EventLoop {
         }
     }
 
-    fn insert(&mut self, mut stream: TcpStream, now: Instant) -> io::Result<()> {
+    fn insert(&mut self, stream: TcpStream, now: Instant) -> io::Result<()> {
         let _ = stream.set_nodelay(true);
+        let mut link = Link::new(stream, self.ctx.tls.as_ref()).map_err(io::Error::other)?;
         let entry = self.slab.vacant_entry();
         let key = entry.key();
-        self.poll.registry().register(&mut stream, Token(key), Interest::READABLE)?;
+        self.poll.registry().register(link.socket(), Token(key), Interest::READABLE)?;
         let id = self.ctx.conn_ids.fetch_add(1, Ordering::Relaxed);
         let config = self.ctx.config.clone();
         let decoder = FrameDecoder::new(config.max_frame.min(MAX_FRAME_BEFORE_SIGN_IN));
+        // A TLS handshake is part of the time to sign in: the session's
+        // deadline runs from here.
         entry.insert(Conn {
             id,
-            stream,
+            link,
             decoder,
-            out: BytesMut::new(),
             session: Session::new(id, config, now),
             write_interest: false,
             closing: None,
@@ -590,14 +607,21 @@ impl EventLoop {
                 self.ready.push_back((key, id));
                 return;
             }
-            match conn.stream.read(&mut self.scratch) {
-                Ok(0) => break,
-                Ok(n) => {
+            // Input of a closing connection is read (and decrypted) but
+            // discarded.
+            let discard = conn.closing.is_some() || conn.session.is_closed();
+            let decoder = &mut conn.decoder;
+            match conn.link.read(&mut self.scratch, |plain| {
+                if !discard {
+                    decoder.push(plain);
+                }
+            }) {
+                Ok(Read::End) => break,
+                Ok(Read::Bytes(n)) => {
                     budget = budget.saturating_sub(n);
-                    if conn.closing.is_some() || conn.session.is_closed() {
-                        continue; // discarded: the connection is closing
+                    if discard {
+                        continue;
                     }
-                    conn.decoder.push(&self.scratch[..n]);
                     conn.fit_decoder();
                     while !conn.session.is_closed() {
                         match conn.decoder.next_frame() {
@@ -638,7 +662,7 @@ impl EventLoop {
         let ctx = &self.ctx;
         while let Some(action) = conn.session.poll_action() {
             match action {
-                Action::Send(packet) => encode_frame(&packet, &mut conn.out),
+                Action::Send(packet) => encode_frame(&packet, conn.link.queue()),
                 Action::Call(call) => ctx.spawn_call(key, conn.id, call),
                 Action::Register { conn_id, user_id, device_id, shard_id } => {
                     let sink =
@@ -654,7 +678,7 @@ impl EventLoop {
                 }
             }
         }
-        match conn.flush() {
+        match conn.link.flush(conn.closing.is_some()) {
             Ok(n) if n > 0 => conn.session.on_written(n),
             Ok(_) => {}
             Err(e) => {
@@ -662,13 +686,13 @@ impl EventLoop {
                 return self.remove(key, now);
             }
         }
-        if conn.closing.is_some() && conn.out.is_empty() {
+        if conn.closing.is_some() && conn.link.closed_cleanly() {
             return self.remove(key, now);
         }
-        let want = !conn.out.is_empty();
+        let want = conn.link.wants_write();
         if want != conn.write_interest {
             let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            if let Err(e) = self.poll.registry().reregister(&mut conn.stream, Token(key), interest) {
+            if let Err(e) = self.poll.registry().reregister(conn.link.socket(), Token(key), interest) {
                 tracing::warn!(conn = conn.id, error = %e, "cannot reregister a connection");
                 return self.remove(key, now);
             }
@@ -780,12 +804,8 @@ impl EventLoop {
             conn.session.on_close(now);
         }
         self.ctx.finish_actions(key, &mut conn);
-        let _ = self.poll.registry().deregister(&mut conn.stream);
-        // Drop unread input so the close is a FIN rather than a reset that
-        // could discard the last frames written.
-        let mut sink = [0u8; 4096];
-        while matches!(conn.stream.read(&mut sink), Ok(n) if n > 0) {}
-        let _ = conn.stream.shutdown(Shutdown::Write);
+        let _ = self.poll.registry().deregister(conn.link.socket());
+        conn.link.shutdown();
         self.ctx.open.fetch_sub(1, Ordering::AcqRel);
         tracing::trace!(conn = conn.id, "connection ended");
     }

@@ -21,6 +21,18 @@
 //! * Other paths than [`WS_PATH`] are refused with HTTP 404 during the
 //!   handshake.
 //!
+//! # TLS (`wss://`)
+//!
+//! With [`WsGateway::with_tls`], every accepted connection is first the
+//! server side of a TLS handshake (tokio-rustls), then the WebSocket
+//! handshake runs over it; everything after is the same. The TLS handshake
+//! runs in the connection's task, so it counts against the connection
+//! limit, and it must complete within [`SessionConfig::sign_in_timeout`]
+//! (a client that connects and never finishes it is dropped, as one that
+//! never signs in is). A failed handshake (an untrusted certificate on the
+//! client's side, plaintext sent to the TLS port, garbage) ends that
+//! connection only.
+//!
 //! # JSON form
 //!
 //! A deliberately small mapping of `Packet`, one object per text message:
@@ -66,7 +78,8 @@
 //!   connection's push queue overflowed), the session is kicked with
 //!   `ERROR_BUSY`: the client reconnects and syncs.
 //! * `Close`: a close frame after everything queued before it, then a short
-//!   linger for the client's close reply.
+//!   linger for the client's close reply, then the end of the byte stream
+//!   (`close_notify` under TLS).
 //!
 //! Close frames carry `1000` (normal) for `OK`, `1001` (going away) for
 //! `ERROR_UNAVAILABLE`, `1009` (too big) for `ERROR_FRAME_TOO_LARGE`, and
@@ -92,9 +105,10 @@ use prost::Message as _;
 use rim_proto::codec::{decode_unframed, encoded_frame_len};
 use rim_proto::v1::{Command, Packet};
 use rim_proto::{CodecError, ErrorCode};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -152,6 +166,7 @@ pub struct WsGateway {
     config: SessionConfig,
     conn_ids: ConnIds,
     max_connections: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Where connection ids come from.
@@ -184,7 +199,16 @@ impl WsGateway {
             config,
             conn_ids: ConnIds::Global,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            tls: None,
         }
+    }
+
+    /// Serves `wss://`: every connection is a TLS session with `config`
+    /// (e.g. [`rim_cluster::tls::server_config`]) before its WebSocket
+    /// handshake. See [TLS](self#tls-wss).
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> WsGateway {
+        self.tls = Some(config);
+        self
     }
 
     /// Serves at most `max` connections at once; beyond it a new connection
@@ -215,6 +239,7 @@ impl WsGateway {
             config: self.config,
             ws_config,
             notices: Notices::default(),
+            tls: self.tls.map(tokio_rustls::TlsAcceptor::from),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -279,9 +304,17 @@ struct Shared {
     config: SessionConfig,
     ws_config: WebSocketConfig,
     notices: Notices,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-type Ws = WebSocketStream<TcpStream>;
+/// A connection's byte stream: the TCP socket, or a TLS session over it.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
+
+type Ws = WebSocketStream<Box<dyn Socket>>;
+/// The writing half of a WebSocket connection over `S`.
+type WsSink<S> = SplitSink<WebSocketStream<S>, Message>;
 
 /// Handshake callback: only [`WS_PATH`] is upgraded.
 #[allow(clippy::result_large_err, reason = "the signature is tungstenite's `Callback`")]
@@ -302,20 +335,23 @@ async fn connection(
     conn_id: u64,
     mut stop: watch::Receiver<bool>,
 ) {
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(tcp, check_path, Some(shared.ws_config));
-    let ws = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match r {
-            Ok(Ok(ws)) => ws,
-            Ok(Err(e)) => {
-                tracing::debug!(conn = conn_id, %peer, error = %e, "websocket handshake failed");
+    let socket: Box<dyn Socket> = match &shared.tls {
+        None => Box::new(tcp),
+        Some(acceptor) => {
+            let handshake = acceptor.accept(tcp);
+            let limit = shared.config.sign_in_timeout;
+            let Some(tls) = bounded(handshake, limit, &mut stop, "TLS handshake", conn_id, peer).await else {
                 return;
-            }
-            Err(_) => {
-                tracing::debug!(conn = conn_id, %peer, "websocket handshake timed out");
-                return;
-            }
-        },
-        _ = stop.wait_for(|s| *s) => return,
+            };
+            Box::new(tls)
+        }
+    };
+    let handshake =
+        tokio_tungstenite::accept_hdr_async_with_config(socket, check_path, Some(shared.ws_config));
+    let Some(ws) =
+        bounded(handshake, HANDSHAKE_TIMEOUT, &mut stop, "websocket handshake", conn_id, peer).await
+    else {
+        return;
     };
     tracing::debug!(conn = conn_id, %peer, "websocket connection open");
     let (sink, stream) = ws.split();
@@ -338,6 +374,32 @@ async fn connection(
     let stream = conn.run(stream, reply_rx, stop).await;
     conn.finish(stream, writer).await;
     tracing::debug!(conn = conn_id, %peer, "websocket connection ended");
+}
+
+/// Runs a handshake for at most `limit`, unless the gateway stops first;
+/// `None` (logged as `what` failing) if it failed, timed out or was cut.
+async fn bounded<T, E: std::fmt::Display>(
+    handshake: impl Future<Output = std::result::Result<T, E>>,
+    limit: Duration,
+    stop: &mut watch::Receiver<bool>,
+    what: &str,
+    conn_id: u64,
+    peer: SocketAddr,
+) -> Option<T> {
+    tokio::select! {
+        r = tokio::time::timeout(limit, handshake) => match r {
+            Ok(Ok(done)) => Some(done),
+            Ok(Err(e)) => {
+                tracing::debug!(conn = conn_id, %peer, error = %e, "{what} failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(conn = conn_id, %peer, "{what} timed out");
+                None
+            }
+        },
+        _ = stop.wait_for(|s| *s) => None,
+    }
 }
 
 /// The outcome of one node call.
@@ -575,7 +637,11 @@ impl Conn {
 
     /// After the session closed: lets the writer finish (close frame
     /// included) and waits briefly for the client's close reply.
-    async fn finish(mut self, mut stream: SplitStream<Ws>, mut writer: tokio::task::JoinHandle<()>) {
+    async fn finish(
+        mut self,
+        mut stream: SplitStream<Ws>,
+        mut writer: JoinHandle<Option<WsSink<Box<dyn Socket>>>>,
+    ) {
         // Late actions (none are expected after the close) are still honoured.
         self.run_actions();
         self.events = None;
@@ -587,21 +653,32 @@ impl Conn {
             writer.abort();
             return;
         }
-        if tokio::time::timeout(LINGER, &mut writer).await.is_err() {
-            writer.abort();
-            return;
-        }
-        if ending != Ending::Closing {
-            return;
-        }
-        let drain = async {
-            while let Some(Ok(msg)) = stream.next().await {
-                if msg.is_close() {
-                    break;
-                }
+        let sink = match tokio::time::timeout(LINGER, &mut writer).await {
+            Ok(Ok(sink)) => sink,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                writer.abort();
+                return;
             }
         };
-        let _ = tokio::time::timeout(LINGER, drain).await;
+        if ending == Ending::Closing {
+            let drain = async {
+                while let Some(Ok(msg)) = stream.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+        }
+        // Last, the end of the byte stream itself: under TLS a close_notify,
+        // so that the client can tell a complete stream from a cut one (in
+        // plaintext a FIN, as dropping the socket would send).
+        if let Some(sink) = sink
+            && let Ok(mut ws) = stream.reunite(sink)
+        {
+            let _ = tokio::time::timeout(LINGER, ws.get_mut().shutdown()).await;
+        }
     }
 }
 
@@ -634,11 +711,16 @@ fn far_future() -> tokio::time::Instant {
 /// [`FLUSH_BATCH`] plus one message) is not counted while a slow client
 /// keeps it from leaving; everything queued behind it is, so a client that
 /// stops reading still hits the limit.
+///
+/// Returns the sink once everything was written (the close frame, or the
+/// close reply when the queue's sender went away), `None` if a write
+/// failed.
 async fn write_loop<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    mut sink: WsSink<S>,
     mut rx: mpsc::Receiver<Out>,
     written: Arc<AtomicUsize>,
-) where
+) -> Option<WsSink<S>>
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     while let Some(first) = rx.recv().await {
@@ -649,26 +731,23 @@ async fn write_loop<S>(
                 Out::Message(message, len) => {
                     // Before the bytes can reach the client: see above.
                     written.fetch_add(len, Ordering::AcqRel);
-                    if sink.feed(message).await.is_err() {
-                        return;
-                    }
+                    sink.feed(message).await.ok()?;
                     batch += len;
                 }
                 Out::Close(frame) => {
-                    let _ = sink.feed(Message::Close(Some(frame))).await;
-                    let _ = sink.flush().await;
-                    return;
+                    sink.feed(Message::Close(Some(frame))).await.ok()?;
+                    sink.flush().await.ok()?;
+                    return Some(sink);
                 }
             }
             if batch < FLUSH_BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        if sink.flush().await.is_err() {
-            return;
-        }
+        sink.flush().await.ok()?;
     }
-    let _ = sink.close().await;
+    sink.close().await.ok()?;
+    Some(sink)
 }
 
 /// The close frame ending a session closed with `code`.

@@ -371,7 +371,7 @@ async fn tcp_request_before_sign_in_gets_not_signed_in() {
 async fn tcp_connections_beyond_the_limit_are_refused_and_timers_fire() {
     let _g = serial().await;
     let config = SessionConfig { sign_in_timeout: Duration::from_millis(300), ..SessionConfig::default() };
-    let options = TcpOptions { max_connections: 2, event_loop_threads: 2 };
+    let options = TcpOptions { max_connections: 2, event_loop_threads: 2, ..TcpOptions::default() };
     let gw = Gateway::start(vec![free_addr()], config, options);
 
     let mut one = Client::connect(gw.addr()).await;

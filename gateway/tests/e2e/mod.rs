@@ -1,7 +1,9 @@
 //! End-to-end support shared by the gateway's socket tests: one gateway
 //! serving both transports (TCP and WebSocket) on one push router, and one
 //! client type that speaks either transport, so that every scenario runs
-//! through real sockets on both.
+//! through real sockets on both. A gateway started with
+//! [`Gateway::start_tls`] serves both over TLS, and its clients connect
+//! with TLS, trusting the test CA.
 #![allow(dead_code, missing_docs)]
 
 use std::collections::VecDeque;
@@ -22,7 +24,8 @@ use rim_proto::ErrorCode;
 use rim_proto::codec::{FrameDecoder, encode_frame};
 use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rim_testkit::tls::TestPki;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -51,6 +54,8 @@ pub struct Gateway {
     ws_task: Option<JoinHandle<()>>,
     pub router: PushRouter,
     pub upstream: Upstream,
+    /// What clients trust, when the gateway serves TLS.
+    pub client_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Gateway {
@@ -63,6 +68,25 @@ impl Gateway {
     /// As [`start`](Self::start), with gateway id `id` (several gateways
     /// of one cluster need distinct ids).
     pub async fn start_named(seeds: Vec<String>, config: SessionConfig, id: &str) -> Gateway {
+        Gateway::start_inner(seeds, config, id, None).await
+    }
+
+    /// As [`start`](Self::start), both transports over TLS with `pki`'s
+    /// certificate; [`connect`](Self::connect) and the sign-in helpers
+    /// connect with TLS, trusting `pki`'s CA.
+    pub async fn start_tls(seeds: Vec<String>, config: SessionConfig, pki: &TestPki) -> Gateway {
+        let server = rim_cluster::tls::server_config(&pki.cert, &pki.key).unwrap();
+        let mut gw = Gateway::start_inner(seeds, config, "gw-e2e-tls-test", Some(server)).await;
+        gw.client_tls = Some(rim_cluster::tls::client_config(&pki.ca).unwrap());
+        gw
+    }
+
+    async fn start_inner(
+        seeds: Vec<String>,
+        config: SessionConfig,
+        id: &str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Gateway {
         let mut opts = UpstreamOptions::new(seeds, SECRET, id);
         opts.request_timeout = Duration::from_secs(10);
         let upstream = Upstream::new(opts).unwrap();
@@ -77,7 +101,7 @@ impl Gateway {
             router.clone(),
             config.clone(),
             tokio::runtime::Handle::current(),
-            TcpOptions::default(),
+            TcpOptions { tls: tls.clone(), ..TcpOptions::default() },
             ids.clone(),
         )
         .unwrap();
@@ -88,9 +112,20 @@ impl Gateway {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        let ws = WsGateway::new(upstream.clone(), router.clone(), config).with_conn_ids(ids);
+        let mut ws = WsGateway::new(upstream.clone(), router.clone(), config).with_conn_ids(ids);
+        if let Some(tls) = tls {
+            ws = ws.with_tls(tls);
+        }
         let ws_task = tokio::spawn(ws.serve(listener, shutdown));
-        Gateway { tcp: Some(tcp), ws_addr, ws_stop: Some(stop), ws_task: Some(ws_task), router, upstream }
+        Gateway {
+            tcp: Some(tcp),
+            ws_addr,
+            ws_stop: Some(stop),
+            ws_task: Some(ws_task),
+            router,
+            upstream,
+            client_tls: None,
+        }
     }
 
     pub fn addr(&self, kind: Kind) -> SocketAddr {
@@ -106,7 +141,7 @@ impl Gateway {
     }
 
     pub async fn connect(&self, kind: Kind) -> Client {
-        Client::connect(kind, self.addr(kind), None).await
+        Client::connect_with(kind, self.addr(kind), None, self.client_tls.as_ref()).await
     }
 
     /// Connects and signs `d` in; a sign-in failing with a retryable error
@@ -126,7 +161,8 @@ impl Gateway {
     ) -> (Client, SignInOutput) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let mut client = Client::connect(kind, self.addr(kind), rcvbuf).await;
+            let mut client =
+                Client::connect_with(kind, self.addr(kind), rcvbuf, self.client_tls.as_ref()).await;
             let reply = client.sign_in(d).await;
             if reply.code == ErrorCode::Ok as i32 {
                 return (client, SignInOutput::decode(reply.data).unwrap());
@@ -204,9 +240,29 @@ pub fn message_of(p: &Packet) -> Message {
     m
 }
 
+/// A client's byte stream: the TCP socket, or a TLS session over it.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io for S {}
+
+/// A client's connection, plain or TLS.
+pub type Socket = Box<dyn Io>;
+
+/// The client side of a TLS handshake over `stream` to the gateway at
+/// `addr`, trusting what `config` trusts.
+pub async fn tls_handshake(
+    config: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    stream: TcpStream,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = rustls::pki_types::ServerName::from(addr.ip());
+    let connect = tokio_rustls::TlsConnector::from(config.clone()).connect(name, stream);
+    tokio::time::timeout(Duration::from_secs(5), connect).await.expect("TLS handshake in time")
+}
+
 enum Conn {
-    Tcp { stream: TcpStream, decoder: FrameDecoder },
-    Ws(Box<WebSocketStream<TcpStream>>),
+    Tcp { stream: Socket, decoder: FrameDecoder },
+    Ws(Box<WebSocketStream<Socket>>),
 }
 
 /// What a read found.
@@ -241,6 +297,17 @@ pub struct Client {
 impl Client {
     /// Connects; `rcvbuf` sets the socket's receive buffer first.
     pub async fn connect(kind: Kind, addr: SocketAddr, rcvbuf: Option<u32>) -> Client {
+        Client::connect_with(kind, addr, rcvbuf, None).await
+    }
+
+    /// As [`connect`](Self::connect); with `tls`, over TLS (`wss://` for
+    /// WebSocket) trusting what it trusts.
+    pub async fn connect_with(
+        kind: Kind,
+        addr: SocketAddr,
+        rcvbuf: Option<u32>,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Client {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         if let Some(size) = rcvbuf {
             socket.set_recv_buffer_size(size).unwrap();
@@ -250,10 +317,16 @@ impl Client {
             .expect("connected in time")
             .unwrap();
         stream.set_nodelay(true).unwrap();
+        let (stream, scheme): (Socket, _) = match tls {
+            None => (Box::new(stream), "ws"),
+            Some(config) => {
+                (Box::new(tls_handshake(config, addr, stream).await.expect("TLS handshake")), "wss")
+            }
+        };
         let conn = match kind {
             Kind::Tcp => Conn::Tcp { stream, decoder: FrameDecoder::default() },
             Kind::Ws => {
-                let url = format!("ws://{addr}/ws");
+                let url = format!("{scheme}://{addr}/ws");
                 let handshake = tokio_tungstenite::client_async(url, stream);
                 let (ws, _) = tokio::time::timeout(Duration::from_secs(5), handshake)
                     .await
