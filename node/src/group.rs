@@ -42,7 +42,7 @@ use rim_proto::ids::NodeId;
 use rim_proto::store::{self, Op, OpResult, Proposal, op::Op as O};
 use rim_proto::v1::OnlinePush;
 use rim_raft_store::{
-    AppliedEvent, Db, GroupId, Limits, MessageId, Reader, Request, ShardId, TypeConfig, UserId,
+    AppliedEvent, ApplySabotage, Db, GroupId, MessageId, Reader, Request, ShardId, TypeConfig, UserId,
 };
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 
@@ -124,13 +124,13 @@ impl Group {
         node_id: u64,
         db: &Db,
         shard: ShardId,
-        limits: Arc<Limits>,
+        sabotage: ApplySabotage,
         config: Arc<openraft::Config>,
         peers: Peers,
         opts: ProposerOptions,
     ) -> Result<Arc<Group>> {
         let (events, _) = broadcast::channel(EVENT_CHANNEL);
-        let (log, sm) = rim_raft_store::open_shard(db, shard, limits)?;
+        let (log, sm) = rim_raft_store::open_shard(db, shard, sabotage)?;
         let reader = sm.reader();
         let sm = sm.with_events(events.clone());
         let network = GroupNetwork { group: shard, peers };

@@ -26,7 +26,7 @@ use rim_proto::v1::push_service_server::PushServiceServer;
 use rim_proto::v1::raft_service_server::RaftServiceServer;
 use rim_proto::v1::user_service_server::UserServiceServer;
 use rim_proto::v1::{ClusterMap, GetClusterMapRequest, NodeInfo, NodeState};
-use rim_raft_store::{Db, DbOptions, Limits};
+use rim_raft_store::{ApplySabotage, Db, DbOptions, Limits};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
@@ -138,12 +138,9 @@ impl Node {
             opts.link_filter.clone(),
             config.peer_via.clone(),
         );
-        let limits = Arc::new(Limits {
-            small_group_limit: config.small_group_limit,
-            no_relay_dedup: config.sabotage.no_relay_dedup,
-            ..Limits::default()
-        });
-        let core = Arc::new(Core::new(config.clone(), peers, tokens, codes, limits.clone()));
+        let limits = Arc::new(Limits { small_group_limit: config.small_group_limit, ..Limits::default() });
+        let sabotage = ApplySabotage { no_relay_dedup: config.sabotage.no_relay_dedup };
+        let core = Arc::new(Core::new(config.clone(), peers, tokens, codes, limits));
         let internal = bind(&config.listen).await?;
         let client = bind(&config.client_listen).await?;
         let http = bind(&config.http_listen).await?;
@@ -155,9 +152,10 @@ impl Node {
             ack_before_commit: config.sabotage.ack_before_commit,
         };
         let start_group = |shard: ShardId| {
-            let (core, raft, limits, db) = (core.clone(), raft.clone(), limits.clone(), db.clone());
+            let (core, raft, db) = (core.clone(), raft.clone(), db.clone());
             async move {
-                let g = Group::start(core.id(), &db, shard, limits, raft, core.peers.clone(), popts).await?;
+                let g =
+                    Group::start(core.id(), &db, shard, sabotage, raft, core.peers.clone(), popts).await?;
                 core.groups.write().expect("groups lock").insert(shard, g.clone());
                 Ok::<_, Error>(g)
             }
