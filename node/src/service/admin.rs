@@ -78,6 +78,7 @@ impl AdminSvc {
                         .map(|v| Replica { node_id: *v, role: ReplicaRole::Voter as i32 })
                         .collect();
                 }
+                Ok(())
             })
             .await
     }

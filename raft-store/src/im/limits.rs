@@ -78,7 +78,12 @@ const MIN_ORPHAN_CLAIM_MS: i64 = 10_000;
 
 /// Limits every replica of a group applies identically (module docs: they
 /// come from the group's log, never from a node's configuration).
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Its serde form is how a node's configuration states the limits a new
+/// cluster starts with (missing fields: the defaults; `small_group_limit`
+/// is left out, as nodes configure it on its own).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest message content in bytes.
     pub max_content_bytes: usize,
@@ -97,12 +102,15 @@ pub struct Limits {
     /// Groups with more members use read diffusion (0: every group does).
     /// Lowering it converts a small group at its next membership change;
     /// raising it never turns a super group back.
+    #[serde(skip)]
     pub small_group_limit: u32,
     /// Most members a group may have.
     pub max_group_members: u32,
     /// Most user ids in one membership operation.
     pub max_members_per_op: usize,
-    /// Retention of rooms created without one.
+    /// Retention of rooms created without one (serde:
+    /// `{ max_count = .., max_age_ms = .. }`).
+    #[serde(with = "retention_serde")]
     pub room_retention: store::Retention,
     /// Most entries one append trims from a list (keeps apply bounded).
     pub max_trim_per_op: u64,
@@ -153,6 +161,35 @@ pub struct ApplySabotage {
     /// `Deliver` appends a message even when the recipient's list already
     /// holds its id, so a relay retry duplicates it.
     pub no_relay_dedup: bool,
+}
+
+/// [`store::Retention`] (a prost type) in serde form.
+mod retention_serde {
+    use rim_proto::store::Retention;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Form {
+        max_count: u64,
+        max_age_ms: i64,
+    }
+
+    impl Default for Form {
+        fn default() -> Form {
+            let r = super::Limits::default().room_retention;
+            Form { max_count: r.max_count, max_age_ms: r.max_age_ms }
+        }
+    }
+
+    pub fn serialize<S: Serializer>(r: &Retention, s: S) -> Result<S::Ok, S::Error> {
+        Form { max_count: r.max_count, max_age_ms: r.max_age_ms }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Retention, D::Error> {
+        let f = Form::deserialize(d)?;
+        Ok(Retention { max_count: f.max_count, max_age_ms: f.max_age_ms })
+    }
 }
 
 /// A wire count as a size (saturating where `usize` is narrower).
