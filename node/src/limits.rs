@@ -50,9 +50,11 @@ use std::time::Duration;
 use rim_proto::ErrorCode;
 use rim_proto::ids::ShardId;
 use rim_proto::store::{self, Op, op::Op as O};
-use rim_proto::v1::ClusterLimits;
+use rim_proto::v1::{ClusterLimits, GroupLimits};
+use rim_raft_store::Limits;
 
 use crate::core::{Core, META};
+use crate::error::{Error, Result};
 use crate::group::Group;
 
 /// How often a node compares the groups it leads with the cluster map.
@@ -126,4 +128,40 @@ fn stored_version(g: &Group) -> u64 {
 pub fn behind(core: &Core) -> Vec<ShardId> {
     let want = core.placement().ok().and_then(|p| p.map().limits).map(|l| l.version);
     core.all_groups().iter().filter(|g| want.is_none_or(|w| stored_version(g) < w)).map(|g| g.shard).collect()
+}
+
+/// The limits version each hosted group's local replica applies with.
+pub fn applied(core: &Core) -> Vec<GroupLimits> {
+    core.all_groups()
+        .iter()
+        .map(|g| GroupLimits { group_id: g.shard.0, version: stored_version(g) })
+        .collect()
+}
+
+/// Makes `want` the cluster's limits, if `want.version` is the version the
+/// map holds (0: none yet): a compare-and-set, so a change made since the
+/// caller read them is refused, not overwritten. Returns the stored value,
+/// at the next version. `ERROR_BAD_REQUEST` for values that break an
+/// invariant (`Limits::validate`) or a stale version.
+pub async fn set(core: &Core, want: ClusterLimits) -> Result<ClusterLimits> {
+    Limits::from_proto(&want)?;
+    let version = want.version.checked_add(1).ok_or_else(|| bad("the limits version is exhausted".into()))?;
+    let next = ClusterLimits { version, ..want };
+    core.update_map(|map| {
+        let current = map.limits.map_or(0, |l| l.version);
+        if current != want.version {
+            return Err(bad(format!(
+                "the limits are at version {current}, not {}: read them again",
+                want.version
+            )));
+        }
+        map.limits = Some(next);
+        Ok(())
+    })
+    .await?;
+    Ok(next)
+}
+
+fn bad(message: String) -> Error {
+    Error::rejected(ErrorCode::ErrorBadRequest, message)
 }

@@ -1,21 +1,27 @@
 //! The cluster's limits are replicated state (issue 14 §5): nodes whose
 //! configurations disagree still apply with one set of limits, those of the
-//! bootstrap, on every replica of every group.
+//! bootstrap, on every replica of every group; an admin changes them with
+//! `AdminService.SetLimits` and every group's apply follows; no other
+//! credential can change them.
 //!
 //! Before, each node applied with its own configuration: with different
 //! `small_group_limit`s, one replica stored a group as small and another as
 //! super, and their states diverged.
 
 use rim_node::NodeConfig;
+use std::time::Duration;
+
 use rim_proto::ErrorCode;
 use rim_proto::ids::{GroupId, ShardId, UserId};
-use rim_proto::store::GroupKind as StoredKind;
+use rim_proto::metadata::CLUSTER_SECRET_METADATA_KEY;
+use rim_proto::store::{self, GroupKind as StoredKind, op::Op as O};
+use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::message_service_client::MessageServiceClient;
 use rim_proto::v1::*;
 use rim_raft_store::Limits;
 use rim_testkit::cluster::{Cluster, users_on_two_shards};
-use rim_testkit::grpc::{Client, Session, code};
-use rim_testkit::wait::serial;
+use rim_testkit::grpc::{Client, Session, code, endpoint};
+use rim_testkit::wait::{WAIT, serial, wait_for};
 
 /// Data shards of the test clusters.
 const SHARDS: u32 = 2;
@@ -125,6 +131,111 @@ async fn the_meta_leader_seeds_limits_into_a_cluster_that_has_none() {
     assert_eq!((want.version, want.small_group_limit), (1, 7), "the meta leader's configuration");
     for g in c.node(1).core.all_groups() {
         assert_eq!(g.reader.limits().unwrap(), Some(want), "group {}", g.shard);
+    }
+    c.shutdown().await;
+}
+
+const ADMIN: &str = "admin-secret-for-tests";
+const GATEWAY: &str = "gateway-secret-for-tests";
+
+/// `msg` for node 1's internal listener, presenting `secret` (none: no
+/// credential at all).
+fn as_caller<T>(secret: Option<&str>, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(s) = secret {
+        r.metadata_mut().insert(CLUSTER_SECRET_METADATA_KEY, s.parse().unwrap());
+    }
+    r
+}
+
+fn code_of<T>(r: Result<T, tonic::Status>) -> ErrorCode {
+    r.map_or_else(|e| code(&e), |_| ErrorCode::Ok)
+}
+
+/// A send of `len` bytes from `from` to `to`, as an operation.
+fn send_op(from: &Session, to: UserId, cmid: &str, len: usize) -> store::Op {
+    store::Op {
+        op: Some(O::SendToUser(store::SendToUser {
+            sender_user_id: from.user.0,
+            sender_device_id: from.device.0,
+            recipient_user_id: to.0,
+            client_msg_id: cmid.into(),
+            content_type: ContentType::Text as i32,
+            content: vec![b'y'; len].into(),
+            refers_to: 0,
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_changes_the_limits_and_every_group_applies_them() {
+    let _g = serial().await;
+    let c = Cluster::start_with(3, SHARDS, |cfg| {
+        disagree(cfg);
+        cfg.admin_secret = ADMIN.into();
+        cfg.gateway_secret = GATEWAY.into();
+    })
+    .await;
+    let mut admin = AdminServiceClient::new(endpoint(&c.configs[&1].listen).connect_lazy());
+    let got = admin.get_limits(as_caller(Some(GATEWAY), GetLimitsRequest {})).await.unwrap().into_inner();
+    let v1 = got.limits.expect("the cluster's limits");
+    assert_eq!(v1, cluster_limits(&c), "read through any credential of the admin service");
+    assert_eq!(got.groups.len(), SHARDS as usize + 1);
+    assert!(got.groups.iter().all(|g| g.version == 1), "{:?}", got.groups);
+
+    // One sender on each data shard; a message at the limit goes through.
+    let client = c.client(1);
+    let (alice, bob) = users_on_two_shards(&c, &client, "adm").await;
+    let old = v1.max_content_bytes as usize;
+    for (from, to) in [(&alice, bob.user), (&bob, alice.user)] {
+        assert_eq!(send_of(&client, from, to, &format!("old-{}", from.user), old).await, ErrorCode::Ok);
+    }
+
+    // Only the admin may change them, and only to valid values, from the
+    // version it read.
+    let lower = ClusterLimits { max_content_bytes: 500, ..v1 };
+    let set = |limits| SetLimitsRequest { limits: Some(limits) };
+    let denied = ErrorCode::ErrorPermissionDenied;
+    assert_eq!(code_of(admin.set_limits(as_caller(Some(GATEWAY), set(lower))).await), denied, "a gateway");
+    assert_eq!(code_of(admin.set_limits(as_caller(None, set(lower))).await), denied, "no credential");
+    let invalid = ClusterLimits { max_op_bytes: 100, ..lower };
+    let bad = ErrorCode::ErrorBadRequest;
+    assert_eq!(code_of(admin.set_limits(as_caller(Some(ADMIN), set(invalid))).await), bad, "invalid");
+    let stale = ClusterLimits { version: 0, ..lower };
+    assert_eq!(code_of(admin.set_limits(as_caller(Some(ADMIN), set(stale))).await), bad, "stale version");
+    assert_eq!(cluster_limits(&c), v1, "nothing changed");
+
+    let stored = admin.set_limits(as_caller(Some(ADMIN), set(lower))).await.unwrap().into_inner();
+    let v2 = stored.limits.unwrap();
+    assert_eq!(v2, ClusterLimits { version: 2, ..lower });
+    wait_for(WAIT, "every replica of every group at version 2", || {
+        let versions = c.nodes.values().flat_map(|n| n.core.all_groups()).map(|g| g.reader.limits());
+        versions.map(|l| l.unwrap().map_or(0, |l| l.version)).all(|v| v == 2).then_some(())
+    })
+    .await;
+
+    // A size accepted before is refused now, through every node and by the
+    // apply of every data shard (proposed on the leader, past the node's
+    // own check).
+    for id in 1..=3 {
+        let via = c.client(id);
+        for (from, to) in [(&alice, bob.user), (&bob, alice.user)] {
+            let got = send_of(&via, from, to, &format!("new-{id}-{}", from.user), old).await;
+            assert_eq!(got, ErrorCode::ErrorContentTooLarge, "through node {id}");
+        }
+    }
+    for (from, to) in [(&alice, bob.user), (&bob, alice.user)] {
+        let shard = c.shard_of_user(from.user);
+        let leader = c.node(c.leader(shard).await).core.group(shard).unwrap();
+        let r = leader.propose(send_op(from, to, "raw", old), Duration::from_secs(10)).await.unwrap();
+        assert_eq!(r.code, ErrorCode::ErrorContentTooLarge as i32, "apply of group {shard}: {}", r.message);
+        let r = leader.propose(send_op(from, to, "raw-small", 500), Duration::from_secs(10)).await.unwrap();
+        assert_eq!(r.code, ErrorCode::Ok as i32, "group {shard}: {}", r.message);
+    }
+    let got = admin.get_limits(as_caller(Some(ADMIN), GetLimitsRequest {})).await.unwrap().into_inner();
+    assert_eq!(got.limits, Some(v2));
+    for shard in 0..=SHARDS {
+        c.replicas_identical(ShardId(shard)).await;
     }
     c.shutdown().await;
 }
