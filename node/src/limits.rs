@@ -29,6 +29,11 @@
 //! * **Checks before proposing** use the node's view, [`Core::limits`] (the
 //!   map's), which may run ahead of a group's own: they spare the log an
 //!   operation apply would refuse, but apply decides.
+//! * **Before the first limits**: a group's leader holds client operations
+//!   back (`Unavailable`, which the router retries) until its replica
+//!   applied limits (`Group::propose`), so the defaults a group without
+//!   limits applies with only ever meet the relay's operations and entries
+//!   an older build wrote.
 //!
 //! # Invariants
 //!
@@ -41,6 +46,8 @@
 //! * Until a change reaches a group's log, the group applies with its older
 //!   limits, and so does every replica of it: a change is late, never
 //!   divergent.
+//! * Every client operation a leader of this build accepted follows a
+//!   `SetLimits` in its group's log.
 //!
 //! [`NodeConfig::initial_limits`]: crate::config::NodeConfig::initial_limits
 

@@ -21,7 +21,7 @@ use rim_proto::v1::*;
 use rim_raft_store::Limits;
 use rim_testkit::cluster::{Cluster, users_on_two_shards};
 use rim_testkit::grpc::{Client, Session, code, endpoint};
-use rim_testkit::wait::{WAIT, serial, wait_for};
+use rim_testkit::wait::{WAIT, eventually, serial, wait_for};
 
 /// Data shards of the test clusters.
 const SHARDS: u32 = 2;
@@ -109,7 +109,14 @@ async fn the_meta_leader_seeds_limits_into_a_cluster_that_has_none() {
     use rim_raft_store::{Db, DbOptions};
 
     let _g = serial().await;
-    let mut c = Cluster::start_with(1, 1, |cfg| cfg.small_group_limit = 7).await;
+    let mut c = Cluster::start_with(1, 1, |cfg| {
+        cfg.small_group_limit = 7;
+        cfg.cluster_limits.max_content_bytes = 1000;
+    })
+    .await;
+    let client = c.client(1);
+    let alice = client.register_and_sign_in("seed_alice").await;
+    let bob = client.register_and_sign_in("seed_bob").await;
     // Make the data what a build before replicated limits left: a map
     // without limits, and groups that store none.
     c.stop_node(1).await;
@@ -125,6 +132,15 @@ async fn the_meta_leader_seeds_limits_into_a_cluster_that_has_none() {
         }
     }
     c.start_node(1).await;
+    // At once, before anything is seeded: the group's leader holds the send
+    // back until its group applies the limits, so it is refused by them,
+    // not stored under the built-in defaults (64 KiB).
+    let early = eventually(WAIT, "the early send answered", || async {
+        let got = send_of(&client, &alice, bob.user, "early", 2000).await;
+        (!got.is_retryable()).then_some(got)
+    })
+    .await;
+    assert_eq!(early, ErrorCode::ErrorContentTooLarge);
     // Ready once the limits are back in the map and in every group.
     c.wait_ready().await;
     let want = cluster_limits(&c);

@@ -17,8 +17,11 @@
 //!   the same entry or apply batch.
 //! * A group that holds no limits yet applies with [`Limits::default()`], the
 //!   same on every replica whatever its configuration. The alternative,
-//!   refusing client operations until limits are set, would refuse on replay
-//!   the entries an older build had applied and acknowledged.
+//!   refusing client operations at apply until limits are set, would refuse
+//!   on replay the entries an older build had applied and acknowledged. (The
+//!   node's leaders hold new client operations back until their group holds
+//!   limits, so in practice only those replays and the relay's operations
+//!   meet the defaults.)
 //! * The row lives in the shard's `sm` range, so snapshots carry it; the
 //!   state machine reads it again on open and after installing a snapshot.
 //!
@@ -192,6 +195,16 @@ mod retention_serde {
     }
 }
 
+/// Whether `op` is one the cluster makes itself (relay deliveries and
+/// acknowledgements, the meta group's operations, `SetLimits`), never a
+/// client: bounded by its producer, not by [`Limits::check_op`].
+pub fn is_cluster_op(op: &store::Op) -> bool {
+    matches!(
+        op.op,
+        Some(O::Deliver(_) | O::AckOutbox(_) | O::SetClusterMap(_) | O::AllocateIds(_) | O::SetLimits(_))
+    )
+}
+
 /// A wire count as a size (saturating where `usize` is narrower).
 fn size(x: u64) -> usize {
     usize::try_from(x).unwrap_or(usize::MAX)
@@ -303,14 +316,10 @@ impl Limits {
     /// Checks what can be checked of `op` without reading state: its encoded
     /// size, and for the operations that carry a message its idempotency
     /// key, content, content type and mentions. Operations the cluster makes
-    /// itself (relay deliveries, the meta group's) are bounded by their
-    /// producers and pass.
+    /// itself ([`is_cluster_op`]) are bounded by their producers and pass.
     pub fn check_op(&self, op: &store::Op) -> Result<()> {
         let Some(inner) = &op.op else { reject!(ErrorBadRequest, "empty operation") };
-        if matches!(
-            inner,
-            O::Deliver(_) | O::AckOutbox(_) | O::SetClusterMap(_) | O::AllocateIds(_) | O::SetLimits(_)
-        ) {
+        if is_cluster_op(op) {
             return Ok(());
         }
         let len = op.encoded_len();

@@ -61,7 +61,7 @@ use rim_proto::v1::Message;
 
 use crate::error::{Error, Result, reject};
 use crate::keys::{self, MetaTag};
-pub use limits::{ApplySabotage, FRAME_ROOM, Limits};
+pub use limits::{ApplySabotage, FRAME_ROOM, Limits, is_cluster_op};
 pub use txn::Txn;
 
 /// A list that received an entry.
