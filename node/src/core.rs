@@ -150,14 +150,15 @@ impl Core {
         let Some(map) = meta.reader.cluster_map()? else { return Ok(()) };
         let mut cur = self.placement.write().expect("placement lock");
         if cur.as_ref().is_none_or(|p| p.version() < map.version) {
-            let limits = map.limits.as_ref().map_or(Ok(Limits::default()), Limits::from_proto);
-            match (Placement::new(map), limits) {
-                (Ok(p), Ok(limits)) => {
+            // As the groups do with their stored limits: the meta group's
+            // apply checked them.
+            let limits = Limits::of_stored(map.limits.as_ref());
+            match Placement::new(map) {
+                Ok(p) => {
                     *cur = Some(Arc::new(p));
                     *self.limits.write().expect("limits lock") = Arc::new(limits);
                 }
-                (Err(e), _) => tracing::error!(error = %e, "ignoring an invalid cluster map"),
-                (_, Err(e)) => tracing::error!(error = %e, "ignoring a cluster map with invalid limits"),
+                Err(e) => tracing::error!(error = %e, "ignoring an invalid cluster map"),
             }
         }
         Ok(())
