@@ -1,5 +1,5 @@
-//! `rim admin`: cluster status and replica changes through the nodes' admin
-//! services (internal listener, cluster secret).
+//! `rim admin`: cluster status, replica changes and the cluster's limits
+//! through the nodes' admin services (internal listener, admin secret).
 //!
 //! A node reports only the groups it hosts; on a cluster larger than the
 //! replication factor no node hosts them all. So `status` and the replica
@@ -51,6 +51,72 @@ enum AdminCmd {
         #[arg(long)]
         id: u64,
     },
+    /// The cluster's limits, and the version each group hosted by the
+    /// `--addr` node applies with.
+    Limits,
+    /// Change some of the cluster's limits; the others keep their values.
+    /// Every group applies the change within a second or so.
+    SetLimits(LimitFlags),
+}
+
+/// Declares the `set-limits` flags, one per field of `ClusterLimits`, how
+/// they change a value, and how `limits` prints one.
+macro_rules! limit_flags {
+    ($($(#[doc = $doc:literal])* $field:ident: $ty:ty,)*) => {
+        /// Flags of `rim admin set-limits` (docs/operations.md).
+        #[derive(Args, Debug, Default)]
+        pub struct LimitFlags {
+            $($(#[doc = $doc])* #[arg(long)] $field: Option<$ty>,)*
+        }
+
+        impl LimitFlags {
+            /// `current` with the flags given.
+            fn apply(&self, mut current: ClusterLimits) -> ClusterLimits {
+                $(if let Some(v) = self.$field {
+                    current.$field = v;
+                })*
+                current
+            }
+        }
+
+        fn print_limits(l: &ClusterLimits) {
+            println!("cluster limits v{}", l.version);
+            $(println!("  {:<20} {}", stringify!($field).replace('_', "-"), l.$field);)*
+        }
+    };
+}
+
+limit_flags! {
+    /// Largest message content in bytes.
+    max_content_bytes: u64,
+    /// Most user ids a message may mention.
+    max_mentions: u32,
+    /// Largest encoded client operation in bytes.
+    max_op_bytes: u64,
+    /// Longest client_msg_id in bytes.
+    max_client_msg_id: u32,
+    /// Longest name, nickname, URL or remark in bytes.
+    max_name_bytes: u32,
+    /// Largest `extra` blob in bytes.
+    max_extra_bytes: u64,
+    /// Groups with more members use read diffusion (0: every group does).
+    small_group_limit: u32,
+    /// Most members a group may have.
+    max_group_members: u32,
+    /// Most user ids in one membership operation.
+    max_members_per_op: u32,
+    /// Retention of new rooms: most entries (0: unbounded).
+    room_max_count: u64,
+    /// Retention of new rooms: oldest entry age in ms (0: unbounded).
+    room_max_age_ms: i64,
+    /// Most entries one append trims from a list.
+    max_trim_per_op: u64,
+    /// Dedup window in entries of a list (0: keep forever).
+    dedup_window: u64,
+    /// How long a sender may recall a message, in ms (0: no limit).
+    recall_window_ms: i64,
+    /// How long before an orphaned account name may be claimed again, in ms.
+    orphan_claim_ms: i64,
 }
 
 /// TLS of the links to the nodes' internal listeners (`rim admin`, and
@@ -140,6 +206,30 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 leader.remove_node(admin.request(req)?).await.with_context(|| format!("group {}", g.0))?;
                 println!("group {:>3}: node {id} removed", g.0);
             }
+        }
+        AdminCmd::Limits => {
+            let r = c.get_limits(admin.request(GetLimitsRequest {})?).await?.into_inner();
+            match &r.limits {
+                Some(l) => print_limits(l),
+                None => {
+                    println!("the cluster holds no limits yet: every group applies the built-in defaults")
+                }
+            }
+            println!("groups on the --addr node, with the limits version each applies:");
+            for g in &r.groups {
+                println!("  group {:>3}: v{}", g.group_id, g.version);
+            }
+        }
+        AdminCmd::SetLimits(flags) => {
+            let r = c.get_limits(admin.request(GetLimitsRequest {})?).await?.into_inner();
+            let current = r.limits.context("the cluster holds no limits yet; retry in a moment")?;
+            let want = flags.apply(current);
+            if want == current {
+                bail!("no flag changes a limit (see `rim admin set-limits --help`)");
+            }
+            let req = SetLimitsRequest { limits: Some(want) };
+            let r = c.set_limits(admin.request(req)?).await?.into_inner();
+            print_limits(&r.limits.context("the node stored no limits")?);
         }
     }
     Ok(())
@@ -235,5 +325,33 @@ fn print_status(s: &ClusterStatusReply) {
             g.snapshot_index,
             reps.join(" ")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        flags: LimitFlags,
+    }
+
+    #[test]
+    fn set_limits_flags_change_only_the_limits_they_name() {
+        let cli = Cli::parse_from(["rim", "--max-content-bytes", "500", "--small-group-limit", "0"]);
+        let current = ClusterLimits {
+            version: 3,
+            max_content_bytes: 1000,
+            small_group_limit: 7,
+            dedup_window: 9,
+            ..ClusterLimits::default()
+        };
+        let want = cli.flags.apply(current);
+        assert_eq!(want, ClusterLimits { max_content_bytes: 500, small_group_limit: 0, ..current });
+        assert!(Cli::try_parse_from(["rim", "--max-content-bytes", "-1"]).is_err());
     }
 }

@@ -458,6 +458,7 @@ pub fn bootstrap_map(
         slot_shards: (0..slots).map(|i| 1 + i % data_shards).collect(),
         shards,
         nodes: sorted,
+        limits: None,
     })
 }
 

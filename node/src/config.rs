@@ -98,8 +98,16 @@ pub struct NodeConfig {
     pub max_inflight_proposals: usize,
     /// Deadline of a client request inside the node.
     pub request_timeout_ms: u64,
-    /// Groups with more members use read diffusion (0: all of them).
+    /// Groups with more members use read diffusion (0: all of them). Read
+    /// only when this node bootstraps a cluster or seeds the limits of one
+    /// that has none (see [`NodeConfig::initial_limits`]).
     pub small_group_limit: u32,
+    /// The other limits a new cluster starts with (`[cluster_limits]` in
+    /// TOML; missing keys: the defaults). Read only at bootstrap, like
+    /// `small_group_limit`: afterwards the cluster's limits are replicated
+    /// state, shown by `rim admin limits` and changed by `rim admin
+    /// set-limits` (docs/operations.md).
+    pub cluster_limits: rim_raft_store::Limits,
     /// Client rate limits and load shedding (`[limits]` in TOML;
     /// docs/security.md lists every limit with its default).
     pub limits: crate::throttle::RateLimits,
@@ -207,6 +215,7 @@ impl Default for NodeConfig {
             max_inflight_proposals: 1,
             request_timeout_ms: 5_000,
             small_group_limit: 500,
+            cluster_limits: rim_raft_store::Limits::default(),
             limits: crate::throttle::RateLimits::default(),
             sabotage: Sabotage::default(),
         }
@@ -343,7 +352,17 @@ impl NodeConfig {
         if self.token_ttl_secs == 0 {
             return bad("token_ttl_secs must be ≥ 1".into());
         }
+        if let Err(e) = self.initial_limits().validate() {
+            return bad(format!("cluster_limits: {e}"));
+        }
         Ok(())
+    }
+
+    /// The limits a cluster this node bootstraps starts with (and those it
+    /// seeds into a cluster that has none, when it leads the meta group):
+    /// `[cluster_limits]` with `small_group_limit`.
+    pub fn initial_limits(&self) -> rim_raft_store::Limits {
+        rim_raft_store::Limits { small_group_limit: self.small_group_limit, ..self.cluster_limits.clone() }
     }
 }
 
@@ -460,6 +479,24 @@ mod tests {
             "the rest default"
         );
         assert!(NodeConfig::from_toml("[limits]\nsends_per_minute = 5\n").is_err(), "unknown keys refused");
+    }
+
+    #[test]
+    fn cluster_limits_read_from_toml_and_are_validated() {
+        let text = "small_group_limit = 3\n[cluster_limits]\nmax_content_bytes = 1000\n\
+                    room_retention = { max_count = 5 }\n";
+        let limits = NodeConfig::from_toml(text).unwrap().initial_limits();
+        assert_eq!((limits.small_group_limit, limits.max_content_bytes), (3, 1000));
+        assert_eq!(limits.room_retention.max_count, 5);
+        let d = rim_raft_store::Limits::default();
+        assert_eq!(limits.room_retention.max_age_ms, d.room_retention.max_age_ms, "the rest default");
+        assert_eq!(limits.max_op_bytes, d.max_op_bytes);
+        let e = NodeConfig::from_toml("[cluster_limits]\nsmall_group_limit = 3\n").unwrap_err();
+        assert!(e.to_string().contains("small_group_limit"), "configured at the top level only: {e}");
+        let mut bad = valid();
+        bad.cluster_limits.max_op_bytes = 10;
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster_limits") && e.contains("max_op_bytes"), "{e}");
     }
 
     #[test]

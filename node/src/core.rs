@@ -68,8 +68,11 @@ pub struct Core {
     pub tokens: TokenKeys,
     /// Phone sign-in code verifier.
     pub codes: Arc<dyn CodeVerifier>,
-    /// What apply refuses; writes are checked against it before proposing.
-    pub limits: Arc<Limits>,
+    /// This node's view of the cluster's limits (the cluster map's, or the
+    /// defaults a group without limits applies with): writes are checked
+    /// against it before proposing. Not decisive: each group applies with
+    /// the limits its own log set (`crate::limits`).
+    limits: RwLock<Arc<Limits>>,
     /// Client rate limits and the password-hashing slots.
     pub throttle: crate::throttle::Throttle,
     /// Request deadline inside the node.
@@ -87,13 +90,7 @@ impl std::fmt::Debug for Core {
 
 impl Core {
     /// A core over opened storage.
-    pub fn new(
-        config: NodeConfig,
-        peers: Peers,
-        tokens: TokenKeys,
-        codes: Arc<dyn CodeVerifier>,
-        limits: Arc<Limits>,
-    ) -> Core {
+    pub fn new(config: NodeConfig, peers: Peers, tokens: TokenKeys, codes: Arc<dyn CodeVerifier>) -> Core {
         let timeout = Duration::from_millis(config.request_timeout_ms);
         let throttle = crate::throttle::Throttle::new(&config.limits);
         Core {
@@ -104,7 +101,7 @@ impl Core {
             placement: RwLock::new(None),
             tokens,
             codes,
-            limits,
+            limits: RwLock::default(),
             timeout,
             id_blocks: Mutex::new(BTreeMap::new()),
             stopping: tokio::sync::watch::Sender::new(false),
@@ -141,14 +138,26 @@ impl Core {
             .ok_or_else(|| Error::Unavailable("cluster map not known yet".into()))
     }
 
-    /// Re-reads the cluster map from the local meta replica if it is newer.
+    /// This node's view of the cluster's limits (see the field).
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.read().expect("limits lock").clone()
+    }
+
+    /// Re-reads the cluster map from the local meta replica if it is newer,
+    /// and with it this node's view of the cluster's limits.
     pub fn refresh_placement(&self) -> Result<()> {
         let Some(meta) = self.group(META) else { return Ok(()) };
         let Some(map) = meta.reader.cluster_map()? else { return Ok(()) };
         let mut cur = self.placement.write().expect("placement lock");
         if cur.as_ref().is_none_or(|p| p.version() < map.version) {
+            // As the groups do with their stored limits: the meta group's
+            // apply checked them.
+            let limits = Limits::of_stored(map.limits.as_ref());
             match Placement::new(map) {
-                Ok(p) => *cur = Some(Arc::new(p)),
+                Ok(p) => {
+                    *cur = Some(Arc::new(p));
+                    *self.limits.write().expect("limits lock") = Arc::new(limits);
+                }
                 Err(e) => tracing::error!(error = %e, "ignoring an invalid cluster map"),
             }
         }
@@ -156,12 +165,21 @@ impl Core {
     }
 
     /// Changes the cluster map with `edit` and stores it as the next version
-    /// (compare-and-set on the version, retried a few times on conflicts).
-    pub async fn update_map(&self, edit: impl Fn(&mut rim_proto::v1::ClusterMap)) -> Result<u64> {
+    /// (compare-and-set on the version, retried a few times on conflicts);
+    /// returns that version. An edit that changes nothing writes nothing
+    /// (the current version); an edit's error is returned as it is.
+    pub async fn update_map(
+        &self,
+        edit: impl Fn(&mut rim_proto::v1::ClusterMap) -> Result<()>,
+    ) -> Result<u64> {
         for _ in 0..5 {
             self.refresh_placement()?;
-            let mut map = self.placement()?.map().clone();
-            edit(&mut map);
+            let current = self.placement()?;
+            let mut map = current.map().clone();
+            edit(&mut map)?;
+            if map == *current.map() {
+                return Ok(map.version);
+            }
             map.version += 1;
             Placement::new(map.clone())
                 .map_err(|e| Error::rejected(ErrorCode::ErrorBadRequest, e.to_string()))?;
@@ -198,7 +216,7 @@ impl Core {
     /// operation that [`Limits::check_op`] refuses is refused here, before
     /// it is forwarded or written to any log.
     pub async fn propose_raw(&self, shard: ShardId, op: Op) -> Result<OpResult> {
-        if let Err(e) = self.limits.check_op(&op) {
+        if let Err(e) = self.limits().check_op(&op) {
             return Ok(OpResult { code: e.code() as i32, message: e.to_string(), value: None });
         }
         self.on_leader(shard, "write", |target, left| {

@@ -18,6 +18,15 @@
 //! the client load while the relay backlog grew without bound. Order is
 //! kept within each queue; the two carry unrelated operations.
 //!
+//! # Limits
+//!
+//! A leader accepts client operations only once its replica applied the
+//! cluster's limits (a `SetLimits`, see `crate::limits`); until then it
+//! answers `Unavailable`, which the router retries. The `SetLimits` entry
+//! then precedes every client operation in the log, so none applies with
+//! the built-in defaults a group holding no limits falls back to. The
+//! relay's and the meta group's operations are never held back.
+//!
 //! # Reads
 //!
 //! [`Group::read_index`] is openraft's read index on the leader: it confirms
@@ -33,6 +42,7 @@
 //! the local replica; the real entry may never commit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -42,7 +52,7 @@ use rim_proto::ids::NodeId;
 use rim_proto::store::{self, Op, OpResult, Proposal, op::Op as O};
 use rim_proto::v1::OnlinePush;
 use rim_raft_store::{
-    AppliedEvent, Db, GroupId, Limits, MessageId, Reader, Request, ShardId, TypeConfig, UserId,
+    AppliedEvent, ApplySabotage, Db, GroupId, MessageId, Reader, Request, ShardId, TypeConfig, UserId,
 };
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 
@@ -105,6 +115,8 @@ pub struct Group {
     internal: mpsc::Sender<(Op, Reply)>,
     /// `Some` only with the `ack_before_commit` sabotage.
     early_acks: Option<Mutex<Predictions>>,
+    /// Set once this replica was seen to hold limits (never removed).
+    limits_applied: AtomicBool,
 }
 
 impl std::fmt::Debug for Group {
@@ -124,13 +136,13 @@ impl Group {
         node_id: u64,
         db: &Db,
         shard: ShardId,
-        limits: Arc<Limits>,
+        sabotage: ApplySabotage,
         config: Arc<openraft::Config>,
         peers: Peers,
         opts: ProposerOptions,
     ) -> Result<Arc<Group>> {
         let (events, _) = broadcast::channel(EVENT_CHANNEL);
-        let (log, sm) = rim_raft_store::open_shard(db, shard, limits)?;
+        let (log, sm) = rim_raft_store::open_shard(db, shard, sabotage)?;
         let reader = sm.reader();
         let sm = sm.with_events(events.clone());
         let network = GroupNetwork { group: shard, peers };
@@ -142,7 +154,17 @@ impl Group {
         tokio::spawn(run_proposer(raft.clone(), Queues { internal: irx, clients: rx }, opts, shard));
         let early_acks = opts.ack_before_commit.then(Mutex::default);
         let (online, _) = broadcast::channel(ONLINE_CHANNEL);
-        Ok(Arc::new(Group { shard, raft, reader, events, online, proposals: tx, internal: itx, early_acks }))
+        Ok(Arc::new(Group {
+            shard,
+            raft,
+            reader,
+            events,
+            online,
+            proposals: tx,
+            internal: itx,
+            early_acks,
+            limits_applied: AtomicBool::new(false),
+        }))
     }
 
     /// This node's id in the group.
@@ -182,6 +204,12 @@ impl Group {
         if self.leader() != Some(self.raft_id()) {
             return Err(self.not_leader());
         }
+        if !rim_raft_store::im::is_cluster_op(&op) && !self.has_limits() {
+            return Err(Error::Unavailable(format!(
+                "group {} has not applied the cluster's limits yet",
+                self.shard
+            )));
+        }
         let (tx, rx) = oneshot::channel();
         let early = match &self.early_acks {
             None => None,
@@ -208,6 +236,19 @@ impl Group {
             Ok(Err(_)) => Err(Error::Unavailable(format!("group {} stopped", self.shard))),
             Ok(Ok(r)) => r,
         }
+    }
+
+    /// Whether this replica applies with limits the log set (see the module
+    /// docs); a read of the local state until the first yes.
+    pub fn has_limits(&self) -> bool {
+        if self.limits_applied.load(Ordering::Relaxed) {
+            return true;
+        }
+        let applied = self.reader.limits().is_ok_and(|l| l.is_some());
+        if applied {
+            self.limits_applied.store(true, Ordering::Relaxed);
+        }
+        applied
     }
 
     /// The `ack_before_commit` sabotage: a plausible result for a send,

@@ -27,6 +27,8 @@
 //! * Reads are linearizable unless `follower_reads` is on.
 //! * Every operation is idempotent under retry, so a timeout (unknown
 //!   outcome) is resolved by retrying with the same `client_msg_id`.
+//! * Replicas of a group apply with the same limits whatever their nodes'
+//!   configuration: the limits are replicated state ([`limits`]).
 
 pub mod auth;
 pub mod config;
@@ -37,6 +39,7 @@ pub mod group;
 pub mod grpc;
 pub mod http;
 pub mod jwt;
+pub mod limits;
 pub mod net;
 mod node;
 pub mod read;

@@ -4,8 +4,9 @@
 //! groups to host (from the local meta replica's cluster map; for a new
 //! cluster from the bootstrap peers; for a joining node from a seed), start
 //! those groups, bind and serve the listeners, then background tasks: the
-//! bootstrap of a new cluster, the cluster-map refresher, one outbox relay
-//! per data shard, and the HTTP endpoints.
+//! bootstrap of a new cluster, the cluster-map refresher, the propagation of
+//! the cluster's limits, one outbox relay per data shard, and the HTTP
+//! endpoints.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use rim_proto::v1::push_service_server::PushServiceServer;
 use rim_proto::v1::raft_service_server::RaftServiceServer;
 use rim_proto::v1::user_service_server::UserServiceServer;
 use rim_proto::v1::{ClusterMap, GetClusterMapRequest, NodeInfo, NodeState};
-use rim_raft_store::{Db, DbOptions, Limits};
+use rim_raft_store::{ApplySabotage, Db, DbOptions};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
@@ -91,7 +92,8 @@ async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))
 }
 
-/// The map a new cluster starts with, from the bootstrap peers.
+/// The map a new cluster starts with, from the bootstrap peers, with the
+/// limits of this node's configuration.
 fn bootstrap_map(c: &NodeConfig) -> Result<ClusterMap> {
     let nodes: Vec<NodeInfo> = c
         .peers
@@ -103,8 +105,9 @@ fn bootstrap_map(c: &NodeConfig) -> Result<ClusterMap> {
             ..Default::default()
         })
         .collect();
-    rim_cluster::bootstrap_map(&nodes, c.shards, c.slots, c.replication)
-        .map_err(|e| Error::Config(e.to_string()))
+    let map = rim_cluster::bootstrap_map(&nodes, c.shards, c.slots, c.replication)
+        .map_err(|e| Error::Config(e.to_string()))?;
+    Ok(ClusterMap { limits: Some(c.initial_limits().to_proto(1)), ..map })
 }
 
 impl Node {
@@ -143,12 +146,8 @@ impl Node {
             config.peer_via.clone(),
             tls,
         );
-        let limits = Arc::new(Limits {
-            small_group_limit: config.small_group_limit,
-            no_relay_dedup: config.sabotage.no_relay_dedup,
-            ..Limits::default()
-        });
-        let core = Arc::new(Core::new(config.clone(), peers, tokens, codes, limits.clone()));
+        let sabotage = ApplySabotage { no_relay_dedup: config.sabotage.no_relay_dedup };
+        let core = Arc::new(Core::new(config.clone(), peers, tokens, codes));
         let internal = bind(&config.listen).await?;
         let client = bind(&config.client_listen).await?;
         let http = bind(&config.http_listen).await?;
@@ -160,9 +159,10 @@ impl Node {
             ack_before_commit: config.sabotage.ack_before_commit,
         };
         let start_group = |shard: ShardId| {
-            let (core, raft, limits, db) = (core.clone(), raft.clone(), limits.clone(), db.clone());
+            let (core, raft, db) = (core.clone(), raft.clone(), db.clone());
             async move {
-                let g = Group::start(core.id(), &db, shard, limits, raft, core.peers.clone(), popts).await?;
+                let g =
+                    Group::start(core.id(), &db, shard, sabotage, raft, core.peers.clone(), popts).await?;
                 core.groups.write().expect("groups lock").insert(shard, g.clone());
                 Ok::<_, Error>(g)
             }
@@ -212,6 +212,7 @@ impl Node {
         }
         tasks.push(tokio::spawn(maintain_map(core.clone())));
         tasks.push(tokio::spawn(keep_meta_learners(core.clone())));
+        tasks.push(tokio::spawn(crate::limits::propagate(core.clone())));
         for g in core.all_groups() {
             tasks.push(tokio::spawn(watch_leader(g.clone())));
             if g.shard != META {
@@ -261,17 +262,20 @@ impl Node {
         }
     }
 
-    /// Waits until every hosted group has a leader (or the timeout passes).
+    /// Waits until every hosted group has a leader and applies with the
+    /// cluster's limits (or the timeout passes).
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let groups = self.core.all_groups();
             let _ = self.core.refresh_placement();
-            if groups.iter().all(|g| g.leader().is_some()) && self.core.placement().is_ok() {
+            let led = groups.iter().all(|g| g.leader().is_some()) && self.core.placement().is_ok();
+            if led && crate::limits::behind(&self.core).is_empty() {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Timeout("groups without a leader".into()));
+                let what = if led { "groups behind the cluster's limits" } else { "groups without a leader" };
+                return Err(Error::Timeout(what.into()));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -101,18 +101,9 @@ async fn a_node_far_behind_catches_up_by_snapshot() {
     let snap = g.raft.metrics().borrow().snapshot;
     assert!(snap.is_some_and(|s| s.index >= purged.index), "caught up without a snapshot? {snap:?}");
     assert_eq!(texts(&g.reader.sync(alice.user, Seq(0), 500).unwrap().messages), acked);
-    // The relay keeps writing (outbox acks) for a moment: compare the two
+    // The relay keeps writing (outbox acks) for a moment: compare the
     // replicas once they have applied the same index.
-    wait_for(
-        Duration::from_secs(20),
-        "the lagger and the leader at the same point, with the same digest",
-        || {
-            let at = |g: &rim_node::group::Group| g.raft.metrics().borrow().last_applied;
-            let same_point = at(&g) == at(&lg) && at(&g).is_some();
-            (same_point && g.reader.digest().unwrap() == lg.reader.digest().unwrap()).then_some(())
-        },
-    )
-    .await;
+    c.replicas_identical(shard).await;
     c.shutdown().await;
 }
 

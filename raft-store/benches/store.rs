@@ -3,7 +3,6 @@
 //! docs/benchmarks.md (run: `make bench-store`).
 #![allow(missing_docs)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -11,7 +10,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use rim_proto::store::{self, Op, Proposal, op::Op as O};
 use rim_raft_store::raft::Entry;
-use rim_raft_store::{Db, DbOptions, Limits, LogStore, Request, ShardId, StateMachine};
+use rim_raft_store::{ApplySabotage, Db, DbOptions, LogStore, Request, ShardId, StateMachine};
 
 fn entry(index: u64, ops: Vec<Op>) -> Entry {
     Entry {
@@ -46,7 +45,7 @@ fn bench_apply(c: &mut Criterion) {
     for ops_per_entry in [1usize, 16] {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&DbOptions::new(dir.path())).unwrap();
-        let mut sm = StateMachine::open(db, ShardId(1), Arc::new(Limits::default())).unwrap();
+        let mut sm = StateMachine::open(db, ShardId(1), ApplySabotage::default()).unwrap();
         rt.block_on(sm.apply(vec![entry(1, vec![user(1), user(2)])])).unwrap();
         let (mut index, mut msg) = (2u64, 0u64);
         g.throughput(Throughput::Elements((64 * ops_per_entry) as u64));

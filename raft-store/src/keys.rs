@@ -15,7 +15,7 @@
 //! (which is how snapshots and "two shards never see each other" work).
 //!
 //! The `sm` tables are listed in [`Table`]. The meta rows of the state
-//! machine (last applied log id, membership, counters) live in `sm` too, so
+//! machine (last applied log id, membership, counters, limits) live in `sm` too, so
 //! a snapshot of the shard's `sm` range carries them along.
 
 use rim_proto::ids::{DeviceId, GroupId, MessageId, Seq, ShardId, UserId};
@@ -78,6 +78,9 @@ pub enum MetaTag {
     Counters = 3,
     /// ListHead of [`Table::PushLog`] (`last_seq` = pushes logged so far).
     PushHead = 4,
+    /// The limits the shard applies with (`rim.v1.ClusterLimits`, prost;
+    /// absent: the defaults). See `im::limits`.
+    Limits = 5,
 }
 
 /// Rows of the `raft` column family.

@@ -25,7 +25,8 @@
 //!   crash never applies an entry twice or half.
 //! * Two shards in one database never see each other's keys.
 //! * Two replicas that apply the same log reach byte-identical state
-//!   ([`im::read::Reader::digest`]).
+//!   ([`im::read::Reader::digest`]), whatever their nodes' configuration:
+//!   the [`Limits`] apply uses are part of the log (`SetLimits`).
 //!
 //! # Not (yet) provided
 //!
@@ -45,15 +46,12 @@ pub use db::{Db, DbOptions};
 pub use error::{Error, Result};
 pub use im::read::{MAX_PAGE_BYTES, MAX_TAIL_BYTES};
 pub use im::read::{Page, Reader};
-pub use im::{Appended, ApplyEffects, Limits, ListRef};
+pub use im::{Appended, ApplyEffects, ApplySabotage, Limits, ListRef};
 pub use raft::{AppliedEvent, LogStore, Request, Response, StateMachine, TypeConfig};
 pub use rim_proto::ids::{DeviceId, GroupId, MessageId, NodeId, Seq, ShardId, UserId};
 
-/// Opens the log store and state machine of `shard` in `db`.
-pub fn open_shard(
-    db: &Db,
-    shard: ShardId,
-    limits: std::sync::Arc<Limits>,
-) -> Result<(LogStore, StateMachine)> {
-    Ok((LogStore::new(db.clone(), shard), StateMachine::open(db.clone(), shard, limits)?))
+/// Opens the log store and state machine of `shard` in `db` (`sabotage`:
+/// off outside tests).
+pub fn open_shard(db: &Db, shard: ShardId, sabotage: ApplySabotage) -> Result<(LogStore, StateMachine)> {
+    Ok((LogStore::new(db.clone(), shard), StateMachine::open(db.clone(), shard, sabotage)?))
 }

@@ -476,7 +476,7 @@ async fn meta_group_allocates_fresh_ids_and_versions_the_cluster_map() {
 async fn applied_effects_are_published_after_the_write() {
     let (tx, mut rx) = tokio::sync::broadcast::channel(16);
     let mut n = Node::new(&[]);
-    let sm = rim_raft_store::StateMachine::open(n.db.clone(), rim_raft_store::ShardId(1), n.limits.clone())
+    let sm = rim_raft_store::StateMachine::open(n.db.clone(), rim_raft_store::ShardId(1), Default::default())
         .unwrap()
         .with_events(tx);
     n.sms.insert(1, sm);

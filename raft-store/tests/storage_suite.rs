@@ -3,14 +3,12 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use openraft::StorageError;
 use openraft::storage::RaftStateMachine;
 use openraft::testing::{StoreBuilder, Suite};
 use rim_raft_store::db::{self, CF_LOG, CF_RAFT};
 use rim_raft_store::keys::{self, RaftTag};
-use rim_raft_store::{Db, DbOptions, Limits, LogStore, Reader, ShardId, StateMachine, TypeConfig};
+use rim_raft_store::{ApplySabotage, Db, DbOptions, LogStore, Reader, ShardId, StateMachine, TypeConfig};
 
 /// Raw rows of a column family.
 type Rows = Vec<(Box<[u8]>, Box<[u8]>)>;
@@ -56,11 +54,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, Guard> for Builder {
     async fn build(&self) -> Result<(Guard, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&DbOptions::new(dir.path())).unwrap();
-        let limits = Arc::new(Limits::default());
         let n = ShardId(self.neighbour);
 
         // Busy neighbour: log entries 1..=30, a vote, a purge record, IM state.
-        let mut other = StateMachine::open(db.clone(), n, limits.clone()).unwrap();
+        let mut other = StateMachine::open(db.clone(), n, ApplySabotage::default()).unwrap();
         let mut batch = rocksdb::WriteBatch::default();
         let mut entries = Vec::new();
         for i in 1..=30u64 {
@@ -80,7 +77,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, Guard> for Builder {
             neighbour: n,
             _dir: dir,
         };
-        let (log, sm) = rim_raft_store::open_shard(&db, ShardId(self.shard), limits).unwrap();
+        let (log, sm) =
+            rim_raft_store::open_shard(&db, ShardId(self.shard), ApplySabotage::default()).unwrap();
         Ok((guard, log, sm))
     }
 }

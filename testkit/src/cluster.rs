@@ -200,6 +200,27 @@ impl Cluster {
         .await
     }
 
+    /// Waits (up to [`WAIT`]) until every running node's replica of `shard`
+    /// has applied the same index and holds byte-identical state (the same
+    /// `Reader::digest`), and returns that digest.
+    ///
+    /// # Panics
+    ///
+    /// If they do not get there within [`WAIT`].
+    pub async fn replicas_identical(&self, shard: ShardId) -> [u8; 32] {
+        wait_for(WAIT, &format!("every replica of group {shard} at one index with one digest"), || {
+            let groups: Vec<_> = self.nodes.values().filter_map(|n| n.core.group(shard)).collect();
+            let at: HashSet<_> =
+                groups.iter().map(|g| g.raft.metrics().borrow().last_applied.map(|l| l.index)).collect();
+            let digests: HashSet<[u8; 32]> = groups.iter().filter_map(|g| g.reader.digest().ok()).collect();
+            match (at.len(), digests.iter().next()) {
+                (1, Some(d)) if digests.len() == 1 && groups.len() > 1 => Some(*d),
+                _ => None,
+            }
+        })
+        .await
+    }
+
     /// The shard that holds `user`, by the placement of a running node.
     pub fn shard_of_user(&self, user: UserId) -> ShardId {
         let node = self.nodes.values().next().expect("a running node");

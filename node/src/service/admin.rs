@@ -1,5 +1,5 @@
 //! The admin service (internal listener): cluster status, the cluster map,
-//! and replica changes.
+//! the cluster's limits (`crate::limits`), and replica changes.
 //!
 //! Replica changes follow openraft's safe path: a new node joins each group
 //! as a learner, the call blocks until it caught up, then the voter set is
@@ -78,6 +78,7 @@ impl AdminSvc {
                         .map(|v| Replica { node_id: *v, role: ReplicaRole::Voter as i32 })
                         .collect();
                 }
+                Ok(())
             })
             .await
     }
@@ -257,5 +258,22 @@ impl AdminService for AdminSvc {
             }
         }
         Ok(Response::new(GetClusterMapReply { map: Some(p.into_map()) }))
+    }
+
+    async fn get_limits(&self, _req: Request<GetLimitsRequest>) -> Result<Response<GetLimitsReply>, Status> {
+        self.core.refresh_placement()?;
+        let limits = self.core.placement().ok().and_then(|p| p.map().limits);
+        Ok(Response::new(GetLimitsReply { limits, groups: crate::limits::applied(&self.core) }))
+    }
+
+    async fn set_limits(&self, req: Request<SetLimitsRequest>) -> Result<Response<SetLimitsReply>, Status> {
+        changes_allowed(&req)?;
+        let want = req
+            .into_inner()
+            .limits
+            .ok_or_else(|| Error::rejected(ErrorCode::ErrorBadRequest, "limits are required"))?;
+        let stored = crate::limits::set(&self.core, want).await?;
+        tracing::info!(version = stored.version, "the cluster's limits changed");
+        Ok(Response::new(SetLimitsReply { limits: Some(stored) }))
     }
 }

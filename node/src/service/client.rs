@@ -99,7 +99,7 @@ impl ClientSvc {
     fn check_create(&self, user: &store::CreateUser) -> Result<()> {
         let probe =
             store::Op { op: Some(O::CreateUser(store::CreateUser { user_id: u64::MAX, ..user.clone() })) };
-        self.core.limits.check_op(&probe).map_err(Error::from)
+        self.core.limits().check_op(&probe).map_err(Error::from)
     }
 
     /// Revokes every device of the caller but the calling one.

@@ -45,8 +45,10 @@ fn counted(target: &'static str, persisted: bool) {
 }
 
 /// The push body, checked: present, not a notification, a known (or
-/// business, > 1000) content type, within the content size limit.
-fn content(c: Option<PushContent>) -> Result<PushContent> {
+/// business, > 1000) content type, within the content size limit of this
+/// node's view of the cluster's limits (online-only pushes are never
+/// applied, so this is their only check).
+fn content(core: &Core, c: Option<PushContent>) -> Result<PushContent> {
     let c = c.ok_or_else(|| Error::rejected(ErrorCode::ErrorBadRequest, "content is required"))?;
     match ContentType::try_from(c.content_type) {
         Ok(ContentType::Notification) => {
@@ -61,7 +63,7 @@ fn content(c: Option<PushContent>) -> Result<PushContent> {
             ));
         }
     }
-    let max = rim_raft_store::Limits::default().max_content_bytes;
+    let max = core.limits().max_content_bytes;
     if c.content.len() > max {
         return Err(Error::rejected(
             ErrorCode::ErrorContentTooLarge,
@@ -211,7 +213,7 @@ impl PushService for PushSvc {
     ) -> Result<Response<PushToUsersReply>, Status> {
         self.authorize(&req, "push.users")?;
         let r = req.into_inner();
-        let c = content(r.content)?;
+        let c = content(&self.core, r.content)?;
         let users = recipients(r.user_ids)?;
         counted("users", r.persist);
         if !r.persist {
@@ -241,7 +243,7 @@ impl PushService for PushSvc {
     ) -> Result<Response<PushToGroupReply>, Status> {
         self.authorize(&req, "push.group")?;
         let r = req.into_inner();
-        let c = content(r.content)?;
+        let c = content(&self.core, r.content)?;
         check_id("group_id", r.group_id)?;
         counted("group", r.persist);
         if r.persist {
@@ -274,7 +276,7 @@ impl PushService for PushSvc {
     async fn push_room(&self, req: Request<PushRoomRequest>) -> Result<Response<PushRoomReply>, Status> {
         self.authorize(&req, "push.room")?;
         let r = req.into_inner();
-        let c = content(r.content)?;
+        let c = content(&self.core, r.content)?;
         let (_, rec) = self.group(r.room_id).await?;
         if rec.kind() != store::GroupKind::Room {
             return Err(
@@ -293,7 +295,7 @@ impl PushService for PushSvc {
     async fn push_to_all(&self, req: Request<PushToAllRequest>) -> Result<Response<PushToAllReply>, Status> {
         self.authorize(&req, "push.all")?;
         let r = req.into_inner();
-        let c = content(r.content)?;
+        let c = content(&self.core, r.content)?;
         counted("all", false);
         let push = online(&c, ConversationKind::System, 0, r.priority);
         let pushes: BTreeMap<ShardId, OnlinePush> = self

@@ -17,7 +17,9 @@
 //! * A device's ack cursor never moves backwards and never passes the head.
 //! * Apply is deterministic: it reads no clock (time is the proposal's
 //!   `now_ms`), no randomness, no configuration that may differ between
-//!   replicas except [`Limits`], which the cluster fixes at bootstrap.
+//!   replicas. Its [`Limits`] are the shard's own state, set by entries of
+//!   its log (`SetLimits`, see `limits`); only [`ApplySabotage`], off
+//!   outside tests, comes from the node.
 //! * A rejected operation (a typed [`Error::Rejected`]) writes nothing; the
 //!   other operations of the same proposal are unaffected.
 //!
@@ -39,6 +41,8 @@
 //! * `social`: friend actions, recalls, read positions and receipts,
 //!   persisted business pushes.
 //! * `meta`: the meta group (cluster map, id allocators).
+//! * `limits`: the limits a shard applies with, `SetLimits`, and the
+//!   stateless checks of an operation.
 
 mod group;
 mod limits;
@@ -48,6 +52,8 @@ mod social;
 mod txn;
 mod user;
 
+use std::sync::Arc;
+
 use rim_proto::ids::{DeviceId, GroupId, MessageId, Seq, ShardId, UserId};
 use rim_proto::store::{self, op::Op as O};
 use rim_proto::store::{ListHead, OpResult, Proposal, ProposalResult, ShardCounters};
@@ -55,7 +61,7 @@ use rim_proto::v1::Message;
 
 use crate::error::{Error, Result, reject};
 use crate::keys::{self, MetaTag};
-pub use limits::Limits;
+pub use limits::{ApplySabotage, FRAME_ROOM, Limits, is_cluster_op};
 pub use txn::Txn;
 
 /// A list that received an entry.
@@ -97,22 +103,34 @@ pub struct Applier<'a> {
     op_effects: ApplyEffects,
     /// The shard being applied to (key prefix, message id high bits).
     pub shard: ShardId,
-    limits: &'a Limits,
+    /// The limits in force: the shard's stored ones, replaced as soon as an
+    /// operation stores newer ones (`SetLimits`), so the next operation of
+    /// the same batch applies with them.
+    limits: Arc<Limits>,
+    /// The node's own switches (tests only).
+    sabotage: ApplySabotage,
     /// The current proposal's time.
     now_ms: i64,
 }
 
 impl<'a> Applier<'a> {
-    /// An applier writing into `txn` for `shard`.
-    pub fn new(txn: Txn<'a>, shard: ShardId, limits: &'a Limits) -> Applier<'a> {
+    /// An applier writing into `txn` for `shard`, starting with the shard's
+    /// stored `limits`.
+    pub fn new(txn: Txn<'a>, shard: ShardId, limits: Arc<Limits>, sabotage: ApplySabotage) -> Applier<'a> {
         Applier {
             txn,
             shard,
             limits,
+            sabotage,
             now_ms: 0,
             effects: ApplyEffects::default(),
             op_effects: ApplyEffects::default(),
         }
+    }
+
+    /// The limits in force after the operations applied so far.
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
     }
 
     /// Applies every operation of a proposal; one result per operation.
@@ -190,6 +208,10 @@ impl<'a> Applier<'a> {
                 return Ok(OpResult::default());
             }
             O::AllocateIds(c) => V::Ids(self.allocate_ids(c)?),
+            O::SetLimits(c) => {
+                self.set_limits(c)?;
+                return Ok(OpResult::default());
+            }
         };
         Ok(OpResult { code: 0, message: String::new(), value: Some(value) })
     }

@@ -258,6 +258,12 @@ impl Reader {
         self.get(&keys::cluster_map(self.shard))
     }
 
+    /// The limits stored in this shard (`None`: none yet, it applies with
+    /// the defaults).
+    pub fn limits(&self) -> Result<Option<rim_proto::v1::ClusterLimits>> {
+        self.get(&keys::meta(self.shard, keys::MetaTag::Limits))
+    }
+
     /// Outbox records with id greater than `after`, oldest first.
     pub fn outbox(&self, after: u64, limit: usize) -> Result<Vec<OutboxRecord>> {
         let prefix = keys::outbox_all(self.shard);

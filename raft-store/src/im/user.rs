@@ -259,7 +259,7 @@ impl Applier<'_> {
                     continue;
                 }
                 let mark_key = keys::delivered(self.shard, user, MessageId(msg.message_id));
-                if !self.limits.no_relay_dedup
+                if !self.sabotage.no_relay_dedup
                     && let Some(mark) = self.txn.get_msg::<store::DeliveredMark>(&mark_key)?
                 {
                     out.seqs.push(mark.seq);

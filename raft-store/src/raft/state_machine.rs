@@ -12,6 +12,11 @@
 //!   log still holds the entries and openraft re-applies them from
 //!   `last_applied + 1`. A purge is synced, so the log is never purged past a
 //!   durable state.
+//! * The limits an entry applies with are the shard's stored ones (its
+//!   `Limits` row, in the same `sm` range, written in the same batch as the
+//!   operation that set them), never a node's configuration: the cached
+//!   copy is replaced only after the batch that changed it is written, and
+//!   read again on open and after a snapshot install.
 //! * A snapshot reads a RocksDB point-in-time view taken when the builder is
 //!   created, so it is consistent with the `last_applied` inside it even while
 //!   apply goes on.
@@ -46,7 +51,7 @@ use super::snapshot::{INSTALL_BATCH_BYTES, LockedDir, SnapshotDir, SnapshotReade
 use super::{Entry, LogId, Response, StorageError, TypeConfig, sm_err};
 use crate::db::{self, CF_RAFT, CF_SM, Db};
 use crate::error::{Error, Result};
-use crate::im::{Applier, ApplyEffects, Limits, Txn};
+use crate::im::{Applier, ApplyEffects, ApplySabotage, Limits, Txn};
 use crate::keys::{self, MetaTag, RaftTag};
 
 type Meta = SnapshotMeta<u64, openraft::BasicNode>;
@@ -63,7 +68,10 @@ const OPEN_ATTEMPTS: usize = 4;
 pub struct StateMachine {
     db: Db,
     shard: ShardId,
+    /// Cache of the stored limits (the defaults while none are stored).
     limits: Arc<Limits>,
+    /// This node's switches (tests only).
+    sabotage: ApplySabotage,
     snapshots: SnapshotDir,
     /// Cache of the stored `last_applied`.
     applied: Option<LogId>,
@@ -86,13 +94,14 @@ pub struct AppliedEvent {
 
 impl StateMachine {
     /// Opens the state machine of `shard`, finishing an interrupted snapshot
-    /// install first.
-    pub fn open(db: Db, shard: ShardId, limits: Arc<Limits>) -> Result<StateMachine> {
+    /// install first. `sabotage` is off outside tests.
+    pub fn open(db: Db, shard: ShardId, sabotage: ApplySabotage) -> Result<StateMachine> {
         let snapshots = SnapshotDir::new(db.dir(), shard.0)?;
         let mut sm = StateMachine {
             db,
             shard,
-            limits,
+            limits: Arc::default(),
+            sabotage,
             snapshots,
             applied: None,
             membership: Membership::default(),
@@ -104,7 +113,13 @@ impl StateMachine {
         }
         sm.applied = sm.read_meta(MetaTag::Applied)?.flatten();
         sm.membership = sm.read_meta(MetaTag::Membership)?.unwrap_or_default();
+        sm.limits = sm.stored_limits()?;
         Ok(sm)
+    }
+
+    /// The limits the shard's state holds (the defaults if none).
+    fn stored_limits(&self) -> Result<Arc<Limits>> {
+        Ok(Arc::new(Limits::of_stored(self.reader().limits()?.as_ref())))
     }
 
     /// Publishes the effects of every later `apply` call on `events`. A slow
@@ -136,7 +151,8 @@ impl StateMachine {
     /// Applies entries; see the module doc for the atomicity argument.
     fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<Vec<Response>> {
         let Some(last) = entries.last().map(|e| e.log_id) else { return Ok(Vec::new()) };
-        let mut applier = Applier::new(Txn::new(self.db.raw()), self.shard, &self.limits);
+        let mut applier =
+            Applier::new(Txn::new(self.db.raw()), self.shard, self.limits.clone(), self.sabotage);
         let mut replies = Vec::with_capacity(entries.len());
         let mut membership = None;
         for entry in entries {
@@ -150,6 +166,7 @@ impl StateMachine {
             }
         }
         let effects = std::mem::take(&mut applier.effects);
+        let limits = applier.limits().clone();
         let mut txn = applier.txn;
         txn.put(keys::meta(self.shard, MetaTag::Applied), db::encode_serde(&Some(last))?);
         if let Some(m) = &membership {
@@ -162,6 +179,7 @@ impl StateMachine {
             self.db.raw().write(txn.into_batch())?;
         }
         self.applied = Some(last);
+        self.limits = limits;
         if let Some(m) = membership {
             self.membership = m;
         }
@@ -307,6 +325,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         res.map_err(|e| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e)))?;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        self.limits = self.stored_limits().map_err(|e| StorageIOError::read_state_machine(&e))?;
         Ok(())
     }
 

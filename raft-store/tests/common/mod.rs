@@ -3,32 +3,41 @@
 #![allow(dead_code, missing_docs)]
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use rim_proto::store::{self, Op, OpResult, Proposal, op::Op as O};
+use rim_raft_store::keys::{self, MetaTag};
 use rim_raft_store::raft::Entry;
-use rim_raft_store::{Db, DbOptions, Limits, Reader, Request, ShardId, StateMachine};
+use rim_raft_store::{ApplySabotage, Db, DbOptions, Limits, Reader, Request, ShardId, StateMachine, db};
 
 /// One node's database with state machines for some shards.
 pub struct Node {
     pub dir: tempfile::TempDir,
     pub db: Db,
-    pub limits: Arc<Limits>,
+    /// Limits every shard starts with (stored as version 1 when it is
+    /// opened without any), or none: the defaults.
+    pub limits: Option<Limits>,
     pub sms: BTreeMap<u32, StateMachine>,
     next_index: BTreeMap<u32, u64>,
 }
 
 impl Node {
     pub fn new(shards: &[u32]) -> Node {
-        Node::with_limits(shards, Limits::default())
+        Node::open(shards, None)
     }
 
+    /// Shards whose state starts with `limits` (as a snapshot would bring
+    /// them: written into the state, not applied from the log, so the log
+    /// indexes stay those of [`Node::new`], and limits `Limits::validate`
+    /// refuses can be tried).
     pub fn with_limits(shards: &[u32], limits: Limits) -> Node {
+        Node::open(shards, Some(limits))
+    }
+
+    fn open(shards: &[u32], limits: Option<Limits>) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&DbOptions::new(dir.path())).unwrap();
-        let limits = Arc::new(limits);
         let mut node = Node { dir, db, limits, sms: BTreeMap::new(), next_index: BTreeMap::new() };
         for &s in shards {
             node.open_shard(s);
@@ -37,7 +46,14 @@ impl Node {
     }
 
     pub fn open_shard(&mut self, s: u32) {
-        let sm = StateMachine::open(self.db.clone(), ShardId(s), self.limits.clone()).unwrap();
+        if let Some(limits) = &self.limits
+            && self.reader(s).limits().unwrap().is_none()
+        {
+            let key = keys::meta(ShardId(s), MetaTag::Limits);
+            let raw = self.db.raw();
+            raw.put_cf(self.db.cf(db::CF_SM), key, db::encode(&limits.to_proto(1))).unwrap();
+        }
+        let sm = StateMachine::open(self.db.clone(), ShardId(s), ApplySabotage::default()).unwrap();
         self.sms.insert(s, sm);
         self.next_index.entry(s).or_insert(1);
     }
