@@ -58,6 +58,10 @@ pub struct NodeConfig {
     /// internal listener requires client certificates when
     /// `require_client_cert` is set; the client listener never does.
     pub tls: Option<rim_cluster::LinkTlsConfig>,
+    /// App-signed tokens (`[jwt]` and `[[jwt.keys]]` in TOML; no keys: off).
+    /// With keys, a sign-in may present a JWT an app signed for its own
+    /// user and device instead of a rim token (docs/security.md).
+    pub jwt: crate::jwt::JwtConfig,
     /// The secret gateways present (empty: the cluster secret).
     pub gateway_secret: String,
     /// The secret admin tools present (empty: the cluster secret).
@@ -197,6 +201,7 @@ impl Default for NodeConfig {
             replication: 3,
             cluster_secret: String::new(),
             tls: None,
+            jwt: crate::jwt::JwtConfig::default(),
             gateway_secret: String::new(),
             admin_secret: String::new(),
             api_keys: Vec::new(),
@@ -307,6 +312,7 @@ impl NodeConfig {
                 return bad("tls: a node serves TLS, so it needs `cert` and `key`".into());
             }
         }
+        crate::jwt::JwtVerifier::from_config(&self.jwt)?;
         if self.peer_via.contains_key(&self.id) {
             return bad(format!("peer_via must not list this node ({})", self.id));
         }

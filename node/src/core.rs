@@ -66,6 +66,8 @@ pub struct Core {
     pub placement: RwLock<Option<Arc<Placement>>>,
     /// Token keys: one signs, all verify.
     pub tokens: TokenKeys,
+    /// Verifier of app-signed tokens (`[jwt]`), if configured.
+    pub jwt: Option<crate::jwt::JwtVerifier>,
     /// Phone sign-in code verifier.
     pub codes: Arc<dyn CodeVerifier>,
     /// This node's view of the cluster's limits (the cluster map's, or the
@@ -93,7 +95,10 @@ impl Core {
     pub fn new(config: NodeConfig, peers: Peers, tokens: TokenKeys, codes: Arc<dyn CodeVerifier>) -> Core {
         let timeout = Duration::from_millis(config.request_timeout_ms);
         let throttle = crate::throttle::Throttle::new(&config.limits);
+        // `NodeConfig::validate` already refused a configuration this fails on.
+        let jwt = crate::jwt::JwtVerifier::from_config(&config.jwt).ok().flatten();
         Core {
+            jwt,
             throttle,
             config,
             peers,

@@ -46,6 +46,9 @@ pub enum Table {
     UserGroup = 0x18,
     /// `user ‖ conversation kind u8 ‖ conversation` → ReadRecord.
     Read = 0x19,
+    /// `user ‖ external id bytes` → the device id (u64, big-endian) the
+    /// app's device id maps to (devices signed in with app-signed tokens).
+    ExternalDevice = 0x1A,
     /// `group` → GroupRecord.
     Group = 0x20,
     /// `group ‖ user` → MemberRecord.
@@ -197,6 +200,10 @@ pub fn account(shard: ShardId, name: &str) -> Vec<u8> {
 /// One device of a user.
 pub fn device(shard: ShardId, u: UserId, d: DeviceId) -> Vec<u8> {
     Key::new(shard, Table::Device).u64(u.0).u64(d.0).into_vec()
+}
+/// The device an app's device id maps to.
+pub fn external_device(shard: ShardId, u: UserId, external_id: &str) -> Vec<u8> {
+    Key::new(shard, Table::ExternalDevice).u64(u.0).bytes(external_id.as_bytes()).into_vec()
 }
 /// Prefix of all devices of a user.
 pub fn devices_of(shard: ShardId, u: UserId) -> Vec<u8> {

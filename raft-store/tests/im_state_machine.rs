@@ -316,6 +316,42 @@ async fn ack_cursor_never_moves_backwards_or_past_the_head() {
     assert_eq!(n.reader(1).device(UserId(B), rim_raft_store::DeviceId(5)).unwrap().unwrap().ack_seq, 10);
 }
 
+/// An app's device id maps to one device of its user for good: racing
+/// first registrations under different fresh ids (here in one entry) and
+/// later ones all register the first device; another user's device of the
+/// same external id is another device; a revocation is timestamped.
+#[tokio::test]
+async fn an_external_device_id_maps_to_one_device() {
+    let mut n = Node::new(&[1]);
+    let ext = |user: u64, device: u64, external: &str| {
+        op(O::RegisterDevice(store::RegisterDevice {
+            user_id: user,
+            device_id: device,
+            external_id: external.into(),
+            ..Default::default()
+        }))
+    };
+    let device_of = |r: &store::OpResult| match &r.value {
+        Some(store::op_result::Value::Device(d)) => (d.device_id, d.external_id.clone()),
+        v => panic!("{v:?}"),
+    };
+    n.apply(1, vec![create_user(A), create_user(B)]).await;
+    let first = n.apply(1, vec![ext(A, 10, "phone"), ext(A, 11, "phone")]).await;
+    assert_eq!(device_of(&first[0]), (10, "phone".into()));
+    assert_eq!(device_of(&first[1]), (10, "phone".into()), "the second fresh id is not used");
+    assert_eq!(device_of(&n.apply1(1, ext(A, 12, "phone")).await), (10, "phone".into()));
+    assert_eq!(device_of(&n.apply1(1, ext(A, 13, "laptop")).await), (13, "laptop".into()));
+    assert_eq!(device_of(&n.apply1(1, ext(B, 14, "phone")).await), (14, "phone".into()));
+    let devices: Vec<u64> = n.reader(1).devices(UserId(A)).unwrap().iter().map(|d| d.device_id).collect();
+    assert_eq!(devices, vec![10, 13]);
+    // A plain re-registration keeps the external id; a revocation stamps its time.
+    n.apply1(1, register_device(A, 10)).await;
+    let revoke = op(O::RevokeDevice(store::RevokeDevice { user_id: A, device_id: 10 }));
+    n.apply1(1, revoke).await;
+    let d = n.reader(1).device(UserId(A), rim_raft_store::DeviceId(10)).unwrap().unwrap();
+    assert_eq!((d.external_id.as_str(), d.token_version, d.revoked_ms), ("phone", 1, 1_700_000_000_000));
+}
+
 #[tokio::test]
 async fn bad_commands_get_typed_errors_and_change_nothing() {
     let limits = Limits { max_group_members: 3, ..Limits::default() };

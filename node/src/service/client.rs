@@ -17,6 +17,7 @@ use rim_proto::v1::user_service_server::UserService;
 use rim_proto::v1::*;
 use tonic::{Request, Response, Status};
 
+use super::accounts;
 use super::conversation;
 use super::ops::{self, check_id};
 use crate::core::Core;
@@ -76,32 +77,6 @@ impl ClientSvc {
             .map_err(|e| Error::Internal(e.to_string()))
     }
 
-    /// Looks up the user that claimed `name`, linearizably.
-    async fn account(&self, name: &str) -> Result<Option<UserId>> {
-        let shard = self.core.placement()?.shard_of_account(name);
-        let g = self.core.view(shard).await?;
-        g.account(name).await
-    }
-
-    /// Who owns `name`: nobody, a user, or a claim whose user was never
-    /// created (a registration interrupted between its two steps), which a
-    /// new registration may take over once it is old enough.
-    async fn owner(&self, name: &str) -> Result<Owner> {
-        let Some(user) = self.account(name).await? else { return Ok(Owner::Nobody) };
-        match ops::get_user(&self.core, user).await {
-            Ok(_) => Ok(Owner::User(user)),
-            Err(Error::Rejected { code: ErrorCode::ErrorUserNotFound, .. }) => Ok(Owner::Orphan(user)),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Refuses a user record the state machine would refuse (field sizes).
-    fn check_create(&self, user: &store::CreateUser) -> Result<()> {
-        let probe =
-            store::Op { op: Some(O::CreateUser(store::CreateUser { user_id: u64::MAX, ..user.clone() })) };
-        self.core.limits().check_op(&probe).map_err(Error::from)
-    }
-
     /// Revokes every device of the caller but the calling one.
     async fn revoke_other_devices(&self, c: Caller) -> Result<()> {
         let g = self.core.view(self.core.shard_of_user(c.user)?).await?;
@@ -111,30 +86,6 @@ impl ClientSvc {
             }
         }
         Ok(())
-    }
-
-    /// Creates a user owning the login `name` (taking it over from
-    /// `orphan`, a claim whose user was never created, if given).
-    async fn create_user(
-        &self,
-        name: &str,
-        user: store::CreateUser,
-        orphan: Option<UserId>,
-    ) -> Result<UserId> {
-        let id = self.core.allocate_user().await?;
-        let shard = self.core.placement()?.shard_of_account(name);
-        let claim = O::ClaimAccount(store::ClaimAccount {
-            name: name.to_string(),
-            user_id: id.0,
-            replaces_user_id: orphan.map_or(0, |u| u.0),
-        });
-        self.core.propose(shard, store::Op { op: Some(claim) }).await?;
-        let create = O::CreateUser(store::CreateUser { user_id: id.0, ..user });
-        match self.core.propose(self.core.shard_of_user(id)?, store::Op { op: Some(create) }).await {
-            // A retried creation of this fresh id already happened.
-            Ok(_) | Err(Error::Rejected { code: ErrorCode::ErrorAlreadyExists, .. }) => Ok(id),
-            Err(e) => Err(e),
-        }
     }
 
     /// Signs `user` in on `device` (`None`: a new device).
@@ -148,7 +99,7 @@ impl ClientSvc {
             None => (self.core.allocate_device().await?, true),
             Some(d) => (d, ops::get_device(&self.core, user, d).await?.is_none()),
         };
-        let (_, token, token_expires_ms) = ops::register_device(&self.core, user, device, info).await?;
+        let (_, token, token_expires_ms) = ops::register_device(&self.core, user, device, info, "").await?;
         Ok(SignInReply {
             user_id: user.0,
             device_id: device.0,
@@ -158,13 +109,6 @@ impl ClientSvc {
             is_new_device,
         })
     }
-}
-
-/// Who owns an account name ([`ClientSvc::owner`]).
-enum Owner {
-    Nobody,
-    User(UserId),
-    Orphan(UserId),
 }
 
 /// A device id from a request: 0 asks for a new device.
@@ -209,17 +153,17 @@ impl AuthService for ClientSvc {
         };
         // Whatever the state machine would refuse is refused before the
         // name is claimed: a refused registration must not burn the name.
-        self.check_create(&user)?;
+        accounts::check_create(&self.core, &user)?;
         let name = format!("u:{}", user.username);
-        let orphan = match self.owner(&name).await? {
-            Owner::User(_) => {
+        let orphan = match accounts::owner(&self.core, &name).await? {
+            accounts::Owner::User(_) => {
                 return Err(Error::rejected(ErrorCode::ErrorAlreadyExists, "username taken").into());
             }
-            Owner::Orphan(u) => Some(u),
-            Owner::Nobody => None,
+            accounts::Owner::Orphan(u) => Some(u),
+            accounts::Owner::Nobody => None,
         };
         user.password_hash = self.hash(r.password).await?;
-        let user_id = self.create_user(&name, user, orphan).await?;
+        let user_id = accounts::create_user(&self.core, &name, user, orphan).await?;
         Ok(Response::new(RegisterReply { user_id: user_id.0 }))
     }
 
@@ -233,7 +177,7 @@ impl AuthService for ClientSvc {
         }
         let name = format!("u:{}", r.username);
         self.core.throttle.auth(ip, Some(&name))?;
-        let Some(user) = self.account(&name).await? else { return Err(denied()) };
+        let Some(user) = accounts::account(&self.core, &name).await? else { return Err(denied()) };
         let rec = match ops::get_user(&self.core, user).await {
             Ok(rec) => rec,
             // A claim whose user was never created.
@@ -260,11 +204,11 @@ impl AuthService for ClientSvc {
         if !self.core.codes.verify(&r.phone, &r.code) {
             return Err(Error::rejected(ErrorCode::ErrorUnauthenticated, "wrong phone or code").into());
         }
-        let (user, is_new_user) = match self.owner(&name).await? {
-            Owner::User(u) => (u, false),
+        let (user, is_new_user) = match accounts::owner(&self.core, &name).await? {
+            accounts::Owner::User(u) => (u, false),
             owner => {
                 let orphan = match owner {
-                    Owner::Orphan(u) => Some(u),
+                    accounts::Owner::Orphan(u) => Some(u),
                     _ => None,
                 };
                 // The nickname is public: never the number itself.
@@ -274,8 +218,8 @@ impl AuthService for ClientSvc {
                     nickname: format!("user …{last4}"),
                     ..Default::default()
                 };
-                self.check_create(&u)?;
-                (self.create_user(&name, u, orphan).await?, true)
+                accounts::check_create(&self.core, &u)?;
+                (accounts::create_user(&self.core, &name, u, orphan).await?, true)
             }
         };
         let mut reply = self.sign_in_device(user, wire_device(r.device_id), r.device).await?;
@@ -290,7 +234,7 @@ impl AuthService for ClientSvc {
         let c = self.caller(&req).await?;
         let device = self.core.allocate_device().await?;
         let (_, token, token_expires_ms) =
-            ops::register_device(&self.core, c.user, device, req.into_inner().device).await?;
+            ops::register_device(&self.core, c.user, device, req.into_inner().device, "").await?;
         Ok(Response::new(RegisterDeviceReply { device_id: device.0, token, token_expires_ms }))
     }
 
@@ -403,7 +347,9 @@ impl UserService for ClientSvc {
         if !valid_username(&name) {
             return Err(not_found());
         }
-        let Some(user) = self.account(&format!("u:{name}")).await? else { return Err(not_found()) };
+        let Some(user) = accounts::account(&self.core, &format!("u:{name}")).await? else {
+            return Err(not_found());
+        };
         let u = ops::get_user(&self.core, user).await?;
         Ok(Response::new(FindUserReply { user: Some(ops::user_view(u, c.user)) }))
     }

@@ -52,9 +52,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::client::Caller;
-use super::ops;
+use super::{identity, ops};
 use crate::core::Core;
 use crate::error::Error;
+use crate::jwt::JwtVerifier;
 
 /// Pushes queued per subscription stream before the stream is ended.
 const PUSH_QUEUE: usize = 4_096;
@@ -131,17 +132,27 @@ impl GatewayService for GatewaySvc {
     ) -> Result<Response<ConnSignInReply>, Status> {
         let r = req.into_inner();
         let input = r.input.unwrap_or_default();
-        ops::check_id("user_id", input.user_id)?;
-        ops::check_id("device_id", input.device_id)?;
-        let (user_id, device_id) = (UserId(input.user_id), DeviceId(input.device_id));
+        // An app-signed token names the app's user and device: they become
+        // rim's (created on first sight), and the token's expiry is the
+        // connection's. Its signature is checked first too.
+        let (user_id, device_id, token_version, expires_at_ms) =
+            if self.core.jwt.is_some() && JwtVerifier::looks_like_jwt(&input.token) {
+                let s = identity::sign_in_with_jwt(&self.core, &input.token).await?;
+                (s.user, identity::device_id(&s), s.device.token_version, s.identity.expires_at_ms)
+            } else {
+                ops::check_id("user_id", input.user_id)?;
+                ops::check_id("device_id", input.device_id)?;
+                let (user, device) = (UserId(input.user_id), DeviceId(input.device_id));
+                // The signature first: a forged token costs no read barrier.
+                let claims = self.core.token_claims(user, device, &input.token)?;
+                (user, device, claims.token_version, claims.expires_at_ms)
+            };
         let shard = self.core.shard_of_user(user_id)?;
-        // The signature first: a forged token costs no read barrier.
-        let claims = self.core.token_claims(user_id, device_id, &input.token)?;
         // Linearizable: a logout acknowledged before this sign-in is seen.
         let g = self.core.view(shard).await?;
         let dev = g.device(user_id, device_id).await?;
         match &dev {
-            Some(d) if d.token_version == claims.token_version => {}
+            Some(d) if d.token_version == token_version => {}
             Some(_) => return Err(Error::rejected(ErrorCode::ErrorTokenRevoked, "device signed out").into()),
             None => return Err(Error::rejected(ErrorCode::ErrorDeviceNotFound, "unknown device").into()),
         }
@@ -155,17 +166,17 @@ impl GatewayService for GatewaySvc {
         Ok(Response::new(ConnSignInReply {
             user: Some(ops::user_view(user, user_id)),
             output: Some(SignInOutput {
-                user_id: input.user_id,
-                device_id: input.device_id,
+                user_id: user_id.0,
+                device_id: device_id.0,
                 last_seq: head.last_seq,
                 ack_seq: dev.map(|d| d.ack_seq).unwrap_or(0),
                 server_time_ms: crate::group::now_ms(),
                 heartbeat_interval_ms: HEARTBEAT_MS,
                 super_groups,
             }),
-            token_version: claims.token_version,
+            token_version,
             shard_id: shard.0,
-            token_expires_ms: claims.expires_at_ms,
+            token_expires_ms: expires_at_ms,
         }))
     }
 

@@ -1,11 +1,13 @@
 //! gRPC services of a node.
 
+mod accounts;
 mod admin;
 mod client;
 pub mod conversation;
 mod friend;
 mod gateway;
 mod groups;
+mod identity;
 pub mod ops;
 mod push;
 mod raft;

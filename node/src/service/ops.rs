@@ -195,12 +195,16 @@ pub async fn revoke(core: &Core, user: UserId, device: DeviceId) -> Result<()> {
     Ok(())
 }
 
-/// Registers (or re-registers) a device and issues a token for it.
+/// Registers (or re-registers) a device and issues a token for it. With
+/// `external_id` (the app's id of the device, app-signed tokens), `device`
+/// is used only if the user has no device of that id yet; the record
+/// returned names the device actually registered.
 pub async fn register_device(
     core: &Core,
     user: UserId,
     device: DeviceId,
     info: Option<v1::DeviceInfo>,
+    external_id: &str,
 ) -> Result<(DeviceRecord, String, i64)> {
     let info = info.unwrap_or_default();
     if v1::DeviceType::try_from(info.device_type).is_err() {
@@ -216,12 +220,13 @@ pub async fn register_device(
         model: info.model,
         system_version: info.system_version,
         sdk_version: info.sdk_version,
+        external_id: external_id.to_string(),
     });
     let r = core.propose(shard, op(o)).await?;
     let Some(store::op_result::Value::Device(d)) = r.value else {
         return Err(Error::Internal("device registration returned no device".into()));
     };
-    let (token, expires) = core.issue_token(user, device, d.token_version);
+    let (token, expires) = core.issue_token(user, DeviceId(d.device_id), d.token_version);
     Ok((d, token, expires))
 }
 

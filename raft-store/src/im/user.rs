@@ -107,11 +107,29 @@ impl Applier<'_> {
         ] {
             self.check_len(what, v.len(), m)?;
         }
-        let key = keys::device(self.shard, user, DeviceId(c.device_id));
+        // An app's device id names one device of the user for good: the
+        // first registration maps it, later ones (retries, concurrent
+        // sign-ins of the same device) register that device again.
+        let mut device = DeviceId(c.device_id);
+        if !c.external_id.is_empty() {
+            self.check_len("external_id", c.external_id.len(), m)?;
+            let index = keys::external_device(self.shard, user, &c.external_id);
+            match self.txn.get(&index)?.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()) {
+                Some(id) => device = DeviceId(u64::from_be_bytes(id)),
+                None => self.txn.put(index, device.0.to_be_bytes().to_vec()),
+            }
+        }
+        let key = keys::device(self.shard, user, device);
         // Re-registering keeps the token version and the ack cursor.
         let old = self.txn.get_msg::<DeviceRecord>(&key)?.unwrap_or_default();
         let rec = DeviceRecord {
-            device_id: c.device_id,
+            device_id: device.0,
+            external_id: if c.external_id.is_empty() {
+                old.external_id.clone()
+            } else {
+                c.external_id.clone()
+            },
+            revoked_ms: old.revoked_ms,
             user_id: c.user_id,
             device_type: c.device_type,
             brand: c.brand.clone(),
@@ -134,6 +152,7 @@ impl Applier<'_> {
         };
         rec.token_version += 1;
         rec.updated_ms = self.now_ms;
+        rec.revoked_ms = self.now_ms;
         self.txn.put_msg(key, &rec);
         self.op_effects.revoked.push((UserId(c.user_id), DeviceId(c.device_id)));
         Ok(rec)
