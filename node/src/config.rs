@@ -64,6 +64,11 @@ pub struct NodeConfig {
     pub jwt: crate::jwt::JwtConfig,
     /// The secret gateways present (empty: the cluster secret).
     pub gateway_secret: String,
+    /// Refuse to start unless every credential is separate: a gateway and
+    /// an admin secret (each unlike the cluster secret), API keys and token
+    /// keys configured (`node/src/credentials.rs`). Off by default for
+    /// development; turn it on for a cluster exposed to the internet.
+    pub strict_credentials: bool,
     /// The secret admin tools present (empty: the cluster secret).
     pub admin_secret: String,
     /// API keys of the push API, stored as SHA-256 digests (`[[api_keys]]`;
@@ -203,6 +208,7 @@ impl Default for NodeConfig {
             tls: None,
             jwt: crate::jwt::JwtConfig::default(),
             gateway_secret: String::new(),
+            strict_credentials: false,
             admin_secret: String::new(),
             api_keys: Vec::new(),
             token_keys: Vec::new(),

@@ -19,7 +19,10 @@
 //! start-up: without a gateway or admin secret, gateways or tools present
 //! the cluster secret (and so get a node's rights); without API keys, the
 //! push API accepts the cluster secret. Once API keys are configured, the
-//! push API accepts nothing else.
+//! push API accepts nothing else. With `strict_credentials` a node refuses
+//! to start while any fallback (or the token key derived from the cluster
+//! secret) would be in use, or while a separate secret equals the cluster
+//! secret: what a cluster exposed to the internet should run with.
 //!
 //! Invariant: a request reaches a handler only with a credential that one of
 //! the four matches, and only a handler whose service admits that role.
@@ -134,24 +137,46 @@ impl Credentials {
             }
             api_keys.push(ApiKey { name: k.name.clone(), digest, scopes: k.scopes.clone() });
         }
-        Ok(Credentials {
+        let creds = Credentials {
             cluster: config.cluster_secret.clone(),
             gateway: secret(&config.gateway_secret),
             admin: secret(&config.admin_secret),
             api_keys: Arc::new(api_keys),
-        })
+        };
+        let fallbacks = creds.fallbacks(config);
+        if config.strict_credentials && !fallbacks.is_empty() {
+            return Err(Error::Config(format!("strict_credentials: {}", fallbacks.join("; "))));
+        }
+        Ok(creds)
+    }
+
+    /// The fallbacks `config` leaves in use (module docs), as sentences.
+    fn fallbacks(&self, config: &NodeConfig) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let same = |s: &Option<String>| s.as_deref() == Some(self.cluster.as_str());
+        if self.gateway.is_none() {
+            out.push("no gateway_secret: gateways authenticate with the cluster secret");
+        } else if same(&self.gateway) {
+            out.push("gateway_secret equals the cluster secret");
+        }
+        if self.admin.is_none() {
+            out.push("no admin_secret: admin tools authenticate with the cluster secret");
+        } else if same(&self.admin) {
+            out.push("admin_secret equals the cluster secret");
+        }
+        if self.api_keys.is_empty() {
+            out.push("no api_keys: the push API accepts the cluster secret");
+        }
+        if config.token_keys.is_empty() {
+            out.push("no token_keys: the token key is derived from the cluster secret");
+        }
+        out
     }
 
     /// Logs the fallbacks in use (module docs).
-    pub fn warn_fallbacks(&self) {
-        if self.gateway.is_none() {
-            tracing::warn!("no gateway_secret: gateways authenticate with the cluster secret");
-        }
-        if self.admin.is_none() {
-            tracing::warn!("no admin_secret: admin tools authenticate with the cluster secret");
-        }
-        if self.api_keys.is_empty() {
-            tracing::warn!("no api_keys: the push API accepts the cluster secret");
+    pub fn warn_fallbacks(&self, config: &NodeConfig) {
+        for f in self.fallbacks(config) {
+            tracing::warn!("{f}");
         }
     }
 
@@ -287,6 +312,28 @@ mod tests {
         assert_eq!(c.role(&with(CLUSTER_SECRET_METADATA_KEY, "cluster-secret-0123456789")), Some(Role::Peer));
         assert_eq!(c.role(&with(CLUSTER_SECRET_METADATA_KEY, "")), None, "an empty secret never matches");
         assert!(!c.api_keys_configured());
+    }
+
+    #[test]
+    fn strict_credentials_refuse_every_fallback() {
+        let strict = |c: NodeConfig| Credentials::from_config(&NodeConfig { strict_credentials: true, ..c });
+        let key = TokenKeyConfig { id: "k1".into(), secret: "token-key-secret-0123456789abcdef".into() };
+        let full = NodeConfig { token_keys: vec![key], ..config() };
+        assert!(strict(full.clone()).is_ok(), "every credential separate");
+        let refused = |c: NodeConfig, want: &str| {
+            let e = strict(c).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} should name {want:?}");
+            assert!(!e.contains("0123456789"), "no secret in the message: {e}");
+        };
+        refused(NodeConfig { gateway_secret: String::new(), ..full.clone() }, "no gateway_secret");
+        refused(NodeConfig { admin_secret: String::new(), ..full.clone() }, "no admin_secret");
+        refused(NodeConfig { api_keys: Vec::new(), ..full.clone() }, "no api_keys");
+        refused(NodeConfig { token_keys: Vec::new(), ..full.clone() }, "no token_keys");
+        let cluster = full.cluster_secret.clone();
+        refused(NodeConfig { admin_secret: cluster.clone(), ..full.clone() }, "admin_secret equals");
+        refused(NodeConfig { gateway_secret: cluster, ..full.clone() }, "gateway_secret equals");
+        // Not strict: the same configurations start, with warnings.
+        assert!(Credentials::from_config(&NodeConfig { api_keys: Vec::new(), ..full }).is_ok());
     }
 
     #[test]

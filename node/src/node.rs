@@ -450,7 +450,7 @@ async fn serve_internal(core: Arc<Core>, builder: tonic::transport::Server, list
         Ok(c) => c,
         Err(e) => return tracing::error!(error = %e, "internal listener not started"),
     };
-    creds.warn_fallbacks();
+    creds.warn_fallbacks(&core.config);
     let raft = InterceptedService::new(
         RaftServiceServer::new(RaftSvc { core: core.clone() })
             .max_decoding_message_size(crate::net::RAFT_MESSAGE_LIMIT)
