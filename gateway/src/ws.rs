@@ -20,6 +20,8 @@
 //!   out. They are not packets: the server sends no `HEARTBEAT` reply.
 //! * Other paths than [`WS_PATH`] are refused with HTTP 404 during the
 //!   handshake.
+//! * The upgrade URL may carry the sign-in (`/ws?token=...`, module
+//!   [`url`]): it runs as the first packet, `SIGN_IN` with request id 0.
 //!
 //! # TLS (`wss://`)
 //!
@@ -123,6 +125,8 @@ use crate::notice::Notices;
 use crate::router::{ConnEvent, PushRouter};
 use crate::session::{Action, Session, SessionConfig};
 use crate::upstream::Upstream;
+
+mod url;
 
 /// The only path at which WebSocket upgrades are accepted.
 pub const WS_PATH: &str = "/ws";
@@ -346,13 +350,30 @@ async fn connection(
             Box::new(tls)
         }
     };
-    let handshake =
-        tokio_tungstenite::accept_hdr_async_with_config(socket, check_path, Some(shared.ws_config));
+    // What the upgrade URL asked for; its token is never logged.
+    let options = std::sync::Mutex::new(url::UrlOptions::default());
+    #[allow(clippy::result_large_err, reason = "the signature is tungstenite's `Callback`")]
+    let callback = |request: &Request, response: Response| {
+        let response = check_path(request, response)?;
+        match url::parse(request.uri().query()) {
+            Ok(o) => {
+                *options.lock().unwrap_or_else(|e| e.into_inner()) = o;
+                Ok(response)
+            }
+            Err(why) => {
+                let mut refused = ErrorResponse::new(Some(why));
+                *refused.status_mut() = http::StatusCode::BAD_REQUEST;
+                Err(refused)
+            }
+        }
+    };
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(socket, callback, Some(shared.ws_config));
     let Some(ws) =
         bounded(handshake, HANDSHAKE_TIMEOUT, &mut stop, "websocket handshake", conn_id, peer).await
     else {
         return;
     };
+    let options = options.into_inner().unwrap_or_else(|e| e.into_inner());
     tracing::debug!(conn = conn_id, %peer, "websocket connection open");
     let (sink, stream) = ws.split();
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
@@ -364,13 +385,19 @@ async fn connection(
     let mut conn = Conn {
         shared,
         session,
-        json: false,
+        json: options.json,
         out: Some(out_tx),
         written,
         reply_tx,
         events: None,
         ending: Ending::Open,
     };
+    if let Some(input) = options.sign_in {
+        let content = Bytes::from(input.encode_to_vec());
+        let packet = Packet { request_id: 0, command: Command::SignIn as i32, content, seq: 0 };
+        conn.session.on_packet(Instant::now(), packet);
+        conn.run_actions();
+    }
     let stream = conn.run(stream, reply_rx, stop).await;
     conn.finish(stream, writer).await;
     tracing::debug!(conn = conn_id, %peer, "websocket connection ended");

@@ -206,3 +206,65 @@ async fn without_keys_an_app_signed_token_is_refused() {
     gw.shutdown().await;
     c.shutdown().await;
 }
+
+/// The first message of a WebSocket connection, as a JSON packet.
+async fn first_json<S>(ws: &mut S) -> Packet
+where
+    S: futures::Stream<
+            Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>,
+        > + Unpin,
+{
+    use futures::StreamExt as _;
+    let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("a message in time").expect("a message");
+    match msg.expect("a readable message") {
+        tokio_tungstenite::tungstenite::Message::Text(t) => {
+            rim_gateway::ws::packet_from_json(t.as_str()).unwrap()
+        }
+        other => panic!("expected a JSON text message, got {other:?}"),
+    }
+}
+
+/// A web client puts its token in the upgrade URL (`?token=`, JSON form):
+/// the sign-in's reply is its first message; a refused token's reply comes
+/// first too, then the close; a malformed query refuses the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_client_signs_in_with_the_token_in_the_url() {
+    use futures::SinkExt as _;
+    let _g = serial().await;
+    let app = App::new();
+    let config = app.config.clone();
+    let c = Cluster::start_with(1, 1, move |cfg| cfg.jwt = config.clone()).await;
+    let gw = c.gateway("jwt-url").await;
+    let ws_addr = gw.ws_addr().unwrap();
+    let url = |query: String| format!("ws://{ws_addr}/ws?{query}");
+
+    let token = app.hs256(&App::claims("erin-3", "browser"));
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(url(format!("token={token}&format=json"))).await.unwrap();
+    let first = first_json(&mut ws).await;
+    assert_eq!((first.request_id, first.command), (0, Command::SignIn as i32));
+    let reply = Reply::decode(first.content).unwrap();
+    assert_eq!(code(&reply), ErrorCode::Ok, "{}", reply.message);
+    let out = SignInOutput::decode(reply.data).unwrap();
+    assert!(out.user_id != 0 && out.device_id != 0);
+    // The session goes on as any other.
+    let beat = r#"{"request_id": 1, "command": "HEARTBEAT"}"#;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(beat.into())).await.unwrap();
+    let next = first_json(&mut ws).await;
+    assert_eq!((next.request_id, next.command), (1, Command::Heartbeat as i32));
+
+    let mut expired = App::claims("erin-3", "browser");
+    expired["exp"] = json!(now_secs() - 3600);
+    let query = format!("token={}&format=json", app.hs256(&expired));
+    let (mut refused, _) = tokio_tungstenite::connect_async(url(query)).await.unwrap();
+    let first = first_json(&mut refused).await;
+    assert_eq!(code(&Reply::decode(first.content).unwrap()), ErrorCode::ErrorTokenExpired);
+
+    let bad = tokio_tungstenite::connect_async(url(format!("user_id=x&token={token}"))).await;
+    match bad {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 400),
+        other => panic!("a malformed query was upgraded: {other:?}"),
+    }
+    gw.shutdown().await;
+    c.shutdown().await;
+}
