@@ -62,6 +62,9 @@ pub struct NodeConfig {
     /// With keys, a sign-in may present a JWT an app signed for its own
     /// user and device instead of a rim token (docs/security.md).
     pub jwt: crate::jwt::JwtConfig,
+    /// The app's `before_send` hook (`[before_send]` in TOML; no `url`:
+    /// none). See `crate::hooks`.
+    pub before_send: crate::hooks::BeforeSendConfig,
     /// The secret gateways present (empty: the cluster secret).
     pub gateway_secret: String,
     /// Refuse to start unless every credential is separate: a gateway and
@@ -207,6 +210,7 @@ impl Default for NodeConfig {
             cluster_secret: String::new(),
             tls: None,
             jwt: crate::jwt::JwtConfig::default(),
+            before_send: crate::hooks::BeforeSendConfig::default(),
             gateway_secret: String::new(),
             strict_credentials: false,
             admin_secret: String::new(),
@@ -319,6 +323,7 @@ impl NodeConfig {
             }
         }
         crate::jwt::JwtVerifier::from_config(&self.jwt)?;
+        crate::hooks::BeforeSend::from_config(&self.before_send)?;
         if self.peer_via.contains_key(&self.id) {
             return bad(format!("peer_via must not list this node ({})", self.id));
         }

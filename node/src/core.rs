@@ -68,6 +68,8 @@ pub struct Core {
     pub tokens: TokenKeys,
     /// Verifier of app-signed tokens (`[jwt]`), if configured.
     pub jwt: Option<crate::jwt::JwtVerifier>,
+    /// The app's `before_send` hook (`[before_send]`), if configured.
+    pub before_send: Option<crate::hooks::BeforeSend>,
     /// Phone sign-in code verifier.
     pub codes: Arc<dyn CodeVerifier>,
     /// This node's view of the cluster's limits (the cluster map's, or the
@@ -97,8 +99,10 @@ impl Core {
         let throttle = crate::throttle::Throttle::new(&config.limits);
         // `NodeConfig::validate` already refused a configuration this fails on.
         let jwt = crate::jwt::JwtVerifier::from_config(&config.jwt).ok().flatten();
+        let before_send = crate::hooks::BeforeSend::from_config(&config.before_send).ok().flatten();
         Core {
             jwt,
+            before_send,
             throttle,
             config,
             peers,

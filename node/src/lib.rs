@@ -37,6 +37,7 @@ pub mod credentials;
 pub mod error;
 pub mod group;
 pub mod grpc;
+pub mod hooks;
 pub mod http;
 pub mod jwt;
 pub mod limits;

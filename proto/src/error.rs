@@ -62,7 +62,9 @@ impl ErrorCode {
         use tonic::Code as C;
         match self {
             E::Ok => C::Ok,
-            E::ErrorUnavailable | E::ErrorNotLeader | E::ErrorWrongShard => C::Unavailable,
+            E::ErrorUnavailable | E::ErrorNotLeader | E::ErrorWrongShard | E::ErrorHookUnavailable => {
+                C::Unavailable
+            }
             E::ErrorTimeout => C::DeadlineExceeded,
             E::ErrorBusy | E::ErrorRateLimited | E::ErrorGroupFull => C::ResourceExhausted,
             E::ErrorBadRequest
@@ -76,7 +78,7 @@ impl ErrorCode {
             | E::ErrorTokenExpired
             | E::ErrorTokenRevoked
             | E::ErrorKicked => C::Unauthenticated,
-            E::ErrorPermissionDenied | E::ErrorNotGroupMember => C::PermissionDenied,
+            E::ErrorPermissionDenied | E::ErrorNotGroupMember | E::ErrorRejectedByApp => C::PermissionDenied,
             E::ErrorUserNotFound
             | E::ErrorDeviceNotFound
             | E::ErrorGroupNotFound

@@ -79,6 +79,10 @@ pub async fn send(
 ) -> Result<v1::SendOutput> {
     check_id("conversation_id", input.conversation_id)?;
     core.throttle.send(user, input.content.len())?;
+    let input = match &core.before_send {
+        Some(hook) => hook.check(user, device, input).await?,
+        None => input,
+    };
     let kind = ConversationKind::try_from(input.conversation_kind).unwrap_or(ConversationKind::Unspecified);
     let placement = core.placement()?;
     let (shard, o) = match kind {
