@@ -23,7 +23,7 @@
 //! * The upgrade URL may carry the sign-in (`/ws?token=...`, module
 //!   [`url`]): it runs as the first packet, `SIGN_IN` with request id 0.
 //! * With [`WsGateway::with_protocol`]`(`[`Protocol::Gim`]`)` every message
-//!   (binary or text, as gim reads them) is one gim `Packet`, translated by
+//!   (binary, or the bytes of a text message) is one gim `Packet`, translated by
 //!   [`crate::gim`]; the server writes binary messages only, and bytes are
 //!   counted at the size the session counted (the rim packet's).
 //!
