@@ -16,7 +16,7 @@ use bytes::{Buf as _, Bytes, BytesMut};
 use futures::{SinkExt as _, StreamExt as _};
 use prost::Message as _;
 use rim_gateway::tcp::TcpOptions;
-use rim_gateway::{Gateway, GatewayConfig, Protocol};
+use rim_gateway::{Gateway, GatewayConfig, Protocol, SessionConfig};
 use rim_proto::ErrorCode;
 use rim_proto::ids::GroupId;
 use rim_proto::store;
@@ -279,8 +279,9 @@ fn take_frame(buf: &mut BytesMut) -> Option<Bytes> {
 }
 
 /// A gateway whose TCP and WebSocket listeners both speak gim.
-async fn gim_gateway(c: &Cluster) -> Gateway {
+async fn gim_gateway(c: &Cluster, session: SessionConfig) -> Gateway {
     let config = GatewayConfig {
+        session,
         tcp_listen: Some("127.0.0.1:0".into()),
         ws_listen: Some("127.0.0.1:0".into()),
         tcp_protocol: Protocol::Gim,
@@ -441,10 +442,38 @@ async fn a_gim_client_signs_in_heartbeats_and_receives_rim_messages_over_tcp_and
     let _g = serial().await;
     let c = Cluster::start(3, 2).await;
     let rim_gw = c.gateway("rim").await;
-    let gw = gim_gateway(&c).await;
+    let gw = gim_gateway(&c, SessionConfig::default()).await;
     gim_client_flow(&c, &gw, &rim_gw, Transport::Tcp, 1).await;
     gim_client_flow(&c, &gw, &rim_gw, Transport::Ws, 2).await;
     gw.shutdown().await;
     rim_gw.shutdown().await;
+    c.shutdown().await;
+}
+
+/// The session counts what it queues in rim frames while a gim connection
+/// writes gim frames of other sizes: what is written is credited back in
+/// the session's units, so a client that reads everything never fills a
+/// small send queue, however long it runs (a drift would close it as slow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_gim_reader_never_fills_the_send_queue() {
+    let _g = serial().await;
+    let c = Cluster::start(1, 1).await;
+    let gw = gim_gateway(&c, SessionConfig { send_queue_limit: 2048, ..SessionConfig::default() }).await;
+    for (transport, n) in [(Transport::Tcp, 1), (Transport::Ws, 2)] {
+        let alice = register(&c, &format!("gim-prompt-{n}")).await;
+        let mut a = GimClient::connect(&gw, transport).await;
+        assert_eq!(a.sign_in(&alice).await.code, 0);
+        // Empty request ids first (gim frames smaller than the rim ones the
+        // session counts: uncredited, 1000 of them would pass the limit),
+        // then long ones (larger).
+        for i in 0..1500 {
+            let id = if i < 1000 { String::new() } else { format!("{i:0>60}") };
+            let hb =
+                Packet { request_id: id, command: PC_HEARTBEAT, content: Vec::new(), seq: 0 }.encode_to_vec();
+            a.send_raw(hb.clone()).await;
+            assert_eq!(a.next_raw().await.as_deref(), Some(&hb[..]), "{transport:?}: heartbeat {i}");
+        }
+    }
+    gw.shutdown().await;
     c.shutdown().await;
 }
