@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use rim_cluster::{LinkTls, LinkTlsConfig};
-use rim_gateway::{Gateway, GatewayConfig};
+use rim_gateway::{Gateway, GatewayConfig, Protocol};
 
 /// Flags of `rim gateway` (each also readable from its `RIM_GATEWAY_*`
 /// environment variable; the cluster secret from `RIM_CLUSTER_SECRET`).
@@ -22,6 +22,13 @@ pub struct GatewayArgs {
     /// WebSocket listener (path /ws), e.g. 0.0.0.0:7500.
     #[arg(long, env = "RIM_GATEWAY_WS")]
     ws: Option<String>,
+    /// Protocol of the TCP listener: rim (default) or gim (gim's connect
+    /// packets, for apps built for gim; docs/protocol.md "gim clients").
+    #[arg(long, env = "RIM_GATEWAY_TCP_PROTOCOL", default_value = "rim")]
+    tcp_protocol: Protocol,
+    /// Protocol of the WebSocket listener: rim (default) or gim.
+    #[arg(long, env = "RIM_GATEWAY_WS_PROTOCOL", default_value = "rim")]
+    ws_protocol: Protocol,
     /// HTTP listener for /metrics and /healthz.
     #[arg(long, env = "RIM_GATEWAY_HTTP")]
     http: Option<String>,
@@ -71,6 +78,8 @@ impl GatewayArgs {
         let mut c = GatewayConfig {
             tcp_listen: self.tcp,
             ws_listen: self.ws,
+            tcp_protocol: self.tcp_protocol,
+            ws_protocol: self.ws_protocol,
             http_listen: self.http,
             seeds: self.seeds.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
             cluster_secret: self.cluster_secret,
@@ -112,12 +121,13 @@ impl GatewayArgs {
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     let (tcp, ws) = if config.tls.is_some() { ("TCP+TLS", "wss") } else { ("TCP", "ws") };
+    let (tcp_protocol, ws_protocol) = (config.tcp_protocol, config.ws_protocol);
     let gateway = Gateway::start(config).await.context("starting the gateway")?;
     if let Some(a) = gateway.tcp_addr() {
-        println!("rim gateway: {tcp} on {a}");
+        println!("rim gateway: {tcp} on {a} ({tcp_protocol} protocol)");
     }
     if let Some(a) = gateway.ws_addr() {
-        println!("rim gateway: WebSocket on {ws}://{a}/ws");
+        println!("rim gateway: WebSocket on {ws}://{a}/ws ({ws_protocol} protocol)");
     }
     if let Some(a) = gateway.http_addr() {
         println!("rim gateway: metrics on http://{a}/metrics");

@@ -86,3 +86,42 @@ impl SessionConfig {
         self.heartbeat_interval.saturating_mul(self.max_missed_heartbeats.max(1))
     }
 }
+
+/// The client protocol a listener speaks (`protocol = "rim" | "gim"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// rim's own (`docs/protocol.md`).
+    #[default]
+    Rim,
+    /// gim's `connect` protocol, translated at the edge (the `gim` module;
+    /// `docs/protocol.md`, "gim clients").
+    Gim,
+}
+
+impl Protocol {
+    /// The name used in flags and configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Rim => "rim",
+            Protocol::Gim => "gim",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Protocol> {
+        match s {
+            "rim" => Ok(Protocol::Rim),
+            "gim" => Ok(Protocol::Gim),
+            other => Err(crate::Error::Config(format!("unknown protocol {other:?}: use \"rim\" or \"gim\""))),
+        }
+    }
+}

@@ -46,6 +46,9 @@
 //!   `/healthz`, and shuts down cleanly (stop accepting, `KICK` every client
 //!   with `ERROR_UNAVAILABLE`, drain, close the push streams). `rim gateway`
 //!   is a thin command over it; operations are in `docs/gateway.md`.
+//! * **gim clients** ([`gim`]): a listener with [`Protocol::Gim`] speaks
+//!   gim's `connect` protocol; each connection's packets are translated at
+//!   the edge into the same [`Session`], so every bound holds unchanged.
 //! * **Best-effort notices** (`notice`): `Offline` calls when a connection
 //!   ends are bounded (a mass disconnect must not become one node call per
 //!   connection) and dropped beyond the bound: nothing durable needs them.
@@ -67,6 +70,7 @@ pub mod call;
 mod config;
 mod delivery;
 mod error;
+pub mod gim;
 mod membership;
 mod notice;
 pub mod router;
@@ -77,6 +81,7 @@ pub mod upstream;
 pub mod ws;
 
 pub use call::{Call, CallError, CallId, NodeCall, NodeReply};
+pub use config::Protocol;
 pub use error::{Error, Result};
 pub use server::{Gateway, GatewayConfig};
 pub use session::{Action, Identity, Phase, Session, SessionConfig};

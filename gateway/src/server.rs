@@ -12,6 +12,10 @@
 //! * Both transports register with the same router, so they draw connection
 //!   ids from **one** counter: ids never collide, and a device signing in
 //!   over WebSocket kicks its older TCP connection and vice versa.
+//! * Each client listener speaks one protocol ([`GatewayConfig::tcp_protocol`],
+//!   [`GatewayConfig::ws_protocol`]): rim's, or gim's translated at the
+//!   edge ([`crate::gim`]); a gim connection is the same session with the
+//!   same bounds, on the same router and connection-id counter.
 //! * With [`GatewayConfig::tls`] both client listeners speak TLS (TCP
 //!   inside TLS, WebSocket as `wss://`) with the same certificate; no
 //!   plaintext port is opened beside them.
@@ -33,12 +37,12 @@ use axum::routing::get;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::SessionConfig;
 use crate::error::{Error, Result};
 use crate::router::{PushRouter, RouterOptions};
 use crate::tcp::{DEFAULT_FIRST_CONN_ID, TcpGateway, TcpOptions};
 use crate::upstream::{Upstream, UpstreamOptions};
 use crate::ws::WsGateway;
+use crate::{Protocol, SessionConfig};
 
 /// Everything a gateway process needs. [`Default`] listens nowhere and
 /// knows no seeds: set at least one listener and the seeds.
@@ -48,6 +52,11 @@ pub struct GatewayConfig {
     pub tcp_listen: Option<String>,
     /// WebSocket listener (path `/ws`), e.g. `0.0.0.0:7500`.
     pub ws_listen: Option<String>,
+    /// Protocol of the TCP listener (default rim; gim: gim's `connect`
+    /// packets, `docs/protocol.md` "gim clients").
+    pub tcp_protocol: Protocol,
+    /// Protocol of the WebSocket listener (default rim).
+    pub ws_protocol: Protocol,
     /// HTTP listener for `/metrics` and `/healthz`.
     pub http_listen: Option<String>,
     /// Internal addresses of some logic nodes (any one that answers is
@@ -67,8 +76,9 @@ pub struct GatewayConfig {
     /// Session limits and timers (both transports).
     pub session: SessionConfig,
     /// TCP event loops, and the connection limit of each transport (TCP and
-    /// WebSocket alike). Its `tls` is not read: [`tls`](Self::tls) serves
-    /// both transports.
+    /// WebSocket alike). Its `tls` and `protocol` are not read:
+    /// [`tls`](Self::tls) serves both transports, and each listener has
+    /// its own protocol.
     pub tcp: TcpOptions,
     /// Push-stream timers.
     pub router: RouterOptions,
@@ -80,6 +90,8 @@ impl Default for GatewayConfig {
         GatewayConfig {
             tcp_listen: None,
             ws_listen: None,
+            tcp_protocol: Protocol::Rim,
+            ws_protocol: Protocol::Rim,
             http_listen: None,
             seeds: Vec::new(),
             cluster_secret: String::new(),
@@ -154,7 +166,8 @@ impl Gateway {
         if let Some(addr) = &config.tcp_listen {
             let listener = std::net::TcpListener::bind(addr.as_str())
                 .map_err(|source| Error::Bind { addr: addr.clone(), source })?;
-            let options = TcpOptions { tls: config.tls.clone(), ..config.tcp.clone() };
+            let options =
+                TcpOptions { tls: config.tls.clone(), protocol: config.tcp_protocol, ..config.tcp.clone() };
             let tcp = TcpGateway::start_with_conn_ids(
                 listener,
                 upstream.clone(),
@@ -175,11 +188,13 @@ impl Gateway {
         if let Some(addr) = &config.ws_listen {
             let listener = bind_tokio(addr).await?;
             gw.ws_addr = listener.local_addr().ok();
-            tracing::info!(addr = ?gw.ws_addr, tls = config.tls.is_some(), "WebSocket gateway listening on /ws");
+            let (tls, protocol) = (config.tls.is_some(), config.ws_protocol.as_str());
+            tracing::info!(addr = ?gw.ws_addr, tls, protocol, "WebSocket gateway listening on /ws");
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let mut ws = WsGateway::new(upstream.clone(), router.clone(), config.session.clone())
                 .with_conn_ids(conn_ids.clone())
-                .with_max_connections(config.tcp.max_connections);
+                .with_max_connections(config.tcp.max_connections)
+                .with_protocol(config.ws_protocol);
             if let Some(tls) = &config.tls {
                 ws = ws.with_tls(tls.clone());
             }

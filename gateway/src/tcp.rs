@@ -8,8 +8,10 @@
 //! loop owns a [`mio::Poll`], a clone of the listening socket, a
 //! [`mio::Waker`] and a slab of connections. A connection is its link (the
 //! socket, plain or TLS, and an outbound plaintext queue: the `link`
-//! module), a [`FrameDecoder`] holding the bytes of an incomplete frame,
-//! its [`Session`] and a connection id that doubles as a generation number:
+//! module), its wire (the `wire` module: a
+//! [`FrameDecoder`](rim_proto::codec::FrameDecoder) holding the bytes of an
+//! incomplete frame, or for [`Protocol::Gim`] gim's framing and the
+//! [`crate::gim`] translator), its [`Session`] and a connection id that doubles as a generation number:
 //! messages addressed to a slab key whose connection has been replaced are
 //! recognised by the id and dropped.
 //!
@@ -75,7 +77,8 @@
 //!   turn; its session's own limits (in-flight requests, send queue, packets
 //!   before sign-in) bound the work it causes.
 //! * Before its sign-in completed, a connection's frames may be at most
-//!   [`MAX_FRAME_BEFORE_SIGN_IN`] bytes; the decoder's limit rises to
+//!   [`MAX_FRAME_BEFORE_SIGN_IN`](crate::session::MAX_FRAME_BEFORE_SIGN_IN)
+//!   bytes (either protocol); the decoder's limit rises to
 //!   [`SessionConfig::max_frame`] once the session signed in.
 //! * If the router refuses an event because the loop's channel is full, the
 //!   connection is kicked with `ERROR_UNAVAILABLE` (its client reconnects
@@ -97,21 +100,23 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use rim_proto::ErrorCode;
-use rim_proto::codec::{FrameDecoder, encode_frame};
 use rim_proto::v1::KickPush;
 use slab::Slab;
 use tokio::sync::mpsc;
 
+use crate::Protocol;
 use crate::call::{Call, CallError, CallId, NodeCall, NodeReply};
 use crate::notice::Notices;
 use crate::router::{ConnEvent, ConnSink, PushRouter};
-use crate::session::{Action, MAX_FRAME_BEFORE_SIGN_IN, Session, SessionConfig};
+use crate::session::{Action, Session, SessionConfig};
 use crate::upstream::Upstream;
 
 mod link;
+mod wire;
 
 use link::{Link, Read};
 pub use link::{TLS_BUFFER_LIMIT, TLS_RECORD};
+use wire::Wire;
 
 /// Token of the listening socket (outside any slab key in practice).
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -154,11 +159,14 @@ pub struct TcpOptions {
     /// (the default) speaks plaintext. [`Gateway::start`](crate::Gateway::start)
     /// sets it from [`GatewayConfig::tls`](crate::GatewayConfig::tls).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The client protocol of every connection (default [`Protocol::Rim`];
+    /// [`Protocol::Gim`]: gim's packets, translated by [`crate::gim`]).
+    pub protocol: Protocol,
 }
 
 impl Default for TcpOptions {
     fn default() -> Self {
-        TcpOptions { max_connections: 100_000, event_loop_threads: 1, tls: None }
+        TcpOptions { max_connections: 100_000, event_loop_threads: 1, tls: None, protocol: Protocol::Rim }
     }
 }
 
@@ -243,6 +251,7 @@ impl TcpGateway {
                     open: open.clone(),
                     max_connections: options.max_connections,
                     tls: options.tls.clone(),
+                    protocol: options.protocol,
                     conn_ids: conn_ids.clone(),
                     notices: notices.clone(),
                 },
@@ -252,7 +261,8 @@ impl TcpGateway {
                 std::thread::Builder::new().name(format!("rim-tcp-{i}")).spawn(move || event_loop.run())?;
             gateway.loops.push((shared, thread));
         }
-        tracing::info!(addr = %local_addr, threads, tls = options.tls.is_some(), "TCP gateway listening");
+        let (tls, protocol) = (options.tls.is_some(), options.protocol.as_str());
+        tracing::info!(addr = %local_addr, threads, tls, protocol, "TCP gateway listening");
         Ok(gateway)
     }
 
@@ -362,7 +372,8 @@ struct Conn {
     id: u64,
     /// The socket (plain or TLS) and the encoded frames not yet written.
     link: Link,
-    decoder: FrameDecoder,
+    /// Framing and protocol: bytes in, packets out.
+    wire: Wire,
     session: Session,
     /// Whether `WRITABLE` is registered.
     write_interest: bool,
@@ -380,15 +391,6 @@ impl Conn {
             (a, b) => a.or(b),
         }
     }
-
-    /// Raises the decoder's frame limit from [`MAX_FRAME_BEFORE_SIGN_IN`]
-    /// to the session's once it signed in.
-    fn fit_decoder(&mut self) {
-        let max = self.session.config().max_frame;
-        if self.decoder.max_frame() < max && self.session.is_signed_in() {
-            self.decoder.set_max_frame(max);
-        }
-    }
 }
 
 /// What the loop needs besides its connections.
@@ -404,6 +406,8 @@ struct Ctx {
     max_connections: usize,
     /// TLS of every connection, if any.
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// The client protocol of every connection.
+    protocol: Protocol,
     /// Where connection ids come from.
     conn_ids: Arc<AtomicU64>,
     /// Bounded best-effort `Offline` notices (shared by all loops).
@@ -561,13 +565,13 @@ impl EventLoop {
         self.poll.registry().register(link.socket(), Token(key), Interest::READABLE)?;
         let id = self.ctx.conn_ids.fetch_add(1, Ordering::Relaxed);
         let config = self.ctx.config.clone();
-        let decoder = FrameDecoder::new(config.max_frame.min(MAX_FRAME_BEFORE_SIGN_IN));
+        let wire = Wire::new(self.ctx.protocol, &config);
         // A TLS handshake is part of the time to sign in: the session's
         // deadline runs from here.
         entry.insert(Conn {
             id,
             link,
-            decoder,
+            wire,
             session: Session::new(id, config, now),
             write_interest: false,
             closing: None,
@@ -610,10 +614,10 @@ impl EventLoop {
             // Input of a closing connection is read (and decrypted) but
             // discarded.
             let discard = conn.closing.is_some() || conn.session.is_closed();
-            let decoder = &mut conn.decoder;
+            let wire = &mut conn.wire;
             match conn.link.read(&mut self.scratch, |plain| {
                 if !discard {
-                    decoder.push(plain);
+                    wire.push(plain);
                 }
             }) {
                 Ok(Read::End) => break,
@@ -622,20 +626,7 @@ impl EventLoop {
                     if discard {
                         continue;
                     }
-                    conn.fit_decoder();
-                    while !conn.session.is_closed() {
-                        match conn.decoder.next_frame() {
-                            Ok(Some(packet)) => {
-                                conn.session.on_packet(now, packet);
-                                conn.fit_decoder();
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                conn.session.on_decode_error(now, &e);
-                                break;
-                            }
-                        }
-                    }
+                    conn.wire.feed(&mut conn.session, now);
                     self.drive(key, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -662,7 +653,7 @@ impl EventLoop {
         let ctx = &self.ctx;
         while let Some(action) = conn.session.poll_action() {
             match action {
-                Action::Send(packet) => encode_frame(&packet, conn.link.queue()),
+                Action::Send(packet) => conn.wire.encode(&mut conn.session, &packet, conn.link.queue()),
                 Action::Call(call) => ctx.spawn_call(key, conn.id, call),
                 Action::Register { conn_id, user_id, device_id, shard_id } => {
                     let sink =
@@ -679,7 +670,7 @@ impl EventLoop {
             }
         }
         match conn.link.flush(conn.closing.is_some()) {
-            Ok(n) if n > 0 => conn.session.on_written(n),
+            Ok(n) if n > 0 => conn.session.on_written(conn.wire.written(n)),
             Ok(_) => {}
             Err(e) => {
                 tracing::debug!(conn = conn.id, error = %e, "write failed");

@@ -22,6 +22,10 @@
 //!   handshake.
 //! * The upgrade URL may carry the sign-in (`/ws?token=...`, module
 //!   [`url`]): it runs as the first packet, `SIGN_IN` with request id 0.
+//! * With [`WsGateway::with_protocol`]`(`[`Protocol::Gim`]`)` every message
+//!   (binary, or the bytes of a text message) is one gim `Packet`, translated by
+//!   [`crate::gim`]; the server writes binary messages only, and bytes are
+//!   counted at the size the session counted (the rim packet's).
 //!
 //! # TLS (`wss://`)
 //!
@@ -119,8 +123,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
+use crate::Protocol;
 use crate::call::{CallError, CallId, NodeCall, NodeReply};
 use crate::error::{Error, Result};
+use crate::gim::Translator;
 use crate::notice::Notices;
 use crate::router::{ConnEvent, PushRouter};
 use crate::session::{Action, Session, SessionConfig};
@@ -171,6 +177,7 @@ pub struct WsGateway {
     conn_ids: ConnIds,
     max_connections: usize,
     tls: Option<Arc<rustls::ServerConfig>>,
+    protocol: Protocol,
 }
 
 /// Where connection ids come from.
@@ -204,7 +211,14 @@ impl WsGateway {
             conn_ids: ConnIds::Global,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             tls: None,
+            protocol: Protocol::Rim,
         }
+    }
+
+    /// Speaks `protocol` with every client (default [`Protocol::Rim`]).
+    pub fn with_protocol(mut self, protocol: Protocol) -> WsGateway {
+        self.protocol = protocol;
+        self
     }
 
     /// Serves `wss://`: every connection is a TLS session with `config`
@@ -244,6 +258,7 @@ impl WsGateway {
             ws_config,
             notices: Notices::default(),
             tls: self.tls.map(tokio_rustls::TlsAcceptor::from),
+            protocol: self.protocol,
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -309,6 +324,7 @@ struct Shared {
     ws_config: WebSocketConfig,
     notices: Notices,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    protocol: Protocol,
 }
 
 /// A connection's byte stream: the TCP socket, or a TLS session over it.
@@ -382,10 +398,12 @@ async fn connection(
     let reply_queue = shared.config.max_inflight_requests + shared.config.max_pending_before_sign_in + 8;
     let (reply_tx, reply_rx) = mpsc::channel(reply_queue);
     let session = Session::new(conn_id, shared.config.clone(), Instant::now());
+    let gim = (shared.protocol == Protocol::Gim).then(|| Box::new(Translator::new(shared.config.max_frame)));
     let mut conn = Conn {
+        json: options.json && gim.is_none(),
+        gim,
         shared,
         session,
-        json: options.json,
         out: Some(out_tx),
         written,
         reply_tx,
@@ -459,6 +477,8 @@ struct Conn {
     session: Session,
     /// Whether the client's most recent message was text (JSON).
     json: bool,
+    /// gim's protocol, translated: `Some` on a gim listener.
+    gim: Option<Box<Translator>>,
     /// To the writer task; `None` once dropped.
     out: Option<mpsc::Sender<Out>>,
     /// Bytes flushed by the writer, not yet reported to the session.
@@ -528,6 +548,8 @@ impl Conn {
             return;
         }
         match msg {
+            Some(Ok(Message::Binary(data))) if self.gim.is_some() => self.on_gim(now, data),
+            Some(Ok(Message::Text(text))) if self.gim.is_some() => self.on_gim(now, Bytes::from(text)),
             Some(Ok(Message::Binary(data))) => {
                 self.json = false;
                 match decode_unframed(data, max_frame) {
@@ -568,6 +590,17 @@ impl Conn {
                 self.ending = Ending::Dropped;
             }
         }
+    }
+
+    /// A gim listener's message: one gim `Packet`.
+    fn on_gim(&mut self, now: Instant, data: Bytes) {
+        let max = self.shared.config.max_frame;
+        let Some(gim) = &mut self.gim else { return };
+        if data.len() > max {
+            let e = CodecError::FrameTooLarge { len: data.len() as u64, max };
+            return self.session.on_decode_error(now, &e);
+        }
+        gim.on_frame(&mut self.session, now, data);
     }
 
     fn on_event(&mut self, event: Option<ConnEvent>) {
@@ -637,6 +670,13 @@ impl Conn {
             return;
         }
         let len = encoded_frame_len(&packet);
+        if let Some(gim) = &mut self.gim {
+            match gim.outbound(&packet) {
+                Some(body) => self.queue(Out::Message(Message::Binary(body), len)),
+                None => self.session.on_written(len),
+            }
+            return;
+        }
         let message = if self.json {
             Message::Text(Utf8Bytes::from(packet_to_json(&packet)))
         } else {
