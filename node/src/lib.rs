@@ -38,6 +38,7 @@ pub mod error;
 pub mod group;
 pub mod grpc;
 pub mod http;
+pub mod http_api;
 pub mod jwt;
 pub mod limits;
 pub mod net;
