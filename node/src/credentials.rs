@@ -233,6 +233,26 @@ impl Credentials {
         service: &'static str,
         admit: fn(&Role) -> bool,
     ) -> impl Fn(Request<()>) -> std::result::Result<Request<()>, Status> + Clone + use<> {
+        self.intercept(service, admit, ErrorCode::ErrorPermissionDenied)
+    }
+
+    /// As [`Credentials::interceptor`], except that a request without a
+    /// valid credential is refused `ERROR_UNAUTHENTICATED` (the server
+    /// API's contract, docs/server-api.md).
+    pub fn api_interceptor(
+        &self,
+        service: &'static str,
+        admit: fn(&Role) -> bool,
+    ) -> impl Fn(Request<()>) -> std::result::Result<Request<()>, Status> + Clone + use<> {
+        self.intercept(service, admit, ErrorCode::ErrorUnauthenticated)
+    }
+
+    fn intercept(
+        &self,
+        service: &'static str,
+        admit: fn(&Role) -> bool,
+        unknown: ErrorCode,
+    ) -> impl Fn(Request<()>) -> std::result::Result<Request<()>, Status> + Clone + use<> {
         let creds = self.clone();
         move |mut req: Request<()>| match creds.role(req.metadata()) {
             Some(role) if admit(&role) => {
@@ -240,7 +260,7 @@ impl Credentials {
                 Ok(req)
             }
             Some(_) => Err(denied(&format!("this credential may not call {service}"))),
-            None => Err(denied("a valid credential is required")),
+            None => Err(rim_proto::error::status(unknown, "a valid credential is required")),
         }
     }
 }

@@ -468,9 +468,10 @@ async fn serve_internal(core: Arc<Core>, builder: tonic::transport::Server, list
         creds.interceptor("PushService", |r| matches!(r, Role::Peer | Role::Push { .. })),
     );
     // The server API: as the push API, scopes checked per method.
-    let server_api = ServerApiServer::with_interceptor(
-        ServerApiSvc { core: core.clone() },
-        creds.interceptor("ServerApi", |r| matches!(r, Role::Peer | Role::Push { .. })),
+    let server_api = InterceptedService::new(
+        ServerApiServer::new(ServerApiSvc { core: core.clone() })
+            .max_decoding_message_size(crate::http_api::MAX_BODY_BYTES),
+        creds.api_interceptor("ServerApi", |r| matches!(r, Role::Peer | Role::Push { .. })),
     );
     // Gateways read the map; changes need an admin (the handlers' check).
     let admin = AdminServiceServer::with_interceptor(
