@@ -22,8 +22,8 @@ use rim_testkit::grpc::{Session, code};
 use rim_testkit::wait::{WAIT, serial};
 use serde_json::{Value, json};
 
+// The gateway tests' TCP client (and the `Device` it names), shared.
 #[path = "../../gateway/tests/cluster/mod.rs"]
-#[allow(dead_code, unused_imports)]
 mod cluster;
 #[path = "../../gateway/tests/wire/mod.rs"]
 mod wire;
@@ -193,6 +193,23 @@ async fn users_tokens_and_revocation_over_http_and_grpc() {
     let p2 = api.push_to_users(keyed(Some(FULL_KEY), again)).await.unwrap().into_inner();
     assert!(p2.message_id > 0);
     assert_eq!(p1["message_id"].as_u64(), Some(p2.message_id), "a retry returns the first push");
+    // The key reused for another body (HTTP) or other recipients (gRPC): refused.
+    let other = json!({"idempotency_key": "p-1", "user_ids": [bob], "persist": true,
+                       "body": {"content_type": ContentType::Text as i32, "content": "b3RoZXI="}});
+    let (status, err) = http(&c, Some(FULL_KEY), "PushToUsers", other.to_string().into_bytes()).await;
+    assert_eq!((status, err["code"].as_str()), (409, Some("ERROR_ALREADY_EXISTS")), "{err}");
+    let elsewhere = PushToUsersRequest {
+        idempotency_key: "p-1".into(),
+        user_ids: vec![bob, alice],
+        body: Some(PushBody {
+            content_type: ContentType::Text as i32,
+            content: b"pushed".to_vec().into(),
+            sender_user_id: 0,
+        }),
+        persist: true,
+    };
+    let e = api.push_to_users(keyed(Some(FULL_KEY), elsewhere)).await.unwrap_err();
+    assert_eq!((e.code(), code(&e)), (tonic::Code::AlreadyExists, ErrorCode::ErrorAlreadyExists));
     let session =
         Session { user: UserId(bob), device: DeviceId(bob_token.device_id), token: bob_token.token.clone() };
     let client = c.client(1);
