@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use prost::Message as _;
 use rim_node::credentials::{API_KEY_METADATA_KEY, ApiKeyConfig, api_key_digest};
 use rim_node::http_api;
@@ -16,7 +17,7 @@ use rim_proto::ErrorCode;
 use rim_proto::ids::{DeviceId, UserId};
 use rim_proto::server_api::server_api_client::ServerApiClient;
 use rim_proto::server_api::*;
-use rim_proto::v1::{Command, ContentType, KickPush, SignInInput};
+use rim_proto::v1::{Command, ContentType, GroupKind, KickPush, SignInInput};
 use rim_testkit::cluster::Cluster;
 use rim_testkit::grpc::{Session, code};
 use rim_testkit::wait::{WAIT, serial};
@@ -216,6 +217,20 @@ async fn users_tokens_and_revocation_over_http_and_grpc() {
     let list = client.sync_all_retry(&session).await;
     let pushed: Vec<_> = list.iter().filter(|m| m.content.as_ref() == b"pushed").collect();
     assert_eq!(pushed.len(), 1, "stored once: {list:?}");
+
+    // The same for a persisted group push (the group send's record).
+    let group = client.create_group(&session, GroupKind::Small, &[UserId(alice)]).await.group_id;
+    let to_group = |text: &str| {
+        let content = base64::engine::general_purpose::STANDARD.encode(text);
+        json!({"idempotency_key": "g-1", "group_id": group, "persist": true,
+               "body": {"content_type": ContentType::Text as i32, "content": content}})
+    };
+    let g1 = ok(&c, "PushToGroup", to_group("team")).await;
+    assert!(g1["message_id"].as_u64().unwrap() > 0);
+    assert_eq!(ok(&c, "PushToGroup", to_group("team")).await, g1, "a retry returns the first push");
+    let (status, err) =
+        http(&c, Some(FULL_KEY), "PushToGroup", to_group("another").to_string().into_bytes()).await;
+    assert_eq!((status, err["code"].as_str()), (409, Some("ERROR_ALREADY_EXISTS")), "{err}");
 
     // Revoke alice's phone over HTTP: the gateway closes its connection,
     // its token no longer signs in; a new token does.
