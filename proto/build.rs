@@ -12,6 +12,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     config.bytes(["."]);
+    // The server API's messages are also its HTTP/JSON bodies: one
+    // definition (docs/server-api.md). Field names as in the .proto file;
+    // bytes as base64; missing fields take their defaults; unknown ones are
+    // refused.
+    config.type_attribute(
+        ".rim.server.v1",
+        "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default, deny_unknown_fields)]",
+    );
+    config.field_attribute(".rim.server.v1.PushBody.content", "#[serde(with = \"crate::json_bytes\")]");
     tonic_prost_build::configure().build_server(true).build_client(true).compile_with_config(
         config,
         &files,

@@ -43,8 +43,11 @@ use crate::error::{Error, Result};
 pub const API_KEY_METADATA_KEY: &str = "rim-api-key";
 
 /// What an API key may do: `push.users`, `push.group`, `push.room`,
-/// `push.all`, or `push` for all four.
-pub const SCOPES: [&str; 5] = ["push", "push.users", "push.group", "push.room", "push.all"];
+/// `push.all`, or `push` for all four; and in the server API
+/// (docs/server-api.md) `users` (UpsertUser), `tokens` (IssueToken) and
+/// `sessions` (RevokeDevice, LogoutUser), each granted only by itself.
+pub const SCOPES: [&str; 8] =
+    ["push", "push.users", "push.group", "push.room", "push.all", "users", "tokens", "sessions"];
 
 /// One API key of the push API (`[[api_keys]]` in the node's TOML).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +94,19 @@ impl Role {
     pub fn may_push(&self, scope: &str, keys_configured: bool) -> bool {
         match self {
             Role::Push { scopes, .. } => scopes.iter().any(|s| s == "push" || s == scope),
+            Role::Peer => !keys_configured,
+            Role::Gateway | Role::Admin => false,
+        }
+    }
+
+    /// Whether this caller may use `scope` of the server API: a `push.*`
+    /// scope as [`Role::may_push`], any other only if the key names it.
+    pub fn may(&self, scope: &str, keys_configured: bool) -> bool {
+        if scope.starts_with("push") {
+            return self.may_push(scope, keys_configured);
+        }
+        match self {
+            Role::Push { scopes, .. } => scopes.iter().any(|s| s == scope),
             Role::Peer => !keys_configured,
             Role::Gateway | Role::Admin => false,
         }
@@ -217,6 +233,26 @@ impl Credentials {
         service: &'static str,
         admit: fn(&Role) -> bool,
     ) -> impl Fn(Request<()>) -> std::result::Result<Request<()>, Status> + Clone + use<> {
+        self.intercept(service, admit, ErrorCode::ErrorPermissionDenied)
+    }
+
+    /// As [`Credentials::interceptor`], except that a request without a
+    /// valid credential is refused `ERROR_UNAUTHENTICATED` (the server
+    /// API's contract, docs/server-api.md).
+    pub fn api_interceptor(
+        &self,
+        service: &'static str,
+        admit: fn(&Role) -> bool,
+    ) -> impl Fn(Request<()>) -> std::result::Result<Request<()>, Status> + Clone + use<> {
+        self.intercept(service, admit, ErrorCode::ErrorUnauthenticated)
+    }
+
+    fn intercept(
+        &self,
+        service: &'static str,
+        admit: fn(&Role) -> bool,
+        unknown: ErrorCode,
+    ) -> impl Fn(Request<()>) -> std::result::Result<Request<()>, Status> + Clone + use<> {
         let creds = self.clone();
         move |mut req: Request<()>| match creds.role(req.metadata()) {
             Some(role) if admit(&role) => {
@@ -224,7 +260,7 @@ impl Credentials {
                 Ok(req)
             }
             Some(_) => Err(denied(&format!("this credential may not call {service}"))),
-            None => Err(denied("a valid credential is required")),
+            None => Err(rim_proto::error::status(unknown, "a valid credential is required")),
         }
     }
 }
@@ -293,6 +329,9 @@ mod tests {
         let push = c.role(&with(API_KEY_METADATA_KEY, "key-of-the-backend")).unwrap();
         assert!(push.may_push("push.users", true));
         assert!(!push.may_push("push.all", true), "only its scopes");
+        assert!(!push.may("tokens", true) && push.may("push.users", true));
+        let all_push = Role::Push { key: "k".into(), scopes: vec!["push".into()] };
+        assert!(!all_push.may("users", true), "`push` grants the push scopes only");
         assert_eq!(c.role(&with(API_KEY_METADATA_KEY, "key-of-the-backenD")), None);
         // A secret is not an API key, nor the other way round.
         assert_eq!(c.role(&with(API_KEY_METADATA_KEY, "cluster-secret-0123456789")), None);

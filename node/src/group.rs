@@ -276,6 +276,7 @@ impl Group {
             message_id,
             send_time_ms: now_ms(),
             group_seq: if list.0 { seq } else { 0 },
+            request_digest: Default::default(),
         };
         Ok(Some(OpResult {
             code: rim_proto::ErrorCode::Ok as i32,

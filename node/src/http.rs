@@ -1,4 +1,5 @@
-//! `/metrics` (Prometheus text) and `/healthz` over HTTP.
+//! `/metrics` (Prometheus text), `/healthz` and the server API
+//! ([`crate::http_api`]) over HTTP.
 
 use std::sync::{Arc, OnceLock};
 
@@ -37,6 +38,7 @@ pub async fn serve(core: Arc<Core>, listener: tokio::net::TcpListener) -> std::i
                 }
             }),
         )
+        .merge(crate::http_api::router(core.clone()))
         .route("/healthz", get(move || async move { health(&core) }));
     axum::serve(listener, app).await
 }

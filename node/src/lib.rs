@@ -39,6 +39,7 @@ pub mod group;
 pub mod grpc;
 pub mod hooks;
 pub mod http;
+pub mod http_api;
 pub mod jwt;
 pub mod limits;
 pub mod net;

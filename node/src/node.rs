@@ -15,6 +15,7 @@ use std::time::Duration;
 use openraft::BasicNode;
 use rim_cluster::{LinkTls, Placement};
 use rim_proto::ids::ShardId;
+use rim_proto::server_api::server_api_server::ServerApiServer;
 use rim_proto::store::{self, op::Op as O};
 use rim_proto::v1::admin_service_client::AdminServiceClient;
 use rim_proto::v1::admin_service_server::AdminServiceServer;
@@ -41,7 +42,7 @@ use crate::credentials::Credentials;
 use crate::error::{Error, Result};
 use crate::group::{Group, ProposerOptions};
 use crate::net::{LinkFilter, Peers};
-use crate::service::{AdminSvc, ClientSvc, GatewaySvc, PushSvc, RaftSvc};
+use crate::service::{AdminSvc, ClientSvc, GatewaySvc, PushSvc, RaftSvc, ServerApiSvc};
 
 /// Options of [`Node::start`] beyond the configuration.
 #[derive(Clone, Default)]
@@ -466,6 +467,12 @@ async fn serve_internal(core: Arc<Core>, builder: tonic::transport::Server, list
         PushSvc { core: core.clone() },
         creds.interceptor("PushService", |r| matches!(r, Role::Peer | Role::Push { .. })),
     );
+    // The server API: as the push API, scopes checked per method.
+    let server_api = InterceptedService::new(
+        ServerApiServer::new(ServerApiSvc { core: core.clone() })
+            .max_decoding_message_size(crate::http_api::MAX_BODY_BYTES),
+        creds.api_interceptor("ServerApi", |r| matches!(r, Role::Peer | Role::Push { .. })),
+    );
     // Gateways read the map; changes need an admin (the handlers' check).
     let admin = AdminServiceServer::with_interceptor(
         AdminSvc { core: core.clone() },
@@ -482,6 +489,7 @@ async fn serve_internal(core: Arc<Core>, builder: tonic::transport::Server, list
         .add_service(raft)
         .add_service(gateway)
         .add_service(push)
+        .add_service(server_api)
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming(listener), async move { core.stopped().await })
         .await;

@@ -42,6 +42,11 @@ mod generated {
                 tonic::include_proto!("rim.store.v1");
             }
         }
+        pub mod server {
+            pub mod v1 {
+                tonic::include_proto!("rim.server.v1");
+            }
+        }
     }
 }
 
@@ -52,6 +57,26 @@ pub use generated::rim::v1;
 /// Stored records and Raft commands of the IM state machine (package
 /// `rim.store.v1`).
 pub use generated::rim::store::v1 as store;
+
+/// The server API of an app's backend (package `rim.server.v1`): gRPC, and
+/// the same messages as JSON over HTTP (docs/server-api.md).
+pub use generated::rim::server::v1 as server_api;
+
+/// `bytes` fields of the server API in JSON: standard base64 strings.
+mod json_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(b: &bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(b))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD.decode(text.as_bytes()).map(Into::into).map_err(serde::de::Error::custom)
+    }
+}
 
 pub use codec::{CodecError, FrameDecoder, PacketCodec};
 pub use ids::{DeviceId, GroupId, MessageId, NodeId, Seq, ShardId, UserId};

@@ -110,6 +110,7 @@ fn push(ids: &[u64], cmid: &str, content_type: ContentType) -> store::Op {
         content_type: content_type as i32,
         content: b"promo".to_vec().into(),
         client_msg_id: cmid.into(),
+        ..Default::default()
     }))
 }
 

@@ -205,6 +205,7 @@ async fn the_push_log_at_the_last_position_refuses_idempotent_pushes() {
             content_type: rim_proto::v1::ContentType::Text as i32,
             content: b"promo".to_vec().into(),
             client_msg_id: cmid.into(),
+            ..Default::default()
         }))
     };
     let before = n.reader(1).data_digest().unwrap();

@@ -11,9 +11,11 @@ mod identity;
 pub mod ops;
 mod push;
 mod raft;
+mod server_api;
 
 pub use admin::{AdminSvc, group_status};
 pub use client::ClientSvc;
 pub use gateway::GatewaySvc;
 pub use push::PushSvc;
 pub use raft::RaftSvc;
+pub use server_api::{ServerApiSvc, counted};

@@ -111,6 +111,7 @@ pub async fn send(
                 content: input.content,
                 mentions: input.mentions,
                 refers_to: input.refers_to,
+                request_digest: Default::default(),
             });
             (placement.shard_of_group(GroupId(input.conversation_id)), o)
         }

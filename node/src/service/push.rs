@@ -5,7 +5,9 @@
 //!   appends one SYSTEM entry to each recipient's list (one operation on the
 //!   first recipient's shard; the relay delivers to the others exactly once),
 //!   group and room pushes are group sends by the business sender 0. They
-//!   reach offline users by sync and are idempotent by `client_msg_id`.
+//!   reach offline users by sync and are idempotent by `client_msg_id`;
+//!   that key reused for another push (other targets or body) is refused
+//!   `ERROR_ALREADY_EXISTS` (a digest kept with the idempotency record).
 //! * **Online-only** pushes are stored nowhere: the node builds the message
 //!   (`message_id` 0, seq 0, `persisted` false) and hands it to the push
 //!   streams of the shard leaders owning the targets ([`Core::push_online`]);
@@ -110,6 +112,28 @@ fn group_client_msg_id(core: &Core, given: String) -> String {
     if given.is_empty() { format!("push-{}-{:016x}", core.id(), rand::random::<u64>()) } else { given }
 }
 
+/// A digest of a persisted push (its targets, sorted, and its body), kept
+/// with the push's idempotency record by the state machine: the same
+/// `client_msg_id` reused for another push is refused
+/// `ERROR_ALREADY_EXISTS`. Empty without a `client_msg_id`.
+fn request_digest(targets: &[u64], c: &PushContent) -> bytes::Bytes {
+    use sha2::{Digest, Sha256};
+    if c.client_msg_id.is_empty() {
+        return bytes::Bytes::new();
+    }
+    let mut sorted = targets.to_vec();
+    sorted.sort_unstable();
+    let mut h = Sha256::new();
+    h.update((sorted.len() as u64).to_be_bytes());
+    for t in sorted {
+        h.update(t.to_be_bytes());
+    }
+    h.update(c.content_type.to_be_bytes());
+    h.update(c.sender_user_id.to_be_bytes());
+    h.update(&c.content);
+    h.finalize().to_vec().into()
+}
+
 /// Distinct recipients in request order, 1..=[`MAX_PUSH_USERS`], none 0.
 fn recipients(ids: Vec<u64>) -> Result<Vec<u64>> {
     let mut seen = std::collections::HashSet::new();
@@ -180,6 +204,7 @@ impl PushSvc {
 
     /// A persisted push to a group or room: a group send by sender 0.
     async fn send_to_group(&self, g: u64, c: PushContent) -> Result<store::SendResult> {
+        let request_digest = request_digest(&[g], &c);
         let o = O::SendToGroup(store::SendToGroup {
             group_id: g,
             sender_user_id: 0,
@@ -189,6 +214,7 @@ impl PushSvc {
             content: c.content,
             mentions: Vec::new(),
             refers_to: 0,
+            request_digest,
         });
         let r = self.core.propose(self.core.placement()?.shard_of_group(GroupId(g)), op(o)).await?;
         match r.value {
@@ -221,12 +247,14 @@ impl PushService for PushSvc {
             return Ok(Response::new(PushToUsersReply { message_id: 0 }));
         }
         let shard = self.core.shard_of_user(UserId(users[0]))?;
+        let request_digest = request_digest(&users, &c);
         let o = O::PushToUsers(store::PushToUsers {
             user_ids: users,
             sender_user_id: c.sender_user_id,
             content_type: c.content_type,
             content: c.content,
             client_msg_id: c.client_msg_id,
+            request_digest,
         });
         let res = self.core.propose(shard, op(o)).await?;
         match res.value {

@@ -501,6 +501,7 @@ impl Applier<'_> {
         // A retry returns the original result even if the sender left since.
         let idem_key = keys::idempotency(self.shard, UserId(c.sender_user_id), c.group_id, &c.client_msg_id);
         if let Some(done) = self.txn.get_msg::<SendResult>(&idem_key)? {
+            super::social::check_same_request(&done, &c.request_digest)?;
             return Ok(done);
         }
         let group = self.load_group(c.group_id)?;
@@ -520,7 +521,13 @@ impl Applier<'_> {
             mentions: c.mentions.clone(),
             ..Default::default()
         };
-        self.group_send(&group, msg, idem_key)
+        if c.request_digest.is_empty() {
+            return self.group_send(&group, msg, idem_key);
+        }
+        let mut result = self.group_send(&group, msg, idem_key.clone())?;
+        result.request_digest = c.request_digest.clone();
+        self.txn.put_msg(idem_key, &result);
+        Ok(result)
     }
 
     /// Posts `msg` (without id, conversation and time) to `group` and records
@@ -542,6 +549,7 @@ impl Applier<'_> {
             message_id: message_id.0,
             send_time_ms: self.now_ms,
             group_seq: group_seq.0,
+            request_digest: Default::default(),
         };
         self.txn.put_msg(idem_key, &result);
         Ok(result)

@@ -396,6 +396,7 @@ impl Applier<'_> {
         if let Some(k) = &idem_key
             && let Some(done) = self.txn.get_msg::<SendResult>(k)?
         {
+            check_same_request(&done, &c.request_digest)?;
             return Ok(done);
         }
         let message_id = self.next_message_id()?.0;
@@ -422,7 +423,13 @@ impl Applier<'_> {
             }
         }
         self.push_outbox(msg, remote)?;
-        let result = SendResult { seq: 0, message_id, send_time_ms: self.now_ms, group_seq: 0 };
+        let result = SendResult {
+            seq: 0,
+            message_id,
+            send_time_ms: self.now_ms,
+            group_seq: 0,
+            request_digest: c.request_digest.clone(),
+        };
         if let Some(k) = idem_key {
             self.txn.put_msg(k, &result);
             self.log_push(message_id, &c.client_msg_id)?;
@@ -463,6 +470,16 @@ fn check_recallable(original: &Message) -> Result<()> {
         || t == ContentType::Notification as i32
     {
         reject!(ErrorBadRequest, "message {} cannot be recalled (content type {t})", original.message_id);
+    }
+    Ok(())
+}
+
+/// Refuses a business push reusing an idempotency key for another request:
+/// both digests known and different (a record without one, or a push
+/// without one, is a plain retry).
+pub(super) fn check_same_request(done: &SendResult, digest: &[u8]) -> Result<()> {
+    if !digest.is_empty() && !done.request_digest.is_empty() && done.request_digest != digest {
+        reject!(ErrorAlreadyExists, "the idempotency key was used for another request");
     }
     Ok(())
 }

@@ -258,8 +258,12 @@ impl Applier<'_> {
                 self.push_outbox(msg, vec![recipient.0])?;
             }
         }
-        let result =
-            SendResult { seq: seq.0, message_id: message_id.0, send_time_ms: self.now_ms, group_seq: 0 };
+        let result = SendResult {
+            seq: seq.0,
+            message_id: message_id.0,
+            send_time_ms: self.now_ms,
+            ..Default::default()
+        };
         self.txn.put_msg(idem_key, &result);
         Ok(result)
     }

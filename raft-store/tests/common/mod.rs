@@ -166,7 +166,7 @@ pub fn code(r: &OpResult) -> rim_proto::ErrorCode {
 
 pub fn sent(r: &OpResult) -> store::SendResult {
     match &r.value {
-        Some(store::op_result::Value::Sent(s)) => *s,
+        Some(store::op_result::Value::Sent(s)) => s.clone(),
         other => panic!("expected a send result, got {other:?} (code {}, {})", r.code, r.message),
     }
 }
