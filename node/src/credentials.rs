@@ -43,8 +43,8 @@ use crate::error::{Error, Result};
 pub const API_KEY_METADATA_KEY: &str = "rim-api-key";
 
 /// What an API key may do: `push.users`, `push.group`, `push.room`,
-/// `push.all`, or `push` for all four.
-pub const SCOPES: [&str; 5] = ["push", "push.users", "push.group", "push.room", "push.all"];
+/// `push.all`, or `push` for all four; `events` reads `GET /events`.
+pub const SCOPES: [&str; 6] = ["push", "push.users", "push.group", "push.room", "push.all", "events"];
 
 /// One API key of the push API (`[[api_keys]]` in the node's TOML).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +94,10 @@ impl Role {
             Role::Peer => !keys_configured,
             Role::Gateway | Role::Admin => false,
         }
+    }
+    /// Whether this caller is an API key with exactly `scope` (no fallback).
+    pub fn has_scope(&self, scope: &str) -> bool {
+        matches!(self, Role::Push { scopes, .. } if scopes.iter().any(|s| s == scope))
     }
 }
 
@@ -199,7 +203,11 @@ impl Credentials {
                 _ => None,
             };
         }
-        let given = metadata.get(API_KEY_METADATA_KEY)?.as_bytes();
+        self.api_key_role(metadata.get(API_KEY_METADATA_KEY)?.as_bytes())
+    }
+
+    /// The role of an API key, if it is one of the configured keys.
+    pub fn api_key_role(&self, given: &[u8]) -> Option<Role> {
         let digest: [u8; 32] = Sha256::digest(given).into();
         let mut found = None;
         for k in self.api_keys.iter() {

@@ -1,8 +1,8 @@
-//! `/metrics` (Prometheus text) and `/healthz` over HTTP.
+//! `/metrics` (Prometheus text), `/healthz` and `GET /events`
+//! (`webhooks::pull`) over HTTP.
 
 use std::sync::{Arc, OnceLock};
 
-use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -26,7 +26,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
 pub async fn serve(core: Arc<Core>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
     let handle = prometheus();
     let metrics_core = core.clone();
-    let app = Router::new()
+    let app = crate::webhooks::pull::router(core.clone())
         .route(
             "/metrics",
             get(move || {
