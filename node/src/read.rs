@@ -254,7 +254,12 @@ impl ShardView<'_> {
     /// Events after position `(index, ordinal)` (`(0, 0)`: from the first),
     /// at most `limit` and [`EVENTS_PAGE_BYTES`] of bodies.
     pub async fn events(&self, after: (u64, u32), limit: usize) -> Result<store::EventList> {
-        let q = ReadQuery { after: after.0, after_ordinal: after.1, limit: clamp(limit), ..query(ReadKind::Events) };
+        let q = ReadQuery {
+            after: after.0,
+            after_ordinal: after.1,
+            limit: clamp(limit),
+            ..query(ReadKind::Events)
+        };
         always!(self, q, Events)
     }
 }

@@ -121,8 +121,16 @@ fn with_webhook(url: String) -> impl Fn(&mut NodeConfig) {
     move |cfg: &mut NodeConfig| {
         cfg.webhooks = vec![webhook(&url)];
         cfg.api_keys = vec![
-            ApiKeyConfig { name: "events".into(), sha256: api_key_digest(EVENTS_KEY), scopes: vec!["events".into()] },
-            ApiKeyConfig { name: "push".into(), sha256: api_key_digest(PUSH_KEY), scopes: vec!["push".into()] },
+            ApiKeyConfig {
+                name: "events".into(),
+                sha256: api_key_digest(EVENTS_KEY),
+                scopes: vec!["events".into()],
+            },
+            ApiKeyConfig {
+                name: "push".into(),
+                sha256: api_key_digest(PUSH_KEY),
+                scopes: vec!["push".into()],
+            },
         ];
     }
 }
@@ -378,12 +386,14 @@ async fn events_older_than_the_retention_become_dead_letters_and_are_trimmed() {
     // Past the retention, the events and then the dead letters are trimmed
     // on every replica.
     wait_for(WAIT, "events and dead letters trimmed", || {
-        c.nodes.values().all(|n| {
-            let g = n.core.group(shard).unwrap();
-            g.reader.events_after(None, 10, usize::MAX).unwrap().events.is_empty()
-                && g.reader.dead_letters(0, 10).unwrap().is_empty()
-        })
-        .then_some(())
+        c.nodes
+            .values()
+            .all(|n| {
+                let g = n.core.group(shard).unwrap();
+                g.reader.events_after(None, 10, usize::MAX).unwrap().events.is_empty()
+                    && g.reader.dead_letters(0, 10).unwrap().is_empty()
+            })
+            .then_some(())
     })
     .await;
     c.replicas_identical(shard).await;

@@ -125,7 +125,8 @@ async fn cursors_move_forward_dead_letters_copy_and_trim_respects_retention() {
     let bad = n.apply1(1, advance_named("", 4)).await;
     assert_eq!(code(&bad), rim_proto::ErrorCode::ErrorBadRequest);
 
-    let dead = store::DeadLetterEvent { endpoint: "crm".into(), index: 4, ordinal: 0, reason: "HTTP 500".into() };
+    let dead =
+        store::DeadLetterEvent { endpoint: "crm".into(), index: 4, ordinal: 0, reason: "HTTP 500".into() };
     n.apply1(1, op(O::DeadLetterEvent(dead))).await;
     let r = n.reader(1);
     assert_eq!(r.event_cursor("crm").unwrap(), Some((4, 0)), "the cursor passes a dead letter");

@@ -117,7 +117,8 @@ async fn lead(
                 gauge_lag(group, endpoint, (now_ms() - e.created_ms).max(0) as f64 / 1000.0);
                 match deliver_one(core, group, endpoint, e).await {
                     Outcome::Delivered => {
-                        metrics::counter!("rim_webhook_delivered_total", "endpoint" => name.clone()).increment(1);
+                        metrics::counter!("rim_webhook_delivered_total", "endpoint" => name.clone())
+                            .increment(1);
                         unflushed += 1;
                         since.get_or_insert_with(Instant::now);
                     }
@@ -141,7 +142,13 @@ async fn lead(
 }
 
 /// Commits `done` as the endpoint's cursor; false if that failed.
-async fn flush(core: &Core, group: &Group, name: &str, done: Option<Position>, committed: &mut Option<Position>) -> bool {
+async fn flush(
+    core: &Core,
+    group: &Group,
+    name: &str,
+    done: Option<Position>,
+    committed: &mut Option<Position>,
+) -> bool {
     let Some((index, ordinal)) = done else { return true };
     let op = O::AdvanceEventCursor(store::AdvanceEventCursor { endpoint: name.to_string(), index, ordinal });
     match group.propose(Op { op: Some(op) }, core.timeout).await {
@@ -194,7 +201,8 @@ async fn deliver_one(core: &Core, group: &Group, endpoint: &Endpoint, e: &EventR
             return match group.propose(Op { op: Some(op) }, core.timeout).await {
                 Ok(r) if r.code == ErrorCode::Ok as i32 => {
                     tracing::warn!(endpoint = %name, event = %e.event_id, "event dead-lettered");
-                    metrics::counter!("rim_webhook_dead_letters_total", "endpoint" => name.clone()).increment(1);
+                    metrics::counter!("rim_webhook_dead_letters_total", "endpoint" => name.clone())
+                        .increment(1);
                     Outcome::DeadLettered
                 }
                 _ => Outcome::Stop,

@@ -113,17 +113,20 @@ pub fn endpoints(configs: &[WebhookConfig]) -> Result<Vec<Arc<Endpoint>>> {
         if out.iter().any(|e| e.config.name == c.name) {
             return bad(format!("name {:?} is used twice", c.name));
         }
-        let url = reqwest::Url::parse(&c.url).map_err(|e| Error::Config(format!("webhooks {}: url: {e}", c.name)))?;
+        let url = reqwest::Url::parse(&c.url)
+            .map_err(|e| Error::Config(format!("webhooks {}: url: {e}", c.name)))?;
         if !matches!(url.scheme(), "http" | "https") {
             return bad(format!("{}: url must be http:// or https://", c.name));
         }
         if !(1..=2).contains(&c.secrets.len()) {
             return bad(format!("{}: one or two secrets (two while rotating)", c.name));
         }
-        let secrets =
-            c.secrets.iter().map(|s| sign::decode_secret(s)).collect::<Result<Vec<_>>>().map_err(|e| {
-                Error::Config(format!("webhooks {}: {e}", c.name))
-            })?;
+        let secrets = c
+            .secrets
+            .iter()
+            .map(|s| sign::decode_secret(s))
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| Error::Config(format!("webhooks {}: {e}", c.name)))?;
         if !(1..=MAX_TIMEOUT_MS).contains(&c.timeout_ms) {
             return bad(format!("{}: timeout_ms must be 1..={MAX_TIMEOUT_MS}", c.name));
         }
@@ -150,10 +153,8 @@ pub fn spawn(core: &Arc<Core>, g: &Arc<crate::group::Group>) -> Vec<tokio::task:
             return Vec::new();
         }
     };
-    let mut tasks: Vec<_> = endpoints
-        .iter()
-        .map(|e| tokio::spawn(deliver::run(core.clone(), g.clone(), e.clone())))
-        .collect();
+    let mut tasks: Vec<_> =
+        endpoints.iter().map(|e| tokio::spawn(deliver::run(core.clone(), g.clone(), e.clone()))).collect();
     tasks.push(tokio::spawn(deliver::trim(core.clone(), g.clone(), endpoints)));
     tasks
 }

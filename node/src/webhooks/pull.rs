@@ -64,9 +64,7 @@ pub fn router(core: Arc<Core>) -> axum::Router {
             return axum::Router::new();
         }
     };
-    axum::Router::new()
-        .route("/events", axum::routing::get(events))
-        .with_state(PullState { core, creds })
+    axum::Router::new().route("/events", axum::routing::get(events)).with_state(PullState { core, creds })
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -96,7 +94,11 @@ fn format_cursor(c: &BTreeMap<u32, (u64, u32)>) -> String {
     c.iter().map(|(s, (i, o))| format!("{s}:{i}:{o}")).collect::<Vec<_>>().join(",")
 }
 
-async fn events(State(st): State<PullState>, headers: HeaderMap, params: Result<Query<Params>, QueryRejection>) -> Response {
+async fn events(
+    State(st): State<PullState>,
+    headers: HeaderMap,
+    params: Result<Query<Params>, QueryRejection>,
+) -> Response {
     let key = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
@@ -105,7 +107,11 @@ async fn events(State(st): State<PullState>, headers: HeaderMap, params: Result<
         return error(StatusCode::UNAUTHORIZED, "ERROR_UNAUTHENTICATED", "an API key is required (Bearer)");
     };
     if !role.has_scope("events") {
-        return error(StatusCode::FORBIDDEN, "ERROR_PERMISSION_DENIED", "this API key lacks the events scope");
+        return error(
+            StatusCode::FORBIDDEN,
+            "ERROR_PERMISSION_DENIED",
+            "this API key lacks the events scope",
+        );
     }
     let Ok(Query(params)) = params else {
         return error(StatusCode::BAD_REQUEST, "ERROR_BAD_REQUEST", "bad query string");
@@ -158,7 +164,9 @@ async fn events(State(st): State<PullState>, headers: HeaderMap, params: Result<
         out.extend_from_slice(b);
     }
     // The cursor holds digits, ':' and ',' only: no escaping needed.
-    out.extend_from_slice(format!("],\"next\":\"{}\",\"has_more\":{has_more}}}", format_cursor(&cursor)).as_bytes());
+    out.extend_from_slice(
+        format!("],\"next\":\"{}\",\"has_more\":{has_more}}}", format_cursor(&cursor)).as_bytes(),
+    );
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], out).into_response()
 }
 

@@ -416,7 +416,12 @@ impl Reader {
     /// Events after position `after` (`None`: from the first), at most
     /// `limit`, and after the first only while their bodies total at most
     /// `max_bytes`.
-    pub fn events_after(&self, after: Option<(u64, u32)>, limit: usize, max_bytes: usize) -> Result<EventPage> {
+    pub fn events_after(
+        &self,
+        after: Option<(u64, u32)>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<EventPage> {
         let prefix = keys::events_all(self.shard);
         let start = match after {
             None => prefix.clone(),
