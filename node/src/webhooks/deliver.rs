@@ -115,7 +115,7 @@ async fn lead(
             let at = (e.index, e.ordinal);
             if endpoint.wants(&e.r#type) {
                 gauge_lag(group, endpoint, (now_ms() - e.created_ms).max(0) as f64 / 1000.0);
-                match deliver_one(core, group, endpoint, e).await {
+                match deliver_one(core, group, endpoint, e, done, &mut committed).await {
                     Outcome::Delivered => {
                         metrics::counter!("rim_webhook_delivered_total", "endpoint" => name.clone())
                             .increment(1);
@@ -177,7 +177,16 @@ fn retention_ms(group: &Group) -> i64 {
 
 /// POSTs `e` until a 2xx, or dead-letters it once it is older than the
 /// retention, or stops when this replica no longer leads.
-async fn deliver_one(core: &Core, group: &Group, endpoint: &Endpoint, e: &EventRecord) -> Outcome {
+/// Before the first retry, commits `done` (every event before `e` is
+/// handled), so a failing endpoint does not hold back the cursor.
+async fn deliver_one(
+    core: &Core,
+    group: &Group,
+    endpoint: &Endpoint,
+    e: &EventRecord,
+    done: Option<Position>,
+    committed: &mut Option<Position>,
+) -> Outcome {
     let name = &endpoint.config.name;
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -190,6 +199,9 @@ async fn deliver_one(core: &Core, group: &Group, endpoint: &Endpoint, e: &EventR
             Err(err) => format!("{}", without_url(err)),
         };
         tracing::debug!(endpoint = %name, event = %e.event_id, %reason, "webhook delivery failed");
+        if *committed != done && !flush(core, group, name, done, committed).await {
+            return Outcome::Stop;
+        }
         let expires_in = e.created_ms.saturating_add(retention_ms(group)).saturating_sub(now_ms());
         if expires_in <= 0 {
             let op = O::DeadLetterEvent(store::DeadLetterEvent {

@@ -158,3 +158,44 @@ pub fn spawn(core: &Arc<Core>, g: &Arc<crate::group::Group>) -> Vec<tokio::task:
     tasks.push(tokio::spawn(deliver::trim(core.clone(), g.clone(), endpoints)));
     tasks
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<Vec<Arc<Endpoint>>> {
+        let text = format!(
+            "[[webhooks]]\nname = \"crm\"\nurl = \"https://example.invalid/hook\"\n\
+             secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n{extra}"
+        );
+        endpoints(&crate::config::NodeConfig::from_toml(&text)?.webhooks)
+    }
+
+    #[test]
+    fn webhooks_parse_from_toml_and_bad_ones_are_refused() {
+        let e = parse("types = [\"message.created\"]").unwrap();
+        assert_eq!(e[0].config.timeout_ms, 10_000, "default timeout");
+        assert!(e[0].wants("message.created"));
+        assert!(!e[0].wants("group.created"), "filtered by type");
+        assert!(!format!("{:?}", e[0].config).contains("whsec"), "Debug never shows a secret");
+        let dup = "[[webhooks]]\nname = \"crm\"\nurl = \"http://a.invalid/\"\n\
+                   secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]";
+        for (bad, why) in [
+            ("timeout_ms = 0", "timeout_ms"),
+            ("timeout_ms = 60001", "timeout_ms"),
+            (dup, "used twice"),
+            ("unknown = 1", "unknown field"),
+        ] {
+            let err = parse(bad).err().unwrap_or_else(|| panic!("{bad} accepted")).to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let three = WebhookConfig { secrets: vec![SECRET.into(); 3], ..e[0].config.clone() };
+        assert!(endpoints(&[three]).is_err(), "at most two secrets");
+        let ftp = WebhookConfig { url: "ftp://example.invalid/".into(), ..e[0].config.clone() };
+        assert!(endpoints(&[ftp]).is_err());
+        let short = WebhookConfig { secrets: vec!["whsec_c2hvcnQ=".into()], ..e[0].config.clone() };
+        assert!(endpoints(&[short]).is_err());
+    }
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+}
