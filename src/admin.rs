@@ -117,6 +117,10 @@ limit_flags! {
     recall_window_ms: i64,
     /// How long before an orphaned account name may be claimed again, in ms.
     orphan_claim_ms: i64,
+    /// No events (webhooks, GET /events) are produced (true/false).
+    events_disabled: bool,
+    /// How long an event is kept and retried, in ms.
+    event_retention_ms: i64,
 }
 
 /// TLS of the links to the nodes' internal listeners (`rim admin`, and

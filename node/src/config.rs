@@ -123,6 +123,10 @@ pub struct NodeConfig {
     /// Client rate limits and load shedding (`[limits]` in TOML;
     /// docs/security.md lists every limit with its default).
     pub limits: crate::throttle::RateLimits,
+    /// Webhook endpoints events are POSTed to (`[[webhooks]]`; none: no
+    /// deliveries, `GET /events` still serves). Every node must list the
+    /// same ones (docs/integration.md).
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
     /// Deliberately broken behaviour for the consistency harness's self-test
     /// (`[sabotage]` in TOML, `--sabotage` / `RIM_SABOTAGE=a,b`). All off by
     /// default; never turn one on outside tests (docs/consistency.md,
@@ -232,6 +236,7 @@ impl Default for NodeConfig {
             small_group_limit: 500,
             cluster_limits: rim_raft_store::Limits::default(),
             limits: crate::throttle::RateLimits::default(),
+            webhooks: Vec::new(),
             sabotage: Sabotage::default(),
         }
     }
@@ -369,6 +374,7 @@ impl NodeConfig {
         if self.token_ttl_secs == 0 {
             return bad("token_ttl_secs must be ≥ 1".into());
         }
+        crate::webhooks::endpoints(&self.webhooks)?;
         if let Err(e) = self.initial_limits().validate() {
             return bad(format!("cluster_limits: {e}"));
         }

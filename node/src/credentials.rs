@@ -43,11 +43,12 @@ use crate::error::{Error, Result};
 pub const API_KEY_METADATA_KEY: &str = "rim-api-key";
 
 /// What an API key may do: `push.users`, `push.group`, `push.room`,
-/// `push.all`, or `push` for all four; and in the server API
+/// `push.all`, or `push` for all four; in the server API
 /// (docs/server-api.md) `users` (UpsertUser), `tokens` (IssueToken) and
-/// `sessions` (RevokeDevice, LogoutUser), each granted only by itself.
-pub const SCOPES: [&str; 8] =
-    ["push", "push.users", "push.group", "push.room", "push.all", "users", "tokens", "sessions"];
+/// `sessions` (RevokeDevice, LogoutUser); and `events` (`GET /events`,
+/// docs/integration.md). Each scope but `push` is granted only by itself.
+pub const SCOPES: [&str; 9] =
+    ["push", "push.users", "push.group", "push.room", "push.all", "users", "tokens", "sessions", "events"];
 
 /// One API key of the push API (`[[api_keys]]` in the node's TOML).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,7 +216,11 @@ impl Credentials {
                 _ => None,
             };
         }
-        let given = metadata.get(API_KEY_METADATA_KEY)?.as_bytes();
+        self.api_key_role(metadata.get(API_KEY_METADATA_KEY)?.as_bytes())
+    }
+
+    /// The role of an API key, if it is one of the configured keys.
+    fn api_key_role(&self, given: &[u8]) -> Option<Role> {
         let digest: [u8; 32] = Sha256::digest(given).into();
         let mut found = None;
         for k in self.api_keys.iter() {

@@ -1,9 +1,8 @@
-//! `/metrics` (Prometheus text), `/healthz` and the server API
-//! ([`crate::http_api`]) over HTTP.
+//! `/metrics` (Prometheus text), `/healthz`, the server API
+//! ([`crate::http_api`]) and `GET /events` (`webhooks::pull`) over HTTP.
 
 use std::sync::{Arc, OnceLock};
 
-use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -27,7 +26,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
 pub async fn serve(core: Arc<Core>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
     let handle = prometheus();
     let metrics_core = core.clone();
-    let app = Router::new()
+    let app = crate::webhooks::pull::router(core.clone())
         .route(
             "/metrics",
             get(move || {

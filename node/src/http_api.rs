@@ -167,7 +167,7 @@ struct ErrorBody {
     message: String,
 }
 
-fn error_response(e: &Error) -> Response {
+pub(crate) fn error_response(e: &Error) -> Response {
     let code = e.code();
     let message = match e {
         Error::Rejected { message, .. } => message.clone(),
@@ -177,7 +177,7 @@ fn error_response(e: &Error) -> Response {
 }
 
 /// The caller's role, from `Authorization: Bearer <api key>`.
-fn role(creds: &Credentials, headers: &HeaderMap) -> Result<Role> {
+pub(crate) fn role(creds: &Credentials, headers: &HeaderMap) -> Result<Role> {
     let unauthenticated = || Error::rejected(ErrorCode::ErrorUnauthenticated, "a valid API key is required");
     let value = headers.get(header::AUTHORIZATION).ok_or_else(unauthenticated)?;
     let key = value.as_bytes().strip_prefix(b"Bearer ").ok_or_else(unauthenticated)?;

@@ -48,6 +48,7 @@ pub mod read;
 pub mod relay;
 pub mod service;
 pub mod throttle;
+pub mod webhooks;
 
 pub use config::{NodeConfig, Sabotage};
 pub use error::{Error, Result};

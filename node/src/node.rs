@@ -217,6 +217,7 @@ impl Node {
         for g in core.all_groups() {
             tasks.push(tokio::spawn(watch_leader(g.clone())));
             if g.shard != META {
+                tasks.extend(crate::webhooks::spawn(&core, &g));
                 tasks.push(tokio::spawn(crate::relay::run(core.clone(), g)));
             }
         }

@@ -37,6 +37,8 @@ use crate::group::Group;
 /// Largest page or tail a forwarded query may ask for (callers clamp far
 /// below this; the bound keeps one answer well under the RPC limit).
 const MAX_QUERY_LIMIT: u32 = 10_000;
+/// Most event body bytes one events read returns (at least one event).
+pub const EVENTS_PAGE_BYTES: usize = 1 << 20;
 
 /// Read access to one shard, local or forwarded (see the module doc).
 #[derive(Debug, Clone)]
@@ -93,6 +95,10 @@ pub fn execute(reader: &Reader, q: &ReadQuery) -> Result<ReadAnswer> {
                 })
                 .collect();
             Some(V::ReadPositions(store::ReadPositionList { positions }))
+        }
+        ReadKind::Events => {
+            let page = reader.events_after(Some((q.after, q.after_ordinal)), limit, EVENTS_PAGE_BYTES)?;
+            Some(V::Events(store::EventList { events: page.events, has_more: page.has_more }))
         }
     };
     Ok(ReadAnswer { value })
@@ -241,6 +247,20 @@ impl ShardView<'_> {
             .into_iter()
             .map(|p| (p.conversation_kind, p.conversation_id, p.record.unwrap_or_default()))
             .collect())
+    }
+}
+
+impl ShardView<'_> {
+    /// Events after position `(index, ordinal)` (`(0, 0)`: from the first),
+    /// at most `limit` and [`EVENTS_PAGE_BYTES`] of bodies.
+    pub async fn events(&self, after: (u64, u32), limit: usize) -> Result<store::EventList> {
+        let q = ReadQuery {
+            after: after.0,
+            after_ordinal: after.1,
+            limit: clamp(limit),
+            ..query(ReadKind::Events)
+        };
+        always!(self, q, Events)
     }
 }
 

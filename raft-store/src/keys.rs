@@ -49,6 +49,12 @@ pub enum Table {
     /// `user ‖ external id bytes` → the device id (u64, big-endian) the
     /// app's device id maps to (devices signed in with app-signed tokens).
     ExternalDevice = 0x1A,
+    /// `index ‖ ordinal u32` → EventRecord (events in log order, `im::events`).
+    Event = 0x1B,
+    /// `endpoint name bytes` → EventCursor of a webhook endpoint.
+    EventCursor = 0x1C,
+    /// `dead letter number` → DeadLetterRecord (in dead-letter order).
+    DeadLetter = 0x1D,
     /// `group` → GroupRecord.
     Group = 0x20,
     /// `group ‖ user` → MemberRecord.
@@ -303,6 +309,34 @@ pub fn push_log(shard: ShardId, n: u64) -> Vec<u8> {
     Key::new(shard, Table::PushLog).u64(n).into_vec()
 }
 
+/// The event at log `index`, `ordinal`-th of its entry.
+pub fn event(shard: ShardId, index: u64, ordinal: u32) -> Vec<u8> {
+    Key::new(shard, Table::Event).u64(index).bytes(&ordinal.to_be_bytes()).into_vec()
+}
+/// Prefix of every event.
+pub fn events_all(shard: ShardId) -> Vec<u8> {
+    Key::new(shard, Table::Event).into_vec()
+}
+/// `(index, ordinal)` of an [`event`] key.
+pub fn event_position(key: &[u8]) -> Option<(u64, u32)> {
+    let n = key.len().checked_sub(12)?;
+    let index = u64::from_be_bytes(key.get(n..n + 8)?.try_into().ok()?);
+    let ordinal = u32::from_be_bytes(key.get(n + 8..)?.try_into().ok()?);
+    Some((index, ordinal))
+}
+/// The delivery cursor of a webhook endpoint.
+pub fn event_cursor(shard: ShardId, endpoint: &str) -> Vec<u8> {
+    Key::new(shard, Table::EventCursor).bytes(endpoint.as_bytes()).into_vec()
+}
+/// The `n`-th dead letter.
+pub fn dead_letter(shard: ShardId, n: u64) -> Vec<u8> {
+    Key::new(shard, Table::DeadLetter).u64(n).into_vec()
+}
+/// Prefix of every dead letter.
+pub fn dead_letters_all(shard: ShardId) -> Vec<u8> {
+    Key::new(shard, Table::DeadLetter).into_vec()
+}
+
 /// The cluster map row (meta group).
 pub fn cluster_map(shard: ShardId) -> Vec<u8> {
     Key::new(shard, Table::ClusterMap).into_vec()
@@ -351,6 +385,15 @@ mod tests {
         assert!(k.starts_with(&reads_of(ShardId(2), UserId(7))));
         assert!(!k.starts_with(&reads_of(ShardId(2), UserId(8))));
         assert_eq!(read_parts(&[1, 2]), None);
+    }
+
+    #[test]
+    fn event_keys_sort_by_position_and_round_trip() {
+        let a = event(ShardId(1), 7, u32::MAX);
+        let b = event(ShardId(1), 8, 0);
+        assert!(a < b);
+        assert_eq!(event_position(&a), Some((7, u32::MAX)));
+        assert!(a.starts_with(&events_all(ShardId(1))));
     }
 
     #[test]

@@ -147,6 +147,7 @@ impl Applier<'_> {
     }
 
     fn notify(&mut self, group: &GroupRecord, by: u64, event: Event, also: &[u64]) -> Result<Seq> {
+        self.group_event(group, by, &event)?;
         let content = store::Notification { event: Some(event) }.encode_to_vec();
         let msg = Message {
             message_id: self.next_message_id()?.0,
@@ -211,6 +212,7 @@ impl Applier<'_> {
                 group.retention = Some(self.limits.room_retention);
             }
             self.save_group(&group);
+            self.group_created_event(&group)?;
             return Ok(group);
         }
         check_id("owner_id", c.owner_id)?;
@@ -233,6 +235,7 @@ impl Applier<'_> {
         // so no conversion notice is needed.
         self.maybe_convert(&mut group);
         self.save_group(&group);
+        self.group_created_event(&group)?;
         let event = Event::GroupMembersAdded(store::GroupMembersChanged {
             group_id: c.group_id,
             kind: group.kind,
@@ -543,7 +546,9 @@ impl Applier<'_> {
         msg.conversation_kind = Self::conversation_kind(group.kind()) as i32;
         msg.conversation_id = group.group_id;
         msg.send_time_ms = self.now_ms;
-        let group_seq = self.post(group, msg, &[])?;
+        let group_seq = self.post(group, msg.clone(), &[])?;
+        msg.group_seq = group_seq.0;
+        self.message_event(&msg)?;
         let result = SendResult {
             seq: 0,
             message_id: message_id.0,

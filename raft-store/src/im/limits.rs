@@ -133,7 +133,16 @@ pub struct Limits {
     /// request's deadline, so a registration still in progress is never
     /// overtaken.
     pub orphan_claim_ms: i64,
+    /// Whether apply produces events (webhooks, `GET /events`; `im::events`).
+    pub events: bool,
+    /// How long an event is kept and retried, in ms (≥ 1). An event older
+    /// than this that an endpoint did not take becomes a dead letter, and a
+    /// dead letter older than this is removed.
+    pub event_retention_ms: i64,
 }
+
+/// Event retention of limits that state none (24 h).
+pub const DEFAULT_EVENT_RETENTION_MS: i64 = 24 * 3600 * 1000;
 
 impl Default for Limits {
     fn default() -> Limits {
@@ -152,6 +161,8 @@ impl Default for Limits {
             dedup_window: 100_000,
             recall_window_ms: 120_000,
             orphan_claim_ms: 60_000,
+            events: true,
+            event_retention_ms: DEFAULT_EVENT_RETENTION_MS,
         }
     }
 }
@@ -201,7 +212,16 @@ mod retention_serde {
 pub fn is_cluster_op(op: &store::Op) -> bool {
     matches!(
         op.op,
-        Some(O::Deliver(_) | O::AckOutbox(_) | O::SetClusterMap(_) | O::AllocateIds(_) | O::SetLimits(_))
+        Some(
+            O::Deliver(_)
+                | O::AckOutbox(_)
+                | O::SetClusterMap(_)
+                | O::AllocateIds(_)
+                | O::SetLimits(_)
+                | O::AdvanceEventCursor(_)
+                | O::DeadLetterEvent(_)
+                | O::TrimEvents(_)
+        )
     )
 }
 
@@ -252,6 +272,9 @@ impl Limits {
         if self.orphan_claim_ms < MIN_ORPHAN_CLAIM_MS {
             reject!(ErrorBadRequest, "orphan_claim_ms must be ≥ {MIN_ORPHAN_CLAIM_MS}");
         }
+        if self.event_retention_ms < 1 {
+            reject!(ErrorBadRequest, "event_retention_ms must be ≥ 1");
+        }
         Ok(())
     }
 
@@ -274,6 +297,8 @@ impl Limits {
             dedup_window: self.dedup_window,
             recall_window_ms: self.recall_window_ms,
             orphan_claim_ms: self.orphan_claim_ms,
+            events_disabled: !self.events,
+            event_retention_ms: self.event_retention_ms,
         }
     }
 
@@ -302,6 +327,12 @@ impl Limits {
             dedup_window: p.dedup_window,
             recall_window_ms: p.recall_window_ms,
             orphan_claim_ms: p.orphan_claim_ms,
+            events: !p.events_disabled,
+            // Rows written before the field existed hold 0: the default.
+            event_retention_ms: match p.event_retention_ms {
+                0 => DEFAULT_EVENT_RETENTION_MS,
+                ms => ms,
+            },
         }
     }
 

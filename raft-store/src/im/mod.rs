@@ -43,7 +43,10 @@
 //! * `meta`: the meta group (cluster map, id allocators).
 //! * `limits`: the limits a shard applies with, `SetLimits`, and the
 //!   stateless checks of an operation.
+//! * `events`: events for the app's backend, produced at apply, and their
+//!   delivery cursors and dead letters.
 
+mod events;
 mod group;
 mod limits;
 mod meta;
@@ -61,7 +64,8 @@ use rim_proto::v1::Message;
 
 use crate::error::{Error, Result, reject};
 use crate::keys::{self, MetaTag};
-pub use limits::{ApplySabotage, FRAME_ROOM, Limits, is_cluster_op};
+pub use events::{MAX_ENDPOINT_NAME, event_id};
+pub use limits::{ApplySabotage, DEFAULT_EVENT_RETENTION_MS, FRAME_ROOM, Limits, is_cluster_op};
 pub use txn::Txn;
 
 /// A list that received an entry.
@@ -91,6 +95,8 @@ pub struct ApplyEffects {
     pub outbox: bool,
     /// Devices whose token version changed (logout, revoke): `(user, device)`.
     pub revoked: Vec<(UserId, DeviceId)>,
+    /// Events produced (webhook deliveries have work).
+    pub events: usize,
 }
 
 /// Applies operations of one shard into a [`Txn`].
@@ -111,6 +117,10 @@ pub struct Applier<'a> {
     sabotage: ApplySabotage,
     /// The current proposal's time.
     now_ms: i64,
+    /// Log index of the entry being applied (event positions).
+    index: u64,
+    /// Ordinal of the next event of the entry being applied.
+    next_event: u32,
 }
 
 impl<'a> Applier<'a> {
@@ -123,6 +133,8 @@ impl<'a> Applier<'a> {
             limits,
             sabotage,
             now_ms: 0,
+            index: 0,
+            next_event: 0,
             effects: ApplyEffects::default(),
             op_effects: ApplyEffects::default(),
         }
@@ -133,12 +145,16 @@ impl<'a> Applier<'a> {
         &self.limits
     }
 
-    /// Applies every operation of a proposal; one result per operation.
-    /// Err only for faults (I/O, corruption), never for rejections.
-    pub fn apply(&mut self, proposal: &Proposal) -> Result<ProposalResult> {
+    /// Applies every operation of a proposal, the entry at log `index`;
+    /// one result per operation. Err only for faults (I/O, corruption),
+    /// never for rejections.
+    pub fn apply(&mut self, index: u64, proposal: &Proposal) -> Result<ProposalResult> {
         self.now_ms = proposal.now_ms;
+        self.index = index;
+        self.next_event = 0;
         let mut results = Vec::with_capacity(proposal.ops.len());
         for op in &proposal.ops {
+            let events_before = self.next_event;
             let res = self.apply_op(op);
             match res {
                 Ok(r) => {
@@ -147,11 +163,13 @@ impl<'a> Applier<'a> {
                     self.effects.appended.extend(op.appended);
                     self.effects.outbox |= op.outbox;
                     self.effects.revoked.extend(op.revoked);
+                    self.effects.events += op.events;
                     results.push(r);
                 }
                 Err(e) if e.is_deterministic() => {
                     self.txn.abort_op();
                     self.op_effects = ApplyEffects::default();
+                    self.next_event = events_before;
                     results.push(OpResult { code: e.code() as i32, message: e.to_string(), value: None });
                 }
                 Err(e) => return Err(e),
@@ -210,6 +228,18 @@ impl<'a> Applier<'a> {
             O::AllocateIds(c) => V::Ids(self.allocate_ids(c)?),
             O::SetLimits(c) => {
                 self.set_limits(c)?;
+                return Ok(OpResult::default());
+            }
+            O::AdvanceEventCursor(c) => {
+                self.advance_event_cursor(c)?;
+                return Ok(OpResult::default());
+            }
+            O::DeadLetterEvent(c) => {
+                self.dead_letter_event(c)?;
+                return Ok(OpResult::default());
+            }
+            O::TrimEvents(c) => {
+                self.trim_events(c)?;
                 return Ok(OpResult::default());
             }
         };

@@ -46,7 +46,7 @@ pub struct Page {
 #[derive(Clone, Debug)]
 pub struct Reader {
     db: Db,
-    shard: ShardId,
+    pub(super) shard: ShardId,
 }
 
 impl Reader {
@@ -55,14 +55,14 @@ impl Reader {
         Reader { db, shard }
     }
 
-    fn get<M: prost::Message + Default>(&self, key: &[u8]) -> Result<Option<M>> {
+    pub(super) fn get<M: prost::Message + Default>(&self, key: &[u8]) -> Result<Option<M>> {
         let cf = self.db.cf(CF_SM);
         self.db.raw().get_pinned_cf(cf, key)?.map(|v| db::decode(&v)).transpose()
     }
 
     /// `(key, value)` pairs from `start` (inclusive) while they share `prefix`,
     /// at most `limit` (+1 to learn whether more follow).
-    fn range(&self, prefix: &[u8], start: Vec<u8>, limit: usize) -> Result<(Rows, bool)> {
+    pub(super) fn range(&self, prefix: &[u8], start: Vec<u8>, limit: usize) -> Result<(Rows, bool)> {
         let cf = self.db.cf(CF_SM);
         let iter =
             self.db.raw().iterator_cf(cf, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward));

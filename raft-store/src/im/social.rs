@@ -133,13 +133,15 @@ impl Applier<'_> {
             None => self.txn.delete(key),
         }
 
-        let event = Event::FriendChanged(store::FriendChanged {
+        let changed = store::FriendChanged {
             user_id: c.user_id,
             friend_id: c.friend_id,
             status: after.as_ref().map_or(FriendStatus::Unspecified, FriendRecord::status) as i32,
             action: notified as i32,
             description: c.description.clone(),
-        });
+        };
+        self.friend_event(&changed)?;
+        let event = Event::FriendChanged(changed);
         let msg = Message {
             message_id: self.next_message_id()?.0,
             sender_user_id: c.user_id,

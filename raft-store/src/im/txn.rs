@@ -90,6 +90,43 @@ impl<'a> Txn<'a> {
         Ok(merged.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect())
     }
 
+    /// The first `limit` live `(key, value)` pairs under `prefix` from
+    /// `start` on, in key order, seeing every write made so far. Reads at
+    /// most `limit` stored rows beyond the ones this call's writes deleted.
+    pub fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let written = |k: &[u8]| self.op.get(k).or_else(|| self.committed.get(k));
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let cf = db::cf(self.db, CF_SM);
+        let iter = self.db.iterator_cf(cf, rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) || merged.len() >= limit {
+                break;
+            }
+            match written(&k) {
+                Some(Some(w)) => merged.insert(k.to_vec(), w.clone()),
+                Some(None) => None,
+                None => merged.insert(k.to_vec(), v.to_vec()),
+            };
+        }
+        // Keys only this call wrote, up to the last stored key kept (or the
+        // whole prefix when fewer than `limit` were found).
+        let full = merged.len() >= limit;
+        let upper = merged.keys().next_back().cloned();
+        for layer in [&self.committed, &self.op] {
+            for (k, v) in layer.range(start.to_vec()..) {
+                if !k.starts_with(prefix) || (full && upper.as_ref().is_some_and(|u| k > u)) {
+                    break;
+                }
+                match v {
+                    Some(v) => merged.insert(k.clone(), v.clone()),
+                    None => merged.remove(k),
+                };
+            }
+        }
+        Ok(merged.into_iter().take(limit).collect())
+    }
+
     /// Keeps the current operation's writes.
     pub fn commit_op(&mut self) {
         let op = std::mem::take(&mut self.op);

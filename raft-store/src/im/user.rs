@@ -247,8 +247,12 @@ impl Applier<'_> {
         let sender = UserId(msg.sender_user_id);
         let recipient = UserId(msg.conversation_id);
         let seq = self.append_to_user(sender, msg.clone())?;
+        let recipient_local = recipient == sender || self.is_local_user(recipient)?;
+        if Self::emits_direct_send(sender, recipient, recipient_local) {
+            self.message_event(&msg)?;
+        }
         if recipient != sender {
-            if self.is_local_user(recipient)? {
+            if recipient_local {
                 // The same mark a relayed delivery leaves: it lets MarkRead
                 // find the message a read receipt names.
                 let mark_key = keys::delivered(self.shard, recipient, message_id);
@@ -290,6 +294,7 @@ impl Applier<'_> {
                 }
                 let seq = self.append_to_user(user, msg.clone())?;
                 self.txn.put_msg(mark_key, &store::DeliveredMark { seq: seq.0 });
+                self.delivered_event(user, msg)?;
                 out.seqs.push(seq.0);
             }
         }

@@ -158,7 +158,9 @@ impl StateMachine {
         for entry in entries {
             match entry.payload {
                 EntryPayload::Blank => replies.push(Response::default()),
-                EntryPayload::Normal(req) => replies.push(Response(applier.apply(&req.0)?)),
+                EntryPayload::Normal(req) => {
+                    replies.push(Response(applier.apply(entry.log_id.index, &req.0)?))
+                }
                 EntryPayload::Membership(m) => {
                     membership = Some(Membership::new(Some(entry.log_id), m));
                     replies.push(Response::default());
@@ -183,7 +185,14 @@ impl StateMachine {
         if let Some(m) = membership {
             self.membership = m;
         }
-        let busy = !effects.appended.is_empty() || effects.outbox || !effects.revoked.is_empty();
+        if effects.events > 0 {
+            metrics::counter!("rim_events_produced_total", "group" => self.shard.0.to_string())
+                .increment(effects.events as u64);
+        }
+        let busy = !effects.appended.is_empty()
+            || effects.outbox
+            || !effects.revoked.is_empty()
+            || effects.events > 0;
         if let (Some(tx), true) = (&self.events, busy) {
             // No receiver is fine: nobody is watching this shard.
             let _ = tx.send(Arc::new(AppliedEvent { shard: self.shard, index: last.index, effects }));
