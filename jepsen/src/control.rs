@@ -331,6 +331,8 @@ pub struct Cluster {
     root: PathBuf,
     tmp: Option<tempfile::TempDir>,
     gateways: u32,
+    /// The run's webhook receiver, if it has one (a nemesis target too).
+    pub receiver: Option<crate::webhooks::ReceiverProcess>,
 }
 
 impl Cluster {
@@ -406,7 +408,7 @@ impl Cluster {
             let proc = Proc::new(&format!("node {id}"), &opts.bin, args, env, dir.join("node.log"));
             nodes.insert(id, NodeProcess { id, listen: addr, client, http, dir, proc });
         }
-        let mut c = Cluster { nodes, mesh, opts, root, tmp, gateways: 0 };
+        let mut c = Cluster { nodes, mesh, opts, root, tmp, gateways: 0, receiver: None };
         for n in c.nodes.values_mut() {
             n.proc.spawn()?;
         }

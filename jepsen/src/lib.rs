@@ -33,6 +33,9 @@
 //!   and the final heal-and-recover phase;
 //! * [`recorder`]: the shared, flushed-per-line history sink;
 //! * [`run`]: one complete `rim-jepsen test` run, from start-up to verdict;
+//! * [`webhooks`]: the run's webhook receiver (its own process, a target
+//!   of the nemesis) and its receipts, which the checker holds against
+//!   the committed messages (IM-13);
 //! * [`report`]: the run's HTML timeline and SVG plots with fault windows,
 //!   and delivery lag.
 //!
@@ -52,6 +55,7 @@ pub mod proxy;
 pub mod recorder;
 pub mod report;
 pub mod run;
+pub mod webhooks;
 pub mod workload;
 
 pub use error::{Error, Result};

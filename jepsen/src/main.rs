@@ -7,6 +7,9 @@
 //!   `DIR/history.jsonl`, writes `DIR/results.json` and `DIR/results.txt`,
 //!   and prints the text summary.
 //! * `rim-jepsen report DIR` re-renders the timeline and plots of a run.
+//! * `rim-jepsen webhook-receiver --listen A --out F --secret S` is the
+//!   app's webhook receiver of a run (`rim_jepsen::webhooks`); `test`
+//!   starts it as its own process.
 //!
 //! Exit codes: 0 valid, 1 anomalies, 2 unknown (or the run could not be
 //! carried out, or the history could not be read).
@@ -35,6 +38,19 @@ enum Command {
     Report {
         /// The run directory.
         dir: PathBuf,
+    },
+    /// The app's webhook receiver of a run (started by `test`): appends
+    /// every request to OUT, checking Standard Webhooks signatures.
+    WebhookReceiver {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The receipts file (appended to).
+        #[arg(long)]
+        out: PathBuf,
+        /// A `whsec_...` secret signatures may verify with (repeatable).
+        #[arg(long, required = true)]
+        secret: Vec<String>,
     },
     /// Check DIR/history.jsonl; write DIR/results.json and DIR/results.txt.
     Check {
@@ -128,6 +144,9 @@ struct TestArgs {
     /// Keep the nodes' data dirs of a valid run (kept anyway otherwise).
     #[arg(long)]
     keep_data: bool,
+    /// Run without the app's webhook receiver (IM-13 is then not checked).
+    #[arg(long)]
+    no_webhooks: bool,
     /// No progress line.
     #[arg(long, short)]
     quiet: bool,
@@ -179,6 +198,11 @@ impl TestArgs {
             min_acked: self.min_acked,
             restart_after_setup: self.restart_after_setup,
             keep_data: self.keep_data,
+            webhook_receiver: if self.no_webhooks {
+                None
+            } else {
+                Some(std::env::current_exe().map_err(|e| format!("finding rim-jepsen itself: {e}"))?)
+            },
         })
     }
 }
@@ -215,6 +239,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Test(args) => test(*args),
+        Command::WebhookReceiver { listen, out, secret } => {
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("rim-jepsen webhook-receiver: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match rt.block_on(rim_jepsen::webhooks::serve(listen, &out, secret)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("rim-jepsen webhook-receiver: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Report { dir } => {
             let history = match rim_jepsen::history::read_history(dir.join("history.jsonl")) {
                 Ok(h) => h,

@@ -18,7 +18,10 @@
 //! * `pause`: SIGSTOP one node, a leader, a majority of the cluster or of a
 //!   shard's voters; SIGCONT at the end;
 //! * `clock`: shift one or more nodes' wall clocks by up to ±5 minutes
-//!   through libfaketime (monotonic clocks are never faked).
+//!   through libfaketime (monotonic clocks are never faked);
+//! * `webhook`: the run's webhook receiver (the app) is killed and
+//!   restarted, paused (a receiver that stops answering), or cut off from
+//!   every node by its proxy (held or reset).
 //!
 //! On more nodes than the replication factor (3) each data shard lives on
 //! its own 3 voters ([`Layout`]), so the cluster-wide shapes hit shards
@@ -64,6 +67,9 @@ pub enum Fault {
     Pause,
     /// Wall-clock offsets (libfaketime).
     Clock,
+    /// The app's webhook receiver killed, paused (slow) or cut off from
+    /// the nodes (runs with a receiver only).
+    Webhook,
 }
 
 impl Fault {
@@ -74,6 +80,7 @@ impl Fault {
             Fault::Kill => "kill",
             Fault::Pause => "pause",
             Fault::Clock => "clock",
+            Fault::Webhook => "webhook",
         }
     }
 
@@ -86,12 +93,15 @@ impl Fault {
                 "kill" => Fault::Kill,
                 "pause" => Fault::Pause,
                 "clock" => Fault::Clock,
+                "webhook" => Fault::Webhook,
                 "all" => {
-                    out.extend([Fault::Partition, Fault::Kill, Fault::Pause, Fault::Clock]);
+                    out.extend([Fault::Partition, Fault::Kill, Fault::Pause, Fault::Clock, Fault::Webhook]);
                     continue;
                 }
                 other => {
-                    return Err(format!("unknown nemesis {other:?} (partition, kill, pause, clock, all)"));
+                    return Err(format!(
+                        "unknown nemesis {other:?} (partition, kill, pause, clock, webhook, all)"
+                    ));
                 }
             });
         }
@@ -291,6 +301,7 @@ enum Active {
     Kill(Vec<u64>),
     Pause(Vec<u64>),
     Clock(Vec<u64>),
+    Webhook,
 }
 
 /// Runs the schedule until `stop` turns true, undoing the fault in effect
@@ -532,6 +543,18 @@ async fn apply(
             log(recorder, "start-clock", json!({ "nodes": shifted, "offsets_s": offsets }));
             Some(Active::Clock(shifted))
         }
+        Fault::Webhook => {
+            let r = c.receiver.as_mut()?;
+            let action = ["kill", "pause", "hold", "reset"][rng.gen_range(0..4)];
+            match action {
+                "kill" => r.proc().kill(),
+                "pause" => r.proc().pause().ok()?,
+                "hold" => r.set_link(Mode::Hold),
+                _ => r.set_link(Mode::Reset),
+            }
+            log(recorder, "start-webhook", json!({ "action": action }));
+            Some(Active::Webhook)
+        }
     }
 }
 
@@ -564,6 +587,10 @@ fn undo(c: &mut Cluster, recorder: &Recorder, active: Active) {
             }
             log(recorder, "stop-clock", json!({ "nodes": nodes }));
         }
+        Active::Webhook => {
+            let error = c.receiver.as_mut().and_then(|r| r.heal().err()).map(|e| e.to_string());
+            log(recorder, "stop-webhook", json!({ "error": error }));
+        }
     }
 }
 
@@ -579,6 +606,9 @@ pub async fn final_phase(
     let mut c = cluster.lock().await;
     if let Some(m) = c.mesh() {
         m.heal();
+    }
+    if let Some(r) = c.receiver.as_mut() {
+        r.heal().map_err(|e| format!("restarting the webhook receiver: {e}"))?;
     }
     let mut restarted = Vec::new();
     for id in c.ids() {
@@ -619,7 +649,7 @@ mod tests {
             Fault::parse_list("partition,kill,pause").unwrap(),
             vec![Fault::Partition, Fault::Kill, Fault::Pause]
         );
-        assert_eq!(Fault::parse_list("all").unwrap().len(), 4);
+        assert_eq!(Fault::parse_list("all").unwrap().len(), 5);
         assert_eq!(Fault::parse_list("kill, kill").unwrap(), vec![Fault::Kill]);
         assert!(Fault::parse_list("none").unwrap().is_empty());
         assert!(Fault::parse_list("").unwrap().is_empty());

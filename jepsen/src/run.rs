@@ -75,6 +75,9 @@ pub struct TestOptions {
     /// Fewer acked sends than this makes the verdict at best unknown: a
     /// run that did nothing proves nothing.
     pub min_acked: u64,
+    /// The `rim-jepsen` binary to run the app's webhook receiver with
+    /// (`webhook-receiver`); none: no webhooks, IM-13 not checked.
+    pub webhook_receiver: Option<PathBuf>,
 }
 
 impl TestOptions {
@@ -113,6 +116,7 @@ impl TestOptions {
             min_acked: 0,
             restart_after_setup: false,
             keep_data: false,
+            webhook_receiver: None,
         }
     }
 }
@@ -150,6 +154,29 @@ pub struct RunSummary {
     pub wall_secs: f64,
     /// `git rev-parse --short HEAD` where the harness ran.
     pub git_rev: String,
+    /// Committed messages whose `message.created` had not arrived when the
+    /// harness stopped waiting (runs with a webhook receiver only).
+    pub webhook_events_missing: Option<usize>,
+}
+
+/// Waits (at most `timeout`) until the receiver holds a `message.created`
+/// for every committed message the history shows; returns the receipts
+/// and how many were still missing.
+async fn wait_for_events(
+    dir: &Path,
+    receipts: &Path,
+    timeout: Duration,
+) -> Result<(Vec<crate::webhooks::Receipt>, usize)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let history = read_history(dir.join("history.jsonl"))?;
+        let got = crate::webhooks::read_receipts(receipts)?;
+        let missing = crate::checker::missing_events(&history.ops, &got);
+        if missing == 0 || Instant::now() >= deadline {
+            return Ok((got, missing));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Runs one test. Needs a multi-threaded tokio runtime. An error means the
@@ -177,7 +204,23 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome> {
     if let Some(s) = &opts.sabotage {
         copts.extra_args.extend(["--sabotage".to_string(), s.clone()]);
     }
+    let receiver = match &opts.webhook_receiver {
+        Some(bin) => {
+            let secret = crate::webhooks::secret_for(opts.nemesis.seed);
+            let r = crate::webhooks::ReceiverProcess::start(bin, &dir, &secret).await?;
+            let config = dir.join("webhooks.toml");
+            std::fs::write(&config, crate::webhooks::node_config(&r.url(), &secret))
+                .map_err(io_err("writing webhooks.toml"))?;
+            copts.extra_args.extend(["--config".to_string(), config.display().to_string()]);
+            Some(r)
+        }
+        None => {
+            opts.nemesis.faults.retain(|f| *f != Fault::Webhook);
+            None
+        }
+    };
     let mut cluster = Cluster::start(copts).await?;
+    cluster.receiver = receiver;
     cluster.wait_healthy(Duration::from_secs(120)).await?;
     match cluster.layout().await {
         Ok(layout) => summary.layout = layout,
@@ -273,6 +316,15 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome> {
         &mut summary.final_reads,
     )
     .await;
+    let receipts = match cluster.lock().await.receiver.as_ref().map(|r| r.receipts().to_path_buf()) {
+        Some(path) => {
+            say(opts.progress, "rim-jepsen: waiting for the webhook events of every committed message");
+            let (receipts, missing) = wait_for_events(&dir, &path, Duration::from_secs(120)).await?;
+            summary.webhook_events_missing = Some(missing);
+            Some(receipts)
+        }
+        None => None,
+    };
     let write_error = recorder.error();
     drop(recorder);
     gateway.stop(Duration::from_secs(5));
@@ -280,9 +332,10 @@ pub async fn run_test(mut opts: TestOptions) -> Result<RunOutcome> {
     cluster.lock().await.kill_all();
 
     let history = read_history(dir.join("history.jsonl"))?;
-    let mut results = crate::checker::check_loaded(
+    let mut results = crate::checker::check_loaded_with(
         &history,
         &CheckOptions { consistency: opts.consistency, single_shard: false },
+        receipts.as_deref(),
     );
     if summary.counters.sends_ok < opts.min_acked {
         results.mark_unknown(format!(

@@ -42,11 +42,23 @@ pub enum AnomalyKind {
     ConversationOrder,
     /// IM-11: a message sent after its device saw another one is placed before it.
     Causal,
+    /// IM-13: a committed message's `message.created` event never arrived.
+    LostEvent,
+    /// IM-13: an event arrived for a message that was never committed, or
+    /// names another sender or payload than the message.
+    PhantomEvent,
+    /// IM-13: one event id arrived with different bodies, or one message
+    /// got two event ids.
+    EventMismatch,
+    /// IM-13: a conversation's events first arrived out of its order.
+    EventOrder,
+    /// IM-13: a webhook request did not verify under the endpoint's secrets.
+    BadSignature,
 }
 
 impl AnomalyKind {
     /// Every kind, in report order.
-    pub const ALL: [AnomalyKind; 14] = [
+    pub const ALL: [AnomalyKind; 19] = [
         AnomalyKind::Divergence,
         AnomalyKind::FinalReadMismatch,
         AnomalyKind::Duplicate,
@@ -61,6 +73,11 @@ impl AnomalyKind {
         AnomalyKind::Order,
         AnomalyKind::ConversationOrder,
         AnomalyKind::Causal,
+        AnomalyKind::LostEvent,
+        AnomalyKind::PhantomEvent,
+        AnomalyKind::EventMismatch,
+        AnomalyKind::EventOrder,
+        AnomalyKind::BadSignature,
     ];
 
     /// The stable name (`"lost-ack"`, ...).
@@ -80,6 +97,11 @@ impl AnomalyKind {
             AnomalyKind::Order => "order",
             AnomalyKind::ConversationOrder => "conversation-order",
             AnomalyKind::Causal => "causal",
+            AnomalyKind::LostEvent => "lost-event",
+            AnomalyKind::PhantomEvent => "phantom-event",
+            AnomalyKind::EventMismatch => "event-mismatch",
+            AnomalyKind::EventOrder => "event-order",
+            AnomalyKind::BadSignature => "bad-signature",
         }
     }
 
@@ -97,6 +119,11 @@ impl AnomalyKind {
             AnomalyKind::Order => "IM-9",
             AnomalyKind::ConversationOrder => "IM-10",
             AnomalyKind::Causal => "IM-11",
+            AnomalyKind::LostEvent
+            | AnomalyKind::PhantomEvent
+            | AnomalyKind::EventMismatch
+            | AnomalyKind::EventOrder
+            | AnomalyKind::BadSignature => "IM-13",
         }
     }
 }

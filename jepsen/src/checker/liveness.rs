@@ -141,6 +141,10 @@ pub struct Stats {
     pub acked_unseen_by_recipient: u64,
     /// Sends per window between nemesis events.
     pub windows: Vec<Window>,
+    /// Distinct `message.created` events the webhook receiver got (runs
+    /// with a receiver only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_events: Option<u64>,
 }
 
 pub(crate) fn stats(ix: &Index, fates: InfoFates) -> Stats {

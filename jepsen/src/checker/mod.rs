@@ -36,6 +36,7 @@
 //! | IM-9 | `order` | seq order respects real time for entries written by the acked entry; a sender's order is kept in each recipient's list |
 //! | IM-10 | `conversation-order` | both participants order a 1:1 conversation identically (only with [`CheckOptions::single_shard`]); every member's list holds a small group's messages in group-seq order (always) |
 //! | IM-11 | `causal` | a message sent after its device saw another message of the conversation is placed after it in both lists (groups: a later group seq) |
+//! | IM-13 | `lost-event`, `phantom-event`, `event-mismatch`, `event-order`, `bad-signature` | with webhook receipts (`webhooks.jsonl`): every committed message's `message.created` arrives at least once, with one event id and byte-identical bodies, signed, first arrivals in conversation order, and no event of anything else (`webhooks`) |
 //! | IM-12 | (stats) | liveness figures, never part of the verdict: [`Stats`] |
 //!
 //! The private modules state each rule precisely: `lists` (IM-1, 2, 3, 5),
@@ -64,6 +65,7 @@ mod liveness;
 mod order;
 mod reads;
 mod report;
+mod webhooks;
 
 pub use anomaly::{Anomaly, AnomalyGroup, AnomalyKind, MAX_EXAMPLES};
 pub use liveness::{IndeterminateFates, OutcomeCounts, Percentiles, Stats, Window};
@@ -71,6 +73,7 @@ pub use report::render_text;
 
 use crate::error::{Result, io_err};
 use crate::history::{LoadedHistory, Op, read_history};
+use crate::webhooks::Receipt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -197,6 +200,11 @@ impl Results {
 
 /// Checks a history.
 pub fn check(ops: &[Op], options: &CheckOptions) -> Results {
+    check_with_receipts(ops, options, None)
+}
+
+/// Checks a history and, when given, the webhook receiver's receipts (IM-13).
+pub fn check_with_receipts(ops: &[Op], options: &CheckOptions, receipts: Option<&[Receipt]>) -> Results {
     let ix = index::Index::build(ops);
     let mut sink = anomaly::Sink::default();
     let mut unknown = Vec::new();
@@ -208,7 +216,10 @@ pub fn check(ops: &[Op], options: &CheckOptions) -> Results {
     reads::check(&ix, &positions, options, &mut sink);
     order::check(&ix, &positions, options, &mut sink);
     groups::check(&ix, &positions, &finals, &mut sink);
-    let stats = liveness::stats(&ix, fates);
+    let mut stats = liveness::stats(&ix, fates);
+    if let Some(receipts) = receipts {
+        stats.webhook_events = Some(webhooks::check(ops, receipts, &mut sink) as u64);
+    }
 
     if ix.malformed {
         unknown.push("the history breaks the invoke/completion pairing rules (see warnings)".to_string());
@@ -220,6 +231,9 @@ pub fn check(ops: &[Op], options: &CheckOptions) -> Results {
             not_checked.push("IM-8 for other devices (session: only read-your-writes, IM-8s)".to_string())
         }
         Consistency::Eventual => not_checked.push("IM-8 / IM-8s (consistency eventual)".to_string()),
+    }
+    if receipts.is_none() {
+        not_checked.push("IM-13 (no webhook receipts)".to_string());
     }
     if !options.single_shard {
         not_checked.push(
@@ -251,9 +265,24 @@ pub fn check(ops: &[Op], options: &CheckOptions) -> Results {
     }
 }
 
+/// How many committed messages of `ops` have no `message.created` among
+/// `receipts` yet.
+pub fn missing_events(ops: &[Op], receipts: &[Receipt]) -> usize {
+    webhooks::missing(ops, receipts)
+}
+
 /// Checks a loaded history, carrying its reader warnings into the results.
 pub fn check_loaded(history: &LoadedHistory, options: &CheckOptions) -> Results {
-    let mut results = check(&history.ops, options);
+    check_loaded_with(history, options, None)
+}
+
+/// [`check_loaded`] with the webhook receiver's receipts, when the run had one.
+pub fn check_loaded_with(
+    history: &LoadedHistory,
+    options: &CheckOptions,
+    receipts: Option<&[Receipt]>,
+) -> Results {
+    let mut results = check_with_receipts(&history.ops, options, receipts);
     let mut warnings = history.warnings.clone();
     warnings.append(&mut results.warnings);
     results.warnings = warnings;
@@ -264,7 +293,10 @@ pub fn check_loaded(history: &LoadedHistory, options: &CheckOptions) -> Results 
 /// `dir/results.txt`, and returns the results.
 pub fn check_dir(dir: &Path, options: &CheckOptions) -> Result<Results> {
     let history = read_history(dir.join("history.jsonl"))?;
-    let results = check_loaded(&history, options);
+    let receipts_path = crate::webhooks::receipts_path(dir);
+    let receipts =
+        receipts_path.exists().then(|| crate::webhooks::read_receipts(&receipts_path)).transpose()?;
+    let results = check_loaded_with(&history, options, receipts.as_deref());
     write_results(dir, &results)?;
     Ok(results)
 }
