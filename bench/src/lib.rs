@@ -11,6 +11,7 @@
 //! rim bench fanout --spawn --kind super --members 10000 --online 10000
 //! rim bench failover --spawn
 //! rim bench sync --spawn --devices 4 --messages 10000
+//! rim bench webhooks --spawn --rate 1000 --outage 10m
 //! ```
 //!
 //! # Scenarios
@@ -30,6 +31,9 @@
 //!   write-unavailability window and whether anything acknowledged was lost.
 //! * `sync`: devices offline for many messages reconnect; catch-up time
 //!   and messages per second of sync, every message checked.
+//! * `webhooks`: the app's event stream while `send` runs: events per
+//!   second, send → webhook lag, catch-up after a receiver outage with the
+//!   nodes' memory, and sends with a black-holed `before_send` hook.
 //!
 //! # Layout
 //!
@@ -87,6 +91,7 @@ mod slo;
 mod sync;
 mod sys;
 mod target;
+mod webhooks;
 mod wire;
 
 use std::future::Future;
@@ -120,6 +125,9 @@ enum Scenario {
     Failover(failover::FailoverArgs),
     /// A device offline for many messages reconnects: catch-up time and sync rate.
     Sync(sync::SyncArgs),
+    /// The app's event stream under load: events/s, send→webhook lag, catch-up
+    /// after a receiver outage, sends with a black-holed before_send hook.
+    Webhooks(webhooks::WebhooksArgs),
 }
 
 /// What a scenario measured.
@@ -149,12 +157,18 @@ async fn run_scenario(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Fanout(a) => ("fanout", &a.target, &a.out),
         Scenario::Failover(a) => ("failover", &a.target, &a.out),
         Scenario::Sync(a) => ("sync", &a.target, &a.out),
+        Scenario::Webhooks(a) => ("webhooks", a.target(), a.out()),
     };
     let out = out.clone().unwrap_or_else(|| PathBuf::from(format!("bench-{name}.json")));
     let started = sys::unix_now();
     let machine = sys::machine();
     let t0 = Instant::now();
-    let target = Target::resolve(target_args).await.context("preparing the cluster")?;
+    let mut target_args = target_args.clone();
+    let prepared = match &args.scenario {
+        Scenario::Webhooks(a) => Some(webhooks::prepare(a, &mut target_args).await?),
+        _ => None,
+    };
+    let target = Target::resolve(&target_args).await.context("preparing the cluster")?;
     if let Some(sp) = &target.spawned {
         eprintln!(
             "rim bench: cluster up (data and logs in {}), gateway {}",
@@ -168,6 +182,10 @@ async fn run_scenario(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Fanout(a) => fanout::run(a, &target).await,
         Scenario::Failover(a) => failover::run(a, &target).await,
         Scenario::Sync(a) => sync::run(a, &target).await,
+        Scenario::Webhooks(a) => {
+            let prepared = prepared.context("the webhooks scenario was not prepared")?;
+            webhooks::run(a, prepared, &target).await
+        }
     }?;
     let result = Json::obj()
         .with("scenario", name)

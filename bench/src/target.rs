@@ -79,6 +79,10 @@ pub struct TargetArgs {
     /// scenarios that make many users cheaply (without --spawn).
     #[arg(long, conflicts_with = "spawn")]
     pub dev_code: Option<String>,
+    /// A TOML file every spawned node also reads (`rim node --config`); set
+    /// by scenarios that configure the nodes (`webhooks`), not a flag.
+    #[arg(skip)]
+    pub node_config: Option<PathBuf>,
 }
 
 /// A resolved target.
@@ -357,6 +361,10 @@ async fn spawn(args: &TargetArgs) -> anyhow::Result<Target> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let mut node_args = node_args;
+        if let Some(config) = &args.node_config {
+            node_args.extend(["--config".to_string(), config.display().to_string()]);
+        }
         sp.start(&format!("node-{id}"), &node_args, false)?;
         sp.nodes.push(SpawnedNode {
             id: i as u64 + 1,

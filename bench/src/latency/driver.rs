@@ -368,6 +368,16 @@ impl Driver {
     }
 
     /// Run-wide figures (all steps, warmups included).
+    /// The run's epoch: message texts start with their send time in µs since it.
+    pub(crate) fn epoch(&self) -> Instant {
+        self.run.epoch
+    }
+
+    /// Successful acks so far, warm-ups included.
+    pub(crate) fn acked_all(&self) -> u64 {
+        self.run.acked_all.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn totals(&self) -> Json {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Json::obj()
