@@ -38,6 +38,7 @@ pub mod error;
 pub mod group;
 pub mod grpc;
 pub mod http;
+pub mod jwks;
 pub mod jwt;
 pub mod limits;
 pub mod net;

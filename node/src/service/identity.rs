@@ -46,7 +46,7 @@ pub(super) async fn sign_in_with_jwt(core: &Core, token: &str) -> Result<JwtSign
     let verifier = core.jwt.as_ref().ok_or_else(|| {
         Error::rejected(ErrorCode::ErrorUnauthenticated, "app-signed tokens are not enabled")
     })?;
-    let identity = verifier.verify(token)?;
+    let identity = verifier.verify(token).await?;
     let user = provision_user(core, &identity).await?;
     let device = provision_device(core, user, &identity).await?;
     if device.revoked_ms > 0 && identity.issued_at_ms / 1000 <= device.revoked_ms / 1000 {
