@@ -62,6 +62,10 @@ pub struct NodeConfig {
     /// With keys, a sign-in may present a JWT an app signed for its own
     /// user and device instead of a rim token (docs/security.md).
     pub jwt: crate::jwt::JwtConfig,
+    /// The app's `UserIntService.Auth` (gim's contract; `[auth_callback]`
+    /// in TOML; no url: off): checks sign-in tokens that are neither rim
+    /// tokens nor app-signed JWTs (docs/security.md).
+    pub auth_callback: crate::auth_callback::AuthCallbackConfig,
     /// The secret gateways present (empty: the cluster secret).
     pub gateway_secret: String,
     /// Refuse to start unless every credential is separate: a gateway and
@@ -207,6 +211,7 @@ impl Default for NodeConfig {
             cluster_secret: String::new(),
             tls: None,
             jwt: crate::jwt::JwtConfig::default(),
+            auth_callback: crate::auth_callback::AuthCallbackConfig::default(),
             gateway_secret: String::new(),
             strict_credentials: false,
             admin_secret: String::new(),
@@ -319,6 +324,7 @@ impl NodeConfig {
             }
         }
         crate::jwt::JwtVerifier::from_config(&self.jwt)?;
+        crate::auth_callback::AuthCallback::check_config(&self.auth_callback)?;
         if self.peer_via.contains_key(&self.id) {
             return bad(format!("peer_via must not list this node ({})", self.id));
         }

@@ -68,6 +68,8 @@ pub struct Core {
     pub tokens: TokenKeys,
     /// Verifier of app-signed tokens (`[jwt]`), if configured.
     pub jwt: Option<crate::jwt::JwtVerifier>,
+    /// The app's auth callback (`[auth_callback]`), if configured.
+    pub auth_callback: Option<crate::auth_callback::AuthCallback>,
     /// Phone sign-in code verifier.
     pub codes: Arc<dyn CodeVerifier>,
     /// This node's view of the cluster's limits (the cluster map's, or the
@@ -97,8 +99,11 @@ impl Core {
         let throttle = crate::throttle::Throttle::new(&config.limits);
         // `NodeConfig::validate` already refused a configuration this fails on.
         let jwt = crate::jwt::JwtVerifier::from_config(&config.jwt).ok().flatten();
+        let auth_callback =
+            crate::auth_callback::AuthCallback::from_config(&config.auth_callback).ok().flatten();
         Core {
             jwt,
+            auth_callback,
             throttle,
             config,
             peers,

@@ -31,6 +31,7 @@
 //!   configuration: the limits are replicated state ([`limits`]).
 
 pub mod auth;
+pub mod auth_callback;
 pub mod config;
 pub mod core;
 pub mod credentials;

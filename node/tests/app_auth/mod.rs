@@ -209,8 +209,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, state: &State) {
 
 /// A SIGN_IN with only a token, over a gateway's TCP transport; the reply.
 pub async fn gateway_sign_in(gateway: SocketAddr, token: &str) -> Reply {
+    gateway_sign_in_with(gateway, SignInInput { user_id: 0, device_id: 0, token: token.into() }).await
+}
+
+/// A SIGN_IN over a gateway's TCP transport; the reply.
+pub async fn gateway_sign_in_with(gateway: SocketAddr, input: SignInInput) -> Reply {
     let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
-    let input = SignInInput { user_id: 0, device_id: 0, token: token.into() };
     let packet = Packet {
         request_id: 1,
         command: Command::SignIn as i32,
