@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 mod app_auth;
-use app_auth::{conn_sign_in, gateway_sign_in_with};
+use app_auth::{conn_sign_in, gateway_sign_in_with, list_devices};
 
 /// The app's side: its valid tokens, the calls it got, and a gate that
 /// holds calls while closed.
@@ -163,16 +163,30 @@ async fn the_apps_callback_signs_in_caches_oks_and_fails_closed() {
     assert_ne!(laptop.device_id, first.device_id);
     assert_eq!(app.calls(), 2);
 
+    // gim's client metadata (the app's user_id, device_id and token)
+    // authenticates client API calls too: the caller is the mapped user.
+    let client = c.configs[&1].client_listen.clone();
+    let gim = [("user_id", "42"), ("device_id", "7"), ("token", "gim-token-42-7")];
+    let devices = list_devices(&client, &gim).await.unwrap();
+    assert!(devices.iter().all(|d| d.user_id == first.user_id), "{devices:?}");
+    assert_eq!(devices.len(), 2, "{devices:?}");
+    let calls = app.calls();
+    let wrong = [("user_id", "42"), ("device_id", "7"), ("token", "stolen")];
+    assert_eq!(code(&list_devices(&client, &wrong).await.unwrap_err()), ErrorCode::ErrorUnauthenticated);
+    assert_eq!(app.calls(), calls + 1);
+
     // A wrong token is refused, every time with a call (never cached).
-    for n in 3..=4 {
+    for _ in 0..2 {
+        let calls = app.calls();
         let r = conn_sign_in(&listen, input(42, 7, "stolen")).await;
         assert_eq!(code(&r.unwrap_err()), ErrorCode::ErrorUnauthenticated);
-        assert_eq!(app.calls(), n);
+        assert_eq!(app.calls(), calls + 1);
     }
     // Missing app ids are refused without a call.
+    let calls = app.calls();
     let r = conn_sign_in(&listen, input(0, 7, "gim-token-42-7")).await;
     assert_eq!(code(&r.unwrap_err()), ErrorCode::ErrorInvalidId);
-    assert_eq!(app.calls(), 4);
+    assert_eq!(app.calls(), calls);
 
     // After the TTL the app is asked again.
     let before = app.calls();

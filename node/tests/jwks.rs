@@ -15,7 +15,7 @@ use rim_testkit::grpc::code;
 use rim_testkit::wait::{WAIT, eventually, serial, wait_for};
 
 mod app_auth;
-use app_auth::{JwksServer, Mode, SigningKey, gateway_sign_in, jwks, token_sign_in};
+use app_auth::{JwksServer, Mode, SigningKey, gateway_sign_in, jwks, list_devices, token_sign_in};
 
 fn jwt_config(url: &str, refresh_secs: u64, unknown_kid_secs: u64) -> JwtConfig {
     JwtConfig {
@@ -79,6 +79,20 @@ async fn keys_from_the_jwks_sign_in_rotate_and_survive_a_failed_refresh() {
     )
     .unwrap();
     assert_eq!(reply_code(&gateway_sign_in(addr, &confused).await), ErrorCode::ErrorUnauthenticated);
+
+    // The same token authenticates client API calls, as `authorization:
+    // Bearer` or as `token`, without user_id/device_id: the caller is the
+    // app user's rim user and device.
+    let client = c.configs[&1].client_listen.clone();
+    let bearer = format!("Bearer {}", new.token("ann", "phone"));
+    for meta in [vec![("authorization", bearer.as_str())], vec![("token", &new.token("ann", "phone"))]] {
+        let devices = list_devices(&client, &meta).await.unwrap();
+        assert!(devices.iter().all(|d| d.user_id == first.user_id), "{devices:?}");
+        assert!(devices.iter().any(|d| d.device_id == first.device_id), "{devices:?}");
+    }
+    let forged = format!("Bearer {}", SigningKey::ec(&new.kid).token("ann", "phone"));
+    let r = list_devices(&client, &[("authorization", forged.as_str())]).await;
+    assert_eq!(code(&r.unwrap_err()), ErrorCode::ErrorUnauthenticated);
 
     // The old key is withdrawn: after a refresh it no longer verifies.
     server.publish(jwks(&[&new]));

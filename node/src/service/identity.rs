@@ -98,6 +98,30 @@ pub(super) async fn sign_in_with_callback(
     Ok(AppSignIn { user, device, identity })
 }
 
+/// The user and device of a client API call authenticated by the app's
+/// credential `token`: an app-signed JWT (when `[jwt]` is on), or a token
+/// for the app's callback (then `app_ids` gives the app's user and device
+/// ids from the metadata). `None` if `token` is for rim to check.
+///
+/// Each call resolves the identity again (reads, no writes once the user
+/// and device exist): a JWT costs no call to the app, a callback token one
+/// per `cache_secs`.
+pub(super) async fn app_caller(
+    core: &Core,
+    token: &str,
+    app_ids: impl FnOnce() -> Result<(u64, u64)>,
+) -> Result<Option<(UserId, DeviceId)>> {
+    let s = if core.jwt.is_some() && crate::jwt::JwtVerifier::looks_like_jwt(token) {
+        sign_in_with_jwt(core, token).await?
+    } else if uses_callback(core, token) {
+        let (user, device) = app_ids()?;
+        sign_in_with_callback(core, user, device, token).await?
+    } else {
+        return Ok(None);
+    };
+    Ok(Some((s.user, device_id(&s))))
+}
+
 async fn provision_user(core: &Core, id: &ExternalIdentity) -> Result<UserId> {
     let name = format!("x:{}", id.subject);
     let mut nickname = id.name.clone();

@@ -254,3 +254,18 @@ pub async fn conn_sign_in(listen: &str, input: SignInInput) -> Result<ConnSignIn
 pub async fn token_sign_in(listen: &str, token: &str) -> Result<ConnSignInReply, tonic::Status> {
     conn_sign_in(listen, SignInInput { user_id: 0, device_id: 0, token: token.into() }).await
 }
+
+/// `ListDevices` on the client listener `client_listen`, with this metadata
+/// (an authenticated call that shows who the caller is).
+pub async fn list_devices(
+    client_listen: &str,
+    metadata: &[(&'static str, &str)],
+) -> Result<Vec<Device>, tonic::Status> {
+    let mut auth =
+        rim_proto::v1::auth_service_client::AuthServiceClient::new(endpoint(client_listen).connect_lazy());
+    let mut r = tonic::Request::new(ListDevicesRequest {});
+    for (k, v) in metadata {
+        r.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    auth.list_devices(r).await.map(|r| r.into_inner().devices)
+}
