@@ -111,8 +111,10 @@ impl Jwks {
         if algs.is_empty() {
             return Err(Error::Config("jwt.jwks_algs must allow at least one algorithm".into()));
         }
-        if config.jwks_refresh_secs == 0 || config.jwks_timeout_ms == 0 {
-            return Err(Error::Config("jwt.jwks_refresh_secs and jwks_timeout_ms must be > 0".into()));
+        if config.jwks_refresh_secs == 0 || config.jwks_timeout_ms == 0 || config.jwks_unknown_kid_secs == 0 {
+            return Err(Error::Config(
+                "jwt.jwks_refresh_secs, jwks_timeout_ms and jwks_unknown_kid_secs must be > 0".into(),
+            ));
         }
         if config.jwks_max_bytes == 0 || config.jwks_max_keys == 0 {
             return Err(Error::Config("jwt.jwks_max_bytes and jwks_max_keys must be > 0".into()));
@@ -417,6 +419,8 @@ mod tests {
         for bad in ["http://app.example/jwks", "ftp://127.0.0.1/x", "not a url"] {
             assert!(Jwks::from_config(&with(bad)).is_err(), "{bad}");
         }
+        let unlimited = JwtConfig { jwks_unknown_kid_secs: 0, ..with("https://a.example/") };
+        assert!(Jwks::from_config(&unlimited).is_err(), "unknown kids must be rate-limited");
         let no_algs = JwtConfig { jwks_algs: vec![], ..with("https://a.example/") };
         assert!(Jwks::from_config(&no_algs).is_err());
         let hs = JwtConfig { jwks_algs: vec!["HS256".into()], ..with("https://a.example/") };

@@ -75,6 +75,10 @@ struct App {
 
 impl App {
     async fn start() -> App {
+        App::start_with(None).await
+    }
+
+    async fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> App {
         let state = Arc::new(AppState { open: Some(watch::Sender::new(true)), ..AppState::default() });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -83,7 +87,11 @@ impl App {
         let svc = UserIntServiceServer::new(AppSvc(state.clone()));
         let task = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            let _ = tonic::transport::Server::builder()
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = tls {
+                builder = builder.tls_config(tls).unwrap();
+            }
+            let _ = builder
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|s| *s).await;
@@ -237,4 +245,30 @@ async fn the_apps_callback_signs_in_caches_oks_and_fails_closed() {
 
     gw.shutdown().await;
     c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callback_over_tls_trusts_its_ca() {
+    let _g = serial().await;
+    let pki = rim_testkit::tls::TestPki::new();
+    let app = App::start_with(Some(pki.link(false).server(false).unwrap())).await;
+    app.issue(5, 6, "gim-token-5-6");
+    let (ca, other_ca, port) = (pki.ca.clone(), pki.other_ca.clone(), app.addr.port());
+    // Node 1 trusts the app's CA; node 2 another one.
+    let c = Cluster::start_with(2, 1, move |cfg| {
+        cfg.auth_callback = AuthCallbackConfig {
+            url: format!("https://127.0.0.1:{port}"),
+            ca: Some(if cfg.id == 1 { ca.clone() } else { other_ca.clone() }),
+            ..AuthCallbackConfig::default()
+        };
+    })
+    .await;
+    let ok = conn_sign_in(&c.configs[&1].listen, input(5, 6, "gim-token-5-6")).await.unwrap();
+    assert!(ok.output.unwrap().user_id != 0);
+    assert_eq!(app.calls(), 1);
+    let r = conn_sign_in(&c.configs[&2].listen, input(5, 6, "gim-token-5-6")).await;
+    assert_eq!(code(&r.unwrap_err()), ErrorCode::ErrorUnavailable, "an untrusted app must not be asked");
+    assert_eq!(app.calls(), 1);
+    c.shutdown().await;
+    app.stop().await;
 }
