@@ -50,7 +50,7 @@ pub(super) struct AppSignIn {
 }
 
 /// Verifies `token` and finds (or creates) its user and device.
-pub(super) async fn sign_in_with_jwt(core: &Core, token: &str) -> Result<AppSignIn> {
+async fn sign_in_with_jwt(core: &Core, token: &str) -> Result<AppSignIn> {
     let verifier = core.jwt.as_ref().ok_or_else(|| {
         Error::rejected(ErrorCode::ErrorUnauthenticated, "app-signed tokens are not enabled")
     })?;
@@ -69,14 +69,14 @@ pub(super) async fn sign_in_with_jwt(core: &Core, token: &str) -> Result<AppSign
 /// Whether a sign-in with `token` goes to the app's auth callback: one is
 /// configured and the token is not a rim token (nor, when `[jwt]` is on, a
 /// JWT: the caller tries that first).
-pub(super) fn uses_callback(core: &Core, token: &str) -> bool {
+fn uses_callback(core: &Core, token: &str) -> bool {
     core.auth_callback.is_some() && !crate::auth_callback::is_rim_token(token)
 }
 
 /// Asks the app's callback whether `token` is its token of its user
 /// `app_user` on its device `app_device`, then finds (or creates) their
 /// user and device.
-pub(super) async fn sign_in_with_callback(
+async fn sign_in_with_callback(
     core: &Core,
     app_user: u64,
     app_device: u64,
@@ -98,10 +98,20 @@ pub(super) async fn sign_in_with_callback(
     Ok(AppSignIn { user, device, identity })
 }
 
+/// A sign-in with the app's credential in `input`: an app-signed JWT (when
+/// `[jwt]` is on), or the app's ids and a token for its callback. `None`
+/// if the token is for rim to check.
+pub(super) async fn app_sign_in(
+    core: &Core,
+    input: &rim_proto::v1::SignInInput,
+) -> Result<Option<AppSignIn>> {
+    app_credential(core, &input.token, || Ok((input.user_id, input.device_id))).await
+}
+
 /// The user and device of a client API call authenticated by the app's
-/// credential `token`: an app-signed JWT (when `[jwt]` is on), or a token
-/// for the app's callback (then `app_ids` gives the app's user and device
-/// ids from the metadata). `None` if `token` is for rim to check.
+/// credential `token` ([`app_sign_in`]; `app_ids` gives the app's user and
+/// device ids from the metadata, for the callback). `None` if `token` is
+/// for rim to check.
 ///
 /// Each call resolves the identity again (reads, no writes once the user
 /// and device exist): a JWT costs no call to the app, a callback token one
@@ -111,15 +121,22 @@ pub(super) async fn app_caller(
     token: &str,
     app_ids: impl FnOnce() -> Result<(u64, u64)>,
 ) -> Result<Option<(UserId, DeviceId)>> {
-    let s = if core.jwt.is_some() && crate::jwt::JwtVerifier::looks_like_jwt(token) {
-        sign_in_with_jwt(core, token).await?
-    } else if uses_callback(core, token) {
+    Ok(app_credential(core, token, app_ids).await?.map(|s| (s.user, device_id(&s))))
+}
+
+async fn app_credential(
+    core: &Core,
+    token: &str,
+    app_ids: impl FnOnce() -> Result<(u64, u64)>,
+) -> Result<Option<AppSignIn>> {
+    if core.jwt.is_some() && crate::jwt::JwtVerifier::looks_like_jwt(token) {
+        return Ok(Some(sign_in_with_jwt(core, token).await?));
+    }
+    if uses_callback(core, token) {
         let (user, device) = app_ids()?;
-        sign_in_with_callback(core, user, device, token).await?
-    } else {
-        return Ok(None);
-    };
-    Ok(Some((s.user, device_id(&s))))
+        return Ok(Some(sign_in_with_callback(core, user, device, token).await?));
+    }
+    Ok(None)
 }
 
 async fn provision_user(core: &Core, id: &ExternalIdentity) -> Result<UserId> {
