@@ -24,7 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure().build_server(true).build_client(true).compile_with_config(
         config,
         &files,
-        &[root.to_path_buf()],
+        // The vendored protoc's own includes hold google/protobuf/*.proto
+        // (gim's `UserIntService.Auth` returns `google.protobuf.Empty`).
+        &[root.to_path_buf(), protoc_bin_vendored::include_path()?],
     )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -65,6 +65,10 @@ pub struct NodeConfig {
     /// The app's `before_send` hook (`[before_send]` in TOML; no `url`:
     /// none). See `crate::hooks`.
     pub before_send: crate::hooks::BeforeSendConfig,
+    /// The app's `UserIntService.Auth` (gim's contract; `[auth_callback]`
+    /// in TOML; no url: off): checks sign-in tokens that are neither rim
+    /// tokens nor app-signed JWTs (docs/security.md).
+    pub auth_callback: crate::auth_callback::AuthCallbackConfig,
     /// The secret gateways present (empty: the cluster secret).
     pub gateway_secret: String,
     /// Refuse to start unless every credential is separate: a gateway and
@@ -215,6 +219,7 @@ impl Default for NodeConfig {
             tls: None,
             jwt: crate::jwt::JwtConfig::default(),
             before_send: crate::hooks::BeforeSendConfig::default(),
+            auth_callback: crate::auth_callback::AuthCallbackConfig::default(),
             gateway_secret: String::new(),
             strict_credentials: false,
             admin_secret: String::new(),
@@ -329,6 +334,7 @@ impl NodeConfig {
         }
         crate::jwt::JwtVerifier::from_config(&self.jwt)?;
         crate::hooks::BeforeSend::from_config(&self.before_send)?;
+        crate::auth_callback::AuthCallback::check_config(&self.auth_callback)?;
         if self.peer_via.contains_key(&self.id) {
             return bad(format!("peer_via must not list this node ({})", self.id));
         }

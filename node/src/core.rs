@@ -70,6 +70,8 @@ pub struct Core {
     pub jwt: Option<crate::jwt::JwtVerifier>,
     /// The app's `before_send` hook (`[before_send]`), if configured.
     pub before_send: Option<crate::hooks::BeforeSend>,
+    /// The app's auth callback (`[auth_callback]`), if configured.
+    pub auth_callback: Option<crate::auth_callback::AuthCallback>,
     /// Phone sign-in code verifier.
     pub codes: Arc<dyn CodeVerifier>,
     /// This node's view of the cluster's limits (the cluster map's, or the
@@ -100,9 +102,12 @@ impl Core {
         // `NodeConfig::validate` already refused a configuration this fails on.
         let jwt = crate::jwt::JwtVerifier::from_config(&config.jwt).ok().flatten();
         let before_send = crate::hooks::BeforeSend::from_config(&config.before_send).ok().flatten();
+        let auth_callback =
+            crate::auth_callback::AuthCallback::from_config(&config.auth_callback).ok().flatten();
         Core {
             jwt,
             before_send,
+            auth_callback,
             throttle,
             config,
             peers,

@@ -245,17 +245,11 @@ impl BeforeSend {
             return Ok(None);
         }
         config.validate()?;
-        let mut http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(config.timeout_ms))
-            .redirect(reqwest::redirect::Policy::none());
-        if let Some(ca) = &config.ca {
-            let pem = std::fs::read(ca)
-                .map_err(|e| Error::Config(format!("before_send.ca {}: {e}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| Error::Config(format!("before_send.ca {}: {e}", ca.display())))?;
-            http = http.tls_built_in_root_certs(false).add_root_certificate(cert);
-        }
-        let http = http.build().map_err(|e| Error::Config(format!("before_send: {e}")))?;
+        let http = crate::http_client::client(
+            "before_send",
+            Duration::from_millis(config.timeout_ms),
+            config.ca.as_deref(),
+        )?;
         Ok(Some(BeforeSend {
             slots: tokio::sync::Semaphore::new(config.max_inflight),
             config: config.clone(),

@@ -2,14 +2,17 @@
 //! signs a token for its user and device, and a node verifies it locally,
 //! without calling the app.
 //!
-//! A node configured with `[jwt]` keys accepts, wherever a rim token is
+//! A node configured with `[jwt]` keys (`[[jwt.keys]]`, or the app's JWKS
+//! at `jwks_url`, see [`crate::jwks`]) accepts, wherever a rim token is
 //! accepted at sign-in, a JWT signed by one of them (HS256, RS256, ES256 or
 //! EdDSA). [`JwtVerifier::verify`] checks, in this order and all locally:
-//! the size, the header (an algorithm among the configured keys', never
-//! `none`), the signature (the key named by `kid`, or every key of the
+//! the size, the header (an algorithm among the keys', never `none`), the
+//! signature (the key named by `kid`, or every configured key of the
 //! header's algorithm), `exp` (required, with the configured leeway),
 //! `nbf`, and `aud`/`iss` when configured. It returns the app's identity:
 //! `sub` (the app's user id) and the device claim (the app's device id).
+//! The only network call it can make is the JWKS refetch a `kid` no key
+//! has triggers, rate-limited and bounded by the fetch timeout.
 //!
 //! What a node does with an identity (its own user and device ids, created
 //! on first sight through Raft) is `service/identity.rs`'s business.
@@ -25,12 +28,14 @@
 //!   the token held.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rim_proto::ErrorCode;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::jwks::Jwks;
 
 /// Longest JWT accepted, in bytes.
 pub const MAX_JWT_BYTES: usize = 8 << 10;
@@ -54,6 +59,25 @@ pub struct JwtConfig {
     pub leeway_secs: u64,
     /// The verification keys (`[[jwt.keys]]`).
     pub keys: Vec<JwtKeyConfig>,
+    /// The app's JSON Web Key Set (empty: none); its keys verify next to
+    /// `keys`, looked up by `kid` ([`crate::jwks`]).
+    pub jwks_url: String,
+    /// A PEM file of the CA(s) to trust for `jwks_url` instead of the
+    /// system roots.
+    pub jwks_ca: Option<PathBuf>,
+    /// How often the set is fetched again, in seconds.
+    pub jwks_refresh_secs: u64,
+    /// How long one fetch may take (connect, headers, body), in ms.
+    pub jwks_timeout_ms: u64,
+    /// Largest set accepted, in bytes.
+    pub jwks_max_bytes: usize,
+    /// Most keys in a set (a larger set is refused as a whole).
+    pub jwks_max_keys: usize,
+    /// A token naming an unknown `kid` makes at most one fetch per this
+    /// many seconds.
+    pub jwks_unknown_kid_secs: u64,
+    /// The algorithms a key from the set may have (RS256, ES256, EdDSA).
+    pub jwks_algs: Vec<String>,
 }
 
 impl Default for JwtConfig {
@@ -65,6 +89,14 @@ impl Default for JwtConfig {
             name_claim: "name".into(),
             leeway_secs: 30,
             keys: Vec::new(),
+            jwks_url: String::new(),
+            jwks_ca: None,
+            jwks_refresh_secs: 300,
+            jwks_timeout_ms: 5_000,
+            jwks_max_bytes: 256 << 10,
+            jwks_max_keys: 64,
+            jwks_unknown_kid_secs: 30,
+            jwks_algs: vec!["RS256".into(), "ES256".into(), "EdDSA".into()],
         }
     }
 }
@@ -110,21 +142,36 @@ pub struct ExternalIdentity {
     pub issued_at_ms: i64,
 }
 
-struct Key {
-    kid: Option<String>,
-    alg: Algorithm,
-    key: DecodingKey,
+/// A verification key: configured, or from the JWKS.
+pub(crate) struct Key {
+    pub(crate) kid: Option<String>,
+    pub(crate) alg: Algorithm,
+    pub(crate) key: DecodingKey,
 }
 
-/// Verifies app-signed tokens with the configured keys.
+/// Verifies app-signed tokens with the configured keys and the JWKS's.
 pub struct JwtVerifier {
     keys: Vec<Key>,
+    jwks: Option<Arc<Jwks>>,
     config: JwtConfig,
 }
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtVerifier").field("keys", &self.keys.len()).finish()
+        f.debug_struct("JwtVerifier").field("keys", &self.keys.len()).field("jwks", &self.jwks).finish()
+    }
+}
+
+/// Why no key verified a token.
+enum Miss {
+    /// The token names a kid no key has (the JWKS may have it by now).
+    UnknownKid,
+    Refused(Error),
+}
+
+impl From<Error> for Miss {
+    fn from(e: Error) -> Miss {
+        Miss::Refused(e)
     }
 }
 
@@ -133,9 +180,10 @@ fn refused(why: impl Into<String>) -> Error {
 }
 
 impl JwtVerifier {
-    /// A verifier of `config`'s keys; `None` if it has none.
+    /// A verifier of `config`'s keys and JWKS; `None` if it has neither.
     pub fn from_config(config: &JwtConfig) -> Result<Option<JwtVerifier>> {
-        if config.keys.is_empty() {
+        let jwks = Jwks::from_config(config)?;
+        if config.keys.is_empty() && jwks.is_none() {
             return Ok(None);
         }
         if config.device_claim.is_empty() {
@@ -177,7 +225,7 @@ impl JwtVerifier {
             }
             keys.push(Key { kid: (!k.kid.is_empty()).then(|| k.kid.clone()), alg, key });
         }
-        Ok(Some(JwtVerifier { keys, config: config.clone() }))
+        Ok(Some(JwtVerifier { keys, jwks, config: config.clone() }))
     }
 
     /// Whether `token` has a JWT's shape (three dot-separated parts, the
@@ -189,22 +237,59 @@ impl JwtVerifier {
             && jsonwebtoken::decode_header(token).is_ok()
     }
 
+    /// The JWKS, if `jwks_url` is set (the node runs its refresh loop).
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        self.jwks.as_ref()
+    }
+
     /// The app's identity in `token`, if one of the keys signed it and its
-    /// claims hold (see the module docs).
-    pub fn verify(&self, token: &str) -> Result<ExternalIdentity> {
+    /// claims hold (see the module docs). A `kid` no key has makes the
+    /// JWKS fetch again, rate-limited ([`crate::jwks`]), and is looked up
+    /// once more.
+    pub async fn verify(&self, token: &str) -> Result<ExternalIdentity> {
+        match self.verify_with_keys(token) {
+            Err(Miss::UnknownKid) => {}
+            other => return Self::outcome(other),
+        }
+        if let Some(jwks) = &self.jwks
+            && jwks.refetch_for_unknown_kid().await
+        {
+            return Self::outcome(self.verify_with_keys(token));
+        }
+        Err(refused("unknown key id"))
+    }
+
+    /// [`verify`](Self::verify) with the keys at hand: an unknown kid is
+    /// refused without fetching.
+    pub fn verify_cached(&self, token: &str) -> Result<ExternalIdentity> {
+        Self::outcome(self.verify_with_keys(token))
+    }
+
+    fn outcome(r: std::result::Result<ExternalIdentity, Miss>) -> Result<ExternalIdentity> {
+        r.map_err(|m| match m {
+            Miss::UnknownKid => refused("unknown key id"),
+            Miss::Refused(e) => e,
+        })
+    }
+
+    fn verify_with_keys(&self, token: &str) -> std::result::Result<ExternalIdentity, Miss> {
         if token.len() > MAX_JWT_BYTES {
-            return Err(refused(format!("over {MAX_JWT_BYTES} bytes")));
+            return Err(refused(format!("over {MAX_JWT_BYTES} bytes")).into());
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| refused("not a JWT"))?;
+        let fetched = self.jwks.as_ref().map(|j| j.keys()).unwrap_or_default();
+        // JWKS keys always have a kid, so a token without one is tried
+        // against the configured keys only.
+        let all = || self.keys.iter().chain(fetched.iter());
         let candidates: Vec<&Key> = match &header.kid {
-            Some(kid) if self.keys.iter().any(|k| k.kid.as_ref() == Some(kid)) => {
-                self.keys.iter().filter(|k| k.kid.as_ref() == Some(kid) && k.alg == header.alg).collect()
+            Some(kid) if all().any(|k| k.kid.as_ref() == Some(kid)) => {
+                all().filter(|k| k.kid.as_ref() == Some(kid) && k.alg == header.alg).collect()
             }
-            Some(_) => return Err(refused("unknown key id")),
+            Some(_) => return Err(Miss::UnknownKid),
             None => self.keys.iter().filter(|k| k.alg == header.alg).collect(),
         };
         if candidates.is_empty() {
-            return Err(refused(format!("no key for algorithm {:?}", header.alg)));
+            return Err(refused(format!("no key for algorithm {:?}", header.alg)).into());
         }
         let mut last = refused("bad signature");
         for key in candidates {
@@ -213,7 +298,7 @@ impl JwtVerifier {
                 &key.key,
                 &self.validation(key.alg),
             ) {
-                Ok(data) => return self.identity(&data.claims),
+                Ok(data) => return Ok(self.identity(&data.claims)?),
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind as K;
                     last = match e.kind() {
@@ -229,12 +314,12 @@ impl JwtVerifier {
                     };
                     // Only a bad signature may be another key's token.
                     if !matches!(e.kind(), K::InvalidSignature) {
-                        return Err(last);
+                        return Err(last.into());
                     }
                 }
             }
         }
-        Err(last)
+        Err(last.into())
     }
 
     fn validation(&self, alg: Algorithm) -> Validation {
@@ -345,7 +430,7 @@ mod tests {
         let v = JwtVerifier::from_config(&hs_config("")).unwrap().unwrap();
         let t = hs(Header::new(Algorithm::HS256), &claims(), SECRET);
         assert!(JwtVerifier::looks_like_jwt(&t));
-        let id = v.verify(&t).unwrap();
+        let id = v.verify_cached(&t).unwrap();
         assert_eq!(
             (id.subject.as_str(), id.device.as_str(), id.name.as_str()),
             ("app-user-7", "phone-1", "Ann")
@@ -354,7 +439,7 @@ mod tests {
         // A numeric device claim is its decimal text.
         let mut c = claims();
         c["device"] = json!(42);
-        assert_eq!(v.verify(&hs(Header::new(Algorithm::HS256), &c, SECRET)).unwrap().device, "42");
+        assert_eq!(v.verify_cached(&hs(Header::new(Algorithm::HS256), &c, SECRET)).unwrap().device, "42");
     }
 
     #[test]
@@ -365,7 +450,7 @@ mod tests {
             edit(&mut c);
             let mut h = Header::new(Algorithm::HS256);
             h.kid = Some("k1".into());
-            v.verify(&hs(h, &c, SECRET))
+            v.verify_cached(&hs(h, &c, SECRET))
         };
         let unauth = ErrorCode::ErrorUnauthenticated;
         assert_eq!(code(with(&|_| {})), ErrorCode::Ok);
@@ -381,21 +466,21 @@ mod tests {
         let mut h = Header::new(Algorithm::HS256);
         h.kid = Some("k1".into());
         assert_eq!(
-            code(v.verify(&hs(h.clone(), &claims(), "another-secret-of-at-least-32-bytes!!"))),
+            code(v.verify_cached(&hs(h.clone(), &claims(), "another-secret-of-at-least-32-bytes!!"))),
             unauth
         );
         let mut other_kid = h.clone();
         other_kid.kid = Some("k2".into());
-        assert_eq!(code(v.verify(&hs(other_kid, &claims(), SECRET))), unauth);
+        assert_eq!(code(v.verify_cached(&hs(other_kid, &claims(), SECRET))), unauth);
         let good = hs(h, &claims(), SECRET);
         let parts: Vec<&str> = good.split('.').collect();
         let none_header = encode_no_pad(br#"{"alg":"none","typ":"JWT"}"#);
-        assert_eq!(code(v.verify(&format!("{none_header}.{}.", parts[1]))), unauth);
+        assert_eq!(code(v.verify_cached(&format!("{none_header}.{}.", parts[1]))), unauth);
         let mut forged = claims();
         forged["sub"] = json!("admin");
         let tampered = format!("{}.{}.{}", parts[0], encode_no_pad(forged.to_string().as_bytes()), parts[2]);
-        assert_eq!(code(v.verify(&tampered)), unauth);
-        assert_eq!(code(v.verify(&"a".repeat(MAX_JWT_BYTES + 1))), unauth);
+        assert_eq!(code(v.verify_cached(&tampered)), unauth);
+        assert_eq!(code(v.verify_cached(&"a".repeat(MAX_JWT_BYTES + 1))), unauth);
     }
 
     #[test]
@@ -440,16 +525,19 @@ mod tests {
         };
         let ec_key = EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap();
         let ed_key = EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).unwrap();
-        assert_eq!(v.verify(&sign(Algorithm::ES256, "ec", &ec_key)).unwrap().subject, "u1");
-        assert_eq!(v.verify(&sign(Algorithm::EdDSA, "ed", &ed_key)).unwrap().subject, "u1");
+        assert_eq!(v.verify_cached(&sign(Algorithm::ES256, "ec", &ec_key)).unwrap().subject, "u1");
+        assert_eq!(v.verify_cached(&sign(Algorithm::EdDSA, "ed", &ed_key)).unwrap().subject, "u1");
         let rs_key = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
-        assert_eq!(v.verify(&sign(Algorithm::RS256, "rs", &rs_key)).unwrap().subject, "u1");
+        assert_eq!(v.verify_cached(&sign(Algorithm::RS256, "rs", &rs_key)).unwrap().subject, "u1");
         // The EC key's token under the Ed key's id: refused.
-        assert_eq!(code(v.verify(&sign(Algorithm::ES256, "ed", &ec_key))), ErrorCode::ErrorUnauthenticated);
+        assert_eq!(
+            code(v.verify_cached(&sign(Algorithm::ES256, "ed", &ec_key))),
+            ErrorCode::ErrorUnauthenticated
+        );
         // An HS256 token "signed" with the public key's PEM as the secret
         // (the classic algorithm confusion): no HS256 key, refused.
         let confused = hs(Header::new(Algorithm::HS256), &c, &ec.public_key_pem());
-        assert_eq!(code(v.verify(&confused)), ErrorCode::ErrorUnauthenticated);
+        assert_eq!(code(v.verify_cached(&confused)), ErrorCode::ErrorUnauthenticated);
     }
 
     #[test]

@@ -31,6 +31,7 @@
 //!   configuration: the limits are replicated state ([`limits`]).
 
 pub mod auth;
+pub mod auth_callback;
 pub mod config;
 pub mod core;
 pub mod credentials;
@@ -40,6 +41,8 @@ pub mod grpc;
 pub mod hooks;
 pub mod http;
 pub mod http_api;
+pub mod http_client;
+pub mod jwks;
 pub mod jwt;
 pub mod limits;
 pub mod net;

@@ -114,6 +114,7 @@ fn webhook(url: &str) -> WebhookConfig {
         secrets: vec![SECRET_NEW.into(), SECRET_OLD.into()],
         types: Vec::new(),
         timeout_ms: 2_000,
+        ca: None,
     }
 }
 

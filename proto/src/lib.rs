@@ -48,6 +48,10 @@ mod generated {
             }
         }
     }
+
+    pub mod business {
+        tonic::include_proto!("business");
+    }
 }
 
 /// Client-visible protocol (package `rim.v1`): messages, errors, packets and
@@ -57,6 +61,11 @@ pub use generated::rim::v1;
 /// Stored records and Raft commands of the IM state machine (package
 /// `rim.store.v1`).
 pub use generated::rim::store::v1 as store;
+
+/// gim's integration contract (package `business`): the
+/// `UserIntService.Auth` an app implements, which a node with
+/// `[auth_callback]` calls to check the app's tokens.
+pub use generated::business as gim_business;
 
 /// The server API of an app's backend (package `rim.server.v1`): gRPC, and
 /// the same messages as JSON over HTTP (docs/server-api.md).

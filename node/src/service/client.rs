@@ -3,7 +3,10 @@
 //! Every call except `Register`, `SignIn` and `SignInByPhone` carries
 //! `user_id`, `device_id` and `token` in its metadata; the token is checked
 //! (signature, expiry, and the device's token version on a local replica)
-//! before anything else happens.
+//! before anything else happens. An app's credential may stand in for the
+//! token (an app-signed JWT as `token` or `authorization: Bearer`, without
+//! the ids; or, with an auth callback, the app's ids and token):
+//! `identity::app_caller`.
 
 use std::sync::Arc;
 
@@ -46,15 +49,23 @@ fn meta_u64<T>(req: &Request<T>, key: &str) -> Result<u64> {
 }
 
 impl ClientSvc {
-    /// The caller, after checking the token in the metadata.
+    /// The caller, after checking the token in the metadata (`token`, or
+    /// `authorization: Bearer <token>`). An app's credential (an app-signed
+    /// JWT, or a token for the app's auth callback) is resolved like at a
+    /// gateway's sign-in (`identity.rs`); a rim token needs `user_id` and
+    /// `device_id` too.
     pub(super) async fn caller<T>(&self, req: &Request<T>) -> Result<Caller> {
+        let meta = |key: &str| req.metadata().get(key).and_then(|v| v.to_str().ok());
+        let bearer = meta("authorization").and_then(|v| v.strip_prefix("Bearer "));
+        let token = bearer
+            .or_else(|| meta(TOKEN_METADATA_KEY))
+            .ok_or_else(|| Error::rejected(ErrorCode::ErrorUnauthenticated, "metadata token missing"))?;
+        let app_ids = || Ok((meta_u64(req, USER_ID_METADATA_KEY)?, meta_u64(req, DEVICE_ID_METADATA_KEY)?));
+        if let Some((user, device)) = super::identity::app_caller(&self.core, token, app_ids).await? {
+            return Ok(Caller { user, device });
+        }
         let user = UserId(meta_u64(req, USER_ID_METADATA_KEY)?);
         let device = DeviceId(meta_u64(req, DEVICE_ID_METADATA_KEY)?);
-        let token = req
-            .metadata()
-            .get(TOKEN_METADATA_KEY)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| Error::rejected(ErrorCode::ErrorUnauthenticated, "metadata token missing"))?;
         self.core.verify_token(user, device, token).await?;
         Ok(Caller { user, device })
     }

@@ -55,7 +55,6 @@ use super::client::Caller;
 use super::{identity, ops};
 use crate::core::Core;
 use crate::error::Error;
-use crate::jwt::JwtVerifier;
 
 /// Pushes queued per subscription stream before the stream is ended.
 const PUSH_QUEUE: usize = 4_096;
@@ -134,10 +133,10 @@ impl GatewayService for GatewaySvc {
         let input = r.input.unwrap_or_default();
         // An app-signed token names the app's user and device: they become
         // rim's (created on first sight), and the token's expiry is the
-        // connection's. Its signature is checked first too.
+        // connection's. Its signature is checked first too. So do the app's
+        // ids and token its auth callback vouches for (gim's way).
         let (user_id, device_id, token_version, expires_at_ms) =
-            if self.core.jwt.is_some() && JwtVerifier::looks_like_jwt(&input.token) {
-                let s = identity::sign_in_with_jwt(&self.core, &input.token).await?;
+            if let Some(s) = identity::app_sign_in(&self.core, &input).await? {
                 (s.user, identity::device_id(&s), s.device.token_version, s.identity.expires_at_ms)
             } else {
                 ops::check_id("user_id", input.user_id)?;

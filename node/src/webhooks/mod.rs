@@ -65,6 +65,10 @@ pub struct WebhookConfig {
     /// Timeout of one request, in ms.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// A PEM bundle of the CA(s) the endpoint's certificate chains to
+    /// (none: the system's roots).
+    #[serde(default)]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -79,6 +83,7 @@ impl std::fmt::Debug for WebhookConfig {
             .field("secrets", &self.secrets.len())
             .field("types", &self.types)
             .field("timeout_ms", &self.timeout_ms)
+            .field("ca", &self.ca)
             .finish()
     }
 }
@@ -130,11 +135,11 @@ pub fn endpoints(configs: &[WebhookConfig]) -> Result<Vec<Arc<Endpoint>>> {
         if !(1..=MAX_TIMEOUT_MS).contains(&c.timeout_ms) {
             return bad(format!("{}: timeout_ms must be 1..={MAX_TIMEOUT_MS}", c.name));
         }
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(c.timeout_ms))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| Error::Config(format!("webhooks {}: {e}", c.name)))?;
+        let client = crate::http_client::client(
+            &format!("webhooks {}", c.name),
+            Duration::from_millis(c.timeout_ms),
+            c.ca.as_deref(),
+        )?;
         out.push(Arc::new(Endpoint { config: c.clone(), secrets, client }));
     }
     Ok(out)
