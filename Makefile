@@ -21,11 +21,12 @@ test: prereqs
 
 JEPSEN_STORE ?= $(CARGO_TARGET_DIR)/jepsen-store
 
-## The CI consistency run: 3 nodes, 60 s, partition/kill/pause; exit 0 = valid.
+## The CI consistency run: 3 nodes, 60 s, partition/kill/pause and the
+## app's webhook receiver killed, paused or cut off; exit 0 = valid.
 jepsen-smoke: prereqs
 	$(CARGO) build -q -p rim -p rim-jepsen
 	$(CARGO) run -q -p rim-jepsen -- test --nodes 3 --time-limit 60 \
-		--nemesis partition,kill,pause --min-acked 300 --store $(JEPSEN_STORE)
+		--nemesis partition,kill,pause,webhook --min-acked 300 --store $(JEPSEN_STORE)
 
 ## The long run of docs/jepsen.md: 10 minutes, every nemesis.
 jepsen-long: prereqs

@@ -159,25 +159,34 @@ pub struct RunSummary {
     pub webhook_events_missing: Option<usize>,
 }
 
-/// Waits (at most `timeout`) until the receiver holds a `message.created`
-/// for every committed message the history shows; returns the receipts
-/// and how many were still missing.
+/// Waits until the receiver holds a `message.created` for every committed
+/// message the history shows, at most `timeout`, and gives up earlier when
+/// nothing arrived for [`EVENTS_STALLED`] (longer than the nodes' longest
+/// retry backoff, so a delivery in backoff is not cut off); returns the
+/// receipts and how many were still missing.
 async fn wait_for_events(
     dir: &Path,
     receipts: &Path,
     timeout: Duration,
 ) -> Result<(Vec<crate::webhooks::Receipt>, usize)> {
     let deadline = Instant::now() + timeout;
+    let (mut last_count, mut last_change) = (usize::MAX, Instant::now());
     loop {
         let history = read_history(dir.join("history.jsonl"))?;
         let got = crate::webhooks::read_receipts(receipts)?;
         let missing = crate::checker::missing_events(&history.ops, &got);
-        if missing == 0 || Instant::now() >= deadline {
+        if got.len() != last_count {
+            (last_count, last_change) = (got.len(), Instant::now());
+        }
+        if missing == 0 || Instant::now() >= deadline || last_change.elapsed() >= EVENTS_STALLED {
             return Ok((got, missing));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+/// How long the final wait for webhook events tolerates no new delivery.
+const EVENTS_STALLED: Duration = Duration::from_secs(45);
 
 /// Runs one test. Needs a multi-threaded tokio runtime. An error means the
 /// run could not be carried out (the verdict is then "unknown").

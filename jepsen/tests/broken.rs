@@ -104,6 +104,14 @@ async fn stale_reads_are_caught() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_webhook_events_are_caught_as_lost_events() {
+    let mut o = options("drop-events", vec![Fault::Webhook], vec![], vec![]);
+    o.webhook_receiver = Some(env!("CARGO_BIN_EXE_rim-jepsen").into());
+    let o = run(o).await;
+    assert_caught(&o, &["lost-event"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_fsync_is_caught_when_every_node_crashes() {
     let o = run(options("skip-fsync", vec![Fault::Kill], vec![], vec![Target::All])).await;
     assert_caught(&o, &["lost-ack", "lost-entry", "divergence"]);

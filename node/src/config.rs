@@ -158,11 +158,15 @@ pub struct Sabotage {
     /// `Deliver` ignores the "already holds this message id" check: a relay
     /// retry duplicates messages in recipients' lists.
     pub no_relay_dedup: bool,
+    /// Webhook delivery treats every 5th event as delivered without
+    /// sending it: the app never hears of those messages.
+    pub drop_events: bool,
 }
 
 impl Sabotage {
     /// Flag names as on the command line, in field order.
-    pub const NAMES: [&'static str; 4] = ["ack-before-commit", "stale-reads", "skip-fsync", "no-relay-dedup"];
+    pub const NAMES: [&'static str; 5] =
+        ["ack-before-commit", "stale-reads", "skip-fsync", "no-relay-dedup", "drop-events"];
 
     /// Parses `ack-before-commit,stale-reads,...` (underscores accepted;
     /// empty or `none`: nothing).
@@ -174,6 +178,7 @@ impl Sabotage {
                 "stale-reads" => out.stale_reads = true,
                 "skip-fsync" => out.skip_fsync = true,
                 "no-relay-dedup" => out.no_relay_dedup = true,
+                "drop-events" => out.drop_events = true,
                 _ => {
                     return Err(Error::Config(format!(
                         "sabotage: unknown flag {name:?} (known: {})",
@@ -187,13 +192,23 @@ impl Sabotage {
 
     /// Whether any flag is on.
     pub fn any(&self) -> bool {
-        self.ack_before_commit || self.stale_reads || self.skip_fsync || self.no_relay_dedup
+        self.ack_before_commit
+            || self.stale_reads
+            || self.skip_fsync
+            || self.no_relay_dedup
+            || self.drop_events
     }
 }
 
 impl std::fmt::Display for Sabotage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let on = [self.ack_before_commit, self.stale_reads, self.skip_fsync, self.no_relay_dedup];
+        let on = [
+            self.ack_before_commit,
+            self.stale_reads,
+            self.skip_fsync,
+            self.no_relay_dedup,
+            self.drop_events,
+        ];
         let names: Vec<&str> =
             Sabotage::NAMES.iter().zip(on).filter(|(_, on)| *on).map(|(n, _)| *n).collect();
         if names.is_empty() { f.write_str("none") } else { f.write_str(&names.join(",")) }

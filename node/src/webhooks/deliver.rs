@@ -193,6 +193,10 @@ async fn deliver_one(
         if !group.is_leader() {
             return Outcome::Stop;
         }
+        if core.config.sabotage.drop_events && e.index.wrapping_add(u64::from(e.ordinal)) % 5 == 0 {
+            // The deliberately broken build (tests only): "delivered", never sent.
+            return Outcome::Delivered;
+        }
         let reason = match post(endpoint, e).await {
             Ok(status) if status.is_success() => return Outcome::Delivered,
             Ok(status) => format!("HTTP {}", status.as_u16()),
