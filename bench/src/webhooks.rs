@@ -274,10 +274,10 @@ pub(crate) async fn run(args: &WebhooksArgs, prepared: Prepared, target: &Target
                 .with("nodes_rss_mib_peak_catch_up", rss_peak),
         );
         summary.push_str(&format!(
-            "; after {:.0}s down: {} behind, caught up {} in {took:.1}s ({:.0} events/s), nodes RSS {:.0} → {:.0} → peak {rss_peak:.0} MiB",
+            "; after {:.0}s down: {} behind, {} in {took:.1}s ({:.0} events/s), nodes RSS {:.0} → {:.0} → peak {rss_peak:.0} MiB",
             args.outage.as_secs_f64(),
             backlog_acked.saturating_sub(created_at_recovery),
-            if caught_up { "" } else { "NOT" },
+            if caught_up { "caught up" } else { "NOT caught up" },
             drained as f64 / took.max(1e-3),
             rss_before.unwrap_or(0.0),
             rss_outage_end.unwrap_or(0.0),
