@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building rim needs beyond a Rust toolchain: libclang and clang's
-# builtin headers (RocksDB's bindgen), a C++ compiler and make. protoc is
+# builtin headers (RocksDB's bindgen), a C++ compiler and make; and python3 for
+# one test (the example webhook receiver). protoc is
 # vendored (protoc-bin-vendored). Idempotent and quick when everything is present.
 #
 # The libclang check looks for exactly the files bindgen's loader (clang-sys,
@@ -67,6 +68,8 @@ find_libclang >/dev/null || need+=(libclang-dev)
 have_clang_headers || need+=(clang)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
+# The tests run the example webhook receiver (docs/examples, standard library only).
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 # Optional: libfaketime for the jepsen harness's clock nemesis (skipped
 # with a printed reason without it). Installed only where we may.
 optional=()
