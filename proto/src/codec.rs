@@ -146,6 +146,20 @@ pub fn encoded_frame_len(packet: &Packet) -> usize {
     prost::length_delimiter_len(len) + len
 }
 
+/// Appends already encoded `body` to `dst` as one frame (length prefix +
+/// body): the same framing for a message that is not rim's `Packet` (gim's).
+pub fn encode_raw_frame(body: &[u8], dst: &mut BytesMut) {
+    dst.reserve(raw_frame_len(body));
+    // A BytesMut grows on demand: encoding the prefix cannot fail.
+    let _ = prost::encode_length_delimiter(body.len(), dst);
+    dst.extend_from_slice(body);
+}
+
+/// Length of the frame of `body`: prefix plus body.
+pub fn raw_frame_len(body: &[u8]) -> usize {
+    prost::length_delimiter_len(body.len()) + body.len()
+}
+
 /// Decodes one `Packet` that arrived without a length prefix (a WebSocket
 /// binary message), enforcing the same maximum as the TCP framing.
 pub fn decode_unframed(data: Bytes, max_frame: usize) -> Result<Packet, CodecError> {
@@ -186,6 +200,14 @@ impl Framing {
 
     /// Decodes the first complete frame of `buf`, consuming it.
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Packet>, CodecError> {
+        match self.body(buf)? {
+            Some(frame) => Ok(Some(Packet::decode(frame)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The body of the first complete frame of `buf`, consumed, undecoded.
+    fn body(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, CodecError> {
         if let Some(fatal) = self.fatal {
             buf.clear();
             return Err(fatal.into());
@@ -210,8 +232,7 @@ impl Framing {
             return Ok(None);
         }
         buf.advance(prefix);
-        let frame = buf.split_to(body).freeze();
-        Ok(Some(Packet::decode(frame)?))
+        Ok(Some(buf.split_to(body).freeze()))
     }
 
     fn fail(&mut self, buf: &mut BytesMut, fatal: Fatal) -> CodecError {
@@ -294,6 +315,47 @@ impl FrameDecoder {
             None if self.buf.is_empty() => Ok(()),
             None => Err(CodecError::Truncated { buffered: self.buf.len() }),
         }
+    }
+}
+
+/// [`FrameDecoder`] for frames whose bodies are not rim's `Packet`: the
+/// same framing rules (bounded prefix, maximum checked before the body is
+/// awaited, sticky fatal errors), each body handed out undecoded. Gateways
+/// use it for gim's `Packet`s, which share rim's framing.
+#[derive(Debug, Clone)]
+pub struct RawFrameDecoder {
+    framing: Framing,
+    buf: BytesMut,
+}
+
+impl RawFrameDecoder {
+    /// A decoder refusing bodies longer than `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        RawFrameDecoder { framing: Framing::new(max_frame), buf: BytesMut::new() }
+    }
+
+    /// The maximum body length.
+    pub fn max_frame(&self) -> usize {
+        self.framing.max_frame
+    }
+
+    /// Changes the maximum body length for the frames not yet decoded.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.framing.max_frame = max_frame;
+    }
+
+    /// Appends received bytes. Ignored once a fatal error was returned.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.framing.fatal.is_none() {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    /// The next complete body, `Ok(None)` if more bytes are needed, or a
+    /// fatal error ([`CodecError::FrameTooLarge`], [`CodecError::BadVarint`]),
+    /// repeated on every later call.
+    pub fn next_frame(&mut self) -> Result<Option<Bytes>, CodecError> {
+        self.framing.body(&mut self.buf)
     }
 }
 

@@ -2,118 +2,21 @@
 //!
 //! A gim TCP frame is an unsigned LEB128 varint length followed by that many
 //! bytes of a `connect.Packet`, both ways (gim's `pkg/codec/uvarint.go`):
-//! the same framing as rim's, so the length prefix is read by
-//! [`rim_proto::codec::decode_length_prefix`] and the same rules hold (at
-//! most 10 prefix bytes, a maximum body checked before the body is awaited,
-//! partial reads buffered; gim itself had no maximum and dropped split
-//! frames). What differs is the body: a gim `Packet` (string
-//! `request_id`) that rim's decoder would refuse, so [`RawFrames`] hands out
-//! the body's bytes and the translator decodes them.
+//! the same framing as rim's, so rim's codec frames it
+//! ([`rim_proto::codec::RawFrameDecoder`], here `RawFrames`) and the same
+//! rules hold (at most 10 prefix bytes, a maximum body checked before the
+//! body is awaited, partial reads buffered; gim itself had no maximum and
+//! dropped split frames). What differs is the body: a gim `Packet` (string
+//! `request_id`) that rim's decoder would refuse, so the raw decoder hands
+//! out the body's bytes and the translator decodes them.
 //!
 //! [`Credit`] converts bytes written to the socket (gim frames) back into
 //! the bytes the session counted for them (rim frames), so the session's
 //! send-queue limit keeps working on a gim connection.
 
-use bytes::{Buf as _, Bytes, BytesMut};
-use rim_proto::CodecError;
-use rim_proto::codec::decode_length_prefix;
-
-/// A fatal framing error, remembered so it is repeated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fatal {
-    TooLarge { len: u64, max: usize },
-    BadVarint,
-}
-
-impl From<Fatal> for CodecError {
-    fn from(f: Fatal) -> Self {
-        match f {
-            Fatal::TooLarge { len, max } => CodecError::FrameTooLarge { len, max },
-            Fatal::BadVarint => CodecError::BadVarint,
-        }
-    }
-}
-
-/// Push-based decoder of varint-length-delimited frames, yielding each
-/// frame's body undecoded.
-#[derive(Debug)]
-pub(crate) struct RawFrames {
-    buf: BytesMut,
-    max_frame: usize,
-    fatal: Option<Fatal>,
-}
-
-impl RawFrames {
-    /// A decoder refusing bodies longer than `max_frame` bytes.
-    pub(crate) fn new(max_frame: usize) -> RawFrames {
-        RawFrames { buf: BytesMut::new(), max_frame, fatal: None }
-    }
-
-    /// The current maximum body length.
-    pub(crate) fn max_frame(&self) -> usize {
-        self.max_frame
-    }
-
-    /// Changes the maximum for frames not yet decoded.
-    pub(crate) fn set_max_frame(&mut self, max_frame: usize) {
-        self.max_frame = max_frame;
-    }
-
-    /// Appends received bytes (ignored after a fatal error).
-    pub(crate) fn push(&mut self, bytes: &[u8]) {
-        if self.fatal.is_none() {
-            self.buf.extend_from_slice(bytes);
-        }
-    }
-
-    /// The next complete body, `Ok(None)` if more bytes are needed, or a
-    /// fatal error ([`CodecError::FrameTooLarge`], [`CodecError::BadVarint`]),
-    /// repeated on every later call.
-    pub(crate) fn next_frame(&mut self) -> Result<Option<Bytes>, CodecError> {
-        if let Some(fatal) = self.fatal {
-            return Err(fatal.into());
-        }
-        let (len, prefix) = match decode_length_prefix(&self.buf) {
-            Ok(Some(found)) => found,
-            Ok(None) => return Ok(None),
-            Err(_) => return Err(self.fail(Fatal::BadVarint)),
-        };
-        let body = match usize::try_from(len) {
-            Ok(body) if body <= self.max_frame => body,
-            _ => return Err(self.fail(Fatal::TooLarge { len, max: self.max_frame })),
-        };
-        let needed = prefix.saturating_add(body);
-        if self.buf.len() < needed {
-            self.buf.reserve(needed - self.buf.len());
-            return Ok(None);
-        }
-        self.buf.advance(prefix);
-        Ok(Some(self.buf.split_to(body).freeze()))
-    }
-
-    fn fail(&mut self, fatal: Fatal) -> CodecError {
-        self.fatal = Some(fatal);
-        self.buf = BytesMut::new();
-        fatal.into()
-    }
-}
-
-/// Appends `body` to `dst` as one frame (varint length, then the body).
-pub(crate) fn encode_frame(body: &[u8], dst: &mut BytesMut) {
-    let mut len = body.len() as u64;
-    dst.reserve(prost::length_delimiter_len(body.len()) + body.len());
-    while len >= 0x80 {
-        dst.extend_from_slice(&[(len as u8) | 0x80]);
-        len >>= 7;
-    }
-    dst.extend_from_slice(&[len as u8]);
-    dst.extend_from_slice(body);
-}
-
-/// Length of `body`'s frame.
-pub(crate) fn frame_len(body: &[u8]) -> usize {
-    prost::length_delimiter_len(body.len()) + body.len()
-}
+pub(crate) use rim_proto::codec::{
+    RawFrameDecoder as RawFrames, encode_raw_frame as encode_frame, raw_frame_len as frame_len,
+};
 
 /// Bytes queued for the socket in gim frames, and what the session counted
 /// for them in rim frames.
@@ -152,6 +55,8 @@ impl Credit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
+    use rim_proto::CodecError;
 
     fn framed(body: &[u8]) -> BytesMut {
         let mut out = BytesMut::new();
