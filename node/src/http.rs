@@ -26,7 +26,16 @@ pub fn prometheus() -> &'static PrometheusHandle {
 pub async fn serve(core: Arc<Core>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
     let handle = prometheus();
     let metrics_core = core.clone();
-    let app = crate::webhooks::pull::router(core.clone())
+    // The API keys of the server API and of `GET /events`, read once. The
+    // node validated its configuration before it got here.
+    let creds = match crate::credentials::Credentials::from_config(&core.config) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(error = %e, "the server API and GET /events are not served over HTTP");
+            None
+        }
+    };
+    let mut app = axum::Router::new()
         .route(
             "/metrics",
             get(move || {
@@ -37,8 +46,18 @@ pub async fn serve(core: Arc<Core>, listener: tokio::net::TcpListener) -> std::i
                 }
             }),
         )
-        .merge(crate::http_api::router(core.clone()))
-        .route("/healthz", get(move || async move { health(&core) }));
+        .route(
+            "/healthz",
+            get({
+                let core = core.clone();
+                move || async move { health(&core) }
+            }),
+        );
+    if let Some(creds) = creds {
+        app = app
+            .merge(crate::webhooks::pull::router(core.clone(), creds.clone()))
+            .merge(crate::http_api::router(core, creds));
+    }
     axum::serve(listener, app).await
 }
 

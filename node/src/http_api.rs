@@ -127,15 +127,7 @@ routes! {
 }
 
 /// The HTTP API's router (merged into the node's HTTP endpoints).
-pub fn router(core: Arc<Core>) -> Router {
-    let creds = match Credentials::from_config(&core.config) {
-        Ok(c) => c,
-        Err(e) => {
-            // The node validated its configuration before it got here.
-            tracing::error!(error = %e, "server API over HTTP not served");
-            return Router::new();
-        }
-    };
+pub fn router(core: Arc<Core>, creds: Credentials) -> Router {
     let api = Api { svc: ServerApiSvc { core }, creds };
     mount(Router::new()).layer(tower::limit::ConcurrencyLimitLayer::new(MAX_CONCURRENT_CALLS)).with_state(api)
 }

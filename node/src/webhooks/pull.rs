@@ -58,15 +58,8 @@ pub struct PullState {
     creds: Credentials,
 }
 
-/// The `/events` route.
-pub fn router(core: Arc<Core>) -> axum::Router {
-    let creds = match Credentials::from_config(&core.config) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "GET /events not served");
-            return axum::Router::new();
-        }
-    };
+/// The `/events` route, authorising callers with `creds`.
+pub fn router(core: Arc<Core>, creds: Credentials) -> axum::Router {
     axum::Router::new().route("/events", axum::routing::get(events)).with_state(PullState { core, creds })
 }
 
