@@ -56,7 +56,7 @@ enum AdminCmd {
     Limits,
     /// Change some of the cluster's limits; the others keep their values.
     /// Every group applies the change within a second or so.
-    SetLimits(LimitFlags),
+    SetLimits(Box<LimitFlags>),
 }
 
 /// Declares the `set-limits` flags, one per field of `ClusterLimits`, how
@@ -81,7 +81,7 @@ macro_rules! limit_flags {
 
         fn print_limits(l: &ClusterLimits) {
             println!("cluster limits v{}", l.version);
-            $(println!("  {:<20} {}", stringify!($field).replace('_', "-"), l.$field);)*
+            $(println!("  {:<26} {}", stringify!($field).replace('_', "-"), l.$field);)*
         }
     };
 }
@@ -121,6 +121,14 @@ limit_flags! {
     events_disabled: bool,
     /// How long an event is kept and retried, in ms.
     event_retention_ms: i64,
+    /// No device.online / device.offline events (true/false).
+    presence_events_disabled: bool,
+    /// How long a closed connection may be followed by a new one before the device counts as offline, in ms.
+    offline_grace_ms: i64,
+    /// No push.needed events (true/false).
+    push_needed_disabled: bool,
+    /// How long a received message may stay unacknowledged by a device before push.needed, in ms.
+    push_needed_after_ms: i64,
 }
 
 /// TLS of the links to the nodes' internal listeners (`rim admin`, and

@@ -15,8 +15,10 @@
 //!    `--outage` while the sends go on, then recovers; the time until every
 //!    acknowledged message's event arrived, the events per second meanwhile,
 //!    and the nodes' resident memory before, at the end of the outage and
-//!    after catch-up (the backlog lives in the Raft log and the shards'
-//!    state, not in a queue, so memory should stay flat);
+//!    the peak during catch-up (the backlog lives in the Raft log and the
+//!    shards' state, not in a queue, so memory should stay flat);
+//!    With `--control` the receiver stays up through that phase: the same
+//!    sends and memory readings without a backlog, to compare against;
 //! 3. with `--hook-blackhole`: the nodes also have a `before_send` hook
 //!    whose endpoint accepts connections and never answers, failing open
 //!    after `--hook-timeout`: the steady phase's send → ack p99 shows what
@@ -66,6 +68,13 @@ pub struct WebhooksArgs {
     /// The black-holed hook's timeout.
     #[arg(long, default_value = "200ms", value_parser = sys::parse_duration)]
     hook_timeout: Duration,
+    /// A control run: the receiver stays up during `--outage` (same sends,
+    /// same memory readings, no backlog).
+    #[arg(long)]
+    control: bool,
+    /// The endpoint's `max_in_flight` (requests in flight per shard; default: the node's).
+    #[arg(long)]
+    max_in_flight: Option<usize>,
 }
 
 impl WebhooksArgs {
@@ -161,6 +170,9 @@ pub(crate) async fn prepare(args: &WebhooksArgs, target: &mut TargetArgs) -> any
     let url = format!("http://{}/rim", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, app).await });
     let mut config = format!("[[webhooks]]\nname = \"bench\"\nurl = \"{url}\"\nsecrets = [\"{SECRET}\"]\n");
+    if let Some(w) = args.max_in_flight {
+        config.push_str(&format!("max_in_flight = {w}\n"));
+    }
     let blackhole = if args.hook_blackhole {
         let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the black hole")?;
         let addr = hole.local_addr()?;
@@ -244,8 +256,24 @@ pub(crate) async fn run(args: &WebhooksArgs, prepared: Prepared, target: &Target
     // 2. Catch-up after an outage.
     if !args.outage.is_zero() {
         let rss_before = nodes_rss_mib(target);
-        r.up.store(false, Ordering::Relaxed);
-        let during = driver.step(rate, args.outage, "receiver down: ".into()).await;
+        r.up.store(args.control, Ordering::Relaxed);
+        // The nodes' memory is sampled every second while the sends go on.
+        let stepped = AtomicBool::new(false);
+        let label = if args.control { "receiver up (control): " } else { "receiver down: " };
+        let step = async {
+            let during = driver.step(rate, args.outage, label.into()).await;
+            stepped.store(true, Ordering::Relaxed);
+            during
+        };
+        let sample = async {
+            let mut peak: f64 = 0.0;
+            while !stepped.load(Ordering::Relaxed) {
+                peak = peak.max(nodes_rss_mib(target).unwrap_or(0.0));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            peak
+        };
+        let (during, rss_peak_outage) = tokio::join!(step, sample);
         let rss_outage_end = nodes_rss_mib(target);
         let backlog_acked = driver.acked_all();
         let created_at_recovery = r.created();
@@ -253,9 +281,16 @@ pub(crate) async fn run(args: &WebhooksArgs, prepared: Prepared, target: &Target
         let t0 = Instant::now();
         let deadline = t0 + args.catch_up_timeout;
         let mut rss_peak = rss_outage_end.unwrap_or(0.0);
+        // The first event after recovery waits for the retry backoff of the
+        // requests that were failing (up to 30 s): the drain rate is
+        // measured from it too.
+        let mut first_event: Option<f64> = None;
         while r.created() < backlog_acked && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
             rss_peak = rss_peak.max(nodes_rss_mib(target).unwrap_or(0.0));
+            if first_event.is_none() && r.created() > created_at_recovery {
+                first_event = Some(t0.elapsed().as_secs_f64());
+            }
         }
         let caught_up = r.created() >= backlog_acked;
         let took = t0.elapsed().as_secs_f64();
@@ -264,18 +299,26 @@ pub(crate) async fn run(args: &WebhooksArgs, prepared: Prepared, target: &Target
             "catch_up",
             Json::obj()
                 .with("outage_seconds", args.outage.as_secs_f64())
+                .with("control_receiver_up", args.control)
                 .with("sends_during_outage", during.to_json())
                 .with("events_behind_at_recovery", backlog_acked.saturating_sub(created_at_recovery))
                 .with("caught_up", caught_up)
                 .with("catch_up_seconds", took)
                 .with("catch_up_events_per_second", drained as f64 / took.max(1e-3))
+                .with("first_event_after_recovery_seconds", first_event)
+                .with(
+                    "drain_events_per_second_from_first_event",
+                    first_event.map(|f| drained as f64 / (took - f).max(1e-3)),
+                )
                 .with("nodes_rss_mib_before", rss_before)
+                .with("nodes_rss_mib_peak_outage", rss_peak_outage)
                 .with("nodes_rss_mib_outage_end", rss_outage_end)
                 .with("nodes_rss_mib_peak_catch_up", rss_peak),
         );
         summary.push_str(&format!(
-            "; after {:.0}s down: {} behind, {} in {took:.1}s ({:.0} events/s), nodes RSS {:.0} → {:.0} → peak {rss_peak:.0} MiB",
+            "; after {:.0}s {}: {} behind, {} in {took:.1}s ({:.0} events/s), nodes RSS {:.0} → peak {rss_peak_outage:.0} → {:.0} → peak {rss_peak:.0} MiB",
             args.outage.as_secs_f64(),
+            if args.control { "up (control)" } else { "down" },
             backlog_acked.saturating_sub(created_at_recovery),
             if caught_up { "caught up" } else { "NOT caught up" },
             drained as f64 / took.max(1e-3),
@@ -289,6 +332,8 @@ pub(crate) async fn run(args: &WebhooksArgs, prepared: Prepared, target: &Target
         .with("duration_seconds", args.send.duration.as_secs_f64())
         .with("outage_seconds", args.outage.as_secs_f64())
         .with("hook_blackhole", args.hook_blackhole)
-        .with("hook_timeout_ms", args.hook_timeout.as_secs_f64() * 1000.0);
+        .with("hook_timeout_ms", args.hook_timeout.as_secs_f64() * 1000.0)
+        .with("control", args.control)
+        .with("max_in_flight", args.max_in_flight);
     Ok(Outcome { params, results, summary })
 }

@@ -107,6 +107,8 @@ pub enum NodeCall {
     Offline {
         /// Why the connection ended (`OK` for a clean close).
         reason: ErrorCode,
+        /// The session the connection was (`ConnSignInReply.session_epoch`).
+        session_epoch: u64,
     },
 }
 
@@ -122,8 +124,8 @@ impl NodeCall {
 /// A node's successful answer to a [`NodeCall`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeReply {
-    /// Of [`NodeCall::SignIn`].
-    SignIn(ConnSignInReply),
+    /// Of [`NodeCall::SignIn`] (boxed: far larger than the others).
+    SignIn(Box<ConnSignInReply>),
     /// Of [`NodeCall::Sync`].
     Sync(SyncOutput),
     /// Of [`NodeCall::SyncGroup`].

@@ -1,8 +1,10 @@
 //! Best-effort notices to the nodes that need no answer (`Offline`).
 //!
-//! A connection that ends tells the nodes with an `Offline` call. Nothing
-//! durable depends on it (presence is soft state, rebuilt from the push
-//! streams), so these calls are bounded instead of queued: at most
+//! A connection that ends tells the nodes with an `Offline` call, naming
+//! its session: the node then reports the device offline after the grace
+//! (`device.offline`, docs/integration.md). No message depends on it, and a
+//! lost call only leaves a device *online* until its next sign-in, so these
+//! calls are bounded instead of queued: at most
 //! [`MAX_IN_FLIGHT`] run at once per gateway, and a notice beyond that is
 //! dropped and counted. A mass disconnect (a network blip, a load test
 //! ending) therefore costs a few dozen concurrent calls, not one call,
@@ -95,7 +97,7 @@ mod tests {
             user_id: rim_proto::ids::UserId(1),
             device_id: rim_proto::ids::DeviceId(i),
             token_version: None,
-            request: NodeCall::Offline { reason: rim_proto::ErrorCode::Ok },
+            request: NodeCall::Offline { reason: rim_proto::ErrorCode::Ok, session_epoch: 1 },
         };
         let before = dropped_total();
         let sent =

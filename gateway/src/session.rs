@@ -149,6 +149,8 @@ struct Signed {
     id: Identity,
     /// The device's token version at sign-in, sent with every call.
     token_version: u64,
+    /// The session this connection is, named by its `Offline`.
+    session_epoch: u64,
     /// When the token expires: the session closes with
     /// `ERROR_TOKEN_EXPIRED` then.
     expires_at: Option<Instant>,
@@ -645,7 +647,7 @@ impl Session {
     fn finish_sign_in(&mut self, now: Instant, request_id: u64, result: Result<NodeReply, CallError>) {
         let command = Command::SignIn as i32;
         let reply = match result {
-            Ok(NodeReply::SignIn(reply)) => reply,
+            Ok(NodeReply::SignIn(reply)) => *reply,
             Ok(other) => {
                 let e = CallError::new(ErrorCode::ErrorInternal, format!("sign-in got {other:?}"));
                 return self.fail_sign_in(request_id, e);
@@ -674,6 +676,7 @@ impl Session {
         self.state = State::SignedIn(Box::new(Signed {
             id,
             token_version: reply.token_version,
+            session_epoch: reply.session_epoch,
             expires_at,
             list: UserList::new(Seq(output.last_seq), self.config.push_buffer_limit),
             rooms: HashMap::new(),
@@ -924,7 +927,11 @@ impl Session {
                 user_id: id.user_id,
                 device_id: id.device_id,
             });
-            self.call(NodeCall::Offline { reason });
+            let session_epoch = match &self.state {
+                State::SignedIn(s) => s.session_epoch,
+                _ => 0,
+            };
+            self.call(NodeCall::Offline { reason, session_epoch });
         }
         self.state = State::Closed;
         self.pending.clear();

@@ -536,7 +536,7 @@ impl Upstream {
         Ok(match &call.request {
             NodeCall::SignIn(input) => {
                 let req = ConnSignInRequest { conn, input: Some(input.clone()) };
-                NodeReply::SignIn(gw.conn_sign_in(self.request(req, t)).await?.into_inner())
+                NodeReply::SignIn(Box::new(gw.conn_sign_in(self.request(req, t)).await?.into_inner()))
             }
             NodeCall::Sync(input) => {
                 let req = ConnSyncRequest { conn, input: Some(*input) };
@@ -567,8 +567,8 @@ impl Upstream {
                 gw.logout(self.request(ConnLogoutRequest { conn }, t)).await?;
                 NodeReply::Empty
             }
-            NodeCall::Offline { reason } => {
-                let req = ConnOfflineRequest { conn, reason: *reason as i32 };
+            NodeCall::Offline { reason, session_epoch } => {
+                let req = ConnOfflineRequest { conn, reason: *reason as i32, session_epoch: *session_epoch };
                 gw.offline(self.request(req, t)).await?;
                 NodeReply::Empty
             }

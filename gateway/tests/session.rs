@@ -362,7 +362,7 @@ fn silent_connection_is_closed_after_three_intervals() {
         actions[0],
         Action::Unregister { conn_id: CONN, user_id: UserId(USER), device_id: DeviceId(DEVICE) }
     );
-    assert!(matches!(&calls(&actions)[0].request, NodeCall::Offline { reason: ErrorCode::ErrorTimeout }));
+    assert!(matches!(&calls(&actions)[0].request, NodeCall::Offline { reason: ErrorCode::ErrorTimeout, .. }));
     assert!(closes_with(&actions, ErrorCode::ErrorTimeout));
 }
 
@@ -587,7 +587,10 @@ fn logout_replies_then_closes() {
     let p = &sent(&actions)[0];
     assert_eq!((p.request_id, p.command, reply_of(p).code), (30, Command::Logout as i32, 0));
     assert!(matches!(actions[1], Action::Unregister { .. }));
-    assert!(matches!(calls(&actions)[0].request, NodeCall::Offline { reason: ErrorCode::Ok }));
+    assert!(matches!(
+        calls(&actions)[0].request,
+        NodeCall::Offline { reason: ErrorCode::Ok, session_epoch: SESSION_EPOCH }
+    ));
     assert!(closes_with(&actions, ErrorCode::Ok));
 }
 
@@ -663,7 +666,7 @@ fn kick_sends_kick_then_closes_and_nothing_follows() {
         actions[1],
         Action::Unregister { conn_id: CONN, user_id: UserId(USER), device_id: DeviceId(DEVICE) }
     );
-    assert!(matches!(calls(&actions)[0].request, NodeCall::Offline { reason: ErrorCode::ErrorKicked }));
+    assert!(matches!(calls(&actions)[0].request, NodeCall::Offline { reason: ErrorCode::ErrorKicked, .. }));
     assert!(closes_with(&actions, ErrorCode::ErrorKicked));
     assert_eq!(actions.len(), 4);
 
@@ -702,7 +705,7 @@ fn peer_close_unregisters_and_reports_offline_without_close_action() {
         actions[0],
         Action::Unregister { conn_id: CONN, user_id: UserId(USER), device_id: DeviceId(DEVICE) }
     );
-    assert!(matches!(calls(&actions)[0].request, NodeCall::Offline { reason: ErrorCode::Ok }));
+    assert!(matches!(calls(&actions)[0].request, NodeCall::Offline { reason: ErrorCode::Ok, .. }));
     assert!(s.is_closed());
     s.on_packet(t0, packet(1, Command::Heartbeat, ()));
     assert!(drain(&mut s).is_empty());

@@ -16,13 +16,12 @@ use rim_gateway::upstream::{Upstream, UpstreamOptions};
 use rim_proto::ErrorCode;
 use rim_proto::codec::{FrameDecoder, encode_frame};
 use rim_proto::ids::{DeviceId, UserId};
-use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod cluster;
 mod wire;
-use cluster::{Cluster, Device, SECRET, free_addr, register, serial};
+use cluster::{Cluster, SECRET, free_addr, new_device, register, serial};
 use wire::{Client, WAIT};
 
 /// A gateway over `seeds`, with its router.
@@ -74,16 +73,6 @@ impl Gateway {
         tokio::task::spawn_blocking(move || tcp.shutdown()).await.unwrap();
         self.router.shutdown().await;
     }
-}
-
-/// Signs `name` in again through the auth service, as a new device.
-async fn new_device(c: &Cluster, name: &str) -> Device {
-    let addr = &c.configs.values().next().unwrap().client_listen;
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    let mut auth = AuthServiceClient::new(ch);
-    let req = SignInRequest { username: name.into(), password: "secret-pw".into(), ..Default::default() };
-    let r = auth.sign_in(req).await.unwrap().into_inner();
-    Device { user: r.user_id, device: r.device_id, token: r.token }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

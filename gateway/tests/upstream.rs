@@ -155,7 +155,7 @@ async fn upstream_signs_in_sends_and_syncs() -> anyhow::Result<()> {
     }
     let ack = NodeCall::Ack(AckInput { seq: out.messages[0].seq });
     assert!(matches!(up.call(&call(7, 12, &bob, ack)).await?, NodeReply::Ack(_)));
-    let off = NodeCall::Offline { reason: ErrorCode::Ok };
+    let off = NodeCall::Offline { reason: ErrorCode::Ok, session_epoch: 1 };
     assert_eq!(up.call(&call(8, 12, &bob, off)).await?, NodeReply::Empty);
 
     // A sync for an unknown user is refused, not retried forever.

@@ -14,7 +14,6 @@ use rim_gateway::upstream::{Upstream, UpstreamOptions};
 use rim_gateway::ws::serve_ws;
 use rim_proto::ErrorCode;
 use rim_proto::ids::UserId;
-use rim_proto::v1::auth_service_client::AuthServiceClient;
 use rim_proto::v1::*;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -23,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 mod cluster;
-use cluster::{Cluster, Device, SECRET, free_addr, register, serial};
+use cluster::{Cluster, Device, SECRET, free_addr, new_device, register, serial};
 
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -73,16 +72,6 @@ fn upstream(c: &Cluster) -> Upstream {
     let mut opts = UpstreamOptions::new(c.seeds(), SECRET, "gw-ws-test");
     opts.request_timeout = Duration::from_secs(10);
     Upstream::new(opts).unwrap()
-}
-
-/// Another device of an already registered user.
-async fn another_device(c: &Cluster, name: &str) -> Device {
-    let addr = &c.configs.values().next().unwrap().client_listen;
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    let mut auth = AuthServiceClient::new(ch);
-    let req = SignInRequest { username: name.into(), password: "secret-pw".into(), ..Default::default() };
-    let r = auth.sign_in(req).await.unwrap().into_inner();
-    Device { user: r.user_id, device: r.device_id, token: r.token }
 }
 
 fn packet(request_id: u64, command: Command, content: impl prost::Message) -> Packet {
@@ -219,7 +208,7 @@ async fn ws_message_reaches_every_device_of_the_recipient() {
     let c = Cluster::start(3, 2).await;
     let alice = register(&c, "alice").await;
     let bob = register(&c, "bob").await;
-    let bob2 = another_device(&c, "bob").await;
+    let bob2 = new_device(&c, "bob").await;
     assert_eq!(bob2.user, bob.user);
     assert_ne!(bob2.device, bob.device);
     let gw = Gateway::start(upstream(&c), SessionConfig::default()).await;

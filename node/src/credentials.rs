@@ -45,10 +45,21 @@ pub const API_KEY_METADATA_KEY: &str = "rim-api-key";
 /// What an API key may do: `push.users`, `push.group`, `push.room`,
 /// `push.all`, or `push` for all four; in the server API
 /// (docs/server-api.md) `users` (UpsertUser), `tokens` (IssueToken) and
-/// `sessions` (RevokeDevice, LogoutUser); and `events` (`GET /events`,
-/// docs/integration.md). Each scope but `push` is granted only by itself.
-pub const SCOPES: [&str; 9] =
-    ["push", "push.users", "push.group", "push.room", "push.all", "users", "tokens", "sessions", "events"];
+/// `sessions` (RevokeDevice, LogoutUser), `groups` (group administration);
+/// and `events` (`GET /events`, docs/integration.md, and the server API's
+/// dead letters). Each scope but `push` is granted only by itself.
+pub const SCOPES: [&str; 10] = [
+    "push",
+    "push.users",
+    "push.group",
+    "push.room",
+    "push.all",
+    "users",
+    "tokens",
+    "sessions",
+    "events",
+    "groups",
+];
 
 /// One API key of the push API (`[[api_keys]]` in the node's TOML).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

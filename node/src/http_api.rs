@@ -79,7 +79,27 @@ pub fn messages() -> Vec<(&'static str, Vec<String>)> {
         PushToGroupRequest,
         PushRoomRequest,
         PushToAllRequest,
-        PushReply
+        PushReply,
+        GroupInfo,
+        GroupMemberInfo,
+        CreateGroupRequest,
+        CreateGroupReply,
+        AddGroupMembersRequest,
+        AddGroupMembersReply,
+        RemoveGroupMembersRequest,
+        RemoveGroupMembersReply,
+        UpdateGroupRequest,
+        UpdateGroupReply,
+        DissolveGroupRequest,
+        DissolveGroupReply,
+        GetGroupRequest,
+        GetGroupReply,
+        DeadLetterInfo,
+        ListDeadLettersRequest,
+        ListDeadLettersReply,
+        ReplayDeadLettersRequest,
+        ReplayResult,
+        ReplayDeadLettersReply
     )
 }
 
@@ -124,6 +144,14 @@ routes! {
     "PushToGroup" => push_to_group(PushToGroupRequest) -> PushReply;
     "PushRoom" => push_room(PushRoomRequest) -> PushReply;
     "PushToAll" => push_to_all(PushToAllRequest) -> PushReply;
+    "CreateGroup" => create_group(CreateGroupRequest) -> CreateGroupReply;
+    "AddGroupMembers" => add_group_members(AddGroupMembersRequest) -> AddGroupMembersReply;
+    "RemoveGroupMembers" => remove_group_members(RemoveGroupMembersRequest) -> RemoveGroupMembersReply;
+    "UpdateGroup" => update_group(UpdateGroupRequest) -> UpdateGroupReply;
+    "DissolveGroup" => dissolve_group(DissolveGroupRequest) -> DissolveGroupReply;
+    "GetGroup" => get_group(GetGroupRequest) -> GetGroupReply;
+    "ListDeadLetters" => list_dead_letters(ListDeadLettersRequest) -> ListDeadLettersReply;
+    "ReplayDeadLetters" => replay_dead_letters(ReplayDeadLettersRequest) -> ReplayDeadLettersReply;
 }
 
 /// The HTTP API's router (merged into the node's HTTP endpoints).

@@ -35,6 +35,7 @@ pub mod auth_callback;
 pub mod config;
 pub mod core;
 pub mod credentials;
+pub mod due;
 pub mod error;
 pub mod group;
 pub mod grpc;

@@ -221,6 +221,7 @@ impl Node {
             tasks.push(tokio::spawn(watch_leader(g.clone())));
             if g.shard != META {
                 tasks.extend(crate::webhooks::spawn(&core, &g));
+                tasks.push(tokio::spawn(crate::due::run(core.clone(), g.clone())));
                 tasks.push(tokio::spawn(crate::relay::run(core.clone(), g)));
             }
         }

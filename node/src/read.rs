@@ -39,6 +39,8 @@ use crate::group::Group;
 const MAX_QUERY_LIMIT: u32 = 10_000;
 /// Most event body bytes one events read returns (at least one event).
 pub const EVENTS_PAGE_BYTES: usize = 1 << 20;
+/// Most dead letters (of any endpoint) one dead-letters read looks at.
+const DEAD_LETTERS_SCAN: usize = 4_096;
 
 /// Read access to one shard, local or forwarded (see the module doc).
 #[derive(Debug, Clone)]
@@ -99,6 +101,9 @@ pub fn execute(reader: &Reader, q: &ReadQuery) -> Result<ReadAnswer> {
         ReadKind::Events => {
             let page = reader.events_after(Some((q.after, q.after_ordinal)), limit, EVENTS_PAGE_BYTES)?;
             Some(V::Events(store::EventList { events: page.events, has_more: page.has_more }))
+        }
+        ReadKind::DeadLetters => {
+            Some(V::DeadLetters(reader.dead_letters_of(&q.name, q.after, limit, DEAD_LETTERS_SCAN)?))
         }
     };
     Ok(ReadAnswer { value })
@@ -261,6 +266,22 @@ impl ShardView<'_> {
             ..query(ReadKind::Events)
         };
         always!(self, q, Events)
+    }
+
+    /// Dead letters of `endpoint` numbered above `after`, at most `limit`.
+    pub async fn dead_letters(
+        &self,
+        endpoint: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<store::DeadLetterList> {
+        let q = ReadQuery {
+            name: endpoint.to_string(),
+            after,
+            limit: clamp(limit),
+            ..query(ReadKind::DeadLetters)
+        };
+        always!(self, q, DeadLetters)
     }
 }
 

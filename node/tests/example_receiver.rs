@@ -52,6 +52,7 @@ async fn the_example_receiver_verifies_and_records_events() {
             types: Vec::new(),
             timeout_ms: 2_000,
             ca: None,
+            max_in_flight: rim_node::webhooks::DEFAULT_MAX_IN_FLIGHT,
         }];
     })
     .await;

@@ -24,7 +24,7 @@ use rim_proto::ids::{GroupId, ShardId};
 use rim_proto::v1::GroupKind;
 use rim_testkit::cluster::{Cluster, users_on_two_shards};
 use rim_testkit::grpc::{Client, Session};
-use rim_testkit::wait::{WAIT, serial, wait_for};
+use rim_testkit::wait::{WAIT, eventually, serial, wait_for};
 use sha2::Sha256;
 
 const SHARDS: u32 = 2;
@@ -115,6 +115,7 @@ fn webhook(url: &str) -> WebhookConfig {
         types: Vec::new(),
         timeout_ms: 2_000,
         ca: None,
+        max_in_flight: rim_node::webhooks::DEFAULT_MAX_IN_FLIGHT,
     }
 }
 
@@ -399,5 +400,114 @@ async fn events_older_than_the_retention_become_dead_letters_and_are_trimmed() {
     .await;
     c.replicas_identical(shard).await;
     assert!(r.got().iter().all(|g| !g.accepted));
+    c.shutdown().await;
+}
+
+/// A server API call on node 1's HTTP listener; the status and the body.
+async fn server_api(
+    c: &Cluster,
+    key: &str,
+    method: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let url = format!("http://{}/v1/{method}", c.configs[&1].http_listen);
+    let resp = reqwest::Client::new().post(url).bearer_auth(key).json(&body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// `ListDeadLetters` of the endpoint "backend" from the start.
+async fn dead_letters(c: &Cluster) -> Vec<serde_json::Value> {
+    let (s, v) =
+        server_api(c, EVENTS_KEY, "ListDeadLetters", serde_json::json!({"endpoint": "backend"})).await;
+    assert_eq!(s, 200, "{v}");
+    v["letters"].as_array().unwrap().clone()
+}
+
+/// Dead letters listed and replayed through the server API (issue 15 §3):
+/// a letter carries the exact bytes the receiver was sent; a replay to a
+/// still-failing receiver keeps it; a replay to a healthy one delivers the
+/// same bytes under the same `webhook-id`, signed, and removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_replayed_through_the_server_api() {
+    let _g = serial().await;
+    let (r, url) = receiver().await;
+    r.failing.store(true, Ordering::SeqCst);
+    let tweak = with_webhook(url);
+    let c = Cluster::start_with(3, SHARDS, move |cfg| {
+        tweak(cfg);
+        cfg.cluster_limits.event_retention_ms = 4_000;
+    })
+    .await;
+    let client = c.client(1);
+    let a = client.register_and_sign_in("wh4_a").await;
+    let b = neighbour(&c, &client, &a, "wh4_b").await;
+    for i in 0..2 {
+        client.send_acked(&a, b.user, &format!("r{i}"), "replay me").await;
+    }
+    let letters = eventually(WAIT, "two dead letters listed", || async {
+        let l = dead_letters(&c).await;
+        (l.len() == 2).then_some(l)
+    })
+    .await;
+    // Keep them: a long retention from now on (dead letters are trimmed
+    // one retention after they were written).
+    let core = &c.node(1).core;
+    let mut limits = core.placement().unwrap().map().limits.unwrap();
+    limits.event_retention_ms = 600_000;
+    rim_node::limits::set(core, limits).await.unwrap();
+    for l in &letters {
+        let id = l["event_id"].as_str().unwrap();
+        let sent = r.got().into_iter().find(|g| g.id == id).expect("the receiver was sent it");
+        assert_eq!(l["body"].as_str().unwrap().as_bytes(), sent.body, "{id}: the exact bytes");
+        assert_eq!((l["type"].as_str(), l["reason"].as_str()), (Some("message.created"), Some("HTTP 500")));
+        assert!(l["letter_id"].as_str().unwrap().starts_with("dl_"));
+    }
+    // Paging.
+    let (_, first) =
+        server_api(&c, EVENTS_KEY, "ListDeadLetters", serde_json::json!({"endpoint": "backend", "limit": 1}))
+            .await;
+    assert_eq!(first["letters"].as_array().unwrap().len(), 1);
+    assert_eq!(first["has_more"].as_bool(), Some(true));
+    let after = serde_json::json!({"endpoint": "backend", "after": first["next"]});
+    let (_, second) = server_api(&c, EVENTS_KEY, "ListDeadLetters", after).await;
+    assert_eq!(second["letters"].as_array().unwrap()[0]["letter_id"], letters[1]["letter_id"]);
+
+    // Replayed to a receiver that still fails: reported, kept.
+    let one = letters[0]["letter_id"].clone();
+    let replay =
+        serde_json::json!({"idempotency_key": "replay-1", "endpoint": "backend", "letter_ids": [one]});
+    let (s, v) = server_api(&c, EVENTS_KEY, "ReplayDeadLetters", replay.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!((v["replayed"].as_u64(), v["failed"].as_u64()), (Some(0), Some(1)), "{v}");
+    assert_eq!(v["results"][0]["reason"].as_str(), Some("HTTP 500"));
+    assert_eq!(dead_letters(&c).await.len(), 2, "a failed replay keeps the letter");
+
+    // Healthy again: every letter replayed with its id and bytes, signed.
+    r.failing.store(false, Ordering::SeqCst);
+    let all = serde_json::json!({"idempotency_key": "replay-2", "endpoint": "backend", "all": true});
+    let (s, v) = server_api(&c, EVENTS_KEY, "ReplayDeadLetters", all).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!((v["replayed"].as_u64(), v["failed"].as_u64()), (Some(2), Some(0)), "{v}");
+    for l in &letters {
+        let id = l["event_id"].as_str().unwrap();
+        let got = r.got().into_iter().find(|g| g.accepted && g.id == id).expect("replayed");
+        assert_eq!(got.body, l["body"].as_str().unwrap().as_bytes(), "{id}: identical body");
+        assert!(verifies(SECRET_OLD, &got) && verifies(SECRET_NEW, &got), "{id}: signed");
+    }
+    assert!(dead_letters(&c).await.is_empty(), "replayed letters are removed");
+    let (_, v) = server_api(&c, EVENTS_KEY, "ReplayDeadLetters", replay).await;
+    assert_eq!(v["results"][0]["outcome"].as_str(), Some("not_found"), "{v}");
+    copies_identical(&r);
+
+    // Scope and bad input.
+    let list = serde_json::json!({"endpoint": "backend"});
+    let (s, v) = server_api(&c, PUSH_KEY, "ListDeadLetters", list).await;
+    assert_eq!((s, v["code"].as_str()), (403, Some("ERROR_PERMISSION_DENIED")));
+    let unknown = serde_json::json!({"idempotency_key": "k", "endpoint": "nope", "all": true});
+    assert_eq!(server_api(&c, EVENTS_KEY, "ReplayDeadLetters", unknown).await.0, 400);
+    let too_many: Vec<String> = (1..=101).map(|n| format!("dl_1_{n}")).collect();
+    let many = serde_json::json!({"idempotency_key": "k", "endpoint": "backend", "letter_ids": too_many});
+    assert_eq!(server_api(&c, EVENTS_KEY, "ReplayDeadLetters", many).await.0, 400);
     c.shutdown().await;
 }

@@ -55,6 +55,9 @@ pub enum Table {
     EventCursor = 0x1C,
     /// `dead letter number` → DeadLetterRecord (in dead-letter order).
     DeadLetter = 0x1D,
+    /// `due_ms ‖ kind u8 ‖ user ‖ device` → empty: checks waiting for their
+    /// time (`im::presence`), in time order.
+    Due = 0x1E,
     /// `group` → GroupRecord.
     Group = 0x20,
     /// `group ‖ user` → MemberRecord.
@@ -235,6 +238,9 @@ pub const PUSH_SCOPE: u64 = u64::MAX;
 /// reader, with the derived id [`receipt_client_msg_id`]), apart from the
 /// client's own ids so no client id can suppress a receipt.
 pub const RECEIPT_SCOPE: u64 = u64::MAX - 1;
+/// Idempotency scope of the server API's keys (`ClaimIdempotency`),
+/// recorded under sender `UserId(0)`.
+pub const SERVER_API_SCOPE: u64 = u64::MAX - 2;
 
 /// The `client_msg_id` of the read receipt for `message_id`.
 pub fn receipt_client_msg_id(message_id: MessageId) -> String {
@@ -336,6 +342,23 @@ pub fn dead_letter(shard: ShardId, n: u64) -> Vec<u8> {
 pub fn dead_letters_all(shard: ShardId) -> Vec<u8> {
     Key::new(shard, Table::DeadLetter).into_vec()
 }
+/// A check due at `due_ms` (`im::presence`); `due_ms` is never negative.
+pub fn due(shard: ShardId, due_ms: i64, kind: u8, u: UserId, d: DeviceId) -> Vec<u8> {
+    Key::new(shard, Table::Due).u64(due_ms.max(0) as u64).u8(kind).u64(u.0).u64(d.0).into_vec()
+}
+/// Prefix of every due check.
+pub fn due_all(shard: ShardId) -> Vec<u8> {
+    Key::new(shard, Table::Due).into_vec()
+}
+/// `(due_ms, kind, user, device)` of a [`due`] key.
+pub fn due_parts(key: &[u8]) -> Option<(i64, u8, UserId, DeviceId)> {
+    let n = key.len().checked_sub(25)?;
+    let due = u64::from_be_bytes(key.get(n..n + 8)?.try_into().ok()?);
+    let kind = *key.get(n + 8)?;
+    let user = u64::from_be_bytes(key.get(n + 9..n + 17)?.try_into().ok()?);
+    let device = u64::from_be_bytes(key.get(n + 17..)?.try_into().ok()?);
+    Some((i64::try_from(due).ok()?, kind, UserId(user), DeviceId(device)))
+}
 
 /// The cluster map row (meta group).
 pub fn cluster_map(shard: ShardId) -> Vec<u8> {
@@ -394,6 +417,17 @@ mod tests {
         assert!(a < b);
         assert_eq!(event_position(&a), Some((7, u32::MAX)));
         assert!(a.starts_with(&events_all(ShardId(1))));
+    }
+
+    #[test]
+    fn due_keys_sort_by_time_and_round_trip() {
+        let s = ShardId(2);
+        let a = due(s, 1_000, 1, UserId(9), DeviceId(0));
+        let b = due(s, 999, 2, UserId(u64::MAX), DeviceId(u64::MAX));
+        assert!(b < a, "earlier checks sort first");
+        assert!(a.starts_with(&due_all(s)));
+        assert_eq!(due_parts(&a), Some((1_000, 1, UserId(9), DeviceId(0))));
+        assert_eq!(due_parts(&b), Some((999, 2, UserId(u64::MAX), DeviceId(u64::MAX))));
     }
 
     #[test]

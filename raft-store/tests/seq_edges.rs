@@ -33,7 +33,7 @@ fn expected(held: &[u64], after: u64) -> Vec<u64> {
 
 /// Overwrites a list head in shard 1, as if the list had grown that long.
 fn set_head(n: &Node, key: Vec<u8>, first_seq: u64, last_seq: u64) {
-    let head = ListHead { first_seq, last_seq };
+    let head = ListHead { first_seq, last_seq, ..ListHead::default() };
     n.db.raw().put_cf(n.db.cf(CF_SM), key, db::encode(&head)).unwrap();
 }
 

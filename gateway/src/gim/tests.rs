@@ -60,7 +60,7 @@ fn signed_in(t: &mut Translator, now: Instant) -> Session {
     assert_eq!((input.user_id, input.device_id, input.token.as_str()), (11, 12, "tk"));
     let output = SignInOutput { user_id: 11, device_id: 12, ..Default::default() };
     let ok = ConnSignInReply { output: Some(output), token_version: 1, shard_id: 1, ..Default::default() };
-    s.on_reply(now, calls[0].id, Ok(NodeReply::SignIn(ok)));
+    s.on_reply(now, calls[0].id, Ok(NodeReply::SignIn(Box::new(ok))));
     let (out, _, _) = run(t, &mut s);
     assert_eq!(out.len(), 1);
     assert_eq!((out[0].request_id.as_str(), out[0].command), ("sign-in-1", PacketCommand::SignIn as i32));

@@ -36,3 +36,14 @@ pub async fn register(c: &Cluster, name: &str) -> Device {
     let r = auth.sign_in(req).await.unwrap().into_inner();
     Device { user: r.user_id, device: r.device_id, token: r.token }
 }
+
+/// Signs `name` in again through the auth service: a new device of the
+/// same user.
+pub async fn new_device(c: &Cluster, name: &str) -> Device {
+    let addr = &c.configs.values().next().unwrap().client_listen;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    let mut auth = AuthServiceClient::new(ch);
+    let req = SignInRequest { username: name.into(), password: "secret-pw".into(), ..Default::default() };
+    let r = auth.sign_in(req).await.unwrap().into_inner();
+    Device { user: r.user_id, device: r.device_id, token: r.token }
+}

@@ -30,7 +30,7 @@ pub fn sign_in_packet(request_id: u64) -> Packet {
 
 /// The node's successful ConnSignIn answer.
 pub fn sign_in_reply(last_seq: u64) -> NodeReply {
-    NodeReply::SignIn(ConnSignInReply {
+    NodeReply::SignIn(Box::new(ConnSignInReply {
         user: None,
         output: Some(SignInOutput {
             user_id: USER,
@@ -44,8 +44,12 @@ pub fn sign_in_reply(last_seq: u64) -> NodeReply {
         token_version: 1,
         shard_id: SHARD,
         token_expires_ms: 0,
-    })
+        session_epoch: SESSION_EPOCH,
+    }))
 }
+
+/// The session epoch of [`sign_in_reply`]: every `Offline` names it.
+pub const SESSION_EPOCH: u64 = 7;
 
 /// Every queued action.
 pub fn drain(s: &mut Session) -> Vec<Action> {

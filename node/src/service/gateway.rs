@@ -159,6 +159,10 @@ impl GatewayService for GatewaySvc {
             .user(user_id)
             .await?
             .ok_or_else(|| Error::rejected(ErrorCode::ErrorUserNotFound, "user not found"))?;
+        // A new session of the device (`device.online` unless it is a
+        // reconnect within the grace): committed before the client hears
+        // it is signed in.
+        let session_epoch = ops::session_started(&self.core, user_id, device_id).await?;
         let head = g.user_head(user_id).await?;
         let groups = g.user_groups(user_id).await?;
         let super_groups = super_group_heads(&self.core, user_id, groups).await;
@@ -176,6 +180,7 @@ impl GatewayService for GatewaySvc {
             token_version,
             shard_id: shard.0,
             token_expires_ms: expires_at_ms,
+            session_epoch,
         }))
     }
 
@@ -242,10 +247,15 @@ impl GatewayService for GatewaySvc {
     }
 
     async fn offline(&self, req: Request<ConnOfflineRequest>) -> Result<Response<ConnOfflineReply>, Status> {
-        // Presence is soft state held by gateways and push subscriptions;
-        // nothing durable changes when a connection goes away.
-        let c = checked_conn(req.into_inner().conn)?;
-        tracing::debug!(user = %c.user, device = %c.device, "connection offline");
+        // The session closes; the device goes offline after the grace
+        // unless it signs in again (`device.offline`). Connections of
+        // gateways that predate sessions carry epoch 0: nothing to close.
+        let r = req.into_inner();
+        let c = checked_conn(r.conn)?;
+        tracing::debug!(user = %c.user, device = %c.device, epoch = r.session_epoch, "connection offline");
+        if r.session_epoch != 0 {
+            ops::session_ended(&self.core, c.user, c.device, r.session_epoch, r.reason).await?;
+        }
         Ok(Response::new(ConnOfflineReply {}))
     }
 

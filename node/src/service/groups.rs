@@ -31,12 +31,12 @@ fn counted(op: &'static str) {
     metrics::counter!("rim_group_ops_total", "op" => op).increment(1);
 }
 
-fn not_found(g: u64) -> Error {
+pub(super) fn not_found(g: u64) -> Error {
     Error::rejected(ErrorCode::ErrorGroupNotFound, format!("group {g} not found"))
 }
 
 /// Distinct ids in request order, at most [`MAX_USERS_PER_CALL`], none 0.
-fn user_ids(ids: Vec<u64>) -> Result<Vec<UserId>> {
+pub(super) fn user_ids(ids: Vec<u64>) -> Result<Vec<UserId>> {
     let mut seen = std::collections::HashSet::new();
     let ids: Vec<u64> = ids.into_iter().filter(|u| seen.insert(*u)).collect();
     if ids.len() > MAX_USERS_PER_CALL {
@@ -52,18 +52,18 @@ fn user_ids(ids: Vec<u64>) -> Result<Vec<UserId>> {
 }
 
 /// User ids as the stored operations carry them.
-fn wire(ids: &[UserId]) -> Vec<u64> {
+pub(super) fn wire(ids: &[UserId]) -> Vec<u64> {
     ids.iter().map(|u| u.0).collect()
 }
 
 impl ClientSvc {
-    fn group_shard(&self, g: u64) -> Result<ShardId> {
+    pub(super) fn group_shard(&self, g: u64) -> Result<ShardId> {
         check_id("group_id", g)?;
         Ok(self.core.placement()?.shard_of_group(GroupId(g)))
     }
 
     /// The group's shard replica (linearizable) and its live record.
-    async fn load_group(&self, g: u64) -> Result<(ShardView<'_>, store::GroupRecord)> {
+    pub(super) async fn load_group(&self, g: u64) -> Result<(ShardView<'_>, store::GroupRecord)> {
         let replica = self.core.view(self.group_shard(g)?).await?;
         let rec = replica.group(GroupId(g)).await?.filter(|r| !r.dissolved).ok_or_else(|| not_found(g))?;
         Ok((replica, rec))
@@ -80,12 +80,12 @@ impl ClientSvc {
         Ok(ops::group_view(rec, head))
     }
 
-    async fn propose_group(&self, g: u64, o: O) -> Result<store::op_result::Value> {
+    pub(super) async fn propose_group(&self, g: u64, o: O) -> Result<store::op_result::Value> {
         let r = self.core.propose(self.group_shard(g)?, op(o)).await?;
         r.value.ok_or_else(|| Error::Internal("group operation returned nothing".into()))
     }
 
-    async fn members_changed(&self, g: u64, o: O) -> Result<Vec<u64>> {
+    pub(super) async fn members_changed(&self, g: u64, o: O) -> Result<Vec<u64>> {
         match self.propose_group(g, o).await? {
             store::op_result::Value::MembersChanged(m) => Ok(m.user_ids),
             _ => Err(Error::Internal("membership change returned something else".into())),

@@ -12,6 +12,7 @@ pub mod ops;
 mod push;
 mod raft;
 mod server_api;
+mod server_api_groups;
 
 pub use admin::{AdminSvc, group_status};
 pub use client::ClientSvc;

@@ -200,6 +200,32 @@ pub async fn revoke(core: &Core, user: UserId, device: DeviceId) -> Result<()> {
     Ok(())
 }
 
+/// Starts a session of a signed-in device (`DeviceOnline`); returns its
+/// epoch, which the session's close names ([`session_ended`]).
+pub async fn session_started(core: &Core, user: UserId, device: DeviceId) -> Result<u64> {
+    let shard = core.shard_of_user(user)?;
+    let o = O::DeviceOnline(store::DeviceOnline { user_id: user.0, device_id: device.0 });
+    match core.propose(shard, op(o)).await?.value {
+        Some(store::op_result::Value::Device(d)) => Ok(d.session_epoch),
+        _ => Err(Error::rejected(ErrorCode::ErrorInternal, "DeviceOnline without a device")),
+    }
+}
+
+/// Closes session `epoch` of a device (`DeviceOffline`): ignored unless it
+/// is the device's current session.
+pub async fn session_ended(
+    core: &Core,
+    user: UserId,
+    device: DeviceId,
+    epoch: u64,
+    reason: i32,
+) -> Result<()> {
+    let shard = core.shard_of_user(user)?;
+    let o = O::DeviceOffline(store::DeviceOffline { user_id: user.0, device_id: device.0, epoch, reason });
+    core.propose(shard, op(o)).await?;
+    Ok(())
+}
+
 /// Registers (or re-registers) a device and issues a token for it. With
 /// `external_id` (the app's id of the device, app-signed tokens), `device`
 /// is used only if the user has no device of that id yet; the record

@@ -53,12 +53,12 @@ pub struct ServerApiSvc {
     pub core: Arc<Core>,
 }
 
-fn bad(message: impl Into<String>) -> Error {
+pub(super) fn bad(message: impl Into<String>) -> Error {
     Error::rejected(ErrorCode::ErrorBadRequest, message)
 }
 
 /// An idempotency key: required, bounded.
-fn check_idempotency_key(key: &str) -> Result<()> {
+pub(super) fn check_idempotency_key(key: &str) -> Result<()> {
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
         return Err(bad(format!("idempotency_key must be 1..={MAX_IDEMPOTENCY_KEY_BYTES} bytes")));
     }
@@ -111,7 +111,7 @@ fn from_status(s: Status) -> Error {
 
 impl ServerApiSvc {
     /// Refuses a caller without `scope` ([`Role::may`]).
-    fn authorize(&self, role: Option<&Role>, scope: &str) -> Result<()> {
+    pub(super) fn authorize(&self, role: Option<&Role>, scope: &str) -> Result<()> {
         let keys_configured = !self.core.config.api_keys.is_empty();
         match role {
             Some(r) if r.may(scope, keys_configured) => Ok(()),
@@ -123,7 +123,7 @@ impl ServerApiSvc {
     }
 
     /// The user named by rim's id, or else by the app's.
-    async fn user_of(&self, id: u64, external: &str) -> Result<UserId> {
+    pub(super) async fn user_of(&self, id: u64, external: &str) -> Result<UserId> {
         if id != 0 {
             ops::get_user(&self.core, UserId(id)).await?;
             return Ok(UserId(id));
@@ -306,6 +306,27 @@ impl ServerApiSvc {
         self.pushes().push_to_all(as_push(role, req)).await.map_err(from_status)?;
         Ok(PushReply::default())
     }
+
+    /// ListDeadLetters (scope `events`).
+    pub async fn list_dead_letters(
+        &self,
+        role: Option<&Role>,
+        r: ListDeadLettersRequest,
+    ) -> Result<ListDeadLettersReply> {
+        self.authorize(role, "events")?;
+        crate::webhooks::replay::list(&self.core, r).await
+    }
+
+    /// ReplayDeadLetters (scope `events`).
+    pub async fn replay_dead_letters(
+        &self,
+        role: Option<&Role>,
+        r: ReplayDeadLettersRequest,
+    ) -> Result<ReplayDeadLettersReply> {
+        self.authorize(role, "events")?;
+        check_idempotency_key(&r.idempotency_key)?;
+        crate::webhooks::replay::replay(&self.core, r).await
+    }
 }
 
 /// A gRPC reply: the call counted, an error as a status with `rim-code`.
@@ -378,5 +399,75 @@ impl ServerApi for ServerApiSvc {
     ) -> std::result::Result<Response<PushReply>, Status> {
         let role = role_of(&req).cloned();
         reply("PushToAll", ServerApiSvc::push_to_all(self, role.as_ref(), req.into_inner()).await)
+    }
+
+    async fn create_group(
+        &self,
+        req: Request<CreateGroupRequest>,
+    ) -> std::result::Result<Response<CreateGroupReply>, Status> {
+        let role = role_of(&req).cloned();
+        reply("CreateGroup", ServerApiSvc::create_group(self, role.as_ref(), req.into_inner()).await)
+    }
+
+    async fn add_group_members(
+        &self,
+        req: Request<AddGroupMembersRequest>,
+    ) -> std::result::Result<Response<AddGroupMembersReply>, Status> {
+        let role = role_of(&req).cloned();
+        reply("AddGroupMembers", ServerApiSvc::add_group_members(self, role.as_ref(), req.into_inner()).await)
+    }
+
+    async fn remove_group_members(
+        &self,
+        req: Request<RemoveGroupMembersRequest>,
+    ) -> std::result::Result<Response<RemoveGroupMembersReply>, Status> {
+        let role = role_of(&req).cloned();
+        reply(
+            "RemoveGroupMembers",
+            ServerApiSvc::remove_group_members(self, role.as_ref(), req.into_inner()).await,
+        )
+    }
+
+    async fn update_group(
+        &self,
+        req: Request<UpdateGroupRequest>,
+    ) -> std::result::Result<Response<UpdateGroupReply>, Status> {
+        let role = role_of(&req).cloned();
+        reply("UpdateGroup", ServerApiSvc::update_group(self, role.as_ref(), req.into_inner()).await)
+    }
+
+    async fn dissolve_group(
+        &self,
+        req: Request<DissolveGroupRequest>,
+    ) -> std::result::Result<Response<DissolveGroupReply>, Status> {
+        let role = role_of(&req).cloned();
+        reply("DissolveGroup", ServerApiSvc::dissolve_group(self, role.as_ref(), req.into_inner()).await)
+    }
+
+    async fn get_group(
+        &self,
+        req: Request<GetGroupRequest>,
+    ) -> std::result::Result<Response<GetGroupReply>, Status> {
+        let role = role_of(&req).cloned();
+        reply("GetGroup", ServerApiSvc::get_group(self, role.as_ref(), req.into_inner()).await)
+    }
+
+    async fn list_dead_letters(
+        &self,
+        req: Request<ListDeadLettersRequest>,
+    ) -> std::result::Result<Response<ListDeadLettersReply>, Status> {
+        let role = role_of(&req).cloned();
+        reply("ListDeadLetters", ServerApiSvc::list_dead_letters(self, role.as_ref(), req.into_inner()).await)
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        req: Request<ReplayDeadLettersRequest>,
+    ) -> std::result::Result<Response<ReplayDeadLettersReply>, Status> {
+        let role = role_of(&req).cloned();
+        reply(
+            "ReplayDeadLetters",
+            ServerApiSvc::replay_dead_letters(self, role.as_ref(), req.into_inner()).await,
+        )
     }
 }

@@ -5,8 +5,15 @@
 //! only while this replica leads its shard. On becoming leader it passes a
 //! read barrier (so its replica holds every committed cursor) and starts
 //! after the endpoint's committed cursor. Losing leadership stops it before
-//! the next request: a request in flight may still arrive, which
-//! at-least-once allows.
+//! the next request (and aborts the requests in flight): a request in
+//! flight may still arrive, which at-least-once allows.
+//!
+//! Pipelining: up to the endpoint's `max_in_flight` requests run at once,
+//! each a task that retries its event until a 2xx or the retention; which
+//! events may start, and how far the cursor may be committed, is the
+//! [`Window`]'s business (FIFO per conversation, contiguous commits,
+//! bounded read-ahead). With `max_in_flight = 1` delivery is strictly
+//! sequential in log order.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,16 +24,14 @@ use rim_proto::ErrorCode;
 use rim_proto::store::{self, EventRecord, Op, op::Op as O};
 use rim_raft_store::Limits;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinSet;
 
 use super::Endpoint;
+use super::window::{Finished, Position, Window};
 use crate::core::Core;
 use crate::group::{Group, now_ms};
 
-/// Events read per round.
-const BATCH: usize = 64;
-/// Most body bytes read per round (at least one event).
-const BATCH_BYTES: usize = 4 << 20;
-/// Commit the cursor after this many deliveries...
+/// Commit the cursor after this many events passed...
 const FLUSH_EVERY: usize = 16;
 /// ... or this long after the first uncommitted one.
 const FLUSH_AFTER: Duration = Duration::from_millis(100);
@@ -39,17 +44,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often the leader looks for events to trim.
 const TRIM_TICK: Duration = Duration::from_millis(1_000);
 
-type Position = (u64, u32);
-
-/// How one event's delivery ended.
-enum Outcome {
-    /// A 2xx.
-    Delivered,
-    /// Dead-lettered through Raft (the cursor passed it).
-    DeadLettered,
-    /// This replica no longer leads, or could not commit: start over.
-    Stop,
-}
+type Applied = tokio::sync::broadcast::Receiver<Arc<rim_raft_store::AppliedEvent>>;
 
 /// Runs the delivery of `group`'s events to `endpoint` for the life of the node.
 pub async fn run(core: Arc<Core>, group: Arc<Group>, endpoint: Arc<Endpoint>) {
@@ -59,84 +54,124 @@ pub async fn run(core: Arc<Core>, group: Arc<Group>, endpoint: Arc<Endpoint>) {
             lead(&core, &group, &endpoint, &mut applied).await;
             gauge_lag(&group, &endpoint, 0.0);
         }
-        wait(&mut applied).await;
+        let _ = tokio::time::timeout(IDLE, woken(&mut applied)).await;
     }
 }
 
-/// Sleeps until something is applied, or [`IDLE`].
-async fn wait(applied: &mut tokio::sync::broadcast::Receiver<Arc<rim_raft_store::AppliedEvent>>) {
-    let woken = async {
-        loop {
-            match applied.recv().await {
-                Ok(ev) if ev.effects.events > 0 => return,
-                Ok(_) => {}
-                Err(RecvError::Lagged(_)) => return,
-                Err(RecvError::Closed) => std::future::pending::<()>().await,
-            }
+/// Returns when an applied entry produced events (or notifications were
+/// lost); never if the group closed.
+async fn woken(applied: &mut Applied) {
+    loop {
+        match applied.recv().await {
+            Ok(ev) if ev.effects.events > 0 => return,
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => return,
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
         }
-    };
-    let _ = tokio::time::timeout(IDLE, woken).await;
+    }
 }
 
-/// Delivers while this replica leads; returns when it stops leading or a
-/// commit fails.
-async fn lead(
-    core: &Core,
-    group: &Group,
-    endpoint: &Endpoint,
-    applied: &mut tokio::sync::broadcast::Receiver<Arc<rim_raft_store::AppliedEvent>>,
-) {
+/// The cursor as committed, and as far as events finished.
+struct Cursor {
+    committed: Option<Position>,
+    done: Option<Position>,
+    /// Events passed since the last commit, and since when.
+    unflushed: usize,
+    since: Option<Instant>,
+}
+
+impl Cursor {
+    fn pass(&mut self, at: Position) {
+        self.done = Some(at);
+        self.unflushed += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    fn due(&self, idle: bool) -> bool {
+        self.committed != self.done
+            && (idle
+                || self.unflushed >= FLUSH_EVERY
+                || self.since.is_some_and(|t| t.elapsed() >= FLUSH_AFTER))
+    }
+
+    fn committed_to(&mut self, at: Option<Position>) {
+        self.committed = at;
+        if self.done == at {
+            (self.unflushed, self.since) = (0, None);
+        }
+    }
+}
+
+/// Delivers while this replica leads; returns when it stops leading, a
+/// commit fails or the events cannot be read.
+async fn lead(core: &Arc<Core>, group: &Arc<Group>, endpoint: &Arc<Endpoint>, applied: &mut Applied) {
     if let Err(e) = core.read_barrier(group.shard).await {
         tracing::debug!(group = %group.shard, error = %e, "webhook delivery waits for a read barrier");
         return;
     }
     let name = &endpoint.config.name;
-    let mut committed = match group.reader.event_cursor(name) {
+    let committed = match group.reader.event_cursor(name) {
         Ok(c) => c,
         Err(e) => return tracing::warn!(group = %group.shard, error = %e, "reading an event cursor"),
     };
-    let mut done = committed;
-    let mut since: Option<Instant> = None;
-    let mut unflushed = 0usize;
+    let mut cursor = Cursor { committed, done: committed, unflushed: 0, since: None };
+    let mut window = Window::new(committed, endpoint.config.max_in_flight);
+    // Aborted when dropped: losing leadership stops the requests in flight.
+    let mut flights: JoinSet<(Position, Option<Finished>)> = JoinSet::new();
+    let sabotage = core.config.sabotage.drop_events;
     while group.is_leader() {
-        let page = match group.reader.events_after(done, BATCH, BATCH_BYTES) {
-            Ok(p) => p,
-            Err(e) => return tracing::warn!(group = %group.shard, error = %e, "reading events"),
-        };
-        if page.events.is_empty() {
-            if committed != done && !flush(core, group, name, done, &mut committed).await {
+        if let Some((limit, bytes)) = window.room() {
+            let page = match group.reader.events_after(window.read_to(), limit, bytes) {
+                Ok(p) => p,
+                Err(e) => return tracing::warn!(group = %group.shard, error = %e, "reading events"),
+            };
+            for e in page.events {
+                let wanted = endpoint.wants(&e.r#type);
+                window.push(e, wanted);
+            }
+        }
+        for e in window.start() {
+            flights.spawn(attempt(group.clone(), endpoint.clone(), e, sabotage));
+        }
+        // Pass the finished prefix; dead-letter an expired head (which also
+        // moves the cursor to it, past the prefix before it).
+        loop {
+            if let Some(at) = window.pop_done() {
+                cursor.pass(at);
+            }
+            let Some((e, reason)) = window.expired_head() else { break };
+            if !dead_letter(core, group, endpoint, e, reason.to_string()).await {
                 return;
             }
-            gauge_lag(group, endpoint, 0.0);
-            wait(applied).await;
-            continue;
+            let at = window.pop_head();
+            cursor.pass(at.unwrap_or_default());
+            cursor.committed_to(at);
         }
-        for e in &page.events {
-            let at = (e.index, e.ordinal);
-            if endpoint.wants(&e.r#type) {
-                gauge_lag(group, endpoint, (now_ms() - e.created_ms).max(0) as f64 / 1000.0);
-                match deliver_one(core, group, endpoint, e, done, &mut committed).await {
-                    Outcome::Delivered => {
-                        metrics::counter!("rim_webhook_delivered_total", "endpoint" => name.clone())
-                            .increment(1);
-                        unflushed += 1;
-                        since.get_or_insert_with(Instant::now);
+        let lag = window.oldest_ms().map_or(0, |ms| (now_ms() - ms).max(0));
+        gauge_lag(group, endpoint, lag as f64 / 1000.0);
+        if cursor.due(window.is_empty()) {
+            if !flush(core, group, name, cursor.done, &mut cursor.committed).await {
+                return;
+            }
+            let at = cursor.committed;
+            cursor.committed_to(at);
+        }
+        let flush_at = cursor.since.map(|t| tokio::time::Instant::from_std(t + FLUSH_AFTER));
+        tokio::select! {
+            Some(joined) = flights.join_next(), if !flights.is_empty() => match joined {
+                Ok((at, Some(how))) => {
+                    if how == Finished::Delivered {
+                        metrics::counter!("rim_webhook_delivered_total", "endpoint" => name.clone()).increment(1);
                     }
-                    Outcome::DeadLettered => committed = Some(at),
-                    Outcome::Stop => return,
+                    window.finish(at, how);
                 }
-            }
-            done = Some(at);
-            if unflushed >= FLUSH_EVERY || since.is_some_and(|t| t.elapsed() >= FLUSH_AFTER) {
-                if !flush(core, group, name, done, &mut committed).await {
-                    return;
-                }
-                (unflushed, since) = (0, None);
-            }
-        }
-        // Filtered-out events only move the cursor: commit at the round's end.
-        if committed != done && since.is_none() && !flush(core, group, name, done, &mut committed).await {
-            return;
+                // No longer the leader.
+                Ok((_, None)) => return,
+                Err(e) => return tracing::error!(group = %group.shard, error = %e, "a webhook request task failed"),
+            },
+            _ = woken(applied), if window.room().is_some() => {}
+            _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {}
+            _ = tokio::time::sleep(IDLE) => {}
         }
     }
 }
@@ -167,6 +202,32 @@ async fn flush(
     }
 }
 
+/// Dead-letters `e` through Raft (which moves the cursor to it); false if
+/// that failed.
+async fn dead_letter(
+    core: &Core,
+    group: &Group,
+    endpoint: &Endpoint,
+    e: &EventRecord,
+    reason: String,
+) -> bool {
+    let name = &endpoint.config.name;
+    let op = O::DeadLetterEvent(store::DeadLetterEvent {
+        endpoint: name.clone(),
+        index: e.index,
+        ordinal: e.ordinal,
+        reason,
+    });
+    match group.propose(Op { op: Some(op) }, core.timeout).await {
+        Ok(r) if r.code == ErrorCode::Ok as i32 => {
+            tracing::warn!(endpoint = %name, event = %e.event_id, "event dead-lettered");
+            metrics::counter!("rim_webhook_dead_letters_total", "endpoint" => name.clone()).increment(1);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The retention the shard applies with.
 fn retention_ms(group: &Group) -> i64 {
     match group.reader.limits() {
@@ -175,54 +236,35 @@ fn retention_ms(group: &Group) -> i64 {
     }
 }
 
-/// POSTs `e` until a 2xx, or dead-letters it once it is older than the
-/// retention, or stops when this replica no longer leads.
-/// Before the first retry, commits `done` (every event before `e` is
-/// handled), so a failing endpoint does not hold back the cursor.
-async fn deliver_one(
-    core: &Core,
-    group: &Group,
-    endpoint: &Endpoint,
-    e: &EventRecord,
-    done: Option<Position>,
-    committed: &mut Option<Position>,
-) -> Outcome {
+/// One request task: POSTs `e` until a 2xx, or until it is older than the
+/// retention (then it is to be dead-lettered); `None` when this replica no
+/// longer leads.
+async fn attempt(
+    group: Arc<Group>,
+    endpoint: Arc<Endpoint>,
+    e: EventRecord,
+    sabotage: bool,
+) -> (Position, Option<Finished>) {
+    let at = (e.index, e.ordinal);
     let name = &endpoint.config.name;
     let mut backoff = FIRST_BACKOFF;
     loop {
         if !group.is_leader() {
-            return Outcome::Stop;
+            return (at, None);
         }
-        if core.config.sabotage.drop_events && e.index.wrapping_add(u64::from(e.ordinal)) % 5 == 0 {
+        if sabotage && e.index.wrapping_add(u64::from(e.ordinal)) % 5 == 0 {
             // The deliberately broken build (tests only): "delivered", never sent.
-            return Outcome::Delivered;
+            return (at, Some(Finished::Delivered));
         }
-        let reason = match post(endpoint, e).await {
-            Ok(status) if status.is_success() => return Outcome::Delivered,
+        let reason = match post(&endpoint, &e).await {
+            Ok(status) if status.is_success() => return (at, Some(Finished::Delivered)),
             Ok(status) => format!("HTTP {}", status.as_u16()),
             Err(err) => format!("{}", without_url(err)),
         };
         tracing::debug!(endpoint = %name, event = %e.event_id, %reason, "webhook delivery failed");
-        if *committed != done && !flush(core, group, name, done, committed).await {
-            return Outcome::Stop;
-        }
-        let expires_in = e.created_ms.saturating_add(retention_ms(group)).saturating_sub(now_ms());
+        let expires_in = e.created_ms.saturating_add(retention_ms(&group)).saturating_sub(now_ms());
         if expires_in <= 0 {
-            let op = O::DeadLetterEvent(store::DeadLetterEvent {
-                endpoint: name.clone(),
-                index: e.index,
-                ordinal: e.ordinal,
-                reason,
-            });
-            return match group.propose(Op { op: Some(op) }, core.timeout).await {
-                Ok(r) if r.code == ErrorCode::Ok as i32 => {
-                    tracing::warn!(endpoint = %name, event = %e.event_id, "event dead-lettered");
-                    metrics::counter!("rim_webhook_dead_letters_total", "endpoint" => name.clone())
-                        .increment(1);
-                    Outcome::DeadLettered
-                }
-                _ => Outcome::Stop,
-            };
+            return (at, Some(Finished::Expired(reason)));
         }
         metrics::counter!("rim_webhook_retries_total", "endpoint" => name.clone()).increment(1);
         // Full jitter over [backoff/2, backoff], never sleeping far past the expiry.
@@ -239,7 +281,7 @@ fn without_url(e: reqwest::Error) -> reqwest::Error {
 }
 
 /// One signed POST of `e`'s body.
-async fn post(endpoint: &Endpoint, e: &EventRecord) -> reqwest::Result<reqwest::StatusCode> {
+pub(super) async fn post(endpoint: &Endpoint, e: &EventRecord) -> reqwest::Result<reqwest::StatusCode> {
     let timestamp = now_ms() / 1000;
     let signature = super::sign::signature_header(&endpoint.secrets, &e.event_id, timestamp, &e.body);
     let response = endpoint

@@ -5,19 +5,26 @@
 //! delivery carries. This module moves them out:
 //!
 //! * **Push** ([`deliver`]): on each node, for every data shard it leads and
-//!   every configured endpoint, one task POSTs the shard's events in log
-//!   order, one at a time, signed per Standard Webhooks ([`sign`]). After a
-//!   2xx the endpoint's cursor advances in memory and is committed through
-//!   Raft (`AdvanceEventCursor`) after a few deliveries or ~100 ms, so a new
-//!   leader resumes from the committed cursor: delivery is at-least-once,
-//!   and a repeat carries the same `webhook-id` and body bytes.
+//!   every configured endpoint, one task POSTs the shard's events, signed
+//!   per Standard Webhooks ([`sign`]), with up to the endpoint's
+//!   `max_in_flight` requests at once but never two of one conversation,
+//!   and a conversation's events in log order ([`window`]). Once every
+//!   event up to a position got its 2xx, the endpoint's cursor advances in
+//!   memory and is committed through Raft (`AdvanceEventCursor`) after a
+//!   few events or ~100 ms, so a new leader resumes from the committed
+//!   cursor: delivery is at-least-once (events finished past the committed
+//!   cursor, at most a window, are sent again), and a repeat carries the
+//!   same `webhook-id` and body bytes.
 //!   Failures are retried with exponential backoff and jitter (capped at
 //!   [`deliver::MAX_BACKOFF`]) while the event is younger than the
 //!   retention (`event_retention_ms`, a replicated limit); then it becomes a
-//!   dead letter (`DeadLetterEvent`) and the cursor passes it.
+//!   dead letter (`DeadLetterEvent`) and the cursor passes it (once every
+//!   event before it finished).
 //! * **Trimming** ([`deliver::trim`]): each shard's leader removes events
 //!   older than the retention that every configured endpoint has passed,
 //!   and dead letters older than the retention (`TrimEvents`).
+//! * **Dead letters** ([`replay`]): listed and replayed through the server
+//!   API (`ListDeadLetters`, `ReplayDeadLetters`).
 //! * **Pull** ([`pull`]): `GET /events?after=CURSOR&limit=N` on the HTTP
 //!   listener, for API keys with the `events` scope.
 //!
@@ -28,12 +35,15 @@
 //! Invariants: an event leaves its shard's state only after every endpoint
 //! this node knows has passed it (delivered or dead-lettered) and it is
 //! older than the retention; a cursor is committed only for events that
-//! got a 2xx or were dead-lettered; one request per (shard, endpoint) is in
-//! flight, each with a timeout.
+//! got a 2xx or were dead-lettered, and every event before them too; at most
+//! `max_in_flight` requests per (shard, endpoint) are in flight, at most one
+//! per conversation, each with a timeout.
 
 pub mod deliver;
 pub mod pull;
+pub mod replay;
 pub mod sign;
+pub mod window;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,10 +79,21 @@ pub struct WebhookConfig {
     /// (none: the system's roots).
     #[serde(default)]
     pub ca: Option<std::path::PathBuf>,
+    /// Most requests in flight per shard (1..=64; 1: strictly sequential in
+    /// log order). Never two of one conversation.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
 }
 
 fn default_timeout_ms() -> u64 {
     10_000
+}
+
+/// Requests in flight per (shard, endpoint) unless configured.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+
+fn default_max_in_flight() -> usize {
+    DEFAULT_MAX_IN_FLIGHT
 }
 
 impl std::fmt::Debug for WebhookConfig {
@@ -84,6 +105,7 @@ impl std::fmt::Debug for WebhookConfig {
             .field("types", &self.types)
             .field("timeout_ms", &self.timeout_ms)
             .field("ca", &self.ca)
+            .field("max_in_flight", &self.max_in_flight)
             .finish()
     }
 }
@@ -135,6 +157,10 @@ pub fn endpoints(configs: &[WebhookConfig]) -> Result<Vec<Arc<Endpoint>>> {
         if !(1..=MAX_TIMEOUT_MS).contains(&c.timeout_ms) {
             return bad(format!("{}: timeout_ms must be 1..={MAX_TIMEOUT_MS}", c.name));
         }
+        if !(1..=window::MAX_IN_FLIGHT).contains(&c.max_in_flight) {
+            let most = window::MAX_IN_FLIGHT;
+            return bad(format!("{}: max_in_flight must be 1..={most}", c.name));
+        }
         let client = crate::http_client::client(
             &format!("webhooks {}", c.name),
             Duration::from_millis(c.timeout_ms),
@@ -180,6 +206,7 @@ mod tests {
     fn webhooks_parse_from_toml_and_bad_ones_are_refused() {
         let e = parse("types = [\"message.created\"]").unwrap();
         assert_eq!(e[0].config.timeout_ms, 10_000, "default timeout");
+        assert_eq!(e[0].config.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
         assert!(e[0].wants("message.created"));
         assert!(!e[0].wants("group.created"), "filtered by type");
         assert!(!format!("{:?}", e[0].config).contains("whsec"), "Debug never shows a secret");
@@ -188,6 +215,8 @@ mod tests {
         for (bad, why) in [
             ("timeout_ms = 0", "timeout_ms"),
             ("timeout_ms = 60001", "timeout_ms"),
+            ("max_in_flight = 0", "max_in_flight"),
+            ("max_in_flight = 65", "max_in_flight"),
             (dup, "used twice"),
             ("unknown = 1", "unknown field"),
         ] {

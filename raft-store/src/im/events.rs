@@ -27,6 +27,8 @@
 //!   `.members_removed`, `.member_changed`, `.converted`, `.dissolved`): the
 //!   group's shard. Rooms emit `group.created` and their messages only.
 //! * **Friend changes** (`friend.changed`): the actor's shard (`ChangeFriend`).
+//! * **Sessions and push checks** (`device.online`, `device.offline`,
+//!   `push.needed`): the user's shard (`im::presence`).
 //!
 //! Whether events are produced (`Limits::events`) and how long they are kept
 //! (`Limits::event_retention_ms`) are replicated limits, never a node's
@@ -41,6 +43,9 @@
 //! * `TrimEvents` deletes events at or before the position it names that are
 //!   older than the retention, and dead letters older than the retention,
 //!   at most [`TRIM_PER_OP`] of each per operation.
+//!
+//! * `RemoveDeadLetter` deletes one dead letter of an endpoint (the server
+//!   API's replay got a 2xx for it); absent, it changes nothing.
 //!
 //! All three tables live in the shard's `sm` range, so snapshots carry them.
 
@@ -147,7 +152,7 @@ fn enum_name(full: &str, prefix: &str) -> String {
     full.strip_prefix(prefix).unwrap_or(full).to_ascii_lowercase()
 }
 
-fn kind_name(kind: i32) -> String {
+pub(super) fn kind_name(kind: i32) -> String {
     let k = ConversationKind::try_from(kind).unwrap_or(ConversationKind::Unspecified);
     enum_name(k.as_str_name(), "CONVERSATION_KIND_")
 }
@@ -190,7 +195,7 @@ fn position(c: &EventCursor) -> (u64, u32) {
 
 impl Applier<'_> {
     /// Writes an event of `kind` at the next position of the current entry.
-    fn emit<D: Serialize>(&mut self, kind: &str, conversation: String, data: D) -> Result<()> {
+    pub(super) fn emit<D: Serialize>(&mut self, kind: &str, conversation: String, data: D) -> Result<()> {
         if !self.limits.events {
             return Ok(());
         }
@@ -381,6 +386,15 @@ impl Applier<'_> {
         self.move_cursor(&c.endpoint, (c.index, c.ordinal))
     }
 
+    pub(super) fn remove_dead_letter(&mut self, c: &store::RemoveDeadLetter) -> Result<()> {
+        Self::check_endpoint(&c.endpoint)?;
+        let key = keys::dead_letter(self.shard, c.number);
+        if self.txn.get_msg::<DeadLetterRecord>(&key)?.is_some_and(|d| d.endpoint == c.endpoint) {
+            self.txn.delete(key);
+        }
+        Ok(())
+    }
+
     pub(super) fn trim_events(&mut self, c: &store::TrimEvents) -> Result<()> {
         let oldest = self.now_ms.saturating_sub(self.limits.event_retention_ms);
         let prefix = keys::events_all(self.shard);
@@ -459,6 +473,37 @@ impl Reader {
         let Some(first) = after.checked_add(1) else { return Ok(Vec::new()) };
         let (rows, _) = self.range(&prefix, keys::dead_letter(self.shard, first), limit)?;
         rows.iter().map(|(k, v)| Ok((keys::last_u64(k).unwrap_or(0), db::decode(v)?))).collect()
+    }
+
+    /// Dead letters of `endpoint` after number `after`: at most `limit` of
+    /// them, looking at no more than `max_scan` letters (of any endpoint).
+    pub fn dead_letters_of(
+        &self,
+        endpoint: &str,
+        after: u64,
+        limit: usize,
+        max_scan: usize,
+    ) -> Result<store::DeadLetterList> {
+        let mut out = store::DeadLetterList { scanned_to: after, ..Default::default() };
+        let (mut scanned, mut at) = (0usize, after);
+        while out.letters.len() < limit && scanned < max_scan {
+            let page = self.dead_letters(at, (max_scan - scanned).min(256))?;
+            let Some((last, _)) = page.last() else { return Ok(out) };
+            at = *last;
+            scanned += page.len();
+            for (number, record) in page {
+                if out.letters.len() == limit {
+                    out.has_more = true;
+                    return Ok(out);
+                }
+                out.scanned_to = number;
+                if record.endpoint == endpoint {
+                    out.letters.push(store::DeadLetter { number, record: Some(record) });
+                }
+            }
+        }
+        out.has_more = !self.dead_letters(out.scanned_to, 1)?.is_empty();
+        Ok(out)
     }
 
     /// The oldest event's time, if any (trimming decides from it).

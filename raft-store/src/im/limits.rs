@@ -139,10 +139,23 @@ pub struct Limits {
     /// than this that an endpoint did not take becomes a dead letter, and a
     /// dead letter older than this is removed.
     pub event_retention_ms: i64,
+    /// Whether sessions produce `device.online` / `device.offline` events
+    /// (`im::presence`; sessions are tracked either way).
+    pub presence_events: bool,
+    /// How long after a device's connection closed a new sign-in of the
+    /// device still continues the same presence (no events), in ms (≥ 0).
+    pub offline_grace_ms: i64,
+    /// How long a received message may stay unacknowledged by a device
+    /// before `push.needed` reports the device behind, in ms (0: never).
+    pub push_needed_after_ms: i64,
 }
 
 /// Event retention of limits that state none (24 h).
 pub const DEFAULT_EVENT_RETENTION_MS: i64 = 24 * 3600 * 1000;
+/// Offline grace of limits that state none (10 s).
+pub const DEFAULT_OFFLINE_GRACE_MS: i64 = 10_000;
+/// `push.needed` delay of limits that state none (30 s).
+pub const DEFAULT_PUSH_NEEDED_AFTER_MS: i64 = 30_000;
 
 impl Default for Limits {
     fn default() -> Limits {
@@ -163,6 +176,9 @@ impl Default for Limits {
             orphan_claim_ms: 60_000,
             events: true,
             event_retention_ms: DEFAULT_EVENT_RETENTION_MS,
+            presence_events: true,
+            offline_grace_ms: DEFAULT_OFFLINE_GRACE_MS,
+            push_needed_after_ms: DEFAULT_PUSH_NEEDED_AFTER_MS,
         }
     }
 }
@@ -221,6 +237,10 @@ pub fn is_cluster_op(op: &store::Op) -> bool {
                 | O::AdvanceEventCursor(_)
                 | O::DeadLetterEvent(_)
                 | O::TrimEvents(_)
+                | O::DeviceOnline(_)
+                | O::DeviceOffline(_)
+                | O::FireDue(_)
+                | O::RemoveDeadLetter(_)
         )
     )
 }
@@ -275,6 +295,9 @@ impl Limits {
         if self.event_retention_ms < 1 {
             reject!(ErrorBadRequest, "event_retention_ms must be ≥ 1");
         }
+        if self.offline_grace_ms < 0 || self.push_needed_after_ms < 0 {
+            reject!(ErrorBadRequest, "offline_grace_ms and push_needed_after_ms must be ≥ 0");
+        }
         Ok(())
     }
 
@@ -299,6 +322,11 @@ impl Limits {
             orphan_claim_ms: self.orphan_claim_ms,
             events_disabled: !self.events,
             event_retention_ms: self.event_retention_ms,
+            presence_events_disabled: !self.presence_events,
+            // 0 on the wire reads as the default: an explicit 0 grace is 1 ms.
+            offline_grace_ms: self.offline_grace_ms.max(1),
+            push_needed_disabled: self.push_needed_after_ms == 0,
+            push_needed_after_ms: self.push_needed_after_ms,
         }
     }
 
@@ -332,6 +360,16 @@ impl Limits {
             event_retention_ms: match p.event_retention_ms {
                 0 => DEFAULT_EVENT_RETENTION_MS,
                 ms => ms,
+            },
+            presence_events: !p.presence_events_disabled,
+            offline_grace_ms: match p.offline_grace_ms {
+                0 => DEFAULT_OFFLINE_GRACE_MS,
+                ms => ms,
+            },
+            push_needed_after_ms: match (p.push_needed_disabled, p.push_needed_after_ms) {
+                (true, _) => 0,
+                (false, 0) => DEFAULT_PUSH_NEEDED_AFTER_MS,
+                (false, ms) => ms,
             },
         }
     }

@@ -45,11 +45,16 @@
 //!   stateless checks of an operation.
 //! * `events`: events for the app's backend, produced at apply, and their
 //!   delivery cursors and dead letters.
+//! * `presence`: device sessions and push checks (`device.online`,
+//!   `device.offline`, `push.needed`) and the due checks behind them.
+//! * `idempotency`: the server API's idempotency keys (`ClaimIdempotency`).
 
 mod events;
 mod group;
+mod idempotency;
 mod limits;
 mod meta;
+mod presence;
 pub mod read;
 mod social;
 mod txn;
@@ -66,6 +71,7 @@ use crate::error::{Error, Result, reject};
 use crate::keys::{self, MetaTag};
 pub use events::{MAX_ENDPOINT_NAME, event_id};
 pub use limits::{ApplySabotage, DEFAULT_EVENT_RETENTION_MS, FRAME_ROOM, Limits, is_cluster_op};
+pub use presence::MAX_FIRE_DUE;
 pub use txn::Txn;
 
 /// A list that received an entry.
@@ -242,6 +248,20 @@ impl<'a> Applier<'a> {
                 self.trim_events(c)?;
                 return Ok(OpResult::default());
             }
+            O::DeviceOnline(c) => V::Device(self.device_online(c)?),
+            O::DeviceOffline(c) => {
+                self.device_offline(c)?;
+                return Ok(OpResult::default());
+            }
+            O::FireDue(c) => {
+                self.fire_due(c)?;
+                return Ok(OpResult::default());
+            }
+            O::RemoveDeadLetter(c) => {
+                self.remove_dead_letter(c)?;
+                return Ok(OpResult::default());
+            }
+            O::ClaimIdempotency(c) => V::Sent(self.claim_idempotency(c)?),
         };
         Ok(OpResult { code: 0, message: String::new(), value: Some(value) })
     }
@@ -287,6 +307,7 @@ impl<'a> Applier<'a> {
         let seq = next_seq(&head, &format_args!("of user {user}"))?;
         head.last_seq = seq.0;
         msg.seq = seq.0;
+        self.arm_push_check(user, &mut head, seq, &msg);
         self.notification_effects(user, &msg)?;
         self.expire_dedup(user, seq)?;
         self.txn.put_msg(keys::user_msg(self.shard, user, seq), &msg);

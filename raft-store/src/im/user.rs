@@ -140,6 +140,8 @@ impl Applier<'_> {
             ack_seq: old.ack_seq,
             created_ms: if old.created_ms == 0 { self.now_ms } else { old.created_ms },
             updated_ms: self.now_ms,
+            // Sessions and push checks (`im::presence`) go on.
+            ..old
         };
         self.txn.put_msg(key, &rec);
         Ok(rec)
@@ -153,6 +155,7 @@ impl Applier<'_> {
         rec.token_version += 1;
         rec.updated_ms = self.now_ms;
         rec.revoked_ms = self.now_ms;
+        rec.signed_out = true;
         self.txn.put_msg(key, &rec);
         self.op_effects.revoked.push((UserId(c.user_id), DeviceId(c.device_id)));
         Ok(rec)
