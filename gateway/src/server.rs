@@ -106,6 +106,24 @@ impl Default for GatewayConfig {
     }
 }
 
+/// The id this process speaks to the nodes with: the configured id and a
+/// random suffix, so every process is its own instance even when a
+/// restarted gateway keeps its configured id. The nodes index sessions by
+/// it and take the sessions of an instance whose push streams vanished
+/// offline (rim-node `sessions`). At most 100 bytes of the configured id
+/// are kept (the nodes accept 128).
+fn instance_id(configured: &str) -> String {
+    let mut end = configured.len().min(100);
+    while !configured.is_char_boundary(end) {
+        end -= 1;
+    }
+    // std's per-process random hash keys: random enough to tell two
+    // processes of one gateway apart.
+    use std::hash::{BuildHasher, Hasher};
+    let nonce = std::collections::hash_map::RandomState::new().build_hasher().finish() as u32;
+    format!("{}.{nonce:08x}", &configured[..end])
+}
+
 /// A running gateway. Stop it with [`shutdown`](Self::shutdown).
 pub struct Gateway {
     upstream: Upstream,
@@ -144,7 +162,7 @@ impl Gateway {
         let mut options = UpstreamOptions::new(
             config.seeds.clone(),
             config.cluster_secret.clone(),
-            config.gateway_id.clone(),
+            instance_id(&config.gateway_id),
         );
         options.request_timeout = config.request_timeout;
         options.tls = config.upstream_tls.clone();

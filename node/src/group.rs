@@ -117,6 +117,9 @@ pub struct Group {
     early_acks: Option<Mutex<Predictions>>,
     /// Set once this replica was seen to hold limits (never removed).
     limits_applied: AtomicBool,
+    /// Gateway instances' push streams open here (the leader's view of
+    /// which gateways are alive, `crate::sessions`).
+    pub gateways: crate::sessions::Gateways,
 }
 
 impl std::fmt::Debug for Group {
@@ -164,6 +167,7 @@ impl Group {
             internal: itx,
             early_acks,
             limits_applied: AtomicBool::new(false),
+            gateways: crate::sessions::Gateways::default(),
         }))
     }
 

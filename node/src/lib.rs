@@ -51,6 +51,7 @@ mod node;
 pub mod read;
 pub mod relay;
 pub mod service;
+pub mod sessions;
 pub mod throttle;
 pub mod webhooks;
 

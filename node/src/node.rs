@@ -222,6 +222,7 @@ impl Node {
             if g.shard != META {
                 tasks.extend(crate::webhooks::spawn(&core, &g));
                 tasks.push(tokio::spawn(crate::due::run(core.clone(), g.clone())));
+                tasks.push(tokio::spawn(crate::sessions::run(core.clone(), g.clone())));
                 tasks.push(tokio::spawn(crate::relay::run(core.clone(), g)));
             }
         }

@@ -58,6 +58,10 @@ pub enum Table {
     /// `due_ms ‖ kind u8 ‖ user ‖ device` → empty: checks waiting for their
     /// time (`im::presence`), in time order.
     Due = 0x1E,
+    /// `gateway length u8 ‖ gateway bytes ‖ user ‖ device` → empty: the
+    /// online devices whose session is at that gateway instance
+    /// (`im::presence`).
+    Session = 0x1F,
     /// `group` → GroupRecord.
     Group = 0x20,
     /// `group ‖ user` → MemberRecord.
@@ -360,6 +364,40 @@ pub fn due_parts(key: &[u8]) -> Option<(i64, u8, UserId, DeviceId)> {
     Some((i64::try_from(due).ok()?, kind, UserId(user), DeviceId(device)))
 }
 
+/// Longest gateway instance id a session may name (its length is one key byte).
+pub const MAX_GATEWAY_LEN: usize = 128;
+
+/// The session of device `d` of `u` at gateway instance `gateway`
+/// (`im::presence`); `gateway` is at most [`MAX_GATEWAY_LEN`] bytes.
+pub fn session(shard: ShardId, gateway: &str, u: UserId, d: DeviceId) -> Vec<u8> {
+    let mut k = sessions_of(shard, gateway);
+    k.extend_from_slice(&u.0.to_be_bytes());
+    k.extend_from_slice(&d.0.to_be_bytes());
+    k
+}
+/// Prefix of every session at `gateway`.
+pub fn sessions_of(shard: ShardId, gateway: &str) -> Vec<u8> {
+    let g = &gateway.as_bytes()[..gateway.len().min(MAX_GATEWAY_LEN)];
+    Key::new(shard, Table::Session).u8(g.len() as u8).bytes(g).into_vec()
+}
+/// Prefix of every session.
+pub fn sessions_all(shard: ShardId) -> Vec<u8> {
+    Key::new(shard, Table::Session).into_vec()
+}
+/// `(gateway, user, device)` of a [`session`] key.
+pub fn session_parts(key: &[u8]) -> Option<(String, UserId, DeviceId)> {
+    let rest = key.get(5..)?;
+    let (&len, rest) = rest.split_first()?;
+    let gateway = std::str::from_utf8(rest.get(..usize::from(len))?).ok()?.to_owned();
+    let ids = rest.get(usize::from(len)..)?;
+    if ids.len() != 16 {
+        return None;
+    }
+    let user = u64::from_be_bytes(ids[..8].try_into().ok()?);
+    let device = u64::from_be_bytes(ids[8..].try_into().ok()?);
+    Some((gateway, UserId(user), DeviceId(device)))
+}
+
 /// The cluster map row (meta group).
 pub fn cluster_map(shard: ShardId) -> Vec<u8> {
     Key::new(shard, Table::ClusterMap).into_vec()
@@ -417,6 +455,18 @@ mod tests {
         assert!(a < b);
         assert_eq!(event_position(&a), Some((7, u32::MAX)));
         assert!(a.starts_with(&events_all(ShardId(1))));
+    }
+
+    #[test]
+    fn session_keys_round_trip_and_one_gateway_never_prefixes_another() {
+        let s = ShardId(3);
+        let a = session(s, "gw-1", UserId(7), DeviceId(9));
+        let b = session(s, "gw-12", UserId(7), DeviceId(9));
+        assert!(a.starts_with(&sessions_of(s, "gw-1")) && a.starts_with(&sessions_all(s)));
+        assert!(!b.starts_with(&sessions_of(s, "gw-1")), "the length byte keeps gw-12 out of gw-1");
+        assert_eq!(session_parts(&a), Some(("gw-1".to_owned(), UserId(7), DeviceId(9))));
+        assert_eq!(session_parts(&b), Some(("gw-12".to_owned(), UserId(7), DeviceId(9))));
+        assert_eq!(session_parts(&sessions_of(s, "gw-1")), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Sessions and push checks (`im::presence`): `device.online` only when a
 //! device was offline, `device.offline` only after the grace with no new
 //! session, `push.needed` once per unacknowledged message and device, and
-//! `FireDue` idempotent.
+//! `FireDue` idempotent, and the sessions of a vanished gateway taken
+//! offline by `GatewayGone`.
 
 mod common;
 
@@ -28,7 +29,15 @@ async fn at(n: &mut Node, now_ms: i64, ops: Vec<store::Op>) -> Vec<store::OpResu
 }
 
 fn online(user: u64, device: u64) -> store::Op {
-    op(O::DeviceOnline(store::DeviceOnline { user_id: user, device_id: device }))
+    online_at(user, device, "gw-test")
+}
+
+fn online_at(user: u64, device: u64, gateway: &str) -> store::Op {
+    op(O::DeviceOnline(store::DeviceOnline { user_id: user, device_id: device, gateway: gateway.into() }))
+}
+
+fn gone(gateway: &str, since_ms: i64) -> store::Op {
+    op(O::GatewayGone(store::GatewayGone { gateway: gateway.into(), since_ms }))
 }
 
 fn offline(user: u64, device: u64, epoch: u64) -> store::Op {
@@ -210,4 +219,58 @@ async fn checks_can_be_switched_off_by_the_replicated_limits() {
     assert!(!n.reader(1).device(B.into(), 1.into()).unwrap().unwrap().online);
     let types: Vec<String> = events(&n.reader(1)).into_iter().map(|e| e.r#type).collect();
     assert_eq!(types, ["message.created"]);
+}
+
+#[tokio::test]
+async fn the_sessions_of_a_vanished_gateway_go_offline_and_no_others() {
+    let mut n = node();
+    let mut setup = vec![create_user(A)];
+    setup.extend((1..=4).map(|d| register_device(A, d)));
+    at(&mut n, T0, setup).await;
+    at(&mut n, T0, vec![online_at(A, 1, "gw-a"), online_at(A, 2, "gw-b"), online_at(A, 3, "gw-a")]).await;
+    let e4 = epoch(&at(&mut n, T0, vec![online_at(A, 4, "gw-a")]).await[0]);
+    // Device 3 moves to gw-b; device 4's connection closes (its offline is
+    // pending in the grace).
+    at(&mut n, T0 + 10, vec![online_at(A, 3, "gw-b"), offline(A, 4, e4)]).await;
+    assert_eq!(n.reader(1).session_gateways(10).unwrap(), ["gw-a", "gw-b"]);
+    assert_eq!(n.reader(1).session_gateways(1).unwrap(), ["gw-a"], "bounded by the limit");
+
+    at(&mut n, T0 + 100, vec![gone("gw-a", T0 + 50)]).await;
+    let off = of_type(&n.reader(1), "device.offline");
+    let mut devices: Vec<_> =
+        off.iter().map(|e| e["data"]["device_id"].as_str().unwrap().to_owned()).collect();
+    devices.sort();
+    assert_eq!(devices, ["1", "4"], "the sessions still at gw-a, closing or not");
+    assert!(off.iter().all(|e| e["data"]["offline_since_ms"] == T0 + 50));
+    let r = n.reader(1);
+    assert!(!r.device(A.into(), 1.into()).unwrap().unwrap().online);
+    assert!(r.device(A.into(), 3.into()).unwrap().unwrap().online, "moved to gw-b: left alone");
+    assert!(r.device(A.into(), 2.into()).unwrap().unwrap().online);
+    assert!(r.due_checks(i64::MAX, 10).unwrap().is_empty(), "device 4's pending check is dropped");
+    assert_eq!(r.session_gateways(10).unwrap(), ["gw-b"]);
+
+    // Proposed again (a retry, a new leader): nothing more.
+    at(&mut n, T0 + 200, vec![gone("gw-a", T0 + 50)]).await;
+    assert_eq!(of_type(&n.reader(1), "device.offline").len(), 2);
+
+    // The ordinary way out removes the session entry too.
+    let e2 = n.reader(1).device(A.into(), 2.into()).unwrap().unwrap().session_epoch;
+    let e3 = n.reader(1).device(A.into(), 3.into()).unwrap().unwrap().session_epoch;
+    at(&mut n, T0 + 300, vec![offline(A, 2, e2), offline(A, 3, e3)]).await;
+    let now = T0 + 300 + GRACE;
+    let f = fire(&n.reader(1), now);
+    at(&mut n, now, vec![f]).await;
+    assert_eq!(of_type(&n.reader(1), "device.offline").len(), 4);
+    assert!(n.reader(1).session_gateways(10).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_gateway_id_is_bounded() {
+    let mut n = node();
+    at(&mut n, T0, vec![create_user(A), register_device(A, 1)]).await;
+    let long = "g".repeat(rim_raft_store::keys::MAX_GATEWAY_LEN + 1);
+    let r = at(&mut n, T0, vec![online_at(A, 1, &long), gone("", 0)]).await;
+    assert_eq!(r[0].code, rim_proto::ErrorCode::ErrorBadRequest as i32, "{}", r[0].message);
+    assert_eq!(r[1].code, rim_proto::ErrorCode::ErrorBadRequest as i32, "{}", r[1].message);
+    assert!(!n.reader(1).device(A.into(), 1.into()).unwrap().unwrap().online);
 }

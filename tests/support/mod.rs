@@ -187,9 +187,19 @@ impl Drop for NodeProc {
 
 /// A minimal HTTP/1.0 GET: (status, body).
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    http_get_with(addr, path, &[]).await
+}
+
+/// [`http_get`] with extra request headers.
+pub async fn http_get_with(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}\r\n").as_bytes())
             .await
             .map_err(|e| format!("write: {e}"))?;
         let mut buf = Vec::new();
@@ -383,6 +393,12 @@ impl GatewayProc {
 
     pub fn log_tail(&self, n: usize) -> String {
         tail(&self.dir.path().join("gateway.log"), n)
+    }
+
+    /// SIGKILL, then reap: the gateway gets no chance to tell the nodes.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -130,6 +130,7 @@ impl GatewayService for GatewaySvc {
         req: Request<ConnSignInRequest>,
     ) -> Result<Response<ConnSignInReply>, Status> {
         let r = req.into_inner();
+        let ctx_gateway = r.conn.as_ref().map(|c| c.gateway_id.clone()).unwrap_or_default();
         let input = r.input.unwrap_or_default();
         // An app-signed token names the app's user and device: they become
         // rim's (created on first sight), and the token's expiry is the
@@ -162,7 +163,7 @@ impl GatewayService for GatewaySvc {
         // A new session of the device (`device.online` unless it is a
         // reconnect within the grace): committed before the client hears
         // it is signed in.
-        let session_epoch = ops::session_started(&self.core, user_id, device_id).await?;
+        let session_epoch = ops::session_started(&self.core, user_id, device_id, &ctx_gateway).await?;
         let head = g.user_head(user_id).await?;
         let groups = g.user_groups(user_id).await?;
         let super_groups = super_group_heads(&self.core, user_id, groups).await;
@@ -270,7 +271,17 @@ impl GatewayService for GatewaySvc {
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
         let core = self.core.clone();
         tokio::spawn(async move {
+            // Counted while open: the shard's leader reads which gateway
+            // instances are alive off these (`crate::sessions`).
+            let group = core.group(ShardId(first.shard_id));
+            let gateway = first.gateway_id.clone();
+            if let Some(g) = &group {
+                g.gateways.opened(&gateway);
+            }
             let end = serve_subscription(&core, first, inbound, &tx).await;
+            if let Some(g) = &group {
+                g.gateways.closed(&gateway);
+            }
             metrics::counter!("rim_push_streams_ended_total").increment(1);
             let _ = tx.try_send(Ok(SubscribeEvent { event: Some(Event::End(end)) }));
         });

@@ -202,9 +202,15 @@ pub async fn revoke(core: &Core, user: UserId, device: DeviceId) -> Result<()> {
 
 /// Starts a session of a signed-in device (`DeviceOnline`); returns its
 /// epoch, which the session's close names ([`session_ended`]).
-pub async fn session_started(core: &Core, user: UserId, device: DeviceId) -> Result<u64> {
+/// `gateway` is the gateway instance holding the connection
+/// (`crate::sessions`).
+pub async fn session_started(core: &Core, user: UserId, device: DeviceId, gateway: &str) -> Result<u64> {
     let shard = core.shard_of_user(user)?;
-    let o = O::DeviceOnline(store::DeviceOnline { user_id: user.0, device_id: device.0 });
+    let o = O::DeviceOnline(store::DeviceOnline {
+        user_id: user.0,
+        device_id: device.0,
+        gateway: gateway.into(),
+    });
     match core.propose(shard, op(o)).await?.value {
         Some(store::op_result::Value::Device(d)) => Ok(d.session_epoch),
         _ => Err(Error::rejected(ErrorCode::ErrorInternal, "DeviceOnline without a device")),

@@ -240,6 +240,7 @@ pub fn is_cluster_op(op: &store::Op) -> bool {
                 | O::DeviceOnline(_)
                 | O::DeviceOffline(_)
                 | O::FireDue(_)
+                | O::GatewayGone(_)
                 | O::RemoveDeadLetter(_)
         )
     )

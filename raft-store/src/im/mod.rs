@@ -71,7 +71,7 @@ use crate::error::{Error, Result, reject};
 use crate::keys::{self, MetaTag};
 pub use events::{MAX_ENDPOINT_NAME, event_id};
 pub use limits::{ApplySabotage, DEFAULT_EVENT_RETENTION_MS, FRAME_ROOM, Limits, is_cluster_op};
-pub use presence::MAX_FIRE_DUE;
+pub use presence::{MAX_FIRE_DUE, MAX_GATEWAY_GONE};
 pub use txn::Txn;
 
 /// A list that received an entry.
@@ -255,6 +255,10 @@ impl<'a> Applier<'a> {
             }
             O::FireDue(c) => {
                 self.fire_due(c)?;
+                return Ok(OpResult::default());
+            }
+            O::GatewayGone(c) => {
+                self.gateway_gone(c)?;
                 return Ok(OpResult::default());
             }
             O::RemoveDeadLetter(c) => {

@@ -19,6 +19,19 @@
 //! device exists. So a quick reconnect (within the grace) produces no event
 //! at all, and a device moving between gateways never looks offline.
 //!
+//! # Gateways that vanish
+//!
+//! A gateway that crashes sends no `DeviceOffline`. Each session names its
+//! gateway *instance* (`DeviceOnline.gateway`, unique per gateway process),
+//! and `Table::Session` indexes the online devices by instance. The shard's
+//! leader watches the instances' push streams (node `sessions`); when an
+//! instance with indexed sessions has had no stream for its grace, the
+//! leader proposes `GatewayGone`, which takes each of its devices that is
+//! still online offline at once (`device.offline`, `offline_since_ms` = when
+//! it was last seen), up to [`MAX_GATEWAY_GONE`] per op. A device that
+//! signed in again elsewhere in the meantime names another instance and is
+//! left alone.
+//!
 //! # Push checks
 //!
 //! When a user's list receives a message from someone else (not a receipt,
@@ -46,6 +59,8 @@
 //! * A due entry of kind `PUSH` exists iff the user's head has that
 //!   `push_due_ms`; of kind `OFFLINE` iff the device has that
 //!   `offline_due_ms`.
+//! * A session entry `(gateway, user, device)` exists iff the device is
+//!   online and its record names that `gateway` (non-empty).
 //! * `session_epoch` only grows; `notified_seq` only grows.
 
 use rim_proto::ids::{DeviceId, Seq, UserId};
@@ -59,6 +74,8 @@ use crate::keys;
 
 /// Most entries one `FireDue` may carry.
 pub const MAX_FIRE_DUE: usize = 1_024;
+/// Most devices one `GatewayGone` takes offline.
+pub const MAX_GATEWAY_GONE: usize = 1_024;
 /// Most devices of one user a push check looks at.
 const MAX_DEVICES_CHECKED: usize = 256;
 
@@ -141,20 +158,23 @@ impl Applier<'_> {
     }
 
     pub(super) fn device_online(&mut self, c: &store::DeviceOnline) -> Result<DeviceRecord> {
+        if c.gateway.len() > keys::MAX_GATEWAY_LEN {
+            reject!(ErrorBadRequest, "gateway id longer than {} bytes", keys::MAX_GATEWAY_LEN);
+        }
         let user = UserId(c.user_id);
         let (key, mut d) = self.load_device(user, DeviceId(c.device_id))?;
+        if d.online && d.gateway != c.gateway {
+            self.unindex_session(&d);
+        }
+        if !c.gateway.is_empty() {
+            self.txn.put(keys::session(self.shard, &c.gateway, user, DeviceId(d.device_id)), Vec::new());
+        }
+        d.gateway.clone_from(&c.gateway);
         d.session_epoch += 1;
         d.signed_out = false;
         if d.offline_due_ms != 0 {
             // A reconnect within the grace: the presence goes on.
-            self.txn.delete(keys::due(
-                self.shard,
-                d.offline_due_ms,
-                DueKind::Offline as u8,
-                user,
-                DeviceId(d.device_id),
-            ));
-            d.offline_due_ms = 0;
+            self.drop_offline_check(&mut d);
         } else if !d.online {
             self.device_event("device.online", &d, None)?;
         }
@@ -218,11 +238,49 @@ impl Applier<'_> {
         if !d.online || d.offline_due_ms != due_ms {
             return Ok(());
         }
+        self.unindex_session(&d);
         d.online = false;
         d.offline_due_ms = 0;
         self.txn.put_msg(key, &d);
         let since = due_ms.saturating_sub(self.limits.offline_grace_ms.max(1));
         self.device_event("device.offline", &d, Some(since))
+    }
+
+    /// Drops a closing session's pending offline check, if any.
+    fn drop_offline_check(&mut self, d: &mut DeviceRecord) {
+        if d.offline_due_ms != 0 {
+            let (user, device) = (UserId(d.user_id), DeviceId(d.device_id));
+            self.txn.delete(keys::due(self.shard, d.offline_due_ms, DueKind::Offline as u8, user, device));
+            d.offline_due_ms = 0;
+        }
+    }
+
+    /// Drops the session entry of an online device.
+    fn unindex_session(&mut self, d: &DeviceRecord) {
+        if !d.gateway.is_empty() {
+            self.txn.delete(keys::session(self.shard, &d.gateway, UserId(d.user_id), DeviceId(d.device_id)));
+        }
+    }
+
+    pub(super) fn gateway_gone(&mut self, c: &store::GatewayGone) -> Result<()> {
+        if c.gateway.is_empty() || c.gateway.len() > keys::MAX_GATEWAY_LEN {
+            reject!(ErrorBadRequest, "gateway id must be 1..={} bytes", keys::MAX_GATEWAY_LEN);
+        }
+        let prefix = keys::sessions_of(self.shard, &c.gateway);
+        for (k, _) in self.txn.scan_from(&prefix, &prefix, MAX_GATEWAY_GONE)? {
+            self.txn.delete(k.clone());
+            let Some((_, user, device)) = keys::session_parts(&k) else { continue };
+            let key = keys::device(self.shard, user, device);
+            let Some(mut d) = self.txn.get_msg::<DeviceRecord>(&key)? else { continue };
+            if !d.online || d.gateway != c.gateway {
+                continue;
+            }
+            self.drop_offline_check(&mut d);
+            d.online = false;
+            self.txn.put_msg(key, &d);
+            self.device_event("device.offline", &d, Some(c.since_ms.min(self.now_ms)))?;
+        }
+        Ok(())
     }
 
     fn push_check(&mut self, user: UserId, due_ms: i64) -> Result<()> {
@@ -276,6 +334,24 @@ impl Applier<'_> {
 }
 
 impl super::read::Reader {
+    /// The gateway instances holding sessions of this shard's online
+    /// devices, at most `limit`, in key order.
+    pub fn session_gateways(&self, limit: usize) -> Result<Vec<String>> {
+        let all = keys::sessions_all(self.shard);
+        let mut out = Vec::new();
+        let mut start = all.clone();
+        while out.len() < limit {
+            let (rows, _) = self.range(&all, start, 1)?;
+            let Some((gateway, ..)) = rows.first().and_then(|(k, _)| keys::session_parts(k)) else { break };
+            // Past every key of this gateway: its prefix, then more than
+            // the 16 bytes of ids.
+            start = keys::sessions_of(self.shard, &gateway);
+            start.extend_from_slice(&[0xFF; 17]);
+            out.push(gateway);
+        }
+        Ok(out)
+    }
+
     /// Due checks whose time is at or before `now_ms`, oldest first, at
     /// most `limit`.
     pub fn due_checks(&self, now_ms: i64, limit: usize) -> Result<Vec<store::DueEntry>> {
