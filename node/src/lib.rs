@@ -32,6 +32,7 @@
 
 pub mod auth;
 pub mod auth_callback;
+pub mod balance;
 pub mod config;
 pub mod core;
 pub mod credentials;
@@ -52,6 +53,7 @@ pub mod read;
 pub mod relay;
 pub mod service;
 pub mod throttle;
+pub mod transfer;
 pub mod webhooks;
 
 pub use config::{NodeConfig, Sabotage};
