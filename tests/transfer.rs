@@ -135,6 +135,18 @@ async fn a_transfer_to_a_killed_node_fails_and_the_group_keeps_a_leader() {
     // A node that is not a voter is refused outright.
     let err = transfer(&addrs[&leader], shard, 99).await.expect_err("not a voter");
     assert!(err.message().contains("not a voter"), "{err:?}");
+
+    // `rim admin transfer-leader` to the live follower, asked of node `now`.
+    let third = c.ids().into_iter().find(|n| *n != now && *n != victim).expect("a live follower");
+    let out = rim_command()
+        .args(["admin", "--addr", &addrs[&now], "--cluster-secret", SECRET, "transfer-leader"])
+        .args([shard.0.to_string(), third.to_string()])
+        .output()
+        .expect("run rim admin");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("leader is now node {third}")), "{stdout}");
+    assert_eq!(c.leader(shard, WAIT).await, third);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
