@@ -46,7 +46,7 @@
 //! Writes pause from step 3 to the new leader's first commit: the catch-up
 //! of entries already in flight, one vote round trip, the new leader's
 //! blank entry, and the clients' redirect. Measured by `tests/transfer.rs`
-//! on a loaded 2-core machine: 11-25 ms between two acknowledged sends,
+//! on a loaded 2-core machine: 11-35 ms between two acknowledged sends,
 //! against 0.8-1.6 s for an election (docs/operations.md, section 5b).
 //!
 //! # Safety
