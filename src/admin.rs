@@ -51,6 +51,15 @@ enum AdminCmd {
         #[arg(long)]
         id: u64,
     },
+    /// Move the leadership of one group to another voter (docs/operations.md,
+    /// "Leader transfer and balance"); fails, leaving the leader in place,
+    /// if the target is down or does not catch up.
+    TransferLeader {
+        /// The group (0 = the meta group).
+        shard: u32,
+        /// The node that should lead it; 0 = the most caught-up other voter.
+        node: u64,
+    },
     /// The cluster's limits, and the version each group hosted by the
     /// `--addr` node applies with.
     Limits,
@@ -210,6 +219,24 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 leader.add_node(admin.request(req)?).await.with_context(|| format!("group {}", g.0))?;
                 println!("group {:>3}: node {id} added", g.0);
             }
+        }
+        AdminCmd::TransferLeader { shard, node } => {
+            let started = std::time::Instant::now();
+            let req = TransferLeaderRequest {
+                group_id: shard,
+                to_node_id: node,
+                campaign: false,
+                forwarded: false,
+            };
+            let reply = c
+                .transfer_leader(admin.request(req)?)
+                .await
+                .with_context(|| format!("transferring the leadership of group {shard}"))?;
+            println!(
+                "group {shard}: leader is now node {} ({} ms)",
+                reply.into_inner().leader_node_id,
+                started.elapsed().as_millis()
+            );
         }
         AdminCmd::RemoveNode { id } => {
             for g in groups_by_leader(&admin, &mut c).await? {

@@ -124,6 +124,10 @@ struct NodeArgs {
     /// for benchmarks that measure raw capacity, never in production.
     #[arg(long)]
     no_rate_limits: bool,
+    /// Turn the leader balancer off (`[balance] enabled = false`): leaders
+    /// stay where elections put them.
+    #[arg(long)]
+    no_balance: bool,
     /// TEST ONLY: deliberately break safety for the consistency self-test
     /// (ack-before-commit,stale-reads,skip-fsync,no-relay-dedup; also RIM_SABOTAGE).
     #[arg(long, value_name = "FLAGS")]
@@ -188,6 +192,9 @@ impl NodeArgs {
         }
         if self.follower_reads {
             c.follower_reads = true;
+        }
+        if self.no_balance {
+            c.balance.enabled = false;
         }
         if self.no_rate_limits {
             c.limits = rim_node::throttle::RateLimits::unlimited();

@@ -136,6 +136,27 @@ pub struct NodeConfig {
     /// default; never turn one on outside tests (docs/consistency.md,
     /// "Deliberately broken builds").
     pub sabotage: Sabotage,
+    /// Leader balance (`[balance]`, `--no-balance`; see `crate::balance`).
+    pub balance: BalanceConfig,
+}
+
+/// The leader balancer (`[balance]`): on by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BalanceConfig {
+    /// Whether the meta group's leader moves shard leaders (off: leaders
+    /// stay where elections put them; `TransferLeader` still works).
+    pub enabled: bool,
+    /// How often the balancer looks at the leaders.
+    pub interval_ms: u64,
+    /// Least time between two moves.
+    pub cooldown_ms: u64,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig { enabled: true, interval_ms: 1_000, cooldown_ms: 3_000 }
+    }
 }
 
 /// Switches that deliberately break a safety property, so that a consistency
@@ -258,6 +279,7 @@ impl Default for NodeConfig {
             limits: crate::throttle::RateLimits::default(),
             webhooks: Vec::new(),
             sabotage: Sabotage::default(),
+            balance: BalanceConfig::default(),
         }
     }
 }

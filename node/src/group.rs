@@ -120,6 +120,10 @@ pub struct Group {
     /// Gateway instances' push streams open here (the leader's view of
     /// which gateways are alive, `crate::sessions`).
     pub gateways: crate::sessions::Gateways,
+    /// The proposer holds a read guard while it hands a batch to Raft; a
+    /// leader transfer (`crate::transfer`) holds the write guard, so no new
+    /// entry is appended while the target catches up and campaigns.
+    pub(crate) fence: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl std::fmt::Debug for Group {
@@ -154,7 +158,9 @@ impl Group {
             .map_err(|e| Error::Internal(format!("starting group {shard}: {e}")))?;
         let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE);
         let (itx, irx) = mpsc::channel(INTERNAL_QUEUE);
-        tokio::spawn(run_proposer(raft.clone(), Queues { internal: irx, clients: rx }, opts, shard));
+        let fence = Arc::new(tokio::sync::RwLock::new(()));
+        let queues = Queues { internal: irx, clients: rx };
+        tokio::spawn(run_proposer(raft.clone(), queues, opts, shard, fence.clone()));
         let early_acks = opts.ack_before_commit.then(Mutex::default);
         let (online, _) = broadcast::channel(ONLINE_CHANNEL);
         Ok(Arc::new(Group {
@@ -168,6 +174,7 @@ impl Group {
             early_acks,
             limits_applied: AtomicBool::new(false),
             gateways: crate::sessions::Gateways::default(),
+            fence,
         }))
     }
 
@@ -351,7 +358,13 @@ impl Queues {
     }
 }
 
-async fn run_proposer(raft: Raft<TypeConfig>, mut queues: Queues, opts: ProposerOptions, shard: ShardId) {
+async fn run_proposer(
+    raft: Raft<TypeConfig>,
+    mut queues: Queues,
+    opts: ProposerOptions,
+    shard: ShardId,
+    fence: Arc<tokio::sync::RwLock<()>>,
+) {
     let inflight = Arc::new(Semaphore::new(opts.max_inflight));
     while let Some(first) = queues.recv().await {
         // Wait for capacity first: operations arriving meanwhile join this batch.
@@ -371,8 +384,13 @@ async fn run_proposer(raft: Raft<TypeConfig>, mut queues: Queues, opts: Proposer
         }
         metrics::counter!("rim_proposals_total").increment(1);
         metrics::histogram!("rim_proposal_batch_ops").record(ops.len() as f64);
+        // Held until the batch is in Raft's queue: a leader transfer waits
+        // for it, and no batch is handed over while a transfer holds it.
+        let fenced = fence.read().await;
         let proposal = Proposal { now_ms: now_ms(), ops };
-        match raft.client_write_ff(Request(proposal)).await {
+        let submitted = raft.client_write_ff(Request(proposal)).await;
+        drop(fenced);
+        match submitted {
             Err(fatal) => {
                 for r in replies {
                     let _ = r.send(Err(Error::Unavailable(format!("raft stopped: {fatal}"))));

@@ -32,6 +32,7 @@
 
 pub mod auth;
 pub mod auth_callback;
+pub mod balance;
 pub mod config;
 pub mod core;
 pub mod credentials;
@@ -53,6 +54,7 @@ pub mod relay;
 pub mod service;
 pub mod sessions;
 pub mod throttle;
+pub mod transfer;
 pub mod webhooks;
 
 pub use config::{NodeConfig, Sabotage};

@@ -213,6 +213,7 @@ impl Node {
         }
         tasks.push(tokio::spawn(maintain_map(core.clone())));
         tasks.push(tokio::spawn(keep_meta_learners(core.clone())));
+        tasks.push(tokio::spawn(crate::balance::run(core.clone())));
         tasks.push(tokio::spawn(crate::limits::propagate(core.clone())));
         if let Some(jwks) = core.jwt.as_ref().and_then(|j| j.jwks()) {
             tasks.push(tokio::spawn(jwks.clone().run()));

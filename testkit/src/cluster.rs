@@ -103,6 +103,11 @@ impl Cluster {
                 // Tests send as fast as they can from one user; the tests of
                 // the rate limits themselves set the limits they check.
                 limits: rim_node::throttle::RateLimits::unlimited(),
+                // Leaders stay where elections put them: tests place faults
+                // on leaders they looked up. The balancer is tested against
+                // real processes (tests/transfer.rs), which run it as
+                // deployed.
+                balance: rim_node::config::BalanceConfig { enabled: false, ..Default::default() },
                 ..NodeConfig::default()
             };
             tweak(&mut cfg);

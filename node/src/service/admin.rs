@@ -239,9 +239,18 @@ impl AdminService for AdminSvc {
 
     async fn transfer_leader(
         &self,
-        _req: Request<TransferLeaderRequest>,
+        req: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderReply>, Status> {
-        Err(Status::unimplemented("leader transfer needs openraft 0.10; not available"))
+        changes_allowed(&req)?;
+        let r = req.into_inner();
+        let shard = ShardId(r.group_id);
+        let leader = if r.campaign {
+            crate::transfer::campaign(&self.core, shard).await?;
+            self.core.id()
+        } else {
+            crate::transfer::transfer(&self.core, shard, r.to_node_id, r.forwarded).await?
+        };
+        Ok(Response::new(TransferLeaderReply { leader_node_id: leader }))
     }
 
     async fn get_cluster_map(
